@@ -1,0 +1,31 @@
+"""Image priors added to a gradient-matching objective, as a lookup table.
+
+Each is a pure function of a batch ``x`` of shape (B, C, H, W) (normalized space) returning a scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+Regularizer = Callable[[Tensor], Tensor]
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Anisotropic total variation in mean form: ``mean|d_x x| + mean|d_y x|``.
+
+    This is breaching's ``TotalVariation`` (Geiping et al., NeurIPS 2020, eq. 4 uses it with weight
+    alpha_TV), averaged over pixels rather than summed, so its weight does not depend on image size.
+    """
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def image_norm(x: Tensor) -> Tensor:
+    """Mean over the batch of each image's L2 norm, ``mean_i |x_i|_2`` (Yin et al., CVPR 2021, R_l2)."""
+    return x.flatten(1).norm(p=2, dim=1).mean()
+
+
+REGULARIZERS: dict[str, Regularizer] = {"tv": total_variation, "norm": image_norm}

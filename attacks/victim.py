@@ -1,0 +1,96 @@
+"""The attacker's copy of the victim model and the target gradient it matches.
+
+The server built the global model, so the attacker can rebuild it from ``update.task.model`` (a dict
+of :class:`~fedsim.scenario.ModelSpec` fields) and load ``update.global_state``. It then runs that
+copy in *attacker mode*: normalization layers in train mode, as the client trained (public protocol
+knowledge), but dropout deterministic (identity), since this attacker does not model the client's
+random masks (the Dropout Inversion Attack does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fedsim.errors import FedsimError
+from fedsim.models import build_model, dropout_layers
+from fedsim.scenario import ModelSpec
+from fedsim.threat import ClientUpdate
+
+
+class UpdateMismatchError(FedsimError, ValueError):
+    """An update does not fit the model the attacker rebuilt (missing names, wrong shapes)."""
+
+
+def attacker_mode(model: nn.Module) -> nn.Module:
+    """Train mode for every layer except dropout, which becomes the identity (no mask is set)."""
+    model.train()
+    for layer in dropout_layers(model).values():
+        layer.set_mask(None)
+        layer.eval()
+    for layer in model.modules():
+        if isinstance(layer, nn.modules.dropout._DropoutNd):
+            layer.eval()
+    return model
+
+
+def victim_model(update: ClientUpdate, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the global model of ``update`` on ``device``, load its state and set attacker mode.
+
+    Raises :class:`UpdateMismatchError` when the state does not fit the declared architecture.
+    """
+    task = update.task
+    model = build_model(ModelSpec(**dict(task.model)), task.input_shape, task.num_classes)
+    try:
+        model.load_state_dict(dict(update.global_state), strict=True)
+    except RuntimeError as err:
+        name = task.model.get("name")
+        raise UpdateMismatchError(f"global state does not fit the {name} model: {err}") from None
+    return attacker_mode(model.to(device))
+
+
+def target_gradient(update: ClientUpdate, model: nn.Module) -> list[Tensor]:
+    """The gradient to match, one tensor per ``model.parameters()`` entry, on the model's device.
+
+    For ``fedsgd`` it is the update itself (the gradient of the client's mean loss). For ``fedavg``
+    it is ``-delta`` restricted to the parameter names: a single local step gives
+    ``delta = -lr * grad``, and for several steps ``-delta`` is still the summed descent direction.
+    Only its direction matters under the (scale-invariant) cosine distance; unrolling the local steps
+    is a separate attack. Raises :class:`UpdateMismatchError` on missing names or mismatched shapes.
+    """
+    if update.update is None:
+        raise UpdateMismatchError("the client sent no update")
+    protocol = update.task.protocol
+    if protocol not in ("fedsgd", "fedavg"):
+        raise UpdateMismatchError(f"unknown protocol {protocol!r} (known: fedsgd, fedavg)")
+    sign = -1.0 if protocol == "fedavg" else 1.0
+    out = []
+    for name, param in model.named_parameters():
+        if name not in update.update:
+            raise UpdateMismatchError(f"the update has no entry for parameter {name!r}")
+        value = torch.as_tensor(update.update[name])
+        if value.shape != param.shape:
+            raise UpdateMismatchError(
+                f"update[{name!r}] has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
+            )
+        out.append(sign * value.detach().to(device=param.device, dtype=param.dtype))
+    return out
+
+
+def check_update(update: ClientUpdate | None) -> str | None:
+    """Why this update cannot be attacked (``None``, empty, non-finite, all zero), or ``None`` if it can."""
+    if update is None or update.update is None:
+        return "no update to attack"
+    values = [torch.as_tensor(v) for v in update.update.values()]
+    if not values or all(v.numel() == 0 for v in values):
+        return "the update is empty"
+    floats = [v for v in values if v.is_floating_point()]
+    if any(not bool(torch.isfinite(v).all()) for v in floats):
+        return "the update contains NaN or infinite values"
+    if all(not bool(v.any()) for v in floats):
+        return "the update is all zeros (nothing to invert)"
+    if update.num_examples < 1 or not math.isfinite(update.num_examples):
+        return f"the update reports {update.num_examples} examples"
+    return None

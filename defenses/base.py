@@ -1,0 +1,90 @@
+"""The defense protocol, its four hook points, and the registry.
+
+| hook                | where it runs (Flower)                         | example                       |
+|---------------------|-----------------------------------------------|-------------------------------|
+| ``transform_model`` | model factory shared by client and server apps | MID bottleneck, BN -> GN      |
+| ``wrap_training``   | inside the ClientApp's train function         | Opacus DP-SGD                 |
+| ``transform_update``| on the client, on the update it is about to send | clipping, noise, pruning    |
+| ``wrap_strategy``   | around the server strategy                    | Flower central DP, SecAgg     |
+
+Several defenses compose in a fixed order: by ``stage`` (lower first), then by their order in the
+scenario. ``transform_update`` returns the new update plus the randomness it drew (e.g. the noise
+tensor), which is recorded as ground truth for the evaluator only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from fedsim.registry import Registry
+from fedsim.scenario import DefenseSpec, Scenario
+from fedsim.training import TrainingJob
+
+
+class DefenseParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class UpdateContext:
+    """Facts a client-side update transform may use; its randomness must derive from these."""
+
+    seed: int
+    round: int
+    partition_id: int
+    protocol: str
+    num_examples: int
+
+
+class Defense:
+    """Base class of defense plug-ins: every hook is optional and defaults to 'do nothing'."""
+
+    Params: ClassVar[type[DefenseParams]] = DefenseParams
+    stage: ClassVar[int] = 50  # composition order: model (10) < training (30) < update (50) < server (70)
+    summary: ClassVar[str] = ""
+
+    def __init__(self, params: DefenseParams, name: str) -> None:
+        self.params = params
+        self.name = name
+
+    @classmethod
+    def from_spec(cls, spec: DefenseSpec) -> Defense:
+        return cls(cls.Params.model_validate(spec.params), spec.name)
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario, spec: DefenseSpec) -> None:
+        """Raise IncompatibleDefenseError when this defense cannot run in the scenario."""
+
+    def transform_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def wrap_training(self, job: TrainingJob) -> TrainingJob:
+        """Change how the client trains (loss, optimizer, model wrapper); runs on every client."""
+        return job
+
+    def transform_update(
+        self, update: dict[str, Tensor], ctx: UpdateContext
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return update, {}
+
+    def wrap_strategy(self, strategy: Any) -> Any:
+        return strategy
+
+    def public_description(self) -> Mapping[str, Any]:
+        """What a defense-aware attacker is told about this defense (name and parameters)."""
+        return {"name": self.name, **self.params.model_dump()}
+
+
+DEFENSES: Registry[type[Defense]] = Registry("defense")
+register_defense = DEFENSES.register
+
+
+def build_defenses(specs: list[DefenseSpec]) -> list[Defense]:
+    """Instantiate the scenario's defenses in their composition order (stage, then scenario order)."""
+    built = [DEFENSES.get(spec.name).from_spec(spec) for spec in specs]
+    return sorted(built, key=lambda d: d.stage)  # sorted() is stable: ties keep scenario order

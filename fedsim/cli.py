@@ -1,0 +1,132 @@
+"""The ``fedsim`` command line: run, validate, list.
+
+Every user error (bad scenario, missing data, refused threat model) ends as one line on stderr and
+exit code 2, with nothing written; ``-v`` shows Flower/Ray logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedsim.errors import FedsimError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="fedsim: privacy attacks and defenses in simulated federated learning.")
+console = Console(stderr=True)
+EXIT_USER_ERROR = 2
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a field: key.path=value (repeatable)")]
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not console.is_terminal)
+
+
+@app.command()
+def run(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
+    set_: SetOption = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory (default: output.dir/NAME-TIME)")] = None,
+    backend: Annotated[str | None, typer.Option(help="override backend.kind: ray or inprocess")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show Flower and Ray logs")] = False,
+) -> None:
+    """Run a scenario: federation, attacks, scores, report."""
+    from fedsim.run import run_scenario
+    from fedsim.scenario import load_scenario
+
+    overrides = list(set_ or []) + ([f"backend.kind={backend}"] if backend else [])
+    try:
+        spec = load_scenario(scenario, overrides)
+    except FedsimError as err:
+        _fail(err)
+    progress = _progress()
+    with progress:
+        rounds = progress.add_task("rounds", total=spec.federation.rounds)
+
+        def on_round(rnd: int, row: dict[str, float]) -> None:
+            acc = row.get("test_accuracy")
+            text = f"round {rnd}/{spec.federation.rounds}" + (f"  acc {acc:.3f}" if acc is not None else "")
+            progress.update(rounds, completed=rnd, description=text)
+
+        def attack_progress(label: str, total: int) -> Callable[[int, int], None]:
+            task = progress.add_task(label, total=max(total, 1))
+            return lambda done, tot: progress.update(task, completed=done, total=max(tot, 1))
+
+        try:
+            result = run_scenario(spec, out, verbose=verbose, on_round=on_round, attack_progress=attack_progress)
+        except FedsimError as err:
+            _fail(err)
+    _print_result(result)
+
+
+def _print_result(result) -> None:  # noqa: ANN001
+    out = typer.echo
+    evaluated = [h for h in result.history if "test_accuracy" in h]
+    if evaluated:
+        out(f"test accuracy: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
+    for o in result.outcomes:
+        tag = f"{o.attack} round {o.round} client {o.partition_id}"
+        if o.failed:
+            out(f"{tag}: failed ({o.failed})")
+        else:
+            m = o.metrics
+            out(f"{tag}: PSNR {m.get('psnr_mean', float('nan')):.2f} dB, SSIM {m.get('ssim_mean', float('nan')):.3f}, "
+                f"label acc {m.get('label_acc', float('nan')):.2f}  ({o.seconds:.1f} s)")
+    t = result.timing
+    out(f"time: federation {t['federation_s']:.1f} s, attacks {t['attacks_s']:.1f} s")
+    if result.out_dir is not None:
+        out(f"wrote {result.out_dir}")
+
+
+@app.command()
+def validate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")], set_: SetOption = None) -> None:
+    """Check a scenario without running it."""
+    from fedsim.scenario import load_scenario
+
+    try:
+        spec = load_scenario(scenario, list(set_ or []))
+    except FedsimError as err:
+        _fail(err)
+    typer.echo(f"{scenario}: ok ({spec.name}: {len(spec.attacks)} attack(s), {len(spec.defenses)} defense(s))")
+
+
+@app.command("list")
+def list_plugins() -> None:
+    """Registered datasets, models, attacks and defenses."""
+    from fedsim.data import DATASETS
+    from fedsim.models import MODELS
+    from fedsim.plugins import attack_registry, defense_registry
+
+    table = Table(title="fedsim registries")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("what it is")
+    for name in DATASETS:
+        table.add_row("dataset", name, "")
+    for name in MODELS:
+        table.add_row("model", name, "")
+    for kind, registry in (("attack", attack_registry()), ("defense", defense_registry())):
+        for name, cls in registry.items():
+            table.add_row(kind, name, getattr(cls, "summary", ""))
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Datasets and client partitions.
+
+:func:`load_dataset` turns a :class:`~fedsim.scenario.DataSpec` into a :class:`DatasetBundle`
+(float32 pixels in [0, 1], (N, C, H, W)); :func:`partition_indices` splits its training set among
+clients. Datasets come from the :data:`DATASETS` registry: six small ones bundled in the package
+(``digits``, ``mnist-5k``, ``mnist-mini``, ``fashion-mnist-mini``, ``cifar10-mini``,
+``cifar100-mini``; always offline), the full torchvision ones (``mnist``, ``fashion-mnist``,
+``cifar10``, ``cifar100``) and ``imagefolder`` for your own images.
+"""
+
+from __future__ import annotations
+
+from fedsim.data import bundled, imagefolder, torchvision_sets  # noqa: F401  (register the loaders)
+from fedsim.data.bundle import DatasetBundle
+from fedsim.data.catalog import DATASETS, DatasetLoader
+from fedsim.data.partition import partition_indices
+from fedsim.data.transforms import denormalize, normalize
+from fedsim.errors import ScenarioError
+from fedsim.scenario import DataSpec
+
+__all__ = [
+    "DATASETS",
+    "DatasetBundle",
+    "DatasetLoader",
+    "denormalize",
+    "load_dataset",
+    "normalize",
+    "partition_indices",
+]
+
+
+def load_dataset(spec: DataSpec) -> DatasetBundle:
+    """Load ``spec.dataset`` from the registry and keep only its first ``spec.train_subset`` train examples.
+
+    Each call returns fresh tensors (bundled files are read from disk once per process and cached).
+    Raises :class:`~fedsim.errors.RegistryError` for an unknown name and
+    :class:`~fedsim.errors.DataUnavailableError` when the data is not on disk.
+    """
+    bundle = DATASETS.get(spec.dataset)(spec)
+    if spec.train_subset is not None:
+        if spec.train_subset > bundle.num_train:
+            raise ScenarioError(
+                "data.train_subset",
+                f"{spec.train_subset} is more than the {bundle.num_train} training examples "
+                f"of {spec.dataset!r}",
+            )
+        bundle = bundle.with_train_subset(spec.train_subset)
+    return bundle

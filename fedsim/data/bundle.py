@@ -1,0 +1,109 @@
+"""The in-memory form of a dataset that every part of fedsim consumes, and helpers to build one.
+
+Images are kept in *pixel space* (float32 in [0, 1], shape (N, C, H, W)); normalization happens
+late, on the device, with :func:`fedsim.data.transforms.normalize`. Attacks reconstruct and score
+images in this same pixel space, so the bundle carries the mean/std needed to go back and forth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from fedsim.errors import ScenarioError
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetBundle:
+    """Train/test tensors of one dataset plus what a model and an attack need to know about it.
+
+    The dataclass is frozen but tensors are not: every :func:`fedsim.data.load_dataset` call returns
+    fresh tensors, so mutating them in place never leaks into a later load.
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    attribution: str
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.dtype != torch.float32 or x.dim() != 4:
+                got = f"{x.dtype} {tuple(x.shape)}"
+                raise ValueError(f"{self.name}: {split}_x must be float32 (N, C, H, W), got {got}")
+            if y.dtype != torch.int64 or y.shape != (x.shape[0],):
+                raise ValueError(f"{self.name}: {split}_y must be int64 of shape ({x.shape[0]},)")
+        if self.train_x.shape[1:] != self.test_x.shape[1:] and self.test_x.shape[0] > 0:
+            raise ValueError(f"{self.name}: train and test images differ in shape")
+        channels = self.train_x.shape[1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"{self.name}: mean/std need one value per channel ({channels})")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.train_x.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    def with_train_subset(self, n: int) -> DatasetBundle:
+        """The same bundle restricted to its first ``n`` training examples.
+
+        Copies, so that the full training tensor (e.g. 188 MB for MNIST) can be freed.
+        """
+        return replace(self, train_x=self.train_x[:n].clone(), train_y=self.train_y[:n].clone())
+
+
+def to_unit_float(pixels: np.ndarray | torch.Tensor, max_value: float = 255.0) -> torch.Tensor:
+    """Integer pixels (N, C, H, W) in [0, max_value] -> a new float32 tensor in [0, 1]."""
+    t = torch.as_tensor(pixels)
+    return t.to(torch.float32).div_(float(max_value))
+
+
+def class_interleaved(labels: np.ndarray) -> np.ndarray:
+    """The order that takes the 1st example of each class, then the 2nd of each, ... (stable).
+
+    Applied to sources sorted by class, so that the tail rule below and ``train_subset`` (first N)
+    both see every class.
+    """
+    labels = np.asarray(labels)
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank[members] = np.arange(len(members))
+    return np.lexsort((labels, rank))
+
+
+def num_test_examples(n: int, test_fraction: float) -> int:
+    """``ceil(n * test_fraction)``, clamped so that both splits keep at least one example.
+
+    The tiny epsilon keeps float noise from rounding up an exact product (e.g. 20 * 0.2).
+    """
+    if n < 2:
+        raise ScenarioError("data.dataset", f"cannot split {n} example(s) into a train and a test set")
+    return min(n - 1, max(1, math.ceil(n * test_fraction - 1e-9)))
+
+
+def tail_split(
+    x: torch.Tensor, y: torch.Tensor, test_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fedsim's rule for datasets without a test split: the LAST ``ceil(N * test_fraction)``
+    examples are the test set and the rest, in their original order, the train set.
+
+    Being order-based (no random draw), the split is the same for every seed and every machine, and
+    ``train_x[0]`` is always the dataset's first image. Bundled files are stored class-interleaved
+    where the source was sorted by class, so the tail is (near-)stratified.
+    """
+    k = num_test_examples(int(x.shape[0]), test_fraction)
+    return x[:-k], y[:-k], x[-k:], y[-k:]

@@ -1,0 +1,36 @@
+"""One typed error family, so the CLI can turn any of them into a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+
+class FedsimError(Exception):
+    """Base class of every error fedsim reports to a user (never a bug in fedsim itself)."""
+
+
+class ScenarioError(FedsimError):
+    """A scenario field is missing, unknown or has a bad value. ``path`` is the YAML field path."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}" if path else reason)
+
+
+class RegistryError(FedsimError):
+    """A name was looked up in a registry (datasets, models, attacks, defenses) that does not hold it."""
+
+
+class DataUnavailableError(FedsimError):
+    """A dataset is not on disk and may not be downloaded; the message says where to put the files."""
+
+
+class ThreatModelError(FedsimError):
+    """An attack needs knowledge that the scenario's threat model does not grant."""
+
+
+class IncompatibleDefenseError(FedsimError):
+    """A defense cannot be combined with the model, protocol or other defenses of a scenario."""
+
+
+class SimulationError(FedsimError):
+    """A client failed during the federation (Flower would otherwise log it and carry on)."""

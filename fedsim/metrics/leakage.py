@@ -1,0 +1,116 @@
+"""Score one attack's :class:`Reconstruction` against the client's :class:`GroundTruth`.
+
+The evaluator is the only reader of ``GroundTruth``. Images are first matched one-to-one to the true
+batch (Hungarian, :mod:`fedsim.metrics.matching`), then scored per pair: MSE, PSNR, SSIM and LPIPS
+(when available), as mean (typical leakage) and best (worst case for the client), as in breaching.
+
+Rules, so that numbers are never flattering by construction:
+- a truth image without a reconstruction (fewer images returned than the batch) is scored against
+  a uniform 0.5 gray image, the blind guess, and enters every mean; surplus reconstructions are
+  dropped after matching (reported as ``num_reconstructed``);
+- a failed attack, or images of another shape than the truth, yield ``{"failed": reason, ...}``
+  with no image metrics; this function never raises on attack output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedsim.metrics.image import mse_per_image, psnr_per_image, ssim_per_image, to_unit_range
+from fedsim.metrics.labels import label_accuracy
+from fedsim.metrics.lpips import get_lpips
+from fedsim.metrics.matching import MatchCost, assign, cost_matrix
+from fedsim.threat import GroundTruth, Reconstruction
+
+Score = dict[str, float | int | str | list]
+
+METRIC_DIRECTIONS: dict[str, str] = {
+    "psnr": "higher leaks more",
+    "ssim": "higher leaks more",
+    "mse": "lower leaks more",
+    "lpips": "lower leaks more",
+    "label_acc": "higher leaks more",
+    "label_acc_matched": "higher leaks more",
+}
+"""How to read each metric: which direction means the reconstruction reveals more of the data."""
+
+BLIND_GUESS = 0.5  # pixel value of the image an unmatched truth image is scored against
+
+
+def _aligned(recon: Tensor, truth: Tensor, order: np.ndarray) -> Tensor:
+    """Reconstructions in truth order; a blind-guess gray image where ``order[i] == -1``."""
+    out = torch.full_like(truth, BLIND_GUESS)
+    hit = torch.as_tensor(order >= 0)
+    if bool(hit.any()):
+        out[hit] = recon[torch.as_tensor(order[order >= 0])]
+    return out
+
+
+def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool) -> Score:
+    per: dict[str, Tensor] = {
+        "psnr": psnr_per_image(aligned, truth),
+        "ssim": ssim_per_image(aligned, truth),
+        "mse": mse_per_image(aligned, truth),
+    }
+    scorer = get_lpips() if lpips else None
+    if scorer is not None:
+        per["lpips"] = scorer(aligned, truth)
+    out: Score = {}
+    for name, values in per.items():
+        higher_leaks = METRIC_DIRECTIONS[name].startswith("higher")
+        out[f"{name}_mean"] = float(values.mean())
+        out[f"{name}_best"] = float(values.max() if higher_leaks else values.min())
+    out["psnr_per_image"] = [float(v) for v in per["psnr"]]
+    return out
+
+
+def _shape_problem(images: Tensor, truth: Tensor) -> str | None:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        return f"reconstruction is not a (B, C, H, W) tensor (shape {tuple(getattr(images, 'shape', ()))})"
+    if tuple(images.shape[1:]) != tuple(truth.shape[1:]):
+        return f"reconstructed images have shape {tuple(images.shape[1:])}, the data {tuple(truth.shape[1:])}"
+    return None
+
+
+def score_reconstruction(
+    rec: Reconstruction, truth: GroundTruth, lpips: bool = True, match: MatchCost = "mse"
+) -> Score:
+    """Leakage metrics of one reconstruction (see the module docstring for the rules).
+
+    Keys: ``batch_size``; with images ``psnr_/ssim_/mse_/lpips_`` ``mean`` and ``best``, ``order``
+    (per truth index the matched reconstruction index, -1 if none), ``psnr_per_image`` (truth order),
+    ``matched_by`` and ``num_reconstructed``; with labels ``label_acc`` and ``label_acc_matched``
+    (positional when there are no images). ``lpips_*`` only when LPIPS is available and wanted.
+    ``match`` is the matching cost: "mse" (default, independent of LPIPS availability) or "lpips"
+    (breaching's choice; falls back to "mse" when unavailable).
+    """
+    if match not in ("mse", "lpips"):
+        raise ValueError(f"unknown matching cost {match!r}; use 'mse' or 'lpips'")
+    true_images = to_unit_range(truth.inputs)
+    out: Score = {"batch_size": int(true_images.shape[0])}
+    if rec.failed:
+        return {"failed": str(rec.failed), **out}
+    if rec.images is None and rec.labels is None:
+        return {"failed": "the attack returned neither images nor labels", **out}
+    order = None
+    if rec.images is not None:
+        problem = _shape_problem(rec.images, true_images)
+        if problem:
+            return {"failed": problem, **out}
+        recon = to_unit_range(rec.images)
+        try:
+            cost, matched_by = cost_matrix(recon, true_images, match)
+            order = assign(cost)
+            out.update(_image_metrics(_aligned(recon, true_images, order), true_images, lpips))
+        except Exception as exc:  # scoring must not take the run down with it
+            return {"failed": f"scoring error: {type(exc).__name__}: {exc}", **out}
+        out.update(order=[int(i) for i in order], matched_by=matched_by)
+        out["num_reconstructed"] = int(recon.shape[0])
+    if rec.labels is not None:
+        try:
+            out.update(label_accuracy(rec.labels, truth.labels, order))
+        except ValueError as exc:
+            out["label_error"] = str(exc)
+    return out

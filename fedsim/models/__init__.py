@@ -1,0 +1,66 @@
+"""Victim models: a registry of builders plus :func:`build_model`, the one way fedsim makes a model.
+
+Every model is built from a :class:`~fedsim.scenario.ModelSpec` (name, width, norm, dropout,
+activation), an input shape and a class count. All dropout is :class:`MaskDropout`, so attacks can
+record or impose dropout masks (Scheliga et al., AAAI 2023), and every model supports double
+backward, which gradient inversion needs. A new architecture is one new module in this package with
+an ``@MODELS.register("name")`` builder; it is imported automatically.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedsim.discovery import import_submodules
+from fedsim.errors import ScenarioError
+from fedsim.models.base import MODELS, InputShape, ModelBuilder
+from fedsim.models.layers import (
+    MaskDropout,
+    dropout_layers,
+    make_activation,
+    make_norm,
+    record_masks,
+    recorded_masks,
+    set_masks,
+)
+from fedsim.scenario import ModelSpec
+
+import_submodules(__name__, __path__, skip=("base", "layers"))
+
+__all__ = [
+    "MODELS",
+    "InputShape",
+    "MaskDropout",
+    "ModelBuilder",
+    "build_model",
+    "dropout_layers",
+    "make_activation",
+    "make_norm",
+    "record_masks",
+    "recorded_masks",
+    "set_masks",
+]
+
+
+def build_model(
+    spec: ModelSpec, input_shape: InputShape | tuple[int, ...], num_classes: int, seed: int | None = None
+) -> nn.Module:
+    """Build ``spec.name`` for ``input_shape`` = (C, H, W) and ``num_classes`` outputs (in train mode).
+
+    With ``seed``, the initial weights depend only on the seed: initialization runs inside
+    ``torch.random.fork_rng`` so the caller's global RNG state is left as it was. Without a seed the
+    global RNG is used (and advanced) as usual. Unknown names and input shapes the architecture
+    cannot take raise :class:`~fedsim.errors.ScenarioError` naming the ``model.*`` field.
+    """
+    if spec.name not in MODELS:
+        raise ScenarioError("model.name", f"unknown model {spec.name!r} (known: {', '.join(MODELS)})")
+    builder = MODELS.get(spec.name)
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3:
+        raise ScenarioError("model.name", f"{spec.name} needs a (channels, height, width) input, got {shape}")
+    if seed is None:
+        return builder(spec, shape, num_classes)  # type: ignore[arg-type]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(spec, shape, num_classes)  # type: ignore[arg-type]

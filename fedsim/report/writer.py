@@ -1,0 +1,54 @@
+"""Write a run directory in one piece: everything goes to ``<dir>.partial`` and is renamed at the end,
+so a crash or Ctrl-C never leaves a run directory that looks finished but is not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsim.report.figures import reconstruction_grid, utility_curve
+from fedsim.report.summary import summary_markdown
+from fedsim.scenario import Scenario
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float | int):
+        return value
+    return str(value)
+
+
+def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str, float]],
+                  outcomes: Sequence[Any], timing: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "scenario.yaml").write_text(
+        yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    images: dict[str, str] = {}
+    if scenario.output.save_images and reconstruction_grid(outcomes, partial / "reconstructions.png"):
+        images["reconstructions"] = "reconstructions.png"
+    if utility_curve(history, partial / "utility.png"):
+        images["utility"] = "utility.png"
+    metrics = {
+        "scenario": scenario.name,
+        "seed": scenario.seed,
+        "backend": scenario.backend.kind,
+        "utility": list(history),
+        "attacks": [o.to_json() for o in outcomes],
+        "timing": timing,
+        **(extra or {}),
+    }
+    (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default), encoding="utf-8")
+    (partial / "summary.md").write_text(summary_markdown(scenario, history, outcomes, timing, images), encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return out_dir

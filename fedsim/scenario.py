@@ -1,0 +1,285 @@
+"""The scenario schema: a YAML file -> validated, frozen pydantic models.
+
+Unknown keys and bad values are rejected with a :class:`ScenarioError` naming the YAML field path
+(``attacks[0].budget.iterations``). Plug-in names are resolved against the registries and each
+plug-in's ``params`` block is checked against that plug-in's own ``Params`` model, so a typo in an
+attack parameter fails at load time, not after the federation has run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedsim.errors import FedsimError, ScenarioError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PartitionSpec(_Strict):
+    kind: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)")
+    shards_per_client: int = Field(2, ge=1, description="classes per client for 'shards'")
+
+
+class DataSpec(_Strict):
+    dataset: str = "cifar10-mini"
+    root: str | None = Field(None, description="folder of torchvision datasets")
+    download: bool = False
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held out when the dataset has no test split")
+    train_subset: int | None = Field(None, ge=1, description="use only the first N training examples")
+    partition: PartitionSpec = PartitionSpec()
+
+
+class ModelSpec(_Strict):
+    name: str = "convnet"
+    width: int = Field(32, ge=1)
+    norm: Literal["none", "batch", "group"] = "none"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    activation: Literal["relu", "sigmoid", "gelu", "tanh"] | None = None
+
+
+class LocalTraining(_Strict):
+    epochs: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1, description="local steps; overrides epochs when set")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(0.1, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class FederationSpec(_Strict):
+    clients: int = Field(10, ge=1)
+    rounds: int = Field(3, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
+    protocol: Literal["fedsgd", "fedavg"] = "fedsgd"
+    local: LocalTraining = LocalTraining()
+    server_lr: float | None = Field(None, gt=0, description="fedsgd step size on the server (default local.lr)")
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> FederationSpec:
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) > clients ({self.clients})")
+        return self
+
+    @property
+    def sampled_per_round(self) -> int:
+        return self.clients_per_round or self.clients
+
+
+class ClientResources(_Strict):
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class BackendSpec(_Strict):
+    kind: Literal["ray", "inprocess"] = "ray"
+    client_resources: ClientResources = ClientResources()
+    init_args: dict[str, Any] = Field(default_factory=dict, description="forwarded to ray.init")
+    address: str | None = Field(None, description="existing Ray cluster, e.g. 'auto' or 'ray://host:10001'")
+
+
+class PluginSpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DefenseSpec(PluginSpec):
+    pass
+
+
+class Knowledge(_Strict):
+    """What the attacker is assumed to know, beyond the global model and the update."""
+
+    labels: Literal["infer", "known"] = "infer"
+    bn_stats: Literal["none", "running", "client"] = "none"
+    local_hparams: bool = False
+    defense: bool = False
+
+
+class Budget(_Strict):
+    iterations: int = Field(4000, ge=0)
+    restarts: int = Field(1, ge=1)
+    time_limit_s: float | None = Field(None, gt=0)
+
+
+class AttackSpec(PluginSpec):
+    rounds: list[int] = Field(default_factory=lambda: [1], description="rounds (1-based) to attack")
+    every: int | None = Field(None, ge=1, description="attack every k-th round instead of 'rounds'")
+    clients: list[int] | Literal["all"] = Field(default_factory=lambda: [0], description="partition ids")
+    knowledge: Knowledge = Knowledge()
+    budget: Budget = Budget()
+
+    def target_rounds(self, num_rounds: int) -> list[int]:
+        if self.every is not None:
+            return list(range(1, num_rounds + 1, self.every))
+        return sorted(set(self.rounds))
+
+    def target_clients(self, num_clients: int) -> list[int]:
+        return list(range(num_clients)) if self.clients == "all" else sorted(set(self.clients))
+
+
+class OutputSpec(_Strict):
+    dir: str = "runs"
+    save_images: bool = True
+
+
+class EvaluationSpec(_Strict):
+    every: int = Field(1, ge=1, description="evaluate the global model every k rounds")
+    batch_size: int = Field(256, ge=1)
+
+
+class Scenario(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    federation: FederationSpec = FederationSpec()
+    backend: BackendSpec = BackendSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    defenses: list[DefenseSpec] = Field(default_factory=list)
+    attacks: list[AttackSpec] = Field(default_factory=list)
+    output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> Scenario:
+        fed = self.federation
+        for i, atk in enumerate(self.attacks):
+            for r in atk.rounds:
+                if not 1 <= r <= fed.rounds:
+                    raise _PathError(f"attacks[{i}].rounds", f"round {r} is outside 1..{fed.rounds}")
+            if atk.clients != "all":
+                for c in atk.clients:
+                    if not 0 <= c < fed.clients:
+                        raise _PathError(f"attacks[{i}].clients", f"client {c} is outside 0..{fed.clients - 1}")
+        return self
+
+
+class _PathError(ValueError):
+    """Raised inside validators to report an error at a path other than the validator's own."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}|{reason}")
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """('attacks', 0, 'budget', 'iterations') -> 'attacks[0].budget.iterations'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _first_error(err: ValidationError) -> ScenarioError:
+    first = err.errors()[0]
+    path, reason = format_loc(tuple(first["loc"])), first["msg"]
+    if reason.startswith("Value error, "):
+        reason = reason[len("Value error, ") :]
+    if "|" in reason and isinstance(first.get("ctx", {}).get("error"), _PathError):
+        sub, reason = reason.split("|", 1)
+        path = sub
+    if first["type"] == "extra_forbidden":
+        reason = "unknown field"
+    more = len(err.errors()) - 1
+    return ScenarioError(path, reason + (f" (and {more} more problem{'s' * (more > 1)})" if more else ""))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML, list items by index) to a raw dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ScenarioError("--set", f"{item!r} is not of the form key.path=value")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text else ""
+        parts = key.strip().split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ScenarioError(where, f"no list item {part!r}")
+                idx = int(part)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ScenarioError(where, "cannot set a field inside a plain value")
+    return raw
+
+
+def parse_scenario(raw: Any) -> Scenario:
+    """Validate a raw mapping (already parsed YAML) and resolve plug-in names and params."""
+    if not isinstance(raw, dict):
+        raise ScenarioError("", "a scenario must be a YAML mapping")
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as err:
+        raise _first_error(err) from None
+    resolve_plugins(scenario)
+    return scenario
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Read, override and validate a scenario file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError("", f"scenario file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ScenarioError("", f"{path} is not valid YAML ({where}): {getattr(err, 'problem', err)}") from None
+    return parse_scenario(apply_overrides(raw if raw is not None else {}, list(overrides or [])))
+
+
+def resolve_plugins(scenario: Scenario) -> None:
+    """Check dataset, model, defense and attack names and each plug-in's params block."""
+    from fedsim.data import DATASETS
+    from fedsim.models import MODELS
+    from fedsim.plugins import attack_registry, defense_registry
+
+    if scenario.data.dataset not in DATASETS:
+        known = ", ".join(DATASETS)
+        raise ScenarioError("data.dataset", f"unknown dataset {scenario.data.dataset!r} (known: {known})")
+    if scenario.model.name not in MODELS:
+        raise ScenarioError("model.name", f"unknown model {scenario.model.name!r} (known: {', '.join(MODELS)})")
+    for group, specs, registry in (
+        ("defenses", scenario.defenses, defense_registry()),
+        ("attacks", scenario.attacks, attack_registry()),
+    ):
+        for i, spec in enumerate(specs):
+            if spec.name not in registry:
+                known = ", ".join(registry)
+                raise ScenarioError(f"{group}[{i}].name", f"unknown {group[:-1]} {spec.name!r} (known: {known})")
+            plugin = registry.get(spec.name)
+            try:
+                plugin.Params.model_validate(spec.params)
+            except ValidationError as err:
+                inner = _first_error(err)
+                where = f"{group}[{i}].params" + (f".{inner.path}" if inner.path else "")
+                raise ScenarioError(where, inner.reason) from None
+            check = getattr(plugin, "check_scenario", None)
+            if check is not None:
+                try:
+                    check(scenario, spec)
+                except FedsimError as err:
+                    raise ScenarioError(f"{group}[{i}]", str(err)) from None

@@ -1,0 +1,12 @@
+"""Record and config keys shared by the ClientApp, the ServerApp and the capture proxy."""
+
+ARRAYS = "arrays"  # Flower's default ArrayRecord key: the update a client sends
+METRICS = "metrics"  # Flower's default MetricRecord key
+CONFIG = "config"  # Flower's default ConfigRecord key
+TRUTH = "fedsim.truth"  # ArrayRecord with the client's real batch: stripped by the server before anyone reads it
+
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+PARTITION_ID = "partition-id"
+TRAIN_LOSS = "train-loss"
+SERVER_ROUND = "server-round"  # injected by Flower strategies
+RECORD_TRUTH = "fedsim.record-truth"  # set by the capture proxy on messages to targeted clients

@@ -1,0 +1,97 @@
+"""The ServerApp: learn which node holds which partition, run the strategy behind the capture
+proxy, and evaluate the global model on the held-out test set after each round.
+
+The ServerApp runs in a thread of the calling process on every backend, so its results are
+written into a plain :class:`FederationOutcome` the caller passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.errors import SimulationError
+from fedsim.scenario import Scenario
+from fedsim.simulation import keys
+from fedsim.simulation.capture import CaptureLog, CapturingGrid
+from fedsim.simulation.setup import setup_for
+from fedsim.simulation.strategies import build_strategy
+from fedsim.training import evaluate
+
+RoundCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FederationOutcome:
+    """What the federation produced: per-round utility, captured updates, the final model."""
+
+    capture: CaptureLog
+    history: list[dict[str, float]] = field(default_factory=list)
+    final_state: dict | None = None
+    seconds: float = 0.0
+
+
+def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> dict[int, int]:
+    """Ask every node which partition it holds: {node id: partition id}."""
+    deadline = time.time() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.time() > deadline:
+            raise SimulationError(f"only {len(node_ids)} of {expected} clients connected")
+        time.sleep(0.05)
+    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    mapping = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        if reply.has_error():
+            raise SimulationError(f"a client failed to start: {reply.error.reason}")
+        mapping[reply.metadata.src_node_id] = int(reply.content[keys.METRICS][keys.PARTITION_ID])
+    if sorted(mapping.values()) != list(range(expected)):
+        raise SimulationError(f"clients answered for partitions {sorted(mapping.values())}, expected 0..{expected - 1}")
+    return mapping
+
+
+def build_server_app(
+    scenario: Scenario, outcome: FederationOutcome, on_round: RoundCallback | None = None
+) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        start = time.perf_counter()
+        setup = setup_for(scenario)
+        fed = scenario.federation
+        partition_of_node = discover_partitions(grid, fed.clients)
+        node_of_partition = {p: n for n, p in partition_of_node.items()}
+        strategy = build_strategy(scenario, node_of_partition)
+        for defense in setup.defenses:
+            strategy = defense.wrap_strategy(strategy)
+        proxy = CapturingGrid(grid, outcome.capture, partition_of_node)
+        model = setup.build_model()
+        data = setup.data
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            row: dict[str, float] = {"round": server_round, "seconds": time.perf_counter() - start}
+            if server_round in outcome.capture.train_loss:
+                row["train_loss"] = outcome.capture.train_loss[server_round]
+            last = server_round == fed.rounds
+            if server_round % scenario.evaluation.every == 0 or last:
+                model.load_state_dict(arrays.to_torch_state_dict())
+                loss, acc = evaluate(model, data.test_x, data.test_y, mean=data.mean, std=data.std,
+                                     batch_size=scenario.evaluation.batch_size, device=setup.device)
+                row.update(test_loss=loss, test_accuracy=acc)
+            outcome.history.append(row)
+            if on_round is not None:
+                on_round(server_round, row)
+            return MetricRecord({k: v for k, v in row.items() if k != "round"})
+
+        result = strategy.start(
+            grid=proxy, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=fed.rounds,
+            train_config=ConfigRecord(), evaluate_fn=evaluate_fn,
+        )
+        outcome.final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else None
+        outcome.seconds = time.perf_counter() - start
+
+    return app

@@ -1,0 +1,88 @@
+"""Per-process setup shared by client and server apps: dataset, partitions, model factory.
+
+Ray actors build this lazily from the scenario (cached per process), so no dataset tensor is
+shipped with the apps and idle clients cost nothing: a client only slices its partition when called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.data import DatasetBundle, load_dataset, partition_indices
+from fedsim.models import build_model
+from fedsim.scenario import Scenario
+from fedsim.seeding import derive_seed
+from fedsim.threat import TaskInfo
+from fedsim.training import resolve_device
+
+
+@dataclass
+class FederationSetup:
+    scenario: Scenario
+
+    @cached_property
+    def data(self) -> DatasetBundle:
+        return load_dataset(self.scenario.data)
+
+    @cached_property
+    def partitions(self) -> list[np.ndarray]:
+        return partition_indices(
+            self.data.train_y.numpy(),
+            self.scenario.federation.clients,
+            self.scenario.data.partition,
+            derive_seed(self.scenario.seed, "partition"),
+        )
+
+    @cached_property
+    def defenses(self) -> list:
+        from defenses import build_defenses
+
+        return build_defenses(self.scenario.defenses)
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.scenario.device)
+
+    @cached_property
+    def task(self) -> TaskInfo:
+        d = self.data
+        return TaskInfo(
+            dataset=self.scenario.data.dataset,
+            input_shape=d.input_shape,
+            num_classes=d.num_classes,
+            mean=tuple(d.mean),
+            std=tuple(d.std),
+            model=self.scenario.model.model_dump(),
+            protocol=self.scenario.federation.protocol,
+        )
+
+    def build_model(self) -> nn.Module:
+        """The scenario's model with the initial global weights, after model-transforming defenses."""
+        model = build_model(
+            self.scenario.model, self.data.input_shape, self.data.num_classes,
+            seed=derive_seed(self.scenario.seed, "model-init"),
+        )
+        for defense in self.defenses:
+            model = defense.transform_model(model)
+        return model
+
+    def client_data(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(self.partitions[partition_id], dtype=torch.long)
+        return self.data.train_x[idx], self.data.train_y[idx]
+
+
+_CACHE: dict[str, FederationSetup] = {}
+
+
+def setup_for(scenario: Scenario) -> FederationSetup:
+    """The cached setup of a scenario in this process (keyed by its JSON form)."""
+    key = scenario.model_dump_json()
+    if key not in _CACHE:
+        _CACHE.clear()  # one scenario per process at a time keeps memory flat in long benchmarks
+        _CACHE[key] = FederationSetup(scenario)
+    return _CACHE[key]

@@ -1,0 +1,76 @@
+"""Server strategies: Flower's FedAvg with reproducible, partition-aware client sampling, and FedSGD.
+
+Flower's own ``sample_nodes`` draws with ``random.sample`` over node ids that are random per run,
+so which clients train in a round would differ between runs and backends. Here the sample is a
+set of *partition ids* drawn from (seed, round), mapped to whatever node holds each partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.scenario import Scenario
+from fedsim.seeding import numpy_rng
+from fedsim.simulation import keys
+
+
+def sample_partitions(seed: int, round_num: int, num_clients: int, per_round: int) -> list[int]:
+    """Partition ids that train in ``round_num`` (sorted; all of them when per_round == num_clients)."""
+    if per_round >= num_clients:
+        return list(range(num_clients))
+    rng = numpy_rng(seed, "client-sampling", round_num)
+    return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
+
+
+class FedSimFedAvg(FedAvg):
+    """FedAvg (McMahan et al., 2017) whose client sample depends only on (seed, round)."""
+
+    def __init__(self, scenario: Scenario, node_of_partition: dict[int, int]) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
+                         min_evaluate_nodes=0, min_available_nodes=1)
+        self.scenario = scenario
+        self.node_of_partition = node_of_partition
+        self.current_arrays: ArrayRecord | None = None
+
+    def summary(self) -> None:  # Flower logs this at INFO; fedsim's report says it instead
+        return None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        fed = self.scenario.federation
+        pids = sample_partitions(self.scenario.seed, server_round, fed.clients, fed.sampled_per_round)
+        config[keys.SERVER_ROUND] = server_round
+        self.current_arrays = arrays
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, [self.node_of_partition[p] for p in pids], MessageType.TRAIN)
+
+
+class FedSGD(FedSimFedAvg):
+    """FedSGD: clients send the gradient of one batch; the server averages and takes one step.
+
+    ``w <- w - server_lr * sum_k (n_k / n) g_k`` (McMahan et al., 2017, the FedSGD baseline). Buffers
+    (e.g. BatchNorm running statistics) are not sent under FedSGD and stay at their initial values.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        mean_grad, metrics = super().aggregate_train(server_round, replies)
+        if mean_grad is None or self.current_arrays is None:
+            return None, metrics
+        lr = self.scenario.federation.server_lr or self.scenario.federation.local.lr
+        grads = mean_grad.to_torch_state_dict()
+        current = self.current_arrays.to_torch_state_dict()
+        stepped = {k: (v - lr * grads[k].to(v.dtype)) if k in grads else v for k, v in current.items()}
+        return ArrayRecord(stepped), metrics
+
+
+def build_strategy(scenario: Scenario, node_of_partition: dict[int, int]) -> FedAvg:
+    cls = FedSGD if scenario.federation.protocol == "fedsgd" else FedSimFedAvg
+    return cls(scenario, node_of_partition)
+

@@ -1,0 +1,89 @@
+"""The contract: what the honest-but-curious server sees, and what only the evaluator sees.
+
+``ClientUpdate`` is everything an attack is allowed to read: the global model the client started
+from, the update it sent (after every client-side defense), the number of examples (Flower's
+FedAvg needs it, so every server sees it), and the hyperparameters and side information the
+scenario's threat model declares known. ``GroundTruth`` holds the client's real batch, labels and
+the randomness of that update (dropout masks, noise); only ``fedsim.metrics`` reads it, and no
+module under ``attacks/`` may import it (a test enforces this).
+
+Both are frozen and hold clones, so nothing downstream can alter what was captured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def frozen_tensors(tensors: Mapping[str, Tensor] | None) -> Mapping[str, Tensor] | None:
+    """Detached CPU clones behind a read-only mapping."""
+    if tensors is None:
+        return None
+    return MappingProxyType({k: v.detach().to("cpu").clone() for k, v in tensors.items()})
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Public facts about the learning task: the server built the model, so it knows all of this."""
+
+    dataset: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    model: Mapping[str, Any]
+    protocol: str  # "fedsgd" (update = gradient of one batch) or "fedavg" (update = weight delta)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What the curious server observed from one client in one round."""
+
+    round: int
+    partition_id: int
+    task: TaskInfo
+    global_state: Mapping[str, Tensor]
+    update: Mapping[str, Tensor] | None
+    num_examples: int
+    # Local hyperparameters (lr, steps, batch_size, epochs, ...) only if the threat model grants them.
+    hyperparams: Mapping[str, Any] = field(default_factory=dict)
+    # Side information the threat model grants, e.g. {"labels": Tensor} when labels are "known".
+    side_info: Mapping[str, Any] = field(default_factory=dict)
+    # Names and public parameters of the defenses in place, only if the threat model grants them.
+    defenses: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What the client really used. Evaluator only; never passed to an attack."""
+
+    round: int
+    partition_id: int
+    inputs: Tensor  # pixel space [0, 1], shape (B, C, H, W)
+    labels: Tensor  # (B,)
+    extras: Mapping[str, Tensor] = field(default_factory=dict)  # dropout masks, update noise, ...
+
+
+def as_tensor_dict(values: Mapping[str, Any]) -> dict[str, Tensor]:
+    return {k: torch.as_tensor(v) for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """What an attack returns. Images are in pixel space [0, 1]; ``failed`` says why when it gave up."""
+
+    images: Tensor | None
+    labels: Tensor | None
+    stats: Mapping[str, float] = field(default_factory=dict)  # e.g. gradient loss, iterations, seconds
+    failed: str | None = None
+    oracle: bool = False  # True for upper-bound variants that were handed ground-truth randomness
+
+    @classmethod
+    def failure(cls, reason: str, **stats: float) -> Reconstruction:
+        return cls(images=None, labels=None, stats=dict(stats), failed=reason)
