@@ -94,7 +94,8 @@ def main() -> None:
     ray_start, ray_rounds = fedsim_run(sc, "ray")
     print(f"workload: {args.clients} clients x {args.rounds} FedAvg rounds, mnist-5k, convnet(16), 1 local epoch")
     print(f"bare PyTorch loop      : {bare:7.2f} s   (best of {args.repeats})")
-    print(f"fedsim inprocess       : {inproc:7.2f} s   ratio {inproc / bare:5.2f}  (target <= 1.05; best of {args.repeats})")
+    ratio = inproc / bare
+    print(f"fedsim inprocess       : {inproc:7.2f} s   ratio {ratio:5.2f}  (target <= 1.05; best of {args.repeats})")
     print(f"fedsim ray (rounds)    : {ray_rounds:7.2f} s   ratio {ray_rounds / bare:5.2f}  (target <= 1.2)")
     print(f"fedsim ray start-up    : {ray_start:7.2f} s   (ray.init, actors, partition discovery; not in ratio)")
     print(f"torch threads in this process: {torch.get_num_threads()}; Ray actors: 1 CPU each")
