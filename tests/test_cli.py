@@ -40,15 +40,23 @@ def test_bad_scenario_exits_2_with_the_field_path(tmp_path: Path, tiny_raw) -> N
 
 def test_run_writes_the_run_directory(tmp_path: Path, tiny_raw) -> None:
     out = tmp_path / "run"
+    tiny_raw["attacks"][0].update(rounds=[1, 2], clients=[0, 1])
     result = runner.invoke(app, ["run", str(write(tmp_path, tiny_raw)), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for name in ("scenario.yaml", "metrics.json", "summary.md", "reconstructions.png", "utility.png"):
+    for name in ("scenario.yaml", "metrics.json", "summary.md", "reconstructions.png", "utility.png",
+                 "leakage_rounds.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert [row["round"] for row in metrics["utility"]] == [0, 1, 2]
-    (attack,) = metrics["attacks"]
+    assert len(metrics["attacks"]) == 4
+    attack = metrics["attacks"][0]
     assert attack["attack"] == "inverting_gradients" and "psnr_mean" in attack["metrics"]
     assert "label_acc" in attack["metrics"]
+    # the leakage curve: one row per (attack, round), averaged over the two attacked clients
+    assert [(row["round"], row["clients"]) for row in metrics["leakage"]] == [(1, 2), (2, 2)]
+    by_round = [o["metrics"]["psnr_mean"] for o in metrics["attacks"] if o["round"] == 1]
+    assert abs(metrics["leakage"][0]["psnr_mean"] - sum(by_round) / 2) < 1e-9
+    assert "Leakage" in (out / "summary.md").read_text()
 
 
 def test_run_with_missing_data_exits_2_and_writes_nothing(tmp_path: Path, tiny_raw) -> None:

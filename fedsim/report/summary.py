@@ -60,6 +60,8 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
                 f"{_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {_fmt(m.get('label_acc'))} | "
                 f"{o.seconds:.1f} |"
             )
+    if "leakage_rounds" in images:
+        lines += ["", f"![leakage over rounds]({images['leakage_rounds']})"]
     if "reconstructions" in images:
         lines += ["", f"![reconstructions]({images['reconstructions']})"]
     return "\n".join(lines) + "\n"

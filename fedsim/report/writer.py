@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from fedsim.report.figures import reconstruction_grid, utility_curve
+from fedsim.report.leakage import leakage_curve, leakage_plot
 from fedsim.report.summary import summary_markdown
 from fedsim.scenario import Scenario
 
@@ -37,11 +38,15 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         images["reconstructions"] = "reconstructions.png"
     if utility_curve(history, partial / "utility.png"):
         images["utility"] = "utility.png"
+    curve = leakage_curve(outcomes)
+    if leakage_plot(curve, history, partial / "leakage_rounds.png"):
+        images["leakage_rounds"] = "leakage_rounds.png"
     metrics = {
         "scenario": scenario.name,
         "seed": scenario.seed,
         "backend": scenario.backend.kind,
         "utility": list(history),
+        "leakage": curve,
         "attacks": [o.to_json() for o in outcomes],
         "timing": timing,
         **(extra or {}),

@@ -1,0 +1,65 @@
+"""Leakage over rounds: per attack and round, the mean of each leakage metric over attacked clients.
+
+This is the curve that shows how much an update leaks as the model trains (Issue: leakage over
+rounds), written into metrics.json beside the utility curve and drawn with it in one figure.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVE_METRICS = ("psnr_mean", "ssim_mean", "lpips_mean", "label_acc")
+
+
+def leakage_curve(outcomes: Sequence[Any]) -> list[dict[str, Any]]:
+    """Rows {attack, attack_index, round, clients, failed, <metric>: mean over clients} sorted by round."""
+    groups: dict[tuple[int, str, int], list[Any]] = defaultdict(list)
+    for o in outcomes:
+        groups[(o.attack_index, o.attack, o.round)].append(o)
+    rows = []
+    for (index, name, rnd), members in sorted(groups.items()):
+        row: dict[str, Any] = {"attack": name, "attack_index": index, "round": rnd, "clients": len(members),
+                               "failed": sum(1 for o in members if o.failed)}
+        for key in CURVE_METRICS:
+            values = [o.metrics[key] for o in members if not o.failed and isinstance(o.metrics.get(key), int | float)]
+            if values:
+                row[key] = mean(values)
+        rows.append(row)
+    return rows
+
+
+def leakage_plot(curve: Sequence[dict[str, Any]], history: Sequence[dict[str, float]], path: Path) -> bool:
+    """PSNR of each attack per round (left axis) beside the global model's test accuracy (right axis)."""
+    series: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in curve:
+        if "psnr_mean" in row:
+            series[(row["attack_index"], row["attack"])].append(row)
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for (_, name), rows in sorted(series.items()):
+        ax.plot([r["round"] for r in rows], [r["psnr_mean"] for r in rows], marker="o", label=f"{name} PSNR")
+    ax.set_xlabel("round")
+    ax.set_ylabel("reconstruction PSNR (dB)")
+    evaluated = [h for h in history if "test_accuracy" in h]
+    if evaluated:
+        ax2 = ax.twinx()
+        ax2.plot([h["round"] for h in evaluated], [h["test_accuracy"] for h in evaluated], color="gray",
+                 ls="--", label="test accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("test accuracy")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("Leakage and utility over rounds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
