@@ -22,6 +22,7 @@ class RunResult:
     history: list[dict[str, float]]
     outcomes: list[AttackOutcome]
     timing: dict[str, float]
+    client_metrics: dict[int, dict[int, dict[str, float]]]
 
 
 def default_out_dir(scenario: Scenario) -> Path:
@@ -55,5 +56,7 @@ def run_scenario(
     }
     written = None
     if write:
-        written = write_run_dir(out_dir or default_out_dir(scenario), scenario, outcome.history, outcomes, timing)
-    return RunResult(written, outcome.history, outcomes, timing)
+        clients = {str(r): {str(p): m for p, m in per.items()} for r, per in outcome.capture.client_metrics.items()}
+        written = write_run_dir(out_dir or default_out_dir(scenario), scenario, outcome.history, outcomes, timing,
+                                extra={"client_metrics": clients} if clients else None)
+    return RunResult(written, outcome.history, outcomes, timing, outcome.capture.client_metrics)

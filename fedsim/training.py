@@ -31,6 +31,7 @@ class LocalResult:
     used_indices: Tensor  # indices into the client's partition, in first-use order
     train_loss: float
     extras: dict[str, Tensor] = field(default_factory=dict)  # dropout masks, batch schedule, ...
+    metrics: dict[str, float] = field(default_factory=dict)  # reported by defenses, e.g. epsilon
 
 
 def make_optimizer(model: nn.Module, local: LocalTraining) -> torch.optim.Optimizer:
@@ -44,12 +45,27 @@ def make_optimizer(model: nn.Module, local: LocalTraining) -> torch.optim.Optimi
 
 @dataclass
 class TrainingJob:
-    """What a client trains with. Defenses' ``wrap_training`` hook may replace any part of it
-    (e.g. a regularised loss for MID, a private optimizer for DP-SGD)."""
+    """What a client trains with in one round. Defenses' ``wrap_training`` hook may replace any part.
+
+    * ``loss_fn(logits, labels)``: e.g. MID's CE + beta*KL.
+    * ``make_optimizer(model, local)``: e.g. an Opacus ``DPOptimizer`` (per-sample clipping + noise).
+    * ``before_read_gradients(optimizer)``: fedsgd sends ``p.grad`` after this runs (DP-SGD calls the
+      optimizer's ``pre_step`` here so that the sent gradient is the clipped, noised one).
+    * ``on_finish(steps, batch_sizes)``: runs after the round, returns metrics the client reports
+      (e.g. epsilon); ``state`` persists across rounds per client (Flower ``Context.state``), e.g. an
+      accountant's history as JSON strings.
+    """
 
     model: nn.Module
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
     make_optimizer: Callable[[nn.Module, LocalTraining], torch.optim.Optimizer] = make_optimizer
+    before_read_gradients: Callable[[torch.optim.Optimizer], None] | None = None
+    on_finish: list[Callable[[int, list[int]], dict[str, float]]] = field(default_factory=list)
+    state: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    round: int = 0
+    partition_id: int = 0
+    num_examples: int = 0  # size of the client's partition (for sampling rates)
 
 
 def batch_schedule(n: int, local: LocalTraining, protocol: str, gen: torch.Generator) -> list[Tensor]:
@@ -99,11 +115,15 @@ def local_update(
     losses = []
     if protocol == "fedsgd":
         idx = batches[0]
+        opt = job.make_optimizer(model, local)  # never stepped: fedsgd sends the gradient itself
+        opt.zero_grad(set_to_none=True)
         x = normalize(inputs[idx].to(device), mean, std)
         loss = job.loss_fn(model(x), labels[idx].to(device))
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-        update = {n: g.detach() for n, g in zip(names, grads, strict=True)}
+        loss.backward()
+        if job.before_read_gradients is not None:
+            job.before_read_gradients(opt)
+        update = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if record:
             extras.update({f"mask/{k}": v for k, v in recorded_masks(model).items()})
@@ -123,12 +143,16 @@ def local_update(
             extras["batch_schedule"] = _pad_schedule(batches)
     record_masks(model, False)
     used = _first_use_order(batches)
+    metrics: dict[str, float] = {}
+    for hook in job.on_finish:
+        metrics.update(hook(len(batches), [len(b) for b in batches]))
     return LocalResult(
         update=update,
         num_examples=int(sum(len(b) for b in batches)) if protocol == "fedsgd" else len(used),
         used_indices=used,
         train_loss=float(sum(losses) / len(losses)),
         extras=extras,
+        metrics=metrics,
     )
 
 

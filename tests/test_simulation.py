@@ -133,3 +133,28 @@ def test_a_failing_client_fails_the_run_loudly(tiny_raw, monkeypatch) -> None:
     monkeypatch.setattr(client_app, "local_update", boom)
     with pytest.raises(SimulationError, match="disk on fire"):
         run_federation(parse_scenario(tiny_raw))
+
+
+def test_training_hooks_report_metrics_and_keep_state_across_rounds(tiny_raw) -> None:
+    """A defense's wrap_training can count rounds in per-client state and report it (as DP does with epsilon)."""
+    from defenses.base import DEFENSES, Defense
+
+    class RoundCounter(Defense):
+        stage = 30
+
+        def wrap_training(self, job):
+            seen = int(job.state.get("rounds", "0")) + 1
+            job.state["rounds"] = str(seen)
+            job.on_finish.append(lambda steps, sizes: {"rounds_seen": seen, "steps": steps})
+            return job
+
+    DEFENSES.add("round_counter_test", RoundCounter)
+    try:
+        tiny_raw["federation"]["rounds"] = 3
+        tiny_raw["defenses"] = [{"name": "round_counter_test"}]
+        outcome = run_federation(parse_scenario(tiny_raw))
+    finally:
+        DEFENSES._items.pop("round_counter_test")
+    metrics = outcome.capture.client_metrics
+    assert sorted(metrics) == [1, 2, 3]
+    assert all(metrics[r][p] == {"rounds_seen": r, "steps": 1} for r in (1, 2, 3) for p in range(4))

@@ -41,6 +41,8 @@ class CaptureLog:
     protocol: str
     updates: list[CapturedUpdate] = field(default_factory=list)
     train_loss: dict[int, float] = field(default_factory=dict)  # round -> mean client loss
+    # round -> partition id -> metrics a defense reported on the client (e.g. {"epsilon": 1.2})
+    client_metrics: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
 
     def wants(self, round_num: int, partition_id: int) -> bool:
         return (round_num, partition_id) in self.targets
@@ -117,6 +119,10 @@ class CapturingGrid(Grid):
             pid = int(metrics[keys.PARTITION_ID])
             if keys.TRAIN_LOSS in metrics:
                 losses.append(float(metrics[keys.TRAIN_LOSS]))
+            reported = {k[len(keys.CLIENT_METRIC_PREFIX):]: float(v) for k, v in metrics.items()
+                        if k.startswith(keys.CLIENT_METRIC_PREFIX)}
+            if reported:
+                self.log.client_metrics.setdefault(round_num, {})[pid] = reported
             if pid in sent_state and truth_record is not None:
                 self._record(round_num, pid, reply, sent_state[pid], _unpack_truth(truth_record, round_num, pid))
         if losses:

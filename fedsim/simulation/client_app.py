@@ -10,7 +10,7 @@ any strategy or attack sees the reply, and hands it to the evaluator only.
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from defenses.base import Defense, UpdateContext
@@ -38,6 +38,16 @@ def _apply_update_defenses(setup, result, global_state, ctx: UpdateContext) -> d
     return update
 
 
+def _load_state(context: Context) -> dict[str, str]:
+    record = context.state.config_records.get(keys.CLIENT_STATE)
+    return {k: str(v) for k, v in record.items()} if record is not None else {}
+
+
+def _save_state(context: Context, state: dict[str, str]) -> None:
+    if state:
+        context.state[keys.CLIENT_STATE] = ConfigRecord(dict(state))
+
+
 def build_client_app(scenario: Scenario) -> ClientApp:
     """A ClientApp running ``scenario``'s local training (``scenario`` is small and pickles to Ray)."""
     app = ClientApp()
@@ -53,16 +63,19 @@ def build_client_app(scenario: Scenario) -> ClientApp:
 
         model = setup.build_model()
         model.load_state_dict(global_state)
-        job = TrainingJob(model)
+        inputs, labels = setup.client_data(pid)
+        state = _load_state(context)
+        job = TrainingJob(model, state=state, seed=scenario.seed, round=rnd, partition_id=pid,
+                          num_examples=len(inputs))
         for defense in setup.defenses:
             job = defense.wrap_training(job)
-        inputs, labels = setup.client_data(pid)
         fed = scenario.federation
         result = local_update(
             job, inputs, labels, local=fed.local, protocol=fed.protocol,
             mean=setup.task.mean, std=setup.task.std, seed=scenario.seed,
             round_num=rnd, partition_id=pid, device=setup.device, record=record,
         )
+        _save_state(context, job.state)
         ctx = UpdateContext(scenario.seed, rnd, pid, fed.protocol, result.num_examples)
         update = _apply_update_defenses(setup, result, global_state, ctx)
 
@@ -72,6 +85,7 @@ def build_client_app(scenario: Scenario) -> ClientApp:
                 keys.NUM_EXAMPLES: result.num_examples,
                 keys.PARTITION_ID: pid,
                 keys.TRAIN_LOSS: result.train_loss,
+                **{f"{keys.CLIENT_METRIC_PREFIX}{k}": float(v) for k, v in result.metrics.items()},
             }),
         })
         if record:
