@@ -75,6 +75,18 @@ class Defense:
     def wrap_strategy(self, strategy: Any) -> Any:
         return strategy
 
+    def client_mods(self) -> list[Any]:
+        """Flower ClientApp mods ``(msg, ctx, call_next) -> Message`` for the train function, e.g.
+        ``fixedclipping_mod`` paired with Flower's client-side DP wrapper. Mods of all defenses run in
+        composition order (DP mods should come last: give such defenses a late ``stage``)."""
+        return []
+
+    def attacker_transform(self, update: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The deterministic part of ``transform_update`` (clipping, a pruning rule), which a
+        defense-aware attacker may apply to its own dummy update before matching; None when the
+        defense has no deterministic part to model (e.g. pure noise)."""
+        return None
+
     def public_description(self) -> Mapping[str, Any]:
         """What a defense-aware attacker is told about this defense (name and parameters)."""
         return {"name": self.name, **self.params.model_dump()}

@@ -49,6 +49,8 @@ class TrainingJob:
 
     * ``loss_fn(logits, labels)``: e.g. MID's CE + beta*KL.
     * ``make_optimizer(model, local)``: e.g. an Opacus ``DPOptimizer`` (per-sample clipping + noise).
+    * ``sample_batches(n, local, protocol, generator)``: the round's index batches (default
+      :func:`batch_schedule`; DP-SGD substitutes Poisson sampling, which its accountant assumes).
     * ``before_read_gradients(optimizer)``: fedsgd sends ``p.grad`` after this runs (DP-SGD calls the
       optimizer's ``pre_step`` here so that the sent gradient is the clipped, noised one).
     * ``on_finish(steps, batch_sizes)``: runs after the round, returns metrics the client reports
@@ -59,6 +61,7 @@ class TrainingJob:
     model: nn.Module
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
     make_optimizer: Callable[[nn.Module, LocalTraining], torch.optim.Optimizer] = make_optimizer
+    sample_batches: Callable[[int, LocalTraining, str, torch.Generator], list[Tensor]] | None = None
     before_read_gradients: Callable[[torch.optim.Optimizer], None] | None = None
     on_finish: list[Callable[[int, list[int]], dict[str, float]]] = field(default_factory=list)
     state: dict[str, str] = field(default_factory=dict)
@@ -107,7 +110,7 @@ def local_update(
     """
     model = job.model
     gen = torch_generator(seed, "batches", round_num, partition_id)
-    batches = batch_schedule(len(inputs), local, protocol, gen)
+    batches = (job.sample_batches or batch_schedule)(len(inputs), local, protocol, gen)
     torch.manual_seed(derive_seed(seed, "client-torch", round_num, partition_id))  # dropout masks
     model.to(device).train()
     record_masks(model, record)

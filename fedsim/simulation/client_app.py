@@ -51,8 +51,11 @@ def _save_state(context: Context, state: dict[str, str]) -> None:
 def build_client_app(scenario: Scenario) -> ClientApp:
     """A ClientApp running ``scenario``'s local training (``scenario`` is small and pickles to Ray)."""
     app = ClientApp()
+    from defenses import build_defenses
 
-    @app.train()
+    mods = [mod for defense in build_defenses(scenario.defenses) for mod in defense.client_mods()]
+
+    @app.train(mods=mods)
     def train(msg: Message, context: Context) -> Message:
         setup = setup_for(scenario)
         pid = int(context.node_config[keys.PARTITION_ID])
