@@ -131,13 +131,19 @@ def optimize_inputs(
 
 @register_attack("inverting_gradients")
 class InvertingGradients(Attack):
-    """Cosine gradient matching with a TV prior and signed, boxed Adam (Geiping et al., 2020)."""
+    """Cosine gradient matching with a TV prior and signed, boxed Adam (Geiping et al., 2020).
+
+    Reconstructs ``update.num_examples`` images. For ``fedavg`` updates the target is ``-delta`` on
+    the parameters: the cosine distance is scale invariant, so the unknown local learning rate does
+    not matter, and for a single local step the match is exact (several steps: an approximation;
+    unrolling them is the FedAvg attack's job).
+    """
 
     summary = "Inverting Gradients (Geiping et al. 2020): cosine gradient matching + TV, signed Adam"
 
     class Params(AttackParams):
         lr: float = Field(0.1, gt=0, description="Adam step size on the normalized inputs")
-        tv: float = Field(0.2, ge=0, description="weight of the mean-form total variation prior")
+        tv: float = Field(0.01, ge=0, description="weight of the mean-form total variation prior")
         distance: Literal["cosine", "l2", "l1"] = "cosine"
         signed: bool = Field(True, description="step on the sign of the input gradient")
         boxed: bool = Field(True, description="project the inputs onto the valid pixel range")
@@ -152,7 +158,7 @@ class InvertingGradients(Attack):
                 raise ValueError(f"unknown label strategy {value!r} (known: {', '.join(LABEL_STRATEGIES)})")
             return value
 
-    def _labels(self, update: ClientUpdate, num: int) -> Tensor:
+    def _labels(self, update: ClientUpdate, num: int, model: nn.Module) -> Tensor:
         if self.knowledge.labels == "known":
             labels = update.side_info.get("labels")
             if labels is None:
@@ -160,8 +166,10 @@ class InvertingGradients(Attack):
             labels = torch.as_tensor(labels).long().flatten()
             if len(labels) != num:
                 raise ValueError(f"{len(labels)} known labels for {num} examples")
+            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < update.task.num_classes:
+                raise ValueError(f"known labels outside 0..{update.task.num_classes - 1}")
             return labels
-        return recover_labels(update, num, self.params.label_strategy)
+        return recover_labels(update, num, self.params.label_strategy, model=model)
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
@@ -175,7 +183,7 @@ class InvertingGradients(Attack):
         try:
             model = victim_model(update, self.device)
             target = target_gradient(update, model)
-            labels = self._labels(update, num).to(self.device)
+            labels = self._labels(update, num, model).to(self.device)
         except (FedsimError, ValueError, RuntimeError) as err:
             return Reconstruction.failure(str(err))
         box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
@@ -206,7 +214,7 @@ class InvertingGradients(Attack):
                     loss_fn, x0, iterations=budget.iterations, lr=p.lr, signed=p.signed, box=box,
                     decay=p.decay, deadline=deadline, on_step=on_step,
                 )
-            except RuntimeError as err:  # shape errors inside the model, out of memory, ...
+            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
                 return Reconstruction.failure(f"optimization failed: {err}")
             runs += 1
             timed_out = timed_out or trial.stopped == "time limit"

@@ -1,14 +1,14 @@
-"""Label inference from a client's update alone (no model run, no ground truth).
+"""Label inference from a client's update (and, optionally, the public global model).
 
 For a last linear layer ``z = W h + b`` under softmax cross-entropy averaged over a batch of B,
 
     dL/db_c = (1/B) sum_i (p_ic - y_ic),        dL/dW_c = (1/B) sum_i (p_ic - y_ic) h_i,
 
-where ``p`` are the softmax outputs and ``y`` the one-hot labels. Since ``0 < p_ic < 1``, a class can
-only get a negative bias gradient if it is in the batch; with non-negative features ``h`` (ReLU, and
-sigmoid) the same holds for the weight rows' sums. Every strategy in :data:`LABEL_STRATEGIES` maps
-``(signal, row_minima, num_labels)`` to a LongTensor of ``num_labels`` labels, sorted by class (the
-order of a batch cannot be recovered from a summed gradient; metrics match images to labels).
+with ``p`` the softmax outputs and ``y`` the one-hot labels. As ``0 < p_ic < 1``, only a class in the
+batch can get a negative bias gradient; with non-negative features ``h`` (ReLU, sigmoid) the same
+holds for the weight rows' sums. Every strategy in :data:`LABEL_STRATEGIES` maps a
+:class:`LastLayer` and a label count to a LongTensor of labels sorted by class (the order inside a
+batch cannot be recovered from a summed gradient; metrics match images to labels).
 
 For FedAvg the update is a weight delta; ``-delta`` points along the summed local gradients, whose
 signs carry the same information (exactly so for one local step).
@@ -20,29 +20,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedsim.threat import ClientUpdate
+
+PROBE_SIZE = 16
 
 
 @dataclass(frozen=True)
 class LastLayer:
-    """Gradient of the classifier layer: weight (K, d), bias (K,) or None."""
+    """Gradient of the classifier: weight (K, d), bias (K,) or None, and optionally the model's
+    expected softmax ``probs`` (K,) on probe inputs (see :func:`expected_probs`)."""
 
     weight: Tensor
-    bias: Tensor | None
-
-    @property
-    def signal(self) -> Tensor:
-        """Per-class signal: the bias gradient if there is a bias, else the weight rows' sums."""
-        return self.bias if self.bias is not None else self.weight.sum(dim=1)
+    bias: Tensor | None = None
+    probs: Tensor | None = None
 
 
 Strategy = Callable[[LastLayer, int], Tensor]
 
 
-def last_layer_gradients(update: ClientUpdate) -> LastLayer:
-    """Find the last parameter of shape (num_classes, d) in the update, and its bias of shape (K,).
+def last_layer_gradients(update: ClientUpdate, probs: Tensor | None = None) -> LastLayer:
+    """Find the last entry of shape (num_classes, d) in the update and its bias of shape (K,).
 
     The bias is the entry whose name swaps the trailing ``weight`` for ``bias``. Raises ``ValueError``
     if the update holds no such layer. FedAvg deltas are negated into descent directions.
@@ -51,8 +50,11 @@ def last_layer_gradients(update: ClientUpdate) -> LastLayer:
         raise ValueError("the client sent no update")
     k = update.task.num_classes
     sign = -1.0 if update.task.protocol == "fedavg" else 1.0
-    items = [(n, torch.as_tensor(v)) for n, v in update.update.items()]
-    found = [(n, v) for n, v in items if v.dim() == 2 and v.shape[0] == k and v.is_floating_point()]
+    found = [
+        (n, torch.as_tensor(v))
+        for n, v in update.update.items()
+        if torch.as_tensor(v).dim() == 2 and v.shape[0] == k and torch.as_tensor(v).is_floating_point()
+    ]
     if not found:
         raise ValueError(f"the update has no classifier weight of shape ({k}, d)")
     name, weight = found[-1]
@@ -61,7 +63,26 @@ def last_layer_gradients(update: ClientUpdate) -> LastLayer:
         b = update.update.get(name[: -len("weight")] + "bias")
         if b is not None and tuple(b.shape) == (k,):
             bias = sign * torch.as_tensor(b).detach().double()
-    return LastLayer(sign * weight.detach().double(), bias)
+    p = None if probs is None else probs.detach().double().cpu()
+    return LastLayer(sign * weight.detach().double(), bias, p)
+
+
+@torch.no_grad()
+def expected_probs(model: nn.Module, input_shape: tuple[int, ...], size: int = PROBE_SIZE) -> Tensor:
+    """Mean softmax of ``model`` over ``size`` standard-normal probe inputs (normalized space).
+
+    Estimates ``pbar_c = mean_i p_ic`` without data: an untrained or early model's predictions depend
+    little on its input, but much on the class (its classifier bias and weights). The model runs in
+    its current mode (attacker mode: BatchNorm on batch statistics); buffers are restored afterwards.
+    The probe comes from a fixed generator, so the estimate is deterministic.
+    """
+    device = next(model.parameters()).device
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    probe = torch.randn((size, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    probs = torch.softmax(model(probe).double(), dim=1).mean(dim=0).cpu()
+    for k, v in model.named_buffers():
+        v.copy_(saved[k])
+    return probs
 
 
 def _smallest(scores: Tensor, n: int) -> Tensor:
@@ -73,8 +94,7 @@ def _smallest(scores: Tensor, n: int) -> Tensor:
 def idlg(layer: LastLayer, num_labels: int) -> Tensor:
     """iDLG (Zhao et al., 2020): ``argmin_c sum_j dW[c, j]``, exact for B = 1 with non-negative h.
 
-    For B > 1 it takes the B smallest row sums (the batch extension of ``inversefed``/GIFD), which
-    assumes that the labels are distinct.
+    For B > 1: the B smallest row sums (the batch extension of ``inversefed``/GIFD; distinct labels).
     """
     return torch.sort(_smallest(layer.weight.sum(dim=1), num_labels)).values
 
@@ -84,42 +104,75 @@ def yin(layer: LastLayer, num_labels: int) -> Tensor:
     return torch.sort(_smallest(layer.weight.min(dim=1).values, num_labels)).values
 
 
-def bias_corrected(layer: LastLayer, num_labels: int) -> Tensor:
-    """Count-aware recovery after Wainakh et al. (PoPETs 2022, "LLG+"), with an offset correction.
+def estimate_counts(layer: LastLayer, num_labels: int) -> Tensor:
+    """Real-valued class counts ``n_hat`` (K,), from ``B * s_c = B * pbar_c - n_c``.
 
-    With signal ``s_c`` (bias gradient, else weight row sum) and mean probability ``pbar_c``,
-    ``B * s_c = B * pbar_c - n_c`` for class count ``n_c`` (up to a feature-scale factor without bias).
-
-    1. Present classes: those with ``s_c < 0`` (a count of at least 1 each is certain).
-    2. Offset: absent classes have ``s_c = pbar_c > 0``; their mean estimates ``pbar`` for the present
-       ones (exact when predictions are near uniform, as for untrained or early models).
-    3. Impact: ``d_c = pbar - s_c`` is proportional to ``n_c``; scaling ``d`` so that the present
-       counts sum to B (the "impact" of one label, Wainakh's m) also absorbs the feature scale.
-    4. Rounding: one label per present class, then the remaining ones one at a time to the class
-       with the largest residual ``n_hat_c - assigned_c``.
+    ``s`` is the bias gradient (scale known) or, without a bias, the weight rows' sums (scaled by the
+    unknown mean feature sum, so ``n_hat`` is normalized to sum to B over present classes, the
+    "impact" of Wainakh et al.). ``pbar`` is ``layer.probs`` when given (rescaled on absent classes
+    when there is no bias), else the mean of ``s`` over absent classes, whose ``s_c = pbar_c``.
+    Present classes start as those with ``s_c < 0``; since a class with count 1 can still have
+    ``s_c >= 0`` when ``B * pbar_c >= 1``, presence is re-estimated as ``n_hat_c >= 0.5`` until stable.
     """
-    s = layer.signal
-    k = len(s)
-    present = torch.nonzero(s < 0).flatten()
-    if len(present) == 0:
-        present = torch.arange(k)
-    if len(present) > num_labels:
-        present = present[torch.argsort(s[present])[:num_labels]]
-    absent = torch.ones(k, dtype=torch.bool)
-    absent[present] = False
-    offset = s[absent].mean() if bool(absent.any()) else torch.zeros((), dtype=s.dtype)
-    d = (offset - s[present]).clamp_min(0)
-    total = d.sum()
-    n_hat = d * (num_labels / total) if total > 0 else torch.full_like(d, num_labels / len(present))
-    counts = torch.ones(len(present), dtype=torch.long)
-    for _ in range(num_labels - len(present)):
+    bias = layer.bias is not None
+    s = layer.bias if layer.bias is not None else layer.weight.sum(dim=1)
+    probs, b = layer.probs, float(num_labels)
+    present = s < 0
+    n_hat = (-b * s).clamp_min(0)
+    for _ in range(len(s)):
+        absent = ~present
+        if not bool(absent.any()):
+            pbar = probs if (probs is not None and bias) else torch.zeros_like(s)
+        elif probs is not None:
+            pbar = probs if bias else probs * (s[absent].sum() / probs[absent].sum().clamp_min(1e-12))
+        else:
+            pbar = s[absent].mean().expand_as(s)
+        d = pbar - s
+        total = d[present].clamp_min(0).sum()
+        scale = b if bias else (b / total if total > 0 else 0.0)
+        n_hat = (scale * d).clamp_min(0)
+        new = (s < 0) | (n_hat >= 0.5)
+        if torch.equal(new, present):
+            break
+        present = new
+    return n_hat
+
+
+def integer_counts(n_hat: Tensor, certain: Tensor, num_labels: int) -> Tensor:
+    """Round ``n_hat`` to counts summing to B, keeping at least 1 for every ``certain`` class."""
+    if int(certain.sum()) > num_labels:  # keep the B most certain (largest n_hat)
+        keep = torch.argsort(n_hat.masked_fill(~certain, -1.0), descending=True)[:num_labels]
+        certain = torch.zeros_like(certain).index_fill_(0, keep, True)
+    counts = n_hat.round().long()
+    counts[certain] = counts[certain].clamp_min(1)
+    while int(counts.sum()) < num_labels:
         counts[torch.argmax(n_hat - counts)] += 1
-    return torch.sort(torch.repeat_interleave(present, counts)).values
+    while int(counts.sum()) > num_labels:
+        residual = (n_hat - counts).masked_fill(counts <= certain.long(), float("inf"))
+        counts[torch.argmin(residual)] -= 1
+    return counts
+
+
+def bias_corrected(layer: LastLayer, num_labels: int) -> Tensor:
+    """Count-aware recovery after Wainakh et al. (PoPETs 2022, "LLG+"), with an expected-softmax offset.
+
+    Counts from :func:`estimate_counts`, rounded by :func:`integer_counts` (classes with a negative
+    signal are certainly present and get at least one label).
+    """
+    s = layer.bias if layer.bias is not None else layer.weight.sum(dim=1)
+    counts = integer_counts(estimate_counts(layer, num_labels), s < 0, num_labels)
+    return torch.repeat_interleave(torch.arange(len(s)), counts)
 
 
 def auto(layer: LastLayer, num_labels: int) -> Tensor:
-    """iDLG for a single example, the count-aware ``bias-corrected`` method for batches."""
-    return idlg(layer, num_labels) if num_labels == 1 else bias_corrected(layer, num_labels)
+    """iDLG for a single example without classifier bias, else the count-aware ``bias-corrected``.
+
+    With a bias and B = 1, ``bias-corrected`` is the argmin of the bias gradient: only the true class
+    has ``p - y < 0``, whatever the activation (iDLG's row sums need non-negative features).
+    """
+    if num_labels == 1 and layer.bias is None:
+        return idlg(layer, num_labels)
+    return bias_corrected(layer, num_labels)
 
 
 LABEL_STRATEGIES: dict[str, Strategy] = {
@@ -130,15 +183,23 @@ LABEL_STRATEGIES: dict[str, Strategy] = {
 }
 
 
-def recover_labels(update: ClientUpdate, num_labels: int | None = None, strategy: str = "auto") -> Tensor:
-    """Infer ``num_labels`` (default ``update.num_examples``) labels from the update alone.
+def recover_labels(
+    update: ClientUpdate,
+    num_labels: int | None = None,
+    strategy: str = "auto",
+    model: nn.Module | None = None,
+) -> Tensor:
+    """Infer ``num_labels`` (default ``update.num_examples``) labels from the update.
 
-    Returns a LongTensor of shape (num_labels,) sorted by class. Raises ``ValueError`` for an unknown
-    strategy or an update without a classifier layer.
+    With ``model`` (the attacker's copy of the global model, see :func:`attacks.victim.victim_model`)
+    the count-aware strategies use its expected softmax (:func:`expected_probs`); without it they
+    use the update alone. Returns a LongTensor (num_labels,) sorted by class. Raises ``ValueError``
+    for an unknown strategy or an update without a classifier layer.
     """
     if strategy not in LABEL_STRATEGIES:
         raise ValueError(f"unknown label strategy {strategy!r} (known: {', '.join(LABEL_STRATEGIES)})")
     n = int(update.num_examples if num_labels is None else num_labels)
     if n < 1:
         raise ValueError(f"cannot recover {n} labels")
-    return LABEL_STRATEGIES[strategy](last_layer_gradients(update), n).long()
+    probs = None if model is None else expected_probs(model, tuple(update.task.input_shape))
+    return LABEL_STRATEGIES[strategy](last_layer_gradients(update, probs), n).long()

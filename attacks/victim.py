@@ -5,18 +5,23 @@ of :class:`~fedsim.scenario.ModelSpec` fields) and load ``update.global_state``.
 copy in *attacker mode*: normalization layers in train mode, as the client trained (public protocol
 knowledge), but dropout deterministic (identity), since this attacker does not model the client's
 random masks (the Dropout Inversion Attack does).
+
+Defenses that reshape the model (MID's bottleneck head, inserted dropout) are listed in
+``update.task.model_transforms``; the rebuild applies their ``transform_model`` in the same order.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, dropout_layers
-from fedsim.scenario import ModelSpec
+from fedsim.scenario import DefenseSpec, ModelSpec
 from fedsim.threat import ClientUpdate
 
 
@@ -36,6 +41,18 @@ def attacker_mode(model: nn.Module) -> nn.Module:
     return model
 
 
+def apply_model_transforms(model: nn.Module, transforms: Sequence[Mapping[str, Any]]) -> nn.Module:
+    """Apply, in order, the ``transform_model`` of the defenses the server applied when it built the
+    model (``TaskInfo.model_transforms``: public name and parameters, e.g. MID's bottleneck head)."""
+    from defenses import DEFENSES  # lazy: the defenses package imports every plug-in
+
+    for description in transforms:
+        params = {k: v for k, v in description.items() if k != "name"}
+        spec = DefenseSpec(name=description["name"], params=params)
+        model = DEFENSES.get(spec.name).from_spec(spec).transform_model(model)
+    return model
+
+
 def victim_model(update: ClientUpdate, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the global model of ``update`` on ``device``, load its state and set attacker mode.
 
@@ -43,6 +60,7 @@ def victim_model(update: ClientUpdate, device: torch.device | str = "cpu") -> nn
     """
     task = update.task
     model = build_model(ModelSpec(**dict(task.model)), task.input_shape, task.num_classes)
+    model = apply_model_transforms(model, task.model_transforms)
     try:
         model.load_state_dict(dict(update.global_state), strict=True)
     except RuntimeError as err:
