@@ -39,6 +39,10 @@ class TaskInfo:
     std: tuple[float, ...]
     model: Mapping[str, Any]
     protocol: str  # "fedsgd" (update = gradient of one batch) or "fedavg" (update = weight delta)
+    # Public descriptions ({"name": ..., **params}) of the defenses whose ``transform_model`` shaped
+    # the model (e.g. MID's bottleneck head, inserted dropout), in the order the server applied them:
+    # the server built the model, so an attack rebuilding it must apply the same transforms.
+    model_transforms: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,18 @@ def make_norm(kind: str, channels: int, dims: int = 2) -> nn.Module:
     """A normalization layer for ``channels`` features: BatchNorm, GroupNorm or Identity.
 
     ``dims`` is 2 for (N, C, H, W) feature maps and 1 for (N, C) vectors. GroupNorm uses
-    ``gcd(32, channels)`` groups: 32 groups for the usual power-of-two widths, and always a divisor
-    of ``channels`` for odd widths (GroupNorm, unlike BatchNorm, is what DP-SGD can use).
+    ``gcd(32, channels)`` groups on feature maps: 32 groups for the usual power-of-two widths, and
+    always a divisor of ``channels`` for odd widths; one group on vectors (GroupNorm, unlike
+    BatchNorm, is what DP-SGD can use).
     """
     if kind == "none":
         return nn.Identity()
     if kind == "batch":
         return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
     if kind == "group":
-        return nn.GroupNorm(math.gcd(32, channels), channels)
+        # For (N, C) vectors every group must span several features (one feature per group would be
+        # normalized to its own bias), so vectors use a single group: a LayerNorm with per-feature affine.
+        return nn.GroupNorm(math.gcd(32, channels) if dims == 2 else 1, channels)
     raise ValueError(f"unknown norm kind {kind!r} (known: {', '.join(NORM_KINDS)})")
 
 

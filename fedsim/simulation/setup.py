@@ -42,7 +42,7 @@ class FederationSetup:
     def defenses(self) -> list:
         from defenses import build_defenses
 
-        return build_defenses(self.scenario.defenses)
+        return build_defenses(self.scenario)
 
     @cached_property
     def device(self) -> torch.device:
@@ -50,6 +50,8 @@ class FederationSetup:
 
     @cached_property
     def task(self) -> TaskInfo:
+        from defenses.base import Defense
+
         d = self.data
         return TaskInfo(
             dataset=self.scenario.data.dataset,
@@ -59,6 +61,11 @@ class FederationSetup:
             std=tuple(d.std),
             model=self.scenario.model.model_dump(),
             protocol=self.scenario.federation.protocol,
+            # defenses that reshape the model (MID, dropout): attacks rebuild the same architecture
+            model_transforms=tuple(
+                dict(defense.public_description()) for defense in self.defenses
+                if type(defense).transform_model is not Defense.transform_model
+            ),
         )
 
     def build_model(self) -> nn.Module:
