@@ -48,13 +48,14 @@ class Defense:
     stage: ClassVar[int] = 50  # composition order: model (10) < training (30) < update (50) < server (70)
     summary: ClassVar[str] = ""
 
-    def __init__(self, params: DefenseParams, name: str) -> None:
+    def __init__(self, params: DefenseParams, name: str, scenario: Scenario | None = None) -> None:
         self.params = params
         self.name = name
+        self.scenario = scenario  # the whole scenario, e.g. for rounds and client sampling rates
 
     @classmethod
-    def from_spec(cls, spec: DefenseSpec) -> Defense:
-        return cls(cls.Params.model_validate(spec.params), spec.name)
+    def from_spec(cls, spec: DefenseSpec, scenario: Scenario | None = None) -> Defense:
+        return cls(cls.Params.model_validate(spec.params), spec.name, scenario)
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: DefenseSpec) -> None:
@@ -87,6 +88,10 @@ class Defense:
         defense has no deterministic part to model (e.g. pure noise)."""
         return None
 
+    def server_round_metrics(self, server_round: int) -> dict[str, float]:
+        """Metrics for the server's per-round history row, e.g. central DP's epsilon so far."""
+        return {}
+
     def public_description(self) -> Mapping[str, Any]:
         """What a defense-aware attacker is told about this defense (name and parameters)."""
         return {"name": self.name, **self.params.model_dump()}
@@ -96,7 +101,7 @@ DEFENSES: Registry[type[Defense]] = Registry("defense")
 register_defense = DEFENSES.register
 
 
-def build_defenses(specs: list[DefenseSpec]) -> list[Defense]:
+def build_defenses(scenario: Scenario) -> list[Defense]:
     """Instantiate the scenario's defenses in their composition order (stage, then scenario order)."""
-    built = [DEFENSES.get(spec.name).from_spec(spec) for spec in specs]
+    built = [DEFENSES.get(spec.name).from_spec(spec, scenario) for spec in scenario.defenses]
     return sorted(built, key=lambda d: d.stage)  # sorted() is stable: ties keep scenario order

@@ -74,6 +74,17 @@ def observe(captured: CapturedUpdate, task: TaskInfo, scenario: Scenario, spec: 
     )
 
 
+def _reconstruct(attack: Any, view: ClientUpdate, progress: Any, seed: int) -> Reconstruction:
+    """Run one attack with the global torch RNG forked and seeded, so draws inside the model (e.g. MID's
+    stochastic bottleneck) are reproducible and identical on every backend."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return attack.reconstruct(view, progress)
+        except Exception as exc:  # noqa: BLE001 - one failing attack must not end the run
+            return Reconstruction.failure(f"{type(exc).__name__}: {exc}")
+
+
 def run_attacks(
     scenario: Scenario,
     captured: Sequence[CapturedUpdate],
@@ -99,10 +110,10 @@ def run_attacks(
             label = f"{spec.name} r{cap.round} c{cap.partition_id}"
             fn = progress(label, spec.budget.iterations * spec.budget.restarts) if progress else None
             start = time.perf_counter()
-            try:
-                rec = attack.reconstruct(view, fn)
-            except Exception as exc:  # noqa: BLE001 - one failing attack must not end the run
-                rec = Reconstruction.failure(f"{type(exc).__name__}: {exc}")
+            if len(cap.truth.inputs) == 0:  # e.g. a DP-SGD client whose Poisson batch was empty
+                rec = Reconstruction.failure("the client used no examples in this update")
+            else:
+                rec = _reconstruct(attack, view, fn, seed)
             seconds = time.perf_counter() - start
             outcomes.append(AttackOutcome(
                 attack=spec.name, attack_index=index, round=cap.round, partition_id=cap.partition_id,

@@ -127,7 +127,8 @@ def local_update(
             job.before_read_gradients(opt)
         update = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        if len(idx) > 0:  # Poisson sampling (DP-SGD) may draw an empty batch: a noise-only step, no loss
+            losses.append(loss.item())
         if record:
             extras.update({f"mask/{k}": v for k, v in recorded_masks(model).items()})
     else:
@@ -138,7 +139,8 @@ def local_update(
             loss = job.loss_fn(model(x), labels[idx].to(device))
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            if len(idx) > 0:  # Poisson sampling (DP-SGD) may draw an empty batch: a noise-only step, no loss
+                losses.append(loss.item())
             if record:
                 extras.update({f"mask/step{step}/{k}": v for k, v in recorded_masks(model).items()})
         update = {k: v.detach() for k, v in model.state_dict().items()}
@@ -151,9 +153,11 @@ def local_update(
         metrics.update(hook(len(batches), [len(b) for b in batches]))
     return LocalResult(
         update=update,
-        num_examples=int(sum(len(b) for b in batches)) if protocol == "fedsgd" else len(used),
+        # max(.., 1): an empty Poisson batch still sends a (noise-only) gradient; a FedAvg weight of 0 on
+        # every sampled client would divide by zero in the aggregation
+        num_examples=max(int(sum(len(b) for b in batches)), 1) if protocol == "fedsgd" else len(used),
         used_indices=used,
-        train_loss=float(sum(losses) / len(losses)),
+        train_loss=float(sum(losses) / len(losses)) if losses else float("nan"),  # nan: every batch was empty
         extras=extras,
         metrics=metrics,
     )

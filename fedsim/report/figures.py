@@ -20,7 +20,7 @@ def _as_image(x: torch.Tensor):  # noqa: ANN202
 
 def reconstruction_grid(outcomes: Sequence[Any], path: Path, max_images: int = 8) -> bool:
     """One pair of rows per attack outcome: ground truth on top, reconstruction below (matched order)."""
-    rows = [o for o in outcomes if o.truth is not None]
+    rows = [o for o in outcomes if o.truth is not None and len(o.truth) > 0]
     if not rows:
         return False
     cols = min(max_images, max(len(o.truth) for o in rows))

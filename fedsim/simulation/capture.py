@@ -117,8 +117,9 @@ class CapturingGrid(Grid):
             if metrics is None or keys.PARTITION_ID not in metrics:
                 continue
             pid = int(metrics[keys.PARTITION_ID])
-            if keys.TRAIN_LOSS in metrics:
-                losses.append(float(metrics[keys.TRAIN_LOSS]))
+            loss = float(metrics.get(keys.TRAIN_LOSS, float("nan")))
+            if loss == loss:  # not NaN: a DP client whose Poisson batches were all empty has no loss
+                losses.append(loss)
             reported = {k[len(keys.CLIENT_METRIC_PREFIX):]: float(v) for k, v in metrics.items()
                         if k.startswith(keys.CLIENT_METRIC_PREFIX)}
             if reported:

@@ -53,7 +53,7 @@ def build_client_app(scenario: Scenario) -> ClientApp:
     app = ClientApp()
     from defenses import build_defenses
 
-    mods = [mod for defense in build_defenses(scenario.defenses) for mod in defense.client_mods()]
+    mods = [mod for defense in build_defenses(scenario) for mod in defense.client_mods()]
 
     @app.train(mods=mods)
     def train(msg: Message, context: Context) -> Message:

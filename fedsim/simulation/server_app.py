@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.errors import SimulationError
 from fedsim.scenario import Scenario
+from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
 from fedsim.simulation.capture import CaptureLog, CapturingGrid
 from fedsim.simulation.setup import setup_for
@@ -79,9 +81,15 @@ def build_server_app(
             last = server_round == fed.rounds
             if server_round % scenario.evaluation.every == 0 or last:
                 model.load_state_dict(arrays.to_torch_state_dict())
-                loss, acc = evaluate(model, data.test_x, data.test_y, mean=data.mean, std=data.std,
-                                     batch_size=scenario.evaluation.batch_size, device=setup.device)
+                # Stochastic models (MID samples its bottleneck in eval mode too) evaluate under a seed
+                # per round, in a forked RNG so no other draw shifts.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive_seed(scenario.seed, "eval", server_round))
+                    loss, acc = evaluate(model, data.test_x, data.test_y, mean=data.mean, std=data.std,
+                                         batch_size=scenario.evaluation.batch_size, device=setup.device)
                 row.update(test_loss=loss, test_accuracy=acc)
+            for defense in setup.defenses:
+                row.update(defense.server_round_metrics(server_round))
             outcome.history.append(row)
             if on_round is not None:
                 on_round(server_round, row)

@@ -1,0 +1,190 @@
+"""Client-level central DP with Flower's strategy wrappers (McMahan et al., ICLR 2018; adaptive
+clipping: Andrew et al., NeurIPS 2021).
+
+Each sampled client's model update ``reply - current weights`` is clipped to L2 norm ``clipping_norm``
+(C), FedAvg averages the clipped updates, and the server adds N(0, (sigma C / K)^2) to the average,
+K being the clients sampled per round. Adaptive clipping moves C towards the ``target_clipped_quantile``
+of update norms with a noisy count (Flower raises sigma for the update so that both releases compose
+to the ``noise_multiplier`` asked for). Wrappers: ``DifferentialPrivacy{Server,Client}Side{Fixed,
+Adaptive}Clipping`` from ``flwr.serverapp.strategy``; ``side: client`` adds Flower's
+``fixedclipping_mod`` / ``adaptiveclipping_mod`` to the ClientApp. FedAvg only: the wrappers clip
+``reply - current``, which is no update under fedsgd (refused).
+
+What the honest-but-curious server sees (the capture sits outside the wrapper, on the raw replies):
+
+* ``side: server``: the RAW, unclipped update of every client. DP protects only the released model
+  (whoever sees later global models), not the update against the server that runs the wrapper.
+* ``side: client``: the CLIPPED update (norm <= C), still without noise: the server adds noise to the
+  aggregate after it has seen every clipped update. Clipping bounds, but does not hide, one update.
+
+Privacy accounting (client-level, RDP: Mironov, CSF 2017): one subsampled Gaussian step per round
+with q = clients_per_round / clients and sigma = ``noise_multiplier``, as :func:`central_dp_epsilon`
+computes (q = 1 under full participation: no amplification). fedsim's client sampling is a fixed-size
+draw, not the Poisson sampling this analysis assumes; the figure is the customary approximation.
+It is written into the run's per-round history (``epsilon``) through :meth:`CentralDP.server_round_metrics`.
+
+Flower draws its noise from NumPy's global generator; here each round's aggregation runs with that
+generator seeded from (seed, "central_dp", round) and restored afterwards, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from pydantic import Field
+
+from defenses.base import Defense, DefenseParams, register_defense
+from defenses.dp_sgd import epsilon_of
+from fedsim.errors import IncompatibleDefenseError
+from fedsim.scenario import DefenseSpec, Scenario
+from fedsim.seeding import derive_seed
+from fedsim.simulation import keys
+
+ADAPTIVE_ONLY = ("initial_clipping_norm", "target_clipped_quantile", "clip_norm_lr", "clipped_count_stddev")
+
+
+class CentralDPParams(DefenseParams):
+    side: Literal["server", "client"] = Field("server", description="where updates are clipped")
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    noise_multiplier: float = Field(1.0, ge=0, description="sigma: noise std on the sum = sigma * C")
+    clipping_norm: float = Field(1.0, gt=0, description="C for fixed clipping")
+    initial_clipping_norm: float = Field(0.1, gt=0, description="adaptive: the first C")
+    target_clipped_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: fraction of updates clipped")
+    clip_norm_lr: float = Field(0.2, gt=0, description="adaptive: geometric step of C")
+    clipped_count_stddev: float | None = Field(None, ge=0, description="adaptive: noise on the count (K/20)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta at which epsilon is reported")
+
+
+def central_dp_epsilon(scenario: Scenario) -> list[float]:
+    """Client-level epsilon after each round 1..R of the scenario's ``central_dp`` defense (RDP)."""
+    spec = next((d for d in scenario.defenses if d.name == "central_dp"), None)
+    if spec is None:
+        return []
+    p = CentralDPParams.model_validate(spec.params)
+    return [_epsilon_after(p, scenario, r) for r in range(1, scenario.federation.rounds + 1)]
+
+
+def _epsilon_after(p: CentralDPParams, scenario: Scenario, rounds: int) -> float:
+    fed = scenario.federation
+    return epsilon_of([(p.noise_multiplier, fed.sampled_per_round / fed.clients, rounds)], p.delta, "rdp")
+
+
+class _SeededNoise:
+    """Mixin for Flower's DP wrappers: aggregate with NumPy's global generator seeded per round."""
+
+    fedsim_seed: int = 0
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        saved = np.random.get_state()
+        np.random.seed(derive_seed(self.fedsim_seed, "central_dp", server_round) % 2**32)
+        try:
+            return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        finally:
+            np.random.set_state(saved)
+
+
+class ServerSideFixed(_SeededNoise, DifferentialPrivacyServerSideFixedClipping):
+    pass
+
+
+class ClientSideFixed(_SeededNoise, DifferentialPrivacyClientSideFixedClipping):
+    pass
+
+
+class ServerSideAdaptive(_SeededNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+    pass
+
+
+class ClientSideAdaptive(_SeededNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+    pass
+
+
+def _beside_truth(mod: Callable, msg: Message, ctx: Context, call_next: Callable) -> Message:
+    """Run a Flower clipping mod on the update alone: it insists on exactly one ArrayRecord, but a
+    targeted client also attaches its ground truth (for the evaluator), which is set aside meanwhile."""
+    kept: dict[str, Any] = {}
+
+    def inner(m: Message, c: Context) -> Message:
+        out = call_next(m, c)
+        if not out.has_error() and keys.TRUTH in out.content.array_records:
+            kept["truth"] = out.content.array_records[keys.TRUTH]
+            del out.content[keys.TRUTH]
+        return out
+
+    out = mod(msg, ctx, inner)
+    if "truth" in kept and not out.has_error():
+        out.content[keys.TRUTH] = kept["truth"]
+    return out
+
+
+def fixed_clipping_mod(msg: Message, ctx: Context, call_next: Callable) -> Message:
+    """Flower's ``fixedclipping_mod``, ground-truth aware."""
+    return _beside_truth(fixedclipping_mod, msg, ctx, call_next)
+
+
+def adaptive_clipping_mod(msg: Message, ctx: Context, call_next: Callable) -> Message:
+    """Flower's ``adaptiveclipping_mod``, ground-truth aware."""
+    return _beside_truth(adaptiveclipping_mod, msg, ctx, call_next)
+
+
+@register_defense("central_dp")
+class CentralDP(Defense):
+    Params = CentralDPParams
+    stage = 70
+    summary = "client-level central DP (Flower wrappers): clip each update, noise the aggregate"
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario, spec: DefenseSpec) -> None:
+        p = cls.Params.model_validate(spec.params)
+        if scenario.federation.protocol != "fedavg":
+            raise IncompatibleDefenseError("central_dp clips 'reply - current weights', so it needs "
+                                           "federation.protocol: fedavg (fedsgd replies are gradients)")
+        if sum(d.name == spec.name for d in scenario.defenses) > 1:
+            raise IncompatibleDefenseError("central_dp can appear once")
+        wrong = [k for k in (ADAPTIVE_ONLY if p.clipping == "fixed" else ("clipping_norm",)) if k in spec.params]
+        if wrong:
+            raise IncompatibleDefenseError(f"params.{wrong[0]} does not apply to clipping: {p.clipping}")
+        if p.clipping == "adaptive" and p.noise_multiplier > 0:
+            stddev = p.clipped_count_stddev
+            if stddev is None:
+                stddev = scenario.federation.sampled_per_round / 20
+            if p.noise_multiplier >= 2 * stddev:
+                raise IncompatibleDefenseError(
+                    f"adaptive clipping needs noise_multiplier < 2 * clipped_count_stddev ({2 * stddev:g}; "
+                    "the default stddev is clients_per_round / 20): raise params.clipped_count_stddev")
+
+    def wrap_strategy(self, strategy: Any) -> Any:
+        if self.scenario is None:
+            raise IncompatibleDefenseError("central_dp needs the scenario (build it with build_defenses)")
+        p, k = self.params, self.scenario.federation.sampled_per_round
+        if p.clipping == "fixed":
+            cls = ServerSideFixed if p.side == "server" else ClientSideFixed
+            wrapped = cls(strategy, p.noise_multiplier, p.clipping_norm, k)
+        else:
+            cls = ServerSideAdaptive if p.side == "server" else ClientSideAdaptive
+            wrapped = cls(strategy, p.noise_multiplier, k, initial_clipping_norm=p.initial_clipping_norm,
+                          target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
+                          clipped_count_stddev=p.clipped_count_stddev)
+        wrapped.fedsim_seed = self.scenario.seed
+        return wrapped
+
+    def client_mods(self) -> list[Any]:
+        if self.params.side == "server":
+            return []
+        return [fixed_clipping_mod if self.params.clipping == "fixed" else adaptive_clipping_mod]
+
+    def server_round_metrics(self, server_round: int) -> dict[str, float]:
+        """Metrics for the server's per-round history row (epsilon spent after ``server_round``)."""
+        if self.scenario is None or server_round < 1:
+            return {}
+        return {"epsilon": _epsilon_after(self.params, self.scenario, server_round), "delta": self.params.delta}

@@ -1,0 +1,314 @@
+"""Sample-level DP-SGD inside each client's local training, with Opacus 1.6.
+
+DP-SGD (Abadi et al., CCS 2016) clips every example's gradient to norm ``max_grad_norm`` (C), sums,
+adds N(0, sigma^2 C^2) per coordinate and divides by the expected batch size. Privacy is accounted
+per client with Opacus's accountants: RDP (Mironov, CSF 2017) by default, PRV or GDP on request.
+One fresh Opacus wrapping per client per round:
+
+* ``transform_model`` swaps BatchNorm for GroupNorm (``ModuleValidator.fix``; one group for vector
+  features) on client, server and attacker models alike, with one warning on the ``fedsim`` logger.
+* Per-sample gradients: Opacus hooks attached with ``wrap_model=False`` (``hooks``, ``functorch``,
+  ``ghost``) or ExpandedWeights (``ew``) behind a module sharing the model's parameters, so the reply
+  keeps the global model's ``state_dict`` keys. ``ghost`` is ghost clipping (Li, Tramer, Liang,
+  Hashimoto, ICLR 2022): per-example norms without per-example gradients, then a second backward on
+  the clip-weighted loss (the job's loss must accept ``reduction=``, as cross-entropy does).
+* Poisson batches (each example with probability q = batch_size / n per step, as the accountants
+  assume) drawn from the job's batch generator; ``local.steps`` or ``epochs * ceil(n / batch_size)``
+  steps a round, one for fedsgd. An empty batch is still a step: its update is pure noise. With
+  ``poisson: false`` batches have a fixed size and epsilon is the usual approximation.
+* fedsgd sends the clipped, noised gradient (``pre_step`` before it is read); fedavg sends the weights
+  after the DP steps. Noise comes from a generator seeded by (seed, "dp_sgd", round, partition id):
+  the same scenario and seed give the same numbers on any backend.
+* Epsilon accumulates over rounds: the accountant history ``[(sigma, q, steps)]`` is kept as JSON in
+  the client's state (Flower ``Context.state``); each round reports ``epsilon``, ``delta`` and
+  ``noise_multiplier`` (in ``client_metrics``). ``target_epsilon`` solves sigma with Opacus's
+  ``get_noise_multiplier`` over the planned steps: steps a round x the rounds a client is expected to
+  train (all of them under full participation, else ``ceil(rounds * clients_per_round / clients)``);
+  a client sampled more often than expected ends above the target, as its reported epsilon shows.
+
+The curious server sees only the clipped, noised update: the capture records what the client sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from defenses.base import Defense, DefenseParams, register_defense
+from fedsim.errors import IncompatibleDefenseError
+from fedsim.scenario import DefenseSpec, FederationSpec, LocalTraining, Scenario
+from fedsim.seeding import torch_generator
+from fedsim.training import TrainingJob, batch_schedule
+
+log = logging.getLogger("fedsim")
+
+
+_OPACUS_READY = False
+_BN_NOTICE_SHOWN = False
+
+
+def import_opacus() -> None:
+    """Import opacus without the root-logger handler its ``logging.basicConfig`` call installs, and
+    silence two expected warnings once (not per call: changing filters re-arms every warning):
+    PyTorch's "full backward hook is firing" (Opacus hooks on inputs that need no gradient) and RDP's
+    "optimal order is the smallest/largest alpha" (an extreme sigma: epsilon is a looser upper bound)."""
+    global _OPACUS_READY
+    if _OPACUS_READY:
+        return
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import opacus  # noqa: F401
+
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest) alpha", category=UserWarning)
+    _OPACUS_READY = True
+
+
+def poisson_batches(n: int, q: float, steps: int, gen: torch.Generator) -> list[Tensor]:
+    """``steps`` Poisson batches: example i is in a batch with probability q, independently (may be empty)."""
+    return [torch.nonzero(torch.rand(n, generator=gen) < q).flatten() for _ in range(steps)]
+
+
+def steps_per_round(n: int, local: LocalTraining, protocol: str) -> int:
+    """DP steps a client takes in one round: one for fedsgd, else ``steps`` or epochs x ceil(n / bs)."""
+    if protocol == "fedsgd":
+        return 1
+    return local.steps or local.epochs * math.ceil(n / min(local.batch_size, n))
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str, poisson: bool = True) -> float:
+    """Epsilon an Opacus accountant (``rdp``, ``prv``, ``gdp``) gives for a history of (sigma, q, steps)."""
+    import_opacus()
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [tuple(h) for h in history]
+    if not acc.history:
+        return 0.0
+    return float(acc.get_epsilon(delta, poisson=poisson) if accountant == "gdp" else acc.get_epsilon(delta))
+
+
+@lru_cache(maxsize=64)
+def solve_noise_multiplier(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """Sigma giving ``target_epsilon`` after ``steps`` steps at sampling rate q (Opacus bisection, tol 0.01)."""
+    import_opacus()
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
+                                      steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+
+
+def expected_rounds(fed: FederationSpec) -> int:
+    """Rounds a client is expected to train: all of them, or ceil(rounds * clients_per_round / clients)."""
+    return math.ceil(fed.rounds * fed.sampled_per_round / fed.clients)
+
+
+class DPSGDParams(DefenseParams):
+    noise_multiplier: float | None = Field(None, ge=0, description="sigma (noise std = sigma * max_grad_norm)")
+    target_epsilon: float | None = Field(None, gt=0, description="solve sigma so the planned rounds spend this")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of (epsilon, delta)-DP")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example clipping norm C")
+    accountant: Literal["prv", "rdp", "gdp"] = "rdp"
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    poisson: bool = Field(True, description="Poisson sampling (what the accountants assume)")
+
+
+class _SameKeys(nn.Module):
+    """A module with ``inner``'s parameters, buffers and submodules (so the same ``state_dict`` keys),
+    whose forward is ``forward``: lets ExpandedWeights and the empty-batch path sit in front of the
+    model without renaming its keys to ``_module.*``."""
+
+    def __init__(self, inner: nn.Module, forward: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self._parameters = inner._parameters
+        self._buffers = inner._buffers
+        self._non_persistent_buffers_set = inner._non_persistent_buffers_set
+        self._modules = inner._modules
+        self.training = inner.training
+        self._dp_forward = forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._dp_forward(x)
+
+
+class _PrivateRound:
+    """One client's DP-SGD round: the TrainingJob hooks, sharing the plan (q, steps, sigma) they compute."""
+
+    def __init__(self, defense: DPSGD, job: TrainingJob) -> None:
+        import_opacus()
+        from opacus.grad_sample.utils import prepare_module
+
+        p = defense.params
+        self.defense, self.p, self.job = defense, p, job
+        self.model = job.model
+        self.q = self.sigma = 0.0
+        self.bs = self.steps = 0
+        self.sampler = job.sample_batches or batch_schedule
+        self.base_optimizer = job.make_optimizer
+        self.base_loss = job.loss_fn
+        extra = {"max_grad_norm": p.max_grad_norm} if p.grad_sample_mode == "ghost" else {}
+        self.hooks = prepare_module(self.model, p.grad_sample_mode, wrap_model=p.grad_sample_mode == "ew",
+                                    batch_first=True, loss_reduction="mean", **extra)
+        self.dp_loss: Any = None
+
+    # -- TrainingJob hooks --------------------------------------------------------------------------
+    def sample_batches(self, n: int, local: LocalTraining, protocol: str, gen: torch.Generator) -> list[Tensor]:
+        self.bs, self.steps = min(local.batch_size, n), steps_per_round(n, local, protocol)
+        self.q = self.bs / n
+        self.sigma = self.defense.noise_multiplier_for(self.job, self.q, self.steps)
+        if not self.p.poisson:
+            return self.sampler(n, local, protocol, gen)
+        return poisson_batches(n, self.q, self.steps, gen)
+
+    def make_optimizer(self, model: nn.Module, local: LocalTraining) -> torch.optim.Optimizer:
+        from opacus.accountants import create_accountant
+        from opacus.optimizers import get_optimizer_class
+
+        mode = self.p.grad_sample_mode
+        base = self.base_optimizer(model, local)
+        device = next(self.model.parameters()).device
+        cls = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+        opt = cls(base, noise_multiplier=self.sigma, max_grad_norm=self.p.max_grad_norm,
+                  expected_batch_size=self.bs, loss_reduction="mean",
+                  generator=torch_generator(self.job.seed, "dp_sgd", self.job.round, self.job.partition_id,
+                                            device=device))
+        self.accountant = create_accountant(mechanism=self.p.accountant)  # GDP warns once: it is experimental
+        self.accountant.history = [tuple(h) for h in json.loads(self.job.state.get(self.state_key, "[]"))]
+        opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.q))
+        if mode == "ghost":
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+            self.dp_loss = DPLossFastGradientClipping(self.hooks, opt, _ReducibleLoss(self.base_loss), "mean")
+        return opt
+
+    def loss_fn(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.dp_loss(logits, labels) if self.dp_loss is not None else self.base_loss(logits, labels)
+
+    def before_read_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.pre_step()  # fedsgd: clip, noise, scale and account, without stepping the weights
+
+    def on_finish(self, steps: int, batch_sizes: list[int]) -> dict[str, float]:
+        if hasattr(self.hooks, "cleanup"):
+            self.hooks.cleanup()  # a wrapping lives for one round only: never hooks on hooks
+        self.job.state[self.state_key] = json.dumps(self.accountant.history)
+        eps = epsilon_of(self.accountant.history, self.p.delta, self.p.accountant, self.p.poisson)
+        return {"epsilon": eps, "delta": self.p.delta, "noise_multiplier": self.sigma}
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.defense.name}/accountant-history"
+
+    # -- the forward the job's model runs ----------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        mode = self.p.grad_sample_mode
+        if x.shape[0] == 0 and mode != "ghost":
+            # Poisson drew an empty batch: per-sample machinery cannot run on it (functorch, ew fail),
+            # but it is still a DP step: empty per-sample gradients, so the optimizer adds noise only.
+            if mode != "ew":
+                self.hooks.disable_hooks()
+            for param in self.model.parameters():
+                param.grad_sample = param.new_zeros((0, *param.shape))
+            return self.model(x)
+        if mode == "ew":
+            return self.hooks(x)
+        self.hooks.enable_hooks()
+        return self.model(x)
+
+
+class _ReducibleLoss(nn.Module):
+    """The job's ``loss_fn(logits, labels)`` with the ``reduction`` attribute ghost clipping toggles."""
+
+    def __init__(self, loss_fn: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.reduction = "mean"
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        try:
+            return self.loss_fn(logits, labels, reduction=self.reduction)
+        except TypeError as err:
+            raise IncompatibleDefenseError(
+                "dp_sgd grad_sample_mode 'ghost' needs a per-example loss (a loss_fn taking reduction=); "
+                "use grad_sample_mode 'hooks' with this loss"
+            ) from err
+
+
+@register_defense("dp_sgd")
+class DPSGD(Defense):
+    Params = DPSGDParams
+    stage = 30
+    summary = "sample-level DP-SGD (Opacus): per-example clipping + Gaussian noise, epsilon per client"
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario, spec: DefenseSpec) -> None:
+        p = cls.Params.model_validate(spec.params)
+        if (p.noise_multiplier is None) == (p.target_epsilon is None):
+            raise IncompatibleDefenseError("dp_sgd needs exactly one of params.noise_multiplier and "
+                                           "params.target_epsilon")
+        if sum(d.name == spec.name for d in scenario.defenses) > 1:
+            raise IncompatibleDefenseError("dp_sgd can appear once: two Opacus wrappings of one model "
+                                           "would add hooks twice")
+
+    def transform_model(self, model: nn.Module) -> nn.Module:
+        import_opacus()
+        from opacus.validators import ModuleValidator
+
+        if ModuleValidator.is_valid(model):
+            return model
+        vectors = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm1d)]
+        fixed = ModuleValidator.fix(model)  # returns a fixed copy
+        for name in vectors:  # gcd(32, C) groups of ONE feature cannot normalize an (N, C) vector: one group
+            parent, _, leaf = name.rpartition(".")
+            setattr(fixed.get_submodule(parent), leaf, nn.GroupNorm(1, fixed.get_submodule(name).num_channels))
+        errors = ModuleValidator.validate(fixed, strict=False)
+        if errors:
+            raise IncompatibleDefenseError(f"dp_sgd: Opacus cannot train this model: {errors[0]}")
+        global _BN_NOTICE_SHOWN
+        if not _BN_NOTICE_SHOWN:  # once per process: clients, server and attackers all rebuild the model
+            log.warning("dp_sgd: BatchNorm layers were replaced by GroupNorm (Opacus ModuleValidator.fix): "
+                        "per-example gradients need layers that do not mix examples")
+            _BN_NOTICE_SHOWN = True
+        return fixed
+
+    def wrap_training(self, job: TrainingJob) -> TrainingJob:
+        run = _PrivateRound(self, job)
+        job.model = _SameKeys(job.model, run.forward)
+        job.sample_batches = run.sample_batches
+        job.make_optimizer = run.make_optimizer
+        job.loss_fn = run.loss_fn
+        job.before_read_gradients = run.before_read_gradients
+        job.on_finish.append(run.on_finish)
+        return job
+
+    def noise_multiplier_for(self, job: TrainingJob, q: float, steps: int) -> float:
+        """Sigma for a client with sampling rate q and ``steps`` DP steps per round."""
+        p = self.params
+        if (p.noise_multiplier is None) == (p.target_epsilon is None):
+            raise IncompatibleDefenseError("dp_sgd needs exactly one of noise_multiplier and target_epsilon")
+        if p.noise_multiplier is not None:
+            return p.noise_multiplier
+        total = steps * expected_rounds(_federation_of(job, self))
+        return solve_noise_multiplier(p.target_epsilon, p.delta, q, total, p.accountant)
+
+
+def _federation_of(job: TrainingJob, defense: Defense) -> FederationSpec:
+    """The scenario's federation block, which ``target_epsilon`` needs (rounds and client sampling).
+
+    The defense was built with its scenario (``build_defenses``), which holds it.
+    """
+    if defense.scenario is not None:
+        return defense.scenario.federation
+    raise IncompatibleDefenseError("dp_sgd target_epsilon needs the scenario's rounds: run it in a federation "
+                                   "or give noise_multiplier")

@@ -1,0 +1,178 @@
+"""DP-SGD in the client (Opacus): accounting across rounds, clipping, noise, reproducibility, attacks."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from defenses import dp_sgd
+from defenses.dp_sgd import expected_rounds, import_opacus, poisson_batches
+from fedsim.errors import ScenarioError
+from fedsim.run import run_scenario
+from fedsim.scenario import FederationSpec, parse_scenario
+from fedsim.simulation import run_federation
+from fedsim.simulation.setup import setup_for
+
+MODES = ["hooks", "functorch", "ew", "ghost"]
+pytestmark = [  # expected (see defenses.dp_sgd.import_opacus); pytest re-arms filters per test
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning"),
+]
+
+
+def with_dp(raw: dict, **params) -> dict:
+    raw["defenses"] = [{"name": "dp_sgd", "params": params}]
+    return raw
+
+
+def flat(update: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.flatten() for v in update.values()])
+
+
+def rdp_epsilon(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
+    import_opacus()
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    return acc.get_epsilon(delta)
+
+
+def test_epsilon_matches_an_independent_rdp_accountant_and_grows_over_rounds(tiny_raw) -> None:
+    """Measured (client 0: n=360, q=4/360, sigma=1, 2 steps a round): 1.0059, 1.0308, 1.0473 after rounds 1-3,
+    equal to RDPAccountant on (1, q, 2), (1, q, 4), (1, q, 6); target_epsilon=2 gives sigma=0.764 and 1.998."""
+    tiny_raw["federation"].update(rounds=3, protocol="fedavg", local={"batch_size": 4, "lr": 0.2, "steps": 2})
+    scenario = parse_scenario(with_dp(tiny_raw, noise_multiplier=1.0))
+    metrics = run_federation(scenario).capture.client_metrics
+    for pid in range(4):
+        n = len(setup_for(scenario).client_data(pid)[0])
+        eps = [metrics[r][pid]["epsilon"] for r in (1, 2, 3)]
+        for r, e in zip((1, 2, 3), eps, strict=True):
+            assert e == pytest.approx(rdp_epsilon(1.0, 4 / n, 2 * r), rel=1e-9)
+        assert eps[0] < eps[1] < eps[2]
+        assert metrics[3][pid]["delta"] == 1e-5 and metrics[3][pid]["noise_multiplier"] == 1.0
+
+
+def test_target_epsilon_is_reached_after_the_planned_rounds(tiny_raw) -> None:
+    tiny_raw["federation"].update(rounds=3, protocol="fedavg", local={"batch_size": 4, "lr": 0.2, "steps": 2})
+    metrics = run_federation(parse_scenario(with_dp(tiny_raw, target_epsilon=2.0))).capture.client_metrics
+    for pid in range(4):
+        assert 2.0 - 0.02 <= metrics[3][pid]["epsilon"] <= 2.0 + 1e-9  # Opacus bisection tolerance: 0.01
+        assert metrics[1][pid]["epsilon"] < metrics[3][pid]["epsilon"]
+        assert metrics[1][pid]["noise_multiplier"] == metrics[3][pid]["noise_multiplier"] > 0
+
+
+def test_expected_rounds_under_partial_participation() -> None:
+    assert expected_rounds(FederationSpec(clients=4, rounds=3)) == 3
+    assert expected_rounds(FederationSpec(clients=10, rounds=5, clients_per_round=3)) == 2  # ceil(1.5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sent_gradient_is_clipped_per_example(tiny_raw, mode) -> None:
+    """fedsgd with sigma ~ 0 and a fixed batch of B: the sent gradient is (sum of clipped)/B, norm <= C."""
+    tiny_raw["federation"]["local"]["batch_size"] = 8
+    clean = run_federation(parse_scenario(tiny_raw)).capture.updates[0]
+    with_dp(tiny_raw, noise_multiplier=1e-6, max_grad_norm=0.05, poisson=False, grad_sample_mode=mode)
+    clipped = run_federation(parse_scenario(tiny_raw)).capture.updates[0]
+    assert torch.equal(clean.truth.inputs, clipped.truth.inputs)  # same batch, so the clip is what differs
+    assert flat(clean.update).norm() > 0.05  # clipping is active
+    assert flat(clipped.update).norm() <= 0.05 * (1 + 1e-4)
+
+
+def test_noise_has_std_sigma_c_over_b(tiny_raw) -> None:
+    tiny_raw["federation"]["local"]["batch_size"] = 8
+    runs = [run_federation(parse_scenario(with_dp(tiny_raw, noise_multiplier=s, max_grad_norm=0.05, poisson=False)))
+            for s in (0.0, 0.5)]
+    quiet, noisy = (r.capture.updates[0].update for r in runs)
+    diff = flat(noisy) - flat(quiet)
+    assert diff.std().item() == pytest.approx(0.5 * 0.05 / 8, rel=0.1)
+
+
+def test_same_seed_gives_identical_updates_and_another_seed_other_noise(tiny_raw) -> None:
+    tiny_raw["federation"].update(protocol="fedavg", local={"batch_size": 4, "lr": 0.2, "steps": 2})
+    with_dp(tiny_raw, noise_multiplier=1.0)
+    a, b = (run_federation(parse_scenario(tiny_raw)) for _ in range(2))
+    assert all(torch.equal(a.capture.updates[0].update[k], v) for k, v in b.capture.updates[0].update.items())
+    assert [h.get("test_loss") for h in a.history] == [h.get("test_loss") for h in b.history]
+    tiny_raw["seed"] = 8
+    c = run_federation(parse_scenario(tiny_raw))
+    assert not torch.equal(flat(a.capture.updates[0].update), flat(c.capture.updates[0].update))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_empty_poisson_batch_sends_noise_only(tiny_raw, mode) -> None:
+    """fedsgd with batch_size 1: each client's Poisson batch is empty with probability ~(1-1/n)^n = 0.37."""
+    tiny_raw["attacks"][0].update(clients="all", rounds=[1, 2])
+    tiny_raw["federation"]["local"]["batch_size"] = 1
+    scenario = parse_scenario(with_dp(tiny_raw, noise_multiplier=1.0, max_grad_norm=0.5, grad_sample_mode=mode))
+    outcome = run_federation(scenario)
+    empty = [u for u in outcome.capture.updates if len(u.truth.inputs) == 0]
+    assert empty, "seed 7 draws empty batches (rounds 1 and 2)"
+    for u in empty:
+        noise = flat(u.update)
+        assert torch.isfinite(noise).all() and noise.std().item() == pytest.approx(0.5, rel=0.1)  # sigma*C/1
+    assert all(math.isfinite(outcome.capture.client_metrics[2][p]["epsilon"]) for p in range(4))
+    assert math.isfinite(outcome.history[-1]["test_loss"])
+
+
+def test_poisson_batches_have_the_expected_size() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batches = poisson_batches(100, 0.05, 2000, gen)
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float)
+    assert sizes.mean().item() == pytest.approx(5.0, rel=0.05)
+    assert (sizes == 0).any() and all(b.unique().numel() == len(b) for b in batches)
+
+
+def test_batchnorm_is_replaced_by_groupnorm_with_one_notice(tiny_raw, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(dp_sgd, "_BN_NOTICE_SHOWN", False)  # the notice shows once per process
+    tiny_raw["model"]["norm"] = "batch"
+    tiny_raw["federation"].update(protocol="fedavg", local={"batch_size": 4, "lr": 0.2, "steps": 2})
+    scenario = parse_scenario(with_dp(tiny_raw, noise_multiplier=1.0))
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        result = run_scenario(scenario, write=False)  # clients, server and the attacker's rebuild
+    notices = [r for r in caplog.records if r.name == "fedsim" and "GroupNorm" in r.getMessage()]
+    assert len(notices) == 1
+    model = setup_for(scenario).build_model()
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    assert not any("running_mean" in k for k in model.state_dict())
+    assert math.isfinite(result.history[-1]["test_loss"]) and result.outcomes[0].failed is None
+
+
+@pytest.mark.parametrize("params", [{}, {"noise_multiplier": 1.0, "target_epsilon": 3.0}])
+def test_exactly_one_of_sigma_and_target_epsilon(tiny_raw, params) -> None:
+    with pytest.raises(ScenarioError, match="exactly one of") as err:
+        parse_scenario(with_dp(tiny_raw, **params))
+    assert err.value.path == "defenses[0]"
+
+
+def ig_scenario(defenses: list[dict]):
+    return parse_scenario({
+        "name": "dp-vs-ig", "seed": 0, "device": "cpu",
+        "data": {"dataset": "cifar10-mini", "partition": {"kind": "iid"}},
+        "model": {"name": "convnet", "width": 32},
+        "federation": {"clients": 8, "rounds": 1, "protocol": "fedsgd", "local": {"batch_size": 1, "lr": 0.1}},
+        "backend": {"kind": "inprocess"},
+        "defenses": defenses,
+        "attacks": [{"name": "inverting_gradients", "rounds": [1], "clients": [0], "budget": {"iterations": 250}}],
+    })
+
+
+def test_dp_sgd_lowers_inverting_gradients_psnr() -> None:
+    """Real bundled CIFAR-10 image, ConvNet(32), batch 1, FedSGD, IG with 250 iterations, seed 0.
+
+    Measured: no defense PSNR 22.3 dB (test accuracy 0.25 on the 4 held-out images); DP-SGD with
+    sigma=1, C=1 (epsilon 3.89 for this one step at q=1/2) PSNR 12.0 dB (test accuracy 0.0);
+    sigma=0.1 gives 12.2 dB and sigma=0.01 15.0 dB. The batch is fixed (``poisson: false``) so that
+    both runs attack the same image.
+    """
+    base = run_scenario(ig_scenario([]), write=False)
+    dp = run_scenario(ig_scenario([{"name": "dp_sgd", "params": {"noise_multiplier": 1.0, "poisson": False}}]),
+                      write=False)
+    base_psnr, dp_psnr = base.outcomes[0].metrics["psnr_mean"], dp.outcomes[0].metrics["psnr_mean"]
+    assert base_psnr > 18.0
+    assert dp_psnr < base_psnr - 5.0
+    assert 0.0 <= dp.history[-1]["test_accuracy"] <= 1.0 and 0.0 <= base.history[-1]["test_accuracy"] <= 1.0
+    assert dp.client_metrics[1][0]["epsilon"] == pytest.approx(rdp_epsilon(1.0, 1 / 2, 1), rel=1e-9)
