@@ -20,7 +20,7 @@ from fedsim.metrics import score_reconstruction
 from fedsim.plugins import attack_registry
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import derive_seed
-from fedsim.simulation.capture import CapturedUpdate
+from fedsim.simulation.capture import AGGREGATE_ID, CapturedUpdate
 from fedsim.threat import ClientUpdate, Reconstruction, TaskInfo, frozen_tensors
 
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]  # (label, total) -> progress fn
@@ -61,6 +61,14 @@ def observe(captured: CapturedUpdate, task: TaskInfo, scenario: Scenario, spec: 
     side_info: dict[str, Any] = {}
     if knowledge.labels == "known":
         side_info["labels"] = captured.truth.labels.clone()
+    if knowledge.oracle_masks:
+        # The single, declared exception to "no ground truth reaches an attack": oracle upper bounds
+        # (dia_oracle, the DIA paper's WIIG) get the client's true dropout masks, keyed as recorded
+        # ("mask/<layer name>"), only when the scenario sets knowledge.oracle_masks; they must return
+        # Reconstruction(oracle=True), so every report labels their output as an oracle.
+        side_info["oracle_masks"] = MappingProxyType({
+            k: v.clone() for k, v in captured.truth.extras.items() if k.startswith("mask/")
+        })
     return ClientUpdate(
         round=captured.round,
         partition_id=captured.partition_id,
@@ -100,7 +108,8 @@ def run_attacks(
     for index, spec in enumerate(scenario.attacks):
         rounds = set(spec.target_rounds(fed.rounds))
         clients = set(spec.target_clients(fed.clients))
-        targets = sorted((c for c in captured if c.round in rounds and c.partition_id in clients),
+        targets = sorted((c for c in captured if c.round in rounds
+                          and (c.partition_id in clients or c.partition_id == AGGREGATE_ID)),
                          key=lambda c: (c.round, c.partition_id))
         cls = registry.get(spec.name)
         for cap in targets:

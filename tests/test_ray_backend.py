@@ -27,3 +27,14 @@ def test_ray_and_inprocess_give_identical_rounds_and_updates(tiny_raw) -> None:
         assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
         assert torch.equal(a.truth.inputs, b.truth.inputs)
     assert all(torch.equal(local.final_state[k], ray.final_state[k]) for k in local.final_state)
+
+
+def test_secure_aggregation_runs_on_ray_like_inprocess(tiny_raw) -> None:
+    tiny_raw["defenses"] = [{"name": "secagg", "params": {"num_shares": 3, "reconstruction_threshold": 2}}]
+    scenario = parse_scenario(tiny_raw)
+    local = run_federation(scenario, backend="inprocess")
+    ray = run_federation(scenario, backend="ray")
+    assert [h["test_accuracy"] for h in ray.history] == [h["test_accuracy"] for h in local.history]
+    (a,), (b,) = local.capture.updates, ray.capture.updates
+    assert a.partition_id == b.partition_id == -1
+    assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)

@@ -158,3 +158,15 @@ def test_training_hooks_report_metrics_and_keep_state_across_rounds(tiny_raw) ->
     metrics = outcome.capture.client_metrics
     assert sorted(metrics) == [1, 2, 3]
     assert all(metrics[r][p] == {"rounds_seen": r, "steps": 1} for r in (1, 2, 3) for p in range(4))
+
+
+def test_defenses_compose_by_stage_then_scenario_order(tiny_raw) -> None:
+    from defenses import build_defenses
+
+    tiny_raw["defenses"] = [
+        {"name": "gaussian_noise", "params": {"sigma": 0.01}},  # stage 50: the update
+        {"name": "clipping", "params": {"max_norm": 1.0}},      # stage 50: after the noise (scenario order)
+        {"name": "dropout", "params": {"p": 0.1}},              # stage 10: the model, first
+    ]
+    names = [d.name for d in build_defenses(parse_scenario(tiny_raw))]
+    assert names == ["dropout", "gaussian_noise", "clipping"]

@@ -22,6 +22,8 @@ from fedsim.errors import SimulationError
 from fedsim.simulation import keys
 from fedsim.threat import GroundTruth
 
+AGGREGATE_ID = -1  # partition id of a captured aggregate (secure aggregation: it belongs to no one client)
+
 
 @dataclass(frozen=True)
 class CapturedUpdate:

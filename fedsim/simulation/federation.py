@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedsim.scenario import Scenario
-from fedsim.simulation.capture import CaptureLog
+from fedsim.simulation.capture import AGGREGATE_ID, CaptureLog
 from fedsim.simulation.client_app import build_client_app
 from fedsim.simulation.ray_backend import quiet_environment
 from fedsim.simulation.server_app import FederationOutcome, RoundCallback, build_server_app
@@ -20,12 +22,33 @@ def capture_targets(scenario: Scenario) -> set[tuple[int, int]]:
     }
 
 
+def secure_aggregation(scenario: Scenario) -> Any | None:
+    """The defense that asks for secure aggregation (``secure_aggregation = True``), if any."""
+    from defenses import DEFENSES
+
+    for spec in scenario.defenses:
+        cls = DEFENSES.get(spec.name)
+        if getattr(cls, "secure_aggregation", False):
+            return cls.Params.model_validate(spec.params)
+    return None
+
+
 def run_federation(scenario: Scenario, on_round: RoundCallback | None = None, verbose: bool = False,
                    backend: str | None = None) -> FederationOutcome:
     """Run the federation; ``backend`` overrides ``scenario.backend.kind`` (e.g. for comparisons)."""
-    outcome = FederationOutcome(capture=CaptureLog(capture_targets(scenario), scenario.federation.protocol))
-    server_app = build_server_app(scenario, outcome, on_round)
-    client_app = build_client_app(scenario)
+    secure = secure_aggregation(scenario)
+    targets = capture_targets(scenario)
+    if secure is not None:  # the server can only ever see the aggregate
+        from fedsim.simulation.secure import build_secure_client_app, build_secure_server_app
+
+        targets = {(r, AGGREGATE_ID) for r, _ in targets}
+    outcome = FederationOutcome(capture=CaptureLog(targets, scenario.federation.protocol))
+    if secure is not None:
+        server_app = build_secure_server_app(scenario, outcome, secure, on_round)
+        client_app = build_secure_client_app(scenario)
+    else:
+        server_app = build_server_app(scenario, outcome, on_round)
+        client_app = build_client_app(scenario)
     kind = backend or scenario.backend.kind
     quiet_environment(verbose)
     if kind == "inprocess":
