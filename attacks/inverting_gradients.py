@@ -10,6 +10,12 @@ learning rate (x0.1 at 3/8, 5/8 and 7/8 of the iterations). Labels come from the
 single image, a count-aware method for batches) unless the threat model grants them. Restarts are
 ranked by their final gradient distance, never by ground truth.
 
+Restarts can run as one batched computation (``batched``; see :mod:`attacks.batched`): each keeps
+its own init, Adam state and schedule, and the result equals the sequential run's up to float
+rounding. When the threat model grants ``knowledge.defense``, the deterministic part of the listed
+defenses (clipping, pruning, ...) is applied to the dummy gradient before the distance, as GIFD does
+(see :mod:`attacks.defense_aware`).
+
 The optimizer core, :func:`optimize_inputs`, and :func:`gradient_distance` are reusable by other
 gradient-matching attacks; the class only wires the threat-model inputs, restarts and budget.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +34,8 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from attacks.batched import BatchingUnsupported, optimize_trials, parameter_gradient
+from attacks.defense_aware import DefenseTransform, defense_transform
 from attacks.label_recovery import LABEL_STRATEGIES, recover_labels
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
@@ -71,10 +79,18 @@ def gradient_distance(
     target: list[Tensor],
     distance: Distance,
     create_graph: bool = True,
+    transform: Callable[[Sequence[Tensor]], Sequence[Tensor]] | None = None,
 ) -> Tensor:
-    """``D(grad_theta CE(f(x), y), g*)``: the mean cross-entropy's parameter gradient against ``target``."""
+    """``D(T(grad_theta CE(f(x), y)), g*)``: the mean cross-entropy's parameter gradient against ``target``.
+
+    ``transform`` (``T``, e.g. a defense-aware attacker's model of clipping or pruning, see
+    :func:`attacks.defense_aware.defense_transform`) maps the list of per-parameter gradients, in
+    ``model.parameters()`` order, before the distance; it must be differentiable.
+    """
     loss = F.cross_entropy(model(x), labels)
-    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=create_graph)
+    grads: Sequence[Tensor] = torch.autograd.grad(loss, list(model.parameters()), create_graph=create_graph)
+    if transform is not None:
+        grads = transform(grads)
     return distance(grads, target)
 
 
@@ -150,6 +166,9 @@ class InvertingGradients(Attack):
         init: Literal["randn", "rand", "zeros"] = "randn"
         decay: Literal["step", "none"] = Field("step", description="lr x0.1 at 3/8, 5/8, 7/8")
         label_strategy: str = Field("auto", description="label inference when labels are not known")
+        batched: Literal["auto"] | bool = Field(
+            "auto", description="run the restarts as one vmapped computation; auto: on accelerators only"
+        )
 
         @field_validator("label_strategy")
         @classmethod
@@ -171,6 +190,21 @@ class InvertingGradients(Attack):
             return labels
         return recover_labels(update, num, self.params.label_strategy, model=model)
 
+    def _defense_transform(self, update: ClientUpdate, model: nn.Module) -> DefenseTransform | None:
+        """The defense-aware transform of the dummy gradient; ``None`` unless ``knowledge.defense``."""
+        if not self.knowledge.defense or not update.defenses:
+            return None
+        return defense_transform(update.defenses, [name for name, _ in model.named_parameters()])
+
+    def _use_batched(self) -> bool:
+        """``batched``: True/False as set; "auto" batches several restarts on accelerators only (on a
+        CPU a ConvNet's double backward is compute-bound, so batching gains little, see
+        ``benchmarks/attack_speed.py``)."""
+        wanted = self.params.batched
+        if wanted == "auto":
+            wanted = self.device.type != "cpu"
+        return bool(wanted) and self.budget.restarts > 1
+
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
         reason = check_update(update)
@@ -184,51 +218,86 @@ class InvertingGradients(Attack):
             model = victim_model(update, self.device)
             target = target_gradient(update, model)
             labels = self._labels(update, num, model).to(self.device)
+            transform = self._defense_transform(update, model)
         except (FedsimError, ValueError, RuntimeError) as err:
             return Reconstruction.failure(str(err))
+        modeled = transform.defenses if transform is not None else ()
+        grad_transform = transform if modeled else None
         box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
         distance = OBJECTIVES[p.distance]
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
         total = budget.iterations * budget.restarts
+        shape = (num, *update.task.input_shape)
+        options = {"iterations": budget.iterations, "lr": p.lr, "signed": p.signed, "box": box,
+                   "decay": p.decay, "deadline": deadline}
+
+        def init(restart: int) -> Tensor:
+            return initial_inputs(p.init, shape, torch_generator(self.seed, "ig", restart)).to(self.device)
 
         def loss_fn(x: Tensor) -> Tensor:
-            loss = gradient_distance(model, x, labels, target, distance)
+            loss = gradient_distance(model, x, labels, target, distance, transform=grad_transform)
             return loss + p.tv * total_variation(x) if p.tv > 0 else loss
 
-        best: tuple[float, int, Trial] | None = None
-        timed_out, runs, errors = False, 0, []
-        for restart in range(budget.restarts):
-            if deadline is not None and time.perf_counter() > deadline:
-                timed_out = True
-                break
-            gen = torch_generator(self.seed, "ig", restart)
-            x0 = initial_inputs(p.init, (num, *update.task.input_shape), gen).to(self.device)
-            done = restart * budget.iterations
+        trials: list[Trial] | None = None
+        if self._use_batched():
+            grad_fn = parameter_gradient(model)
 
-            def on_step(i: int, done: int = done) -> None:
+            def trial_loss(x: Tensor) -> Tensor:  # one trial's loss_fn, in torch.func form
+                dummy = grad_fn(x, labels)
+                loss = distance(grad_transform(dummy) if grad_transform is not None else dummy, target)
+                return loss + p.tv * total_variation(x) if p.tv > 0 else loss
+
+            def on_batched_step(i: int) -> None:
                 if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
-                    progress(done + i, total)
+                    progress(i * budget.restarts, total)
 
+            x0 = torch.stack([init(restart) for restart in range(budget.restarts)])
             try:
-                trial = optimize_inputs(
-                    loss_fn, x0, iterations=budget.iterations, lr=p.lr, signed=p.signed, box=box,
-                    decay=p.decay, deadline=deadline, on_step=on_step,
-                )
-            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
-                return Reconstruction.failure(f"optimization failed: {err}")
-            runs += 1
+                result = optimize_trials(trial_loss, x0, on_step=on_batched_step, **options)
+                trials = [Trial(x, n, why) for x, n, why in zip(result.x, result.iterations, result.stopped,
+                                                                 strict=True)]
+            except BatchingUnsupported:
+                trials = None  # e.g. random draws or Python branches in the model: one restart at a time
+            except (RuntimeError, ValueError, IndexError) as err:
+                return Reconstruction.failure(f"optimization failed: {err}", batched=1.0)
+        batched = trials is not None
+        timed_out = False
+        if trials is None:
+            trials = []
+            for restart in range(budget.restarts):
+                if deadline is not None and time.perf_counter() > deadline:
+                    timed_out = True
+                    break
+                done = restart * budget.iterations
+
+                def on_step(i: int, done: int = done) -> None:
+                    if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
+                        progress(done + i, total)
+
+                try:
+                    trial = optimize_inputs(loss_fn, init(restart), on_step=on_step, **options)
+                except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+                    return Reconstruction.failure(f"optimization failed: {err}")
+                trials.append(trial)
+                if trial.stopped == "time limit":
+                    break
+
+        best: tuple[float, int, Trial] | None = None
+        errors = []
+        for restart, trial in enumerate(trials):
             timed_out = timed_out or trial.stopped == "time limit"
-            score = gradient_distance(model, trial.x, labels, target, distance, create_graph=False).item()
+            score = gradient_distance(model, trial.x, labels, target, distance, create_graph=False,
+                                      transform=grad_transform).item()
             if trial.stopped == "non-finite loss" or not math.isfinite(score):
                 errors.append(restart)
             elif best is None or score < best[0]:
                 best = (score, restart, trial)
-            if timed_out:
-                break
         seconds = time.perf_counter() - start
+        runs = len(trials)
         if best is None:
             why = "the time limit hit before any step" if not errors else "the loss became NaN/inf"
-            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds, restarts=float(runs))
+            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds, restarts=float(runs),
+                                          batched=float(batched))
         score, best_restart, trial = best
         stats = {
             "grad_loss": score,
@@ -237,8 +306,12 @@ class InvertingGradients(Attack):
             "best_restart": float(best_restart),
             "failed_restarts": float(len(errors)),
             "time_limited": float(timed_out),
+            "batched": float(batched),
             "seconds": seconds,
         }
+        if transform is not None:
+            stats["defenses_modeled"] = float(len(modeled))
+            stats["defenses_skipped"] = float(len(transform.skipped))
         return Reconstruction(
             images=to_pixels(trial.x, update.task.mean, update.task.std), labels=labels.cpu(), stats=stats
         )

@@ -101,6 +101,9 @@ class Knowledge(_Strict):
     bn_stats: Literal["none", "running", "client"] = "none"
     local_hparams: bool = False
     defense: bool = False
+    # Ground-truth dropout masks for ORACLE upper bounds only (the DIA paper's WIIG): never a
+    # realistic threat model; outputs of attacks that use it are labelled oracle.
+    oracle_masks: bool = False
 
 
 class Budget(_Strict):

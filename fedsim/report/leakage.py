@@ -43,7 +43,7 @@ def leakage_plot(curve: Sequence[dict[str, Any]], history: Sequence[dict[str, fl
     for row in curve:
         if "psnr_mean" in row:
             series[(row["attack_index"], row["attack"])].append(row)
-    if not series:
+    if not any(len(rows) >= 2 for rows in series.values()):  # a curve needs at least two attacked rounds
         return False
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for (_, name), rows in sorted(series.items()):
