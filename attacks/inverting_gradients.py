@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.batched import BatchingUnsupported, optimize_trials, parameter_gradient
+from attacks.batched import BatchingUnsupported, matching_loss, optimize_trials
 from attacks.defense_aware import DefenseTransform, defense_transform
 from attacks.label_recovery import LABEL_STRATEGIES, recover_labels
 from attacks.objectives import OBJECTIVES, Distance
@@ -218,64 +218,56 @@ class InvertingGradients(Attack):
             model = victim_model(update, self.device)
             target = target_gradient(update, model)
             labels = self._labels(update, num, model).to(self.device)
-            transform = self._defense_transform(update, model)
+            defense = self._defense_transform(update, model)
         except (FedsimError, ValueError, RuntimeError) as err:
             return Reconstruction.failure(str(err))
-        modeled = transform.defenses if transform is not None else ()
-        grad_transform = transform if modeled else None
-        box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
+        transform = defense if defense is not None and defense.defenses else None
         distance = OBJECTIVES[p.distance]
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        total = budget.iterations * budget.restarts
-        shape = (num, *update.task.input_shape)
-        options = {"iterations": budget.iterations, "lr": p.lr, "signed": p.signed, "box": box,
-                   "decay": p.decay, "deadline": deadline}
+        total, restarts = budget.iterations * budget.restarts, budget.restarts
+        options = {"iterations": budget.iterations, "lr": p.lr, "signed": p.signed, "decay": p.decay,
+                   "box": pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None,
+                   "deadline": deadline}
 
         def init(restart: int) -> Tensor:
-            return initial_inputs(p.init, shape, torch_generator(self.seed, "ig", restart)).to(self.device)
+            gen = torch_generator(self.seed, "ig", restart)
+            return initial_inputs(p.init, (num, *update.task.input_shape), gen).to(self.device)
 
-        def loss_fn(x: Tensor) -> Tensor:
-            loss = gradient_distance(model, x, labels, target, distance, transform=grad_transform)
-            return loss + p.tv * total_variation(x) if p.tv > 0 else loss
+        def prior(x: Tensor) -> Tensor:
+            return p.tv * total_variation(x)
+
+        def ticker(done: int, per_step: int = 1) -> Callable[[int], None]:
+            def on_step(i: int) -> None:
+                if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
+                    progress(done + i * per_step, total)
+            return on_step
 
         trials: list[Trial] | None = None
         if self._use_batched():
-            grad_fn = parameter_gradient(model)
-
-            def trial_loss(x: Tensor) -> Tensor:  # one trial's loss_fn, in torch.func form
-                dummy = grad_fn(x, labels)
-                loss = distance(grad_transform(dummy) if grad_transform is not None else dummy, target)
-                return loss + p.tv * total_variation(x) if p.tv > 0 else loss
-
-            def on_batched_step(i: int) -> None:
-                if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
-                    progress(i * budget.restarts, total)
-
-            x0 = torch.stack([init(restart) for restart in range(budget.restarts)])
+            loss = matching_loss(model, labels, target, distance, transform, prior if p.tv > 0 else None)
+            x0 = torch.stack([init(restart) for restart in range(restarts)])
             try:
-                result = optimize_trials(trial_loss, x0, on_step=on_batched_step, **options)
-                trials = [Trial(x, n, why) for x, n, why in zip(result.x, result.iterations, result.stopped,
-                                                                 strict=True)]
+                out = optimize_trials(loss, x0, on_step=ticker(0, restarts), **options)
+                trials = [Trial(*trial) for trial in zip(out.x, out.iterations, out.stopped, strict=True)]
             except BatchingUnsupported:
-                trials = None  # e.g. random draws or Python branches in the model: one restart at a time
+                pass  # e.g. random draws or Python branches on values in the model: one restart at a time
             except (RuntimeError, ValueError, IndexError) as err:
                 return Reconstruction.failure(f"optimization failed: {err}", batched=1.0)
-        batched = trials is not None
-        timed_out = False
+        batched, timed_out = trials is not None, False
+
+        def loss_fn(x: Tensor) -> Tensor:
+            loss = gradient_distance(model, x, labels, target, distance, transform=transform)
+            return loss + prior(x) if p.tv > 0 else loss
+
         if trials is None:
             trials = []
-            for restart in range(budget.restarts):
+            for restart in range(restarts):
                 if deadline is not None and time.perf_counter() > deadline:
                     timed_out = True
                     break
-                done = restart * budget.iterations
-
-                def on_step(i: int, done: int = done) -> None:
-                    if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
-                        progress(done + i, total)
-
                 try:
-                    trial = optimize_inputs(loss_fn, init(restart), on_step=on_step, **options)
+                    trial = optimize_inputs(loss_fn, init(restart), on_step=ticker(restart * budget.iterations),
+                                            **options)
                 except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
                     return Reconstruction.failure(f"optimization failed: {err}")
                 trials.append(trial)
@@ -284,34 +276,32 @@ class InvertingGradients(Attack):
 
         best: tuple[float, int, Trial] | None = None
         errors = []
-        for restart, trial in enumerate(trials):
+        for restart, trial in enumerate(trials):  # ranked by the final gradient loss alone
             timed_out = timed_out or trial.stopped == "time limit"
-            score = gradient_distance(model, trial.x, labels, target, distance, create_graph=False,
-                                      transform=grad_transform).item()
+            score = gradient_distance(model, trial.x, labels, target, distance, False, transform).item()
             if trial.stopped == "non-finite loss" or not math.isfinite(score):
                 errors.append(restart)
             elif best is None or score < best[0]:
                 best = (score, restart, trial)
         seconds = time.perf_counter() - start
-        runs = len(trials)
         if best is None:
             why = "the time limit hit before any step" if not errors else "the loss became NaN/inf"
-            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds, restarts=float(runs),
-                                          batched=float(batched))
+            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds,
+                                          restarts=float(len(trials)), batched=float(batched))
         score, best_restart, trial = best
         stats = {
             "grad_loss": score,
             "iterations": float(trial.iterations),
-            "restarts": float(runs),
+            "restarts": float(len(trials)),
             "best_restart": float(best_restart),
             "failed_restarts": float(len(errors)),
             "time_limited": float(timed_out),
             "batched": float(batched),
             "seconds": seconds,
         }
-        if transform is not None:
-            stats["defenses_modeled"] = float(len(modeled))
-            stats["defenses_skipped"] = float(len(transform.skipped))
+        if defense is not None:
+            stats["defenses_modeled"] = float(len(defense.defenses))
+            stats["defenses_skipped"] = float(len(defense.skipped))
         return Reconstruction(
             images=to_pixels(trial.x, update.task.mean, update.task.std), labels=labels.cpu(), stats=stats
         )
