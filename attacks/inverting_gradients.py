@@ -12,8 +12,9 @@ ranked by their final gradient distance, never by ground truth.
 
 Restarts can run as one batched computation (``batched``; see :mod:`attacks.batched`): each keeps
 its own init, Adam state and schedule, and the result equals the sequential run's up to float
-rounding. When the threat model grants ``knowledge.defense``, the deterministic part of the listed
-defenses (clipping, pruning, ...) is applied to the dummy gradient before the distance, as GIFD does
+rounding (which the signed step can amplify into single-pixel drift, not into a quality change).
+When the threat model grants ``knowledge.defense``, the deterministic part of the listed defenses
+(clipping, pruning, ...) is applied to the dummy gradient before the distance, as GIFD does
 (see :mod:`attacks.defense_aware`).
 
 The optimizer core, :func:`optimize_inputs`, and :func:`gradient_distance` are reusable by other
