@@ -42,8 +42,14 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", help="run directory (default: output.dir/NAME-TIME)")] = None,
     backend: Annotated[str | None, typer.Option(help="override backend.kind: ray or inprocess")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show Flower and Ray logs")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads in this process (1 avoids slowdowns "
+                                                     "on a busy machine)")] = None,
 ) -> None:
     """Run a scenario: federation, attacks, scores, report."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     from fedsim.run import run_scenario
     from fedsim.scenario import load_scenario
 
