@@ -6,6 +6,7 @@ exit code 2, with nothing written; ``-v`` shows Flower/Ray logs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -42,14 +43,15 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", help="run directory (default: output.dir/NAME-TIME)")] = None,
     backend: Annotated[str | None, typer.Option(help="override backend.kind: ray or inprocess")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show Flower and Ray logs")] = False,
-    threads: Annotated[int | None, typer.Option(help="torch threads in this process (1 avoids slowdowns "
-                                                     "on a busy machine)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads in this process (default: half the "
+                                                     "cores, at least 1)")] = None,
 ) -> None:
     """Run a scenario: federation, attacks, scores, report."""
-    if threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(max(1, threads))
+    # Half the cores by default: small attack models gain little from more threads, and on a busy
+    # machine (Ray actors, other jobs) oversubscribed torch threads slowed attacks 5-100x in our runs.
+    torch.set_num_threads(max(1, threads if threads is not None else (os.cpu_count() or 2) // 2))
     from fedsim.run import run_scenario
     from fedsim.scenario import load_scenario
 
