@@ -81,8 +81,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sc = scenario(args.rounds, args.clients)
     setup_for(sc).data  # noqa: B018 - load data outside every timer
     bare_loop(sc)  # warm-up (allocator, kernels)
