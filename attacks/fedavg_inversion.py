@@ -1,0 +1,154 @@
+"""Inverting FedAvg weight updates (Geiping, Bauermeister, Dröge, Moeller; NeurIPS 2020).
+
+The client sends ``delta = theta_E - theta_0`` after E local SGD steps at learning rate ``lr`` on its
+n examples. The attacker, granted the local hyperparameters (``knowledge.local_hparams``), replays
+those steps on n dummy inputs (:func:`attacks.unrolling.unrolled_delta`) and minimizes
+
+    D_cos(delta_hat(x), delta) + alpha_TV * TV(x)
+
+(the paper's eq. 4 with the single gradient replaced by the unrolled update, as in its FedAvg
+experiments; ``FedAvgReconstructor`` in ``inversefed``) with Inverting Gradients' optimizer: Adam
+on the sign of the input gradient, projection onto the pixel box, lr x0.1 at 3/8, 5/8 and 7/8 of
+the iterations. n is ``update.num_examples`` (the examples the client used in the round). Step i
+is assumed to use dummy slice ``i mod ceil(n / bs)``: the client's shuffling seed is unknown (see
+:mod:`attacks.unrolling`). The weight decay, if granted, is replayed too.
+
+Labels are granted or inferred from ``-delta``'s last layer; which labels met which local step is
+unknown, so restarts after the first try other label orders over the slices, and the restart with
+the smallest delta distance wins (never ground truth). Only plain SGD can be unrolled here:
+a scenario whose clients use Adam or momentum is refused, and an update whose granted
+hyperparameters say so fails. ``budget.iterations`` are Adam steps, each one unrolled round.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field
+from torch import Tensor
+
+from attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from attacks.inverting_gradients import Trial, initial_inputs, optimize_inputs, pixel_box, to_pixels
+from attacks.matching import LabelStrategy, labels_for, local_schedule, ticker, unusable
+from attacks.objectives import OBJECTIVES, Distance
+from attacks.regularizers import total_variation
+from attacks.unrolling import label_assignments, unrolled_delta
+from attacks.victim import target_gradient, victim_model
+from fedsim.errors import FedsimError, ScenarioError
+from fedsim.scenario import AttackSpec, Scenario
+from fedsim.seeding import torch_generator
+from fedsim.threat import ClientUpdate, Reconstruction
+
+
+def unrollable(hyperparams: Mapping[str, Any]) -> str | None:
+    """Why a client with these local hyperparameters cannot be unrolled (unknown, not plain SGD), or ``None``."""
+    if not hyperparams:
+        return "the local hyperparameters are not known (grant knowledge.local_hparams: true)"
+    optimizer = hyperparams.get("optimizer", "sgd")
+    if optimizer != "sgd":
+        return f"the client trains with {optimizer!r}; only plain SGD steps can be unrolled"
+    if float(hyperparams.get("momentum", 0.0) or 0.0) != 0.0:
+        return f"the client uses SGD with momentum {hyperparams['momentum']}; only plain SGD can be unrolled"
+    if not float(hyperparams.get("lr", 0.0)) > 0:
+        return f"the local learning rate {hyperparams.get('lr')!r} is not a positive number"
+    return None
+
+
+@register_attack("fedavg_inversion")
+class FedAvgInversion(Attack):
+    """Unrolled local SGD steps, cosine-matched to the weight delta, with IG's optimizer and TV prior."""
+
+    summary = "FedAvg inversion (Geiping et al. 2020): unroll the client's local SGD steps, match the delta"
+    protocols = ("fedavg",)
+    needs = {"local_hparams": True}
+
+    class Params(AttackParams):
+        lr: float = Field(0.1, gt=0, description="Adam step size on the normalized inputs")
+        tv: float = Field(0.01, ge=0, description="weight of the mean-form total variation prior")
+        distance: Literal["cosine", "l2", "l1"] = Field("cosine", description="distance of the deltas")
+        signed: bool = Field(True, description="step on the sign of the input gradient")
+        boxed: bool = True
+        init: Literal["randn", "rand", "zeros"] = "randn"
+        decay: Literal["step", "none"] = Field("step", description="lr x0.1 at 3/8, 5/8, 7/8")
+        label_strategy: LabelStrategy = Field("auto", description="label inference when labels are not known")
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
+        super().check_scenario(scenario, spec)
+        local = scenario.federation.local
+        reason = unrollable({"optimizer": local.optimizer, "momentum": local.momentum, "lr": local.lr})
+        if reason is not None:
+            raise ScenarioError("federation.local", f"{spec.name}: {reason}")
+
+    def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
+        start = time.perf_counter()
+        reason = unusable(update, self.budget) or unrollable(update.hyperparams)
+        if reason is not None:
+            return Reconstruction.failure(reason)
+        p, budget, hp = self.params, self.budget, update.hyperparams
+        num = int(update.num_examples)
+        distance: Distance = OBJECTIVES[p.distance]
+        try:
+            steps, batch_size = local_schedule(hp, num)
+            model = victim_model(update, self.device)
+            target = [-t for t in target_gradient(update, model)]  # delta on the parameters
+            labels = labels_for(update, num, known=self.knowledge.labels == "known",
+                                strategy=p.label_strategy, model=model).to(self.device)
+        except (FedsimError, ValueError, RuntimeError) as err:
+            return Reconstruction.failure(str(err))
+        lr, wd = float(hp["lr"]), float(hp.get("weight_decay", 0.0) or 0.0)
+
+        def delta_loss(x: Tensor, labels: Tensor) -> Tensor:
+            delta = unrolled_delta(model, x, labels, lr=lr, steps=steps, batch_size=batch_size, weight_decay=wd)
+            return distance(delta, target)
+
+        box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
+        deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
+        total = budget.iterations * budget.restarts
+        orders = label_assignments(labels, budget.restarts, batch_size, torch_generator(self.seed, "fedavg-labels"))
+        best: tuple[float, int, Trial] | None = None
+        runs, errors, timed_out = 0, 0, False
+        for restart in range(budget.restarts):
+            if deadline is not None and time.perf_counter() > deadline:
+                timed_out = True
+                break
+            gen = torch_generator(self.seed, "fedavg_inversion", restart)
+            x0 = initial_inputs(p.init, (num, *update.task.input_shape), gen).to(self.device)
+            order = orders[restart]
+
+            def loss_fn(x: Tensor, order: Tensor = order) -> Tensor:
+                loss = delta_loss(x, order)
+                return loss + p.tv * total_variation(x) if p.tv > 0 else loss
+
+            try:
+                trial = optimize_inputs(
+                    loss_fn, x0, iterations=budget.iterations, lr=p.lr, signed=p.signed, box=box, decay=p.decay,
+                    deadline=deadline, on_step=ticker(progress, budget.iterations, total, restart * budget.iterations),
+                )
+                score = delta_loss(trial.x, order).item()
+            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+                return Reconstruction.failure(f"optimization failed: {err}")
+            runs += 1
+            timed_out = timed_out or trial.stopped == "time limit"
+            if trial.stopped == "non-finite loss" or not math.isfinite(score):
+                errors += 1
+            elif best is None or score < best[0]:
+                best = (score, restart, trial)
+            if timed_out:
+                break
+        seconds = time.perf_counter() - start
+        if best is None:
+            why = "the loss became NaN/inf" if errors else "the time limit hit before any step"
+            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds, restarts=float(runs))
+        score, best_restart, trial = best
+        labels = orders[best_restart]
+        stats = {
+            "grad_loss": score, "iterations": float(trial.iterations), "restarts": float(runs),
+            "best_restart": float(best_restart), "failed_restarts": float(errors), "local_steps": float(steps),
+            "time_limited": float(timed_out), "seconds": seconds,
+        }
+        images = to_pixels(trial.x, update.task.mean, update.task.std)
+        return Reconstruction(images=images, labels=labels.cpu(), stats=stats)

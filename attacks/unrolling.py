@@ -1,0 +1,90 @@
+"""Differentiable unrolling of a FedAvg client's local SGD steps (Geiping et al., NeurIPS 2020).
+
+A FedAvg client starting from ``theta_0`` takes E plain-SGD steps on its n examples,
+
+    theta_{i+1} = theta_i - lr * (grad_theta CE(f_{theta_i}(x_{b(i)}), y_{b(i)}) + wd * theta_i),
+
+and sends ``delta = theta_E - theta_0``. :func:`unrolled_delta` replays those steps on dummy inputs
+with ``torch.func.functional_call`` and ``create_graph=True``, so the predicted delta is a
+differentiable function of the inputs (``inversefed``'s ``loss_steps``, breaching's unrolled
+``GradientLoss``).
+
+**Batch assignment is an assumption.** The client shuffles its examples with a seed the attacker
+does not know (:func:`fedsim.training.batch_schedule`), so step ``i`` is assumed to use the dummy
+slice ``i mod ceil(n / bs)`` (inversefed's rule). The dummies are free variables, so for the images
+this only matters when the client reshuffles (several epochs); full-batch steps are exact. Their
+*labels* are fixed, though, and the order in which the client's labels met the steps is unknown
+when they are inferred (sorted by class): :func:`label_assignments` proposes one order per restart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def step_slices(num_examples: int, batch_size: int, steps: int) -> list[slice]:
+    """The assumed batch of each local step: slice ``i mod ceil(n / bs)`` of the dummy batch."""
+    if num_examples < 1 or batch_size < 1 or steps < 0:
+        raise ValueError(f"cannot schedule {steps} steps of {batch_size} over {num_examples} examples")
+    per_epoch = math.ceil(num_examples / batch_size)
+    return [slice((i % per_epoch) * batch_size, (i % per_epoch + 1) * batch_size) for i in range(steps)]
+
+
+def label_assignments(labels: Tensor, count: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """``count`` orders of ``labels`` over the dummy slices: ``labels`` as given first, then random
+    permutations whose per-slice label multisets differ from those already proposed (when possible,
+    within a few draws). With one batch (``batch_size >= n``) the order is irrelevant: all equal."""
+    n = len(labels)
+    parts = step_slices(n, batch_size, math.ceil(n / batch_size)) if n else []
+
+    def key(order: Tensor) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(sorted(order[part].tolist())) for part in parts)
+
+    out, seen = [labels], {key(labels)}
+    while len(out) < count:
+        order = labels
+        if len(parts) > 1:
+            for _ in range(16):
+                order = labels[torch.randperm(n, generator=generator).to(labels.device)]
+                if key(order) not in seen:
+                    break
+        seen.add(key(order))
+        out.append(order)
+    return out
+
+
+def unrolled_delta(
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor,
+    *,
+    lr: float,
+    steps: int,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    loss_fn: LossFn = F.cross_entropy,
+) -> list[Tensor]:
+    """``theta_E - theta_0`` per entry of ``model.named_parameters()``, differentiable in ``x``.
+
+    The model runs in its current mode (attacker mode: BatchNorm on batch statistics, as the client
+    trained); its parameters and buffers are left untouched (buffers are updated on copies).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    theta0 = [p for _, p in model.named_parameters()]
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    theta = list(theta0)
+    for part in step_slices(len(x), batch_size, steps):
+        state = {**dict(zip(names, theta, strict=True)), **buffers}
+        loss = loss_fn(functional_call(model, state, (x[part],)), labels[part])
+        grads = torch.autograd.grad(loss, theta, create_graph=True)
+        theta = [p - lr * (g + weight_decay * p) if weight_decay else p - lr * g
+                 for p, g in zip(theta, grads, strict=True)]
+    return [p - p0 for p, p0 in zip(theta, theta0, strict=True)]
