@@ -11,43 +11,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from helpers import make_update
 
 import attacks
 import attacks.dlg as dlg
 from attacks.dlg import DeepLeakage, ImprovedDeepLeakage
 from attacks.matching import matching_target
 from attacks.victim import victim_model
-from fedsim.data import load_dataset, normalize
+from fedsim.data import load_dataset
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model
 from fedsim.models.lenet import dlg_init_
 from fedsim.scenario import Budget, DataSpec, Knowledge, ModelSpec, parse_scenario
-from fedsim.threat import ClientUpdate, TaskInfo
+from fedsim.threat import ClientUpdate
 
 
 @pytest.fixture(scope="module")
 def cifar100():
     return load_dataset(DataSpec(dataset="cifar100-mini"))
-
-
-def make_update(model: nn.Module, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, bundle,
-                protocol: str = "fedsgd", lr: float = 0.1) -> ClientUpdate:
-    """The update a client sends for batch (x, y) in pixel space; fedavg: one SGD step, lr granted."""
-    model.train()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    loss = F.cross_entropy(model(normalize(x, bundle.mean, bundle.std)), y)
-    grads = dict(zip([n for n, _ in model.named_parameters()],
-                     torch.autograd.grad(loss, list(model.parameters())), strict=True))
-    update = {n: g.detach() for n, g in grads.items()}
-    hyperparams = {}
-    if protocol == "fedavg":
-        update = {k: -lr * update[k] if k in update else torch.zeros_like(v) for k, v in state.items()}
-        hyperparams = {"lr": lr, "steps": 1, "batch_size": len(x), "optimizer": "sgd", "momentum": 0.0}
-    task = TaskInfo("cifar100-mini", bundle.input_shape, bundle.num_classes, bundle.mean, bundle.std,
-                    spec.model_dump(), protocol)
-    return ClientUpdate(0, 0, task, state, update, len(x), hyperparams=hyperparams,
-                        side_info={"labels": y.clone()})
 
 
 def lenet_update(bundle, idx: list[int], seed: int = 0, **kw) -> ClientUpdate:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from helpers import make_update
 
 import attacks
 import attacks.inverting_gradients as ig
@@ -20,28 +20,12 @@ from attacks.victim import target_gradient, victim_model
 from fedsim.data import load_dataset, normalize
 from fedsim.models import build_model
 from fedsim.scenario import Budget, DataSpec, Knowledge, ModelSpec
-from fedsim.threat import ClientUpdate, TaskInfo
+from fedsim.threat import ClientUpdate
 
 
 @pytest.fixture(scope="module")
 def cifar():
     return load_dataset(DataSpec(dataset="cifar10-mini"))
-
-
-def make_update(model: nn.Module, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, bundle,
-                protocol: str = "fedsgd", lr: float = 0.1) -> ClientUpdate:
-    """The update a client would send for batch (x, y) in pixel space (test-local builder)."""
-    model.train()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    loss = F.cross_entropy(model(normalize(x, bundle.mean, bundle.std)), y)
-    names = [n for n, _ in model.named_parameters()]
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    update = {n: g.detach() for n, g in zip(names, grads, strict=True)}
-    if protocol == "fedavg":  # one local SGD step: delta = -lr * grad on parameters, 0 on buffers
-        update = {k: -lr * update[k] if k in update else torch.zeros_like(v) for k, v in state.items()}
-    task = TaskInfo("cifar10-mini", bundle.input_shape, bundle.num_classes, bundle.mean, bundle.std,
-                    spec.model_dump(), protocol)
-    return ClientUpdate(0, 0, task, state, update, len(x), side_info={"labels": y.clone()})
 
 
 def convnet_update(bundle, idx: list[int], seed: int = 0, width: int = 32, **kw) -> ClientUpdate:

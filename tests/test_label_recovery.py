@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import helpers
 import pytest
 import torch
-import torch.nn.functional as F
 
 from attacks.label_recovery import (
     LABEL_STRATEGIES,
@@ -22,10 +22,10 @@ from attacks.label_recovery import (
     recover_labels,
 )
 from attacks.victim import victim_model
-from fedsim.data import load_dataset, normalize
+from fedsim.data import load_dataset
 from fedsim.models import build_model
 from fedsim.scenario import DataSpec, ModelSpec
-from fedsim.threat import ClientUpdate, TaskInfo
+from fedsim.threat import ClientUpdate
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,7 @@ def make_update(bundle, name: str, x: torch.Tensor, y: torch.Tensor, seed: int =
     """The update a client sends for batch (x, y) in pixel space (test-local builder)."""
     spec = ModelSpec(name=name)
     model = build_model(spec, bundle.input_shape, bundle.num_classes, seed=seed).train()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    loss = F.cross_entropy(model(normalize(x, bundle.mean, bundle.std)), y)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    update = {n: g.detach() for (n, _), g in zip(model.named_parameters(), grads, strict=True)}
-    if protocol == "fedavg":
-        update = {k: -0.1 * update[k] if k in update else torch.zeros_like(v) for k, v in state.items()}
-    task = TaskInfo("cifar10-mini", bundle.input_shape, bundle.num_classes, bundle.mean, bundle.std,
-                    spec.model_dump(), protocol)
-    return ClientUpdate(0, 0, task, state, update, len(x))
+    return helpers.make_update(model, spec, x, y, bundle, protocol=protocol)
 
 
 def accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
