@@ -33,3 +33,25 @@ def make_update(model: nn.Module, spec: ModelSpec, x: torch.Tensor, y: torch.Ten
                     spec.model_dump(), protocol)
     return ClientUpdate(0, 0, task, state, update, len(x), hyperparams=hyperparams,
                         side_info={"labels": y.clone()})
+
+
+BROKEN_UPDATES = ("nan", "zero", "none", "shape", "missing")
+
+
+def broken_update(update: ClientUpdate, case: str, name: str = "classifier.weight") -> ClientUpdate:
+    """``update`` with its tensors broken in one of the ways an attack must survive (BROKEN_UPDATES)."""
+    grads = dict(update.update)
+    if case == "nan":
+        grads[name] = torch.full_like(grads[name], float("nan"))
+    elif case == "zero":
+        grads = {k: torch.zeros_like(v) for k, v in grads.items()}
+    elif case == "none":
+        grads = None
+    elif case == "shape":
+        grads[name] = torch.ones(3, 3)
+    elif case == "missing":
+        del grads[name]
+    else:
+        raise ValueError(case)
+    return ClientUpdate(update.round, update.partition_id, update.task, update.global_state, grads,
+                        update.num_examples, update.hyperparams, update.side_info, update.defenses)
