@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
-from attacks.label_recovery import LABEL_STRATEGIES, recover_labels
+from attacks.label_recovery import LABEL_STRATEGIES
+from attacks.matching import labels_for
 from attacks.objectives import cosine
 from attacks.regularizers import total_variation
 from attacks.victim import check_update, target_gradient, victim_model
@@ -191,15 +192,8 @@ class _MaskedInversion(Attack):
         raise NotImplementedError
 
     def _labels(self, update: ClientUpdate, num: int, model: nn.Module) -> Tensor:
-        if self.knowledge.labels != "known":
-            return recover_labels(update, num, self.params.label_strategy, model=model)
-        labels = update.side_info.get("labels")
-        if labels is None:
-            raise ValueError("knowledge.labels is 'known' but the update carries no labels")
-        labels = torch.as_tensor(labels).long().flatten()
-        if len(labels) != num or not 0 <= int(labels.min()) <= int(labels.max()) < update.task.num_classes:
-            raise ValueError(f"known labels do not fit {num} examples of {update.task.num_classes} classes")
-        return labels
+        return labels_for(update, num, known=self.knowledge.labels == "known",
+                          strategy=self.params.label_strategy, model=model)
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()

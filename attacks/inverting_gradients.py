@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.batched import BatchingUnsupported, matching_loss, optimize_trials
 from attacks.defense_aware import DefenseTransform, defense_transform
-from attacks.label_recovery import LABEL_STRATEGIES, recover_labels
+from attacks.label_recovery import LABEL_STRATEGIES
+from attacks.matching import labels_for
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
 from attacks.victim import check_update, target_gradient, victim_model
@@ -179,17 +180,8 @@ class InvertingGradients(Attack):
             return value
 
     def _labels(self, update: ClientUpdate, num: int, model: nn.Module) -> Tensor:
-        if self.knowledge.labels == "known":
-            labels = update.side_info.get("labels")
-            if labels is None:
-                raise ValueError("knowledge.labels is 'known' but the update carries no labels")
-            labels = torch.as_tensor(labels).long().flatten()
-            if len(labels) != num:
-                raise ValueError(f"{len(labels)} known labels for {num} examples")
-            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < update.task.num_classes:
-                raise ValueError(f"known labels outside 0..{update.task.num_classes - 1}")
-            return labels
-        return recover_labels(update, num, self.params.label_strategy, model=model)
+        return labels_for(update, num, known=self.knowledge.labels == "known",
+                          strategy=self.params.label_strategy, model=model)
 
     def _defense_transform(self, update: ClientUpdate, model: nn.Module) -> DefenseTransform | None:
         """The defense-aware transform of the dummy gradient; ``None`` unless ``knowledge.defense``."""
