@@ -1,0 +1,103 @@
+"""Save and load a trained prior: one ``.pt`` file holding the generator, the discriminator and metadata.
+
+Loading always uses ``torch.load(weights_only=True)``: a prior file holds only tensors and plain
+values, so a malicious file cannot run code. Priors shipped with fedsim live in ``assets/`` and are
+referred to by name (``mnist-dcgan``); anything else is a path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsim.errors import DataUnavailableError
+from fedsim.priors.generator import DCGANDiscriminator, DCGANGenerator
+
+ASSETS = Path(__file__).parent / "assets"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PriorMeta:
+    """What a prior was trained on and how to use it."""
+
+    dataset: str  # auxiliary data it learned from (never the clients' partitions)
+    resolution: int
+    channels: int
+    latent_dim: int
+    width: int
+    normalization: str = "tanh"  # generator output in [-1, 1]; pixels = (x + 1) / 2
+    steps: int = 0  # optimiser steps taken so far
+    seconds: float = 0.0  # training wall time so far
+    data_note: str = ""  # e.g. "mnist-5k train examples 2000..3999 (disjoint from the clients' first 2000)"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prior:
+    generator: DCGANGenerator
+    discriminator: DCGANDiscriminator
+    meta: PriorMeta
+
+
+def build_prior(meta: PriorMeta) -> Prior:
+    gen = DCGANGenerator(meta.latent_dim, meta.channels, meta.resolution, meta.width)
+    disc = DCGANDiscriminator(meta.channels, meta.resolution, meta.width)
+    return Prior(gen, disc, meta)
+
+
+def save_prior(path: str | Path, prior: Prior, extra_state: dict[str, Any] | None = None) -> Path:
+    """Write atomically (temporary file, then rename): a crash never leaves half a prior."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_VERSION,
+        "meta": asdict(prior.meta),
+        "generator": prior.generator.state_dict(),
+        "discriminator": prior.discriminator.state_dict(),
+        **(extra_state or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_prior_path(name_or_path: str | Path) -> Path:
+    """A shipped prior's name (``mnist-dcgan``) or a file path -> an existing file, or a clear error."""
+    text = str(name_or_path)
+    shipped = ASSETS / f"{text}.pt"
+    if "/" not in text and not text.endswith(".pt") and shipped.is_file():
+        return shipped
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    names = ", ".join(sorted(p.stem for p in ASSETS.glob("*.pt"))) or "none"
+    raise DataUnavailableError(
+        f"prior {text!r} not found: give a file written by `fedsim prior train` or a shipped prior ({names})")
+
+
+def read_prior_file(path: str | Path) -> dict[str, Any]:
+    """The raw payload (state dicts, metadata and any training state), loaded with weights_only=True."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's data problem
+        raise DataUnavailableError(f"{path} is not a readable prior file: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise DataUnavailableError(f"{path} is not a fedsim prior (format {FORMAT_VERSION})")
+    return payload
+
+
+def load_prior(name_or_path: str | Path, device: torch.device | str = "cpu") -> Prior:
+    """Load a prior for attacking: generator and discriminator in eval mode, gradients off."""
+    payload = read_prior_file(resolve_prior_path(name_or_path))
+    prior = build_prior(PriorMeta(**payload["meta"]))
+    prior.generator.load_state_dict(payload["generator"])
+    prior.discriminator.load_state_dict(payload["discriminator"])
+    for net in (prior.generator, prior.discriminator):
+        net.to(device).eval().requires_grad_(False)
+    return prior
