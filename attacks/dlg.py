@@ -41,6 +41,7 @@ from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import initial_inputs, pixel_box, to_pixels
 from attacks.matching import LabelStrategy, check_delta_scale, labels_for, matching_target, ticker, unusable
 from attacks.objectives import OBJECTIVES, Distance
+from attacks.restarts import RestartBook
 from attacks.victim import victim_model
 from fedsim.errors import FedsimError
 from fedsim.scenario import AttackSpec, Scenario
@@ -185,11 +186,9 @@ class DeepLeakage(Attack):
         box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
         total = budget.iterations * budget.restarts
-        best: tuple[float, int, LbfgsRun] | None = None
-        runs, errors, timed_out = 0, 0, False
+        book: RestartBook[LbfgsRun] = RestartBook()
         for restart in range(budget.restarts):
-            if deadline is not None and time.perf_counter() > deadline:
-                timed_out = True
+            if book.time_is_up(deadline):
                 break
             gen = torch_generator(self.seed, "dlg", restart)
             x0 = initial_inputs(p.init, (num, *update.task.input_shape), gen).to(self.device)
@@ -203,25 +202,16 @@ class DeepLeakage(Attack):
                 score = soft_gradient_distance(model, run.x, targets(run.logits), target, distance, False).item()
             except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
                 return Reconstruction.failure(f"optimization failed: {err}")
-            runs += 1
-            timed_out = timed_out or run.stopped == "time limit"
-            if run.stopped == "non-finite loss" or not math.isfinite(score):
-                errors += 1
-            elif best is None or score < best[0]:
-                best = (score, restart, run)
-            if timed_out:
+            book.record(restart, run, score, run.stopped)
+            if book.timed_out:
                 break
         seconds = time.perf_counter() - start
-        if best is None:
-            why = "the loss became NaN/inf (L-BFGS diverged)" if errors else "the time limit hit before any step"
-            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds, restarts=float(runs))
-        score, best_restart, run = best
+        if book.best is None:
+            return book.failure(seconds, diverged="the loss became NaN/inf (L-BFGS diverged)")
+        run = book.best
         labels = fixed if run.logits is None else run.logits.argmax(dim=-1)
-        stats = {
-            "grad_loss": score, "iterations": float(run.evaluations), "restarts": float(runs),
-            "best_restart": float(best_restart), "failed_restarts": float(errors),
-            "converged": float(run.stopped == "converged"), "time_limited": float(timed_out), "seconds": seconds,
-        }
+        stats = {**book.stats(), "iterations": float(run.evaluations), "converged": float(run.stopped == "converged"),
+                 "seconds": seconds}
         return Reconstruction(to_pixels(run.x, update.task.mean, update.task.std), labels.cpu(), stats)
 
 

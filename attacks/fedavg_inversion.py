@@ -22,7 +22,6 @@ hyperparameters say so fails. ``budget.iterations`` are Adam steps, each one unr
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from attacks.inverting_gradients import Trial, initial_inputs, optimize_inputs, 
 from attacks.matching import LabelStrategy, labels_for, local_schedule, ticker, unusable
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
+from attacks.restarts import RestartBook
 from attacks.unrolling import label_assignments, unrolled_delta
 from attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError, ScenarioError
@@ -109,11 +109,9 @@ class FedAvgInversion(Attack):
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
         total = budget.iterations * budget.restarts
         orders = label_assignments(labels, budget.restarts, batch_size, torch_generator(self.seed, "fedavg-labels"))
-        best: tuple[float, int, Trial] | None = None
-        runs, errors, timed_out = 0, 0, False
+        book: RestartBook[Trial] = RestartBook()
         for restart in range(budget.restarts):
-            if deadline is not None and time.perf_counter() > deadline:
-                timed_out = True
+            if book.time_is_up(deadline):
                 break
             gen = torch_generator(self.seed, "fedavg_inversion", restart)
             x0 = initial_inputs(p.init, (num, *update.task.input_shape), gen).to(self.device)
@@ -131,24 +129,15 @@ class FedAvgInversion(Attack):
                 score = delta_loss(trial.x, order).item()
             except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
                 return Reconstruction.failure(f"optimization failed: {err}")
-            runs += 1
-            timed_out = timed_out or trial.stopped == "time limit"
-            if trial.stopped == "non-finite loss" or not math.isfinite(score):
-                errors += 1
-            elif best is None or score < best[0]:
-                best = (score, restart, trial)
-            if timed_out:
+            book.record(restart, trial, score, trial.stopped)
+            if book.timed_out:
                 break
         seconds = time.perf_counter() - start
-        if best is None:
-            why = "the loss became NaN/inf" if errors else "the time limit hit before any step"
-            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds, restarts=float(runs))
-        score, best_restart, trial = best
-        labels = orders[best_restart]
-        stats = {
-            "grad_loss": score, "iterations": float(trial.iterations), "restarts": float(runs),
-            "best_restart": float(best_restart), "failed_restarts": float(errors), "local_steps": float(steps),
-            "time_limited": float(timed_out), "seconds": seconds,
-        }
+        if book.best is None:
+            return book.failure(seconds)
+        trial = book.best
+        labels = orders[book.best_restart]
+        stats = {**book.stats(), "iterations": float(trial.iterations), "local_steps": float(steps),
+                 "seconds": seconds}
         images = to_pixels(trial.x, update.task.mean, update.task.std)
         return Reconstruction(images=images, labels=labels.cpu(), stats=stats)

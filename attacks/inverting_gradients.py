@@ -23,7 +23,6 @@ gradient-matching attacks; the class only wires the threat-model inputs, restart
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from attacks.label_recovery import LABEL_STRATEGIES
 from attacks.matching import labels_for
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
+from attacks.restarts import RestartBook
 from attacks.victim import check_update, target_gradient, victim_model
 from fedsim.errors import FedsimError
 from fedsim.seeding import torch_generator
@@ -267,31 +267,15 @@ class InvertingGradients(Attack):
                 if trial.stopped == "time limit":
                     break
 
-        best: tuple[float, int, Trial] | None = None
-        errors = []
+        book: RestartBook[Trial] = RestartBook(timed_out=timed_out)
         for restart, trial in enumerate(trials):  # ranked by the final gradient loss alone
-            timed_out = timed_out or trial.stopped == "time limit"
             score = gradient_distance(model, trial.x, labels, target, distance, False, transform).item()
-            if trial.stopped == "non-finite loss" or not math.isfinite(score):
-                errors.append(restart)
-            elif best is None or score < best[0]:
-                best = (score, restart, trial)
+            book.record(restart, trial, score, trial.stopped)
         seconds = time.perf_counter() - start
-        if best is None:
-            why = "the time limit hit before any step" if not errors else "the loss became NaN/inf"
-            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds,
-                                          restarts=float(len(trials)), batched=float(batched))
-        score, best_restart, trial = best
-        stats = {
-            "grad_loss": score,
-            "iterations": float(trial.iterations),
-            "restarts": float(len(trials)),
-            "best_restart": float(best_restart),
-            "failed_restarts": float(len(errors)),
-            "time_limited": float(timed_out),
-            "batched": float(batched),
-            "seconds": seconds,
-        }
+        if book.best is None:
+            return book.failure(seconds, batched=float(batched))
+        trial = book.best
+        stats = {**book.stats(), "iterations": float(trial.iterations), "batched": float(batched), "seconds": seconds}
         if defense is not None:
             stats["defenses_modeled"] = float(len(defense.defenses))
             stats["defenses_skipped"] = float(len(defense.skipped))
