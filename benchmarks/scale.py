@@ -7,7 +7,12 @@ arrays, and a client slices its data only when it is called.
 Memory is reported two ways: the driver's peak RSS (``ru_maxrss``) and the peak growth of the whole
 machine's used memory (MemTotal - MemAvailable, sampled every 50 ms), which includes Ray's workers.
 
-    python benchmarks/scale.py [--backend inprocess|ray|both] [--clients 1000] [--rounds 10]
+    python benchmarks/scale.py [--backend inprocess|ray|both] [--clients 1000] [--rounds 10] [--threads 1]
+
+Measured (2 CPU cores shared with other jobs, load average 8-12, one torch thread): in-process
+43.8 s wall, driver peak RSS 0.95 GiB, machine growth 0.91 GiB (with 100 clients: 0.94 GiB, so idle
+clients cost nothing measurable); Ray 307 s wall (actor start-up and scheduling on 2 busy cores),
+driver 0.75 GiB, machine growth 1.91 GiB. Both reach the same final test accuracy, 0.303.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import argparse
 import resource
 import threading
 import time
+
+import torch
 
 from fedsim.scenario import parse_scenario
 from fedsim.simulation import run_federation
@@ -75,7 +82,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the driver (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sc = scenario(args.clients, args.rounds, args.fraction)
     backends = ["inprocess", "ray"] if args.backend == "both" else [args.backend]
     print(f"workload: {args.clients} clients, {sc.federation.sampled_per_round} per round, {args.rounds} FedAvg "

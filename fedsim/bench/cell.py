@@ -1,0 +1,36 @@
+"""One cell, run where it is scheduled (this process or a Ray worker): its run directory and its record."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fedsim.bench.expand import Cell
+from fedsim.bench.store import summarize_run
+
+
+def run_cell(cell: Cell, out_dir: str, num_cpus: float = 1.0) -> dict[str, Any]:
+    """Run one cell into ``out_dir/cells/<id>`` and return its record (never raises for a cell's error)."""
+    import torch
+
+    from fedsim.run import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    start = time.perf_counter()
+    record: dict[str, Any] = {"cell_id": cell.cell_id, "attack": cell.attack, "defense": cell.defense,
+                              "params": cell.params, "repeat": cell.repeat, "seed": cell.seed}
+    try:
+        result = run_scenario(parse_scenario(cell.scenario), Path(out_dir) / "cells" / cell.cell_id)
+        record.update(status="ok", error=None, run_dir=f"cells/{cell.cell_id}", summary=summarize_run(result))
+    except Exception as exc:  # noqa: BLE001 - one failing cell must not end the bench
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", run_dir=None, summary={})
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def failed_record(cell: Cell, error: str, seconds: float) -> dict[str, Any]:
+    return {"cell_id": cell.cell_id, "attack": cell.attack, "defense": cell.defense, "params": cell.params,
+            "repeat": cell.repeat, "seed": cell.seed, "status": "failed", "error": error, "seconds": round(seconds, 3),
+            "run_dir": None, "summary": {}}

@@ -1,0 +1,189 @@
+"""Grid -> an ordered list of validated cells (one attack x one defense entry x one sweep point x one repeat).
+
+Order (deterministic): repeat, then attack entry, then defense entry (pairs named in ``exclude``
+left out), then the cross product of the sweep axes that apply to that (attack, defense) pair, in
+the grid's key order (the last key varies fastest). Repeat r of every
+cell uses the seed ``derive_seed(base seed, "bench-repeat", r)``, so cells of the same repeat share
+their data partition, model initialisation and client sampling: defenses are compared on paired runs.
+
+Every cell's scenario is validated with :func:`fedsim.scenario.parse_scenario` here, before anything
+runs; a bad cell is reported as a :class:`ScenarioError` at the GRID path that produced the bad value
+(``sweep.defenses.0.params.noise_multiplier[1]``, ``defenses[2].defenses[0].params.sigma``, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedsim.bench.grid import Grid
+from fedsim.errors import ScenarioError
+from fedsim.scenario import parse_scenario
+from fedsim.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid; ``scenario`` is the validated scenario as a plain (JSON) mapping."""
+
+    cell_id: str
+    attack: str
+    defense: str
+    params: dict[str, Any]
+    repeat: int
+    seed: int
+    scenario: dict[str, Any] = field(repr=False)
+
+
+def cell_id(attack: str, defense: str, params: dict[str, Any], repeat: int) -> str:
+    """sha1[:12] of the canonical JSON of (attack label, defense label, params, repeat): stable across runs."""
+    text = json.dumps([attack, defense, params, repeat], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class _SetError(Exception):
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in a raw scenario mapping, like ``--set`` (list items by existing index)."""
+    parts = dotted.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise _SetError(where, f"no list item {part!r} (the list has {len(node)})")
+            if last:
+                node[int(part)] = copy.deepcopy(value)
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = copy.deepcopy(value)
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise _SetError(where, "cannot set a field inside a plain value")
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``: nested mappings merged, everything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _attack_spec(grid: Grid, index: int, raw: dict[str, Any]) -> dict[str, Any]:
+    """The cell's one attack: the entry's spec merged over the first attack of ``raw`` (the base after
+    the grid's overrides: its targeting and budget; its params only if it is the same attack)."""
+    entry = grid.attacks[index]
+    template = copy.deepcopy((raw.get("attacks") or [{}])[0])
+    if entry.spec is None:
+        return template
+    if template.get("name") != entry.spec["name"]:
+        template.pop("params", None)
+    template.pop("name", None)
+    return deep_merge(template, entry.spec)
+
+
+def _normal(path: str) -> str:
+    """'defenses[0].params.x' -> 'defenses.0.params.x'."""
+    return path.replace("[", ".").replace("]", "").lstrip(".")
+
+
+def _related(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+class _CellBuilder:
+    """Builds one cell's raw scenario, remembering which grid path set which scenario path."""
+
+    def __init__(self, grid: Grid, attack_index: int, defense_index: int) -> None:
+        self.grid, self.ai, self.di = grid, attack_index, defense_index
+        self.sources: list[tuple[str, str]] = []  # (scenario dotted path, grid path)
+        self.raw = copy.deepcopy(grid.base)
+        self._apply(grid.overrides, "overrides.{}")
+        self.raw["attacks"] = [_attack_spec(grid, attack_index, self.raw)]
+        self._apply(grid.attacks[attack_index].overrides, f"attacks[{attack_index}].overrides.{{}}")
+        entry = grid.defenses[defense_index]
+        if entry.defenses is not None:
+            self.raw["defenses"] = copy.deepcopy(entry.defenses)
+        self._apply(entry.overrides, f"defenses[{defense_index}].overrides.{{}}")
+
+    def _apply(self, values: dict[str, Any], grid_path: str) -> None:
+        for key, value in values.items():
+            self.set(key, value, grid_path.format(key))
+
+    def set(self, key: str, value: Any, grid_path: str) -> None:
+        try:
+            set_path(self.raw, key, value)
+        except _SetError as err:
+            hint = ""
+            if grid_path.startswith("sweep.") and "no list item" in err.reason:
+                hint = " (scope the axis to the entries that have it: {values: [...], defenses: [label]})"
+            raise ScenarioError(grid_path, f"{err.where}: {err.reason}{hint}") from None
+        self.sources.append((key, grid_path))
+
+    def blame(self, err: ScenarioError, cell: str) -> ScenarioError:
+        """Re-address a cell's scenario error to the grid path that produced the bad value."""
+        path = _normal(err.path)
+        suffix = f" (cell {cell})"
+        for key, grid_path in reversed(self.sources):  # the latest setter of that path wins
+            if _related(path, key):
+                extra = "" if path == key else f"{err.path}: "
+                return ScenarioError(grid_path, extra + err.reason + suffix)
+        if path.startswith("attacks.0"):
+            rest = err.path[len("attacks[0]"):].lstrip(".")
+            return ScenarioError(f"attacks[{self.ai}]" + (f".{rest}" if rest else ""), err.reason + suffix)
+        if path.startswith("defenses") and self.grid.defenses[self.di].defenses is not None:
+            return ScenarioError(f"defenses[{self.di}].{err.path}", err.reason + suffix)
+        return ScenarioError(f"base.{err.path}" if err.path else "base", err.reason + suffix)
+
+
+def expand_grid(grid: Grid) -> list[Cell]:
+    """Every cell of the grid in a deterministic order, each scenario validated (ScenarioError otherwise)."""
+    cells: list[Cell] = []
+    base_seed = int(grid.base.get("seed", 0)) if isinstance(grid.base.get("seed", 0), int) else 0
+    for repeat in range(grid.repeats):
+        seed = derive_seed(base_seed, "bench-repeat", repeat)
+        for ai in range(len(grid.attacks)):
+            attack = grid.attack_label(ai)
+            for di, entry in enumerate(grid.defenses):
+                if any(rule.matches(attack, entry.label) for rule in grid.exclude):
+                    continue
+                axes = [(k, a) for k, a in grid.sweep.items() if a.applies(attack, entry.label)]
+                for combo in itertools.product(*(range(len(a.values)) for _, a in axes)):
+                    builder = _CellBuilder(grid, ai, di)
+                    params: dict[str, Any] = {}
+                    for (key, axis), j in zip(axes, combo, strict=True):
+                        builder.set(key, axis.values[j], f"sweep.{key}[{j}]")
+                        params[key] = axis.values[j]
+                    builder.raw["seed"] = seed
+                    builder.raw["backend"] = {"kind": "inprocess"}
+                    shown = {k.rsplit(".", 1)[-1]: v for k, v in params.items() if k.startswith("defenses.")}
+                    defense = entry.label + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
+                    where = f"{attack} x {defense}" + (f" {params}" if params else "") + f", repeat {repeat}"
+                    try:
+                        scenario = parse_scenario(builder.raw)
+                    except ScenarioError as err:
+                        raise builder.blame(err, where) from None
+                    cells.append(Cell(cell_id(attack, defense, params, repeat), attack, defense, params, repeat,
+                                      seed, scenario.model_dump(mode="json")))
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.cell_id in seen:  # e.g. a sweep listing the same value twice
+            raise ScenarioError("sweep", f"two cells are identical: {cell.attack} x {cell.defense} {cell.params}")
+        seen[cell.cell_id] = cell
+    return cells

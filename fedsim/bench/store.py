@@ -1,0 +1,136 @@
+"""The bench cell store: ``BENCH_DIR/cells.jsonl``, one JSON record per FINISHED cell (ok or failed).
+
+Each record is appended with a single ``write()`` of the whole line and its newline, then fsync'd,
+so a crash leaves at worst a truncated LAST line, which :func:`read_records` ignores and
+:func:`repair` cuts off before the next append. Record keys are fixed by the shared bench format
+(see ``fedsim/bench/__init__.py``); :func:`summarize_run` builds the record's ``summary``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+CELLS_FILE = "cells.jsonl"
+LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None (strict JSON), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as one line: a single write of line + newline, then flush and fsync."""
+    data = (json.dumps(_clean(record), allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):  # regular files take it in one go; be correct if not
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every complete record; a truncated or unparsable line (a crash mid-append) is ignored."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict) and "cell_id" in record:
+            records.append(record)
+    return records
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids of the cells with a record (ok or failed)."""
+    return {r["cell_id"] for r in read_records(path)}
+
+
+def repair(path: Path) -> bool:
+    """Cut a truncated last line (no newline) so the next append starts a fresh line; True if cut."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    with open(path, "r+b") as fh:
+        fh.truncate(data.rfind(b"\n") + 1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def drop_records(path: Path, cell_ids: Iterable[str]) -> int:
+    """Rewrite the store without the given cells (atomically: temp file + rename); returns how many went."""
+    drop = set(cell_ids)
+    records = read_records(path)
+    keep = [r for r in records if r["cell_id"] not in drop]
+    tmp = Path(path).with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return len(records) - len(keep)
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
+    """A cell's ``summary``: leakage means over its non-failed attack outcomes, failures, final utility and ε.
+
+    Accepts a :class:`fedsim.run.RunResult` or a run directory's parsed ``metrics.json``. ``epsilon``
+    is the last history row's ``epsilon`` (central DP) or else the max over clients of the last
+    reported round's client ``epsilon`` (DP-SGD); None without DP.
+    """
+    if isinstance(result_or_metrics, dict):
+        history = result_or_metrics.get("utility", [])
+        attacks = [(a.get("failed"), a.get("metrics", {})) for a in result_or_metrics.get("attacks", [])]
+        clients = result_or_metrics.get("client_metrics", {}) or {}
+    else:
+        history = result_or_metrics.history
+        attacks = [(o.failed, o.metrics) for o in result_or_metrics.outcomes]
+        clients = result_or_metrics.client_metrics or {}
+    summary: dict[str, Any] = {}
+    ok = [m for failed, m in attacks if not failed]
+    for key in LEAKAGE_KEYS:
+        value = _mean([m[key] for m in ok if key in m and m[key] is not None])
+        if value is not None:
+            summary[key] = value
+    summary["attacks_failed"] = sum(1 for failed, _ in attacks if failed)
+    evaluated = [h for h in history if h.get("test_accuracy") is not None]
+    summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
+    epsilon = None
+    with_eps = [h for h in history if h.get("epsilon") is not None]
+    if with_eps:
+        epsilon = float(with_eps[-1]["epsilon"])
+    elif clients:
+        last = clients[max(clients, key=int)]
+        values = [float(m["epsilon"]) for m in last.values() if m.get("epsilon") is not None]
+        epsilon = max(values) if values else None
+    summary["epsilon"] = epsilon
+    summary["rounds"] = max((int(h["round"]) for h in history), default=0)
+    return _clean(summary)
