@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import yaml
 
 from fedsim.report.figures import reconstruction_grid, utility_curve
+from fedsim.report.gallery import save_reconstructions
+from fedsim.report.html import render_report
 from fedsim.report.leakage import leakage_curve, leakage_plot
 from fedsim.report.summary import summary_markdown
 from fedsim.scenario import Scenario
@@ -36,6 +39,8 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
     images: dict[str, str] = {}
     if scenario.output.save_images and reconstruction_grid(outcomes, partial / "reconstructions.png"):
         images["reconstructions"] = "reconstructions.png"
+    if scenario.output.save_images:
+        save_reconstructions(outcomes, partial / "reconstructions.npz")  # the images report.html shows
     if utility_curve(history, partial / "utility.png"):
         images["utility"] = "utility.png"
     curve = leakage_curve(outcomes)
@@ -53,6 +58,10 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
     }
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default), encoding="utf-8")
     (partial / "summary.md").write_text(summary_markdown(scenario, history, outcomes, timing, images), encoding="utf-8")
+    try:  # the same HTML report `fedsim report` writes; a drawing bug must not lose a finished run
+        render_report(partial, name=out_dir.name)
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"report.html was not written: {type(err).__name__}: {err}", stacklevel=2)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)

@@ -1,0 +1,32 @@
+"""``fedsim report RUN_OR_BENCH_DIR``: write the self-contained HTML report of a run or benchmark directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedsim.errors import FedsimError
+
+EXIT_USER_ERROR = 2
+
+
+def report(
+    source: Annotated[Path, typer.Argument(help="a run directory (metrics.json) or a bench directory (cells.jsonl)")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default: SOURCE/report.html); "
+                                                            "its PNGs and leaderboard.csv go in a folder of the "
+                                                            "same name")] = None,
+) -> None:
+    """Write one self-contained HTML report (leaderboard, frontier, rounds, galleries) and print its path."""
+    import torch
+
+    torch.set_num_threads(1)  # nothing here is heavy; stay polite on a shared machine
+    from fedsim.report.html import render_report
+
+    try:
+        path = render_report(source, out)
+    except FedsimError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    typer.echo(str(path))

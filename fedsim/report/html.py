@@ -1,0 +1,192 @@
+"""``render_report``: one self-contained HTML report of a run or benchmark directory (issue #7).
+
+The page embeds every image as a base64 PNG data URI and its stylesheet inline (no script, no CDN), so
+it can be mailed or archived as one file. Beside it, in a folder of the same name, go the same PNGs and
+``leaderboard.csv``. Both are written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from fedsim.report.figures import utility_curve
+from fedsim.report.frontier import frontier_plot, setting_label
+from fedsim.report.gallery import GalleryEntry, data_uri, load_reconstructions, png_bytes, strip_png
+from fedsim.report.leakage import leakage_plot
+from fedsim.report.loading import ReportSourceError, Source, load_metrics, load_source
+from fedsim.report.page import esc, figure, num, page
+from fedsim.report.rounds import bench_rounds_plot
+from fedsim.report.sections import HOW_TO_READ, bench_header, leaderboard_section, run_header
+from fedsim.report.tables import LeaderRow, leaderboard, write_leaderboard_csv
+
+GALLERY_COLUMNS = 10
+RUN_GALLERIES = 12  # outcomes shown for a single run (all of them are in reconstructions.npz)
+
+
+def _uri(path: Path, made: bool) -> str | None:
+    return data_uri(path.read_bytes()) if made and path.is_file() else None
+
+
+def _frontier_section(rows: Sequence[LeaderRow], assets: Path) -> str:
+    made = frontier_plot(rows, assets / "frontier.png")
+    caption = ("Each point is one leaderboard row (mean over repeats; bars = std): marker = attack, colour = "
+               "defense setting, \u03b5 beside DP settings. Up is more leakage, right is more utility; the dashed "
+               "line links the defense settings that no other beats on both accuracy and worst-case PSNR (max "
+               "over attacks); the dotted red line marks ~20 dB. Attacks without a PSNR (model inversion) are in the "
+               "leaderboard only.")
+    empty = "No row has both a reconstruction PSNR and a test accuracy, so there is no frontier to draw."
+    return (f'<section id="frontier"><h2>Privacy\u2013utility frontier</h2>'
+            f"{figure(_uri(assets / 'frontier.png', made), caption if made else empty, 'privacy-utility frontier')}"
+            "</section>")
+
+
+def _copy_or(existing: Path, assets: Path, draw: Callable[[Path], bool]) -> bool:
+    """The run directory's own figure when it has one (drawn from the same data), else draw it now."""
+    if existing.is_file():
+        shutil.copyfile(existing, assets / existing.name)
+        return True
+    return draw(assets / existing.name)
+
+
+def _rounds_section(source: Source, rows: Sequence[LeaderRow], assets: Path) -> str:
+    if source.kind == "bench":
+        made = bench_rounds_plot(rows, assets / "rounds.png")
+        caption = ("Left: each attack's mean PSNR per attacked round (first ok repeat of each leaderboard row). "
+                   "Right: test accuracy of the global model per round, one line per defense setting.")
+        body = figure(_uri(assets / "rounds.png", made), caption if made else "No cell has a run directory to read "
+                      "rounds from.", "leakage and accuracy over rounds")
+    else:
+        metrics = load_metrics(source.path)
+        history = metrics.get("utility") or []
+        leak = _copy_or(source.path / "leakage_rounds.png", assets,
+                        lambda p: leakage_plot(metrics.get("leakage") or [], history, p))
+        util = _copy_or(source.path / "utility.png", assets, lambda p: utility_curve(history, p))
+        leak_fig = figure(_uri(assets / "leakage_rounds.png", leak),
+                          "Mean PSNR of each attack per attacked round (grey dashed: test accuracy)." if leak else
+                          "Leakage over rounds needs attacks in at least two rounds (set the attack's rounds or "
+                          "every: k); this run attacked one round, see the leaderboard.", "leakage over rounds")
+        util_fig = figure(_uri(assets / "utility.png", util), "Test accuracy (and loss, red dashed) of the global "
+                          "model per round." if util else "No round was evaluated.", "accuracy over rounds")
+        body = f'<div class="pair">{leak_fig}{util_fig}</div>'
+    return f'<section id="rounds"><h2>Leakage and accuracy over rounds</h2>{body}</section>'
+
+
+def _gallery(entry: GalleryEntry, title: str, assets: Path, index: int) -> str:
+    pairs = entry.pairs(GALLERY_COLUMNS)
+    strip_png(entry, assets / f"gallery_{index:02d}.png", GALLERY_COLUMNS)
+    oracle = ' <span class="tag oracle">oracle</span>' if entry.oracle else ""
+    psnr = entry.metrics.get("psnr_mean")
+    detail = f"round {entry.round}" + (f", client {entry.client}" if entry.client >= 0 else "")
+    detail += f", mean PSNR {num(psnr)} dB" if isinstance(psnr, int | float) else ""
+    if entry.truth is None:  # model inversion: the released model, scored by an independent classifier
+        mi, classes = entry.metrics.get("mi_accuracy"), entry.metrics.get("classes")
+        detail += f", MI accuracy {num(mi)}" if isinstance(mi, int | float) else ""
+        detail += f", target classes {classes}" if classes and entry.labels is None else ""
+    head = f"<h3>{esc(title)}{oracle} <small>{esc(detail)}</small></h3>"
+    if entry.failed and entry.reconstruction is None:
+        return f'<div class="gallery">{head}<p class="bad">attack failed: {esc(entry.failed)}</p></div>'
+
+    def img(image, caption: str) -> str:  # noqa: ANN001
+        if image is None:
+            return '<div><div class="miss">none</div></div>'
+        return f'<div><img src="{data_uri(png_bytes(image))}" alt=""><div class="cap">{esc(caption)}</div></div>'
+
+    cells = []
+    if entry.truth is not None:
+        cells.append('<div class="rowlab">real</div>' + "".join(img(t, "") for t, _, _, _ in pairs))
+        cells.append('<div class="rowlab">attack</div>' + "".join(
+            img(r, f"{p:.1f} dB" if p is not None else "") for _, r, p, _ in pairs))
+    else:
+        cells.append('<div class="rowlab">inverted</div>' + "".join(
+            img(r, f"class {c}" if c is not None else "") for _, r, _, c in pairs))
+    more = ""
+    shown = entry.truth if entry.truth is not None else entry.reconstruction
+    total = 0 if shown is None else len(shown)
+    if total > len(pairs):
+        more = f'<p class="note">first {len(pairs)} of {total} images shown.</p>'
+    grid = f'<div class="grid" style="--cols:{max(len(pairs), 1)}">{"".join(cells)}</div>'
+    return f'<div class="gallery">{head}{grid}{more}</div>'
+
+
+def _best_entry(entries: list[GalleryEntry]) -> GalleryEntry | None:
+    good = [e for e in entries if not e.failed and e.reconstruction is not None]
+    if not good:
+        return entries[0] if entries else None
+    return max(good, key=lambda e: e.metrics.get("psnr_mean", float("-inf")))
+
+
+def _galleries_section(source: Source, rows: Sequence[LeaderRow], assets: Path) -> str:
+    parts: list[str] = []
+    if source.kind == "run":
+        entries = load_reconstructions(source.path / "reconstructions.npz")
+        for i, e in enumerate(entries[:RUN_GALLERIES]):
+            parts.append(_gallery(e, e.attack, assets, i))
+        if len(entries) > RUN_GALLERIES:
+            parts.append(f'<p class="note">{len(entries) - RUN_GALLERIES} more outcomes in reconstructions.npz.</p>')
+    else:
+        for i, row in enumerate(rows):
+            ok = sorted((c for c in row.cells if c.ok and c.run_dir is not None),
+                        key=lambda c: -(c.summary.get("psnr_mean") or float("-inf")))
+            entry, cell = None, None
+            for cell in ok:  # best repeat (highest PSNR) that kept its images
+                entry = _best_entry(load_reconstructions(cell.run_dir / "reconstructions.npz"))
+                if entry is not None:
+                    break
+            title = f"{row.attack} \u00b7 {setting_label(row)}" + (f" \u00b7 repeat {cell.repeat}" if entry else "")
+            if entry is None:
+                parts.append(f'<div class="gallery"><h3>{esc(title)}</h3><p class="note">no images saved for this '
+                             "row (failed cells, or run directories without reconstructions.npz).</p></div>")
+            else:
+                parts.append(_gallery(entry, title, assets, i))
+    intro = ("Top: the client's real images; below: the attack's reconstruction matched to each (the matching "
+             "used for scoring), with its PSNR. Model-inversion rows show the inverted image per target class.")
+    body = "".join(parts) or '<p class="note">No reconstruction images were saved (no attack ran, or '\
+        'output.save_images is false).</p>'
+    return f'<section id="galleries"><h2>Reconstructions</h2><p class="note">{esc(intro)}</p>{body}</section>'
+
+
+def _prepare(assets: Path) -> Path:
+    """A fresh ``<assets>.partial`` folder; refuses to replace a folder that is not an earlier report."""
+    if assets.exists() and not (assets / "leaderboard.csv").is_file() and any(assets.iterdir()):
+        raise ReportSourceError(f"{assets}: exists and is not a fedsim report folder; choose another --out")
+    partial = assets.with_name(assets.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def render_report(source_dir: Path, out_html: Path | None = None, *, name: str | None = None) -> Path:
+    """Write ``report.html`` (default ``<source_dir>/report.html``) and its assets folder beside it
+    (``<out_html without .html>/``: PNGs, leaderboard.csv); return the HTML path. ``name`` replaces the
+    directory name shown in the page (a run directory is rendered while still called ``*.partial``)."""
+    source = load_source(Path(source_dir))
+    out_html = Path(out_html) if out_html is not None else source.path / "report.html"
+    assets = out_html.with_suffix("")
+    if assets == out_html:
+        raise ReportSourceError(f"{out_html}: the report file name must end in .html")
+    partial = _prepare(assets)
+    try:
+        rows = leaderboard(source.cells)
+        write_leaderboard_csv(rows, partial / "leaderboard.csv")
+        title, header = run_header(source) if source.kind == "run" else bench_header(source)
+        sections = [header, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
+                    _frontier_section(rows, partial), _rounds_section(source, rows, partial),
+                    _galleries_section(source, rows, partial)]
+        kind = "single run" if source.kind == "run" else "benchmark"
+        shown = name or source.path.name
+        doc = page(f"fedsim report: {title}", f"{kind} \u00b7 {shown}", sections,
+                   f"generated by fedsim report on {datetime.now():%Y-%m-%d %H:%M} from {shown}")
+        tmp = out_html.with_name(out_html.name + ".partial")
+        tmp.write_text(doc, encoding="utf-8")
+    except Exception:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if assets.exists():
+        shutil.rmtree(assets)
+    partial.rename(assets)
+    os.replace(tmp, out_html)
+    return out_html

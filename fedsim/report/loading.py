@@ -1,0 +1,210 @@
+"""Read a run directory (``metrics.json``) or a benchmark directory (``cells.jsonl``) into plain rows.
+
+Both become a :class:`Source` holding :class:`Cell` rows in the shared benchmark-cell shape (attack,
+defense, params, repeat, status, summary), so the leaderboard, frontier and HTML report treat a single
+``fedsim run`` and a ``fedsim bench`` grid alike. A single run gives one cell per attack it ran.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Any, Literal
+
+import yaml
+
+from fedsim.errors import FedsimError
+
+LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
+
+
+class ReportSourceError(FedsimError):
+    """The directory given to ``fedsim report`` is not a run or benchmark directory, or is unreadable."""
+
+
+@dataclass
+class Cell:
+    """One finished benchmark cell (or one attack of a single run), as in the shared cells.jsonl format."""
+
+    cell_id: str
+    attack: str
+    defense: str
+    params: dict[str, Any]
+    repeat: int
+    seed: int | None
+    status: str
+    error: str | None
+    seconds: float | None
+    run_dir: Path | None
+    summary: dict[str, Any]
+    attack_index: int | None = None  # which of the run's attacks (None: every attack of the cell)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class Source:
+    """What a report is built from: a single run or a benchmark grid."""
+
+    kind: Literal["run", "bench"]
+    path: Path
+    cells: list[Cell]
+    skipped_lines: list[int] = field(default_factory=list)  # unreadable cells.jsonl lines (1-based)
+    truncated_tail: bool = False  # the last cells.jsonl line was cut off (a bench still running or killed)
+    grid: dict[str, Any] | None = None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportSourceError(f"{path}: cannot read it as JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ReportSourceError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any] | None:
+    """A YAML mapping (safe_load), or None when the file is absent or not a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_metrics(run_dir: Path) -> dict[str, Any]:
+    """A run directory's metrics.json."""
+    return _read_json(Path(run_dir) / "metrics.json")
+
+
+def final_epsilon(metrics: dict[str, Any]) -> float | None:
+    """The final privacy budget: the last utility row's ``epsilon`` (central DP) or, for DP-SGD, the max
+    over clients of ``epsilon`` in the last round of ``client_metrics`` (shared bench format)."""
+    for row in reversed(metrics.get("utility") or []):
+        if isinstance(row.get("epsilon"), int | float):
+            return float(row["epsilon"])
+    per_round = metrics.get("client_metrics") or {}
+    for rnd in sorted(per_round, key=lambda r: int(r), reverse=True):
+        values = [m["epsilon"] for m in per_round[rnd].values() if isinstance(m.get("epsilon"), int | float)]
+        if values:
+            return float(max(values))
+    return None
+
+
+def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) -> dict[str, Any]:
+    """The cell summary of the shared bench format, from a run's metrics.json: leakage means over the
+    non-failed outcomes (of one attack when ``attack_index`` is given), final test accuracy and epsilon."""
+    outcomes = [o for o in metrics.get("attacks") or []
+                if attack_index is None or o.get("attack_index") == attack_index]
+    good = [o for o in outcomes if not o.get("failed")]
+    summary: dict[str, Any] = {}
+    for key in LEAKAGE_KEYS:
+        values = [o["metrics"][key] for o in good if isinstance((o.get("metrics") or {}).get(key), int | float)]
+        if values:
+            summary[key] = mean(values)
+    evaluated = [h for h in metrics.get("utility") or [] if isinstance(h.get("test_accuracy"), int | float)]
+    summary["attacks_failed"] = len(outcomes) - len(good)
+    summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
+    summary["epsilon"] = final_epsilon(metrics)
+    summary["rounds"] = max((int(h.get("round", 0)) for h in metrics.get("utility") or []), default=0)
+    return summary
+
+
+def defense_label(scenario: dict[str, Any] | None) -> str:
+    """``none`` or the scenario's defense names joined with ``+`` (in scenario order)."""
+    defenses = (scenario or {}).get("defenses") or []
+    return "+".join(str(d.get("name")) for d in defenses if isinstance(d, dict)) or "none"
+
+
+def load_run(path: Path) -> Source:
+    """A single run directory: one cell per attack of the scenario (or one utility-only cell)."""
+    metrics = load_metrics(path)
+    scenario = read_yaml(path / "scenario.yaml")
+    defense = defense_label(scenario)
+    attacks: dict[int, str] = {}
+    for o in metrics.get("attacks") or []:
+        label = str(o.get("attack")) + (" (oracle)" if o.get("oracle") else "")
+        attacks.setdefault(int(o.get("attack_index", 0)), label)
+    seed = metrics.get("seed")
+    seconds = (metrics.get("timing") or {}).get("total_s")
+    cells = []
+    for index, name in sorted(attacks.items()) or [(None, "(no attack)")]:
+        summary = summarize_metrics(metrics, index)
+        mine = [o for o in metrics.get("attacks") or [] if o.get("attack_index") == index]
+        failed = bool(mine) and all(o.get("failed") for o in mine)  # a cell fails when every outcome failed
+        error = "; ".join(sorted({str(o["failed"]) for o in mine if o.get("failed")})) if failed else None
+        cells.append(Cell(f"attack{index}" if index is not None else "run", name, defense, {}, 0, seed,
+                          "failed" if failed else "ok", error, seconds, path, summary, index))
+    return Source("run", path, cells)
+
+
+def _parse_cell(record: dict[str, Any], root: Path) -> Cell:
+    run_dir = record.get("run_dir")
+    run_path = root / run_dir if isinstance(run_dir, str) and run_dir else None
+    summary = record.get("summary") if isinstance(record.get("summary"), dict) else {}
+    if not summary and run_path is not None and (run_path / "metrics.json").is_file():
+        summary = summarize_metrics(load_metrics(run_path))
+    params = record.get("params") if isinstance(record.get("params"), dict) else {}
+    return Cell(
+        cell_id=str(record.get("cell_id", "?")), attack=str(record.get("attack", "?")),
+        defense=str(record.get("defense", "none")), params=params, repeat=int(record.get("repeat") or 0),
+        seed=record.get("seed"), status="ok" if record.get("status") == "ok" else "failed",
+        error=record.get("error"), seconds=record.get("seconds"), run_dir=run_path, summary=summary,
+    )
+
+
+def read_cells(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
+    """Records of a cells.jsonl, the 1-based numbers of unreadable lines, and whether the last line was cut.
+
+    A last line without its newline, or that is not valid JSON, is a cell still being written (or a
+    killed bench): it is ignored. Any other unreadable line is reported, never silently dropped.
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise ReportSourceError(f"{path}: cannot read it ({err})") from err
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]  # tail is "" when the file ends with a newline
+    records: list[dict[str, Any]] = []
+    bad: list[int] = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == len(complete) and not tail:
+            return records, bad, True  # a last line that is not JSON: cut off mid-write
+        else:
+            bad.append(number)
+    truncated = bool(tail.strip())
+    return records, bad, truncated
+
+
+def load_bench(path: Path) -> Source:
+    """A benchmark directory: its cells.jsonl (tolerant of a truncated last line) and grid.yaml."""
+    records, bad, truncated = read_cells(path / "cells.jsonl")
+    cells = [_parse_cell(r, path) for r in records]
+    if not cells:
+        raise ReportSourceError(f"{path / 'cells.jsonl'}: no finished cell yet, nothing to report")
+    return Source("bench", path, cells, bad, truncated, read_yaml(path / "grid.yaml"))
+
+
+def load_source(path: Path) -> Source:
+    """A run directory (has metrics.json) or a benchmark directory (has cells.jsonl)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportSourceError(f"{path}: not a directory" if path.exists() else f"{path}: no such directory")
+    if (path / "cells.jsonl").is_file():
+        return load_bench(path)
+    if (path / "metrics.json").is_file():
+        return load_run(path)
+    raise ReportSourceError(f"{path}: neither a run directory (metrics.json) nor a benchmark directory (cells.jsonl)")

@@ -1,0 +1,79 @@
+"""Leakage over rounds beside accuracy over rounds, for a benchmark (many cells, one line each).
+
+A single run reuses :func:`fedsim.report.leakage.leakage_plot` and :func:`fedsim.report.figures.utility_curve`;
+a benchmark draws, from each leaderboard row's first ok repeat, its attack's PSNR per attacked round
+(the ``leakage`` curve of its metrics.json) on the left and its model's test accuracy per round on the right.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fedsim.errors import FedsimError  # noqa: E402
+from fedsim.report.frontier import MARKERS, setting_label  # noqa: E402
+from fedsim.report.loading import load_metrics  # noqa: E402
+from fedsim.report.tables import LeaderRow  # noqa: E402
+
+MAX_LINES = 12  # beyond this a line plot is unreadable: the leaderboard has the rest
+
+
+def bench_rounds_plot(rows: Sequence[LeaderRow], path: Path) -> bool:
+    """Two panels (PSNR per round, test accuracy per round); False when no cell has a run directory."""
+    leak_lines, acc_lines, seen_settings = [], [], set()
+    for row in rows:
+        cell = next((c for c in row.cells if c.ok and c.run_dir is not None), None)
+        if cell is None:
+            continue
+        try:
+            metrics = load_metrics(cell.run_dir)
+        except FedsimError:
+            continue
+        curve = [r for r in metrics.get("leakage") or [] if "psnr_mean" in r]
+        setting = setting_label(row)
+        if curve and len(leak_lines) < MAX_LINES:
+            leak_lines.append((row.attack, setting, [r["round"] for r in curve], [r["psnr_mean"] for r in curve]))
+        evaluated = [h for h in metrics.get("utility") or [] if "test_accuracy" in h]
+        if evaluated and setting not in seen_settings and len(acc_lines) < MAX_LINES:
+            seen_settings.add(setting)
+            acc_lines.append((setting, [h["round"] for h in evaluated], [h["test_accuracy"] for h in evaluated]))
+    if not leak_lines and not acc_lines:
+        return False
+    settings = sorted({s for _, s, _, _ in leak_lines} | {s for s, _, _ in acc_lines})
+    cmap = plt.get_cmap("tab10" if len(settings) <= 10 else "tab20")
+    colour = {s: cmap(i % cmap.N) for i, s in enumerate(settings)}  # same colours as the frontier
+    attacks = sorted({a for a, _, _, _ in leak_lines})
+    marker = dict(zip(attacks, itertools.cycle(MARKERS), strict=False))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for attack, setting, xs, ys in leak_lines:
+        left.plot(xs, ys, marker=marker[attack], color=colour[setting], label=f"{attack} / {setting}")
+    left.set_title("Leakage over rounds")
+    left.set_xlabel("round")
+    left.set_ylabel("reconstruction PSNR (dB)")
+    for setting, xs, ys in acc_lines:
+        right.plot(xs, ys, marker=".", color=colour[setting], label=setting)
+    right.set_title("Test accuracy of the global model")
+    right.set_xlabel("round")
+    right.set_ylabel("test accuracy")
+    right.set_ylim(0, 1)
+    for ax, lines in ((left, leak_lines), (right, acc_lines)):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        xs = [x for line in lines for x in line[-2]]
+        if xs:
+            ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+        if lines:
+            ax.legend(fontsize=7, frameon=False)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,188 @@
+"""The text sections of the HTML report: what ran (header), how to read it, and the leaderboard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsim.report.loading import Cell, Source, load_metrics, read_yaml
+from fedsim.report.page import esc, facts, num, table
+from fedsim.report.tables import LeaderRow, params_label, present_metrics
+
+HOW_TO_READ = """
+<section id="how-to-read" class="howto"><h2>How to read this</h2><ul>
+<li><b>PSNR</b> (dB) compares each reconstruction with the real image it was matched to (one-to-one
+matching before scoring; a summed gradient carries no order). Higher means more leakage. A rough guide
+for 32&times;32 colour images: below ~15 dB a reconstruction is mostly noise or colour blobs (noise with
+the right mean colours already scores 10&ndash;15 dB), around 15&ndash;20 dB coarse shapes may appear,
+above ~20 dB the image is usually recognisable. PSNR depends on the image (smooth images score higher),
+rewards blur and punishes small shifts, so look at the galleries and SSIM too.</li>
+<li><b>SSIM</b> (0&ndash;1, higher = more structure recovered) and <b>LPIPS</b> (a learned perceptual
+distance, lower = more similar) measure the same thing differently; <b>label acc.</b> is the fraction of
+the batch's labels the attack recovered.</li>
+<li><b>MI acc.</b> and <b>kNN dist.</b> score model-inversion attacks, which attack the released model
+rather than an update: how often the inverted images are classified as their target class, and their
+feature distance to the nearest real training image of that class (lower = closer to private data).</li>
+<li><b>&epsilon;</b> is the differential-privacy budget the defense reports (lower = stronger guarantee).
+It bounds what <i>any</i> attack can learn; PSNR measures what <i>this</i> attack, with this budget, did.
+A low PSNR under small attack budgets is not proof of privacy, and central DP with a curious server
+protects the released model, not the updates that server sees.</li>
+<li>&plusmn; is the sample standard deviation over repeats (blank with one repeat). Rows marked
+<span class="tag oracle">oracle</span> were handed ground truth: they are upper bounds, not threats.</li>
+</ul></section>
+"""
+
+
+def _plugin(spec: dict[str, Any]) -> str:
+    params = spec.get("params") or {}
+    args = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in params.items())
+    return f"<code>{esc(spec.get('name'))}</code>" + (f" ({esc(args)})" if args else "")
+
+
+def _knowledge(spec: dict[str, Any]) -> str:
+    know = spec.get("knowledge") or {}
+    parts = [f"labels {know.get('labels', 'infer')}", f"BN stats {know.get('bn_stats', 'none')}",
+             "local hyperparameters " + ("known" if know.get("local_hparams") else "unknown"),
+             "defense " + ("known" if know.get("defense") else "unknown")]
+    if know.get("oracle_masks"):
+        parts.append("ORACLE: true dropout masks")
+    budget = spec.get("budget") or {}
+    targets = f"rounds {spec.get('rounds')}" if spec.get("every") is None else f"every {spec.get('every')} rounds"
+    return (f"{_plugin(spec)}: {esc('; '.join(parts))}<br><span class=\"note\">{esc(targets)}, clients "
+            f"{esc(spec.get('clients'))}; budget {esc(budget.get('iterations'))} iterations &times; "
+            f"{esc(budget.get('restarts', 1))} restart(s)</span>")
+
+
+def scenario_facts(scn: dict[str, Any]) -> list[tuple[str, str]]:
+    """Data, model, federation, defenses and the attacks' declared knowledge of a resolved scenario.yaml."""
+    data, model, fed = scn.get("data") or {}, scn.get("model") or {}, scn.get("federation") or {}
+    local, part = fed.get("local") or {}, data.get("partition") or {}
+    partition = part.get("kind", "iid") + (f" (alpha {part.get('alpha')})" if part.get("kind") == "dirichlet" else "")
+    steps = f"{local.get('steps')} steps" if local.get("steps") else f"{local.get('epochs', 1)} epoch(s)"
+    items = [
+        ("data", f"<code>{esc(data.get('dataset'))}</code>, {esc(partition)} partition"),
+        ("model", f"<code>{esc(model.get('name'))}</code> (width {esc(model.get('width'))}, norm "
+                  f"{esc(model.get('norm'))}, dropout {esc(model.get('dropout'))})"),
+        ("federation", esc(f"{fed.get('clients')} clients, {fed.get('clients_per_round') or fed.get('clients')} per "
+                           f"round, {fed.get('rounds')} round(s), {fed.get('protocol')}; local batch "
+                           f"{local.get('batch_size')}, lr {local.get('lr')}, {steps}, {local.get('optimizer')}")),
+        ("backend", esc((scn.get("backend") or {}).get("kind"))),
+        ("defenses", ", ".join(_plugin(d) for d in scn.get("defenses") or []) or "none"),
+    ]
+    attacks = scn.get("attacks") or []
+    items.append(("threat model", "<br>".join(_knowledge(a) for a in attacks) or "no attack"))
+    return items
+
+
+def _when(path: Path) -> str:
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    except OSError:
+        return "?"
+
+
+def run_header(source: Source) -> tuple[str, str]:
+    """(title, header section) of a single run."""
+    scn = read_yaml(source.path / "scenario.yaml") or {}
+    metrics = load_metrics(source.path)
+    t = metrics.get("timing") or {}
+    items = scenario_facts(scn) + [
+        ("seed", esc(metrics.get("seed"))),
+        ("time", esc(f"federation {num(t.get('federation_s'), 1)} s, attacks {num(t.get('attacks_s'), 1)} s, "
+                     f"total {num(t.get('total_s'), 1)} s; finished {_when(source.path / 'metrics.json')}")),
+    ]
+    desc = f"<p>{esc(scn.get('description', '')).strip()}</p>" if scn.get("description") else ""
+    name = scn.get("name") or metrics.get("scenario") or source.path.name
+    return str(name), f'<section id="header"><h2>What ran</h2>{desc}{facts(items)}</section>'
+
+
+def bench_header(source: Source) -> tuple[str, str]:
+    """(title, header section) of a benchmark: grid counts, the first cell's scenario, the grid itself."""
+    cells = source.cells
+    ok = sum(1 for c in cells if c.ok)
+    seeds = sorted({c.seed for c in cells if c.seed is not None})
+    items = [
+        ("cells", f"{len(cells)} finished: {ok} ok, " + (f'<span class="bad">{len(cells) - ok} failed</span>'
+                                                         if ok < len(cells) else "0 failed")),
+        ("attacks", esc(", ".join(sorted({c.attack for c in cells})))),
+        ("defenses", esc(", ".join(sorted({c.defense for c in cells})))),
+        ("repeats, seeds", esc(f"{len({c.repeat for c in cells})} repeat(s); seeds "
+                               + ", ".join(map(str, seeds[:6])) + (", \u2026" if len(seeds) > 6 else ""))),
+        ("time", esc(f"{sum(c.seconds or 0.0 for c in cells):.1f} s of cell time; last cell finished "
+                     f"{_when(source.path / 'cells.jsonl')}")),
+    ]
+    warnings = []
+    if source.truncated_tail:
+        warnings.append("the last line of cells.jsonl is cut off (a cell being written, or a killed bench): ignored")
+    if source.skipped_lines:
+        warnings.append(f"unreadable cells.jsonl lines (not counted anywhere else): {source.skipped_lines}")
+    if warnings:
+        items.append(("warnings", '<span class="bad">' + "<br>".join(esc(w) for w in warnings) + "</span>"))
+    first = next((c for c in cells if c.run_dir is not None and (c.run_dir / "scenario.yaml").is_file()), None)
+    scn = read_yaml(first.run_dir / "scenario.yaml") if first else None
+    base = ""
+    if scn:
+        knowledge = {}
+        for c in cells:  # each attack's declared knowledge, from a cell that ran it
+            if c.attack not in knowledge and c.run_dir is not None:
+                other = read_yaml(c.run_dir / "scenario.yaml") or {}
+                knowledge[c.attack] = "<br>".join(_knowledge(a) for a in other.get("attacks") or [])
+        rows = [(k, v) for k, v in scenario_facts(scn) if k not in ("defenses", "threat model")]
+        rows.append(("threat model", "<br>".join(v for v in knowledge.values() if v) or "no attack"))
+        base = (f"<h3>Base scenario</h3><p class=\"note\">from cell {esc(first.cell_id)} (<code>"
+                f"{esc(scn.get('name'))}</code>); the grid varies the attack, the defense and the swept parameters.</p>"
+                + facts(rows))
+    grid = source.grid
+    grid_html = ""
+    if grid is not None:
+        grid_html = ("<details><summary>grid.yaml</summary><pre>" + esc(yaml.safe_dump(grid, sort_keys=False))
+                     + "</pre></details>")
+    title = str((grid or {}).get("name") or source.path.name)
+    return title, f'<section id="header"><h2>What ran</h2>{facts(items)}{base}{grid_html}</section>'
+
+
+def _cell(row: LeaderRow, key: str, digits: int) -> str:
+    stat = row.stats.get(key)
+    if stat is None:
+        return "\u2013"
+    sd = f' <span class="sd">&plusmn; {num(stat.std, digits)}</span>' if stat.std is not None else ""
+    return num(stat.mean, digits) + sd
+
+
+def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
+    """The leaderboard table (most leaking first, highlighted) and every failed cell with its reason."""
+    metrics = present_metrics(rows)
+    with_params = any(r.params for r in rows)
+    head = [("#", False), ("attack", True), ("defense", True)] + ([("params", True)] if with_params else [])
+    head += [("repeats", False), ("failed", False)] + [(title, False) for _, title, _ in metrics]
+    body = []
+    for i, r in enumerate(rows, start=1):
+        tag = ' <span class="tag oracle">oracle</span>' if "oracle" in r.attack else ""
+        cells = [str(i), esc(r.attack.replace(" (oracle)", "")) + tag, esc(r.defense)]
+        cells += [esc(params_label(r.params))] if with_params else []
+        failed = r.failed + r.attacks_failed
+        cells += [f"{r.ok}/{len(r.cells)}", f'<span class="bad">{failed}</span>' if failed else "0"]
+        cells += [_cell(r, key, 3 if key in ("ssim_mean", "lpips_mean") else 2) for key, _, _ in metrics]
+        leaks = "psnr_mean" in r.stats or "mi_accuracy" in r.stats
+        body.append((cells, "top" if i == 1 and leaks else ""))
+    failures: list[Cell] = [c for r in rows for c in r.cells if not c.ok]
+    fail_html = ""
+    if failures:
+        fail_rows = [([esc(c.cell_id), esc(c.attack), esc(c.defense), esc(params_label(c.params)), str(c.repeat),
+                       esc(c.error or "failed")], "") for c in failures]
+        fail_html = ("<h3>Failed cells</h3><p class=\"note\">counted in <i>failed</i> above; their metrics are not "
+                     "in the means.</p>" + table([("cell", True), ("attack", True), ("defense", True),
+                                                  ("params", True), ("repeat", False), ("error", True)], fail_rows))
+    partial = sum(r.attacks_failed for r in rows)
+    note = (f" {partial} attack run(s) inside ok cells failed (e.g. an empty DP-SGD batch); they are counted in "
+            "<i>failed</i> and left out of the means." if partial else "")
+    return (f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">One row per attack &times; defense'
+            f"{' &times; parameters' if with_params else ''}, mean &plusmn; std over ok repeats; sorted by PSNR, "
+            f"then MI accuracy (most leaking first, highlighted). <i>failed</i> counts failed cells and failed "
+            f"attack runs.{note} "
+            f"Also in <code>{esc(csv_name)}</code>.</p>{table(head, body)}{fail_html}</section>")

@@ -1,0 +1,130 @@
+"""The leaderboard: per attack x defense (x sweep parameters), mean and std over repeats, most leaking first.
+
+Means and (sample, n-1) standard deviations are taken over the group's ``ok`` cells that report the
+metric; failed cells are counted in ``failed`` and never silently dropped. Leakage metrics are those of
+the shared bench format (PSNR/SSIM/LPIPS after one-to-one matching, label accuracy, and for model
+inversion ``mi_accuracy`` / ``knn_distance``), beside the final test accuracy and privacy budget epsilon.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+from fedsim.report.loading import Cell
+
+# (key, column title, direction of "more leakage" / better utility: +1 higher, -1 lower, 0 neither)
+METRICS: tuple[tuple[str, str, int], ...] = (
+    ("psnr_mean", "PSNR (dB)", +1),
+    ("ssim_mean", "SSIM", +1),
+    ("lpips_mean", "LPIPS", -1),
+    ("label_acc", "label acc.", +1),
+    ("mi_accuracy", "MI acc.", +1),
+    ("knn_distance", "kNN dist.", -1),
+    ("test_accuracy", "test acc.", 0),
+    ("epsilon", "\u03b5", 0),
+)
+CSV_HEAD = ["attack", "defense", "params", "cells", "ok", "failed", "attacks_failed"]
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation of one metric over ``n`` repeats (``std`` None when n < 2)."""
+
+    mean: float
+    std: float | None
+    n: int
+
+
+@dataclass
+class LeaderRow:
+    """One attack x defense x params group of cells."""
+
+    attack: str
+    defense: str
+    params: dict[str, Any]
+    cells: list[Cell]
+    stats: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> int:
+        return sum(1 for c in self.cells if c.ok)
+
+    @property
+    def failed(self) -> int:
+        return len(self.cells) - self.ok
+
+    @property
+    def attacks_failed(self) -> int:
+        return sum(int(c.summary.get("attacks_failed") or 0) for c in self.cells if c.ok)
+
+    @property
+    def errors(self) -> list[str]:
+        return sorted({c.error or "failed" for c in self.cells if not c.ok})
+
+    def value(self, key: str) -> float | None:
+        stat = self.stats.get(key)
+        return stat.mean if stat else None
+
+
+def params_label(params: dict[str, Any]) -> str:
+    """``a.b=1, c=x`` in key order, or an empty string."""
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(params.items()))
+
+
+def _stat(values: list[float]) -> Stat | None:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    return Stat(mean(finite), stdev(finite) if len(finite) >= 2 else None, len(finite))
+
+
+def _leak_key(row: LeaderRow) -> tuple[float, float, float]:
+    """Most leaking first: by PSNR, then model-inversion accuracy; rows without leakage metrics last."""
+    psnr, mi = row.value("psnr_mean"), row.value("mi_accuracy")
+    has = 0.0 if psnr is not None or mi is not None else 1.0
+    return has, -(psnr if psnr is not None else -math.inf), -(mi if mi is not None else -math.inf)
+
+
+def leaderboard(cells: Sequence[Cell]) -> list[LeaderRow]:
+    """Group cells by (attack, defense, params), average each metric over the ok repeats, most leaking first."""
+    groups: dict[tuple[str, str, str], LeaderRow] = {}
+    for cell in cells:
+        key = (cell.attack, cell.defense, json.dumps(cell.params, sort_keys=True, default=str))
+        groups.setdefault(key, LeaderRow(cell.attack, cell.defense, dict(cell.params), [])).cells.append(cell)
+    for row in groups.values():
+        for key, _, _ in METRICS:
+            values = [float(c.summary[key]) for c in row.cells
+                      if c.ok and isinstance(c.summary.get(key), int | float) and not isinstance(c.summary[key], bool)]
+            stat = _stat(values)
+            if stat is not None:
+                row.stats[key] = stat
+    return sorted(groups.values(), key=lambda r: (*_leak_key(r), r.attack, r.defense, params_label(r.params)))
+
+
+def present_metrics(rows: Sequence[LeaderRow]) -> list[tuple[str, str, int]]:
+    """The METRICS that at least one row reports (so an all-PSNR bench has no empty MI columns)."""
+    return [m for m in METRICS if any(m[0] in r.stats for r in rows)]
+
+
+def write_leaderboard_csv(rows: Sequence[LeaderRow], path: Path) -> Path:
+    """``leaderboard.csv``: group columns, counts, then ``<metric>_mean`` and ``<metric>_std`` for every metric."""
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_HEAD + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")])
+        for r in rows:
+            line: list[Any] = [r.attack, r.defense, json.dumps(r.params, sort_keys=True, default=str), len(r.cells),
+                               r.ok, r.failed, r.attacks_failed]
+            for key, _, _ in METRICS:
+                stat = r.stats.get(key)
+                line += ["" if stat is None else repr(stat.mean),
+                         "" if stat is None or stat.std is None else repr(stat.std)]
+            writer.writerow(line)
+    return path
