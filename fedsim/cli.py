@@ -16,10 +16,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedsim.bench.cli import bench
 from fedsim.errors import FedsimError
+from fedsim.priors.cli import prior_app
+from fedsim.report.cli import report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fedsim: privacy attacks and defenses in simulated federated learning.")
+app.add_typer(prior_app, name="prior")
 console = Console(stderr=True)
 EXIT_USER_ERROR = 2
 
@@ -130,6 +134,12 @@ def list_plugins() -> None:
         for name, cls in registry.items():
             table.add_row(kind, name, getattr(cls, "summary", ""))
     Console().print(table)
+
+
+app.command("bench")(bench)
+
+
+app.command("report")(report)
 
 
 def main() -> None:

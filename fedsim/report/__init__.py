@@ -1,7 +1,18 @@
-"""Writing a run directory (resolved scenario, metrics.json, pictures, summary.md, reconstructions.npz) and the
-self-contained HTML report of a run or benchmark directory (:func:`render_report`)."""
+"""Run directories and reports: metrics.json, figures, summary.md and the self-contained report.html.
 
-from fedsim.report.html import render_report
-from fedsim.report.writer import write_run_dir
+Names are imported lazily (PEP 562) so that ``fedsim --help`` does not pay for matplotlib and torch.
+"""
 
-__all__ = ["render_report", "write_run_dir"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"render_report": "fedsim.report.html", "write_run_dir": "fedsim.report.writer"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fedsim.report' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
