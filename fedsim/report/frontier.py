@@ -39,7 +39,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def setting_label(row: LeaderRow) -> str:
     """The defense setting a row belongs to: defense name plus its sweep parameters."""
-    extra = params_label(row.params)
+    # Bench labels already name swept defense params (``dp_sgd(noise_multiplier=1.0)``): add only the others.
+    extra = params_label({k: v for k, v in row.params.items() if f"{k.rsplit('.', 1)[-1]}=" not in row.defense})
     return f"{row.defense} ({extra})" if extra else row.defense
 
 
