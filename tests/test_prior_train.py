@@ -256,3 +256,10 @@ def test_shipped_prior_samples_are_classified_as_digits_of_every_class() -> None
     confident = probs.max(1).values > 0.9
     assert confident.float().mean() > CONFIDENT_SHARE_AT_LEAST
     assert len(torch.unique(probs.argmax(1)[confident])) == 10  # every digit class is generated
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scenarios" / "priors").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_prior_configs_validate_and_stay_disjoint_from_the_clients(path: Path) -> None:
+    config = load_prior_config(path)
+    # The GAN-prior scenarios' clients use mnist-5k train examples 0..1999 (data.train_subset: 2000).
+    assert config.data.split == "train" and config.data.start >= 2000
