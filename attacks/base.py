@@ -5,6 +5,9 @@ An attack is built from its validated ``Params``, the scenario's declared :class
 nothing else: no ground truth ever reaches it (breaching's firewall, made structural here).
 Before the federation runs, ``check_scenario`` refuses scenarios whose threat model does not grant
 what the attack needs, with a message saying what to grant.
+
+Model-inversion attacks (``target = "model"``, base :class:`ModelInversionAttack`) attack the global
+model released after a round instead: ``invert`` receives a :class:`ReleasedModel` and nothing else.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedsim.errors import ThreatModelError
 from fedsim.registry import Registry
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
-from fedsim.threat import ClientUpdate, Reconstruction
+from fedsim.threat import ClientUpdate, Reconstruction, ReleasedModel
 
 ProgressFn = Callable[[int, int], None]  # (iterations done, iterations total)
 
@@ -40,6 +43,9 @@ class Attack(ABC):
     needs: ClassVar[dict[str, Any]] = {}
     #: One line for `fedsim list` and reports.
     summary: ClassVar[str] = ""
+    #: What the attack reads: "update" (a captured client update, ``reconstruct``) or "model" (the
+    #: released global model, ``invert``; see :class:`ModelInversionAttack`).
+    target: ClassVar[str] = "update"
 
     def __init__(
         self,
@@ -77,6 +83,41 @@ class Attack(ABC):
     @abstractmethod
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         """Reconstruct the client's data from what the server observed."""
+
+
+class ModelInversionParams(AttackParams):
+    """Parameters every model-inversion attack takes: which classes to invert and how many images each."""
+
+    target_classes: list[int] | None = Field(None, min_length=1, description="classes to invert; default all")
+    samples_per_class: int = Field(1, ge=1, le=64, description="images to produce per target class")
+
+
+class ModelInversionAttack(Attack):
+    """Base of attacks on the released global model (``target = "model"``): implement ``invert``.
+
+    They run once per attacked round on the model released after it (default: the final round);
+    ``clients`` means nothing to them, and ``check_scenario`` refuses it when set.
+    """
+
+    Params: ClassVar[type[AttackParams]] = ModelInversionParams
+    target: ClassVar[str] = "model"
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
+        super().check_scenario(scenario, spec)
+        if "clients" in spec.model_fields_set:
+            raise ThreatModelError(f"{spec.name} inverts the released global model, not a client's update: "
+                                   "remove its 'clients' field")
+
+    def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
+        """Not applicable: a model-inversion attack never reads a client update."""
+        return Reconstruction.failure(f"{type(self).__name__} attacks the released model; call invert()")
+
+    def invert(self, model: ReleasedModel, target_classes: list[int],
+               progress: ProgressFn | None = None) -> Reconstruction:
+        """Images in [0, 1] that the released model assigns to ``target_classes`` (labels = those classes,
+        ``samples_per_class`` images each, in class order)."""
+        raise NotImplementedError
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")

@@ -4,24 +4,34 @@ This is the only place where both halves of the contract meet, and they never cr
 gets a :class:`ClientUpdate` view built from what the server observed plus exactly the knowledge
 its threat model grants (e.g. labels copied in only when ``knowledge.labels: known``); the
 :class:`GroundTruth` goes to ``fedsim.metrics`` alone, after the attack has returned.
+
+Model-inversion attacks (``target = "model"``) instead get a :class:`ReleasedModel` of the global
+model released after each attacked round (default: the final one), once per round, recorded as
+partition :data:`RELEASED_MODEL_ID`, and are scored by ``fedsim.metrics.model_inversion`` (an
+independent evaluation classifier) instead of against a client's batch.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from fedsim.errors import FedsimError
 from fedsim.metrics import score_reconstruction
+from fedsim.metrics.evaluator import load_evaluator
+from fedsim.metrics.model_inversion import score_model_inversion
 from fedsim.plugins import attack_registry
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import derive_seed
-from fedsim.simulation.capture import AGGREGATE_ID, CapturedUpdate
-from fedsim.threat import ClientUpdate, Reconstruction, TaskInfo, frozen_tensors
+from fedsim.simulation.capture import AGGREGATE_ID, RELEASED_MODEL_ID, CapturedUpdate
+from fedsim.simulation.federation import attacks_model, released_rounds
+from fedsim.simulation.setup import setup_for
+from fedsim.threat import ClientUpdate, Reconstruction, ReleasedModel, TaskInfo, frozen_tensors
 
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]  # (label, total) -> progress fn
 
@@ -41,6 +51,7 @@ class AttackOutcome:
     oracle: bool = False
     reconstruction: torch.Tensor | None = field(default=None, repr=False)
     truth: torch.Tensor | None = field(default=None, repr=False)
+    labels: torch.Tensor | None = field(default=None, repr=False)  # the attack's labels (MI: target classes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +104,53 @@ def _reconstruct(attack: Any, view: ClientUpdate, progress: Any, seed: int) -> R
             return Reconstruction.failure(f"{type(exc).__name__}: {exc}")
 
 
+def _invert(attack: Any, view: ReleasedModel, classes: list[int], progress: Any, seed: int) -> Reconstruction:
+    """Run one model-inversion attack with the global torch RNG forked and seeded (see :func:`_reconstruct`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return attack.invert(view, classes, progress)
+        except Exception as exc:  # noqa: BLE001 - one failing attack must not end the run
+            return Reconstruction.failure(f"{type(exc).__name__}: {exc}")
+
+
+def run_model_attack(scenario: Scenario, index: int, spec: AttackSpec, rnd: int,
+                     state: Mapping[str, torch.Tensor] | None, task: TaskInfo, device: torch.device,
+                     progress: ProgressFactory | None = None) -> AttackOutcome:
+    """One model-inversion attack on the model released after round ``rnd``, scored by an independent
+    evaluation classifier (:func:`fedsim.metrics.model_inversion.score_model_inversion`)."""
+    seed = derive_seed(scenario.seed, "attack", index, rnd, RELEASED_MODEL_ID)
+    attack = attack_registry().get(spec.name).from_spec(spec, device, seed)
+    classes = list(attack.params.target_classes or range(task.num_classes))
+    label = f"{spec.name} r{rnd} released model"
+    fn = progress(label, spec.budget.iterations) if progress else None  # candidates run as one batch
+    start = time.perf_counter()
+    if state is None:
+        rec = Reconstruction.failure(f"the global model after round {rnd} was not kept")
+    else:
+        rec = _invert(attack, ReleasedModel(rnd, task, frozen_tensors(state)), classes, fn, seed)
+    seconds = time.perf_counter() - start
+    stats = dict(rec.stats)
+    metrics: dict[str, Any] = {"failed": rec.failed} if rec.failed else {}
+    if state is not None and not rec.failed:
+        try:
+            evaluator = load_evaluator(scenario.data, device)
+            target = setup_for(scenario).build_model()
+            target.load_state_dict(dict(state))
+            target.to(device).eval()
+            with torch.random.fork_rng(devices=[]):  # the released model may be stochastic (MID)
+                torch.manual_seed(derive_seed(scenario.seed, "mi-score", index, rnd))
+                metrics = score_model_inversion(rec, evaluator, target)
+            stats.update(evaluator_accuracy=evaluator.accuracy, evaluator_val_size=float(evaluator.num_val))
+        except (FedsimError, ValueError, RuntimeError) as err:  # e.g. a dataset without a usable test split
+            metrics = {"failed": f"model-inversion scoring failed: {err}"}
+    return AttackOutcome(
+        attack=spec.name, attack_index=index, round=rnd, partition_id=RELEASED_MODEL_ID, metrics=metrics,
+        stats=stats, seconds=seconds, failed=rec.failed, oracle=rec.oracle, reconstruction=rec.images, truth=None,
+        labels=rec.labels,
+    )
+
+
 def run_attacks(
     scenario: Scenario,
     captured: Sequence[CapturedUpdate],
@@ -100,12 +158,19 @@ def run_attacks(
     device: torch.device,
     defense_descriptions: Sequence[dict[str, Any]] = (),
     progress: ProgressFactory | None = None,
+    released: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> list[AttackOutcome]:
-    """Every (attack, targeted update) pair, in scenario order, then by round and client."""
+    """Every (attack, targeted update) pair, in scenario order, then by round and client; model-inversion
+    attacks once per attacked round on ``released`` (round -> global state after it)."""
     registry = attack_registry()
     fed = scenario.federation
     outcomes: list[AttackOutcome] = []
     for index, spec in enumerate(scenario.attacks):
+        if attacks_model(spec):
+            for rnd in released_rounds(spec, fed.rounds):
+                outcomes.append(run_model_attack(scenario, index, spec, rnd, (released or {}).get(rnd), task, device,
+                                                 progress))
+            continue
         rounds = set(spec.target_rounds(fed.rounds))
         clients = set(spec.target_clients(fed.clients))
         targets = sorted((c for c in captured if c.round in rounds
@@ -127,6 +192,6 @@ def run_attacks(
             outcomes.append(AttackOutcome(
                 attack=spec.name, attack_index=index, round=cap.round, partition_id=cap.partition_id,
                 metrics=score_reconstruction(rec, cap.truth), stats=dict(rec.stats), seconds=seconds, failed=rec.failed,
-                oracle=rec.oracle, reconstruction=rec.images, truth=cap.truth.inputs,
+                oracle=rec.oracle, reconstruction=rec.images, truth=cap.truth.inputs, labels=rec.labels,
             ))
     return outcomes

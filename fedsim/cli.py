@@ -93,6 +93,10 @@ def _print_result(result) -> None:  # noqa: ANN001
         tag = f"{o.attack} round {o.round} client {o.partition_id}"
         if o.failed:
             out(f"{tag}: failed ({o.failed})")
+        elif "mi_accuracy" in o.metrics:  # model inversion of the released model (client -2)
+            m = o.metrics
+            out(f"{o.attack} round {o.round} released model: MI accuracy {m['mi_accuracy']:.2f}, kNN distance "
+                f"{m.get('knn_distance') or float('nan'):.2f}  ({o.seconds:.1f} s)")
         else:
             m = o.metrics
             out(f"{tag}: PSNR {m.get('psnr_mean', float('nan')):.2f} dB, SSIM {m.get('ssim_mean', float('nan')):.3f}, "

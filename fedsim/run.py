@@ -48,7 +48,7 @@ def run_scenario(
     federation_s = time.perf_counter() - start
     descriptions: list[dict[str, Any]] = [dict(d.public_description()) for d in setup.defenses]
     outcomes = run_attacks(scenario, outcome.capture.updates, setup.task, setup.device, descriptions,
-                           attack_progress)
+                           attack_progress, released=outcome.released)
     timing = {
         "federation_s": round(federation_s, 3),
         "attacks_s": round(time.perf_counter() - start - federation_s, 3),

@@ -1,13 +1,15 @@
 """The contract: what the honest-but-curious server sees, and what only the evaluator sees.
 
-``ClientUpdate`` is everything an attack is allowed to read: the global model the client started
+``ClientUpdate`` is everything an update attack is allowed to read: the global model the client started
 from, the update it sent (after every client-side defense), the number of examples (Flower's
 FedAvg needs it, so every server sees it), and the hyperparameters and side information the
 scenario's threat model declares known. ``GroundTruth`` holds the client's real batch, labels and
 the randomness of that update (dropout masks, noise); only ``fedsim.metrics`` reads it, and no
 module under ``attacks/`` may import it (a test enforces this).
 
-Both are frozen and hold clones, so nothing downstream can alter what was captured.
+``ReleasedModel`` is what a model-inversion attack reads: the global model released after a round.
+
+All are frozen and hold clones, so nothing downstream can alter what was captured.
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ class ClientUpdate:
     side_info: Mapping[str, Any] = field(default_factory=dict)
     # Names and public parameters of the defenses in place, only if the threat model grants them.
     defenses: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class ReleasedModel:
+    """The global model as released after ``round``: what anyone who obtains the model sees.
+
+    Model-inversion attacks (``Attack.target == "model"``) read only this: the public task facts and
+    read-only CPU tensors of the global state. No client update, no data, no ground truth.
+    """
+
+    round: int
+    task: TaskInfo
+    state: Mapping[str, Tensor]
 
 
 @dataclass(frozen=True)

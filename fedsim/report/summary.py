@@ -38,9 +38,13 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     if "utility" in images:
         lines += ["", f"![utility]({images['utility']})"]
     lines += ["", "## Leakage", ""]
-    if not outcomes:
+    inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]
+    outcomes = [o for o in outcomes if o not in inversions]
+    if inversions:
+        lines += _inversion_table(inversions)
+    if not outcomes and not inversions:
         lines.append("No attack ran.")
-    else:
+    elif outcomes:
         lines += [
             "PSNR/SSIM: higher means the attack recovered more (more leakage). LPIPS: lower means more. "
             "Reconstructions are matched one-to-one to the real batch before scoring.",
@@ -65,3 +69,23 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     if "reconstructions" in images:
         lines += ["", f"![reconstructions]({images['reconstructions']})"]
     return "\n".join(lines) + "\n"
+
+
+def _inversion_table(outcomes: Sequence[Any]) -> list[str]:
+    """Model inversion of the released model: judged by an independent evaluation classifier."""
+    lines = [
+        "Model inversion of the released global model, judged by an independent evaluation classifier "
+        "(MI accuracy: share of inverted images it assigns to the target class; kNN distance: to the "
+        "closest real image of that class in its feature space, lower = closer).",
+        "",
+        "| attack | model after round | MI accuracy | top-5 | kNN distance | target confidence | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        m = o.metrics
+        if o.failed or m.get("failed"):
+            lines.append(f"| {o.attack} | {o.round} | failed: {o.failed or m.get('failed')} | | | | {o.seconds:.1f} |")
+            continue
+        lines.append(f"| {o.attack} | {o.round} | {_fmt(m.get('mi_accuracy'))} | {_fmt(m.get('mi_top5'))} | "
+                     f"{_fmt(m.get('knn_distance'))} | {_fmt(m.get('target_confidence'), 3)} | {o.seconds:.1f} |")
+    return lines + [""]

@@ -23,6 +23,7 @@ from fedsim.simulation import keys
 from fedsim.threat import GroundTruth
 
 AGGREGATE_ID = -1  # partition id of a captured aggregate (secure aggregation: it belongs to no one client)
+RELEASED_MODEL_ID = -2  # partition id of a model-inversion outcome: it attacks the released global model
 
 
 @dataclass(frozen=True)

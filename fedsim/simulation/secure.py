@@ -158,6 +158,7 @@ def build_secure_server_app(scenario: Scenario, outcome: FederationOutcome, para
 
         def evaluate_fn(server_round: int, ndarrays: list[np.ndarray], config: dict) -> tuple[float, dict]:
             model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in zip(names, ndarrays, strict=True)})
+            outcome.keep_released(server_round, model.state_dict())
             loss, acc = evaluate(model, data.test_x, data.test_y, mean=data.mean, std=data.std,
                                  batch_size=scenario.evaluation.batch_size, device=setup.device)
             row = {"round": server_round, "seconds": time.perf_counter() - start, "test_loss": loss,

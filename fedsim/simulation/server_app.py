@@ -29,12 +29,20 @@ RoundCallback = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class FederationOutcome:
-    """What the federation produced: per-round utility, captured updates, the final model."""
+    """What the federation produced: per-round utility, captured updates, the final model, and the
+    global models released after the rounds in ``released_rounds`` (for model-inversion attacks)."""
 
     capture: CaptureLog
     history: list[dict[str, float]] = field(default_factory=list)
     final_state: dict | None = None
     seconds: float = 0.0
+    released_rounds: set[int] = field(default_factory=set)
+    released: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def keep_released(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        """Keep a CPU clone of the global model after ``server_round`` if a model attack targets it."""
+        if server_round in self.released_rounds:
+            self.released[server_round] = {k: v.detach().to("cpu").clone() for k, v in state.items()}
 
 
 def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> dict[int, int]:
@@ -79,6 +87,8 @@ def build_server_app(
             if server_round in outcome.capture.train_loss:
                 row["train_loss"] = outcome.capture.train_loss[server_round]
             last = server_round == fed.rounds
+            if server_round in outcome.released_rounds:  # a model-inversion attack's target (always the final)
+                outcome.keep_released(server_round, arrays.to_torch_state_dict())
             if server_round % scenario.evaluation.every == 0 or last:
                 model.load_state_dict(arrays.to_torch_state_dict())
                 # Stochastic models (MID samples its bottleneck in eval mode too) evaluate under a seed
