@@ -25,6 +25,7 @@ from fedsim.simulation.strategies import build_strategy
 from fedsim.training import evaluate
 
 RoundCallback = Callable[[int, dict[str, float]], None]
+PULL_INTERVAL_S = 0.005
 
 
 @dataclass
@@ -71,6 +72,8 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
+        if hasattr(grid, "pull_interval"):  # Flower's InMemoryGrid (Ray) polls replies every 0.1 s by default:
+            grid.pull_interval = PULL_INTERVAL_S  # most of a small round's Ray overhead (benchmarks/sim_overhead.py)
         setup = setup_for(scenario)
         fed = scenario.federation
         partition_of_node = discover_partitions(grid, fed.clients)
