@@ -19,7 +19,7 @@ import pytest
 from fedsim.data.bundled import ASSETS
 from fedsim.run import run_scenario
 from fedsim.scenario import load_scenario
-from fedsim.simulation.capture import AGGREGATE_ID
+from fedsim.simulation.capture import AGGREGATE_ID, RELEASED_MODEL_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "scenarios" / "tutorial"
@@ -110,7 +110,7 @@ def _psnr(outcome: Any) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6, 7])
 def test_step_full_budget_teaches_its_lesson(number: int, tmp_path: Path) -> None:
     """Each step as shipped (seed 0). Measured values are in docs/tutorial.md; margins leave room."""
     result = run_scenario(load_scenario(_step(number)), tmp_path / f"tut{number:02d}")
@@ -138,3 +138,9 @@ def test_step_full_budget_teaches_its_lesson(number: int, tmp_path: Path) -> Non
         (agg,) = outs
         assert agg.partition_id == AGGREGATE_ID and len(agg.truth) == 4
         assert _psnr(agg) >= 16.0 and agg.metrics["label_acc"] == 1.0
+    elif number == 7:  # GMI on the released model: MI accuracy 1.00; MID beta 0.05 collapses it (0.30)
+        (gmi,) = outs
+        assert gmi.partition_id == RELEASED_MODEL_ID and gmi.metrics["mi_accuracy"] >= 0.8
+        collapsing_mid = "defenses=[{name: mid, params: {beta: 0.05, bottleneck_dim: 32}}]"
+        mid = run_scenario(load_scenario(_step(7), [collapsing_mid]), write=False)
+        assert mid.outcomes[0].metrics["mi_accuracy"] <= 0.5
