@@ -61,10 +61,9 @@ from attacks.gan_prior import (
     spherical_projection,
 )
 from attacks.matching import ticker
-from attacks.victim import UpdateMismatchError, apply_model_transforms
+from attacks.victim import rebuild_model
 from fedsim.errors import FedsimError
-from fedsim.models import build_model
-from fedsim.scenario import AttackSpec, ModelSpec, Scenario
+from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.threat import Reconstruction, ReleasedModel
 
@@ -80,14 +79,7 @@ class _MIParams(ModelInversionParams):
 def released_network(model: ReleasedModel, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the released model (architecture + the model-shaping defenses' transforms), load its
     state, eval mode, gradients off. Raises :class:`UpdateMismatchError` when the state does not fit."""
-    task = model.task
-    net = build_model(ModelSpec(**dict(task.model)), task.input_shape, task.num_classes)
-    net = apply_model_transforms(net, task.model_transforms)
-    try:
-        net.load_state_dict(dict(model.state), strict=True)
-    except RuntimeError as err:
-        name = task.model.get("name")
-        raise UpdateMismatchError(f"the released state does not fit the {name} model: {err}") from None
+    net = rebuild_model(model.task, model.state, "the released state")
     return net.to(device).eval().requires_grad_(False)
 
 

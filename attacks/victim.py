@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, dropout_layers
 from fedsim.scenario import DefenseSpec, ModelSpec
-from fedsim.threat import ClientUpdate
+from fedsim.threat import ClientUpdate, TaskInfo
 
 
 class UpdateMismatchError(FedsimError, ValueError):
@@ -53,20 +53,24 @@ def apply_model_transforms(model: nn.Module, transforms: Sequence[Mapping[str, A
     return model
 
 
+def rebuild_model(task: TaskInfo, state: Mapping[str, Tensor], what: str = "global state") -> nn.Module:
+    """The task's architecture with the model-shaping defenses' transforms applied and ``state`` loaded
+    (on CPU, train mode). Raises :class:`UpdateMismatchError` when the state does not fit."""
+    model = build_model(ModelSpec(**dict(task.model)), task.input_shape, task.num_classes)
+    model = apply_model_transforms(model, task.model_transforms)
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except RuntimeError as err:
+        raise UpdateMismatchError(f"{what} does not fit the {task.model.get('name')} model: {err}") from None
+    return model
+
+
 def victim_model(update: ClientUpdate, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the global model of ``update`` on ``device``, load its state and set attacker mode.
 
     Raises :class:`UpdateMismatchError` when the state does not fit the declared architecture.
     """
-    task = update.task
-    model = build_model(ModelSpec(**dict(task.model)), task.input_shape, task.num_classes)
-    model = apply_model_transforms(model, task.model_transforms)
-    try:
-        model.load_state_dict(dict(update.global_state), strict=True)
-    except RuntimeError as err:
-        name = task.model.get("name")
-        raise UpdateMismatchError(f"global state does not fit the {name} model: {err}") from None
-    return attacker_mode(model.to(device))
+    return attacker_mode(rebuild_model(update.task, update.global_state).to(device))
 
 
 def target_gradient(update: ClientUpdate, model: nn.Module) -> list[Tensor]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from fedsim.bench.grid import Grid
 from fedsim.errors import ScenarioError
-from fedsim.scenario import parse_scenario
+from fedsim.scenario import parse_scenario, set_dotted
 from fedsim.seeding import derive_seed
 
 
@@ -45,33 +45,9 @@ def cell_id(attack: str, defense: str, params: dict[str, Any], repeat: int) -> s
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-class _SetError(Exception):
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(f"{where}: {reason}")
-        self.where, self.reason = where, reason
-
-
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.0.c`` in a raw scenario mapping, like ``--set`` (list items by existing index)."""
-    parts = dotted.split(".")
-    node: Any = raw
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise _SetError(where, f"no list item {part!r} (the list has {len(node)})")
-            if last:
-                node[int(part)] = copy.deepcopy(value)
-            else:
-                node = node[int(part)]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = copy.deepcopy(value)
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise _SetError(where, "cannot set a field inside a plain value")
+    """Set ``a.b.0.c`` in a raw scenario mapping, like ``--set`` (a copy of ``value``)."""
+    set_dotted(raw, dotted, copy.deepcopy(value))
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -129,11 +105,11 @@ class _CellBuilder:
     def set(self, key: str, value: Any, grid_path: str) -> None:
         try:
             set_path(self.raw, key, value)
-        except _SetError as err:
+        except ScenarioError as err:
             hint = ""
             if grid_path.startswith("sweep.") and "no list item" in err.reason:
                 hint = " (scope the axis to the entries that have it: {values: [...], defenses: [label]})"
-            raise ScenarioError(grid_path, f"{err.where}: {err.reason}{hint}") from None
+            raise ScenarioError(grid_path, f"{err.path}: {err.reason}{hint}") from None
         self.sources.append((key, grid_path))
 
     def blame(self, err: ScenarioError, cell: str) -> ScenarioError:

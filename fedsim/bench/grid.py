@@ -36,11 +36,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsim.errors import ScenarioError
-from fedsim.scenario import _first_error, _PathError, apply_overrides
+from fedsim.scenario import _first_error, _PathError, apply_overrides, read_yaml
 
 FORBIDDEN_PATHS = {"seed": "seeds come from 'repeats'", "backend": "cells always run on the in-process backend",
                    "name": "the cell name is the base scenario's"}
@@ -204,14 +203,7 @@ def parse_grid(raw: Any) -> Grid:
 
 
 def _read_yaml(path: Path, field: str) -> Any:
-    if not path.is_file():
-        raise ScenarioError(field, f"file {str(path)!r} does not exist")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise ScenarioError(field, f"{path} is not valid YAML ({where}): {getattr(err, 'problem', err)}") from None
+    return read_yaml(path, "file", field)
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:

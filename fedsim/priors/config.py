@@ -13,11 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedsim.errors import ScenarioError
-from fedsim.scenario import _first_error, _PathError, _Strict, apply_overrides
+from fedsim.scenario import _first_error, _PathError, _Strict, apply_overrides, read_yaml
 
 
 class PriorDataSpec(_Strict):
@@ -104,13 +103,5 @@ def parse_prior_config(raw: Any) -> PriorConfig:
 
 def load_prior_config(path: str | Path, overrides: list[str] | None = None) -> PriorConfig:
     """Read, override (``key.path=value``) and validate a prior-training YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScenarioError("", f"prior config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise ScenarioError("", f"{path} is not valid YAML ({where}): {getattr(err, 'problem', err)}") from None
+    raw = read_yaml(path, "prior config file")
     return parse_prior_config(apply_overrides(raw if raw is not None else {}, list(overrides or [])))
