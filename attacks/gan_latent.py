@@ -24,19 +24,25 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from attacks.base import Attack, ProgressFn, register_attack
-from attacks.gan_prior import LATENT_PRIORS, GanPriorParams, Run, check_prior_name, optimize_variable, prepare_victim
+from attacks.base import ProgressFn, register_attack
+from attacks.gan_prior import (
+    LATENT_PRIORS,
+    GanPriorAttack,
+    GanPriorParams,
+    Run,
+    optimize_variable,
+    prepare_victim,
+)
 from attacks.inverting_gradients import to_pixels
-from attacks.matching import check_delta_scale, ticker
+from attacks.matching import ticker
 from attacks.objectives import OBJECTIVES
 from attacks.regularizers import total_variation
-from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 
 
 @register_attack("gan_latent")
-class GanLatent(Attack):
+class GanLatent(GanPriorAttack):
     """Adam over a generator's latent to match the client's gradient (GGL/GIAS-style latent search)."""
 
     summary = "GAN latent search (GGL/GIAS): gradient matching over a generative prior's latent"
@@ -47,13 +53,6 @@ class GanLatent(Attack):
         latent_prior: Literal["kl", "norm"] = Field("kl", description="kl: GGL's KL term; norm: latent-norm term")
         latent_weight: float = Field(0.01, ge=0, description="weight of the latent prior")
         schedule: Literal["gifd", "constant"] = Field("gifd", description="gifd: warm-up then cosine decay")
-
-    @classmethod
-    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
-        super().check_scenario(scenario, spec)
-        params = cls.Params.model_validate(spec.params)
-        check_delta_scale(scenario, spec, params.distance)
-        check_prior_name(params.prior)
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()

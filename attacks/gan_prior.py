@@ -27,15 +27,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import AttackParams
+from attacks.base import Attack, AttackParams
 from attacks.defense_aware import DefenseTransform, defense_transform
 from attacks.inverting_gradients import gradient_distance, pixel_box
-from attacks.matching import LabelStrategy, labels_for, matching_target, unusable
+from attacks.matching import LabelStrategy, check_delta_scale, labels_for, matching_target, unusable
 from attacks.objectives import Distance
 from attacks.victim import victim_model
 from fedsim.errors import DataUnavailableError, FedsimError
 from fedsim.priors import DCGANGenerator, PriorMeta, load_prior, resolve_prior_path
-from fedsim.scenario import Budget, Knowledge
+from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
 from fedsim.threat import ClientUpdate, TaskInfo
 
 DEFAULT_PRIOR = "mnist-dcgan"
@@ -87,6 +87,18 @@ def check_prior_name(name: str) -> None:
         resolve_prior_path(name)
     except DataUnavailableError as err:
         raise DataUnavailableError(f"params.prior: {err}") from None
+
+
+class GanPriorAttack(Attack):
+    """Base of the gradient-matching attacks with a GAN prior: validation checks the prior resolves and
+    that an L2 distance on a FedAvg delta has the local hyperparameters it needs to rescale."""
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
+        super().check_scenario(scenario, spec)
+        params = cls.Params.model_validate(spec.params)
+        check_delta_scale(scenario, spec, params.distance)
+        check_prior_name(params.prior)
 
 
 def load_attack_prior(params: GanPriorParams, task: TaskInfo, device: torch.device | str) -> AttackPrior:

@@ -45,21 +45,20 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from attacks.base import Attack, ProgressFn, register_attack
+from attacks.base import ProgressFn, register_attack
 from attacks.gan_prior import (
+    GanPriorAttack,
     GanPriorParams,
     Victim,
-    check_prior_name,
     optimize_variable,
     prepare_victim,
     project_l1_around,
     spherical_projection,
 )
 from attacks.inverting_gradients import to_pixels
-from attacks.matching import check_delta_scale, ticker
+from attacks.matching import ticker
 from attacks.objectives import OBJECTIVES
 from attacks.regularizers import image_norm, total_variation
-from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 
@@ -99,7 +98,7 @@ def stage_steps(iterations: int, shares: Sequence[float]) -> list[int]:
 
 
 @register_attack("gifd")
-class GIFD(Attack):
+class GIFD(GanPriorAttack):
     """Stage-wise latent then feature-domain search in a generator, L1-ball bounded (Fang et al., 2023)."""
 
     summary = "GIFD (Fang et al. 2023): latent then intermediate-feature search of a GAN prior, L1-bounded"
@@ -129,13 +128,6 @@ class GIFD(Attack):
                     raise ValueError(f"{self.stages} stages need {self.stages} stage_shares, "
                                      f"got {len(self.stage_shares)}")
             return self
-
-    @classmethod
-    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
-        super().check_scenario(scenario, spec)
-        params = cls.Params.model_validate(spec.params)
-        check_delta_scale(scenario, spec, params.distance)
-        check_prior_name(params.prior)
 
     def _plan(self, num_blocks: int, feature_sizes: Sequence[int]) -> tuple[list[int], list[float]] | str:
         """Steps per stage and the L1 radii of stages 1.., or why the parameters do not fit the prior."""
