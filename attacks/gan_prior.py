@@ -89,6 +89,30 @@ def check_prior_name(name: str) -> None:
         raise DataUnavailableError(f"params.prior: {err}") from None
 
 
+def check_prior_disjoint(scenario: Scenario, name: str) -> None:
+    """Refuse a prior that learned from images the scenario's clients hold: its attack would be handed
+    the private data through the prior (an unlabelled oracle). Priors record their training range
+    (``extra["data"]``, written by ``fedsim prior train``); client data are the first ``train_subset``
+    (default: all) examples of the train split, whose indices do not depend on ``test_fraction``."""
+    from fedsim.priors.store import read_prior_file
+
+    record = read_prior_file(resolve_prior_path(name))["meta"].get("extra", {}).get("data")
+    data = scenario.data
+    if not record or record.get("dataset") != data.dataset:
+        return  # another dataset (or a hand-made prior without a record): nothing to compare
+    held = "all training examples" if data.train_subset is None else f"train examples 0..{data.train_subset - 1}"
+    if record["split"] == "train":
+        overlap = data.train_subset is None or record["start"] < data.train_subset
+    else:  # the prior saw the held-out tail; disjoint from the clients iff both cut the same tail
+        overlap = abs(record["test_fraction"] - data.test_fraction) > 1e-12
+    if overlap:
+        raise DataUnavailableError(
+            f"params.prior: {name!r} was trained on {data.dataset} {record['split']} examples "
+            f"{record['start']}..{record['stop'] - 1} (test_fraction {record['test_fraction']}), which overlap the "
+            f"clients' data ({held}, test_fraction {data.test_fraction}); set data.train_subset to at most "
+            f"{record['start']} or use a prior trained on other data")
+
+
 class GanPriorAttack(Attack):
     """Base of the gradient-matching attacks with a GAN prior: validation checks the prior resolves and
     that an L2 distance on a FedAvg delta has the local hyperparameters it needs to rescale."""
@@ -99,6 +123,7 @@ class GanPriorAttack(Attack):
         params = cls.Params.model_validate(spec.params)
         check_delta_scale(scenario, spec, params.distance)
         check_prior_name(params.prior)
+        check_prior_disjoint(scenario, params.prior)
 
 
 def load_attack_prior(params: GanPriorParams, task: TaskInfo, device: torch.device | str) -> AttackPrior:

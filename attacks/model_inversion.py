@@ -54,6 +54,7 @@ from attacks.base import AttackParams, ModelInversionAttack, ModelInversionParam
 from attacks.gan_prior import (
     DEFAULT_PRIOR,
     AttackPrior,
+    check_prior_disjoint,
     check_prior_name,
     load_attack_prior,
     optimize_variable,
@@ -162,7 +163,9 @@ class _ModelInversionBase(ModelInversionAttack):
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
         super().check_scenario(scenario, spec)
-        check_prior_name(cls.Params.model_validate(spec.params).prior)
+        prior = cls.Params.model_validate(spec.params).prior
+        check_prior_name(prior)
+        check_prior_disjoint(scenario, prior)
 
     def invert(self, model: ReleasedModel, target_classes: list[int],
                progress: ProgressFn | None = None) -> Reconstruction:

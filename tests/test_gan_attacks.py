@@ -37,6 +37,8 @@ from fedsim.run import run_scenario
 from fedsim.scenario import Budget, DataSpec, Knowledge, ModelSpec, load_scenario, parse_scenario
 from fedsim.threat import ClientUpdate
 
+ROOT = Path(__file__).resolve().parents[1]
+
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios" / "attacks"
 PRIOR = "mnist-dcgan"
 
@@ -353,3 +355,15 @@ def test_comparison_ig_latent_gifd_on_several_digits(mnist) -> None:
     mean = {k: sum(v) / len(v) for k, v in results.items()}
     assert mean["gifd"] >= 33.0 and mean["lat"] >= 16.0 and mean["gifd"] >= mean["lat"] + 10 >= mean["ig"] + 10
     assert all(g >= la for g, la in zip(results["gifd"], results["lat"], strict=True))
+
+
+@pytest.mark.parametrize("train_subset", [3000, None])
+def test_a_prior_trained_on_the_clients_images_is_refused(train_subset: int | None) -> None:
+    """mnist-dcgan learned from mnist-5k train examples 2000..3999: clients holding any of them would hand
+    the attack their own images through the prior (an unlabelled oracle), so validation refuses."""
+    for name in ("gifd.yaml", "gan_latent.yaml", "model_inversion.yaml"):
+        path = ROOT / "scenarios" / "attacks" / name
+        assert load_scenario(path)  # the shipped split (clients 0..1999) is fine
+        with pytest.raises(ScenarioError, match=r"params\.prior: 'mnist-dcgan' was trained on mnist-5k train "
+                                                r"examples 2000\.\.3999.*overlap the clients' data"):
+            load_scenario(path, [f"data.train_subset={'null' if train_subset is None else train_subset}"])

@@ -20,6 +20,7 @@ from fedsim.priors import DCGANGenerator, load_prior, resolve_prior_path
 from fedsim.priors.config import load_prior_config, parse_prior_config
 from fedsim.priors.data import load_auxiliary_images
 from fedsim.priors.sampling import sample_images
+from fedsim.priors.store import read_prior_file
 from fedsim.priors.train import checkpoint_path, train_prior
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,8 @@ def test_training_writes_a_prior_that_round_trips(tmp_path: Path) -> None:
     assert (meta.dataset, meta.resolution, meta.channels, meta.latent_dim, meta.width) == ("digits", 8, 1, 8, 8)
     assert meta.steps == 6 and meta.seconds > 0 and "digits train examples 100..399" in meta.data_note
     assert meta.extra["seed"] == 3 and meta.extra["threads"] == torch.get_num_threads()
+    assert meta.extra["data"] == {"dataset": "digits", "split": "train", "start": 100, "stop": 400,
+                                  "test_fraction": meta.extra["data"]["test_fraction"]}
     z = torch.randn(5, 8)
     with torch.no_grad():
         assert torch.equal(loaded.generator(z), result.prior.generator(z))
@@ -263,3 +266,14 @@ def test_shipped_prior_configs_validate_and_stay_disjoint_from_the_clients(path:
     config = load_prior_config(path)
     # The GAN-prior scenarios' clients use mnist-5k train examples 0..1999 (data.train_subset: 2000).
     assert config.data.split == "train" and config.data.start >= 2000
+
+
+def test_a_prior_records_its_training_range_and_a_malformed_prior_is_a_clear_error(tmp_path: Path) -> None:
+    shipped = read_prior_file(resolve_prior_path("mnist-dcgan"))
+    assert shipped["meta"]["extra"]["data"] == {"dataset": "mnist-5k", "split": "train", "start": 2000,
+                                                "stop": 4000, "test_fraction": 0.2}
+    broken = dict(shipped)
+    broken["meta"] = {k: v for k, v in shipped["meta"].items() if k != "latent_dim"}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(DataUnavailableError, match="not a valid prior"):
+        load_prior(tmp_path / "broken.pt")

@@ -136,6 +136,14 @@ def _train_step(prior: Prior, images: torch.Tensor, optimisers: tuple[torch.opti
             "d_fake": float(torch.sigmoid(fake_logits.detach()).mean())}
 
 
+def training_data_record(config: PriorConfig, count: int) -> dict[str, Any]:
+    """Which examples the prior learned from, as fields (not prose), so attacks can refuse a scenario
+    whose clients hold any of them (``attacks.gan_prior.check_prior_disjoint``)."""
+    spec = config.data
+    return {"dataset": spec.dataset, "split": spec.split, "start": spec.start, "stop": spec.start + count,
+            "test_fraction": spec.test_fraction}
+
+
 def _finished(out: Path, config: PriorConfig) -> bool:
     """Whether ``out`` already is this config's prior, fully trained (then a rerun has nothing to do)."""
     if not out.is_file():
@@ -189,7 +197,7 @@ def train_prior(config: PriorConfig, out_path: str | Path | None = None, progres
     seconds += time.perf_counter() - began
     extra = {"name": config.name, "seed": config.seed, "config": config_fingerprint(config),
              "threads": torch.get_num_threads(), "torch": str(torch.__version__), "final_losses": losses,
-             "resumed_from": start}
+             "resumed_from": start, "data": training_data_record(config, len(aux.images))}
     prior.meta = replace(meta, steps=total, seconds=round(seconds, 3), extra=extra)
     prior.generator.eval()
     prior.discriminator.eval()
