@@ -142,7 +142,7 @@ def run_model_attack(scenario: Scenario, index: int, spec: AttackSpec, rnd: int,
                 torch.manual_seed(derive_seed(scenario.seed, "mi-score", index, rnd))
                 metrics = score_model_inversion(rec, evaluator, target)
             stats.update(evaluator_accuracy=evaluator.accuracy, evaluator_val_size=float(evaluator.num_val))
-        except (FedsimError, ValueError, RuntimeError) as err:  # e.g. a dataset without a usable test split
+        except (FedsimError, ValueError, RuntimeError, OSError) as err:  # e.g. no usable test split, disk errors
             metrics = {"failed": f"model-inversion scoring failed: {err}"}
     return AttackOutcome(
         attack=spec.name, attack_index=index, round=rnd, partition_id=RELEASED_MODEL_ID, metrics=metrics,

@@ -145,6 +145,16 @@ def test_cli_bad_grid_exits_2_and_writes_nothing(tmp_path: Path, tiny_raw) -> No
     assert not out.exists()
 
 
+def test_cli_out_naming_a_file_exits_2(tmp_path: Path, tiny_raw) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid_raw(tiny_raw)))
+    taken = tmp_path / "a-file"
+    taken.write_text("keep me")
+    result = CliRunner().invoke(app, ["bench", str(path), "--out", str(taken), "--executor", "serial"])
+    assert result.exit_code == 2 and "--out" in result.output and "Traceback" not in result.output
+    assert taken.read_text() == "keep me"
+
+
 def test_store_ignores_and_repairs_a_truncated_last_line(tmp_path: Path) -> None:
     store = tmp_path / "cells.jsonl"
     append_record(store, {"cell_id": "a", "status": "ok", "psnr": float("nan")})

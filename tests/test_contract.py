@@ -19,7 +19,9 @@ from fedsim.simulation.setup import setup_for
 from fedsim.threat import ClientUpdate
 
 ATTACK_DIR = Path(attacks.__file__).parent
-FORBIDDEN = {"GroundTruth", "CapturedUpdate", "fedsim.simulation", "fedsim.metrics", "fedsim.attacking"}
+# fedsim.data / the prior's data loader would hand an attack the clients' (or the evaluator's) images.
+FORBIDDEN = {"GroundTruth", "CapturedUpdate", "fedsim.simulation", "fedsim.metrics", "fedsim.attacking",
+             "fedsim.data", "fedsim.priors.data", "fedsim.priors.train"}
 
 
 @pytest.mark.parametrize("path", sorted(ATTACK_DIR.glob("*.py")), ids=lambda p: p.name)

@@ -269,3 +269,30 @@ def test_shipped_scenario_gmi_and_if_gmi_leak_the_classes() -> None:
     assert result.history[-1]["test_accuracy"] > 0.9
     gmi, if_gmi = result.outcomes
     assert gmi.metrics["mi_accuracy"] >= 0.7 and if_gmi.metrics["mi_accuracy"] >= 0.4
+
+
+def test_an_unwritable_evaluator_cache_warns_and_keeps_the_classifier_in_memory(tmp_path, monkeypatch) -> None:
+    """FEDSIM_CACHE_DIR naming a file (or a read-only home, a full disk) must not lose a finished run."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(evaluator_mod, "_LOADED", {})
+    with pytest.warns(UserWarning, match="not cached"):
+        first = load_evaluator(DataSpec(dataset="digits"))
+    assert first.trained_now and not first.path.exists() and first.accuracy > 0.8
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("retrained within the same process")
+
+    monkeypatch.setattr(evaluator_mod, "train_evaluator", no_training)
+    assert load_evaluator(DataSpec(dataset="digits")) is first
+
+
+def test_poincare_loss_matches_the_closed_form() -> None:
+    """arccosh(1 + 2|u-v|^2 / ((1-|u|^2)(1-|v|^2))) with u = logits / |logits|_1, v = one-hot - 1e-4."""
+    logits, label = torch.tensor([[3.0, 1.0, 0.0]]), torch.tensor([0])
+    u = torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64)
+    v = torch.tensor([1 - 1e-4, 0.0, 0.0], dtype=torch.float64)
+    expected = torch.arccosh(1 + 2 * (u - v).pow(2).sum() / ((1 - u.pow(2).sum()) * (1 - v.pow(2).sum())))
+    # float32: 1 - |v|^2 = 2e-4 cancels about four digits
+    assert poincare_loss(logits, label).item() == pytest.approx(expected.item(), rel=1e-4)

@@ -272,3 +272,18 @@ def test_model_inversion_outcome_shows_inverted_images_with_target_class(tmp_pat
         assert data["labels_0"].tolist() == [3, 5, 7] and "truth_0" not in data.files
         assert data["recon_0"].shape == (3, 1, 8, 8)
         assert np.array_equal(data["recon_0"], torch.round(images * 255).to(torch.uint8).numpy())
+
+
+def test_an_unusable_cell_record_is_reported_not_fatal(tmp_path: Path) -> None:
+    """A record that parses as JSON but cannot be used (a non-integer repeat) is listed as a bad line;
+    the other cells still make a report."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    good = {"cell_id": "a", "attack": "inverting_gradients", "defense": "none", "params": {}, "repeat": 0,
+            "seed": 1, "status": "ok", "error": None, "seconds": 1.0, "run_dir": None,
+            "summary": {"psnr_mean": 12.0, "test_accuracy": 0.5}}
+    (bench / "cells.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "cell_id": "b", "repeat": "x"})
+                                       + "\n")
+    source = load_source(bench)
+    assert [c.cell_id for c in source.cells] == ["a"] and source.skipped_lines == [2]
+    assert render_report(bench).is_file()

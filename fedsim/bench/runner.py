@@ -69,11 +69,11 @@ def prepare_dir(grid: Grid, cells: list[Cell], out_dir: Path, retry_failed: bool
     """Create or reopen a bench directory; returns the ids of cells already finished."""
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / CELLS_FILE
+    check_finished(cells, out_dir, {r["cell_id"] for r in read_records(store)})  # refuse before rewriting anything
     repair(store)
     if retry_failed:
         drop_records(store, [r["cell_id"] for r in read_records(store) if r["status"] == "failed"])
     done = {r["cell_id"] for r in read_records(store)}
-    check_finished(cells, out_dir, done)
     grid_file = out_dir / GRID_FILE
     tmp = grid_file.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(grid.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
@@ -97,7 +97,10 @@ def run_bench(grid: Grid, out_dir: Path, executor: str = "ray", progress: BenchP
     if cells is None:
         cells = expand_grid(grid)  # validates every cell before anything is written
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. --out names an existing file, or a read-only place
+        raise FedsimError(f"--out: cannot use {out_dir} as the bench directory ({err.strerror or err})") from None
     lock = open(out_dir / LOCK_FILE, "w")  # noqa: SIM115 - held for the whole run; the OS drops it if we die
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,14 +169,27 @@ def _read(path: Path, num_classes: int, channels: int) -> dict | None:
     return payload
 
 
-def _write_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomically(path: Path, payload: dict) -> bool:
+    """Cache the trained classifier (unique temporary name, fsync, rename). An unwritable cache (read-only
+    home, full disk, FEDSIM_CACHE_DIR naming a file) only costs retraining next time: warn, never fail."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return True
+    except OSError as err:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"evaluation classifier not cached ({path}): {err}", stacklevel=2)
+        return False
 
 
 _LOADED: dict[tuple[str, str], Evaluator] = {}
+_UNCACHED: set[tuple[str, str]] = set()  # evaluators this process trained but could not write to the cache
 
 
 def load_evaluator(data: DataSpec, device: torch.device | str = "cpu") -> Evaluator:
@@ -186,8 +200,8 @@ def load_evaluator(data: DataSpec, device: torch.device | str = "cpu") -> Evalua
     key = cache_key(bundle.name, x, y)
     path = cache_dir() / f"{key}.pt"
     memo = (str(path), str(device))
-    if memo in _LOADED and _LOADED[memo].path.is_file():
-        return _LOADED[memo]
+    if memo in _LOADED and (_LOADED[memo].path.is_file() or memo in _UNCACHED):
+        return _LOADED[memo]  # (an evaluator whose cache write failed stays in memory for this process)
     n_train = int(len(x) * TRAIN_FRACTION)
     payload = _read(path, bundle.num_classes, x.shape[1]) if path.is_file() else None
     trained_now = payload is None
@@ -198,7 +212,8 @@ def load_evaluator(data: DataSpec, device: torch.device | str = "cpu") -> Evalua
         accuracy = float((pred == y[n_train:]).float().mean()) if len(pred) else float("nan")
         payload = {"format": FORMAT, "arch": ARCH, "num_classes": bundle.num_classes, "channels": int(x.shape[1]),
                    "dataset": bundle.name, "accuracy": accuracy, "state": net.state_dict()}
-        _write_atomically(path, payload)
+        if not _write_atomically(path, payload):
+            _UNCACHED.add(memo)
     net = EvalCNN(x.shape[1], bundle.num_classes)
     try:
         net.load_state_dict(payload["state"])

@@ -61,8 +61,11 @@ def save_prior(path: str | Path, prior: Prior, extra_state: dict[str, Any] | Non
         "discriminator": prior.discriminator.state_dict(),
         **(extra_state or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: two trainings never share a temp file
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())  # durable before the rename makes it visible
     os.replace(tmp, path)
     return path
 
@@ -94,10 +97,14 @@ def read_prior_file(path: str | Path) -> dict[str, Any]:
 
 def load_prior(name_or_path: str | Path, device: torch.device | str = "cpu") -> Prior:
     """Load a prior for attacking: generator and discriminator in eval mode, gradients off."""
-    payload = read_prior_file(resolve_prior_path(name_or_path))
-    prior = build_prior(PriorMeta(**payload["meta"]))
-    prior.generator.load_state_dict(payload["generator"])
-    prior.discriminator.load_state_dict(payload["discriminator"])
+    path = resolve_prior_path(name_or_path)
+    payload = read_prior_file(path)
+    try:
+        prior = build_prior(PriorMeta(**payload["meta"]))
+        prior.generator.load_state_dict(payload["generator"])
+        prior.discriminator.load_state_dict(payload["discriminator"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # missing/extra fields, wrong shapes
+        raise DataUnavailableError(f"{path} is not a valid prior: {type(err).__name__}: {err}") from None
     for net in (prior.generator, prior.discriminator):
         net.to(device).eval().requires_grad_(False)
     return prior

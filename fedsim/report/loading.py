@@ -180,6 +180,7 @@ def read_cells(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
         except json.JSONDecodeError:
             record = None
         if isinstance(record, dict):
+            record.setdefault("_line", number)  # for reporting a record that parses but cannot be used
             records.append(record)
         elif number == len(complete) and not tail:
             return records, bad, True  # a last line that is not JSON: cut off mid-write
@@ -192,7 +193,12 @@ def read_cells(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
 def load_bench(path: Path) -> Source:
     """A benchmark directory: its cells.jsonl (tolerant of a truncated last line) and grid.yaml."""
     records, bad, truncated = read_cells(path / "cells.jsonl")
-    cells = [_parse_cell(r, path) for r in records]
+    cells = []
+    for record in records:
+        try:
+            cells.append(_parse_cell(record, path))
+        except (ReportSourceError, ValueError, TypeError):  # e.g. a non-integer repeat, a corrupt metrics.json
+            bad.append(int(record.get("_line", 0)))
     if not cells:
         raise ReportSourceError(f"{path / 'cells.jsonl'}: no finished cell yet, nothing to report")
     return Source("bench", path, cells, bad, truncated, read_yaml(path / "grid.yaml"))

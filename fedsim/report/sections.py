@@ -26,8 +26,9 @@ rewards blur and punishes small shifts, so look at the galleries and SSIM too.</
 distance, lower = more similar) measure the same thing differently; <b>label acc.</b> is the fraction of
 the batch's labels the attack recovered.</li>
 <li><b>MI acc.</b> and <b>kNN dist.</b> score model-inversion attacks, which attack the released model
-rather than an update: how often the inverted images are classified as their target class, and their
-feature distance to the nearest real training image of that class (lower = closer to private data).</li>
+rather than an update: how often an independent evaluation classifier assigns the inverted images to
+their target class, and their distance in its feature space to the nearest held-out real image of that
+class (lower = more like real images of the class; these are class-level, not any client's own images).</li>
 <li><b>&epsilon;</b> is the differential-privacy budget the defense reports (lower = stronger guarantee).
 It bounds what <i>any</i> attack can learn; PSNR measures what <i>this</i> attack, with this budget, did.
 A low PSNR under small attack budgets is not proof of privacy, and central DP with a curious server
