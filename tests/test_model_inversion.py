@@ -296,3 +296,18 @@ def test_poincare_loss_matches_the_closed_form() -> None:
     expected = torch.arccosh(1 + 2 * (u - v).pow(2).sum() / ((1 - u.pow(2).sum()) * (1 - v.pow(2).sum())))
     # float32: 1 - |v|^2 = 2e-4 cancels about four digits
     assert poincare_loss(logits, label).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_model_inversion_over_rounds_is_a_leakage_curve_and_plot(tmp_path) -> None:
+    """``every: 1`` on a model attack: MI accuracy per released round goes into metrics.json's leakage
+    curve and, with no update attack to plot, onto the leakage-over-rounds figure."""
+    from fedsim.attacking import AttackOutcome
+    from fedsim.report.leakage import leakage_curve, leakage_plot
+
+    outcomes = [AttackOutcome("gmi", 0, rnd, RELEASED_MODEL_ID, {"mi_accuracy": acc, "knn_distance": 7.0 - rnd},
+                              {}, 1.0) for rnd, acc in ((1, 0.7), (2, 1.0))]
+    curve = leakage_curve(outcomes)
+    assert [(r["round"], r["mi_accuracy"], r["knn_distance"]) for r in curve] == [(1, 0.7, 6.0), (2, 1.0, 5.0)]
+    history = [{"round": r, "test_accuracy": a, "test_loss": 1.0} for r, a in ((0, 0.1), (1, 0.7), (2, 0.9))]
+    assert leakage_plot(curve, history, tmp_path / "rounds.png") and (tmp_path / "rounds.png").stat().st_size > 0
+    assert not leakage_plot(curve[:1], history, tmp_path / "one.png")  # one round is no curve

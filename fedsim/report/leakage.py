@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-CURVE_METRICS = ("psnr_mean", "ssim_mean", "lpips_mean", "label_acc")
+CURVE_METRICS = ("psnr_mean", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
 
 
 def leakage_curve(outcomes: Sequence[Any]) -> list[dict[str, Any]]:
@@ -37,19 +37,34 @@ def leakage_curve(outcomes: Sequence[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def leakage_plot(curve: Sequence[dict[str, Any]], history: Sequence[dict[str, float]], path: Path) -> bool:
-    """PSNR of each attack per round (left axis) beside the global model's test accuracy (right axis)."""
+#: What the left axis shows: PSNR of update attacks, else the accuracy of model inversion (``every: k`` on gmi).
+PLOTTED = (("psnr_mean", "PSNR", "reconstruction PSNR (dB)"),
+           ("mi_accuracy", "MI accuracy", "model-inversion accuracy"))
+
+
+def _series(curve: Sequence[dict[str, Any]], key: str) -> dict[tuple[int, str], list[dict[str, Any]]]:
     series: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
     for row in curve:
-        if "psnr_mean" in row:
+        if key in row:
             series[(row["attack_index"], row["attack"])].append(row)
-    if not any(len(rows) >= 2 for rows in series.values()):  # a curve needs at least two attacked rounds
+    return series
+
+
+def leakage_plot(curve: Sequence[dict[str, Any]], history: Sequence[dict[str, float]], path: Path) -> bool:
+    """Leakage of each attack per round (left axis: PSNR, or model-inversion accuracy when no update attack
+    has a curve) beside the global model's test accuracy (right axis)."""
+    candidates = [(key, short, label, _series(curve, key)) for key, short, label in PLOTTED]
+    chosen = [c for c in candidates if any(len(rows) >= 2 for rows in c[3].values())]
+    if not chosen:  # a curve needs at least two attacked rounds
         return False
+    key, short, axis_label, series = chosen[0]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for (_, name), rows in sorted(series.items()):
-        ax.plot([r["round"] for r in rows], [r["psnr_mean"] for r in rows], marker="o", label=f"{name} PSNR")
+        ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=f"{name} {short}")
     ax.set_xlabel("round")
-    ax.set_ylabel("reconstruction PSNR (dB)")
+    ax.set_ylabel(axis_label)
+    if key == "mi_accuracy":
+        ax.set_ylim(0, 1.05)
     evaluated = [h for h in history if "test_accuracy" in h]
     if evaluated:
         ax2 = ax.twinx()
