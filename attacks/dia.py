@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
 from attacks.label_recovery import LABEL_STRATEGIES
-from attacks.matching import labels_for
+from attacks.matching import labels_for, unusable
 from attacks.objectives import cosine
 from attacks.regularizers import total_variation
-from attacks.victim import check_update, target_gradient, victim_model
+from attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError
 from fedsim.models import dropout_layers, set_masks
 from fedsim.seeding import torch_generator
@@ -197,12 +197,10 @@ class _MaskedInversion(Attack):
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
-        reason = check_update(update)
+        reason = unusable(update, self.budget)
         if reason is not None:
             return Reconstruction.failure(reason)
         p, budget = self.params, self.budget
-        if budget.iterations == 0:
-            return Reconstruction.failure("budget.iterations is 0: nothing to optimize")
         num, iters = int(update.num_examples), budget.iterations
         try:
             model = victim_model(update, self.device)

@@ -37,11 +37,11 @@ from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.batched import BatchingUnsupported, matching_loss, optimize_trials
 from attacks.defense_aware import DefenseTransform, defense_transform
 from attacks.label_recovery import LABEL_STRATEGIES
-from attacks.matching import labels_for
+from attacks.matching import labels_for, unusable
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
 from attacks.restarts import RestartBook
-from attacks.victim import check_update, target_gradient, victim_model
+from attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
@@ -200,12 +200,10 @@ class InvertingGradients(Attack):
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
-        reason = check_update(update)
+        reason = unusable(update, self.budget)
         if reason is not None:
             return Reconstruction.failure(reason)
         p, budget = self.params, self.budget
-        if budget.iterations == 0:
-            return Reconstruction.failure("budget.iterations is 0: nothing to optimize")
         num = int(update.num_examples)
         try:
             model = victim_model(update, self.device)
