@@ -31,7 +31,6 @@ from attacks.gan_prior import (
     GanPriorParams,
     Run,
     optimize_variable,
-    prepare_victim,
 )
 from attacks.inverting_gradients import to_pixels
 from attacks.matching import ticker
@@ -57,9 +56,9 @@ class GanLatent(GanPriorAttack):
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
         p, budget = self.params, self.budget
-        victim = prepare_victim(p, self.knowledge, budget, update, self.device, rescale=p.distance != "cosine")
-        if isinstance(victim, str):
-            return Reconstruction.failure(victim)
+        victim = self.victim(update)
+        if isinstance(victim, Reconstruction):
+            return victim
         distance, latent_prior, prior = OBJECTIVES[p.distance], LATENT_PRIORS[p.latent_prior], victim.prior
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
         num, total = int(update.num_examples), budget.iterations * budget.restarts

@@ -36,7 +36,7 @@ from attacks.victim import victim_model
 from fedsim.errors import DataUnavailableError, FedsimError
 from fedsim.priors import DCGANGenerator, PriorMeta, load_prior, resolve_prior_path
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
-from fedsim.threat import ClientUpdate, TaskInfo
+from fedsim.threat import ClientUpdate, Reconstruction, TaskInfo
 
 DEFAULT_PRIOR = "mnist-dcgan"
 
@@ -124,6 +124,12 @@ class GanPriorAttack(Attack):
         check_delta_scale(scenario, spec, params.distance)
         check_prior_name(params.prior)
         check_prior_disjoint(scenario, params.prior)
+
+    def victim(self, update: ClientUpdate) -> Victim | Reconstruction:
+        """:func:`prepare_victim` for this attack's params and threat model, or the failed result saying why."""
+        p = self.params
+        victim = prepare_victim(p, self.knowledge, self.budget, update, self.device, rescale=p.distance != "cosine")
+        return Reconstruction.failure(victim) if isinstance(victim, str) else victim
 
 
 def load_attack_prior(params: GanPriorParams, task: TaskInfo, device: torch.device | str) -> AttackPrior:

@@ -51,7 +51,6 @@ from attacks.gan_prior import (
     GanPriorParams,
     Victim,
     optimize_variable,
-    prepare_victim,
     project_l1_around,
     spherical_projection,
 )
@@ -149,9 +148,9 @@ class GIFD(GanPriorAttack):
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
         p, budget = self.params, self.budget
-        victim = prepare_victim(p, self.knowledge, budget, update, self.device, rescale=p.distance != "cosine")
-        if isinstance(victim, str):
-            return Reconstruction.failure(victim)
+        victim = self.victim(update)
+        if isinstance(victim, Reconstruction):
+            return victim
         gen = victim.prior.generator
         sizes = [math.prod(gen.block_input_shape(k)) for k in range(gen.num_blocks)]
         plan = self._plan(gen.num_blocks, sizes)
