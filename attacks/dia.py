@@ -20,8 +20,9 @@ model's dropout layers (the model spec, or the dropout defense's public transfor
 
 ``dia_oracle`` (the paper's WIIG) runs the same optimization with the client's *true* masks fixed:
 the upper bound DIA approaches. It reads them from ``side_info["oracle_masks"]``, a channel the
-runner fills only when the threat model sets ``knowledge.oracle_masks: true``, and labels its output
-``oracle=True``. DIA itself never reads that channel.
+runner fills only when the threat model sets ``knowledge.oracle_masks: true``; the runner, having
+handed over ground truth, labels every outcome of that attack spec oracle. DIA itself never reads
+that channel.
 """
 
 from __future__ import annotations
@@ -182,7 +183,6 @@ class _MaskedInversion(Attack):
     """Shared driver: threat-model inputs, restarts, budget; subclasses say where the masks come from."""
 
     Params = _DIAParams
-    oracle = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -269,7 +269,7 @@ class _MaskedInversion(Attack):
             "seconds": seconds,
         }
         images = to_pixels(best.x, update.task.mean, update.task.std)
-        return Reconstruction(images=images, labels=labels.cpu(), stats=stats, oracle=self.oracle)
+        return Reconstruction(images=images, labels=labels.cpu(), stats=stats)
 
 
 @register_attack("dia")
@@ -299,13 +299,12 @@ class DropoutOracle(_MaskedInversion):
 
     An upper bound, not an attack: it needs ``knowledge.oracle_masks: true``, through which the
     runner hands over the recorded masks (``side_info["oracle_masks"]``, keyed ``mask/<layer name>``)
-    and every output is labelled ``oracle``. FedSGD only (FedAvg draws new masks at every local step).
+    and the runner labels every output ``oracle``. FedSGD only (FedAvg draws new masks at every local step).
     """
 
     summary = "WIIG oracle (Scheliga et al. 2023): Inverting Gradients with the client's true dropout masks"
     needs = {"oracle_masks": True}
     protocols = ("fedsgd",)
-    oracle = True
 
     def _masks(self, update: ClientUpdate, model: nn.Module, x0: Tensor, restart: int) -> dict[str, Tensor]:
         given = update.side_info.get("oracle_masks")

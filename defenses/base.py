@@ -47,6 +47,8 @@ class Defense:
     Params: ClassVar[type[DefenseParams]] = DefenseParams
     stage: ClassVar[int] = 50  # composition order: model (10) < training (30) < update (50) < server (70)
     summary: ClassVar[str] = ""
+    #: The parameters ``transform_model`` reads (the architecture it builds depends on nothing else).
+    model_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: DefenseParams, name: str, scenario: Scenario | None = None) -> None:
         self.params = params
@@ -95,6 +97,12 @@ class Defense:
     def public_description(self) -> Mapping[str, Any]:
         """What a defense-aware attacker is told about this defense (name and parameters)."""
         return {"name": self.name, **self.params.model_dump()}
+
+    def model_description(self) -> Mapping[str, Any]:
+        """What rebuilding the model needs to know of this defense's ``transform_model``: its name and the
+        :attr:`model_params` it reads. Every attack receives this (``TaskInfo.model_transforms``), with or
+        without ``knowledge.defense``, so it must hold nothing else (e.g. no noise scale)."""
+        return {"name": self.name, **{key: getattr(self.params, key) for key in self.model_params}}
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")

@@ -40,6 +40,7 @@ class Dropout(Defense):
     Params = DropoutParams
     stage = 10
     summary = "trains with random dropout masks (Scheliga et al. 2023 show it is not a defense)"
+    model_params = ("p",)
 
     def transform_model(self, model: nn.Module) -> nn.Module:
         existing = dropout_layers(model)

@@ -81,6 +81,7 @@ class MID(Defense):
     Params = MIDParams
     stage = 10
     summary = "variational information bottleneck before the classifier, CE + beta*KL loss (Wang et al. 2021)"
+    model_params = ("bottleneck_dim",)  # beta shapes the loss, not the model
 
     def transform_model(self, model: nn.Module) -> nn.Module:
         name, fc = last_linear(model)

@@ -26,7 +26,7 @@ from fedsim.metrics import score_reconstruction
 from fedsim.metrics.evaluator import load_evaluator
 from fedsim.metrics.model_inversion import score_model_inversion
 from fedsim.plugins import attack_registry
-from fedsim.scenario import AttackSpec, Scenario
+from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.simulation.capture import AGGREGATE_ID, RELEASED_MODEL_ID, CapturedUpdate
 from fedsim.simulation.federation import attacks_model, released_rounds
@@ -48,7 +48,9 @@ class AttackOutcome:
     stats: dict[str, float]
     seconds: float
     failed: str | None = None
-    oracle: bool = False
+    oracle: bool = False  # the runner handed ground truth, or the scorer chose among candidates with it
+    oracle_reasons: tuple[str, ...] = ()  # which: "dropout masks", "selection: ..."
+    oracle_labels: bool = False  # the runner handed the true labels (knowledge.labels: known)
     reconstruction: torch.Tensor | None = field(default=None, repr=False)
     truth: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)  # the attack's labels (MI: target classes)
@@ -57,13 +59,45 @@ class AttackOutcome:
         return {
             "attack": self.attack, "attack_index": self.attack_index, "round": self.round,
             "client": self.partition_id, "seconds": round(self.seconds, 3), "failed": self.failed,
-            "oracle": self.oracle, "metrics": self.metrics, "stats": self.stats,
+            "oracle": self.oracle, "oracle_reasons": list(self.oracle_reasons), "oracle_labels": self.oracle_labels,
+            "metrics": self.metrics, "stats": self.stats,
         }
+
+
+LABEL_METRICS = ("label_acc", "label_acc_matched")
+
+
+def oracle_grants(knowledge: Knowledge) -> tuple[str, ...]:
+    """The ground truth :func:`observe` hands an attack under ``knowledge``, beyond the true labels
+    (recorded apart, as ``oracle_labels``): any of it makes the outcome an oracle upper bound."""
+    return ("dropout masks",) if knowledge.oracle_masks else ()
+
+
+def judge(metrics: dict[str, Any], grants: Sequence[str] = (), labels_given: bool = False,
+          ) -> tuple[bool, tuple[str, ...], bool, dict[str, Any]]:
+    """The runner's verdict on one outcome: ``(oracle, reasons, oracle_labels, metrics)``.
+
+    Whatever the attack returned, the outcome is an oracle when the runner handed it ground truth
+    (``grants``, from :func:`oracle_grants`) or when the scorer had to pick among surplus candidates
+    with the ground truth (``metrics["oracle_selection"]``). With the labels handed over
+    (``labels_given``), label accuracy measures nothing the attack inferred: it is removed from the
+    metrics and the outcome says ``oracle_labels``.
+    """
+    reasons = list(grants)
+    if metrics.get("oracle_selection"):
+        reasons.append(f"selection: the ground truth chose which of {metrics.get('num_reconstructed', '?')} "
+                       f"reconstructions (and labels) to score against {metrics.get('batch_size', '?')} examples")
+    if labels_given:
+        metrics = {k: v for k, v in metrics.items() if k not in LABEL_METRICS}
+    return bool(reasons), tuple(reasons), labels_given, metrics
 
 
 def observe(captured: CapturedUpdate, task: TaskInfo, scenario: Scenario, spec: AttackSpec,
             defense_descriptions: Sequence[dict[str, Any]]) -> ClientUpdate:
-    """The attacker's view of one captured update under ``spec``'s declared knowledge."""
+    """The attacker's view of one captured update under ``spec``'s declared knowledge: the one place a
+    view is built. Each field beyond the observed update is filled only by the flag that grants it (see
+    the table in :mod:`fedsim.threat`); ``task`` carries architecture only (``TaskInfo.model_transforms``
+    holds no defense parameter a model rebuild does not need)."""
     knowledge = spec.knowledge
     local = scenario.federation.local
     hyperparams: dict[str, Any] = {}
@@ -73,10 +107,10 @@ def observe(captured: CapturedUpdate, task: TaskInfo, scenario: Scenario, spec: 
     if knowledge.labels == "known":
         side_info["labels"] = captured.truth.labels.clone()
     if knowledge.oracle_masks:
-        # The single, declared exception to "no ground truth reaches an attack": oracle upper bounds
-        # (dia_oracle, the DIA paper's WIIG) get the client's true dropout masks, keyed as recorded
-        # ("mask/<layer name>"), only when the scenario sets knowledge.oracle_masks; they must return
-        # Reconstruction(oracle=True), so every report labels their output as an oracle.
+        # The declared exception to "no ground truth reaches an attack": oracle upper bounds (dia_oracle,
+        # the DIA paper's WIIG) get the client's true dropout masks, keyed as recorded ("mask/<layer
+        # name>"), only when the scenario sets knowledge.oracle_masks; the runner then labels the
+        # outcome oracle (oracle_grants), whatever the attack does with them.
         side_info["oracle_masks"] = MappingProxyType({
             k: v.clone() for k, v in captured.truth.extras.items() if k.startswith("mask/")
         })
@@ -144,10 +178,11 @@ def run_model_attack(scenario: Scenario, index: int, spec: AttackSpec, rnd: int,
             stats.update(evaluator_accuracy=evaluator.accuracy, evaluator_val_size=float(evaluator.num_val))
         except (FedsimError, ValueError, RuntimeError, OSError) as err:  # e.g. no usable test split, disk errors
             metrics = {"failed": f"model-inversion scoring failed: {err}"}
+    oracle, reasons, given, metrics = judge(metrics)  # a released model carries no ground truth
     return AttackOutcome(
         attack=spec.name, attack_index=index, round=rnd, partition_id=RELEASED_MODEL_ID, metrics=metrics,
-        stats=stats, seconds=seconds, failed=rec.failed, oracle=rec.oracle, reconstruction=rec.images, truth=None,
-        labels=rec.labels,
+        stats=stats, seconds=seconds, failed=rec.failed, oracle=oracle, oracle_reasons=reasons, oracle_labels=given,
+        reconstruction=rec.images, truth=None, labels=rec.labels,
     )
 
 
@@ -189,9 +224,12 @@ def run_attacks(
             else:
                 rec = _reconstruct(attack, view, fn, seed)
             seconds = time.perf_counter() - start
+            oracle, reasons, given, metrics = judge(score_reconstruction(rec, cap.truth), oracle_grants(spec.knowledge),
+                                                    labels_given="labels" in view.side_info)
             outcomes.append(AttackOutcome(
                 attack=spec.name, attack_index=index, round=cap.round, partition_id=cap.partition_id,
-                metrics=score_reconstruction(rec, cap.truth), stats=dict(rec.stats), seconds=seconds, failed=rec.failed,
-                oracle=rec.oracle, reconstruction=rec.images, truth=cap.truth.inputs, labels=rec.labels,
+                metrics=metrics, stats=dict(rec.stats), seconds=seconds, failed=rec.failed, oracle=oracle,
+                oracle_reasons=reasons, oracle_labels=given, reconstruction=rec.images, truth=cap.truth.inputs,
+                labels=rec.labels,
             ))
     return outcomes

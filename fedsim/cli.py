@@ -90,7 +90,7 @@ def _print_result(result) -> None:  # noqa: ANN001
     if evaluated:
         out(f"test accuracy: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
     for o in result.outcomes:
-        tag = f"{o.attack} round {o.round} client {o.partition_id}"
+        tag = f"{o.attack}{' (oracle)' if o.oracle else ''} round {o.round} client {o.partition_id}"
         if o.failed:
             out(f"{tag}: failed ({o.failed})")
         elif "mi_accuracy" in o.metrics:  # model inversion of the released model (client -2)
@@ -99,8 +99,9 @@ def _print_result(result) -> None:  # noqa: ANN001
                 f"{m.get('knn_distance') or float('nan'):.2f}  ({o.seconds:.1f} s)")
         else:
             m = o.metrics
+            labels = "labels given" if o.oracle_labels else f"label acc {m.get('label_acc', float('nan')):.2f}"
             out(f"{tag}: PSNR {m.get('psnr_mean', float('nan')):.2f} dB, SSIM {m.get('ssim_mean', float('nan')):.3f}, "
-                f"label acc {m.get('label_acc', float('nan')):.2f}  ({o.seconds:.1f} s)")
+                f"{labels}  ({o.seconds:.1f} s)")
     t = result.timing
     out(f"time: federation {t['federation_s']:.1f} s, attacks {t['attacks_s']:.1f} s")
     if result.out_dir is not None:

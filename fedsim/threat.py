@@ -9,7 +9,25 @@ module under ``attacks/`` may import it (a test enforces this).
 
 ``ReleasedModel`` is what a model-inversion attack reads: the global model released after a round.
 
-All are frozen and hold clones, so nothing downstream can alter what was captured.
+Which field each :class:`~fedsim.scenario.Knowledge` flag fills (``fedsim.attacking.observe`` is the
+one place that builds a view; ``tests/test_threat_view.py`` scans every field for each flag):
+
+==================  ===========================================================================
+always              ``round``, ``partition_id``, ``task`` (architecture only: ``TaskInfo.model_transforms``
+                    carries a model-shaping defense's *architectural* parameters, never e.g. DP-SGD's
+                    sigma or MID's beta), ``global_state`` (BatchNorm running statistics included: the
+                    server aggregated them), ``update``, ``num_examples``
+``local_hparams``   ``hyperparams`` (lr, steps, batch size, optimizer, ...)
+``labels: known``   ``side_info["labels"]``
+``defense``         ``defenses`` (every defense's name and parameters)
+``oracle_masks``    ``side_info["oracle_masks"]`` (ground truth: the runner labels the outcome oracle)
+``bn_stats``        nothing: ``running`` lets an attack *use* the global model's running statistics
+                    as a prior; ``client`` (the client's batch statistics) has no channel and is refused
+==================  ===========================================================================
+
+All are frozen and hold clones, so nothing downstream can alter what was captured. An attack cannot
+say whether its output is an oracle: the runner records that from what it handed over
+(``fedsim.attacking``).
 """
 
 from __future__ import annotations
@@ -20,7 +38,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def frozen_tensors(tensors: Mapping[str, Tensor] | None) -> Mapping[str, Tensor] | None:
@@ -44,7 +62,26 @@ class TaskInfo:
     # Public descriptions ({"name": ..., **params}) of the defenses whose ``transform_model`` shaped
     # the model (e.g. MID's bottleneck head, inserted dropout), in the order the server applied them:
     # the server built the model, so an attack rebuilding it must apply the same transforms.
+    # Only the parameters a transform reads (``Defense.model_params``, e.g. MID's ``bottleneck_dim``), and
+    # only transforms that changed the model: the rest of a defense's parameters (DP-SGD's sigma and
+    # clipping norm, MID's beta) reach an attack through ``ClientUpdate.defenses`` alone, when
+    # ``knowledge.defense`` grants them.
     model_transforms: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the server knows before the first round, to check attack options against the real model.
+
+    ``model`` is the initial global model exactly as the server built it (the scenario's architecture
+    after every model-shaping defense, e.g. DP-SGD's BatchNorm -> GroupNorm, MID's bottleneck head);
+    ``examples`` maps each partition id to ``min(local.batch_size, partition size)``, the fewest
+    examples one of its updates covers. Validation only; never part of an attack's view.
+    """
+
+    task: TaskInfo
+    model: nn.Module
+    examples: Mapping[int, int]
 
 
 @dataclass(frozen=True)
@@ -95,13 +132,16 @@ def as_tensor_dict(values: Mapping[str, Any]) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """What an attack returns. Images are in pixel space [0, 1]; ``failed`` says why when it gave up."""
+    """What an attack returns. Images are in pixel space [0, 1]; ``failed`` says why when it gave up.
+
+    There is deliberately no ``oracle`` field: whether an outcome used ground truth is decided by the
+    runner from what it handed the attack (``fedsim.attacking``), never claimed by the attack.
+    """
 
     images: Tensor | None
     labels: Tensor | None
     stats: Mapping[str, float] = field(default_factory=dict)  # e.g. gradient loss, iterations, seconds
     failed: str | None = None
-    oracle: bool = False  # True for upper-bound variants that were handed ground-truth randomness
 
     @classmethod
     def failure(cls, reason: str, **stats: float) -> Reconstruction:

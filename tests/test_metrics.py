@@ -148,7 +148,10 @@ def test_unequal_counts():
     assert few["psnr_mean"] == pytest.approx((2 * PSNR_CAP_DB + float(blind[1] + blind[3])) / 4, abs=1e-4)
     extra = torch.cat([torch.rand(2, 3, 32, 32), truth.flip(0)])
     many = score_reconstruction(Reconstruction(images=extra, labels=None), truth_of(truth), lpips=False)
-    assert many["order"] == [5, 4, 3, 2] and many["psnr_mean"] == PSNR_CAP_DB
+    assert many["order"] == [5, 4, 3, 2] and many["psnr_mean_selected"] == PSNR_CAP_DB
+    # the ground truth chose 4 of 6: flagged, and the 2 surplus images count as blind guesses
+    assert many["oracle_selection"] is True and many["surplus_images"] == 2
+    assert many["psnr_mean"] == pytest.approx((4 * PSNR_CAP_DB + 2 * float(blind.mean())) / 6, abs=1e-4)
 
 
 # ---------------------------------------------------------------- labels

@@ -121,6 +121,10 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
         if value is not None:
             summary[key] = value
     summary["attacks_failed"] = sum(1 for failed, _ in attacks if failed)
+    outcomes = (result_or_metrics.get("attacks", []) if isinstance(result_or_metrics, dict)
+                else [o.to_json() for o in result_or_metrics.outcomes])
+    if any(o.get("oracle") for o in outcomes):
+        summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
     evaluated = [h for h in history if h.get("test_accuracy") is not None]
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
     epsilon = None

@@ -6,8 +6,14 @@ batch (Hungarian, :mod:`fedsim.metrics.matching`), then scored per pair: MSE, PS
 
 Rules, so that numbers are never flattering by construction:
 - a truth image without a reconstruction (fewer images returned than the batch) is scored against
-  a uniform 0.5 gray image, the blind guess, and enters every mean; surplus reconstructions are
-  dropped after matching (reported as ``num_reconstructed``);
+  a uniform 0.5 gray image, the blind guess, and enters every mean;
+- surplus reconstructions (more images than the batch) make the matching a *selection*: the ground
+  truth picks which candidates are scored. The result says so (``oracle_selection: true``,
+  ``surplus_images``; the runner then labels the outcome oracle) and pays for it: every surplus
+  image enters each ``*_mean`` as one blind guess (the gray image's mean score against the batch),
+  so returning k candidates per example cannot beat returning the right one. The unpenalised
+  means of the selected images stay as ``*_mean_selected``. Surplus labels are treated alike:
+  ``label_acc`` is divided by the number of labels returned instead of the batch size;
 - a failed attack, or images of another shape than the truth, yield ``{"failed": reason, ...}``
   with no image metrics; this function never raises on attack output.
 """
@@ -66,6 +72,29 @@ def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool) -> Score:
     return out
 
 
+def _selection_penalty(out: Score, truth: Tensor, surplus: int, lpips: bool) -> Score:
+    """``*_mean`` over the batch plus ``surplus`` blind guesses; the selected means kept as ``*_mean_selected``."""
+    blind = _image_metrics(torch.full_like(truth, BLIND_GUESS), truth, lpips)
+    b = truth.shape[0]
+    penalised: Score = {"oracle_selection": True, "surplus_images": int(surplus)}
+    for key in [k for k in out if k.endswith("_mean") and k in blind]:
+        penalised[f"{key}_selected"] = out[key]
+        penalised[key] = (b * float(out[key]) + surplus * float(blind[key])) / (b + surplus)
+    return penalised
+
+
+def _label_metrics(pred: Tensor, truth: Tensor, order: np.ndarray | None) -> Score:
+    """:func:`label_accuracy`, scaled by ``B / len(pred)`` (and flagged) when more labels than examples came back."""
+    out: Score = dict(label_accuracy(pred, truth, order))
+    n_pred, b = int(torch.as_tensor(pred).shape[0]), int(truth.shape[0])
+    if n_pred > b > 0:
+        for key in ("label_acc", "label_acc_matched"):
+            out[f"{key}_selected"] = out[key]
+            out[key] = float(out[key]) * b / n_pred
+        out.update(oracle_selection=True, surplus_labels=n_pred - b)
+    return out
+
+
 def _shape_problem(images: Tensor, truth: Tensor) -> str | None:
     if not isinstance(images, Tensor) or images.ndim != 4:
         return f"reconstruction is not a (B, C, H, W) tensor (shape {tuple(getattr(images, 'shape', ()))})"
@@ -104,13 +133,16 @@ def score_reconstruction(
             cost, matched_by = cost_matrix(recon, true_images, match)
             order = assign(cost)
             out.update(_image_metrics(_aligned(recon, true_images, order), true_images, lpips))
+            surplus = int(recon.shape[0]) - int(true_images.shape[0])
+            if surplus > 0:
+                out.update(_selection_penalty(out, true_images, surplus, lpips))
         except Exception as exc:  # scoring must not take the run down with it
             return {"failed": f"scoring error: {type(exc).__name__}: {exc}", **out}
         out.update(order=[int(i) for i in order], matched_by=matched_by)
         out["num_reconstructed"] = int(recon.shape[0])
     if rec.labels is not None:
         try:
-            out.update(label_accuracy(rec.labels, truth.labels, order))
+            out.update(_label_metrics(rec.labels, truth.labels, order))
         except ValueError as exc:
             out["label_error"] = str(exc)
     return out

@@ -109,6 +109,8 @@ def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) 
             summary[key] = mean(values)
     evaluated = [h for h in metrics.get("utility") or [] if isinstance(h.get("test_accuracy"), int | float)]
     summary["attacks_failed"] = len(outcomes) - len(good)
+    if any(o.get("oracle") for o in outcomes):
+        summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
     summary["epsilon"] = final_epsilon(metrics)
     summary["rounds"] = max((int(h.get("round", 0)) for h in metrics.get("utility") or []), default=0)
@@ -127,9 +129,11 @@ def load_run(path: Path) -> Source:
     scenario = read_yaml(path / "scenario.yaml")
     defense = defense_label(scenario)
     attacks: dict[int, str] = {}
-    for o in metrics.get("attacks") or []:
-        label = str(o.get("attack")) + (" (oracle)" if o.get("oracle") else "")
-        attacks.setdefault(int(o.get("attack_index", 0)), label)
+    outcomes = metrics.get("attacks") or []
+    for o in outcomes:  # an attack is labelled oracle when the runner marked any of its outcomes so
+        index = int(o.get("attack_index", 0))
+        oracle = any(p.get("oracle") for p in outcomes if int(p.get("attack_index", 0)) == index)
+        attacks.setdefault(index, str(o.get("attack")) + (" (oracle)" if oracle else ""))
     seed = metrics.get("seed")
     seconds = (metrics.get("timing") or {}).get("total_s")
     cells = []

@@ -163,7 +163,8 @@ def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
     head += [("repeats", False), ("failed", False)] + [(title, False) for _, title, _ in metrics]
     body = []
     for i, r in enumerate(rows, start=1):
-        tag = ' <span class="tag oracle">oracle</span>' if "oracle" in r.attack else ""
+        oracle = "oracle" in r.attack or any(c.summary.get("oracle") for c in r.cells)
+        tag = ' <span class="tag oracle">oracle</span>' if oracle else ""
         cells = [str(i), esc(r.attack.replace(" (oracle)", "")) + tag, esc(r.defense)]
         cells += [esc(params_label(r.params))] if with_params else []
         failed = r.failed + r.attacks_failed

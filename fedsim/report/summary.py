@@ -59,16 +59,28 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
                 row = f"| {name} | {o.round} | {o.partition_id} | failed: {o.failed} | | | | | {o.seconds:.1f} |"
                 lines.append(row)
                 continue
+            labels = "given" if getattr(o, "oracle_labels", False) else _fmt(m.get("label_acc"))
             lines.append(
                 f"| {name} | {o.round} | {o.partition_id} | {_fmt(m.get('psnr_mean'))} | {_fmt(m.get('psnr_best'))} | "
-                f"{_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {_fmt(m.get('label_acc'))} | "
+                f"{_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {labels} | "
                 f"{o.seconds:.1f} |"
             )
+        lines += _oracle_notes(outcomes)
     if "leakage_rounds" in images:
         lines += ["", f"![leakage over rounds]({images['leakage_rounds']})"]
     if "reconstructions" in images:
         lines += ["", f"![reconstructions]({images['reconstructions']})"]
     return "\n".join(lines) + "\n"
+
+
+def _oracle_notes(outcomes: Sequence[Any]) -> list[str]:
+    """Why each oracle row is one, and what "given" labels mean (decided by the runner, not the attacks)."""
+    notes = sorted({f"- {o.attack} (oracle, an upper bound that used ground truth): {'; '.join(o.oracle_reasons)}"
+                    for o in outcomes if o.oracle and getattr(o, "oracle_reasons", ())})
+    if any(getattr(o, "oracle_labels", False) for o in outcomes):
+        notes.append("- label acc \"given\": the threat model handed the attack the true labels "
+                     "(knowledge.labels: known), so no label accuracy is reported.")
+    return ["", *notes] if notes else []
 
 
 def _inversion_table(outcomes: Sequence[Any]) -> list[str]:

@@ -50,8 +50,6 @@ class FederationSetup:
 
     @cached_property
     def task(self) -> TaskInfo:
-        from defenses.base import Defense
-
         d = self.data
         return TaskInfo(
             dataset=self.scenario.data.dataset,
@@ -61,12 +59,29 @@ class FederationSetup:
             std=tuple(d.std),
             model=self.scenario.model.model_dump(),
             protocol=self.scenario.federation.protocol,
-            # defenses that reshape the model (MID, dropout): attacks rebuild the same architecture
-            model_transforms=tuple(
-                dict(defense.public_description()) for defense in self.defenses
-                if type(defense).transform_model is not Defense.transform_model
-            ),
+            # defenses that reshaped the model (MID, dropout): attacks rebuild the same architecture
+            model_transforms=self.model_transforms,
         )
+
+    @cached_property
+    def model_transforms(self) -> tuple[dict, ...]:
+        """``Defense.model_description`` of each defense whose ``transform_model`` changed the model (its
+        modules or state layout), in the order applied: what every attack is told to rebuild the model,
+        and nothing more (no defense parameter beyond ``Defense.model_params``; a transform that left
+        the model as it was, e.g. DP-SGD on a model without BatchNorm, is not even named)."""
+        from defenses.base import Defense
+
+        model = build_model(self.scenario.model, self.data.input_shape, self.data.num_classes,
+                            seed=derive_seed(self.scenario.seed, "model-init"))
+        out = []
+        for defense in self.defenses:
+            if type(defense).transform_model is Defense.transform_model:
+                continue
+            before = _layout(model)
+            model = defense.transform_model(model)
+            if _layout(model) != before:
+                out.append(dict(defense.model_description()))
+        return tuple(out)
 
     def build_model(self) -> nn.Module:
         """The scenario's model with the initial global weights, after model-transforming defenses."""
@@ -81,6 +96,12 @@ class FederationSetup:
     def client_data(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.partitions[partition_id], dtype=torch.long)
         return self.data.train_x[idx], self.data.train_y[idx]
+
+
+def _layout(model: nn.Module) -> tuple[str, tuple]:
+    """What a model transform can change that a rebuild must repeat: the modules (with their settings,
+    e.g. a dropout p) and the names and shapes of the state."""
+    return repr(model), tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 _CACHE: dict[str, FederationSetup] = {}
