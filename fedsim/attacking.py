@@ -194,9 +194,11 @@ def run_attacks(
     defense_descriptions: Sequence[dict[str, Any]] = (),
     progress: ProgressFactory | None = None,
     released: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    failed_clients: Mapping[tuple[int, int], str] | None = None,
 ) -> list[AttackOutcome]:
     """Every (attack, targeted update) pair, in scenario order, then by round and client; model-inversion
-    attacks once per attacked round on ``released`` (round -> global state after it)."""
+    attacks once per attacked round on ``released`` (round -> global state after it). A targeted client
+    that failed in that round (``failed_clients``: (round, partition id) -> reason) gets a failed outcome."""
     registry = attack_registry()
     fed = scenario.federation
     outcomes: list[AttackOutcome] = []
@@ -211,8 +213,15 @@ def run_attacks(
         targets = sorted((c for c in captured if c.round in rounds
                           and (c.partition_id in clients or c.partition_id == AGGREGATE_ID)),
                          key=lambda c: (c.round, c.partition_id))
+        lost = sorted(k for k in (failed_clients or {}) if k[0] in rounds and k[1] in clients
+                      and not any(c.round == k[0] and c.partition_id in (k[1], AGGREGATE_ID) for c in captured))
         cls = registry.get(spec.name)
-        for cap in targets:
+        for cap in sorted([*targets, *lost], key=lambda c: c if isinstance(c, tuple) else (c.round, c.partition_id)):
+            if isinstance(cap, tuple):  # no update to attack: the client failed in that round
+                reason = f"client {cap[1]} failed in round {cap[0]}: {(failed_clients or {})[cap]}"
+                outcomes.append(AttackOutcome(attack=spec.name, attack_index=index, round=cap[0], partition_id=cap[1],
+                                              metrics={}, stats={}, seconds=0.0, failed=reason))
+                continue
             seed = derive_seed(scenario.seed, "attack", index, cap.round, cap.partition_id)
             attack = cls.from_spec(spec, device, seed)
             view = observe(cap, task, scenario, spec, defense_descriptions)

@@ -34,3 +34,7 @@ class IncompatibleDefenseError(FedsimError):
 
 class SimulationError(FedsimError):
     """A client failed during the federation (Flower would otherwise log it and carry on)."""
+
+
+class NoProgressError(SimulationError):
+    """A federation round aggregated no client update, so the run cannot make progress."""

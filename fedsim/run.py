@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ class RunResult:
     outcomes: list[AttackOutcome]
     timing: dict[str, float]
     client_metrics: dict[int, dict[int, dict[str, float]]]
+    client_failures: list[dict[str, Any]] = field(default_factory=list)  # {round, client, reason} per failed client
 
 
 def default_out_dir(scenario: Scenario) -> Path:
@@ -47,8 +48,10 @@ def run_scenario(
     outcome = run_federation(scenario, on_round=on_round, verbose=verbose, backend=backend)
     federation_s = time.perf_counter() - start
     descriptions: list[dict[str, Any]] = [dict(d.public_description()) for d in setup.defenses]
+    failures = [f.to_json() for f in outcome.capture.participation.failures]
     outcomes = run_attacks(scenario, outcome.capture.updates, setup.task, setup.device, descriptions,
-                           attack_progress, released=outcome.released)
+                           attack_progress, released=outcome.released,
+                           failed_clients={(f["round"], f["client"]): f["reason"] for f in failures})
     timing = {
         "federation_s": round(federation_s, 3),
         "attacks_s": round(time.perf_counter() - start - federation_s, 3),
@@ -58,5 +61,5 @@ def run_scenario(
     if write:
         clients = {str(r): {str(p): m for p, m in per.items()} for r, per in outcome.capture.client_metrics.items()}
         written = write_run_dir(out_dir or default_out_dir(scenario), scenario, outcome.history, outcomes, timing,
-                                extra={"client_metrics": clients} if clients else None)
-    return RunResult(written, outcome.history, outcomes, timing, outcome.capture.client_metrics)
+                                extra={"client_failures": failures, **({"client_metrics": clients} if clients else {})})
+    return RunResult(written, outcome.history, outcomes, timing, outcome.capture.client_metrics, failures)

@@ -125,7 +125,7 @@ def test_gaussian_noise_defense_changes_the_update_by_the_recorded_noise(tiny_ra
 
 
 def test_a_failing_client_fails_the_run_loudly(tiny_raw, monkeypatch) -> None:
-    import fedsim.simulation.client_app as client_app
+    import fedsim.simulation.client_round as client_app
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")

@@ -19,6 +19,7 @@ from fedsim.report.gallery import GalleryEntry, data_uri, load_reconstructions, 
 from fedsim.report.leakage import leakage_plot
 from fedsim.report.loading import ReportSourceError, Source, load_metrics, load_source
 from fedsim.report.page import esc, figure, num, page
+from fedsim.report.participation import participation_section
 from fedsim.report.rounds import bench_rounds_plot
 from fedsim.report.sections import HOW_TO_READ, bench_header, leaderboard_section, run_header
 from fedsim.report.tables import LeaderRow, leaderboard, write_leaderboard_csv
@@ -173,7 +174,8 @@ def render_report(source_dir: Path, out_html: Path | None = None, *, name: str |
         rows = leaderboard(source.cells)
         write_leaderboard_csv(rows, partial / "leaderboard.csv")
         title, header = run_header(source) if source.kind == "run" else bench_header(source)
-        sections = [header, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
+        participation = participation_section(load_metrics(source.path)) if source.kind == "run" else ""
+        sections = [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
                     _frontier_section(rows, partial), _rounds_section(source, rows, partial),
                     _galleries_section(source, rows, partial)]
         kind = "single run" if source.kind == "run" else "benchmark"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedsim.report.participation import participation_markdown
 from fedsim.scenario import Scenario
 
 
@@ -13,7 +14,9 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], outcomes: Sequence[Any],
-                     timing: dict[str, float], images: dict[str, str]) -> str:
+                     timing: dict[str, float], images: dict[str, str],
+                     failures: Sequence[dict[str, Any]] | None = None) -> str:
+    """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason})."""
     fed = scenario.federation
     lines = [f"# {scenario.name}", ""]
     if scenario.description:
@@ -37,7 +40,8 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
                      f"{last['test_accuracy']:.3f} (round {last['round']:.0f}).")
     if "utility" in images:
         lines += ["", f"![utility]({images['utility']})"]
-    lines += ["", "## Leakage", ""]
+    lines += [""] + participation_markdown(history, failures)
+    lines += ["## Leakage", ""]
     inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]
     outcomes = [o for o in outcomes if o not in inversions]
     if inversions:

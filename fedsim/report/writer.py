@@ -57,7 +57,8 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         **(extra or {}),
     }
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default), encoding="utf-8")
-    (partial / "summary.md").write_text(summary_markdown(scenario, history, outcomes, timing, images), encoding="utf-8")
+    summary = summary_markdown(scenario, history, outcomes, timing, images, (extra or {}).get("client_failures"))
+    (partial / "summary.md").write_text(summary, encoding="utf-8")
     try:  # the same HTML report `fedsim report` writes; a drawing bug must not lose a finished run
         render_report(partial, name=out_dir.name)
     except Exception as err:  # noqa: BLE001

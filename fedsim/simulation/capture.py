@@ -7,6 +7,9 @@ partition) it keeps a clone of the global weights sent out and of the update rec
 here, before the strategy sees it, and travels on only inside the captured update's
 :class:`GroundTruth`, which only the evaluator reads. Replies are sorted by partition id so that
 aggregation order, and therefore every number, is the same on every backend.
+
+The proxy also keeps the round's participation (clients asked, aggregated, failed with their reasons)
+and applies the failure policy of :mod:`fedsim.simulation.participation` once the replies are in.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.errors import SimulationError
 from fedsim.simulation import keys
+from fedsim.simulation.participation import Participation
 from fedsim.threat import GroundTruth
 
 AGGREGATE_ID = -1  # partition id of a captured aggregate (secure aggregation: it belongs to no one client)
@@ -46,6 +49,7 @@ class CaptureLog:
     train_loss: dict[int, float] = field(default_factory=dict)  # round -> mean client loss
     # round -> partition id -> metrics a defense reported on the client (e.g. {"epsilon": 1.2})
     client_metrics: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
+    participation: Participation = field(default_factory=Participation)
 
     def wants(self, round_num: int, partition_id: int) -> bool:
         return (round_num, partition_id) in self.targets
@@ -57,15 +61,12 @@ def _unpack_truth(record, round_num: int, pid: int) -> GroundTruth:
     return GroundTruth(round_num, pid, arrays["inputs"], arrays["labels"], extras)
 
 
-class CapturingGrid(Grid):
-    """Delegates to ``inner``; records targeted updates; strips ground truth from every reply."""
+class ProxyGrid(Grid):
+    """A Grid that delegates everything to ``inner``; subclasses hook ``send_and_receive``."""
 
-    def __init__(self, inner: Grid, log: CaptureLog, partition_of_node: dict[int, int]) -> None:
+    def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.log = log
-        self.partition_of_node = partition_of_node
 
-    # -- plain delegation -------------------------------------------------------------------
     def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
         self.inner.set_run(run)
 
@@ -85,15 +86,45 @@ class CapturingGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
 
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+def record_client_reply(log: CaptureLog, round_num: int, metrics) -> float | None:  # noqa: ANN001 - a metrics mapping
+    """Keep a reply's defense metrics (e.g. epsilon) in ``log.client_metrics``; return its train loss (None if NaN:
+    a DP client whose Poisson batches were all empty has none)."""
+    pid = int(metrics[keys.PARTITION_ID])
+    prefix = keys.CLIENT_METRIC_PREFIX
+    reported = {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+    if reported:
+        log.client_metrics.setdefault(round_num, {})[pid] = reported
+    loss = float(metrics.get(keys.TRAIN_LOSS, float("nan")))
+    return loss if loss == loss else None
+
+
+class CapturingGrid(ProxyGrid):
+    """Delegates to ``inner``; records targeted updates and participation; strips ground truth from every reply.
+
+    ``needs_every_client``: name of a defense wrapping the strategy (any failed client stops the run).
+    """
+
+    def __init__(self, inner: Grid, log: CaptureLog, partition_of_node: dict[int, int],
+                 needs_every_client: str | None = None) -> None:
+        super().__init__(inner)
+        self.log = log
+        self.partition_of_node = partition_of_node
+        self.needs_every_client = needs_every_client
+
     # -- the hook ----------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        outgoing, sent_state = [], {}
+        outgoing, sent_state, asked = [], {}, []
         round_num = 0
         for msg in messages:
             if msg.metadata.message_type == MessageType.TRAIN:
                 config = msg.content[keys.CONFIG]
                 round_num = int(config[keys.SERVER_ROUND])
                 pid = self.partition_of_node[msg.metadata.dst_node_id]
+                asked.append(pid)
                 if self.log.wants(round_num, pid):
                     flagged = ConfigRecord(dict(config))
                     flagged[keys.RECORD_TRUTH] = True
@@ -107,40 +138,40 @@ class CapturingGrid(Grid):
                     )
             outgoing.append(msg)
         replies = list(self.inner.send_and_receive(outgoing, timeout=timeout))
-        self._check_errors(replies, round_num)
+        if not round_num:  # no training message (e.g. an evaluation round): nothing to record
+            return replies
         replies.sort(key=self._partition_of_reply)
-        losses = []
+        for pid in sorted(set(asked) - {self._partition_of_reply(r) for r in replies}):
+            self.log.participation.fail(round_num, pid, "no reply (the client's node was lost or timed out)")
+        losses, arrived = [], 0
         for reply in replies:
+            if reply.has_error():
+                self.log.participation.fail(round_num, self._partition_of_reply(reply), reply.error.reason)
+                continue
             if not reply.has_content():
                 continue
             truth_record = reply.content.array_records.get(keys.TRUTH)
             if truth_record is not None:
                 del reply.content[keys.TRUTH]
+            arrived += 1
             metrics = reply.content.get(keys.METRICS)
             if metrics is None or keys.PARTITION_ID not in metrics:
                 continue
             pid = int(metrics[keys.PARTITION_ID])
-            loss = float(metrics.get(keys.TRAIN_LOSS, float("nan")))
-            if loss == loss:  # not NaN: a DP client whose Poisson batches were all empty has no loss
+            loss = record_client_reply(self.log, round_num, metrics)
+            if loss is not None:
                 losses.append(loss)
-            reported = {k[len(keys.CLIENT_METRIC_PREFIX):]: float(v) for k, v in metrics.items()
-                        if k.startswith(keys.CLIENT_METRIC_PREFIX)}
-            if reported:
-                self.log.client_metrics.setdefault(round_num, {})[pid] = reported
             if pid in sent_state and truth_record is not None:
                 self._record(round_num, pid, reply, sent_state[pid], _unpack_truth(truth_record, round_num, pid))
         if losses:
             self.log.train_loss[round_num] = sum(losses) / len(losses)
+        self.log.participation.requested[round_num] = len(asked)
+        self.log.participation.aggregated[round_num] = arrived
+        self.log.participation.check(round_num, self.needs_every_client)
         return replies
 
     def _partition_of_reply(self, reply: Message) -> int:
-        return self.partition_of_node.get(reply.metadata.src_node_id, 1 << 30)
-
-    def _check_errors(self, replies: list[Message], round_num: int) -> None:
-        for reply in replies:
-            if reply.has_error():
-                pid = self.partition_of_node.get(reply.metadata.src_node_id, "?")
-                raise SimulationError(f"client {pid} failed in round {round_num}: {reply.error.reason}")
+        return self.partition_of_node.get(reply.metadata.src_node_id, -1)
 
     def _record(self, round_num: int, pid: int, reply: Message, global_state: dict, truth: GroundTruth) -> None:
         sent = reply.content[keys.ARRAYS].to_torch_state_dict()

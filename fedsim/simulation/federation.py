@@ -60,7 +60,8 @@ def run_federation(scenario: Scenario, on_round: RoundCallback | None = None, ve
     secure = secure_aggregation(scenario)
     targets = capture_targets(scenario)
     if secure is not None:  # the server can only ever see the aggregate
-        from fedsim.simulation.secure import build_secure_client_app, build_secure_server_app
+        from fedsim.simulation.secure import build_secure_server_app
+        from fedsim.simulation.secure_client import build_secure_client_app
 
         targets = {(r, AGGREGATE_ID) for r, _ in targets}
     outcome = FederationOutcome(capture=CaptureLog(targets, scenario.federation.protocol),

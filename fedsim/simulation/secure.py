@@ -1,107 +1,120 @@
 """Secure aggregation with Flower's SecAgg+ workflow: the curious server sees only the aggregate.
 
-SecAgg+ exists in Flower 1.41/1.42 only on the legacy path (``secaggplus_mod`` converts replies
-with ``recorddict_to_fitres``), so this module builds a legacy ``ClientApp(client_fn=..., mods=
-[secaggplus_mod])`` around a ``NumPyClient`` that runs fedsim's own :func:`local_update`, and a
-``ServerApp`` running ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy
-strategy. The capture point is that strategy's ``aggregate_fit``: under SecAgg+ it receives only
-the unmasked aggregate (the weighted mean of the clients' updates, quantized), which is exactly what
-the server learns. The attack then targets that aggregate as one update of the union of all
-clients' batches.
+SecAgg+ exists in Flower 1.41/1.42 only on the legacy path, so the clients are the legacy app of
+:mod:`fedsim.simulation.secure_client` (running the same client round as the plain path) and the
+server runs ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy strategy. The
+capture point is that strategy's ``aggregate_fit``: under SecAgg+ it receives only the unmasked
+aggregate (the weighted mean of the surviving clients' updates, quantized), which is exactly what the
+server learns, plus each client's plaintext FitRes metrics (see ``secure_client``). The attack then
+targets that aggregate as one update of the union of the surviving clients' batches.
 
 Ground truth cannot ride along (the masked vectors are all a client sends), so the evaluator
-re-derives each client's batch from the same (seed, round, partition id) draws the client used.
-Every client trains every round (SecAgg+ here samples all nodes; partial participation is refused).
+re-derives each aggregated client's batch from the same (seed, round, partition id) draws and the same
+defense-wrapped training job the client used (:func:`~fedsim.simulation.client_round.build_job`).
+Every client is asked to train every round (partial participation is refused at validation).
+
+Failures follow :mod:`fedsim.simulation.participation`: a proxy Grid records every error reply of
+the protocol's four stages as a failure of that round's client; SecAgg+ aggregates the survivors
+(recovering the dropped clients' masks from their neighbours' shares), and a round it halts (too few
+survivors for ``reconstruction_threshold``) stops the run with NoProgressError once the workflow
+returns. Flower builds the neighbour ring with ``random.shuffle``: here the ring is built from the
+clients in partition order under a per-round seed, so which failures a round survives is
+reproducible.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context
-from flwr.client import NumPyClient
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp import ClientApp
-from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import Context, MessageType
+from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.errors import FedsimError, IncompatibleDefenseError
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.simulation import keys
-from fedsim.simulation.capture import AGGREGATE_ID, CapturedUpdate
-from fedsim.simulation.server_app import FederationOutcome, RoundCallback
+from fedsim.simulation.capture import AGGREGATE_ID, CapturedUpdate, CaptureLog, ProxyGrid, record_client_reply
+from fedsim.simulation.client_round import build_job
+from fedsim.simulation.server_app import FederationOutcome, RoundCallback, RoundRows, discover_partitions
 from fedsim.simulation.setup import FederationSetup, setup_for
 from fedsim.threat import GroundTruth
-from fedsim.training import TrainingJob, batch_schedule, evaluate, local_update
+from fedsim.training import batch_schedule
+
+_ROUND_CONFIG, _CURRENT_ROUND = "config", "current_round"  # flwr.server.workflow.constant
 
 
-def _job(setup: FederationSetup, model: torch.nn.Module, rnd: int, pid: int, n: int) -> TrainingJob:
-    job = TrainingJob(model, seed=setup.scenario.seed, round=rnd, partition_id=pid, num_examples=n)
-    for defense in setup.defenses:
-        job = defense.wrap_training(job)
-    return job
+class _FailureGrid(ProxyGrid):
+    """Records every error reply (or missing reply) of a SecAgg+ stage as a failure of that client."""
 
+    def __init__(self, inner: Grid, log: CaptureLog, partition_of_node: dict[int, int]) -> None:
+        super().__init__(inner)
+        self.log, self.partition_of_node = log, partition_of_node
 
-class _SecureClient(NumPyClient):
-    def __init__(self, scenario: Scenario, partition_id: int) -> None:
-        self.scenario, self.pid = scenario, partition_id
-
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict]:
-        setup = setup_for(self.scenario)
-        rnd = int(config[keys.SERVER_ROUND])
-        model = setup.build_model()
-        names = list(model.state_dict())
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in zip(names, parameters, strict=True)})
-        inputs, labels = setup.client_data(self.pid)
-        fed = self.scenario.federation
-        result = local_update(_job(setup, model, rnd, self.pid, len(inputs)), inputs, labels, local=fed.local,
-                              protocol=fed.protocol, mean=setup.task.mean, std=setup.task.std,
-                              seed=self.scenario.seed, round_num=rnd, partition_id=self.pid, device=setup.device)
-        if fed.protocol == "fedsgd":  # the gradient, padded with zeros for buffers so every reply has one layout
-            sent = [result.update.get(k, torch.zeros_like(v)).cpu().numpy() for k, v in model.state_dict().items()]
-        else:
-            sent = [result.update[k].cpu().numpy() for k in names]
-        # secaggplus_mod quantizes with stochastic rounding from NumPy's global generator: seed it
-        np.random.seed(derive_seed(self.scenario.seed, "secagg-rounding", rnd, self.pid) % 2**32)
-        return sent, result.num_examples, {}
-
-
-def build_secure_client_app(scenario: Scenario) -> ClientApp:
-    def client_fn(context: Context):  # noqa: ANN202 - Flower's legacy Client
-        return _SecureClient(scenario, int(context.node_config[keys.PARTITION_ID])).to_client()
-
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    def send_and_receive(self, messages, *, timeout: float | None = None):  # noqa: ANN001, ANN201 - Grid's
+        messages = list(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if not train or not str(train[0].metadata.group_id).isdigit():
+            return replies
+        rnd = int(train[0].metadata.group_id)  # SecAgg+ tags each stage's messages with the round
+        pid_of = self.partition_of_node.get
+        answered = {m.metadata.src_node_id for m in replies}
+        for msg in train:
+            if msg.metadata.dst_node_id not in answered:
+                self.log.participation.fail(rnd, pid_of(msg.metadata.dst_node_id, -1),
+                                            "no reply (the client's node was lost or timed out)")
+        for reply in replies:
+            if reply.has_error():
+                self.log.participation.fail(rnd, pid_of(reply.metadata.src_node_id, -1), reply.error.reason)
+        return replies
 
 
 class _CapturingLegacyFedAvg(LegacyFedAvg):
     """Legacy FedAvg (fedsgd: one server step on the mean gradient) that records the aggregate it receives."""
 
-    def __init__(self, scenario: Scenario, outcome: FederationOutcome, names: list[str], **kwargs: Any) -> None:
+    def __init__(self, scenario: Scenario, outcome: FederationOutcome, names: list[str],
+                 partition_of_node: dict[int, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.scenario, self.outcome, self.names = scenario, outcome, names
+        self.partition_of_node = partition_of_node
         self.current: list[np.ndarray] = []
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> Any:
         self.current = parameters_to_ndarrays(parameters)
-        return super().configure_fit(server_round, parameters, client_manager)
+        chosen = super().configure_fit(server_round, parameters, client_manager)
+        chosen = sorted(chosen, key=lambda pair: self.partition_of_node.get(pair[0].node_id, 1 << 30))
+        self.outcome.capture.participation.requested[server_round] = len(chosen)
+        return chosen
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> Any:
-        if failures:
-            raise RuntimeError(f"{len(failures)} client(s) failed in secure aggregation round {server_round}")
-        params, metrics = super().aggregate_fit(server_round, results, failures)
+        """``results``: the clients whose masked vectors are in the aggregate (``failures`` are recorded by
+        the grid proxy, with their clients' ids, which Flower's list lacks)."""
+        log = self.outcome.capture
+        pids = sorted(int(res.metrics[keys.PARTITION_ID]) for _, res in results)
+        log.participation.aggregated[server_round] = len(pids)
+        losses = [loss for _, res in sorted(results, key=lambda r: int(r[1].metrics[keys.PARTITION_ID]))
+                  if (loss := record_client_reply(log, server_round, res.metrics)) is not None]
+        if losses:
+            log.train_loss[server_round] = sum(losses) / len(losses)
+        if not results:
+            return None, {}
+        params, metrics = super().aggregate_fit(server_round, results, [])
         if params is None:
             return params, metrics
         aggregate = parameters_to_ndarrays(params)  # every result is the same unmasked aggregate
         fed = self.scenario.federation
-        if self.outcome.capture.wants(server_round, AGGREGATE_ID):
-            self._record(server_round, aggregate)
+        if log.wants(server_round, AGGREGATE_ID):
+            self._record(server_round, aggregate, pids)
         if fed.protocol == "fedsgd":
             lr = fed.server_lr or fed.local.lr
             grads = dict(zip(self.names, aggregate, strict=True))
@@ -110,7 +123,7 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
             return ndarrays_to_parameters(stepped), metrics
         return params, metrics
 
-    def _record(self, rnd: int, aggregate: list[np.ndarray]) -> None:
+    def _record(self, rnd: int, aggregate: list[np.ndarray], pids: list[int]) -> None:
         setup = setup_for(self.scenario)
         global_state = {k: torch.from_numpy(np.array(v)) for k, v in zip(self.names, self.current, strict=True)}
         # SecAgg+ dequantizes to float64: back to the model's dtypes
@@ -122,7 +135,7 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
         else:
             update = {k: agg[k] for k in trainable}
         inputs, labels, total = [], [], 0
-        for pid in range(self.scenario.federation.clients):  # re-derive each client's batch (see module doc)
+        for pid in pids:  # re-derive each aggregated client's batch (see module doc)
             x, y = setup.client_data(pid)
             used = _used_indices(setup, rnd, pid, len(x))
             inputs.append(x[used])
@@ -133,14 +146,64 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
 
 
 def _used_indices(setup: FederationSetup, rnd: int, pid: int, n: int) -> torch.Tensor:
+    """The partition indices client ``pid`` used in round ``rnd``, in first-use order: the batches its
+    defense-wrapped job draws from the same (seed, "batches", round, partition id) generator."""
     fed = setup.scenario.federation
-    job = _job(setup, setup.build_model(), rnd, pid, n)
+    job = build_job(setup, setup.build_model(), rnd, pid, n)
     gen = torch_generator(setup.scenario.seed, "batches", rnd, pid)
     batches = (job.sample_batches or batch_schedule)(n, fed.local, fed.protocol, gen)
     seen: dict[int, None] = {}
     for b in batches:
         seen.update(dict.fromkeys(b.tolist()))
     return torch.tensor(list(seen), dtype=torch.long)
+
+
+class _RoundsUntilStuck:
+    """The SecAgg+ fit workflow, round by round, with the stopping rules applied after each round.
+
+    Once a round fails the policy, later rounds (fit and evaluation) are skipped and the error is kept
+    for the ServerApp to raise after Flower's DefaultWorkflow has shut its threads down.
+    """
+
+    def __init__(self, inner: SecAggPlusWorkflow, log: CaptureLog, seed: int, threshold: int) -> None:
+        self.inner, self.log, self.seed, self.threshold = inner, log, seed, threshold
+        self.error: FedsimError | None = None
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        if self.error is not None:
+            return
+        rnd = int(context.state.config_records[_ROUND_CONFIG][_CURRENT_ROUND])
+        saved = random.getstate()
+        random.seed(derive_seed(self.seed, "secagg-neighbours", rnd))  # Flower's ring shuffle (module doc)
+        try:
+            self.inner(grid, context)
+        finally:
+            random.setstate(saved)
+        halted = None if rnd in self.log.participation.aggregated else (
+            f"SecAgg+ halted: too few survivors for reconstruction_threshold {self.threshold}")
+        try:
+            self.log.participation.check(rnd, halted=halted)
+        except FedsimError as err:
+            self.error = err
+
+
+def _restated(record: logging.LogRecord) -> bool:
+    """Drop Flower's SecAgg+ halt messages: fedsim's own one-line error says the same, with the client's reason."""
+    return not str(record.msg).startswith(("Insufficient available nodes", "Not enough shares to recover"))
+
+
+def _refuse_dropped_hooks(setup: FederationSetup) -> None:
+    """Server-side and mod hooks have no place on this path: refuse rather than silently drop them."""
+    from defenses.base import Defense
+
+    for d in setup.defenses:
+        if getattr(d, "secure_aggregation", False):
+            continue
+        cls = type(d)
+        for hook in ("wrap_strategy", "client_mods"):
+            if getattr(cls, hook) is not getattr(Defense, hook):
+                raise IncompatibleDefenseError(f"defense '{d.name}' uses {hook}, which the SecAgg+ path cannot "
+                                               "apply: remove it or secagg")
 
 
 def build_secure_server_app(scenario: Scenario, outcome: FederationOutcome, params: Any,
@@ -150,41 +213,49 @@ def build_secure_server_app(scenario: Scenario, outcome: FederationOutcome, para
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        start = time.perf_counter()
+        rows = RoundRows(scenario, outcome, on_round)
         setup = setup_for(scenario)
-        fed, data = scenario.federation, setup.data
-        model = setup.build_model()
-        names = list(model.state_dict())
+        _refuse_dropped_hooks(setup)
+        fed = scenario.federation
+        names = list(rows.model.state_dict())
+        partition_of_node = discover_partitions(grid, fed.clients)
+        fit = _RoundsUntilStuck(SecAggPlusWorkflow(
+            num_shares=params.num_shares, reconstruction_threshold=params.reconstruction_threshold,
+            # Clients scale their update by num_examples / max_weight before quantizing: a max_weight equal
+            # to the largest weight any client can send keeps that ratio near 1 and the quantization error small.
+            max_weight=float(max(len(p) for p in setup.partitions) if fed.protocol == "fedavg"
+                             else min(fed.local.batch_size, max(len(p) for p in setup.partitions))),
+            clipping_range=params.clipping_range, quantization_range=params.quantization_range,
+        ), outcome.capture, scenario.seed, params.reconstruction_threshold)
 
-        def evaluate_fn(server_round: int, ndarrays: list[np.ndarray], config: dict) -> tuple[float, dict]:
-            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in zip(names, ndarrays, strict=True)})
-            outcome.keep_released(server_round, model.state_dict())
-            loss, acc = evaluate(model, data.test_x, data.test_y, mean=data.mean, std=data.std,
-                                 batch_size=scenario.evaluation.batch_size, device=setup.device)
-            row = {"round": server_round, "seconds": time.perf_counter() - start, "test_loss": loss,
-                   "test_accuracy": acc}
-            outcome.history.append(row)
-            if on_round is not None:
-                on_round(server_round, row)
-            return loss, {"accuracy": acc}
+        def evaluate_fn(server_round: int, ndarrays: list[np.ndarray], config: dict) -> tuple[float, dict] | None:
+            if fit.error is not None:
+                return None
+
+            def state() -> dict[str, torch.Tensor]:
+                return {k: torch.from_numpy(np.array(v)) for k, v in zip(names, ndarrays, strict=True)}
+
+            row = rows(server_round, state)
+            if server_round == fed.rounds:
+                outcome.final_state = state()
+            return (row["test_loss"], {"accuracy": row["test_accuracy"]}) if "test_loss" in row else None
 
         strategy = _CapturingLegacyFedAvg(
-            scenario, outcome, names, fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=fed.clients,
-            min_available_clients=fed.clients, evaluate_fn=evaluate_fn,
+            scenario, outcome, names, partition_of_node, fraction_fit=1.0, fraction_evaluate=0.0,
+            min_fit_clients=fed.clients, min_available_clients=fed.clients, evaluate_fn=evaluate_fn,
             on_fit_config_fn=lambda rnd: {keys.SERVER_ROUND: rnd},
-            initial_parameters=ndarrays_to_parameters([v.cpu().numpy() for v in model.state_dict().values()]),
+            initial_parameters=ndarrays_to_parameters([v.cpu().numpy() for v in rows.model.state_dict().values()]),
         )
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
-        # Clients scale their update by num_examples / max_weight before quantizing: a max_weight equal to
-        # the largest weight any client can send keeps that ratio near 1 and the quantization error small.
-        max_weight = float(max(len(p) for p in setup.partitions) if fed.protocol == "fedavg"
-                           else min(fed.local.batch_size, max(len(p) for p in setup.partitions)))
-        workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-            num_shares=params.num_shares, reconstruction_threshold=params.reconstruction_threshold,
-            max_weight=max_weight,
-            clipping_range=params.clipping_range, quantization_range=params.quantization_range,
-        ))
-        workflow(grid, legacy)
-        outcome.seconds = time.perf_counter() - start
+        flower_log = logging.getLogger("flwr")
+        flower_log.addFilter(_restated)
+        try:
+            DefaultWorkflow(fit_workflow=fit)(_FailureGrid(grid, outcome.capture, partition_of_node), legacy)
+        finally:
+            flower_log.removeFilter(_restated)
+        outcome.seconds = time.perf_counter() - rows.start
+        if fit.error is not None:
+            raise fit.error
 
     return app
+

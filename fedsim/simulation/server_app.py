@@ -64,6 +64,53 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> di
     return mapping
 
 
+def needs_every_client(defenses: list) -> str | None:
+    """The first defense that wraps the server strategy (its noise assumes every sampled client's update:
+    see :mod:`fedsim.simulation.participation`), or None."""
+    from defenses.base import Defense
+
+    return next((d.name for d in defenses if type(d).wrap_strategy is not Defense.wrap_strategy), None)
+
+
+class RoundRows:
+    """The per-round history rows of either server path (plain or SecAgg+): time, mean client train loss,
+    participation, test loss and accuracy every ``evaluation.every`` rounds and after the last, and the
+    defenses' server metrics. The global model after a model attack's round is kept here too."""
+
+    def __init__(self, scenario: Scenario, outcome: FederationOutcome, on_round: RoundCallback | None) -> None:
+        self.scenario, self.outcome, self.on_round = scenario, outcome, on_round
+        self.setup = setup_for(scenario)
+        self.model = self.setup.build_model()
+        self.start = time.perf_counter()
+
+    def __call__(self, server_round: int, global_state: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Append (and return) round ``server_round``'s row; ``global_state()`` gives the global model after it."""
+        scenario, outcome, setup = self.scenario, self.outcome, self.setup
+        row: dict[str, float] = {"round": server_round, "seconds": time.perf_counter() - self.start}
+        if server_round in outcome.capture.train_loss:
+            row["train_loss"] = outcome.capture.train_loss[server_round]
+        row.update(outcome.capture.participation.row(server_round))
+        last = server_round == scenario.federation.rounds
+        if server_round in outcome.released_rounds:  # a model-inversion attack's target (always the final)
+            outcome.keep_released(server_round, global_state())
+        if server_round % scenario.evaluation.every == 0 or last:
+            self.model.load_state_dict(global_state())
+            data = setup.data
+            # Stochastic models (MID samples its bottleneck in eval mode too) evaluate under a seed
+            # per round, in a forked RNG so no other draw shifts.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(scenario.seed, "eval", server_round))
+                loss, acc = evaluate(self.model, data.test_x, data.test_y, mean=data.mean, std=data.std,
+                                     batch_size=scenario.evaluation.batch_size, device=setup.device)
+            row.update(test_loss=loss, test_accuracy=acc)
+        for defense in setup.defenses:
+            row.update(defense.server_round_metrics(server_round))
+        outcome.history.append(row)
+        if self.on_round is not None:
+            self.on_round(server_round, row)
+        return row
+
+
 def build_server_app(
     scenario: Scenario, outcome: FederationOutcome, on_round: RoundCallback | None = None
 ) -> ServerApp:
@@ -71,7 +118,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        start = time.perf_counter()
+        rows = RoundRows(scenario, outcome, on_round)
         if hasattr(grid, "pull_interval"):  # Flower's InMemoryGrid (Ray) polls replies every 0.1 s by default:
             grid.pull_interval = PULL_INTERVAL_S  # most of a small round's Ray overhead (benchmarks/sim_overhead.py)
         setup = setup_for(scenario)
@@ -81,38 +128,17 @@ def build_server_app(
         strategy = build_strategy(scenario, node_of_partition)
         for defense in setup.defenses:
             strategy = defense.wrap_strategy(strategy)
-        proxy = CapturingGrid(grid, outcome.capture, partition_of_node)
-        model = setup.build_model()
-        data = setup.data
+        proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses))
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            row: dict[str, float] = {"round": server_round, "seconds": time.perf_counter() - start}
-            if server_round in outcome.capture.train_loss:
-                row["train_loss"] = outcome.capture.train_loss[server_round]
-            last = server_round == fed.rounds
-            if server_round in outcome.released_rounds:  # a model-inversion attack's target (always the final)
-                outcome.keep_released(server_round, arrays.to_torch_state_dict())
-            if server_round % scenario.evaluation.every == 0 or last:
-                model.load_state_dict(arrays.to_torch_state_dict())
-                # Stochastic models (MID samples its bottleneck in eval mode too) evaluate under a seed
-                # per round, in a forked RNG so no other draw shifts.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(derive_seed(scenario.seed, "eval", server_round))
-                    loss, acc = evaluate(model, data.test_x, data.test_y, mean=data.mean, std=data.std,
-                                         batch_size=scenario.evaluation.batch_size, device=setup.device)
-                row.update(test_loss=loss, test_accuracy=acc)
-            for defense in setup.defenses:
-                row.update(defense.server_round_metrics(server_round))
-            outcome.history.append(row)
-            if on_round is not None:
-                on_round(server_round, row)
+            row = rows(server_round, arrays.to_torch_state_dict)
             return MetricRecord({k: v for k, v in row.items() if k != "round"})
 
         result = strategy.start(
-            grid=proxy, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=fed.rounds,
+            grid=proxy, initial_arrays=ArrayRecord(rows.model.state_dict()), num_rounds=fed.rounds,
             train_config=ConfigRecord(), evaluate_fn=evaluate_fn,
         )
         outcome.final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else None
-        outcome.seconds = time.perf_counter() - start
+        outcome.seconds = time.perf_counter() - rows.start
 
     return app

@@ -1,0 +1,141 @@
+"""One client's round, the single pipeline behind every client path.
+
+Both the Message-API ClientApp (:mod:`fedsim.simulation.client_app`) and the SecAgg+ NumPyClient
+(:mod:`fedsim.simulation.secure_client`) call :func:`run_client_round`, so a defense hook cannot be
+applied on one path and forgotten on the other. In order:
+
+1. build the model (model-transforming defenses included) and load the global weights;
+2. a :class:`TrainingJob` with the client's persistent state, passed through every defense's
+   ``wrap_training`` (DP-SGD, MID, Soteria, ...);
+3. :func:`local_update` on the client's partition;
+4. every update-stage defense's ``transform_update`` (clipping, noise, pruning, quantization, ...) on
+   the quantity sent: the gradient under fedsgd, the weight delta under fedavg (the client then sends
+   global + transformed delta);
+5. the reply: what is sent, ``num-examples``, and the metrics every client reports (``partition-id``,
+   ``train-loss``, each defense's metrics under ``fedsim.<name>``, e.g. ``fedsim.epsilon``), plus, when
+   asked, the ground-truth record (real batch and the defenses' recorded randomness) for the evaluator.
+
+Per-client state (e.g. DP-SGD's accountant history) lives in Flower's ``Context.state`` as one
+``ConfigRecord`` of strings (:func:`load_state` / :func:`save_state`); both paths hand the node's
+persistent Context to this pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context
+from torch import Tensor, nn
+
+from defenses.base import Defense, UpdateContext
+from fedsim.scenario import Scenario
+from fedsim.simulation import keys
+from fedsim.simulation.setup import FederationSetup, setup_for
+from fedsim.training import LocalResult, TrainingJob, local_update
+
+Metric = float | int
+
+
+@dataclass
+class ClientReply:
+    """What one client produced in one round.
+
+    ``sent``: fedsgd: the gradient per parameter name; fedavg: the new ``state_dict`` (CPU tensors),
+    after the update-stage defenses. ``metrics``: the reply's metric record (``num-examples``,
+    ``partition-id``, ``train-loss``, ``fedsim.*``). ``truth``: ``inputs``, ``labels`` and
+    ``extra/*`` tensors for the evaluator, only when the round was asked to record them.
+    """
+
+    sent: dict[str, Tensor]
+    num_examples: int
+    metrics: dict[str, Metric]
+    truth: dict[str, Tensor] | None = None
+
+
+def update_defenses(defenses: Sequence[Defense]) -> list[Defense]:
+    """The defenses that transform the update a client sends (their class overrides ``transform_update``)."""
+    return [d for d in defenses if type(d).transform_update is not Defense.transform_update]
+
+
+def build_job(setup: FederationSetup, model: nn.Module, round_num: int, partition_id: int, num_examples: int,
+              state: dict[str, str] | None = None) -> TrainingJob:
+    """The round's TrainingJob after every defense's ``wrap_training`` (in composition order)."""
+    job = TrainingJob(model, state=dict(state or {}), seed=setup.scenario.seed, round=round_num,
+                      partition_id=partition_id, num_examples=num_examples)
+    for defense in setup.defenses:
+        job = defense.wrap_training(job)
+    return job
+
+
+def apply_update_defenses(defenses: Sequence[Defense], result: LocalResult, global_state: dict[str, Tensor],
+                          ctx: UpdateContext) -> dict[str, Tensor]:
+    """Run the update-stage defenses on what is sent; their randomness goes into ``result.extras``.
+
+    fedsgd: on the gradient. fedavg: on the floating-point delta (local - global); the returned
+    weights are global + transformed delta (integer buffers such as BatchNorm's counter pass as they are).
+    """
+    update = result.update
+    chosen = update_defenses(defenses)
+    if not chosen:
+        return update
+    if ctx.protocol == "fedavg":
+        delta = {k: v - global_state[k].to(v.device) for k, v in update.items() if v.is_floating_point()}
+        for d in chosen:
+            delta, noise = d.transform_update(delta, ctx)
+            result.extras.update({f"{d.name}/{k}": v for k, v in noise.items()})
+        return {k: (global_state[k].to(v.device) + delta[k]) if k in delta else v for k, v in update.items()}
+    for d in chosen:
+        update, noise = d.transform_update(update, ctx)
+        result.extras.update({f"{d.name}/{k}": v for k, v in noise.items()})
+    return update
+
+
+def run_client_round(scenario: Scenario, partition_id: int, round_num: int, global_state: dict[str, Tensor],
+                     state: dict[str, str], *, record: bool = False) -> ClientReply:
+    """Client ``partition_id``'s round ``round_num`` from the global weights ``global_state``.
+
+    ``state`` is the client's persistent state and is updated in place (the caller stores it back
+    into its Context). Raises whatever the local training raises (the caller's error mod turns it
+    into an error reply).
+    """
+    setup = setup_for(scenario)
+    fed = scenario.federation
+    model = setup.build_model()
+    model.load_state_dict(global_state)
+    inputs, labels = setup.client_data(partition_id)
+    job = build_job(setup, model, round_num, partition_id, len(inputs), state)
+    result = local_update(
+        job, inputs, labels, local=fed.local, protocol=fed.protocol,
+        mean=setup.task.mean, std=setup.task.std, seed=scenario.seed,
+        round_num=round_num, partition_id=partition_id, device=setup.device, record=record,
+    )
+    state.clear()
+    state.update(job.state)
+    ctx = UpdateContext(scenario.seed, round_num, partition_id, fed.protocol, result.num_examples)
+    sent = apply_update_defenses(setup.defenses, result, global_state, ctx)
+    metrics: dict[str, Metric] = {
+        keys.NUM_EXAMPLES: result.num_examples,
+        keys.PARTITION_ID: partition_id,
+        keys.TRAIN_LOSS: result.train_loss,
+        **{f"{keys.CLIENT_METRIC_PREFIX}{k}": float(v) for k, v in result.metrics.items()},
+    }
+    truth = None
+    if record:
+        used = result.used_indices
+        truth = {"inputs": inputs[used], "labels": labels[used]}
+        truth.update({f"extra/{k}": v.detach().cpu() for k, v in result.extras.items()})
+    return ClientReply({k: v.detach().cpu() for k, v in sent.items()}, result.num_examples, metrics, truth)
+
+
+def load_state(context: Context) -> dict[str, str]:
+    """The client's persistent state (strings) from its Flower Context; empty on its first round."""
+    record = context.state.config_records.get(keys.CLIENT_STATE)
+    return {k: str(v) for k, v in record.items()} if record is not None else {}
+
+
+def save_state(context: Context, state: dict[str, str]) -> None:
+    """Store the client's state back into its Context (kept by the node across rounds)."""
+    if state:
+        context.state[keys.CLIENT_STATE] = ConfigRecord(dict(state))
+

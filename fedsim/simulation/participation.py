@@ -1,0 +1,114 @@
+"""Which clients a round asked for, which it aggregated, which failed and why, and when a run stops.
+
+The policy, the same on the plain Message-API path and under SecAgg+, and on every backend:
+
+* **Recorded.** Every training round's history row (``utility`` in metrics.json) carries
+  ``clients_requested``, ``clients_aggregated`` and ``clients_failed``; every failure is kept as
+  (round, client, one-line reason) in metrics.json ``client_failures``, and summary.md and
+  report.html show both whenever a round aggregated fewer clients than it asked for.
+* **Partial failures: the survivors are aggregated.** FedAvg and FedSGD average the replies that
+  arrived (weights renormalised over them); SecAgg+ drops the failed clients and recovers their masks
+  from their neighbours' key shares (its dropout tolerance), so the aggregate is the survivors'
+  weighted mean and its ground truth is the survivors' batches only. An attack aimed at a client
+  that failed in that round is reported as failed with the client's reason.
+* **No progress: the run stops.** A round that aggregated no client update (every client failed, or
+  under SecAgg+ too few survived for the protocol's reconstruction threshold, which halts the round)
+  raises :class:`~fedsim.errors.NoProgressError` (one line with the client's reason; the CLI exits
+  2). Nothing after it could change the model, so the run writes nothing.
+* **Strategy wrappers need every client.** When a defense wraps the server strategy (central DP),
+  the first failed client stops the run with :class:`~fedsim.errors.SimulationError`: the wrapper
+  calibrates its noise to the number of clients sampled, and a mean over fewer clients has a larger
+  sensitivity than the epsilon it reports accounts for.
+* **One line per error, on every backend.** :func:`client_errors_mod` (the outermost ClientApp mod on
+  both paths) turns an exception in a client into an error reply whose reason is
+  ``"<Type>: <message>"``; the full traceback goes to the ``fedsim`` logger at DEBUG level.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
+
+from fedsim.errors import NoProgressError, SimulationError
+
+log = logging.getLogger("fedsim")
+MAX_REASON = 300  # characters of a client's error reason kept in outputs
+
+
+def one_line(reason: str) -> str:
+    """A client's error reason on one line: its first non-empty line (a traceback follows it), cut to
+    ``MAX_REASON`` characters; Ray's ``<class ...>:<'...'>`` wrappers are kept as one joined line."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    text = " ".join(lines) if len(lines) <= 3 else lines[0]
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def client_errors_mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower ClientApp mod: an exception in the client becomes an error reply with a one-line reason."""
+    try:
+        return call_next(msg, ctx)
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which applies the policy above
+        log.debug("client failed", exc_info=True)
+        reason = one_line(f"{type(exc).__name__}: {exc}")
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """One client that failed in one round, with the one-line reason its reply carried."""
+
+    round: int
+    partition_id: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "client": self.partition_id, "reason": self.reason}
+
+
+@dataclass
+class Participation:
+    """Per training round: clients requested and aggregated; every failure with its reason."""
+
+    requested: dict[int, int] = field(default_factory=dict)
+    aggregated: dict[int, int] = field(default_factory=dict)
+    failures: list[ClientFailure] = field(default_factory=list)
+
+    def fail(self, round_num: int, partition_id: int, reason: str) -> None:
+        """Record a failure (once per round and client: SecAgg+ may see one client fail in several stages)."""
+        if not any(f.round == round_num and f.partition_id == partition_id for f in self.failures):
+            self.failures.append(ClientFailure(round_num, partition_id, one_line(reason)))
+
+    def failed_in(self, round_num: int) -> list[ClientFailure]:
+        return sorted((f for f in self.failures if f.round == round_num), key=lambda f: f.partition_id)
+
+    def row(self, round_num: int) -> dict[str, float]:
+        """The history-row fields of a training round (empty for round 0, the initial evaluation)."""
+        if round_num not in self.requested:
+            return {}
+        return {"clients_requested": self.requested[round_num],
+                "clients_aggregated": self.aggregated.get(round_num, 0),
+                "clients_failed": len(self.failed_in(round_num))}
+
+    def check(self, round_num: int, needs_every_client: str | None = None, halted: str | None = None) -> None:
+        """Apply the stopping rules of the module docstring to a finished round.
+
+        ``needs_every_client``: the name of a defense that wraps the strategy (stop on any failure);
+        ``halted``: why the protocol aggregated nothing, if it says (e.g. SecAgg+'s threshold).
+        Raises NoProgressError or SimulationError; returns when the run may go on.
+        """
+        failed = self.failed_in(round_num)
+        requested = self.requested.get(round_num, 0)
+        first = f"client {failed[0].partition_id}: {failed[0].reason}" if failed else ""
+        if requested and self.aggregated.get(round_num, 0) == 0:
+            why = f"{len(failed)} of {requested} clients failed" + (f"; {halted}" if halted else "")
+            raise NoProgressError(f"round {round_num}: no client update was aggregated ({why})"
+                                  + (f"; {first}" if first else ""))
+        if failed and needs_every_client:
+            raise SimulationError(
+                f"{first} (round {round_num}); the run stops because defense '{needs_every_client}' wraps the "
+                "server strategy, whose noise is calibrated to every sampled client's update")
