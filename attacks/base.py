@@ -19,10 +19,11 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedsim.errors import ThreatModelError
+from attacks.label_recovery import classifier_input, label_rule_problem
+from fedsim.errors import ScenarioError, ThreatModelError
 from fedsim.registry import Registry
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
-from fedsim.threat import ClientUpdate, Reconstruction, ReleasedModel
+from fedsim.threat import ClientUpdate, ModelFacts, Reconstruction, ReleasedModel
 
 ProgressFn = Callable[[int, int], None]  # (iterations done, iterations total)
 
@@ -43,6 +44,10 @@ class Attack(ABC):
     needs: ClassVar[dict[str, Any]] = {}
     #: One line for `fedsim list` and reports.
     summary: ClassVar[str] = ""
+    #: Whether ``knowledge.defense`` switches on a defense-aware mode (modelling the listed defenses'
+    #: deterministic parts, :mod:`attacks.defense_aware`); such a mode is refused when no defense of the
+    #: scenario has anything to model.
+    models_defenses: ClassVar[bool] = False
     #: What the attack reads: "update" (a captured client update, ``reconstruct``) or "model" (the
     #: released global model, ``invert``; see :class:`ModelInversionAttack`).
     target: ClassVar[str] = "update"
@@ -79,6 +84,37 @@ class Attack(ABC):
                 raise ThreatModelError(
                     f"{spec.name} needs knowledge.{key}: {wanted!r}, but the threat model grants {granted!r}"
                 )
+        if spec.knowledge.bn_stats == "client":
+            raise ScenarioError("knowledge.bn_stats", "'client' (the client's own batch statistics) cannot be "
+                                "granted: no update carries them and the runner hands none over; use 'running' "
+                                "(the global model's statistics) or 'none'")
+        if spec.knowledge.defense and cls.models_defenses:
+            from attacks.defense_aware import unmodelable
+
+            why = unmodelable(scenario)
+            if why is not None:
+                raise ScenarioError("knowledge.defense", f"true switches on {spec.name}'s defense-aware mode, but "
+                                    f"{why}; set it to false")
+
+    @classmethod
+    def check_model(cls, scenario: Scenario, spec: AttackSpec, facts: ModelFacts) -> None:
+        """Refuse options whose precondition the server's built model does not meet (run at validation by
+        :func:`fedsim.attack_checks.check_attack_preconditions`, with the data; raise
+        :class:`ScenarioError` with a path relative to the attack spec, e.g. ``params.label_strategy``).
+
+        The default checks ``params.label_strategy`` when labels are inferred
+        (:func:`attacks.label_recovery.label_rule_problem`, on :func:`~attacks.label_recovery.classifier_input`
+        of ``facts.model``); subclasses extend it.
+        """
+        strategy = getattr(cls.Params.model_validate(spec.params), "label_strategy", None)
+        if strategy is None or spec.knowledge.labels == "known":
+            return
+        classifier = classifier_input(facts.model, tuple(facts.task.input_shape))
+        targets = [c for c in spec.target_clients(scenario.federation.clients) if c in facts.examples]
+        fewest = min((facts.examples[c] for c in targets), default=1)
+        problem = label_rule_problem(strategy, classifier, fewest, facts.task.num_classes)
+        if problem is not None:
+            raise ScenarioError("params.label_strategy", f"{spec.name}: {problem}")
 
     @abstractmethod
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:

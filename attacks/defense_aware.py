@@ -83,6 +83,19 @@ class DefenseTransform:
         return [out[name] for name in self.names]
 
 
+def unmodelable(scenario: Any) -> str | None:
+    """Why a defense-aware mode would model nothing in ``scenario`` (no defense, or none with an
+    ``attacker_transform``: e.g. pure noise), or ``None`` when at least one defense can be modelled."""
+    from defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
+
+    names = [spec.name for spec in scenario.defenses]
+    if not names:
+        return "the scenario has no defense: there is nothing to model"
+    if not any(DEFENSES.get(n).attacker_transform is not Defense.attacker_transform for n in names if n in DEFENSES):
+        return f"none of its defenses ({', '.join(names)}) has a deterministic part to model"
+    return None
+
+
 def defense_transform(descriptions: Sequence[Description], names: Sequence[str] = ()) -> DefenseTransform:
     """The attacker-side transform of the described defenses (the identity if none has one to apply).
 

@@ -117,6 +117,8 @@ class GanPriorAttack(Attack):
     """Base of the gradient-matching attacks with a GAN prior: validation checks the prior resolves and
     that an L2 distance on a FedAvg delta has the local hyperparameters it needs to rescale."""
 
+    models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD)
+
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
         super().check_scenario(scenario, spec)

@@ -8,9 +8,11 @@ The paper's objective: over a group of K dummy batches ``x_k`` (normalized space
 * ``R_BN`` (the DeepInversion prior): for every BatchNorm layer l, ``|mu_l(x_k) - mu_l|_2 +
   |sigma^2_l(x_k) - sigma^2_l|_2`` between the batch statistics of the layer's input and the
   global model's running statistics (public: they are in ``global_state``), the first layer
-  weighted ``bn_first`` times (GIFD/breaching). It is used when ``knowledge.bn_stats: running``
-  and the model has BatchNorm; with ``bn_stats: none`` the attack runs without it (every other term
-  stays). ``bn_stats: client`` (the client's own batch statistics) is refused: updates carry none.
+  weighted ``bn_first`` times (GIFD/breaching). It is used when ``knowledge.bn_stats: running``;
+  validation refuses that where the statistics hold no data: a model without BatchNorm (as built:
+  DP-SGD replaces it), FedSGD (buffers never aggregated) or an attack on round 1. With ``bn_stats:
+  none`` the attack runs without it (every other term stays). ``bn_stats: client`` (the client's own
+  batch statistics) is refused for every attack: updates carry none.
 * ``R_group`` (group consistency): K seeds optimized together (``budget.restarts``), each pulled
   towards the detached group mean, ``|x_k - mean_k x_k|_2``. GIFD builds the mean at iteration 500
   of 15k and refreshes it every 100; for short budgets these are fractions ``group_start`` and
@@ -48,10 +50,10 @@ from attacks.matching import LabelStrategy, check_delta_scale, labels_for, match
 from attacks.objectives import OBJECTIVES
 from attacks.regularizers import image_norm, total_variation
 from attacks.victim import victim_model
-from fedsim.errors import FedsimError, ThreatModelError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import torch_generator
-from fedsim.threat import ClientUpdate, Reconstruction
+from fedsim.threat import ClientUpdate, ModelFacts, Reconstruction
 
 
 class BatchNormPrior:
@@ -181,13 +183,33 @@ class GradInversion(Attack):
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
+        """Besides the base checks (``bn_stats: client`` is refused there): the BN prior needs running
+        statistics that hold data, i.e. FedAvg (FedSGD never aggregates buffers: they stay at their
+        initial 0/1) and no attacked round 1 (the model sent out in round 1 has aggregated nothing)."""
         super().check_scenario(scenario, spec)
-        if spec.knowledge.bn_stats == "client":
-            raise ThreatModelError(
-                f"{spec.name} matches the global model's running statistics (knowledge.bn_stats: running); "
-                "updates carry no client batch statistics, so bn_stats: client is not supported"
-            )
-        check_delta_scale(scenario, spec, cls.Params.model_validate(spec.params).distance)
+        p = cls.Params.model_validate(spec.params)
+        if spec.knowledge.bn_stats == "running" and p.bn > 0:
+            if scenario.federation.protocol == "fedsgd":
+                raise ScenarioError("knowledge.bn_stats", "'running' gives the BatchNorm prior nothing under "
+                                    "fedsgd: the server never aggregates buffers, so the running statistics stay "
+                                    "at their initial 0/1; use protocol fedavg, or bn_stats: none")
+            if 1 in spec.target_rounds(scenario.federation.rounds):
+                raise ScenarioError("knowledge.bn_stats", "'running' gives the BatchNorm prior nothing in round 1: "
+                                    "the global model sent out then holds its initial 0/1 statistics; attack "
+                                    "later rounds, or set bn_stats: none")
+        check_delta_scale(scenario, spec, p.distance)
+
+    @classmethod
+    def check_model(cls, scenario: Scenario, spec: AttackSpec, facts: ModelFacts) -> None:
+        """The base label check, and ``bn_stats: running`` only on a model that has BatchNorm layers as
+        built (DP-SGD, for one, replaces them by GroupNorm)."""
+        super().check_model(scenario, spec, facts)
+        p = cls.Params.model_validate(spec.params)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in facts.model.modules())
+        if spec.knowledge.bn_stats == "running" and p.bn > 0 and not has_bn:
+            raise ScenarioError("knowledge.bn_stats", "'running' asks for the BatchNorm statistics prior, but the "
+                                "model as built has no BatchNorm layer (model.norm, or a defense such as dp_sgd "
+                                "replacing it); set bn_stats: none")
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()

@@ -158,6 +158,7 @@ class InvertingGradients(Attack):
     """
 
     summary = "Inverting Gradients (Geiping et al. 2020): cosine gradient matching + TV, signed Adam"
+    models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD-style)
 
     class Params(AttackParams):
         lr: float = Field(0.1, gt=0, description="Adam step size on the normalized inputs")

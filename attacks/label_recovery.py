@@ -12,6 +12,14 @@ batch cannot be recovered from a summed gradient; metrics match images to labels
 
 For FedAvg the update is a weight delta; ``-delta`` points along the summed local gradients, whose
 signs carry the same information (exactly so for one local step).
+
+Preconditions (:func:`label_rule_problem`, checked at validation against the built model by
+:meth:`attacks.base.Attack.check_model`): ``idlg`` and ``yin`` read the weight rows, whose sign says
+"in the batch" only when the classifier's input ``h`` is non-negative, and they return distinct
+classes, so a batch of more examples than classes defeats them; ``bias-corrected`` and ``auto`` read
+the bias gradient, which needs no sign of ``h``, but fall back to the weight rows when the classifier
+has no bias. Whether ``h >= 0`` is read off the model's structure (:func:`classifier_input`: the
+module that feeds the final linear layer), never off its name.
 """
 
 from __future__ import annotations
@@ -22,9 +30,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fedsim.models import MaskDropout
 from fedsim.threat import ClientUpdate
 
 PROBE_SIZE = 16
+
+#: Modules whose output is >= 0 for every input.
+NON_NEGATIVE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.Softmax)
+#: Modules that keep a non-negative input non-negative (reshaping, pooling, dropout's rescaled masks).
+SIGN_KEEPING: tuple[type[nn.Module], ...] = (
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, MaskDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+#: Rules that read the weight rows whatever the classifier (and return distinct classes).
+ROW_RULES = ("idlg", "yin")
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,83 @@ def expected_probs(model: nn.Module, input_shape: tuple[int, ...], size: int = P
     for k, v in model.named_buffers():
         v.copy_(saved[k])
     return probs
+
+
+@dataclass(frozen=True)
+class ClassifierInput:
+    """What feeds a model's final linear layer ``name`` (the last ``nn.Linear`` its forward pass runs).
+
+    ``feeding`` is the type of the module whose output reaches it (reshaping, pooling and dropout
+    skipped; ``"the input"`` when none) and ``source`` that module's name; ``nonnegative`` holds when
+    that module is one of :data:`NON_NEGATIVE` and the classifier saw no negative value on probe inputs.
+    """
+
+    name: str
+    has_bias: bool
+    feeding: str
+    source: str
+    nonnegative: bool
+
+
+@torch.no_grad()
+def classifier_input(model: nn.Module, input_shape: tuple[int, ...], size: int = PROBE_SIZE) -> ClassifierInput:
+    """Trace one forward pass of a copy of ``model`` (eval mode, ``size`` standard-normal probe inputs of
+    ``input_shape``, RNG forked) and report what feeds its final linear layer (:class:`ClassifierInput`).
+
+    Raises ``ValueError`` when the forward pass runs no ``nn.Linear``.
+    """
+    import copy
+
+    probe_model = copy.deepcopy(model).eval()
+    calls: list[tuple[str, nn.Module, float]] = []
+
+    def hook(name: str):  # noqa: ANN202
+        def record(module: nn.Module, inputs: tuple, _output: Tensor) -> None:
+            first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+            calls.append((name, module, float(first.min()) if first is not None and first.numel() else 0.0))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in probe_model.named_modules() if not list(m.children())]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            device = next(probe_model.parameters()).device
+            probe_model(torch.randn((size, *input_shape)).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    linear = [i for i, (_, m, _) in enumerate(calls) if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError(f"{type(model).__name__} runs no nn.Linear classifier")
+    at = linear[-1]
+    name, fc, seen_min = calls[at]
+    feeding, source = "the input", ""
+    for prev_name, prev, _ in reversed(calls[:at]):
+        if not isinstance(prev, SIGN_KEEPING):
+            feeding, source = type(prev).__name__, prev_name
+            break
+    structural = source != "" and isinstance(dict(probe_model.named_modules())[source], NON_NEGATIVE)
+    return ClassifierInput(name, fc.bias is not None, feeding, source, structural and seen_min >= 0.0)
+
+
+def label_rule_problem(strategy: str, classifier: ClassifierInput, num_labels: int, num_classes: int) -> str | None:
+    """Why ``strategy`` cannot be trusted on this classifier for batches of at least ``num_labels``
+    examples out of ``num_classes`` classes, or ``None`` (see the module docstring)."""
+    if strategy not in LABEL_STRATEGIES:
+        return f"unknown label strategy {strategy!r}"
+    reads_rows = strategy in ROW_RULES or not classifier.has_bias
+    if reads_rows and not classifier.nonnegative:
+        where = f" ({classifier.source!r})" if classifier.source else ""
+        rows = "its rule reads" if strategy in ROW_RULES else "without a classifier bias it reads"
+        return (f"label_strategy {strategy!r}: {rows} the signs of the last layer's weight gradient, which "
+                f"name the batch's classes only when the classifier's input is non-negative, but the final "
+                f"linear layer {classifier.name!r} is fed by {classifier.feeding}{where}, which can be "
+                f"negative; use 'auto' or 'bias-corrected' (bias gradient), or grant knowledge.labels: known")
+    if strategy in ROW_RULES and num_labels > num_classes:
+        return (f"label_strategy {strategy!r} returns distinct classes, but updates cover at least "
+                f"{num_labels} examples of {num_classes} classes, so some class repeats; use 'auto' "
+                f"(counts repeated labels)")
+    return None
 
 
 def _smallest(scores: Tensor, n: int) -> Tensor:

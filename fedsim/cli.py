@@ -89,6 +89,12 @@ def _print_result(result) -> None:  # noqa: ANN001
     evaluated = [h for h in result.history if "test_accuracy" in h]
     if evaluated:
         out(f"test accuracy: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
+    failed = result.client_failures
+    if failed:  # the policy of fedsim.simulation.participation: survivors aggregated, every failure recorded
+        first = failed[0]
+        out(f"warning: {len(failed)} client failure(s) in {len({f['round'] for f in failed})} round(s); those rounds "
+            f"aggregated the other clients (summary.md lists all); client {first['client']} in round "
+            f"{first['round']}: {first['reason']}")
     for o in result.outcomes:
         tag = f"{o.attack}{' (oracle)' if o.oracle else ''} round {o.round} client {o.partition_id}"
         if o.failed:

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fedsim.attack_checks import check_attack_preconditions
 from fedsim.attacking import AttackOutcome, ProgressFactory, run_attacks
 from fedsim.report import write_run_dir
 from fedsim.scenario import Scenario
@@ -45,6 +46,7 @@ def run_scenario(
     start = time.perf_counter()
     setup = setup_for(scenario)
     setup.data  # noqa: B018 - load (and fail on missing data) before any Ray start-up cost
+    check_attack_preconditions(scenario)  # validation skips it when the data was not yet on disk
     outcome = run_federation(scenario, on_round=on_round, verbose=verbose, backend=backend)
     federation_s = time.perf_counter() - start
     descriptions: list[dict[str, Any]] = [dict(d.public_description()) for d in setup.defenses]

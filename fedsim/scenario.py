@@ -253,6 +253,9 @@ def parse_scenario(raw: Any) -> Scenario:
     except ValidationError as err:
         raise _first_error(err) from None
     resolve_plugins(scenario)
+    from fedsim.attack_checks import check_attack_preconditions
+
+    check_attack_preconditions(scenario)  # attack options against the model as built
     return scenario
 
 
@@ -260,6 +263,20 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
     """Read, override and validate a scenario file."""
     raw = read_yaml(path)
     return parse_scenario(apply_overrides(raw if raw is not None else {}, list(overrides or [])))
+
+
+def plugin_error(where: str, spec: PluginSpec, err: FedsimError) -> ScenarioError:
+    """``err`` from a plug-in's check of ``spec`` (at ``where``, e.g. ``attacks[0]``) as a ScenarioError: a path
+    that starts with a field of the spec (``knowledge.bn_stats``, ``params.label_strategy``) is taken
+    relative to it; any other error is reported at ``where`` with its whole message."""
+    if isinstance(err, ScenarioError) and err.path.split(".")[0].split("[")[0] in type(spec).model_fields:
+        return ScenarioError(f"{where}.{err.path}", err.reason)
+    return ScenarioError(where, str(err))
+
+
+def attack_error(index: int, err: FedsimError) -> ScenarioError:
+    """:func:`plugin_error` for ``attacks[index]`` (an :class:`AttackSpec`)."""
+    return plugin_error(f"attacks[{index}]", AttackSpec(name="?"), err)
 
 
 def resolve_plugins(scenario: Scenario) -> None:
@@ -293,4 +310,4 @@ def resolve_plugins(scenario: Scenario) -> None:
                 try:
                     check(scenario, spec)
                 except FedsimError as err:
-                    raise ScenarioError(f"{group}[{i}]", str(err)) from None
+                    raise plugin_error(f"{group}[{i}]", spec, err) from None

@@ -101,6 +101,9 @@ def test_run_outputs_show_the_failed_clients(tiny_raw, failing, tmp_path: Path) 
     assert f"| 1 | 1 | {BOOM} |" in summary
     html = (tmp_path / "run" / "report.html").read_text()
     assert 'id="participation"' in html and "Expected more than 1 value per channel (injected)" in html
+    from fedsim.bench.store import summarize_run
+
+    assert summarize_run(result)["clients_failed"] == summarize_run(metrics)["clients_failed"] == 2  # bench cells
     lost = [o for o in result.outcomes if o.partition_id == 1]
     assert len(lost) == 1 and lost[0].failed == f"client 1 failed in round 1: {BOOM}"
     assert sorted(o.partition_id for o in result.outcomes if not o.failed) == [0, 2, 3]
@@ -117,6 +120,18 @@ def test_cli_exits_2_with_one_line_when_no_round_can_progress(tiny_raw, failing,
     errors = [line for line in result.output.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "no client update was aggregated" in errors[0]
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_cli_warns_about_failed_clients_in_a_finished_run(tiny_raw, failing, tmp_path: Path) -> None:
+    from fedsim.cli import app
+
+    failing({1})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_raw(tiny_raw, True)))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert f"warning: 2 client failure(s) in 2 round(s); those rounds aggregated the other clients (summary.md " \
+           f"lists all); client 1 in round 1: {BOOM}" in result.output
 
 
 def test_a_failed_client_stops_a_run_whose_strategy_wrapper_needs_every_client(tiny_raw, failing) -> None:
@@ -154,3 +169,18 @@ def test_batchnorm_on_one_example_batches_under_secagg_is_not_silent(monkeypatch
     assert all(h["clients_failed"] >= 1 and h["clients_aggregated"] == 4 - h["clients_failed"] for h in rows)
     assert all("Expected more than 1 value per channel" in f.reason for f in outcome.capture.participation.failures)
     assert len({h["test_loss"] for h in outcome.history}) == len(outcome.history)  # the model did change
+
+
+def test_bench_report_names_cells_whose_runs_lost_clients(tmp_path: Path) -> None:
+    """A bench cell whose run aggregated fewer clients (summary ``clients_failed``) is flagged in the report."""
+    from fedsim.report import render_report
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    cell = {"cell_id": "a", "attack": "inverting_gradients", "defense": "none", "params": {}, "repeat": 0,
+            "seed": 1, "status": "ok", "error": None, "seconds": 1.0, "run_dir": None,
+            "summary": {"psnr_mean": 12.0, "test_accuracy": 0.5, "clients_failed": 0}}
+    lost = {**cell, "cell_id": "lost-7", "repeat": 1, "summary": {**cell["summary"], "clients_failed": 2}}
+    (bench / "cells.jsonl").write_text(json.dumps(cell) + "\n" + json.dumps(lost) + "\n")
+    html = render_report(bench).read_text()
+    assert "1 cell(s) aggregated fewer clients than requested in some round" in html and "lost-7" in html

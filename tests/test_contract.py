@@ -60,6 +60,7 @@ def test_knowledge_decides_what_the_view_holds(tiny_raw) -> None:
     blind = observe(cap, task, scenario, scenario.attacks[0], [{"name": "x"}])
     assert dict(blind.side_info) == {} and dict(blind.hyperparams) == {} and blind.defenses == ()
     tiny_raw["attacks"][0]["knowledge"] = {"labels": "known", "local_hparams": True, "defense": True}
+    tiny_raw["defenses"] = [{"name": "clipping"}]  # a defense-aware mode needs a defense it can model
     scenario = parse_scenario(tiny_raw)
     told = observe(cap, task, scenario, scenario.attacks[0], [{"name": "x"}])
     assert told.side_info["labels"].tolist() == cap.truth.labels.tolist()

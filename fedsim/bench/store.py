@@ -137,4 +137,6 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
         epsilon = max(values) if values else None
     summary["epsilon"] = epsilon
     summary["rounds"] = max((int(h["round"]) for h in history), default=0)
+    # client failures over the run (fedsim.simulation.participation): the cell's numbers came from fewer clients
+    summary["clients_failed"] = int(sum(h.get("clients_failed", 0) for h in history))
     return _clean(summary)

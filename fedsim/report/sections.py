@@ -118,6 +118,11 @@ def bench_header(source: Source) -> tuple[str, str]:
                      f"{_when(source.path / 'cells.jsonl')}")),
     ]
     warnings = []
+    short = [c.cell_id for c in cells if (c.summary or {}).get("clients_failed")]
+    if short:
+        listed = ", ".join(short[:8]) + (", ..." if len(short) > 8 else "")
+        warnings.append(f"{len(short)} cell(s) aggregated fewer clients than requested in some round (their "
+                        f"summary.md lists who failed and why): {listed}")
     if source.truncated_tail:
         warnings.append("the last line of cells.jsonl is cut off (a cell being written, or a killed bench): ignored")
     if source.skipped_lines:
