@@ -113,8 +113,8 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
             return params, metrics
         aggregate = parameters_to_ndarrays(params)  # every result is the same unmasked aggregate
         fed = self.scenario.federation
-        if log.wants(server_round, AGGREGATE_ID):
-            self._record(server_round, aggregate, pids)
+        if log.wants(server_round, AGGREGATE_ID):  # the weight the server learns: the declared num_examples
+            self._record(server_round, aggregate, pids, sum(int(res.num_examples) for _, res in results))
         if fed.protocol == "fedsgd":
             lr = fed.server_lr or fed.local.lr
             grads = dict(zip(self.names, aggregate, strict=True))
@@ -123,7 +123,7 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
             return ndarrays_to_parameters(stepped), metrics
         return params, metrics
 
-    def _record(self, rnd: int, aggregate: list[np.ndarray], pids: list[int]) -> None:
+    def _record(self, rnd: int, aggregate: list[np.ndarray], pids: list[int], declared: int) -> None:
         setup = setup_for(self.scenario)
         global_state = {k: torch.from_numpy(np.array(v)) for k, v in zip(self.names, self.current, strict=True)}
         # SecAgg+ dequantizes to float64: back to the model's dtypes
@@ -134,15 +134,14 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
             update = {k: agg[k] - global_state[k] for k in trainable}
         else:
             update = {k: agg[k] for k in trainable}
-        inputs, labels, total = [], [], 0
+        inputs, labels = [], []
         for pid in pids:  # re-derive each aggregated client's batch (see module doc)
             x, y = setup.client_data(pid)
             used = _used_indices(setup, rnd, pid, len(x))
             inputs.append(x[used])
             labels.append(y[used])
-            total += len(used)
         truth = GroundTruth(rnd, AGGREGATE_ID, torch.cat(inputs), torch.cat(labels))
-        self.outcome.capture.updates.append(CapturedUpdate(rnd, AGGREGATE_ID, global_state, update, total, truth))
+        self.outcome.capture.updates.append(CapturedUpdate(rnd, AGGREGATE_ID, global_state, update, declared, truth))
 
 
 def _used_indices(setup: FederationSetup, rnd: int, pid: int, n: int) -> torch.Tensor:
