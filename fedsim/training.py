@@ -88,6 +88,15 @@ def batch_schedule(n: int, local: LocalTraining, protocol: str, gen: torch.Gener
             return batches
 
 
+def round_batches(job: TrainingJob, inputs: Tensor, *, local: LocalTraining, protocol: str, seed: int,
+                  round_num: int, partition_id: int) -> list[Tensor]:
+    """The index batches client ``partition_id`` trains on in round ``round_num``: the job's own sampler
+    (e.g. DP-SGD's Poisson batches) or :func:`batch_schedule`, from the (seed, "batches", round, partition
+    id) generator. :func:`local_update` uses it, and so does the SecAgg+ evaluator re-deriving a batch."""
+    gen = torch_generator(seed, "batches", round_num, partition_id)
+    return (job.sample_batches or batch_schedule)(len(inputs), local, protocol, gen)
+
+
 def local_update(
     job: TrainingJob,
     inputs: Tensor,
@@ -109,8 +118,8 @@ def local_update(
     round are returned in ``extras`` (only the evaluator may read them).
     """
     model = job.model
-    gen = torch_generator(seed, "batches", round_num, partition_id)
-    batches = (job.sample_batches or batch_schedule)(len(inputs), local, protocol, gen)
+    batches = round_batches(job, inputs, local=local, protocol=protocol, seed=seed, round_num=round_num,
+                            partition_id=partition_id)
     torch.manual_seed(derive_seed(seed, "client-torch", round_num, partition_id))  # dropout masks
     model.to(device).train()
     record_masks(model, record)

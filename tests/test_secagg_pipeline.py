@@ -150,3 +150,41 @@ def test_secure_dp_sgd_reports_epsilon_per_client_and_keeps_state(tiny_raw, tmp_
 
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())["client_metrics"]
     assert written["3"]["2"]["epsilon"] == secure[3][2]["epsilon"]
+
+
+@pytest.mark.ray
+def test_secure_pipeline_gives_the_same_numbers_on_ray(tiny_raw) -> None:
+    """SecAgg+ with an update-stage and a training-stage defense: the captured aggregate, the rows and every
+    client's epsilon (state kept in the Ray node's Context) are identical on both backends."""
+    raw = _raw(tiny_raw, [SECAGG, _spec("gaussian_noise"), {"name": "dp_sgd", "params": {"noise_multiplier": 1.0}}],
+               rounds=2)
+    scenario = parse_scenario(raw)
+    local = run_federation(scenario, backend="inprocess")
+    ray = run_federation(scenario, backend="ray")
+    (a,), (b,) = local.capture.updates, ray.capture.updates
+    assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
+    keep = ("round", "test_loss", "test_accuracy", "train_loss", "clients_aggregated")
+    assert [{k: h.get(k) for k in keep} for h in ray.history] == [{k: h.get(k) for k in keep} for h in local.history]
+    assert ray.capture.client_metrics == local.capture.client_metrics and sorted(ray.capture.client_metrics[2]) == [
+        0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("case", ["batchnorm-lone-example", "dp_sgd-poisson"])
+def test_secure_ground_truth_is_the_batches_the_clients_really_used(tiny_raw, case) -> None:
+    """The evaluator re-derives the SecAgg+ aggregate's ground truth; it must be exactly the union of the
+    batches each client recorded on the plain path, also where the client's batch schedule depends on its
+    model (a BatchNorm model merges a lone last example into the batch before) or on a defense (Poisson)."""
+    raw = _raw(tiny_raw, [])
+    raw["data"]["train_subset"] = 40  # iid: 10 examples a client
+    fed = raw["federation"]
+    if case == "batchnorm-lone-example":  # batch 3 over 10: 3 steps use 9 examples, or all 10 once the lone one is merged
+        raw["model"] = {"name": "mlp", "width": 2, "norm": "batch"}
+        fed.update(protocol="fedavg", local={"batch_size": 3, "steps": 3, "lr": 0.1})
+    else:
+        raw["defenses"] = [{"name": "dp_sgd", "params": {"noise_multiplier": 1.0}}]
+        fed.update(protocol="fedavg", local={"batch_size": 3, "steps": 2, "lr": 0.1})
+    plain = run_federation(parse_scenario(raw)).capture.updates
+    raw["defenses"] = [*raw["defenses"], SECAGG]
+    (agg,) = run_federation(parse_scenario(raw)).capture.updates
+    expected = torch.cat([u.truth.inputs for u in sorted(plain, key=lambda u: u.partition_id)])
+    assert len(plain) == 4 and torch.equal(agg.truth.inputs, expected)

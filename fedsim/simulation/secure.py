@@ -41,14 +41,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.errors import FedsimError, IncompatibleDefenseError
 from fedsim.scenario import Scenario
-from fedsim.seeding import derive_seed, torch_generator
+from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
 from fedsim.simulation.capture import AGGREGATE_ID, CapturedUpdate, CaptureLog, ProxyGrid, record_client_reply
 from fedsim.simulation.client_round import build_job
 from fedsim.simulation.server_app import FederationOutcome, RoundCallback, RoundRows, discover_partitions
 from fedsim.simulation.setup import FederationSetup, setup_for
 from fedsim.threat import GroundTruth
-from fedsim.training import batch_schedule
+from fedsim.training import round_batches
 
 _ROUND_CONFIG, _CURRENT_ROUND = "config", "current_round"  # flwr.server.workflow.constant
 
@@ -137,20 +137,20 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
         inputs, labels = [], []
         for pid in pids:  # re-derive each aggregated client's batch (see module doc)
             x, y = setup.client_data(pid)
-            used = _used_indices(setup, rnd, pid, len(x))
+            used = _used_indices(setup, rnd, pid, x)
             inputs.append(x[used])
             labels.append(y[used])
         truth = GroundTruth(rnd, AGGREGATE_ID, torch.cat(inputs), torch.cat(labels))
         self.outcome.capture.updates.append(CapturedUpdate(rnd, AGGREGATE_ID, global_state, update, declared, truth))
 
 
-def _used_indices(setup: FederationSetup, rnd: int, pid: int, n: int) -> torch.Tensor:
+def _used_indices(setup: FederationSetup, rnd: int, pid: int, inputs: torch.Tensor) -> torch.Tensor:
     """The partition indices client ``pid`` used in round ``rnd``, in first-use order: the batches its
-    defense-wrapped job draws from the same (seed, "batches", round, partition id) generator."""
+    defense-wrapped job draws (:func:`~fedsim.training.round_batches`, as the client's own round does)."""
     fed = setup.scenario.federation
-    job = build_job(setup, setup.build_model(), rnd, pid, n)
-    gen = torch_generator(setup.scenario.seed, "batches", rnd, pid)
-    batches = (job.sample_batches or batch_schedule)(n, fed.local, fed.protocol, gen)
+    job = build_job(setup, setup.build_model(), rnd, pid, len(inputs))
+    batches = round_batches(job, inputs, local=fed.local, protocol=fed.protocol, seed=setup.scenario.seed,
+                            round_num=rnd, partition_id=pid)
     seen: dict[int, None] = {}
     for b in batches:
         seen.update(dict.fromkeys(b.tolist()))
