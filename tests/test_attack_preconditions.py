@@ -156,3 +156,19 @@ def test_defense_aware_mode_refused_when_no_defense_can_be_modelled(tiny_raw, na
     _refused(tiny_raw, "attacks[0].knowledge.defense", "gaussian_noise")
     tiny_raw["defenses"] = [{"name": "clipping"}]
     parse_scenario(tiny_raw)
+
+
+def test_a_run_checks_what_validation_could_not(tiny_raw, monkeypatch) -> None:
+    """Validation skips the model checks when the data is not on disk yet (it never downloads); the run
+    makes them once the data is there, before the federation starts."""
+    import fedsim.attack_checks as checks
+    import fedsim.run as run
+
+    real = checks.model_facts
+    monkeypatch.setattr(checks, "model_facts", lambda scenario: None)  # as if the data were missing
+    scenario = parse_scenario(_with(tiny_raw, {"name": "mlp", "width": 2, "activation": "tanh"},
+                                    {"label_strategy": "idlg"}))
+    monkeypatch.setattr(checks, "model_facts", real)
+    monkeypatch.setattr(run, "run_federation", lambda *a, **k: pytest.fail("the federation ran"))
+    with pytest.raises(ScenarioError, match="label_strategy"):
+        run.run_scenario(scenario, write=False)
