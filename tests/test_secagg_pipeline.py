@@ -152,6 +152,19 @@ def test_secure_dp_sgd_reports_epsilon_per_client_and_keeps_state(tiny_raw, tmp_
     assert written["3"]["2"]["epsilon"] == secure[3][2]["epsilon"]
 
 
+def test_both_server_paths_write_the_same_round_rows(tiny_raw) -> None:
+    """One row builder for both servers: the same fields each round (train loss, participation, test metrics
+    only every ``evaluation.every`` rounds and after the last)."""
+    raw = _raw(tiny_raw, [], rounds=3)
+    raw["evaluation"] = {"every": 2}
+    plain = run_federation(parse_scenario(raw)).history
+    raw["defenses"] = [SECAGG]
+    secure = run_federation(parse_scenario(raw)).history
+    assert [sorted(h) for h in secure] == [sorted(h) for h in plain]
+    assert [h["round"] for h in secure if "test_accuracy" in h] == [0, 2, 3]
+    assert all(h["clients_aggregated"] == 4 and h["train_loss"] > 0 for h in secure if h["round"] >= 1)
+
+
 @pytest.mark.ray
 def test_secure_pipeline_gives_the_same_numbers_on_ray(tiny_raw) -> None:
     """SecAgg+ with an update-stage and a training-stage defense: the captured aggregate, the rows and every
@@ -177,7 +190,7 @@ def test_secure_ground_truth_is_the_batches_the_clients_really_used(tiny_raw, ca
     raw = _raw(tiny_raw, [])
     raw["data"]["train_subset"] = 40  # iid: 10 examples a client
     fed = raw["federation"]
-    if case == "batchnorm-lone-example":  # batch 3 over 10: 3 steps use 9 examples, or all 10 once the lone one is merged
+    if case == "batchnorm-lone-example":  # batch 3 over 10: 3 steps use 9, or all 10 with the lone one merged
         raw["model"] = {"name": "mlp", "width": 2, "norm": "batch"}
         fed.update(protocol="fedavg", local={"batch_size": 3, "steps": 3, "lr": 0.1})
     else:
