@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from fedsim.run import run_scenario
-from fedsim.scenario import parse_scenario
+from fedsim.scenario import Scenario, parse_scenario
 
 BASE = Path(__file__).resolve().parents[1] / "scenarios" / "defenses" / "mid_sweep.yaml"
 
@@ -41,8 +41,10 @@ def settings(betas: list[float], sigmas: list[float], baseline: bool = True) -> 
     return rows
 
 
-def run_row(base: dict[str, Any], defenses: list[dict[str, Any]], rounds: int, attacks: list[str],
-            samples_per_class: int, lr: float | None = None) -> dict[str, Any]:
+def row_scenario(base: dict[str, Any], defenses: list[dict[str, Any]], rounds: int, attacks: list[str],
+                 samples_per_class: int, lr: float | None = None) -> Scenario:
+    """One row's scenario: the base with ``defenses`` and the sweep's shared settings; rows differ only
+    in ``defenses`` (``tests/test_comparisons.py`` checks it)."""
     raw = copy.deepcopy(base)
     raw["defenses"] = defenses
     raw["federation"]["rounds"] = rounds
@@ -53,8 +55,14 @@ def run_row(base: dict[str, Any], defenses: list[dict[str, Any]], rounds: int, a
     template = raw["attacks"][0]
     template["params"]["samples_per_class"] = samples_per_class
     raw["attacks"] = [{**copy.deepcopy(template), "name": name} for name in attacks]
+    return parse_scenario(raw)
+
+
+def run_row(base: dict[str, Any], defenses: list[dict[str, Any]], rounds: int, attacks: list[str],
+            samples_per_class: int, lr: float | None = None) -> dict[str, Any]:
+    scenario = row_scenario(base, defenses, rounds, attacks, samples_per_class, lr)
     start = time.perf_counter()
-    result = run_scenario(parse_scenario(raw), write=False)
+    result = run_scenario(scenario, write=False)
     row: dict[str, Any] = {"acc": result.history[-1].get("test_accuracy", float("nan")),
                            "seconds": time.perf_counter() - start}
     eps = [m["epsilon"] for m in result.client_metrics.get(rounds, {}).values() if "epsilon" in m]
