@@ -44,7 +44,10 @@ def _progress() -> Progress:
 def run(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     set_: SetOption = None,
-    out: Annotated[Path | None, typer.Option("--out", help="run directory (default: output.dir/NAME-TIME)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory (default: output.dir/NAME-TIME); must "
+                                                          "not exist or be empty")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier fedsim run directory at --out "
+                                                                "(never a directory fedsim did not write)")] = False,
     backend: Annotated[str | None, typer.Option(help="override backend.kind: ray or inprocess")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show Flower and Ray logs")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads in this process (default: half the "
@@ -78,7 +81,8 @@ def run(
             return lambda done, tot: progress.update(task, completed=done, total=max(tot, 1))
 
         try:
-            result = run_scenario(spec, out, verbose=verbose, on_round=on_round, attack_progress=attack_progress)
+            result = run_scenario(spec, out, verbose=verbose, on_round=on_round, attack_progress=attack_progress,
+                                  overwrite=overwrite)
         except FedsimError as err:
             _fail(err)
     _print_result(result)

@@ -10,7 +10,7 @@ from typing import Any
 
 from fedsim.attack_checks import check_attack_preconditions
 from fedsim.attacking import AttackOutcome, ProgressFactory, run_attacks
-from fedsim.report import write_run_dir
+from fedsim.report.writer import check_run_dir, write_run_dir
 from fedsim.scenario import Scenario
 from fedsim.simulation import run_federation
 from fedsim.simulation.server_app import RoundCallback
@@ -41,9 +41,17 @@ def run_scenario(
     on_round: RoundCallback | None = None,
     attack_progress: ProgressFactory | None = None,
     backend: str | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
-    """Run a validated scenario end to end; write the run directory unless ``write`` is False."""
+    """Run a validated scenario end to end; write the run directory unless ``write`` is False.
+
+    ``overwrite`` lets an earlier fedsim run directory at ``out_dir`` be replaced; any other existing,
+    non-empty ``out_dir`` is refused (:class:`~fedsim.errors.FedsimError`) before anything runs.
+    """
     start = time.perf_counter()
+    target = (out_dir or default_out_dir(scenario)) if write else None
+    if target is not None:
+        check_run_dir(target, overwrite)  # refuse now, not after minutes of federation and attacks
     setup = setup_for(scenario)
     setup.data  # noqa: B018 - load (and fail on missing data) before any Ray start-up cost
     check_attack_preconditions(scenario)  # validation skips it when the data was not yet on disk
@@ -62,6 +70,7 @@ def run_scenario(
     written = None
     if write:
         clients = {str(r): {str(p): m for p, m in per.items()} for r, per in outcome.capture.client_metrics.items()}
-        written = write_run_dir(out_dir or default_out_dir(scenario), scenario, outcome.history, outcomes, timing,
-                                extra={"client_failures": failures, **({"client_metrics": clients} if clients else {})})
+        written = write_run_dir(target, scenario, outcome.history, outcomes, timing,
+                                extra={"client_failures": failures, **({"client_metrics": clients} if clients else {})},
+                                overwrite=overwrite)
     return RunResult(written, outcome.history, outcomes, timing, outcome.capture.client_metrics, failures)

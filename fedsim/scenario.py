@@ -12,13 +12,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsim.errors import FedsimError, ScenarioError
+from fedsim.outputs import check_name
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def path_component(value: str) -> str:
+    """Validate a name that fedsim uses as one path component (the default run directory NAME-TIME, a bench
+    directory, a prior file): no path separator, not ``.``/``..``, so it cannot point outside its folder."""
+    problem = check_name(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
 
 
 class PartitionSpec(_Strict):
@@ -152,6 +162,11 @@ class Scenario(_Strict):
     attacks: list[AttackSpec] = Field(default_factory=list)
     output: OutputSpec = OutputSpec()
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return path_component(value)
+
     @model_validator(mode="after")
     def _check_targets(self) -> Scenario:
         fed = self.federation
@@ -253,6 +268,9 @@ def parse_scenario(raw: Any) -> Scenario:
     except ValidationError as err:
         raise _first_error(err) from None
     resolve_plugins(scenario)
+    from fedsim.resources import check_scenario_resources
+
+    check_scenario_resources(scenario)  # CPUs/GPUs/device this machine can give (no data needed)
     from fedsim.attack_checks import check_attack_preconditions
 
     check_attack_preconditions(scenario)  # attack options against the model as built

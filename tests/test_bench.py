@@ -22,6 +22,7 @@ from fedsim.bench.runner import run_bench
 from fedsim.bench.store import append_record, finished_ids, read_records, repair, summarize_run
 from fedsim.cli import app
 from fedsim.errors import FedsimError, ScenarioError
+from fedsim.outputs import new_owned_dir
 from fedsim.seeding import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +246,7 @@ def test_resume_after_sigkill_runs_every_cell_exactly_once(tmp_path: Path, tiny_
     proc.communicate()
     first = store.read_text().splitlines()
     assert 1 <= len(first) < len(defenses), "the kill must land after the first cell and before the last"
-    (out / "cells" / "0123456789ab.partial").mkdir(parents=True, exist_ok=True)  # as if killed mid-write
+    new_owned_dir(out / "cells" / "0123456789ab.partial", "run")  # fedsim's own, as if killed mid-write
     second = subprocess.run(_bench_cmd(grid, out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"{len(first)} skipped" in second.stdout + second.stderr

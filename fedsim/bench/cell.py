@@ -22,7 +22,9 @@ def run_cell(cell: Cell, out_dir: str, num_cpus: float = 1.0) -> dict[str, Any]:
     record: dict[str, Any] = {"cell_id": cell.cell_id, "attack": cell.attack, "defense": cell.defense,
                               "params": cell.params, "repeat": cell.repeat, "seed": cell.seed}
     try:
-        result = run_scenario(parse_scenario(cell.scenario), Path(out_dir) / "cells" / cell.cell_id)
+        # overwrite: a run directory of this cell left by a run killed before its record was appended
+        # (only ever a fedsim run directory: anything else there is refused and the cell fails)
+        result = run_scenario(parse_scenario(cell.scenario), Path(out_dir) / "cells" / cell.cell_id, overwrite=True)
         record.update(status="ok", error=None, run_dir=f"cells/{cell.cell_id}", summary=summarize_run(result))
     except Exception as exc:  # noqa: BLE001 - one failing cell must not end the bench
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}", run_dir=None, summary={})

@@ -36,10 +36,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsim.errors import ScenarioError
-from fedsim.scenario import _first_error, _PathError, apply_overrides, read_yaml
+from fedsim.scenario import _first_error, _PathError, apply_overrides, path_component, read_yaml
 
 FORBIDDEN_PATHS = {"seed": "seeds come from 'repeats'", "backend": "cells always run on the in-process backend",
                    "name": "the cell name is the base scenario's"}
@@ -146,6 +146,11 @@ class Grid(_Strict):
     resources: Resources = Resources()
     ray: RaySpec = RaySpec()
     max_parallel: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:  # the default bench directory is runs/bench-NAME
+        return path_component(value)
 
     @model_validator(mode="after")
     def _check(self) -> Grid:

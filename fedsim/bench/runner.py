@@ -1,9 +1,12 @@
 """Run a grid's cells, serially in this process or as Ray tasks, resuming from ``cells.jsonl``.
 
 Resume: a cell with a record in ``cells.jsonl`` (ok or failed) is skipped; a run directory left as
-``cells/<id>.partial`` by a killed run is deleted and its cell rerun. Records are appended by the
-driver only, one line per finished cell, the moment it finishes, so Ctrl-C or a SIGKILL loses at
-most the cells in flight. A cell that raises is recorded as ``failed`` with its error; the bench goes on.
+``cells/<id>.partial`` by a killed run is deleted (only when it carries fedsim's marker) and its cell
+rerun. Records are appended by the driver only, one line per finished cell, the moment it finishes,
+so Ctrl-C or a SIGKILL loses at most the cells in flight. The bench directory itself must be new,
+empty or an earlier fedsim bench directory (marker ``.fedsim-output`` of kind ``bench``): fedsim
+never writes into or deletes from anything else. A cell that raises is recorded as ``failed`` with
+its error; the bench goes on.
 
 Ray executor: one ``ray.remote(num_cpus=..., num_gpus=...)`` task per cell, at most ``max_parallel``
 in flight, collected with ``ray.wait`` as they finish. Each cell runs its federation on the
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from fedsim.bench.expand import Cell, expand_grid
 from fedsim.bench.grid import Grid
 from fedsim.bench.store import CELLS_FILE, append_record, drop_records, read_records, repair
 from fedsim.errors import FedsimError
+from fedsim.outputs import BENCH, RUN, claim_dir, is_empty_dir, is_owned, remove_owned
 
 GRID_FILE = "grid.yaml"
 LOCK_FILE = ".lock"
@@ -67,7 +70,7 @@ def check_finished(cells: list[Cell], out_dir: Path, done: set[str]) -> None:
 
 def prepare_dir(grid: Grid, cells: list[Cell], out_dir: Path, retry_failed: bool = False) -> set[str]:
     """Create or reopen a bench directory; returns the ids of cells already finished."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_dir(out_dir, BENCH, "--out", "bench directory")
     store = out_dir / CELLS_FILE
     check_finished(cells, out_dir, {r["cell_id"] for r in read_records(store)})  # refuse before rewriting anything
     repair(store)
@@ -81,7 +84,8 @@ def prepare_dir(grid: Grid, cells: list[Cell], out_dir: Path, retry_failed: bool
     cells_dir = out_dir / "cells"
     if cells_dir.is_dir():
         for stale in cells_dir.glob("*.partial"):  # a run directory a killed run was writing
-            shutil.rmtree(stale, ignore_errors=True)
+            if is_owned(stale, RUN) or is_empty_dir(stale):  # never what someone else put there
+                remove_owned(stale, RUN)
     return done
 
 
@@ -96,12 +100,13 @@ def run_bench(grid: Grid, out_dir: Path, executor: str = "ray", progress: BenchP
         raise FedsimError(f"--executor: unknown executor {executor!r} (ray or serial)")
     if cells is None:
         cells = expand_grid(grid)  # validates every cell before anything is written
+    if executor == "ray":
+        from fedsim.resources import check_bench_resources
+
+        check_bench_resources(grid)  # a request this machine cannot meet would queue forever
     out_dir = Path(out_dir).resolve()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # e.g. --out names an existing file, or a read-only place
-        raise FedsimError(f"--out: cannot use {out_dir} as the bench directory ({err.strerror or err})") from None
-    lock = open(out_dir / LOCK_FILE, "w")  # noqa: SIM115 - held for the whole run; the OS drops it if we die
+    claim_dir(out_dir, BENCH, "--out", "bench directory")  # new, empty or fedsim's own: nothing else is touched
+    lock = open(out_dir / LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run; the OS drops it if we die
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

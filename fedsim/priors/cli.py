@@ -73,7 +73,8 @@ def train(
 @prior_app.command()
 def sample(
     prior: Annotated[str, typer.Argument(help="a prior file or a shipped prior's name (mnist-dcgan)")],
-    out: Annotated[Path, typer.Option("--out", help="PNG to write")] = Path("prior_samples.png"),
+    out: Annotated[Path, typer.Option("--out", help="PNG to write (an existing file only if fedsim wrote it)")]
+    = Path("prior_samples.png"),
     n: Annotated[int, typer.Option("--n", min=1, max=1024, help="number of samples")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="latent seed")] = 0,
 ) -> None:
@@ -83,7 +84,7 @@ def sample(
 
     try:
         loaded = load_prior(prior)
+        path = save_sample_grid(loaded, out, n=n, seed=seed)
     except FedsimError as err:
         _fail(err)
-    path = save_sample_grid(loaded, out, n=n, seed=seed)
     typer.echo(f"wrote {path} ({n} samples of {loaded.meta.dataset} prior, {loaded.meta.steps} steps)")

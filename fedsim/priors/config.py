@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedsim.errors import ScenarioError
-from fedsim.scenario import _first_error, _PathError, _Strict, apply_overrides, read_yaml
+from fedsim.scenario import _first_error, _PathError, _Strict, apply_overrides, path_component, read_yaml
 
 
 class PriorDataSpec(_Strict):
@@ -80,6 +80,11 @@ class PriorConfig(_Strict):
     model: PriorModelSpec = PriorModelSpec()
     training: PriorTrainingSpec = PriorTrainingSpec()
     output: str | None = Field(None, description="the prior file to write; default priors/NAME.pt")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:  # the default output is priors/NAME.pt
+        return path_component(value)
 
     @property
     def output_path(self) -> Path:

@@ -7,14 +7,14 @@ referred to by name (``mnist-dcgan``); anything else is a path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedsim.errors import DataUnavailableError
+from fedsim.errors import DataUnavailableError, FedsimError
+from fedsim.outputs import write_atomic
 from fedsim.priors.generator import DCGANDiscriminator, DCGANGenerator
 
 ASSETS = Path(__file__).parent / "assets"
@@ -51,7 +51,8 @@ def build_prior(meta: PriorMeta) -> Prior:
 
 
 def save_prior(path: str | Path, prior: Prior, extra_state: dict[str, Any] | None = None) -> Path:
-    """Write atomically (temporary file, then rename): a crash never leaves half a prior."""
+    """Write atomically (temporary file, then rename): a crash never leaves half a prior. Replaces ``path``:
+    callers first check with :func:`check_prior_target` that it is absent or a fedsim prior."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -61,13 +62,26 @@ def save_prior(path: str | Path, prior: Prior, extra_state: dict[str, Any] | Non
         "discriminator": prior.discriminator.state_dict(),
         **(extra_state or {}),
     }
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: two trainings never share a temp file
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())  # durable before the rename makes it visible
-    os.replace(tmp, path)
-    return path
+    # a new, exclusively created temp name (two trainings never share one, no other file is truncated);
+    # fsync'd before the rename makes it visible. Callers check that ``path`` may be replaced.
+    return write_atomic(path, lambda fh: torch.save(payload, fh))
+
+
+def is_prior_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file fedsim wrote as a prior or a training checkpoint (format field checked)."""
+    try:
+        read_prior_file(path)
+    except DataUnavailableError:
+        return False
+    return True
+
+
+def check_prior_target(path: str | Path, field: str) -> None:
+    """Refuse (FedsimError at ``field``) to overwrite a file that is not a fedsim prior; nothing is touched."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and (not path.is_file() or path.is_symlink() or not is_prior_file(path)):
+        raise FedsimError(f"{field}: {path} exists and is not a fedsim prior file; fedsim does not overwrite what "
+                          "it did not create: choose another path")
 
 
 def resolve_prior_path(name_or_path: str | Path) -> Path:

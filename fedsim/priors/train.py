@@ -29,7 +29,15 @@ from fedsim.errors import ScenarioError
 from fedsim.priors.config import PriorConfig
 from fedsim.priors.data import load_auxiliary_images
 from fedsim.priors.generator import from_pixels
-from fedsim.priors.store import Prior, PriorMeta, build_prior, load_prior, read_prior_file, save_prior
+from fedsim.priors.store import (
+    Prior,
+    PriorMeta,
+    build_prior,
+    check_prior_target,
+    load_prior,
+    read_prior_file,
+    save_prior,
+)
 from fedsim.seeding import torch_generator
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -162,10 +170,15 @@ def train_prior(config: PriorConfig, out_path: str | Path | None = None, progres
 
     ``progress(step, total, losses)`` is called after every step. With ``resume`` (the default) an
     existing ``<out>.ckpt`` of the same config is continued and an already finished ``<out>`` is
-    returned as is; without it, training starts from scratch and overwrites both.
+    returned as is; without it, training starts from scratch and overwrites both. Either file may only be
+    replaced when it is a fedsim prior (or checkpoint): anything else there is refused (FedsimError at
+    ``--out``/``output``) before any training.
     """
     out = Path(out_path) if out_path is not None else config.output_path
     ckpt = checkpoint_path(out)
+    field = "--out" if out_path is not None else "output"
+    check_prior_target(out, field)  # before any training: never overwrite (or delete) a file fedsim did not write
+    check_prior_target(ckpt, f"{field} (its checkpoint)")
     total = config.training.steps
     if resume and not ckpt.is_file() and _finished(out, config):
         prior = load_prior(out)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from fedsim.errors import FedsimError
+from fedsim.outputs import confined
 
 LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
 
@@ -147,9 +148,18 @@ def load_run(path: Path) -> Source:
     return Source("run", path, cells)
 
 
+class UnsafeRecordError(ReportSourceError):
+    """A cells.jsonl record names a path outside its bench directory (a poisoned or hand-edited store)."""
+
+
 def _parse_cell(record: dict[str, Any], root: Path) -> Cell:
     run_dir = record.get("run_dir")
-    run_path = root / run_dir if isinstance(run_dir, str) and run_dir else None
+    run_path = None
+    if isinstance(run_dir, str) and run_dir:
+        run_path = confined(root, run_dir)
+        if run_path is None:  # never read (or copy images from) anything outside the bench directory
+            raise UnsafeRecordError(f"{root / 'cells.jsonl'} line {record.get('_line', '?')}: run_dir {run_dir!r} "
+                                    f"points outside {root}; refusing to read it")
     summary = record.get("summary") if isinstance(record.get("summary"), dict) else {}
     if not summary and run_path is not None and (run_path / "metrics.json").is_file():
         summary = summarize_metrics(load_metrics(run_path))
@@ -201,6 +211,8 @@ def load_bench(path: Path) -> Source:
     for record in records:
         try:
             cells.append(_parse_cell(record, path))
+        except UnsafeRecordError:
+            raise
         except (ReportSourceError, ValueError, TypeError):  # e.g. a non-integer repeat, a corrupt metrics.json
             bad.append(int(record.get("_line", 0)))
     if not cells:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 CSS = """
@@ -95,10 +96,24 @@ def facts(items: Iterable[tuple[str, str]]) -> str:
     return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in items) + "</dl>"
 
 
+GENERATOR = '<meta name="generator" content="fedsim report">'
+"""fedsim's signature in every report it writes: an existing HTML file is replaced only when it has it."""
+
+
+def is_fedsim_report(path: Path) -> bool:
+    """Whether the file ``path`` is an HTML report fedsim wrote (its head holds :data:`GENERATOR`)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+    except OSError:
+        return False
+    return GENERATOR.encode() in head
+
+
 def page(title: str, subtitle: str, sections: Iterable[str], footer: str) -> str:
     """The whole document: inline CSS, no script, no external reference."""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{GENERATOR}"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
         f"<h1>{esc(title)}</h1><p class=\"sub\">{esc(subtitle)}</p>"

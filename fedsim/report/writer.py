@@ -1,10 +1,14 @@
 """Write a run directory in one piece: everything goes to ``<dir>.partial`` and is renamed at the end,
-so a crash or Ctrl-C never leaves a run directory that looks finished but is not."""
+so a crash or Ctrl-C never leaves a run directory that looks finished but is not.
+
+Both carry fedsim's marker (:mod:`fedsim.outputs`): a stale ``.partial`` is deleted only when fedsim
+wrote it, and an existing run directory is replaced only on ``overwrite`` and only when it is one of
+fedsim's (an empty directory may become the run directory); anything else is refused, untouched."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from fedsim.outputs import RUN, check_replaceable, fresh_partial, is_empty_dir, remove_owned
 from fedsim.report.figures import reconstruction_grid, utility_curve
 from fedsim.report.gallery import save_reconstructions
 from fedsim.report.html import render_report
@@ -28,12 +33,26 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str, float]],
-                  outcomes: Sequence[Any], timing: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+def check_run_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse (FedsimError at ``--out``), before any work, a run directory :func:`write_run_dir` could not
+    write without deleting something fedsim did not create. Nothing is touched."""
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, RUN, "--out", overwrite, "run directory")
     partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    check_replaceable(partial, RUN, "--out", True, "run directory")
+
+
+def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str, float]],
+                  outcomes: Sequence[Any], timing: dict[str, float], extra: dict[str, Any] | None = None,
+                  overwrite: bool = False) -> Path:
+    """Write the run directory ``out_dir`` (scenario.yaml, metrics.json, summary.md, figures, report.html).
+
+    ``overwrite`` lets an earlier fedsim run directory at ``out_dir`` be replaced. Raises
+    :class:`~fedsim.errors.FedsimError` when ``out_dir`` (or ``<out_dir>.partial``) is something else.
+    """
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir, overwrite)
+    partial = fresh_partial(out_dir, RUN)
     (partial / "scenario.yaml").write_text(
         yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     images: dict[str, str] = {}
@@ -63,7 +82,14 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         render_report(partial, name=out_dir.name)
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"report.html was not written: {type(err).__name__}: {err}", stacklevel=2)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    try:
+        check_run_dir(out_dir, overwrite)  # again: something may have appeared there while we ran
+    except Exception:
+        remove_owned(partial, RUN)
+        raise
+    if is_empty_dir(out_dir):
+        os.rmdir(out_dir)  # fails (and keeps it) if a file appeared in the meantime
+    else:
+        remove_owned(out_dir, RUN, "run directory")
     partial.rename(out_dir)
     return out_dir

@@ -57,6 +57,11 @@ def backend_config(spec: BackendSpec, verbose: bool = False) -> dict[str, Any]:
 
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, spec: BackendSpec,
             verbose: bool = False) -> None:
+    if spec.address is None:  # validation checks this too; a backend switched after validation must not hang
+        from fedsim.resources import check_request
+
+        res = spec.client_resources
+        check_request(res.num_cpus, res.num_gpus, "backend.client_resources", spec.init_args)
     quiet_environment(verbose)
     from flwr.simulation import run_simulation
 

@@ -1,0 +1,99 @@
+"""Resource requests this machine cannot meet are refused at validation (issue 11, item 7).
+
+The kind: a request (CPUs or GPUs per Ray client or bench cell, ``device: cuda``) that can never be
+met used to validate, then fail minutes later with a long traceback (or make Ray wait forever). Each
+is now one line naming the field, exit code 2, nothing written. The machine is faked: ``os.cpu_count``
+and torch's CUDA queries are monkeypatched, so these tests mean the same on a laptop and a GPU box.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY
+from typer.testing import CliRunner
+
+from fedsim.cli import app
+from fedsim.errors import ScenarioError
+from fedsim.scenario import parse_scenario
+
+
+@pytest.fixture
+def two_cpus_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
+def one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def _ray(num_cpus: float = 1.0, num_gpus: float = 0.0, **backend) -> dict:
+    raw = copy.deepcopy(TINY)
+    raw["backend"] = {"kind": "ray", "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, **backend}
+    return raw
+
+
+@pytest.mark.parametrize(("raw", "path"), [
+    (_ray(num_cpus=4), "backend.client_resources.num_cpus"),
+    (_ray(num_gpus=0.25), "backend.client_resources.num_gpus"),
+    (_ray(num_gpus=1), "backend.client_resources.num_gpus"),
+    (_ray(num_cpus=3, init_args={"num_cpus": 2}), "backend.client_resources.num_cpus"),
+    ({**copy.deepcopy(TINY), "device": "cuda"}, "device"),
+], ids=["cpus", "fractional-gpu", "gpu", "init-args-cpus", "device-cuda"])
+def test_unmeetable_requests_are_refused_with_their_field(two_cpus_no_gpu, raw: dict, path: str) -> None:
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(raw)
+    assert err.value.path == path, str(err.value)
+
+
+def test_meetable_requests_validate(two_cpus_no_gpu) -> None:
+    assert parse_scenario(_ray(num_cpus=2))
+    assert parse_scenario(_ray(num_cpus=4, init_args={"num_cpus": 8}))  # Ray's logical CPUs, as asked
+    assert parse_scenario(_ray(num_gpus=1, address="auto"))  # a cluster's resources are its own
+    raw = _ray(num_cpus=64)
+    raw["backend"]["kind"] = "inprocess"  # no Ray, nothing to schedule
+    assert parse_scenario(raw)
+
+
+def test_requests_a_gpu_machine_can_meet_validate(one_gpu) -> None:
+    assert parse_scenario(_ray(num_gpus=0.5))
+    assert parse_scenario({**copy.deepcopy(TINY), "device": "cuda"})
+    with pytest.raises(ScenarioError, match="at most 1"):
+        parse_scenario(_ray(num_gpus=2))
+
+
+def test_cli_validate_and_run_exit_2_with_one_line(two_cpus_no_gpu, tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_ray(num_gpus=0.5)))
+    runner = CliRunner()
+    for args in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "run")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "backend.client_resources.num_gpus" in result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_resources_are_checked_before_anything_is_written(two_cpus_no_gpu, tmp_path: Path) -> None:
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "base": copy.deepcopy(TINY), "attacks": ["inverting_gradients"],
+                                    "resources": {"num_cpus": 1, "num_gpus": 0.5}}))
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", str(grid), "--out", str(out), "--executor", "ray"])
+    assert result.exit_code == 2, result.output
+    assert "resources.num_gpus" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    grid.write_text(yaml.safe_dump({"name": "g", "base": copy.deepcopy(TINY), "attacks": ["inverting_gradients"],
+                                    "resources": {"num_cpus": 3}}))
+    result = CliRunner().invoke(app, ["bench", str(grid), "--out", str(out), "--executor", "ray"])
+    assert result.exit_code == 2 and "resources.num_cpus" in result.output and not out.exists()
