@@ -144,6 +144,15 @@ def test_a_failed_client_stops_a_run_whose_strategy_wrapper_needs_every_client(t
         run_federation(parse_scenario(raw))
 
 
+BN_SECAGG = {
+    "name": "bn-secagg", "seed": 0, "device": "cpu",
+    "data": {"dataset": "mnist-mini", "partition": {"kind": "dirichlet", "alpha": 0.3}},
+    "model": {"name": "mlp", "width": 2, "norm": "batch"},
+    "federation": {"clients": 4, "rounds": 3, "protocol": "fedavg", "local": {"batch_size": 2, "lr": 0.1}},
+    "backend": {"kind": "inprocess"}, "attacks": [], "defenses": [SECAGG],
+}
+
+
 def test_batchnorm_on_one_example_batches_under_secagg_is_not_silent(monkeypatch) -> None:
     """The issue's input: mnist-mini, Dirichlet alpha 0.3 (partition sizes 2, 1, 3, 10), BatchNorm MLP,
     FedAvg batch 2. With two clients failing it used to exit 0 with the same test loss every round, with
@@ -153,15 +162,8 @@ def test_batchnorm_on_one_example_batches_under_secagg_is_not_silent(monkeypatch
     import fedsim.preflight
 
     monkeypatch.setattr(fedsim.preflight, "check_runnable", lambda scenario: None)
-    raw = {
-        "name": "bn-secagg", "seed": 0, "device": "cpu",
-        "data": {"dataset": "mnist-mini", "partition": {"kind": "dirichlet", "alpha": 0.3}},
-        "model": {"name": "mlp", "width": 2, "norm": "batch"},
-        "federation": {"clients": 4, "rounds": 3, "protocol": "fedavg", "local": {"batch_size": 2, "lr": 0.1}},
-        "backend": {"kind": "inprocess"}, "attacks": [], "defenses": [SECAGG],
-    }
     try:
-        outcome = run_federation(parse_scenario(raw))
+        outcome = run_federation(parse_scenario(copy.deepcopy(BN_SECAGG)))
     except NoProgressError as err:  # were two clients to fail, SecAgg+ halts: that is reported too
         assert "Expected more than 1 value per channel" in str(err)
         return
@@ -184,3 +186,23 @@ def test_bench_report_names_cells_whose_runs_lost_clients(tmp_path: Path) -> Non
     (bench / "cells.jsonl").write_text(json.dumps(cell) + "\n" + json.dumps(lost) + "\n")
     html = render_report(bench).read_text()
     assert "1 cell(s) aggregated fewer clients than requested in some round" in html and "lost-7" in html
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_failures_on_ray_are_recorded_like_in_process(monkeypatch, secure) -> None:
+    """A client that really fails inside a Ray actor (the one-example BatchNorm client, validation bypassed in
+    the driver) gives the same rows, the same one-line reason and the same numbers as in-process."""
+    import fedsim.preflight
+
+    monkeypatch.setattr(fedsim.preflight, "check_runnable", lambda scenario: None)
+    raw = copy.deepcopy(BN_SECAGG)
+    raw["federation"]["rounds"] = 2
+    raw["defenses"] = [SECAGG] if secure else []
+    scenario = parse_scenario(raw)
+    local, ray = run_federation(scenario, backend="inprocess"), run_federation(scenario, backend="ray")
+    assert ray.capture.participation.failures == local.capture.participation.failures
+    assert [f.partition_id for f in ray.capture.participation.failures] == [1, 1]
+    assert "\n" not in ray.capture.participation.failures[0].reason
+    keep = ("round", "test_loss", "train_loss", "clients_requested", "clients_aggregated", "clients_failed")
+    assert [{k: h.get(k) for k in keep} for h in ray.history] == [{k: h.get(k) for k in keep} for h in local.history]
