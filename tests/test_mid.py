@@ -95,7 +95,7 @@ def test_mid_federation_is_reproducible_and_attackable(tiny_raw) -> None:
     assert set(ua) >= {"classifier.encoder.weight", "classifier.decoder.weight"}
     assert all(torch.equal(ua[k], ub[k]) for k in ua)
     task = setup_for(scenario).task
-    assert task.model_transforms == ({"name": "mid", "beta": 0.01, "bottleneck_dim": None},)
+    assert task.model_transforms == ({"name": "mid", "bottleneck_dim": None},)  # beta is no architecture
     (outcome,) = run_scenario(scenario, write=False).outcomes  # the attack rebuilds the MID model
     assert outcome.failed is None
 
