@@ -226,3 +226,29 @@ def test_prior_train_and_sample_never_overwrite_a_users_file(tmp_path: Path) -> 
     grid = tmp_path / "grid.png"
     assert runner.invoke(app, ["prior", "sample", str(good), "--out", str(grid), "--n", "4"]).exit_code == 0
     assert runner.invoke(app, ["prior", "sample", str(good), "--out", str(grid), "--n", "4"]).exit_code == 0
+
+
+def test_teaching_figure_folder_refuses_a_users_directory(tmp_path: Path) -> None:
+    from fedsim.teaching.dia_figure import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "dia_sweep.png").write_bytes(b"my own figure")
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(mine)])
+    assert err.value.code == 2 and (mine / "dia_sweep.png").read_bytes() == b"my own figure"
+
+
+def test_the_evaluator_cache_never_replaces_a_file_fedsim_did_not_write(tmp_path: Path, monkeypatch) -> None:
+    import fedsim.metrics.evaluator as evaluator_mod
+    from fedsim.scenario import DataSpec
+
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(evaluator_mod, "_LOADED", {})
+    first = evaluator_mod.load_evaluator(DataSpec(dataset="digits"))
+    first.path.write_bytes(b"someone else's file under that name")
+    monkeypatch.setattr(evaluator_mod, "_LOADED", {})
+    with pytest.warns(UserWarning, match="not cached"):
+        second = evaluator_mod.load_evaluator(DataSpec(dataset="digits"))
+    assert first.path.read_bytes() == b"someone else's file under that name"
+    assert second.accuracy == first.accuracy  # retrained (deterministic), just not cached

@@ -20,7 +20,8 @@ space. fedsim trains that classifier itself:
 * **cache**: ``~/.fedsim/cache/evaluators/<key>.pt`` (``$FEDSIM_CACHE_DIR`` replaces ``~/.fedsim/cache``),
   where ``key`` hashes the dataset name, a fingerprint of the test tensors, the split, the
   architecture version, the seed and the epochs. Written atomically (temporary file, then rename),
-  read with ``torch.load(weights_only=True)``; an unreadable or mismatched file is retrained over.
+  read with ``torch.load(weights_only=True)``; a stale file of an earlier fedsim is retrained over, a file
+  at that name that fedsim did not write is left alone (the evaluator is then not cached).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedsim.data import load_dataset, normalize
+from fedsim.outputs import write_atomic
 from fedsim.scenario import DataSpec
 from fedsim.seeding import torch_generator
 
@@ -172,23 +174,28 @@ def _read(path: Path, num_classes: int, channels: int) -> dict | None:
 def _write_atomically(path: Path, payload: dict) -> bool:
     """Cache the trained classifier (unique temporary name, fsync, rename). An unwritable cache (read-only
     home, full disk, FEDSIM_CACHE_DIR naming a file) only costs retraining next time: warn, never fail."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    if path.exists() and not _is_cache_file(path):  # never replace a file fedsim did not write
+        warnings.warn(f"evaluation classifier not cached: {path} exists and is not a fedsim cache file", stacklevel=2)
+        return False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda fh: torch.save(payload, fh))  # new temp name, fsync, rename
         return True
     except OSError as err:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
         warnings.warn(f"evaluation classifier not cached ({path}): {err}", stacklevel=2)
         return False
 
 
 _LOADED: dict[tuple[str, str], Evaluator] = {}
+def _is_cache_file(path: Path) -> bool:
+    """Whether ``path`` holds an evaluator fedsim cached (any version of its format), so it may be replaced."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable: not known to be ours
+        return False
+    return isinstance(payload, dict) and "format" in payload and str(payload.get("arch", "")).startswith("evalcnn")
+
+
 _UNCACHED: set[tuple[str, str]] = set()  # evaluators this process trained but could not write to the cache
 
 
