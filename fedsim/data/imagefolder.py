@@ -2,9 +2,12 @@
 
 ``data.root`` must contain ``train/<class>/<image>`` and optionally ``test/<class>/<image>``; class
 indices are the sorted class folder names of ``train/``. All images must have the same size (nothing
-is resized). They are kept grayscale (1 channel) when every image has a single band, else converted
-to RGB. Examples are ordered class-interleaved (1st image of each class, then the 2nd, ...; files
-sorted by name), so without ``test/`` the "last fraction is test" rule of
+is resized). Every image is decoded by :func:`fedsim.data.images.decode_image` (each PIL mode and bit
+depth converted to [0, 1] on purpose -- palette images keep their colours, 16-bit images their range --
+or refused naming the file: transparent pixels, 32-bit integer or float pixels, animations). The
+dataset is grey (1 channel) when every train image is grey, else RGB (grey images repeated; a colour
+test image for a grey train set is refused). Examples are ordered class-interleaved (1st image of
+each class, then the 2nd, ...; files sorted by name), so without ``test/`` the "last fraction is test" rule of
 :func:`fedsim.data.bundle.tail_split` gives a (near-)stratified test set. Mean/std are computed
 from the training images.
 """
@@ -16,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.data.bundle import DatasetBundle, class_interleaved, tail_split, to_unit_float
+from fedsim.data.bundle import DatasetBundle, class_interleaved, tail_split
 from fedsim.data.catalog import DATASETS
+from fedsim.data.images import decode_image, to_channels
 from fedsim.data.torchvision_sets import data_root
 from fedsim.errors import DataUnavailableError, ScenarioError
 from fedsim.scenario import DataSpec
@@ -43,30 +47,33 @@ def _samples(
     return [samples[i] for i in order], class_to_idx
 
 
-def _read(samples: list[tuple[str, int]], gray: bool | None) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Decode images into a uint8 (N, C, H, W) array; ``gray=None`` decides from the images."""
+def _read(samples: list[tuple[str, int]], channels: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decode images into float32 pixels (N, C, H, W) in [0, 1] (:func:`fedsim.data.images.decode_image`);
+    ``channels=None`` decides from the images: 1 when every image is grey, else 3."""
     from PIL import Image
 
-    images = []
+    decoded = []
     for path, _ in samples:
-        with Image.open(path) as im:
-            im.load()
-            images.append((path, im.copy()))
-    if gray is None:
-        gray = all(len(im.getbands()) == 1 for _, im in images)
+        try:
+            with Image.open(path) as im:
+                decoded.append((path, decode_image(im, path)))
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ScenarioError("data.root", f"{path}: cannot be read as an image ({err})") from None
+    if channels is None:
+        channels = 1 if all(a.shape[0] == 1 for _, a in decoded) else 3
     arrays, first = [], None
-    for path, im in images:
-        a = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8)
+    for path, a in decoded:
+        a = to_channels(a, channels, path)
         if first is None:
             first = (path, a.shape)
         elif a.shape != first[1]:
             raise ScenarioError(
                 "data.root",
-                f"imagefolder images must all have the same size: {first[0]} is {first[1][1]}x{first[1][0]} "
-                f"but {path} is {a.shape[1]}x{a.shape[0]} (resize them first)",
+                f"imagefolder images must all have the same size: {first[0]} is {first[1][2]}x{first[1][1]} "
+                f"but {path} is {a.shape[2]}x{a.shape[1]} (resize them first)",
             )
-        arrays.append(a[None] if gray else a.transpose(2, 0, 1))
-    return np.stack(arrays), np.array([c for _, c in samples], dtype=np.int64), gray
+        arrays.append(a)
+    return np.stack(arrays), np.array([c for _, c in samples], dtype=np.int64), channels
 
 
 @DATASETS.register("imagefolder")
@@ -82,15 +89,15 @@ def load_imagefolder(spec: DataSpec) -> DatasetBundle:
             f"{train_dir}/<class name>/<image> (and optionally {test_dir}/<class name>/<image>)"
         )
     train_samples, class_to_idx = _samples(train_dir, None)
-    x, y, gray = _read(train_samples, None)
+    x, y, channels = _read(train_samples, None)
     if test_dir.is_dir():
-        test_x_u8, test_y_np, _ = _read(_samples(test_dir, class_to_idx)[0], gray)
-        if test_x_u8.shape[1:] != x.shape[1:]:
+        test_x_np, test_y_np, _ = _read(_samples(test_dir, class_to_idx)[0], channels)
+        if test_x_np.shape[1:] != x.shape[1:]:
             raise ScenarioError("data.root", f"images in {test_dir} differ in size from those in {train_dir}")
-        train_x, train_y = to_unit_float(x), torch.from_numpy(y)
-        test_x, test_y = to_unit_float(test_x_u8), torch.from_numpy(test_y_np)
+        train_x, train_y = torch.from_numpy(x), torch.from_numpy(y)
+        test_x, test_y = torch.from_numpy(test_x_np), torch.from_numpy(test_y_np)
     else:
-        split = tail_split(to_unit_float(x), torch.from_numpy(y), spec.test_fraction)
+        split = tail_split(torch.from_numpy(x), torch.from_numpy(y), spec.test_fraction)
         train_x, train_y, test_x, test_y = split
     dims = (0, 2, 3)
     mean = tuple(round(float(v), 4) for v in train_x.mean(dim=dims))
