@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from attacks.label_recovery import classifier_input, label_rule_problem
 from fedsim.errors import ScenarioError, ThreatModelError
+from fedsim.isolation import seeded_method
 from fedsim.registry import Registry
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
 from fedsim.threat import ClientUpdate, ModelFacts, Reconstruction, ReleasedModel
@@ -48,9 +49,23 @@ class Attack(ABC):
     #: deterministic parts, :mod:`attacks.defense_aware`); such a mode is refused when no defense of the
     #: scenario has anything to model.
     models_defenses: ClassVar[bool] = False
+    #: The fewest ``budget.iterations`` a scenario may give it (validation refuses fewer); an attack that
+    #: does not optimize (an analytic one) sets 0.
+    min_iterations: ClassVar[int] = 1
     #: What the attack reads: "update" (a captured client update, ``reconstruct``) or "model" (the
     #: released global model, ``invert``; see :class:`ModelInversionAttack`).
     target: ClassVar[str] = "update"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every ``reconstruct``/``invert`` a subclass defines runs with the global RNGs seeded from the
+        attack's seed and restored afterwards (:func:`fedsim.isolation.seeded_method`): a stochastic
+        victim (MID's bottleneck) draws the same numbers on every call, whatever ran before in the
+        process, and the attack leaves the caller's generators as they were."""
+        super().__init_subclass__(**kwargs)
+        for name in ("reconstruct", "invert"):
+            fn = cls.__dict__.get(name)
+            if callable(fn) and not getattr(fn, "__seeded__", False):
+                setattr(cls, name, seeded_method(fn))
 
     def __init__(
         self,

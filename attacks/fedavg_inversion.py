@@ -41,6 +41,7 @@ from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
+from fedsim.training import min_train_batch
 
 
 def unrollable(hyperparams: Mapping[str, Any]) -> str | None:
@@ -92,8 +93,10 @@ class FedAvgInversion(Attack):
         num = int(update.num_examples)
         distance: Distance = OBJECTIVES[p.distance]
         try:
-            steps, batch_size = local_schedule(hp, num)
             model = victim_model(update, self.device)
+            # a victim that cannot train on one example had a pass's lone last example merged (as the client)
+            min_batch = min_train_batch(model, tuple(update.task.input_shape))
+            steps, batch_size = local_schedule(hp, num, min_batch)
             target = [-t for t in target_gradient(update, model)]  # delta on the parameters
             labels = labels_for(update, num, known=self.knowledge.labels == "known",
                                 strategy=p.label_strategy, model=model).to(self.device)
@@ -102,13 +105,15 @@ class FedAvgInversion(Attack):
         lr, wd = float(hp["lr"]), float(hp.get("weight_decay", 0.0) or 0.0)
 
         def delta_loss(x: Tensor, labels: Tensor) -> Tensor:
-            delta = unrolled_delta(model, x, labels, lr=lr, steps=steps, batch_size=batch_size, weight_decay=wd)
+            delta = unrolled_delta(model, x, labels, lr=lr, steps=steps, batch_size=batch_size, weight_decay=wd,
+                                   min_batch=min_batch)
             return distance(delta, target)
 
         box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
         total = budget.iterations * budget.restarts
-        orders = label_assignments(labels, budget.restarts, batch_size, torch_generator(self.seed, "fedavg-labels"))
+        orders = label_assignments(labels, budget.restarts, batch_size, torch_generator(self.seed, "fedavg-labels"),
+                                   min_batch)
         book: RestartBook[Trial] = RestartBook()
         for restart in range(budget.restarts):
             if book.time_is_up(deadline):

@@ -7,7 +7,6 @@ and the local training schedule an attacker assumes. The optimizers stay in each
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
@@ -21,6 +20,7 @@ from attacks.victim import UpdateMismatchError, check_update, target_gradient
 from fedsim.errors import ThreatModelError
 from fedsim.scenario import AttackSpec, Budget, Scenario
 from fedsim.threat import ClientUpdate
+from fedsim.training import epoch_bounds
 
 PROGRESS_EVERY = 50
 
@@ -62,11 +62,12 @@ def labels_for(update: ClientUpdate, num: int, *, known: bool, strategy: str, mo
     return labels
 
 
-def local_schedule(hyperparams: Mapping[str, Any], num_examples: int) -> tuple[int, int]:
+def local_schedule(hyperparams: Mapping[str, Any], num_examples: int, min_batch: int = 1) -> tuple[int, int]:
     """``(steps, batch_size)`` of a FedAvg client's round, from the granted local hyperparameters.
 
     Mirrors :func:`fedsim.training.batch_schedule`: ``steps`` when set, else ``epochs`` passes of
-    ``ceil(n / batch_size)`` steps, with the batch size capped at ``n`` (the client's examples).
+    ``ceil(n / batch_size)`` steps (one fewer when ``min_batch`` 2 merges a pass's lone last example,
+    :func:`fedsim.training.epoch_bounds`), with the batch size capped at ``n`` (the client's examples).
     Raises ``ValueError`` when the hyperparameters are not granted or do not make sense.
     """
     if not hyperparams:
@@ -77,7 +78,7 @@ def local_schedule(hyperparams: Mapping[str, Any], num_examples: int) -> tuple[i
         raise ValueError(f"cannot schedule batches of {batch} over {n} examples")
     steps = hyperparams.get("steps")
     if steps is None:
-        steps = int(hyperparams.get("epochs", 1)) * math.ceil(n / batch)
+        steps = int(hyperparams.get("epochs", 1)) * len(epoch_bounds(n, batch, min_batch))
     if int(steps) < 1:
         raise ValueError(f"{steps} local steps")
     return int(steps), batch

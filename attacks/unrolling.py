@@ -27,23 +27,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fedsim.training import epoch_bounds
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def step_slices(num_examples: int, batch_size: int, steps: int) -> list[slice]:
-    """The assumed batch of each local step: slice ``i mod ceil(n / bs)`` of the dummy batch."""
+def step_slices(num_examples: int, batch_size: int, steps: int, min_batch: int = 1) -> list[slice]:
+    """The assumed batch of each local step: slice ``i mod ceil(n / bs)`` of the dummy batch.
+
+    ``min_batch`` 2 (a victim that cannot train on one example, see
+    :func:`fedsim.training.min_train_batch`) repeats what the client did: a pass's lone last example
+    joins the slice before it (:func:`fedsim.training.epoch_bounds`, the rule the client's
+    :func:`~fedsim.training.batch_schedule` follows).
+    """
     if num_examples < 1 or batch_size < 1 or steps < 0:
         raise ValueError(f"cannot schedule {steps} steps of {batch_size} over {num_examples} examples")
+    if min_batch > 1:
+        bounds = epoch_bounds(num_examples, batch_size, min_batch)
+        return [slice(*bounds[i % len(bounds)]) for i in range(steps)]
     per_epoch = math.ceil(num_examples / batch_size)
     return [slice((i % per_epoch) * batch_size, (i % per_epoch + 1) * batch_size) for i in range(steps)]
 
 
-def label_assignments(labels: Tensor, count: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+def label_assignments(labels: Tensor, count: int, batch_size: int, generator: torch.Generator,
+                      min_batch: int = 1) -> list[Tensor]:
     """``count`` orders of ``labels`` over the dummy slices: ``labels`` as given first, then random
     permutations whose per-slice label multisets differ from those already proposed (when possible,
     within a few draws). With one batch (``batch_size >= n``) the order is irrelevant: all equal."""
     n = len(labels)
-    parts = step_slices(n, batch_size, math.ceil(n / batch_size)) if n else []
+    parts = step_slices(n, batch_size, len(epoch_bounds(n, batch_size, min_batch)), min_batch) if n else []
 
     def key(order: Tensor) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(sorted(order[part].tolist())) for part in parts)
@@ -71,6 +83,7 @@ def unrolled_delta(
     batch_size: int,
     weight_decay: float = 0.0,
     loss_fn: LossFn = F.cross_entropy,
+    min_batch: int = 1,
 ) -> list[Tensor]:
     """``theta_E - theta_0`` per entry of ``model.named_parameters()``, differentiable in ``x``.
 
@@ -81,7 +94,7 @@ def unrolled_delta(
     theta0 = [p for _, p in model.named_parameters()]
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     theta = list(theta0)
-    for part in step_slices(len(x), batch_size, steps):
+    for part in step_slices(len(x), batch_size, steps, min_batch):
         state = {**dict(zip(names, theta, strict=True)), **buffers}
         loss = loss_fn(functional_call(model, state, (x[part],)), labels[part])
         grads = torch.autograd.grad(loss, theta, create_graph=True)

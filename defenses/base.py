@@ -63,6 +63,11 @@ class Defense:
     def check_scenario(cls, scenario: Scenario, spec: DefenseSpec) -> None:
         """Raise IncompatibleDefenseError when this defense cannot run in the scenario."""
 
+    def check_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Validation with the data at hand (``fedsim.preflight``): raise IncompatibleDefenseError when this
+        defense cannot train ``model`` (the global model after every ``transform_model``) on inputs of
+        ``input_shape`` (C, H, W). Must leave ``model`` and the global RNG as they were."""
+
     def transform_model(self, model: nn.Module) -> nn.Module:
         return model
 

@@ -44,6 +44,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from defenses.base import Defense, DefenseParams, register_defense
+from defenses.per_sample import per_sample_problem
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.scenario import DefenseSpec, FederationSpec, LocalTraining, Scenario
 from fedsim.seeding import torch_generator
@@ -260,6 +261,15 @@ class DPSGD(Defense):
         if sum(d.name == spec.name for d in scenario.defenses) > 1:
             raise IncompatibleDefenseError("dp_sgd can appear once: two Opacus wrappings of one model "
                                            "would add hooks twice")
+
+    def check_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Validation: refuse a model this setting cannot train (:func:`defenses.per_sample.per_sample_problem`)."""
+        import_opacus()
+        from opacus.grad_sample.utils import prepare_module
+
+        problem = per_sample_problem(model, input_shape, self.params.grad_sample_mode, prepare_module)
+        if problem is not None:
+            raise IncompatibleDefenseError(problem)
 
     def transform_model(self, model: nn.Module) -> nn.Module:
         import_opacus()

@@ -66,10 +66,19 @@ class VIBClassifier(nn.Module):
         return f"k={self.k}"
 
 
-def kl_divergence(mu: Tensor, sigma: Tensor) -> Tensor:
-    """KL(N(mu, diag sigma^2) || N(0, I)) summed over the bottleneck, averaged over the batch."""
+def kl_divergence(mu: Tensor, sigma: Tensor, reduction: str = "mean") -> Tensor:
+    """KL(N(mu, diag sigma^2) || N(0, I)) summed over the bottleneck: averaged over the batch (``mean``),
+    summed (``sum``) or one value per example (``none``, shape (B,))."""
     per_example = -0.5 * (1 + 2 * torch.log(sigma + LOG_EPS) - mu.pow(2) - sigma.pow(2)).sum(dim=-1)
-    return per_example.mean()
+    return _reduce(per_example, reduction)
+
+
+def _reduce(values: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    return values.mean()
 
 
 def vib_layers(model: nn.Module) -> list[VIBClassifier]:
@@ -102,13 +111,15 @@ class MID(Defense):
         head.keep_stats = True
         beta, inner = self.params.beta, job.loss_fn
 
-        def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
-            loss = inner(logits, labels)
+        def loss_fn(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+            # ``reduction`` as in F.cross_entropy: DP-SGD's ghost clipping asks for per-example losses
+            # ("none"); the KL term is per example too, so each example's loss stays its own
+            loss = inner(logits, labels) if reduction == "mean" else inner(logits, labels, reduction=reduction)
             mu, sigma = head.last_mu, head.last_sigma
             head.last_mu = head.last_sigma = None
             if beta == 0 or mu is None or sigma is None:
                 return loss
-            return loss + beta * kl_divergence(mu, sigma)
+            return loss + beta * kl_divergence(mu, sigma, reduction)
 
         job.loss_fn = loss_fn
         return job

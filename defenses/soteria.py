@@ -130,6 +130,15 @@ class Soteria(Defense):
             raise IncompatibleDefenseError(
                 "soteria prunes one batch's gradient and supports only federation.protocol: fedsgd"
             )
+        if sum(d.name == spec.name for d in scenario.defenses) > 1:
+            raise IncompatibleDefenseError("soteria can appear once: a second set of hooks would score the "
+                                           "features of an input the first one has already replaced")
+        if any(d.name == "dp_sgd" for d in scenario.defenses):
+            raise IncompatibleDefenseError(
+                "soteria cannot be combined with dp_sgd: its pruning mask is computed from the raw private batch, "
+                "outside DP-SGD's accountant (the update sent would no longer be the DP one), and its extra "
+                "backward passes would be recorded by Opacus's per-sample hooks"
+            )
 
     def wrap_training(self, job: TrainingJob) -> TrainingJob:
         hooks = _SoteriaHooks(job.model, self.params.percent)

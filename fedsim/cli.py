@@ -54,11 +54,12 @@ def run(
                                                      "cores, at least 1)")] = None,
 ) -> None:
     """Run a scenario: federation, attacks, scores, report."""
-    import torch
 
     # Half the cores by default: small attack models gain little from more threads, and on a busy
     # machine (Ray actors, other jobs) oversubscribed torch threads slowed attacks 5-100x in our runs.
-    torch.set_num_threads(max(1, threads if threads is not None else (os.cpu_count() or 2) // 2))
+    from fedsim.isolation import command_threads
+
+    command_threads(threads if threads is not None else (os.cpu_count() or 2) // 2)
     from fedsim.run import run_scenario
     from fedsim.scenario import load_scenario
 
@@ -121,12 +122,17 @@ def _print_result(result) -> None:  # noqa: ANN001
 @app.command()
 def validate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")], set_: SetOption = None) -> None:
     """Check a scenario without running it."""
+    from fedsim.preflight import skipped_note
     from fedsim.scenario import load_scenario
 
     try:
         spec = load_scenario(scenario, list(set_ or []))
     except FedsimError as err:
         _fail(err)
+    note = skipped_note(spec)
+    if note is not None:  # validation never downloads: the run stops on the missing data with one line
+        console.print(f"note: the data is not on disk, so the checks that need it were skipped: {note}",
+                      highlight=False, soft_wrap=True)
     typer.echo(f"{scenario}: ok ({spec.name}: {len(spec.attacks)} attack(s), {len(spec.defenses)} defense(s))")
 
 

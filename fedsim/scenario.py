@@ -260,7 +260,8 @@ def read_yaml(path: str | Path, what: str = "scenario file", field: str = "") ->
 
 
 def parse_scenario(raw: Any) -> Scenario:
-    """Validate a raw mapping (already parsed YAML) and resolve plug-in names and params."""
+    """Validate a raw mapping (already parsed YAML), resolve plug-in names and params, and check that the
+    scenario can run on its data (:func:`fedsim.preflight.check_runnable`: what validates must run)."""
     if not isinstance(raw, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping")
     try:
@@ -271,6 +272,9 @@ def parse_scenario(raw: Any) -> Scenario:
     from fedsim.resources import check_scenario_resources
 
     check_scenario_resources(scenario)  # CPUs/GPUs/device this machine can give (no data needed)
+    from fedsim.preflight import check_runnable
+
+    check_runnable(scenario)
     from fedsim.attack_checks import check_attack_preconditions
 
     check_attack_preconditions(scenario)  # attack options against the model as built
@@ -323,6 +327,11 @@ def resolve_plugins(scenario: Scenario) -> None:
                 inner = _first_error(err)
                 where = f"{group}[{i}].params" + (f".{inner.path}" if inner.path else "")
                 raise ScenarioError(where, inner.reason) from None
+            least = getattr(plugin, "min_iterations", 0)  # attacks: 1 for every optimizing one
+            if isinstance(spec, AttackSpec) and spec.budget.iterations < least:
+                raise ScenarioError(f"{group}[{i}].budget.iterations",
+                                    f"{spec.budget.iterations}: {spec.name} optimizes, so it needs at least "
+                                    f"{least} (0 iterations could only end in a failed outcome)")
             check = getattr(plugin, "check_scenario", None)
             if check is not None:
                 try:

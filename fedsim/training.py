@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fedsim.data import normalize
 from fedsim.errors import ScenarioError
+from fedsim.isolation import isolated_global_rngs
 from fedsim.models.layers import record_masks, recorded_masks
 from fedsim.scenario import LocalTraining
 from fedsim.seeding import derive_seed, torch_generator
@@ -97,6 +98,7 @@ def round_batches(job: TrainingJob, inputs: Tensor, *, local: LocalTraining, pro
     return (job.sample_batches or batch_schedule)(len(inputs), local, protocol, gen)
 
 
+@isolated_global_rngs  # it seeds torch's global RNG for the dropout masks: the caller's state comes back
 def local_update(
     job: TrainingJob,
     inputs: Tensor,

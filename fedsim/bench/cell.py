@@ -11,20 +11,23 @@ from fedsim.bench.store import summarize_run
 
 
 def run_cell(cell: Cell, out_dir: str, num_cpus: float = 1.0) -> dict[str, Any]:
-    """Run one cell into ``out_dir/cells/<id>`` and return its record (never raises for a cell's error)."""
-    import torch
+    """Run one cell into ``out_dir/cells/<id>`` and return its record (never raises for a cell's error).
 
+    The cell runs with ``num_cpus`` torch threads; the caller's count is restored afterwards (a serial
+    bench runs its cells in the driver's process)."""
+    from fedsim.isolation import torch_threads
     from fedsim.run import run_scenario
     from fedsim.scenario import parse_scenario
 
-    torch.set_num_threads(max(1, int(num_cpus)))
     start = time.perf_counter()
     record: dict[str, Any] = {"cell_id": cell.cell_id, "attack": cell.attack, "defense": cell.defense,
                               "params": cell.params, "repeat": cell.repeat, "seed": cell.seed}
     try:
         # overwrite: a run directory of this cell left by a run killed before its record was appended
         # (only ever a fedsim run directory: anything else there is refused and the cell fails)
-        result = run_scenario(parse_scenario(cell.scenario), Path(out_dir) / "cells" / cell.cell_id, overwrite=True)
+        with torch_threads(int(num_cpus)):
+            result = run_scenario(parse_scenario(cell.scenario), Path(out_dir) / "cells" / cell.cell_id,
+                                  overwrite=True)
         record.update(status="ok", error=None, run_dir=f"cells/{cell.cell_id}", summary=summarize_run(result))
     except Exception as exc:  # noqa: BLE001 - one failing cell must not end the bench
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}", run_dir=None, summary={})

@@ -60,9 +60,10 @@ def bench(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show Flower and Ray logs")] = False,
 ) -> None:
     """Run an attack x defense grid; finished cells are kept and skipped on a rerun."""
-    import torch
 
-    torch.set_num_threads(1)  # the driver only schedules; each cell sets its own threads (resources.num_cpus)
+    from fedsim.isolation import command_threads
+
+    command_threads(1)  # the driver only schedules; each cell sets its own threads (resources.num_cpus)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from fedsim.bench.expand import expand_grid
     from fedsim.bench.grid import load_grid

@@ -26,12 +26,13 @@ space. fedsim trains that classifier itself:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -208,7 +209,7 @@ def load_evaluator(data: DataSpec, device: torch.device | str = "cpu") -> Evalua
     path = cache_dir() / f"{key}.pt"
     memo = (str(path), str(device))
     if memo in _LOADED and (_LOADED[memo].path.is_file() or memo in _UNCACHED):
-        return _LOADED[memo]  # (an evaluator whose cache write failed stays in memory for this process)
+        return _private(_LOADED[memo])  # (one whose cache write failed stays in memory for this process)
     n_train = int(len(x) * TRAIN_FRACTION)
     payload = _read(path, bundle.num_classes, x.shape[1]) if path.is_file() else None
     trained_now = payload is None
@@ -231,4 +232,12 @@ def load_evaluator(data: DataSpec, device: torch.device | str = "cpu") -> Evalua
     evaluator = Evaluator(net, tuple(bundle.mean), tuple(bundle.std), float(payload["accuracy"]), n_train,
                           len(x) - n_train, x, y, path, trained_now)
     _LOADED[memo] = evaluator
-    return evaluator
+    return _private(evaluator)
+
+
+def _private(evaluator: Evaluator) -> Evaluator:
+    """The caller's own copy of a memoised evaluator: its network is a copy, so a caller that changes it
+    (train mode, weights, device) cannot change what the next caller in this process is judged by; the
+    reference images are cloned for the same reason."""
+    return replace(evaluator, net=copy.deepcopy(evaluator.net), reference_x=evaluator.reference_x.clone(),
+                   reference_y=evaluator.reference_y.clone())

@@ -37,12 +37,11 @@ def train(
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore an existing checkpoint and start over")] = False,
 ) -> None:
     """Train a DCGAN prior; an interrupted run resumes from its checkpoint when rerun."""
-    import torch
-
+    from fedsim.isolation import command_threads
     from fedsim.priors.config import load_prior_config
     from fedsim.priors.train import train_prior
 
-    torch.set_num_threads(threads)
+    command_threads(threads)
     overrides = list(set_ or []) + ([f"training.steps={steps}"] if steps is not None else [])
     try:
         spec = load_prior_config(config, overrides)

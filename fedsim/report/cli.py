@@ -19,9 +19,10 @@ def report(
                                                             "same name")] = None,
 ) -> None:
     """Write one self-contained HTML report (leaderboard, frontier, rounds, galleries) and print its path."""
-    import torch
 
-    torch.set_num_threads(1)  # nothing here is heavy; stay polite on a shared machine
+    from fedsim.isolation import command_threads
+
+    command_threads(1)  # nothing here is heavy; stay polite on a shared machine
     from fedsim.report.html import render_report
 
     try:
