@@ -28,7 +28,7 @@ class LocalResult:
     """The update a client computed, and what it really used (ground truth for the evaluator)."""
 
     update: dict[str, Tensor]  # fedsgd: gradient per parameter name; fedavg: the new state_dict
-    num_examples: int
+    num_examples: int  # what the client declares (the real count, or DP-SGD's expected one)
     used_indices: Tensor  # indices into the client's partition, in first-use order
     train_loss: float
     extras: dict[str, Tensor] = field(default_factory=dict)  # dropout masks, batch schedule, ...
@@ -54,6 +54,9 @@ class TrainingJob:
       :func:`batch_schedule`; DP-SGD substitutes Poisson sampling, which its accountant assumes).
     * ``before_read_gradients(optimizer)``: fedsgd sends ``p.grad`` after this runs (DP-SGD calls the
       optimizer's ``pre_step`` here so that the sent gradient is the clipped, noised one).
+    * ``declare_num_examples(n, batches)``: the ``num-examples`` the client sends (FedAvg's weight, and
+      what the server learns of the batch), or None for the real count. DP-SGD declares an expected
+      count so that the realised Poisson batch sizes, which no accountant covers, stay private.
     * ``on_finish(steps, batch_sizes)``: runs after the round, returns metrics the client reports
       (e.g. epsilon); ``state`` persists across rounds per client (Flower ``Context.state``), e.g. an
       accountant's history as JSON strings.
@@ -64,6 +67,7 @@ class TrainingJob:
     make_optimizer: Callable[[nn.Module, LocalTraining], torch.optim.Optimizer] = make_optimizer
     sample_batches: Callable[[int, LocalTraining, str, torch.Generator], list[Tensor]] | None = None
     before_read_gradients: Callable[[torch.optim.Optimizer], None] | None = None
+    declare_num_examples: Callable[[int, list[Tensor]], int | None] | None = None
     on_finish: list[Callable[[int, list[int]], dict[str, float]]] = field(default_factory=list)
     state: dict[str, str] = field(default_factory=dict)
     seed: int = 0
@@ -72,21 +76,73 @@ class TrainingJob:
     num_examples: int = 0  # size of the client's partition (for sampling rates)
 
 
-def batch_schedule(n: int, local: LocalTraining, protocol: str, gen: torch.Generator) -> list[Tensor]:
-    """Index batches a client uses in one round: one batch for fedsgd, epochs or steps for fedavg."""
+def batch_schedule(n: int, local: LocalTraining, protocol: str, gen: torch.Generator,
+                   min_batch: int = 1) -> list[Tensor]:
+    """Index batches a client uses in one round: one batch for fedsgd, epochs or steps for fedavg.
+
+    Each fedavg epoch is a fresh permutation cut into batches of ``min(batch_size, n)``. With
+    ``min_batch`` 2 (a model that cannot train on one example, see :func:`min_train_batch`), an epoch
+    whose last batch would hold a single example gives that example to the batch before it instead
+    (one batch of ``batch_size + 1``), so every example is still used once per epoch; validation
+    refuses the cases no schedule can fix (``batch_size`` 1, a client with one example).
+    """
     bs = min(local.batch_size, n)
     if protocol == "fedsgd":
         return [torch.randperm(n, generator=gen)[:bs]]
+    bounds = epoch_bounds(n, bs, min_batch)
     batches: list[Tensor] = []
     steps = local.steps
     while True:
         order = torch.randperm(n, generator=gen)
-        for start in range(0, n, bs):
-            batches.append(order[start : start + bs])
+        for start, stop in bounds:
+            batches.append(order[start:stop])
             if steps is not None and len(batches) == steps:
                 return batches
-        if steps is None and len(batches) >= local.epochs * -(-n // bs):
+        if steps is None and len(batches) >= local.epochs * len(bounds):
             return batches
+
+
+def epoch_bounds(n: int, batch_size: int, min_batch: int = 1) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each batch in one pass over ``n`` examples: consecutive runs of ``batch_size``,
+    the last one shorter; a last run shorter than ``min_batch`` joins the one before it (when there is one)."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_batch:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def min_train_batch(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The smallest batch ``model`` can take a training step on: 1, or 2 when a train-mode forward pass
+    on a single example fails (BatchNorm, or GroupNorm with one value per group, normalizes over the
+    batch: PyTorch raises "Expected more than 1 value per channel when training").
+
+    Runs one no-grad forward pass on a zero example of ``input_shape`` (C, H, W) in train mode; the
+    model's buffers (BatchNorm running statistics), the global RNG and the train/eval flags are left as
+    they were. Models without normalization layers are answered without a forward pass.
+    """
+    if not any(isinstance(m, _NORMS) for m in model.modules()):
+        return 1
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    flags = [(m, m.training) for m in model.modules()]
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            model.train()
+            model(torch.zeros((1, *input_shape), device=device))
+        return 1
+    except (ValueError, RuntimeError):
+        return 2
+    finally:
+        for m, training in flags:
+            m.training = training
+        buffers = dict(model.named_buffers())
+        for name, value in saved.items():
+            buffers[name].copy_(value)
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def round_batches(job: TrainingJob, inputs: Tensor, *, local: LocalTraining, protocol: str, seed: int,
@@ -95,7 +151,13 @@ def round_batches(job: TrainingJob, inputs: Tensor, *, local: LocalTraining, pro
     (e.g. DP-SGD's Poisson batches) or :func:`batch_schedule`, from the (seed, "batches", round, partition
     id) generator. :func:`local_update` uses it, and so does the SecAgg+ evaluator re-deriving a batch."""
     gen = torch_generator(seed, "batches", round_num, partition_id)
-    return (job.sample_batches or batch_schedule)(len(inputs), local, protocol, gen)
+    if job.sample_batches is not None:
+        return job.sample_batches(len(inputs), local, protocol, gen)
+    n, bs = len(inputs), min(local.batch_size, len(inputs))
+    # a lone last example in an epoch: only a model that cannot train on one example needs it merged
+    lone = protocol == "fedavg" and n > bs and n % bs == 1
+    min_batch = min_train_batch(job.model, tuple(inputs.shape[1:])) if lone else 1
+    return batch_schedule(n, local, protocol, gen, min_batch=min_batch)
 
 
 @isolated_global_rngs  # it seeds torch's global RNG for the dropout masks: the caller's state comes back
@@ -162,11 +224,12 @@ def local_update(
     metrics: dict[str, float] = {}
     for hook in job.on_finish:
         metrics.update(hook(len(batches), [len(b) for b in batches]))
+    num = int(sum(len(b) for b in batches)) if protocol == "fedsgd" else len(used)
+    declared = job.declare_num_examples(len(inputs), batches) if job.declare_num_examples is not None else None
     return LocalResult(
         update=update,
-        # max(.., 1): an empty Poisson batch still sends a (noise-only) gradient; a FedAvg weight of 0 on
-        # every sampled client would divide by zero in the aggregation
-        num_examples=max(int(sum(len(b) for b in batches)), 1) if protocol == "fedsgd" else len(used),
+        # max(.., 1): SecAgg+ divides by the sum of the clients' weights inside Flower
+        num_examples=max(num if declared is None else int(declared), 1),
         used_indices=used,
         train_loss=float(sum(losses) / len(losses)) if losses else float("nan"),  # nan: every batch was empty
         extras=extras,
