@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
 from attacks.label_recovery import LABEL_STRATEGIES
-from attacks.matching import labels_for, unusable
+from attacks.matching import examples_to_reconstruct, labels_for, unusable
 from attacks.objectives import cosine
 from attacks.regularizers import total_variation
 from attacks.victim import target_gradient, victim_model
@@ -201,7 +201,7 @@ class _MaskedInversion(Attack):
         if reason is not None:
             return Reconstruction.failure(reason)
         p, budget = self.params, self.budget
-        num, iters = int(update.num_examples), budget.iterations
+        num, iters = examples_to_reconstruct(update), budget.iterations
         try:
             model = victim_model(update, self.device)
             target = target_gradient(update, model)

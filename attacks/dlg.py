@@ -39,7 +39,15 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import initial_inputs, pixel_box, to_pixels
-from attacks.matching import LabelStrategy, check_delta_scale, labels_for, matching_target, ticker, unusable
+from attacks.matching import (
+    LabelStrategy,
+    check_delta_scale,
+    examples_to_reconstruct,
+    labels_for,
+    matching_target,
+    ticker,
+    unusable,
+)
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.restarts import RestartBook
 from attacks.victim import victim_model
@@ -164,7 +172,7 @@ class DeepLeakage(Attack):
         if reason is not None:
             return Reconstruction.failure(reason)
         p, budget = self.params, self.budget
-        num, k = int(update.num_examples), update.task.num_classes
+        num, k = examples_to_reconstruct(update), update.task.num_classes
         joint = self.joint_labels and self.knowledge.labels != "known"
         distance = OBJECTIVES[p.distance]
         try:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import Trial, initial_inputs, optimize_inputs, pixel_box, to_pixels
-from attacks.matching import LabelStrategy, labels_for, local_schedule, ticker, unusable
+from attacks.matching import LabelStrategy, examples_to_reconstruct, labels_for, local_schedule, ticker, unusable
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
 from attacks.restarts import RestartBook
@@ -90,7 +90,7 @@ class FedAvgInversion(Attack):
         if reason is not None:
             return Reconstruction.failure(reason)
         p, budget, hp = self.params, self.budget, update.hyperparams
-        num = int(update.num_examples)
+        num = examples_to_reconstruct(update)
         distance: Distance = OBJECTIVES[p.distance]
         try:
             model = victim_model(update, self.device)

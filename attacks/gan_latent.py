@@ -33,7 +33,7 @@ from attacks.gan_prior import (
     optimize_variable,
 )
 from attacks.inverting_gradients import to_pixels
-from attacks.matching import ticker
+from attacks.matching import examples_to_reconstruct, ticker
 from attacks.objectives import OBJECTIVES
 from attacks.regularizers import total_variation
 from fedsim.seeding import torch_generator
@@ -61,7 +61,7 @@ class GanLatent(GanPriorAttack):
             return victim
         distance, latent_prior, prior = OBJECTIVES[p.distance], LATENT_PRIORS[p.latent_prior], victim.prior
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        num, total = int(update.num_examples), budget.iterations * budget.restarts
+        num, total = examples_to_reconstruct(update), budget.iterations * budget.restarts
 
         def loss_fn(z: torch.Tensor) -> torch.Tensor:
             x = prior.render(z)

@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from attacks.base import Attack, AttackParams
 from attacks.defense_aware import DefenseTransform, defense_transform
 from attacks.inverting_gradients import gradient_distance, pixel_box
-from attacks.matching import LabelStrategy, check_delta_scale, labels_for, matching_target, unusable
+from attacks.matching import (
+    LabelStrategy,
+    check_delta_scale,
+    examples_to_reconstruct,
+    labels_for,
+    matching_target,
+    unusable,
+)
 from attacks.objectives import Distance
 from attacks.victim import victim_model
 from fedsim.errors import DataUnavailableError, FedsimError
@@ -190,7 +197,7 @@ def prepare_victim(params: GanPriorParams, knowledge: Knowledge, budget: Budget,
     try:
         model = victim_model(update, device)
         target = matching_target(update, model, rescale=rescale)
-        labels = labels_for(update, int(update.num_examples), known=knowledge.labels == "known",
+        labels = labels_for(update, examples_to_reconstruct(update), known=knowledge.labels == "known",
                             strategy=params.label_strategy, model=model).to(device)
         defense = defense_for(knowledge, update, model)
         prior = load_attack_prior(params, update.task, device)

@@ -55,7 +55,7 @@ from attacks.gan_prior import (
     spherical_projection,
 )
 from attacks.inverting_gradients import to_pixels
-from attacks.matching import ticker
+from attacks.matching import examples_to_reconstruct, ticker
 from attacks.objectives import OBJECTIVES
 from attacks.regularizers import image_norm, total_variation
 from fedsim.seeding import torch_generator
@@ -159,7 +159,7 @@ class GIFD(GanPriorAttack):
         steps, radii = plan
         distance, (h, w) = OBJECTIVES[p.distance], victim.prior.size
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        num, total = int(update.num_examples), budget.iterations * budget.restarts
+        num, total = examples_to_reconstruct(update), budget.iterations * budget.restarts
 
         def loss_at(stage: int) -> Callable[[Tensor], Tensor]:
             def loss_fn(v: Tensor) -> Tensor:

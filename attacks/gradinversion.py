@@ -46,7 +46,15 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
-from attacks.matching import LabelStrategy, check_delta_scale, labels_for, matching_target, ticker, unusable
+from attacks.matching import (
+    LabelStrategy,
+    check_delta_scale,
+    examples_to_reconstruct,
+    labels_for,
+    matching_target,
+    ticker,
+    unusable,
+)
 from attacks.objectives import OBJECTIVES
 from attacks.regularizers import image_norm, total_variation
 from attacks.victim import victim_model
@@ -217,7 +225,7 @@ class GradInversion(Attack):
         if reason is not None:
             return Reconstruction.failure(reason)
         p, budget = self.params, self.budget
-        num, k, its = int(update.num_examples), budget.restarts, budget.iterations
+        num, k, its = examples_to_reconstruct(update), budget.restarts, budget.iterations
         distance = OBJECTIVES[p.distance]
         try:
             model = victim_model(update, self.device)

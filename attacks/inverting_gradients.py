@@ -37,7 +37,7 @@ from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.batched import BatchingUnsupported, matching_loss, optimize_trials
 from attacks.defense_aware import DefenseTransform, defense_transform
 from attacks.label_recovery import LABEL_STRATEGIES
-from attacks.matching import labels_for, unusable
+from attacks.matching import examples_to_reconstruct, labels_for, unusable
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
 from attacks.restarts import RestartBook
@@ -205,7 +205,7 @@ class InvertingGradients(Attack):
         if reason is not None:
             return Reconstruction.failure(reason)
         p, budget = self.params, self.budget
-        num = int(update.num_examples)
+        num = examples_to_reconstruct(update)
         try:
             model = victim_model(update, self.device)
             target = target_gradient(update, model)

@@ -43,6 +43,20 @@ def unusable(update: ClientUpdate | None, budget: Budget) -> str | None:
     return reason
 
 
+def examples_to_reconstruct(update: ClientUpdate) -> int:
+    """How many examples to reconstruct from ``update``: as many as the labels the threat model granted
+    (``knowledge.labels: known`` reveals the batch anyway), else the ``num_examples`` the client declared.
+
+    Under DP-SGD with Poisson sampling that is the client's EXPECTED count (``defenses.dp_sgd.
+    declared_examples``; fedsgd: the batch size), not the realised batch, which stays private: the
+    attack reconstructs an estimate, and the evaluator matches it one-to-one to the real batch.
+    """
+    labels = update.side_info.get("labels")
+    if labels is not None:
+        return int(torch.as_tensor(labels).numel())
+    return int(update.num_examples)
+
+
 def labels_for(update: ClientUpdate, num: int, *, known: bool, strategy: str, model: nn.Module) -> Tensor:
     """The ``num`` labels of the client's examples: ``update.side_info["labels"]`` when the threat model
     grants them (``known``), else inferred from the update's last layer with ``strategy``.
@@ -94,7 +108,7 @@ def matching_target(update: ClientUpdate, model: nn.Module, *, rescale: bool) ->
     target = target_gradient(update, model)
     if not rescale or update.task.protocol != "fedavg":
         return target
-    steps, _ = local_schedule(update.hyperparams, update.num_examples)
+    steps, _ = local_schedule(update.hyperparams, examples_to_reconstruct(update))
     lr = float(update.hyperparams.get("lr", 0.0))
     if not lr > 0:
         raise UpdateMismatchError(f"cannot rescale a weight delta with local lr {lr}")

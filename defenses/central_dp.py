@@ -2,13 +2,18 @@
 clipping: Andrew et al., NeurIPS 2021).
 
 Each sampled client's model update ``reply - current weights`` is clipped to L2 norm ``clipping_norm``
-(C), FedAvg averages the clipped updates, and the server adds N(0, (sigma C / K)^2) to the average,
-K being the clients sampled per round. Adaptive clipping moves C towards the ``target_clipped_quantile``
-of update norms with a noisy count (Flower raises sigma for the update so that both releases compose
-to the ``noise_multiplier`` asked for). Wrappers: ``DifferentialPrivacy{Server,Client}Side{Fixed,
-Adaptive}Clipping`` from ``flwr.serverapp.strategy``; ``side: client`` adds Flower's
-``fixedclipping_mod`` / ``adaptiveclipping_mod`` to the ClientApp. FedAvg only: the wrappers clip
-``reply - current``, which is no update under fedsgd (refused).
+(C), the server takes the UNIFORM mean of the K clipped updates (K = clients sampled per round) and
+adds N(0, (sigma C / K)^2) to it. Uniform, not weighted by num-examples: one client moves the uniform
+mean by at most C / K, the sensitivity Flower's noise is calibrated to, as in McMahan et al. (2018,
+fixed weights). A weighted mean would move by up to C * max_k(n_k / n), and the true noise multiplier
+would be sigma / (K max_k n_k / n) (sigma 0.70 instead of 1 for 10 Dirichlet(0.5) digit clients):
+the reported epsilon would understate the loss. The run's privacy block says ``aggregation: uniform``.
+Adaptive clipping moves C towards the ``target_clipped_quantile`` of update norms with a noisy count
+(Flower raises sigma for the update so that both releases compose to the ``noise_multiplier`` asked for).
+Wrappers: ``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping`` from
+``flwr.serverapp.strategy``; ``side: client`` adds Flower's ``fixedclipping_mod`` /
+``adaptiveclipping_mod`` to the ClientApp. FedAvg only: the wrappers clip ``reply - current``, which is
+no update under fedsgd (refused).
 
 What the honest-but-curious server sees (the capture sits outside the wrapper, on the raw replies):
 
@@ -19,9 +24,13 @@ What the honest-but-curious server sees (the capture sits outside the wrapper, o
 
 Privacy accounting (client-level, RDP: Mironov, CSF 2017): one subsampled Gaussian step per round
 with q = clients_per_round / clients and sigma = ``noise_multiplier``, as :func:`central_dp_epsilon`
-computes (q = 1 under full participation: no amplification). fedsim's client sampling is a fixed-size
-draw, not the Poisson sampling this analysis assumes; the figure is the customary approximation.
-It is written into the run's per-round history (``epsilon``) through :meth:`CentralDP.server_round_metrics`.
+computes (q = 1 under full participation: no amplification, exact). fedsim's client sampling is a
+fixed-size draw, not the Poisson sampling this analysis assumes; the figure is the customary
+approximation, and the run's privacy block says so (``sampling``). Adaptive clipping composes the count
+and the update releases to the same sigma (Andrew et al., Thm. 1), so the same figure applies. It is
+written into the per-round history (``epsilon``, ``delta``, ``noise_multiplier``, ``sample_rate``)
+through :meth:`CentralDP.server_round_metrics`; ``fedsim.privacy.summary`` re-accounts it with Google's
+dp_accounting (RDP and PLD) for the report.
 
 Flower draws its noise from NumPy's global generator; here each round's aggregation runs with that
 generator seeded from (seed, "central_dp", round) and restored afterwards, so runs are reproducible.
@@ -44,8 +53,8 @@ from flwr.serverapp.strategy import (
 from pydantic import Field
 
 from defenses.base import Defense, DefenseParams, register_defense
-from defenses.dp_sgd import epsilon_of
 from fedsim.errors import IncompatibleDefenseError
+from fedsim.privacy.accounting import opacus_epsilon
 from fedsim.scenario import DefenseSpec, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
@@ -74,9 +83,13 @@ def central_dp_epsilon(scenario: Scenario) -> list[float]:
     return [_epsilon_after(p, scenario, r) for r in range(1, scenario.federation.rounds + 1)]
 
 
-def _epsilon_after(p: CentralDPParams, scenario: Scenario, rounds: int) -> float:
+def _sample_rate(scenario: Scenario) -> float:
     fed = scenario.federation
-    return epsilon_of([(p.noise_multiplier, fed.sampled_per_round / fed.clients, rounds)], p.delta, "rdp")
+    return min(1.0, fed.sampled_per_round / fed.clients)
+
+
+def _epsilon_after(p: CentralDPParams, scenario: Scenario, rounds: int) -> float:
+    return opacus_epsilon([(p.noise_multiplier, _sample_rate(scenario), rounds)], p.delta, "rdp")
 
 
 class _SeededNoise:
@@ -167,6 +180,9 @@ class CentralDP(Defense):
         if self.scenario is None:
             raise IncompatibleDefenseError("central_dp needs the scenario (build it with build_defenses)")
         p, k = self.params, self.scenario.federation.sampled_per_round
+        if not hasattr(strategy, "uniform_weights"):
+            raise IncompatibleDefenseError("central_dp needs fedsim's FedAvg strategy (it averages uniformly)")
+        strategy.uniform_weights = True  # the mean the noise sigma*C/K is calibrated to (see module doc)
         if p.clipping == "fixed":
             cls = ServerSideFixed if p.side == "server" else ClientSideFixed
             wrapped = cls(strategy, p.noise_multiplier, p.clipping_norm, k)
@@ -187,4 +203,5 @@ class CentralDP(Defense):
         """Metrics for the server's per-round history row (epsilon spent after ``server_round``)."""
         if self.scenario is None or server_round < 1:
             return {}
-        return {"epsilon": _epsilon_after(self.params, self.scenario, server_round), "delta": self.params.delta}
+        return {"epsilon": _epsilon_after(self.params, self.scenario, server_round), "delta": self.params.delta,
+                "noise_multiplier": self.params.noise_multiplier, "sample_rate": _sample_rate(self.scenario)}

@@ -14,17 +14,24 @@ One fresh Opacus wrapping per client per round:
   the clip-weighted loss (the job's loss must accept ``reduction=``, as cross-entropy does).
 * Poisson batches (each example with probability q = batch_size / n per step, as the accountants
   assume) drawn from the job's batch generator; ``local.steps`` or ``epochs * ceil(n / batch_size)``
-  steps a round, one for fedsgd. An empty batch is still a step: its update is pure noise. With
-  ``poisson: false`` batches have a fixed size and epsilon is the usual approximation.
+  steps a round, one for fedsgd. An empty batch is still a step: its update is pure noise, and the
+  accountant counts it (a round where every sampled client drew nothing is a legal, noise-only round).
+  With ``poisson: false`` batches have a fixed size and epsilon is the usual approximation.
+* What the server learns besides the update: ``num-examples`` (FedAvg's weight) is the EXPECTED count
+  ``round(n (1 - (1 - q)^steps))`` (:func:`declared_examples`; fedsgd: the batch size), never the
+  realised Poisson draw, which no accountant covers. Attacks read it as their batch size: an estimate,
+  as it must be; the evaluator still scores against the real batch.
 * fedsgd sends the clipped, noised gradient (``pre_step`` before it is read); fedavg sends the weights
   after the DP steps. Noise comes from a generator seeded by (seed, "dp_sgd", round, partition id):
   the same scenario and seed give the same numbers on any backend.
 * Epsilon accumulates over rounds: the accountant history ``[(sigma, q, steps)]`` is kept as JSON in
-  the client's state (Flower ``Context.state``); each round reports ``epsilon``, ``delta`` and
-  ``noise_multiplier`` (in ``client_metrics``). ``target_epsilon`` solves sigma with Opacus's
-  ``get_noise_multiplier`` over the planned steps: steps a round x the rounds a client is expected to
-  train (all of them under full participation, else ``ceil(rounds * clients_per_round / clients)``);
-  a client sampled more often than expected ends above the target, as its reported epsilon shows.
+  the client's state (Flower ``Context.state``); each round reports ``epsilon``, ``delta``,
+  ``noise_multiplier``, ``sample_rate`` and ``steps`` (in ``client_metrics``): a client that skips a
+  round composes nothing for it. ``fedsim.privacy.summary`` rebuilds each client's history from these
+  and re-accounts it with Google's dp_accounting (RDP and PLD) for the report. ``target_epsilon`` solves
+  sigma with Opacus's ``get_noise_multiplier`` over the planned steps: steps a round x the rounds a client
+  is expected to train (all of them under full participation, else ``ceil(rounds * clients_per_round /
+  clients)``); a client sampled more often than expected ends above the target, as its epsilon shows.
 
 The curious server sees only the clipped, noised update: the capture records what the client sent.
 """
@@ -34,7 +41,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Literal
@@ -46,35 +52,14 @@ from torch import Tensor, nn
 from defenses.base import Defense, DefenseParams, register_defense
 from defenses.per_sample import per_sample_problem
 from fedsim.errors import IncompatibleDefenseError
+from fedsim.privacy.accounting import import_opacus, opacus_epsilon
 from fedsim.scenario import DefenseSpec, FederationSpec, LocalTraining, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.training import TrainingJob, batch_schedule
 
 log = logging.getLogger("fedsim")
 
-
-_OPACUS_READY = False
 _BN_NOTICE_SHOWN = False
-
-
-def import_opacus() -> None:
-    """Import opacus without the root-logger handler its ``logging.basicConfig`` call installs, and
-    silence two expected warnings once (not per call: changing filters re-arms every warning):
-    PyTorch's "full backward hook is firing" (Opacus hooks on inputs that need no gradient) and RDP's
-    "optimal order is the smallest/largest alpha" (an extreme sigma: epsilon is a looser upper bound)."""
-    global _OPACUS_READY
-    if _OPACUS_READY:
-        return
-    root = logging.getLogger()
-    before = list(root.handlers)
-    import opacus  # noqa: F401
-
-    for handler in root.handlers[:]:
-        if handler not in before:
-            root.removeHandler(handler)
-    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-    warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest) alpha", category=UserWarning)
-    _OPACUS_READY = True
 
 
 def poisson_batches(n: int, q: float, steps: int, gen: torch.Generator) -> list[Tensor]:
@@ -91,14 +76,18 @@ def steps_per_round(n: int, local: LocalTraining, protocol: str) -> int:
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str, poisson: bool = True) -> float:
     """Epsilon an Opacus accountant (``rdp``, ``prv``, ``gdp``) gives for a history of (sigma, q, steps)."""
-    import_opacus()
-    from opacus.accountants import create_accountant
+    return opacus_epsilon(history, delta, accountant, poisson)
 
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [tuple(h) for h in history]
-    if not acc.history:
-        return 0.0
-    return float(acc.get_epsilon(delta, poisson=poisson) if accountant == "gdp" else acc.get_epsilon(delta))
+
+def declared_examples(n: int, q: float, steps: int) -> int:
+    """What a DP-SGD client declares as ``num-examples``: the EXPECTED number of distinct examples its
+    round touches, ``round(n (1 - (1 - q)^steps))`` (at least 1), for Poisson batches of rate q.
+
+    fedsgd (one step): q n = the batch size. The realised count would reveal the Poisson draws, which no
+    accountant covers; this one depends only on n, q and steps, which the accountant already treats as
+    public (q = batch_size / n). It is also FedAvg's weight, and what attacks read as the batch size.
+    """
+    return max(1, round(n * (1 - (1 - q) ** steps)))
 
 
 @lru_cache(maxsize=64)
@@ -173,6 +162,13 @@ class _PrivateRound:
             return self.sampler(n, local, protocol, gen)
         return poisson_batches(n, self.q, self.steps, gen)
 
+    def declare_num_examples(self, n: int, batches: list[Tensor]) -> int | None:
+        """``num-examples`` the client sends: under Poisson sampling the expected count
+        (:func:`declared_examples`), never the realised one; fixed-size batches reveal nothing random."""
+        if not self.p.poisson:
+            return None  # the job's own count: fixed by n, the batch size and the steps, nothing random
+        return declared_examples(n, self.q, self.steps)
+
     def make_optimizer(self, model: nn.Module, local: LocalTraining) -> torch.optim.Optimizer:
         from opacus.accountants import create_accountant
         from opacus.optimizers import get_optimizer_class
@@ -187,6 +183,7 @@ class _PrivateRound:
                                             device=device))
         self.accountant = create_accountant(mechanism=self.p.accountant)  # GDP warns once: it is experimental
         self.accountant.history = [tuple(h) for h in json.loads(self.job.state.get(self.state_key, "[]"))]
+        self.steps_before = sum(int(h[2]) for h in self.accountant.history)
         opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.q))
         if mode == "ghost":
             from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -205,7 +202,11 @@ class _PrivateRound:
             self.hooks.cleanup()  # a wrapping lives for one round only: never hooks on hooks
         self.job.state[self.state_key] = json.dumps(self.accountant.history)
         eps = epsilon_of(self.accountant.history, self.p.delta, self.p.accountant, self.p.poisson)
-        return {"epsilon": eps, "delta": self.p.delta, "noise_multiplier": self.sigma}
+        # sigma, q and steps of this round: with the rounds a client reported, its whole accountant
+        # history, which fedsim.privacy.summary re-accounts with dp_accounting
+        composed = sum(int(h[2]) for h in self.accountant.history) - self.steps_before  # empty batches count
+        return {"epsilon": eps, "delta": self.p.delta, "noise_multiplier": self.sigma, "sample_rate": self.q,
+                "steps": float(composed)}
 
     @property
     def state_key(self) -> str:
@@ -296,6 +297,7 @@ class DPSGD(Defense):
         run = _PrivateRound(self, job)
         job.model = _SameKeys(job.model, run.forward)
         job.sample_batches = run.sample_batches
+        job.declare_num_examples = run.declare_num_examples
         job.make_optimizer = run.make_optimizer
         job.loss_fn = run.loss_fn
         job.before_read_gradients = run.before_read_gradients

@@ -176,3 +176,70 @@ def test_dp_sgd_lowers_inverting_gradients_psnr() -> None:
     assert dp_psnr < base_psnr - 5.0
     assert 0.0 <= dp.history[-1]["test_accuracy"] <= 1.0 and 0.0 <= base.history[-1]["test_accuracy"] <= 1.0
     assert dp.client_metrics[1][0]["epsilon"] == pytest.approx(rdp_epsilon(1.0, 1 / 2, 1), rel=1e-9)
+
+
+@pytest.mark.parametrize("protocol", ["fedsgd", "fedavg"])
+def test_a_dp_client_declares_the_expected_count_never_its_realised_poisson_batch(tiny_raw, protocol) -> None:
+    """Poisson batches of expected size 4 (fedavg: 2 of them) on 4 clients over seeds 1-4: the realised
+    batches vary, while the num-examples the server sees is always q n = 4 (fedavg: the expected number of
+    distinct examples, round(n (1 - (1 - 4/n)^2)) = 8), recomputed here from the partition sizes."""
+    tiny_raw["attacks"][0].update(clients="all", rounds=[1])
+    local = {"batch_size": 4, "lr": 0.2, **({"steps": 2} if protocol == "fedavg" else {})}
+    tiny_raw["federation"].update(protocol=protocol, local=local, rounds=1)
+    with_dp(tiny_raw, noise_multiplier=1.0)
+    declared: dict[int, set[int]] = {}
+    realised: dict[int, set[int]] = {}
+    for seed in range(1, 5):
+        tiny_raw["seed"] = seed
+        scenario = parse_scenario(tiny_raw)
+        for u in run_federation(scenario).capture.updates:
+            declared.setdefault(u.partition_id, set()).add(u.num_examples)
+            realised.setdefault(u.partition_id, set()).add(len(u.truth.inputs))
+        for pid, part in enumerate(setup_for(scenario).partitions):
+            n = len(part)
+            assert declared[pid] == {4 if protocol == "fedsgd" else round(n * (1 - (1 - 4 / n) ** 2))}
+    assert len(set().union(*realised.values())) > 1  # the Poisson draws did vary; what the server saw did not
+
+
+@pytest.mark.parametrize("labels", ["infer", "known"])
+def test_attacks_under_dp_sgd_reconstruct_the_declared_count_and_are_scored_on_the_real_batch(tiny_raw,
+                                                                                             labels) -> None:
+    """Seed 3: client 1's round-1 Poisson batch holds 5 examples while it declares 4. Inverting Gradients
+    reconstructs the declared 4 (labels inferred) or, when the threat model grants the labels, as many as
+    those labels; the evaluator scores against the 5 real images."""
+    tiny_raw["seed"] = 3
+    tiny_raw["attacks"][0]["knowledge"] = {"labels": labels}
+    scenario = parse_scenario(with_dp(tiny_raw, noise_multiplier=1e-3))
+    result = run_scenario(scenario, write=False)
+    outcome = result.outcomes[0]
+    assert outcome.failed is None and len(outcome.truth) == 5
+    assert len(outcome.reconstruction) == (4 if labels == "infer" else 5)
+    assert 0 < outcome.metrics["psnr_mean"] < 100
+
+
+def test_a_round_where_every_sampled_client_draws_an_empty_batch_is_a_noise_only_round(tiny_raw) -> None:
+    """digits, train_subset 40, 2 clients, FedAvg, 1 Poisson step of expected size 1 a round, 10 rounds,
+    seed 4: some round draws an empty batch on both clients (it ended in ZeroDivisionError in the
+    aggregation). Now every round aggregates, and each client's accountant counts every step, empty or
+    not: epsilon is dp_accounting's for (1, 1/n, rounds), computed here."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    tiny_raw.update(seed=4)
+    tiny_raw["data"]["train_subset"] = 40
+    tiny_raw["federation"] = {"clients": 2, "rounds": 10, "protocol": "fedavg",
+                              "local": {"steps": 1, "batch_size": 1, "lr": 0.1}}
+    tiny_raw["attacks"][0].update(clients="all", rounds=list(range(1, 11)))
+    scenario = parse_scenario(with_dp(tiny_raw, noise_multiplier=1.0))
+    outcome = run_federation(scenario)
+    by_round: dict[int, list[int]] = {}
+    for u in outcome.capture.updates:
+        by_round.setdefault(u.round, []).append(len(u.truth.inputs))
+    assert any(sizes == [0, 0] for sizes in by_round.values()), "seed 4 draws an all-empty round"
+    assert [h["round"] for h in outcome.history][-1] == 10 and math.isfinite(outcome.history[-1]["test_loss"])
+    for pid, part in enumerate(setup_for(scenario).partitions):
+        acc = rdp.RdpAccountant()
+        acc.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(1 / len(part), dp_accounting.GaussianDpEvent(1.0)), 10))
+        assert outcome.capture.client_metrics[10][pid]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
+        assert sum(outcome.capture.client_metrics[r][pid]["steps"] for r in range(1, 11)) == 10

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fedsim.privacy.summary import epsilon_fields, run_privacy
+
 CELLS_FILE = "cells.jsonl"
 LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
 
@@ -102,18 +104,22 @@ def _mean(values: list[float]) -> float | None:
 def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
     """A cell's ``summary``: leakage means over its non-failed attack outcomes, failures, final utility and ε.
 
-    Accepts a :class:`fedsim.run.RunResult` or a run directory's parsed ``metrics.json``. ``epsilon``
-    is the last history row's ``epsilon`` (central DP) or else the max over clients of the last
-    reported round's client ``epsilon`` (DP-SGD); None without DP.
+    Accepts a :class:`fedsim.run.RunResult` or a run directory's parsed ``metrics.json``. The ε fields
+    come from :func:`fedsim.privacy.summary.epsilon_fields` (the report uses the same function):
+    ``epsilon`` is central DP's, else the max over clients of each DP-SGD client's epsilon over the
+    whole run, with ``epsilon_min`` / ``epsilon_median`` and dp_accounting's RDP / PLD figures; None
+    without DP.
     """
     if isinstance(result_or_metrics, dict):
         history = result_or_metrics.get("utility", [])
         attacks = [(a.get("failed"), a.get("metrics", {})) for a in result_or_metrics.get("attacks", [])]
         clients = result_or_metrics.get("client_metrics", {}) or {}
+        stored = result_or_metrics.get("privacy")
     else:
         history = result_or_metrics.history
         attacks = [(o.failed, o.metrics) for o in result_or_metrics.outcomes]
         clients = result_or_metrics.client_metrics or {}
+        stored = getattr(result_or_metrics, "privacy", None) or None
     summary: dict[str, Any] = {}
     ok = [m for failed, m in attacks if not failed]
     for key in LEAKAGE_KEYS:
@@ -127,15 +133,7 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
         summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
     evaluated = [h for h in history if h.get("test_accuracy") is not None]
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
-    epsilon = None
-    with_eps = [h for h in history if h.get("epsilon") is not None]
-    if with_eps:
-        epsilon = float(with_eps[-1]["epsilon"])
-    elif clients:
-        last = clients[max(clients, key=int)]
-        values = [float(m["epsilon"]) for m in last.values() if m.get("epsilon") is not None]
-        epsilon = max(values) if values else None
-    summary["epsilon"] = epsilon
+    summary.update(epsilon_fields(run_privacy(stored, history, clients)))
     summary["rounds"] = max((int(h["round"]) for h in history), default=0)
     # client failures over the run (fedsim.simulation.participation): the cell's numbers came from fewer clients
     summary["clients_failed"] = int(sum(h.get("clients_failed", 0) for h in history))

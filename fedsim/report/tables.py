@@ -3,7 +3,9 @@
 Means and (sample, n-1) standard deviations are taken over the group's ``ok`` cells that report the
 metric; failed cells are counted in ``failed`` and never silently dropped. Leakage metrics are those of
 the shared bench format (PSNR/SSIM/LPIPS after one-to-one matching, label accuracy, and for model
-inversion ``mi_accuracy`` / ``knn_distance``), beside the final test accuracy and privacy budget epsilon.
+inversion ``mi_accuracy`` / ``knn_distance``), beside the final test accuracy and privacy budget epsilon
+(``fedsim.privacy.summary.epsilon_fields``: Opacus's figure, the median and min over DP-SGD clients, and
+Google's dp_accounting RDP and PLD figures).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("knn_distance", "kNN dist.", -1),
     ("test_accuracy", "test acc.", 0),
     ("epsilon", "\u03b5", 0),
+    ("epsilon_median", "\u03b5 median", 0),
+    ("epsilon_min", "\u03b5 min", 0),
+    ("epsilon_dp_accounting_rdp", "\u03b5 dp-acc. RDP", 0),
+    ("epsilon_dp_accounting_pld", "\u03b5 dp-acc. PLD", 0),
 )
 CSV_HEAD = ["attack", "defense", "params", "cells", "ok", "failed", "attacks_failed"]
 

@@ -108,10 +108,11 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
             log.train_loss[server_round] = sum(losses) / len(losses)
         if not results:
             return None, {}
-        params, metrics = super().aggregate_fit(server_round, results, [])
-        if params is None:
-            return params, metrics
-        aggregate = parameters_to_ndarrays(params)  # every result is the same unmasked aggregate
+        # SecAggPlusWorkflow hands every result the same unmasked aggregate: take it as is. Legacy FedAvg's
+        # weighted mean of those identical vectors would only add rounding, and divide by the clients'
+        # total num_examples (ZeroDivisionError, or NaN, when they sum to 0).
+        params, metrics = results[0][1].parameters, {}
+        aggregate = parameters_to_ndarrays(params)
         fed = self.scenario.federation
         if log.wants(server_round, AGGREGATE_ID):  # the weight the server learns: the declared num_examples
             self._record(server_round, aggregate, pids, sum(int(res.num_examples) for _, res in results))

@@ -7,16 +7,20 @@ set of *partition ids* drawn from (seed, round), mapped to whatever node holds e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedsim.scenario import Scenario
 from fedsim.seeding import numpy_rng
 from fedsim.simulation import keys
 
+log = logging.getLogger("fedsim")
+WEIGHT_KEY = "fedsim.aggregation-weight"  # the weight each reply gets, as aggregate_arrayrecords reads it
 
 def sample_partitions(seed: int, round_num: int, num_clients: int, per_round: int) -> list[int]:
     """Partition ids that train in ``round_num`` (sorted; all of them when per_round == num_clients)."""
@@ -26,8 +30,22 @@ def sample_partitions(seed: int, round_num: int, num_clients: int, per_round: in
     return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
 
 
+def aggregation_weights(declared: list[float], uniform: bool) -> tuple[list[float], bool]:
+    """Each reply's weight in the mean and whether it fell back to uniform: ``declared`` (num-examples)
+    unless ``uniform`` is asked for or they sum to no positive total (then a weighted mean would divide
+    by zero: e.g. clients that each declared 0 examples); then every reply weighs 1."""
+    if uniform or not sum(declared) > 0:
+        return [1.0] * len(declared), not uniform
+    return list(declared), False
+
+
 class FedSimFedAvg(FedAvg):
-    """FedAvg (McMahan et al., 2017) whose client sample depends only on (seed, round)."""
+    """FedAvg (McMahan et al., 2017) whose client sample depends only on (seed, round).
+
+    The mean is weighted by the clients' ``num-examples`` unless :attr:`uniform_weights` is set (central
+    DP sets it: its noise is calibrated to the unweighted mean, McMahan et al., ICLR 2018); a round whose
+    weights sum to zero is averaged uniformly instead of dividing by zero.
+    """
 
     def __init__(self, scenario: Scenario, node_of_partition: dict[int, int]) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
@@ -35,6 +53,28 @@ class FedSimFedAvg(FedAvg):
         self.scenario = scenario
         self.node_of_partition = node_of_partition
         self.current_arrays: ArrayRecord | None = None
+        self.uniform_weights = False
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The (weighted or uniform) mean of the replies' arrays, and their metrics averaged alike."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        metrics = [next(iter(c.metric_records.values())) for c in contents]
+        weights, fallback = aggregation_weights([float(m[self.weighted_by_key]) for m in metrics],
+                                                self.uniform_weights)
+        if fallback:
+            log.warning("round %d: the clients' num-examples sum to 0; their updates were averaged uniformly",
+                        server_round)
+        reweighted = []
+        for content, m, w in zip(contents, metrics, weights, strict=True):
+            record = RecordDict(dict(content.array_records))
+            record["metrics"] = MetricRecord({**dict(m), WEIGHT_KEY: w})
+            reweighted.append(record)
+        return aggregate_arrayrecords(reweighted, WEIGHT_KEY), self.train_metrics_aggr_fn(reweighted, WEIGHT_KEY)
 
     def summary(self) -> None:  # Flower logs this at INFO; fedsim's report says it instead
         return None

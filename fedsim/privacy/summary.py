@@ -1,0 +1,154 @@
+"""A run's privacy block, and the flat epsilon fields every summary reports: ONE place computes them.
+
+``fedsim run`` writes :func:`privacy_summary` into ``metrics.json`` (key ``privacy``); the bench's cell
+summary (``fedsim.bench.store.summarize_run``) and the report (``fedsim.report.loading``) both read it
+through :func:`epsilon_fields`, so the leaderboard, ``cells.jsonl`` and ``report.html`` cannot drift.
+
+Inputs are what a run records:
+
+* ``history``: the server's per-round rows; central DP adds ``epsilon``, ``delta``, ``noise_multiplier``
+  and ``sample_rate`` (clients per round / clients) after every round.
+* ``client_metrics``: ``{round: {partition id: metrics}}``; DP-SGD clients report ``epsilon`` (cumulative
+  over the rounds they trained, from Opacus's configured accountant), ``delta``, ``noise_multiplier``,
+  ``sample_rate`` and ``steps`` of the round. A client that skipped a round composed nothing in it.
+
+Per-client epsilon is the client's epsilon after the LAST round it trained (its whole run), never the
+last round's participants only. Each client's history ``[(sigma, q, steps) per trained round]`` is
+re-accounted with Google's ``dp_accounting`` (RDP and PLD), beside the figure the client reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from statistics import median
+from typing import Any
+
+from fedsim.privacy.accounting import dp_accounting_epsilon
+
+CENTRAL_AGGREGATION = "uniform"
+CENTRAL_AGGREGATION_NOTE = ("uniform mean of the clipped updates (not weighted by num-examples): the noise "
+                            "std sigma*C/K that Flower adds is calibrated to it")
+FIXED_SIZE_NOTE = ("clients are drawn K of N without replacement each round; epsilon accounts each round as "
+                   "Poisson sampling with q = K/N (McMahan et al. 2018), the customary approximation")
+FULL_PARTICIPATION_NOTE = "every client every round (q = 1): no sampling, no approximation"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _finite(values: Sequence[float | None]) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def _both(history: list[tuple[float, float, int]] | None, delta: float | None) -> dict[str, float | None]:
+    """dp_accounting's RDP and PLD epsilon of a history (None when the history or delta is unknown)."""
+    if not history or delta is None:
+        return {"epsilon_dp_accounting_rdp": None, "epsilon_dp_accounting_pld": None}
+    return {"epsilon_dp_accounting_rdp": dp_accounting_epsilon(history, delta, "rdp"),
+            "epsilon_dp_accounting_pld": dp_accounting_epsilon(history, delta, "pld")}
+
+
+def central_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Central DP's client-level epsilon after the last round that reports one, re-accounted; or None."""
+    rows = [h for h in history if _number(h.get("epsilon")) is not None]
+    if not rows:
+        return None
+    row = rows[-1]
+    rounds, delta = int(row.get("round", len(rows))), _number(row.get("delta"))
+    sigma, q = _number(row.get("noise_multiplier")), _number(row.get("sample_rate"))
+    steps = [(sigma, q, rounds)] if sigma is not None and q is not None else None
+    return {
+        "level": "client", "rounds": rounds, "delta": delta, "noise_multiplier": sigma, "sample_rate": q,
+        "epsilon": float(row["epsilon"]), **_both(steps, delta),
+        "aggregation": CENTRAL_AGGREGATION, "aggregation_note": CENTRAL_AGGREGATION_NOTE,
+        "sampling": None if q is None else (FULL_PARTICIPATION_NOTE if q >= 1 else FIXED_SIZE_NOTE),
+    }
+
+
+def _by_client(client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]]) -> dict[int, list[tuple[int, Mapping]]]:
+    """{partition id: [(round, metrics), ...] in round order} for the clients that reported ``epsilon``."""
+    out: dict[int, list[tuple[int, Mapping]]] = {}
+    for rnd, per in client_metrics.items():
+        for pid, m in (per or {}).items():
+            if isinstance(m, Mapping) and _number(m.get("epsilon")) is not None:
+                out.setdefault(int(pid), []).append((int(rnd), m))
+    return {p: sorted(rows, key=lambda r: r[0]) for p, rows in sorted(out.items())}
+
+
+def client_summary(rows: list[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
+    """One DP-SGD client over the whole run: its final epsilon and its history re-accounted."""
+    last = rows[-1][1]
+    history = []
+    for _, m in rows:
+        sigma, q, steps = (_number(m.get(k)) for k in ("noise_multiplier", "sample_rate", "steps"))
+        if sigma is None or q is None or steps is None:
+            history = None  # an older run without the history fields: only the reported figure
+            break
+        history.append((sigma, q, int(steps)))
+    delta = _number(last.get("delta"))
+    return {"epsilon": float(last["epsilon"]), "delta": delta, "rounds_trained": len(rows),
+            "last_round": rows[-1][0], **_both(history, delta)}
+
+
+def dp_sgd_summary(client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]]) -> dict[str, Any] | None:
+    """Sample-level (DP-SGD) epsilon per client over the whole run and its distribution; None without it."""
+    clients = {p: client_summary(rows) for p, rows in _by_client(client_metrics).items()}
+    if not clients:
+        return None
+    out: dict[str, Any] = {"level": "sample", "clients_reporting": len(clients)}
+    for key in ("epsilon", "epsilon_dp_accounting_rdp", "epsilon_dp_accounting_pld"):
+        values = _finite([_number(c[key]) for c in clients.values()])  # inf (sigma = 0) stays: it is the max
+        if values:
+            out[f"{key}_max"] = max(values)
+        if key == "epsilon" and values:
+            out.update(epsilon_min=min(values), epsilon_median=float(median(values)))
+    out["clients"] = {str(p): c for p, c in clients.items()}
+    return out
+
+
+def privacy_summary(history: Sequence[Mapping[str, Any]],
+                    client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]] | None) -> dict[str, Any]:
+    """The ``privacy`` block of metrics.json: ``central_dp`` and/or ``dp_sgd`` (empty without DP)."""
+    out: dict[str, Any] = {}
+    central = central_summary(history)
+    if central is not None:
+        out["central_dp"] = central
+    sample = dp_sgd_summary(client_metrics or {})
+    if sample is not None:
+        out["dp_sgd"] = sample
+    return out
+
+
+def epsilon_fields(privacy: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat epsilon fields of a cell summary / leaderboard row, from a privacy block.
+
+    ``epsilon``: central DP's (client-level) when present, else the max over clients of DP-SGD's
+    per-client epsilon over the whole run (sample-level), else None; ``epsilon_level`` says which.
+    ``epsilon_min`` / ``epsilon_median``: DP-SGD's distribution over clients; ``epsilon_dp_accounting_rdp``
+    / ``_pld``: the same headline from dp_accounting. With both defenses, ``epsilon_dp_sgd`` is DP-SGD's max.
+    """
+    central, sample = privacy.get("central_dp"), privacy.get("dp_sgd")
+    out: dict[str, Any] = {"epsilon": None}
+    if sample:
+        out.update(epsilon=sample.get("epsilon_max"), epsilon_min=sample.get("epsilon_min"),
+                   epsilon_median=sample.get("epsilon_median"),
+                   epsilon_dp_accounting_rdp=sample.get("epsilon_dp_accounting_rdp_max"),
+                   epsilon_dp_accounting_pld=sample.get("epsilon_dp_accounting_pld_max"), epsilon_level="sample")
+    if central:
+        if sample:
+            out = {"epsilon_dp_sgd": out["epsilon"]}
+        out.update(epsilon=central.get("epsilon"), epsilon_dp_accounting_rdp=central.get("epsilon_dp_accounting_rdp"),
+                   epsilon_dp_accounting_pld=central.get("epsilon_dp_accounting_pld"), epsilon_level="client")
+    return out
+
+
+def run_privacy(stored: Any, history: Sequence[Mapping[str, Any]],
+                client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]] | None) -> dict[str, Any]:
+    """A run's privacy block: the one it stored (metrics.json ``privacy``), else computed from its records."""
+    if isinstance(stored, Mapping):
+        return dict(stored)
+    return privacy_summary(history, client_metrics)
