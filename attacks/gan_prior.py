@@ -98,26 +98,11 @@ def check_prior_name(name: str) -> None:
 
 def check_prior_disjoint(scenario: Scenario, name: str) -> None:
     """Refuse a prior that learned from images the scenario's clients hold: its attack would be handed
-    the private data through the prior (an unlabelled oracle). Priors record their training range
-    (``extra["data"]``, written by ``fedsim prior train``); client data are the first ``train_subset``
-    (default: all) examples of the train split, whose indices do not depend on ``test_fraction``."""
-    from fedsim.priors.store import read_prior_file
+    the private data through the prior (an unlabelled oracle). Compared by data source, not dataset name
+    (:func:`fedsim.priors.disjoint.check_prior_disjoint`): ``mnist`` clients hold ``mnist-5k``'s images."""
+    from fedsim.priors.disjoint import check_prior_disjoint as check
 
-    record = read_prior_file(resolve_prior_path(name))["meta"].get("extra", {}).get("data")
-    data = scenario.data
-    if not record or record.get("dataset") != data.dataset:
-        return  # another dataset (or a hand-made prior without a record): nothing to compare
-    held = "all training examples" if data.train_subset is None else f"train examples 0..{data.train_subset - 1}"
-    if record["split"] == "train":
-        overlap = data.train_subset is None or record["start"] < data.train_subset
-    else:  # the prior saw the held-out tail; disjoint from the clients iff both cut the same tail
-        overlap = abs(record["test_fraction"] - data.test_fraction) > 1e-12
-    if overlap:
-        raise DataUnavailableError(
-            f"params.prior: {name!r} was trained on {data.dataset} {record['split']} examples "
-            f"{record['start']}..{record['stop'] - 1} (test_fraction {record['test_fraction']}), which overlap the "
-            f"clients' data ({held}, test_fraction {data.test_fraction}); set data.train_subset to at most "
-            f"{record['start']} or use a prior trained on other data")
+    check(scenario.data, name)
 
 
 class GanPriorAttack(Attack):

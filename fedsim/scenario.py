@@ -272,6 +272,9 @@ def parse_scenario(raw: Any) -> Scenario:
     from fedsim.resources import check_scenario_resources
 
     check_scenario_resources(scenario)  # CPUs/GPUs/device this machine can give (no data needed)
+    from fedsim.metrics.evaluator import check_evaluator_disjoint
+
+    check_evaluator_disjoint(scenario)  # a model-inversion judge never learned from the clients' images
     from fedsim.preflight import check_runnable
 
     check_runnable(scenario)

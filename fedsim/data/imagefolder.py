@@ -14,6 +14,7 @@ from the training images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from fedsim.data.bundle import DatasetBundle, class_interleaved, tail_split
 from fedsim.data.catalog import DATASETS
 from fedsim.data.images import decode_image, to_channels
+from fedsim.data.sources import Examples, NativeSplits, Pool, declare_source
 from fedsim.data.torchvision_sets import data_root
 from fedsim.errors import DataUnavailableError, ScenarioError
 from fedsim.scenario import DataSpec
@@ -74,6 +76,28 @@ def _read(samples: list[tuple[str, int]], channels: int | None) -> tuple[np.ndar
             )
         arrays.append(a)
     return np.stack(arrays), np.array([c for _, c in samples], dtype=np.int64), channels
+
+
+@dataclass(frozen=True)
+class _FolderSource:
+    """An image folder is its own collection (named by its resolved root): with ``test/`` its splits are the
+    folder's own, otherwise ``train/`` is one pool split by the tail rule (positions in the loader's order)."""
+
+    def examples(self, dataset: str, split: str, start: int, stop: int | None, spec: DataSpec) -> Examples:
+        root = data_root(spec).resolve() if spec.root is not None else None
+        collection = f"imagefolder:{root}"
+        if root is not None and (root / "test").is_dir():
+            return NativeSplits(collection).examples(dataset, split, start, stop, spec)
+        try:
+            count = len(_samples(root / "train", None)[0]) if root is not None else None
+        except DataUnavailableError:
+            count = None
+        unknown = "" if count is not None else f"the images of {root}/train cannot be listed"
+        return Pool(collection, "train", lambda _: count or 0, unknown=unknown).examples(dataset, split, start,
+                                                                                         stop, spec)
+
+
+declare_source("imagefolder", _FolderSource())
 
 
 @DATASETS.register("imagefolder")

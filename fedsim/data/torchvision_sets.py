@@ -21,6 +21,7 @@ import torch
 
 from fedsim.data.bundle import DatasetBundle, to_unit_float
 from fedsim.data.catalog import DATASETS
+from fedsim.data.sources import NativeSplits, declare_source
 from fedsim.errors import DataUnavailableError
 from fedsim.scenario import DataSpec
 
@@ -138,8 +139,12 @@ def load_torchvision(name: str, spec: DataSpec) -> DatasetBundle:
     )
 
 
+COLLECTIONS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
 def _register(name: str) -> None:
     DATASETS.add(name, lambda spec: load_torchvision(name, spec))
+    declare_source(name, NativeSplits(COLLECTIONS[name]))  # the collection's own splits, index for index
 
 
 for _name in SETS:

@@ -40,8 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedsim.data import load_dataset, normalize
+from fedsim.data.sources import Examples, client_examples, examples_of, overlap
+from fedsim.errors import ScenarioError
 from fedsim.outputs import write_atomic
-from fedsim.scenario import DataSpec
+from fedsim.scenario import DataSpec, Scenario
 from fedsim.seeding import torch_generator
 
 ARCH = "evalcnn-v1"
@@ -106,6 +108,32 @@ class Evaluator:
 
 def _batched(fn: nn.Module | object, x: Tensor, size: int = 512) -> Tensor:
     return torch.cat([fn(x[i:i + size]) for i in range(0, len(x), size)]) if len(x) else x.new_zeros(0)
+
+
+def training_examples(data: DataSpec) -> Examples:
+    """What the evaluation classifier learns from and is judged against: the dataset's whole test split."""
+    spec = DataSpec(dataset=data.dataset, root=data.root, test_fraction=data.test_fraction)
+    return examples_of(data.dataset, "test", 0, None, spec=spec)
+
+
+def check_evaluator_disjoint(scenario: Scenario) -> None:
+    """Refuse (ScenarioError at ``attacks[i]``, the first model-inversion attack) a scenario whose evaluation
+    classifier may have learned from the clients' own images, compared by data source like a GAN prior
+    (:mod:`fedsim.data.sources`): MI accuracy would then reward recalling the clients' data."""
+    from fedsim.plugins import attack_registry
+
+    registry = attack_registry()
+    inverting = [i for i, a in enumerate(scenario.attacks)
+                 if a.name in registry and getattr(registry.get(a.name), "target", "") == "model"]
+    if not inverting:
+        return
+    judge, clients = training_examples(scenario.data), client_examples(scenario.data)
+    why = overlap(judge, clients)
+    if why is not None:
+        raise ScenarioError(f"attacks[{inverting[0]}]", f"the model-inversion evaluator learns from {judge.what}, "
+                                                         f"which may overlap the clients' data ({clients.what}): "
+                                                         f"{why}; use a dataset whose test split is disjoint from "
+                                                         "its train split")
 
 
 def cache_dir() -> Path:
@@ -187,7 +215,6 @@ def _write_atomically(path: Path, payload: dict) -> bool:
         return False
 
 
-_LOADED: dict[tuple[str, str], Evaluator] = {}
 def _is_cache_file(path: Path) -> bool:
     """Whether ``path`` holds an evaluator fedsim cached (any version of its format), so it may be replaced."""
     try:
@@ -197,6 +224,7 @@ def _is_cache_file(path: Path) -> bool:
     return isinstance(payload, dict) and "format" in payload and str(payload.get("arch", "")).startswith("evalcnn")
 
 
+_LOADED: dict[tuple[str, str], Evaluator] = {}
 _UNCACHED: set[tuple[str, str]] = set()  # evaluators this process trained but could not write to the cache
 
 

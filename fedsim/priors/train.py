@@ -146,10 +146,14 @@ def _train_step(prior: Prior, images: torch.Tensor, optimisers: tuple[torch.opti
 
 def training_data_record(config: PriorConfig, count: int) -> dict[str, Any]:
     """Which examples the prior learned from, as fields (not prose), so attacks can refuse a scenario
-    whose clients hold any of them (``attacks.gan_prior.check_prior_disjoint``)."""
+    whose clients hold any of them (:func:`fedsim.priors.disjoint.check_prior_disjoint`, by data source).
+    ``root`` (resolved) is recorded when set: an image folder's examples are named by it."""
     spec = config.data
-    return {"dataset": spec.dataset, "split": spec.split, "start": spec.start, "stop": spec.start + count,
-            "test_fraction": spec.test_fraction}
+    record: dict[str, Any] = {"dataset": spec.dataset, "split": spec.split, "start": spec.start,
+                              "stop": spec.start + count, "test_fraction": spec.test_fraction}
+    if spec.root is not None:
+        record["root"] = str(Path(spec.root).expanduser().resolve())
+    return record
 
 
 def _finished(out: Path, config: PriorConfig) -> bool:
