@@ -182,7 +182,9 @@ def test_summarize_run_from_metrics_json() -> None:
     }
     s = summarize_run(metrics)
     assert s == {"psnr_mean": 15.0, "psnr_best": 17.0, "label_acc": 0.75, "attacks_failed": 1, "test_accuracy": 0.4,
-                 "epsilon": 2.5, "rounds": 2, "clients_failed": 0}
+                 "epsilon": 2.5, "epsilon_min": 2.0, "epsilon_median": 2.25, "epsilon_level": "sample",
+                 "epsilon_dp_accounting_rdp": None, "epsilon_dp_accounting_pld": None,  # no sigma/q/steps logged
+                 "rounds": 2, "clients_failed": 0}
     metrics["utility"][-1]["epsilon"] = 3.0  # central DP: the history's epsilon wins
     assert summarize_run(metrics)["epsilon"] == 3.0
 
