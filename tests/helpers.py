@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,3 +58,51 @@ def broken_update(update: ClientUpdate, case: str, name: str = "classifier.weigh
         raise ValueError(case)
     return ClientUpdate(update.round, update.partition_id, update.task, update.global_state, grads,
                         update.num_examples, update.hyperparams, update.side_info, update.defenses)
+
+
+# --- what a trivial attacker scores --------------------------------------------------------------
+
+
+def psnr_db(images: torch.Tensor, truth: torch.Tensor) -> float:
+    """PSNR (dB) of ``images`` against ``truth`` in pixel space [0, 1], over the whole batch (one MSE)."""
+    mse = F.mse_loss(images.float(), truth.float()).item()
+    return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+
+
+def trivial_guesses(truth: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Images an attacker could return without reading the update, shaped like ``truth`` (N, C, H, W).
+
+    Stronger than any blind attacker, on purpose: each image's own mean colour (per channel) filled
+    flat - the best constant image under MSE, which needs the truth -, the batch's mean colour, mid
+    grey, and uniform noise from a fixed seed. A reconstruction test asserts a margin over the best.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "image mean colour": truth.mean(dim=(2, 3), keepdim=True).expand_as(truth).clone(),
+        "batch mean colour": truth.mean(dim=(0, 2, 3), keepdim=True).expand_as(truth).clone(),
+        "grey": torch.full_like(truth, 0.5),
+        "uniform noise": torch.rand(truth.shape, generator=gen),
+    }
+
+
+def trivial_score(truth: torch.Tensor, metric: Callable[[torch.Tensor, torch.Tensor], float] = psnr_db,
+                  higher_is_better: bool = True) -> tuple[float, str]:
+    """The best score a trivial guess (:func:`trivial_guesses`) gets under ``metric(images, truth)``,
+    and which guess it was: computed through the same metric as the reconstruction it is compared with."""
+    scores = {name: float(metric(img, truth)) for name, img in trivial_guesses(truth).items()}
+    pick = max if higher_is_better else min
+    name = pick(scores, key=scores.__getitem__)
+    return scores[name], name
+
+
+def assert_beats_trivial(score: float, truth: torch.Tensor, margin: float,
+                         metric: Callable[[torch.Tensor, torch.Tensor], float] = psnr_db,
+                         higher_is_better: bool = True) -> float:
+    """Assert ``score`` beats the best trivial guess by ``margin`` (in the metric's units); return the
+    trivial score. With ``higher_is_better=False`` (MSE, LPIPS, a distance) it must be ``margin`` lower."""
+    best, name = trivial_score(truth, metric, higher_is_better)
+    if higher_is_better:
+        assert score >= best + margin, f"{score:.3f} does not beat the {name} guess ({best:.3f}) by {margin}"
+    else:
+        assert score <= best - margin, f"{score:.3f} does not beat the {name} guess ({best:.3f}) by {margin}"
+    return best
