@@ -10,6 +10,7 @@ from typing import Any
 
 from fedsim.attack_checks import check_attack_preconditions
 from fedsim.attacking import AttackOutcome, ProgressFactory, run_attacks
+from fedsim.privacy.summary import privacy_summary
 from fedsim.report.writer import check_run_dir, write_run_dir
 from fedsim.scenario import Scenario
 from fedsim.simulation import run_federation
@@ -25,6 +26,7 @@ class RunResult:
     timing: dict[str, float]
     client_metrics: dict[int, dict[int, dict[str, float]]]
     client_failures: list[dict[str, Any]] = field(default_factory=list)  # {round, client, reason} per failed client
+    privacy: dict[str, Any] = field(default_factory=dict)  # fedsim.privacy.summary.privacy_summary (metrics.json)
 
 
 def default_out_dir(scenario: Scenario) -> Path:
@@ -67,10 +69,13 @@ def run_scenario(
         "attacks_s": round(time.perf_counter() - start - federation_s, 3),
         "total_s": round(time.perf_counter() - start, 3),
     }
+    privacy = privacy_summary(outcome.history, outcome.capture.client_metrics)
     written = None
     if write:
         clients = {str(r): {str(p): m for p, m in per.items()} for r, per in outcome.capture.client_metrics.items()}
         written = write_run_dir(target, scenario, outcome.history, outcomes, timing,
-                                extra={"client_failures": failures, **({"client_metrics": clients} if clients else {})},
+                                extra={"client_failures": failures, **({"client_metrics": clients} if clients else {}),
+                                       **({"privacy": privacy} if privacy else {})},
                                 overwrite=overwrite)
-    return RunResult(written, outcome.history, outcomes, timing, outcome.capture.client_metrics, failures)
+    return RunResult(written, outcome.history, outcomes, timing, outcome.capture.client_metrics, failures,
+                     privacy=privacy)

@@ -17,6 +17,7 @@ import yaml
 
 from fedsim.errors import FedsimError
 from fedsim.outputs import confined
+from fedsim.privacy.summary import epsilon_fields, run_privacy
 
 LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
 
@@ -83,18 +84,16 @@ def load_metrics(run_dir: Path) -> dict[str, Any]:
     return _read_json(Path(run_dir) / "metrics.json")
 
 
+def epsilon_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The ε fields of a run's metrics.json (:func:`fedsim.privacy.summary.epsilon_fields`, which the bench's
+    cell summary uses too): each client's ε over the whole run, not the last round's participants only."""
+    return epsilon_fields(run_privacy(metrics.get("privacy"), metrics.get("utility") or [],
+                                      metrics.get("client_metrics") or {}))
+
+
 def final_epsilon(metrics: dict[str, Any]) -> float | None:
-    """The final privacy budget: the last utility row's ``epsilon`` (central DP) or, for DP-SGD, the max
-    over clients of ``epsilon`` in the last round of ``client_metrics`` (shared bench format)."""
-    for row in reversed(metrics.get("utility") or []):
-        if isinstance(row.get("epsilon"), int | float):
-            return float(row["epsilon"])
-    per_round = metrics.get("client_metrics") or {}
-    for rnd in sorted(per_round, key=lambda r: int(r), reverse=True):
-        values = [m["epsilon"] for m in per_round[rnd].values() if isinstance(m.get("epsilon"), int | float)]
-        if values:
-            return float(max(values))
-    return None
+    """The run's headline ε (see :func:`epsilon_summary`): central DP's, else the max over DP-SGD clients."""
+    return epsilon_summary(metrics)["epsilon"]
 
 
 def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) -> dict[str, Any]:
@@ -113,7 +112,7 @@ def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) 
     if any(o.get("oracle") for o in outcomes):
         summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
-    summary["epsilon"] = final_epsilon(metrics)
+    summary.update(epsilon_summary(metrics))
     summary["rounds"] = max((int(h.get("round", 0)) for h in metrics.get("utility") or []), default=0)
     return summary
 

@@ -12,6 +12,7 @@ import yaml
 
 from fedsim.report.loading import Cell, Source, load_metrics, read_yaml
 from fedsim.report.page import esc, facts, num, table
+from fedsim.report.privacy import privacy_lines
 from fedsim.report.tables import LeaderRow, params_label, present_metrics
 
 HOW_TO_READ = """
@@ -29,7 +30,11 @@ the batch's labels the attack recovered.</li>
 rather than an update: how often an independent evaluation classifier assigns the inverted images to
 their target class, and their distance in its feature space to the nearest held-out real image of that
 class (lower = more like real images of the class; these are class-level, not any client's own images).</li>
-<li><b>&epsilon;</b> is the differential-privacy budget the defense reports (lower = stronger guarantee).
+<li><b>&epsilon;</b> is the differential-privacy budget the defense reports (lower = stronger guarantee):
+for central DP the client-level budget of the released model; for DP-SGD the largest per-client
+(sample-level) budget over the whole run, with the median and minimum over clients beside it.
+<b>&epsilon; dp-acc. RDP</b> recomputes it with Google's independent dp_accounting library (it should agree
+within 1 %), <b>&epsilon; dp-acc. PLD</b> with privacy-loss distributions (tighter than RDP).
 It bounds what <i>any</i> attack can learn; PSNR measures what <i>this</i> attack, with this budget, did.
 A low PSNR under small attack budgets is not proof of privacy, and central DP with a curious server
 protects the released model, not the updates that server sees.</li>
@@ -97,6 +102,9 @@ def run_header(source: Source) -> tuple[str, str]:
         ("time", esc(f"federation {num(t.get('federation_s'), 1)} s, attacks {num(t.get('attacks_s'), 1)} s, "
                      f"total {num(t.get('total_s'), 1)} s; finished {_when(source.path / 'metrics.json')}")),
     ]
+    privacy = privacy_lines(metrics.get("privacy"))
+    if privacy:
+        items.append(("privacy", "<br>".join(esc(line) for line in privacy)))
     desc = f"<p>{esc(scn.get('description', '')).strip()}</p>" if scn.get("description") else ""
     name = scn.get("name") or metrics.get("scenario") or source.path.name
     return str(name), f'<section id="header"><h2>What ran</h2>{desc}{facts(items)}</section>'

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsim.report.participation import participation_markdown
+from fedsim.report.privacy import privacy_markdown
 from fedsim.scenario import Scenario
 
 
@@ -15,7 +16,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], outcomes: Sequence[Any],
                      timing: dict[str, float], images: dict[str, str],
-                     failures: Sequence[dict[str, Any]] | None = None) -> str:
+                     failures: Sequence[dict[str, Any]] | None = None,
+                     privacy: dict[str, Any] | None = None) -> str:
     """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason})."""
     fed = scenario.federation
     lines = [f"# {scenario.name}", ""]
@@ -41,6 +43,7 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     if "utility" in images:
         lines += ["", f"![utility]({images['utility']})"]
     lines += [""] + participation_markdown(history, failures)
+    lines += privacy_markdown(privacy)  # each epsilon from Opacus and from dp_accounting (RDP, PLD)
     lines += ["## Leakage", ""]
     inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]
     outcomes = [o for o in outcomes if o not in inversions]

@@ -76,7 +76,8 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         **(extra or {}),
     }
     (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default), encoding="utf-8")
-    summary = summary_markdown(scenario, history, outcomes, timing, images, (extra or {}).get("client_failures"))
+    summary = summary_markdown(scenario, history, outcomes, timing, images, (extra or {}).get("client_failures"),
+                               privacy=(extra or {}).get("privacy"))
     (partial / "summary.md").write_text(summary, encoding="utf-8")
     try:  # the same HTML report `fedsim report` writes; a drawing bug must not lose a finished run
         render_report(partial, name=out_dir.name)
