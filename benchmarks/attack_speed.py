@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # refuse now, not deep inside a timing
+        parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     k = args.trials
