@@ -93,7 +93,7 @@ class ClientUpdate:
     task: TaskInfo
     global_state: Mapping[str, Tensor]
     update: Mapping[str, Tensor] | None
-    num_examples: int
+    num_examples: int  # what the client declared; under DP-SGD its expected count, not the realised batch
     # Local hyperparameters (lr, steps, batch_size, epochs, ...) only if the threat model grants them.
     hyperparams: Mapping[str, Any] = field(default_factory=dict)
     # Side information the threat model grants, e.g. {"labels": Tensor} when labels are "known".
