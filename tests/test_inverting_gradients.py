@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_update
+from helpers import assert_beats_trivial, make_update
 
 import attacks
 import attacks.inverting_gradients as ig
@@ -45,21 +45,22 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / F.mse_loss(a, b).item())
 
 
-@pytest.mark.parametrize(("index", "threshold"), [(0, 16.0), (1, 14.0)])
-def test_reconstructs_a_cifar_image_from_an_untrained_convnet(cifar, index, threshold) -> None:
-    """Default params, 300 iterations, batch 1, fedsgd, untrained convnet (width 32, no norm).
+@pytest.mark.parametrize(("index", "margin"), [(0, 3.0), (1, 5.0)])
+def test_reconstructs_a_cifar_image_from_an_untrained_convnet(cifar, index, margin) -> None:
+    """Default params, 600 iterations, batch 1, fedsgd, untrained convnet (width 32, no norm).
 
-    Thresholds: >= 16 dB on image 0 (the cat; a flat grey image scores 14.1 dB) and >= 14 dB on
-    image 1 (the ship; grey scores 9.7 dB). Measured 17.3-18.6 dB and 15.4-18.9 dB over 4 model seeds
-    x 2 attack seeds; 4000 iterations reach 24-27 dB.
+    Judged against what a blind guess scores on the same image through the same PSNR: image 0 (the cat)
+    is flat, its own mean colour scores 14.8 dB; image 1 (the ship) 10.2 dB. Measured 18.6-19.0 dB
+    (cat) and 18.1 dB (ship) with one or two torch threads, so margins of 3 and 5 dB leave about 1 and
+    3 dB of headroom; 300 iterations gave only 17.9 / 17.0 dB, 4000 reach 24-27 dB.
     """
     upd = convnet_update(cifar, [index])
-    rec = attack(iterations=300).reconstruct(upd)
+    rec = attack(iterations=600).reconstruct(upd)
     assert rec.failed is None
     assert rec.images.shape == (1, 3, 32, 32) and rec.images.device.type == "cpu"
     assert 0 <= rec.images.min() and rec.images.max() <= 1
     assert rec.labels.tolist() == cifar.train_y[[index]].tolist()  # recovered, not given
-    assert psnr(rec.images, cifar.train_x[[index]]) >= threshold
+    assert_beats_trivial(psnr(rec.images, cifar.train_x[[index]]), cifar.train_x[[index]], margin, metric=psnr)
     assert {"grad_loss", "iterations", "restarts", "seconds", "best_restart"} <= set(rec.stats)
 
 
