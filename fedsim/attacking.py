@@ -74,22 +74,39 @@ def oracle_grants(knowledge: Knowledge) -> tuple[str, ...]:
 
 
 def judge(metrics: dict[str, Any], grants: Sequence[str] = (), labels_given: bool = False,
-          ) -> tuple[bool, tuple[str, ...], bool, dict[str, Any]]:
+          asked: int | None = None) -> tuple[bool, tuple[str, ...], bool, dict[str, Any]]:
     """The runner's verdict on one outcome: ``(oracle, reasons, oracle_labels, metrics)``.
 
     Whatever the attack returned, the outcome is an oracle when the runner handed it ground truth
     (``grants``, from :func:`oracle_grants`) or when the scorer had to pick among surplus candidates
-    with the ground truth (``metrics["oracle_selection"]``). With the labels handed over
+    with the ground truth (``metrics["oracle_selection"]``) because the attack returned more images than
+    the ``asked`` count its view declared. Surplus that comes from the declared count itself (DP-SGD
+    declares the expected batch size; the realised Poisson batch was smaller) is the attacker's honest
+    estimate: it is still paid for as blind guesses by the scorer, flagged ``count_mismatch``, and not
+    labelled oracle. With the labels handed over
     (``labels_given``), label accuracy measures nothing the attack inferred: it is removed from the
     metrics and the outcome says ``oracle_labels``.
     """
     reasons = list(grants)
-    if metrics.get("oracle_selection"):
+    surplus_by_count = (metrics.get("oracle_selection") and asked is not None
+                        and int(metrics.get("num_reconstructed", 0) or 0) <= asked)
+    if surplus_by_count:  # the attack returned the count it was told; the real batch was smaller (DP-SGD)
+        metrics = {k: v for k, v in metrics.items() if k != "oracle_selection"}
+        metrics["count_mismatch"] = True
+    elif metrics.get("oracle_selection"):
         reasons.append(f"selection: the ground truth chose which of {metrics.get('num_reconstructed', '?')} "
                        f"reconstructions (and labels) to score against {metrics.get('batch_size', '?')} examples")
     if labels_given:
         metrics = {k: v for k, v in metrics.items() if k not in LABEL_METRICS}
     return bool(reasons), tuple(reasons), labels_given, metrics
+
+
+def _asked_count(view: ClientUpdate) -> int:
+    """The count ``view`` tells an attack to reconstruct: as many as the granted labels, else the declared
+    ``num_examples`` (the mirror of ``attacks.matching.examples_to_reconstruct``, kept here so the core
+    imports no attack module)."""
+    labels = view.side_info.get("labels")
+    return int(torch.as_tensor(labels).numel()) if labels is not None else int(view.num_examples)
 
 
 def observe(captured: CapturedUpdate, task: TaskInfo, scenario: Scenario, spec: AttackSpec,
@@ -234,7 +251,8 @@ def run_attacks(
                 rec = _reconstruct(attack, view, fn, seed)
             seconds = time.perf_counter() - start
             oracle, reasons, given, metrics = judge(score_reconstruction(rec, cap.truth), oracle_grants(spec.knowledge),
-                                                    labels_given="labels" in view.side_info)
+                                                    labels_given="labels" in view.side_info,
+                                                    asked=_asked_count(view))
             outcomes.append(AttackOutcome(
                 attack=spec.name, attack_index=index, round=cap.round, partition_id=cap.partition_id,
                 metrics=metrics, stats=dict(rec.stats), seconds=seconds, failed=rec.failed, oracle=oracle,

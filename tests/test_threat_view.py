@@ -242,3 +242,17 @@ def test_runner_marks_oracle_selection(tiny_raw, echo_attacks) -> None:
     assert not once.oracle
     assert twice.oracle and twice.metrics["oracle_selection"] is True
     assert any("selection" in r for r in twice.to_json()["oracle_reasons"])
+
+
+def test_surplus_from_the_declared_count_is_not_oracle() -> None:
+    """Under DP-SGD a client declares its expected batch size; an attack that reconstructs exactly that
+    many images against a smaller realised batch made an honest estimate: the scorer still pays for the
+    surplus, but the runner does not label it oracle. Returning more than the declared count is."""
+    from fedsim.attacking import judge
+
+    metrics = {"oracle_selection": True, "num_reconstructed": 4, "batch_size": 3, "psnr_mean": 10.0}
+    oracle, reasons, _, out = judge(dict(metrics), asked=4)
+    assert not oracle and not reasons
+    assert out["count_mismatch"] is True and "oracle_selection" not in out
+    oracle, reasons, _, out = judge(dict(metrics), asked=3)
+    assert oracle and any("selection" in r for r in reasons) and out["oracle_selection"] is True

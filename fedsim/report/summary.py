@@ -87,6 +87,10 @@ def _oracle_notes(outcomes: Sequence[Any]) -> list[str]:
     if any(getattr(o, "oracle_labels", False) for o in outcomes):
         notes.append("- label acc \"given\": the threat model handed the attack the true labels "
                      "(knowledge.labels: known), so no label accuracy is reported.")
+    if any(o.metrics.get("count_mismatch") for o in outcomes if not o.failed):
+        notes.append("- count mismatch: the attack reconstructed the count the client declared (under DP-SGD "
+                     "the expected batch size) and the real batch was smaller; each surplus image is scored as "
+                     "a blind guess in the means.")
     return ["", *notes] if notes else []
 
 
