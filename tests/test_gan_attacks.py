@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BROKEN_UPDATES, broken_update, make_update
+from helpers import BROKEN_UPDATES, assert_beats_trivial, broken_update, make_update, trivial_score
 
 from attacks.gan_latent import GanLatent
 from attacks.gan_prior import (
@@ -188,14 +188,14 @@ def test_the_shipped_prior_maps_to_the_tasks_normalised_inputs(mnist) -> None:
 
 
 def test_gan_latent_recovers_an_unseen_digit(mnist) -> None:
-    """mnist-5k test image 3 (a black image: 8.2 dB), 300 steps x 2 restarts: measured 23.6 dB (gradient
+    """mnist-5k test image 3 (its flat mean colour: 9.1 dB), 300 steps x 2 restarts: measured 23.6 dB (gradient
     loss 0.038), label right (Inverting Gradients at 800 steps: 11.6 dB on the same gradient)."""
     update = digit_update(mnist, 3)
     rec = attack(GanLatent, 300, restarts=2).reconstruct(update)
     assert rec.failed is None
     assert rec.images.shape == (1, 1, 28, 28) and 0 <= rec.images.min() and rec.images.max() <= 1
     assert rec.labels.tolist() == mnist.test_y[[3]].tolist()
-    assert psnr(rec.images, mnist.test_x[[3]]) >= 20.0
+    assert_beats_trivial(psnr(rec.images, mnist.test_x[[3]]), mnist.test_x[[3]], 10.0, metric=psnr)  # flat: 9.1
     assert rec.stats["restarts"] == 2 and rec.stats["grad_loss"] < 0.06
 
 
@@ -213,7 +213,7 @@ def test_gifd_beats_latent_only_search_on_the_same_generator(mnist) -> None:
     assert full.stats["best_stage"] >= 1
     p_full, p_latent = psnr(full.images, mnist.test_x[[4]]), psnr(latent_only.images, mnist.test_x[[4]])
     assert p_full >= p_latent + 5.0
-    assert p_full >= 30.0
+    assert_beats_trivial(p_full, mnist.test_x[[4]], 20.0, metric=psnr)  # the flat guess scores 10.2 dB
     assert full.labels.tolist() == mnist.test_y[[4]].tolist()
 
 
@@ -248,20 +248,34 @@ def test_progress_counts_all_stages_and_restarts_and_runs_are_deterministic(mnis
 
 def test_defense_aware_gifd_models_pruning(mnist) -> None:
     """The client prunes 70 % of every gradient tensor (GIFD's pruning defense). With ``knowledge.defense``
-    GIFD prunes its dummy gradient the same way before the distance. Measured on test image 3, 200 steps:
-    33.9 dB defense-aware vs 16.1 dB without (label right in both). Not a rule for every image: on test
-    image 4 it is 24.1 vs 26.9 dB; at 90 % pruning image 1 gives 33.0 vs 23.6 dB but image 3 11.1 vs 21.5."""
+    GIFD prunes its dummy gradient the same way before the distance.
+
+    What is asserted is what does not depend on float rounding: the attacker's model of the defense is
+    exact (the real image matches the pruned gradient perfectly under it: cosine distance 6e-8; without
+    it the real image is 0.024 away), the mode is used only when granted, and both runs recover the digit
+    far above a flat guess (9.1 dB). Which of the two wins on one image is a chaotic outcome of 200 steps,
+    not a property: on test image 3 aware/unaware measured 33.9/16.1 dB on one machine, 31.5/27.1 here
+    with one torch thread and 32.2/24.5 with two; on image 1, 25.3/30.3 and 33.0/29.3."""
     update = digit_update(mnist, 3)
     pruned = prune_update(dict(update.update), 70.0)
     defended = ClientUpdate(update.round, update.partition_id, update.task, update.global_state, pruned,
                             update.num_examples, defenses=({"name": "pruning", "percent": 70.0},))
+    from attacks.defense_aware import defense_transform
+    from attacks.victim import target_gradient, victim_model
+
+    model = victim_model(defended)
+    modelled = defense_transform(defended.defenses, [n for n, _ in model.named_parameters()])
+    x, y = normalize(mnist.test_x[[3]], mnist.mean, mnist.std), mnist.test_y[[3]]
+    target = target_gradient(defended, model)
+    assert gradient_distance(model, x, y, target, cosine, False, modelled).item() < 1e-5
+    assert gradient_distance(model, x, y, target, cosine, False).item() > 0.01
     aware = attack(GIFD, 200, knowledge=Knowledge(defense=True)).reconstruct(defended)
     unaware = attack(GIFD, 200).reconstruct(defended)  # defenses listed, but the knowledge is not granted
     assert aware.failed is None and aware.stats["defenses_modeled"] == 1
-    assert "defenses_modeled" not in unaware.stats
+    assert unaware.failed is None and "defenses_modeled" not in unaware.stats
     assert aware.labels.tolist() == mnist.test_y[[3]].tolist()
-    p_aware, p_unaware = psnr(aware.images, mnist.test_x[[3]]), psnr(unaware.images, mnist.test_x[[3]])
-    assert p_aware >= 28.0 and p_aware >= p_unaware + 8.0
+    for rec in (aware, unaware):  # measured 24.5-33.9 dB across machines and thread counts
+        assert_beats_trivial(psnr(rec.images, mnist.test_x[[3]]), mnist.test_x[[3]], 10.0, metric=psnr)
 
 
 def test_batches_and_fedavg_deltas_are_attacked(mnist) -> None:
@@ -353,7 +367,8 @@ def test_comparison_ig_latent_gifd_on_several_digits(mnist) -> None:
         for key, rec in (("ig", ig), ("lat", lat), ("gifd", gifd)):
             results[key].append(psnr(rec.images, mnist.test_x[[idx]]))
     mean = {k: sum(v) / len(v) for k, v in results.items()}
-    assert mean["gifd"] >= 33.0 and mean["lat"] >= 16.0 and mean["gifd"] >= mean["lat"] + 10 >= mean["ig"] + 10
+    flat = sum(trivial_score(mnist.test_x[[idx]], psnr)[0] for idx in range(6)) / 6  # 9.7 dB
+    assert mean["gifd"] >= flat + 20 and mean["lat"] >= flat + 5 and mean["gifd"] >= mean["lat"] + 10 >= mean["ig"] + 10
     assert all(g >= la for g, la in zip(results["gifd"], results["lat"], strict=True))
 
 
