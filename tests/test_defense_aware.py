@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import trivial_score
 from test_inverting_gradients import convnet_update, psnr
 
 from attacks.defense_aware import defense_transform
@@ -98,6 +99,11 @@ def test_defense_aware_beats_naive_under_heavy_pruning(cifar) -> None:
     14.03 -> 14.93 dB, image 1: 10.93 -> 11.98 dB. At 1000 iterations: +1.07, +1.63, +0.97, +0.47;
     at 300: +0.71, +0.25, +0.61, +0.31. At 90-95% pruning the two are within about 1 dB either way
     (the naive distance already matches the large entries, which carry most of the gradient).
+
+    Read against a blind guess: each image's flat mean colour scores 14.8 dB (image 0) and 10.2 dB
+    (image 1), so 99% pruning leaves the naive attack at the guess's level, and modelling the pruning
+    buys about 1 dB over it - a small gain on a defense that works here (at a large utility cost).
+    Asserted: the naive attack within 1.5 dB of the guess, and the gains.
     """
     gains = []
     for index in (0, 1):
@@ -106,5 +112,6 @@ def test_defense_aware_beats_naive_under_heavy_pruning(cifar) -> None:
         aware = attack(True, 600).reconstruct(upd)
         assert aware.stats["defenses_modeled"] == 1
         truth = cifar.train_x[[index]]
+        assert psnr(naive.images, truth) <= trivial_score(truth, psnr)[0] + 1.5
         gains.append(psnr(aware.images, truth) - psnr(naive.images, truth))
     assert min(gains) > 0.3 and sum(gains) / len(gains) > 0.5
