@@ -138,7 +138,12 @@ def test_progress_time_limit_and_known_labels(cifar) -> None:
     assert rec.stats["iterations"] < 10**6 and rec.stats["restarts"] == 1
     one_label = {"labels": torch.tensor([1])}
     bad = ClientUpdate(upd.round, 0, upd.task, upd.global_state, upd.update, 2, side_info=one_label)
-    assert attack(iterations=5, labels="known").reconstruct(bad).failed
+    # granted labels reveal the batch size (under DP-SGD the declared num_examples is only the expected
+    # count): the attack reconstructs one image per granted label, not num_examples
+    assert attack(iterations=5, labels="known").reconstruct(bad).images.shape[0] == 1
+    out_of_range = ClientUpdate(upd.round, 0, upd.task, upd.global_state, upd.update, 2,
+                                side_info={"labels": torch.tensor([1, 10])})
+    assert attack(iterations=5, labels="known").reconstruct(out_of_range).failed
 
 
 def test_fedavg_target_is_the_negated_delta(cifar) -> None:
