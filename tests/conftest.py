@@ -33,3 +33,20 @@ TINY: dict[str, Any] = {
 @pytest.fixture
 def tiny_raw() -> dict[str, Any]:
     return copy.deepcopy(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _process_state_per_test(request):
+    """Every test starts from the same global torch RNG state (seeded from its own id, so its draws
+    do not depend on which tests ran before it, in any order), and must leave torch's thread count
+    as it found it: a leaked count changes the float summation order, hence the numbers, of every
+    later test (``fedsim.isolation.torch_threads`` sets one for a block)."""
+    from fedsim.seeding import derive_seed
+
+    torch.manual_seed(derive_seed(0, "test", request.node.nodeid))
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        leaked = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        pytest.fail(f"{request.node.nodeid} left torch at {leaked} threads (it found {threads})")
