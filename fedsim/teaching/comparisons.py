@@ -6,7 +6,8 @@ plus the dotted paths it *studies*. Anything else that differs must be *stated*:
 choice, with the reason, which the comparison's text repeats. :meth:`Comparison.unexplained` lists
 what differs and is neither; ``tests/test_comparisons.py`` requires it to be empty for every
 comparison :func:`shipped_comparisons` finds (scenarios that run several attacks on one update, the
-dropout figure's sweep, the bench grids' defense rows and the MID sweep's rows).
+dropout figure's sweep and the bench grids' defense rows); the test also checks the MID sweep's rows
+(``benchmarks/mid_sweep.row_scenario``).
 
 Attack parameters that only one of two attacks has are its method (IG's step decay, DIA's mask
 prior) and are not compared; a parameter both have (``tv``, ``lr``, ``init``, ``label_strategy``)
