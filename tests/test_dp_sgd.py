@@ -194,8 +194,8 @@ def test_batchnorm_is_replaced_by_groupnorm_with_one_notice(tiny_raw, caplog, mo
     monkeypatch.setattr(dp_sgd, "_BN_NOTICE_SHOWN", False)  # the notice shows once per process
     tiny_raw["model"]["norm"] = "batch"
     tiny_raw["federation"].update(protocol="fedavg", local={"batch_size": 4, "lr": 0.2, "steps": 2})
-    scenario = parse_scenario(with_dp(tiny_raw, noise_multiplier=1.0))
-    with caplog.at_level(logging.WARNING, logger="fedsim"):
+    with caplog.at_level(logging.WARNING, logger="fedsim"):  # validation builds the model too
+        scenario = parse_scenario(with_dp(tiny_raw, noise_multiplier=1.0))
         result = run_scenario(scenario, write=False)  # clients, server and the attacker's rebuild
     notices = [r for r in caplog.records if r.name == "fedsim" and "GroupNorm" in r.getMessage()]
     assert len(notices) == 1
