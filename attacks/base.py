@@ -32,7 +32,7 @@ ProgressFn = Callable[[int, int], None]  # (iterations done, iterations total)
 class AttackParams(BaseModel):
     """Base of every attack's parameter block: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Attack(ABC):

@@ -27,7 +27,7 @@ from fedsim.training import TrainingJob
 
 
 class DefenseParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

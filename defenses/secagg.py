@@ -23,7 +23,8 @@ class SecAggParams(DefenseParams):
     num_shares: int = Field(3, ge=3, description="key shares per client (odd: Flower crashes on even counts)")
     reconstruction_threshold: int = Field(2, ge=2, description="shares needed to rebuild a dropped client's key")
     clipping_range: float = Field(8.0, gt=0, description="values are clipped to +-range before quantization")
-    quantization_range: int = Field(2**22, ge=2**8, description="quantization levels")
+    quantization_range: int = Field(2**22, ge=2**8, lt=2**32,
+                                    description="quantization levels (below Flower's modulus range 2**32)")
 
 
 @register_defense("secagg")
@@ -42,8 +43,8 @@ class SecureAggregation(Defense):
                                            "SecAgg+ fails on even share counts")
         if p.num_shares > fed.clients:
             raise IncompatibleDefenseError(f"params.num_shares ({p.num_shares}) > federation.clients ({fed.clients})")
-        if p.reconstruction_threshold > p.num_shares:
-            raise IncompatibleDefenseError("params.reconstruction_threshold must be <= params.num_shares")
+        if p.reconstruction_threshold >= p.num_shares:  # Flower's SecAggPlusWorkflow requires strictly less
+            raise IncompatibleDefenseError("params.reconstruction_threshold must be < params.num_shares")
         if fed.sampled_per_round != fed.clients:
             raise IncompatibleDefenseError("secagg runs every client every round: remove federation.clients_per_round")
         others = [d.name for d in scenario.defenses if d.name != spec.name]

@@ -19,7 +19,7 @@ from fedsim.outputs import check_name
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def path_component(value: str) -> str:

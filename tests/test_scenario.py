@@ -86,3 +86,19 @@ def test_attack_targets() -> None:
     spec = parse_scenario(raw).attacks[0]
     assert spec.target_rounds(5) == [1, 3, 5]
     assert spec.target_clients(3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("federation.local.lr", float("inf")), ("federation.local.lr", float("nan")),
+    ("defenses", [{"name": "gaussian_noise", "params": {"sigma": float("inf")}}]),
+    ("attacks", [{"name": "inverting_gradients", "params": {"tv": float("nan")}}]),
+])
+def test_non_finite_numbers_are_refused_with_their_path(tiny_raw, path, value) -> None:
+    """A NaN or infinite number anywhere in a scenario (lr=.inf used to run and write NaN into
+    metrics.json) is refused at validation, naming the field."""
+    from fedsim.scenario import set_dotted
+
+    set_dotted(tiny_raw, path, value)
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(tiny_raw)
+    assert err.value.path.startswith(path.split(".")[0])

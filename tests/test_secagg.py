@@ -42,12 +42,14 @@ def test_capture_holds_only_the_aggregate_which_is_the_mean_update(tiny_raw) -> 
     ({"num_shares": 4}, "odd"),
     ({"num_shares": 5}, "> federation.clients"),
     ({"num_shares": 3, "reconstruction_threshold": 4}, "reconstruction_threshold"),
+    ({"num_shares": 3, "reconstruction_threshold": 3}, "reconstruction_threshold"),  # Flower needs t < n
+    ({"num_shares": 3, "quantization_range": 2**32}, "quantization_range"),  # Flower's modulus is 2**32
 ])
 def test_invalid_settings_are_refused(tiny_raw, params, match) -> None:
     tiny_raw["defenses"] = [{"name": "secagg", "params": params}]
     with pytest.raises(ScenarioError, match=match) as err:
         parse_scenario(tiny_raw)
-    assert err.value.path == "defenses[0]"
+    assert err.value.path.startswith("defenses[0]")
 
 
 def test_partial_participation_is_refused(tiny_raw) -> None:
@@ -77,3 +79,19 @@ def test_secagg_lowers_inverting_gradients_psnr_on_real_images() -> None:
     aggregate = run_scenario(parse_scenario(raw), write=False).outcomes[0].metrics
     assert aggregate["batch_size"] == 4
     assert aggregate["psnr_mean"] < single["psnr_mean"] - 1.0, (single["psnr_mean"], aggregate["psnr_mean"])
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"num_shares": 3, "reconstruction_threshold": 3}, "reconstruction_threshold. must be less than"),
+    ({"num_shares": 3, "reconstruction_threshold": 2, "quantization_range": 2**32}, "modulus_range"),
+])
+def test_what_validation_refuses_flower_refuses_too(params, message) -> None:
+    """The refusals above mirror Flower's own: its workflow raises on exactly these settings (so the
+    bounds are neither looser nor stricter than the library's)."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    wf_args = dict(params)
+    with pytest.raises(ValueError, match=message):
+        SecAggPlusWorkflow(**wf_args)
+    ok = {**wf_args, "reconstruction_threshold": 2, "quantization_range": 2**22}
+    SecAggPlusWorkflow(**ok)

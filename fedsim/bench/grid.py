@@ -46,7 +46,7 @@ FORBIDDEN_PATHS = {"seed": "seeds come from 'repeats'", "backend": "cells always
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_paths(paths: dict[str, Any], where: str) -> None:
