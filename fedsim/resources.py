@@ -62,10 +62,28 @@ def check_device(device: str, field: str = "device") -> None:
         raise ScenarioError(field, "cuda was requested but no CUDA device is available (use auto or cpu)")
 
 
+def check_init_args(init_args: dict[str, Any], field: str) -> None:
+    """Refuse a key ``ray.init`` does not take: Ray raises on it inside Flower's backend, which then
+    hangs waiting for a cluster that never started. Ray's private ``_``-prefixed options pass."""
+    if not init_args:
+        return
+    import inspect
+
+    import ray
+
+    known = {n for n, p in inspect.signature(ray.init).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    for key in init_args:
+        if key not in known and not str(key).startswith("_"):
+            raise ScenarioError(f"{field}.{key}", f"ray.init takes no argument {key!r} (it takes: "
+                                                  f"{', '.join(sorted(known))})")
+
+
 def check_scenario_resources(scenario: Any) -> None:
     """The scenario's ``device`` and, on a local Ray backend, ``backend.client_resources``."""
     check_device(scenario.device)
     backend = scenario.backend
+    if backend.kind == "ray":
+        check_init_args(backend.init_args, "backend.init_args")
     if backend.kind == "ray" and backend.address is None:
         res = backend.client_resources
         check_request(res.num_cpus, res.num_gpus, "backend.client_resources", backend.init_args)
@@ -73,5 +91,6 @@ def check_scenario_resources(scenario: Any) -> None:
 
 def check_bench_resources(grid: Any) -> None:
     """A grid's per-cell ``resources`` for the Ray executor on a local Ray (``ray.address`` unset)."""
+    check_init_args(grid.ray.init_args, "ray.init_args")
     if grid.ray.address is None:
         check_request(grid.resources.num_cpus, grid.resources.num_gpus, "resources", grid.ray.init_args, "cell")

@@ -97,3 +97,20 @@ def test_bench_resources_are_checked_before_anything_is_written(two_cpus_no_gpu,
                                     "resources": {"num_cpus": 3}}))
     result = CliRunner().invoke(app, ["bench", str(grid), "--out", str(out), "--executor", "ray"])
     assert result.exit_code == 2 and "resources.num_cpus" in result.output and not out.exists()
+
+
+def test_an_argument_ray_init_does_not_take_is_refused_with_its_field() -> None:
+    """``backend.init_args.bogus_arg`` used to pass validation, then Ray raised inside Flower's backend and
+    the run hung. The expected list comes from ``ray.init``'s own signature, read here independently."""
+    import inspect
+
+    import ray
+
+    assert "bogus_arg" not in inspect.signature(ray.init).parameters
+    raw = copy.deepcopy(TINY)
+    raw["backend"] = {"kind": "ray", "init_args": {"bogus_arg": 1}}
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(raw)
+    assert err.value.path == "backend.init_args.bogus_arg"
+    raw["backend"]["init_args"] = {"include_dashboard": False, "_temp_dir": "/tmp/ray"}  # real and private keys
+    parse_scenario(raw)
