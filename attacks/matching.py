@@ -44,17 +44,10 @@ def unusable(update: ClientUpdate | None, budget: Budget) -> str | None:
 
 
 def examples_to_reconstruct(update: ClientUpdate) -> int:
-    """How many examples to reconstruct from ``update``: as many as the labels the threat model granted
-    (``knowledge.labels: known`` reveals the batch anyway), else the ``num_examples`` the client declared.
-
-    Under DP-SGD with Poisson sampling that is the client's EXPECTED count (``defenses.dp_sgd.
-    declared_examples``; fedsgd: the batch size), not the realised batch, which stays private: the
-    attack reconstructs an estimate, and the evaluator matches it one-to-one to the real batch.
-    """
-    labels = update.side_info.get("labels")
-    if labels is not None:
-        return int(torch.as_tensor(labels).numel())
-    return int(update.num_examples)
+    """How many examples to reconstruct from ``update`` (:attr:`ClientUpdate.examples_to_reconstruct`): the
+    granted labels' count, else the declared ``num_examples`` (under DP-SGD the expected count); the
+    evaluator matches the estimate one-to-one to the real batch."""
+    return update.examples_to_reconstruct
 
 
 def labels_for(update: ClientUpdate, num: int, *, known: bool, strategy: str, model: nn.Module) -> Tensor:

@@ -101,14 +101,6 @@ def judge(metrics: dict[str, Any], grants: Sequence[str] = (), labels_given: boo
     return bool(reasons), tuple(reasons), labels_given, metrics
 
 
-def _asked_count(view: ClientUpdate) -> int:
-    """The count ``view`` tells an attack to reconstruct: as many as the granted labels, else the declared
-    ``num_examples`` (the mirror of ``attacks.matching.examples_to_reconstruct``, kept here so the core
-    imports no attack module)."""
-    labels = view.side_info.get("labels")
-    return int(torch.as_tensor(labels).numel()) if labels is not None else int(view.num_examples)
-
-
 def observe(captured: CapturedUpdate, task: TaskInfo, scenario: Scenario, spec: AttackSpec,
             defense_descriptions: Sequence[dict[str, Any]]) -> ClientUpdate:
     """The attacker's view of one captured update under ``spec``'s declared knowledge: the one place a
@@ -252,7 +244,7 @@ def run_attacks(
             seconds = time.perf_counter() - start
             oracle, reasons, given, metrics = judge(score_reconstruction(rec, cap.truth), oracle_grants(spec.knowledge),
                                                     labels_given="labels" in view.side_info,
-                                                    asked=_asked_count(view))
+                                                    asked=view.examples_to_reconstruct)
             outcomes.append(AttackOutcome(
                 attack=spec.name, attack_index=index, round=cap.round, partition_id=cap.partition_id,
                 metrics=metrics, stats=dict(rec.stats), seconds=seconds, failed=rec.failed, oracle=oracle,

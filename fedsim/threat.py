@@ -101,6 +101,17 @@ class ClientUpdate:
     # Names and public parameters of the defenses in place, only if the threat model grants them.
     defenses: tuple[Mapping[str, Any], ...] = ()
 
+    @property
+    def examples_to_reconstruct(self) -> int:
+        """How many examples an attack reconstructs from this view: as many as the labels the threat
+        model granted (``knowledge.labels: known`` reveals the batch anyway), else the declared
+        ``num_examples``. Under DP-SGD with Poisson sampling that is the client's EXPECTED count
+        (``defenses.dp_sgd``; fedsgd: the batch size), not the realised batch, which stays private."""
+        labels = self.side_info.get("labels")
+        if labels is not None:
+            return int(torch.as_tensor(labels).numel())
+        return int(self.num_examples)
+
 
 @dataclass(frozen=True)
 class ReleasedModel:
