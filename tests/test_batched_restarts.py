@@ -65,6 +65,23 @@ def test_a_loss_vmap_cannot_batch_raises_batching_unsupported() -> None:
         optimize_trials(lambda x: x.sum() * float(x.sum().item() > 0), torch.zeros(2, 3), iterations=3, lr=0.1)
 
 
+
+def _tv_prior(x: torch.Tensor) -> torch.Tensor:
+    from attacks.regularizers import total_variation
+
+    return 0.01 * total_variation(x)
+
+
+def _sequential_trial(net, goal, labels, bounds, start, options) -> torch.Tensor:  # noqa: ANN001
+    """One IG trial run on its own (the sequential reference the batched trials are compared with)."""
+    from attacks.inverting_gradients import gradient_distance
+    from attacks.objectives import cosine
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return gradient_distance(net, x, labels, goal, cosine) + _tv_prior(x)
+
+    return ig.optimize_inputs(loss, start, box=bounds, **options).x
+
 @pytest.mark.parametrize(("name", "norm", "batch", "iterations"),
                          [("convnet", "none", 2, 40), ("convnet", "batch", 2, 40), ("lenet", "none", 1, 20)])
 def test_batched_equals_sequential_up_to_float32_rounding_unsigned(cifar, name, norm, batch, iterations) -> None:
@@ -79,9 +96,8 @@ def test_batched_equals_sequential_up_to_float32_rounding_unsigned(cifar, name, 
     steps (Adam divides by sqrt(v), which amplifies rounding). Another trial's inputs or shared Adam
     moments move a trial by O(0.1-1).
     """
-    from attacks.inverting_gradients import gradient_distance, pixel_box
+    from attacks.inverting_gradients import pixel_box
     from attacks.objectives import cosine
-    from attacks.regularizers import total_variation
     from attacks.victim import target_gradient, victim_model
 
     spec = ModelSpec(name=name, width=8, norm=norm)
@@ -93,14 +109,10 @@ def test_batched_equals_sequential_up_to_float32_rounding_unsigned(cifar, name, 
     x0 = torch.randn((3, batch, *cifar.input_shape), generator=torch.Generator().manual_seed(5))
     options = {"iterations": iterations, "lr": 0.1, "signed": False, "decay": "step"}
 
-    def prior(x: torch.Tensor) -> torch.Tensor:
-        return 0.01 * total_variation(x)
+    prior = _tv_prior
 
     def sequential(net, goal, bounds, start):
-        def loss(x: torch.Tensor) -> torch.Tensor:
-            return gradient_distance(net, x, labels, goal, cosine) + prior(x)
-
-        return ig.optimize_inputs(loss, start, box=bounds, **options).x
+        return _sequential_trial(net, goal, labels, bounds, start, options)
 
     seq32 = [sequential(victim, target, box, x0[k]) for k in range(3)]
     bat32 = optimize_trials(ig.matching_loss(victim, labels, target, cosine, None, prior), x0, box=box, **options).x
@@ -124,9 +136,8 @@ def test_batched_equals_sequential_in_quality_with_signed_adam(cifar, seed) -> N
     quality rounding alone moves is measured, not assumed: the same sequential trials in float64. Each
     batched trial's PSNR is within twice the largest float32-vs-float64 PSNR change (plus 0.02 dB) of
     its sequential twin. Measured: batched vs sequential <= 0.03 dB at the attack level."""
-    from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
+    from attacks.inverting_gradients import initial_inputs, pixel_box, to_pixels
     from attacks.objectives import cosine
-    from attacks.regularizers import total_variation
     from attacks.victim import target_gradient, victim_model
     from fedsim.seeding import torch_generator
 
@@ -138,14 +149,10 @@ def test_batched_equals_sequential_in_quality_with_signed_adam(cifar, seed) -> N
                       for k in range(4)])
     options = {"iterations": 100, "lr": 0.1, "signed": True, "decay": "step"}
 
-    def prior(x: torch.Tensor) -> torch.Tensor:
-        return 0.01 * total_variation(x)
+    prior = _tv_prior
 
     def sequential(net, goal, bounds, start):
-        def loss(x: torch.Tensor) -> torch.Tensor:
-            return gradient_distance(net, x, labels, goal, cosine) + prior(x)
-
-        return ig.optimize_inputs(loss, start, box=bounds, **options).x
+        return _sequential_trial(net, goal, labels, bounds, start, options)
 
     def quality(x: torch.Tensor) -> float:
         return psnr(to_pixels(x.float(), cifar.mean, cifar.std), truth)
