@@ -13,7 +13,7 @@ Which field each :class:`~fedsim.scenario.Knowledge` flag fills (``fedsim.attack
 one place that builds a view; ``tests/test_threat_view.py`` scans every field for each flag):
 
 ==================  ===========================================================================
-always              ``round``, ``partition_id``, ``task`` (architecture only: ``TaskInfo.model_transforms``
+always              ``round``, ``partition_id``, ``reference_state``, ``task`` (architecture only: ``TaskInfo.model_transforms``
                     carries a model-shaping defense's *architectural* parameters, never e.g. DP-SGD's
                     sigma or MID's beta), ``global_state`` (BatchNorm running statistics included: the
                     server aggregated them), ``update``, ``num_examples``
@@ -94,6 +94,11 @@ class ClientUpdate:
     global_state: Mapping[str, Tensor]
     update: Mapping[str, Tensor] | None
     num_examples: int  # what the client declared; under DP-SGD its expected count, not the realised batch
+    # When the protocol makes a client send a gradient DIFFERENCE (DIFF2's difference rounds:
+    # mean_i clip(grad l(x_r; z_i) - grad l(x_{r-1}; z_i))), the model its subtracted gradient was taken at
+    # (x_{r-1}, the global model the server sent the round before); None when the update is a plain
+    # gradient or weight delta. The server sent both models, so every threat model knows it.
+    reference_state: Mapping[str, Tensor] | None = None
     # Local hyperparameters (lr, steps, batch_size, epochs, ...) only if the threat model grants them.
     hyperparams: Mapping[str, Any] = field(default_factory=dict)
     # Side information the threat model grants, e.g. {"labels": Tensor} when labels are "known".

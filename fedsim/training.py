@@ -58,8 +58,8 @@ class TrainingJob:
       what the server learns of the batch), or None for the real count. DP-SGD declares an expected
       count so that the realised Poisson batch sizes, which no accountant covers, stay private.
     * ``on_finish(steps, batch_sizes)``: runs after the round, returns metrics the client reports
-      (e.g. epsilon); ``state`` persists across rounds per client (Flower ``Context.state``), e.g. an
-      accountant's history as JSON strings.
+      (e.g. epsilon); ``state`` persists across rounds per client (Flower ``Context.state``): strings
+      (e.g. an accountant's history as JSON) and tensors (e.g. a model the client must remember).
     """
 
     model: nn.Module
@@ -69,7 +69,7 @@ class TrainingJob:
     before_read_gradients: Callable[[torch.optim.Optimizer], None] | None = None
     declare_num_examples: Callable[[int, list[Tensor]], int | None] | None = None
     on_finish: list[Callable[[int, list[int]], dict[str, float]]] = field(default_factory=list)
-    state: dict[str, str] = field(default_factory=dict)
+    state: dict[str, str | Tensor] = field(default_factory=dict)
     seed: int = 0
     round: int = 0
     partition_id: int = 0

@@ -15,9 +15,9 @@ applied on one path and forgotten on the other. In order:
    ``train-loss``, each defense's metrics under ``fedsim.<name>``, e.g. ``fedsim.epsilon``), plus, when
    asked, the ground-truth record (real batch and the defenses' recorded randomness) for the evaluator.
 
-Per-client state (e.g. DP-SGD's accountant history) lives in Flower's ``Context.state`` as one
-``ConfigRecord`` of strings (:func:`load_state` / :func:`save_state`); both paths hand the node's
-persistent Context to this pipeline.
+Per-client state (e.g. DP-SGD's accountant history, a model the client must remember) lives in Flower's
+``Context.state``: string values in one ``ConfigRecord``, tensor values in one ``ArrayRecord``
+(:func:`load_state` / :func:`save_state`); both paths hand the node's persistent Context to this pipeline.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor, nn
 
 from defenses.base import Defense, UpdateContext
@@ -59,7 +59,7 @@ def update_defenses(defenses: Sequence[Defense]) -> list[Defense]:
 
 
 def build_job(setup: FederationSetup, model: nn.Module, round_num: int, partition_id: int, num_examples: int,
-              state: dict[str, str] | None = None) -> TrainingJob:
+              state: dict[str, str | Tensor] | None = None) -> TrainingJob:
     """The round's TrainingJob after every defense's ``wrap_training`` (in composition order)."""
     job = TrainingJob(model, state=dict(state or {}), seed=setup.scenario.seed, round=round_num,
                       partition_id=partition_id, num_examples=num_examples)
@@ -92,7 +92,7 @@ def apply_update_defenses(defenses: Sequence[Defense], result: LocalResult, glob
 
 
 def run_client_round(scenario: Scenario, partition_id: int, round_num: int, global_state: dict[str, Tensor],
-                     state: dict[str, str], *, record: bool = False) -> ClientReply:
+                     state: dict[str, str | Tensor], *, record: bool = False) -> ClientReply:
     """Client ``partition_id``'s round ``round_num`` from the global weights ``global_state``.
 
     ``state`` is the client's persistent state and is updated in place (the caller stores it back
@@ -128,14 +128,28 @@ def run_client_round(scenario: Scenario, partition_id: int, round_num: int, glob
     return ClientReply({k: v.detach().cpu() for k, v in sent.items()}, result.num_examples, metrics, truth)
 
 
-def load_state(context: Context) -> dict[str, str]:
-    """The client's persistent state (strings) from its Flower Context; empty on its first round."""
+def load_state(context: Context) -> dict[str, str | Tensor]:
+    """The client's persistent state from its Flower Context (strings and tensors); empty on its first round."""
+    state: dict[str, str | Tensor] = {}
     record = context.state.config_records.get(keys.CLIENT_STATE)
-    return {k: str(v) for k, v in record.items()} if record is not None else {}
+    if record is not None:
+        state.update({k: str(v) for k, v in record.items()})
+    arrays = context.state.array_records.get(keys.CLIENT_TENSORS)
+    if arrays is not None:
+        state.update(arrays.to_torch_state_dict())
+    return state
 
 
-def save_state(context: Context, state: dict[str, str]) -> None:
-    """Store the client's state back into its Context (kept by the node across rounds)."""
-    if state:
-        context.state[keys.CLIENT_STATE] = ConfigRecord(dict(state))
-
+def save_state(context: Context, state: dict[str, str | Tensor]) -> None:
+    """Store the client's state back into its Context (kept by the node across rounds): strings in a
+    ConfigRecord, tensors (CPU clones) in an ArrayRecord. A key dropped from ``state`` is dropped there too."""
+    strings = {k: v for k, v in state.items() if isinstance(v, str)}
+    tensors = {k: v.detach().cpu().clone() for k, v in state.items() if isinstance(v, Tensor)}
+    if len(strings) + len(tensors) != len(state):
+        bad = sorted(k for k, v in state.items() if not isinstance(v, str | Tensor))
+        raise TypeError(f"client state values must be str or Tensor: {bad}")
+    for key, values, make in ((keys.CLIENT_STATE, strings, ConfigRecord), (keys.CLIENT_TENSORS, tensors, ArrayRecord)):
+        if values:
+            context.state[key] = make(values)
+        elif key in context.state:
+            del context.state[key]

@@ -11,4 +11,5 @@ TRAIN_LOSS = "train-loss"
 SERVER_ROUND = "server-round"  # injected by Flower strategies
 RECORD_TRUTH = "fedsim.record-truth"  # set by the capture proxy on messages to targeted clients
 CLIENT_STATE = "fedsim.client-state"  # ConfigRecord in Context.state: per-client state that persists across rounds
+CLIENT_TENSORS = "fedsim.client-tensors"  # ArrayRecord in Context.state: the tensor part of that state
 CLIENT_METRIC_PREFIX = "fedsim."  # client metrics reported by defenses, e.g. "fedsim.epsilon"
