@@ -102,7 +102,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
-    """A cell's ``summary``: leakage means over its non-failed attack outcomes, failures, final utility and ε.
+    """A cell's ``summary``: leakage means over its non-failed attack outcomes, failures, final utility
+    (``test_accuracy``, and ``test_loss`` when evaluated: the last evaluated round's), ``federation_s`` (the
+    federation's wall time in seconds, attacks excluded, when the run recorded it) and ε.
 
     Accepts a :class:`fedsim.run.RunResult` or a run directory's parsed ``metrics.json``. The ε fields
     come from :func:`fedsim.privacy.summary.epsilon_fields` (the report uses the same function):
@@ -111,11 +113,13 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
     without DP.
     """
     if isinstance(result_or_metrics, dict):
+        timing = result_or_metrics.get("timing") or {}
         history = result_or_metrics.get("utility", [])
         attacks = [(a.get("failed"), a.get("metrics", {})) for a in result_or_metrics.get("attacks", [])]
         clients = result_or_metrics.get("client_metrics", {}) or {}
         stored = result_or_metrics.get("privacy")
     else:
+        timing = result_or_metrics.timing or {}
         history = result_or_metrics.history
         attacks = [(o.failed, o.metrics) for o in result_or_metrics.outcomes]
         clients = result_or_metrics.client_metrics or {}
@@ -133,6 +137,11 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
         summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
     evaluated = [h for h in history if h.get("test_accuracy") is not None]
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
+    losses = [h for h in history if isinstance(h.get("test_loss"), int | float)]
+    if losses:  # a regression task's utility (no accuracy); absent keys: not measured
+        summary["test_loss"] = float(losses[-1]["test_loss"])
+    if isinstance(timing.get("federation_s"), int | float):
+        summary["federation_s"] = float(timing["federation_s"])  # training wall time, without the attacks
     summary.update(epsilon_fields(run_privacy(stored, history, clients)))
     summary["rounds"] = max((int(h["round"]) for h in history), default=0)
     # client failures over the run (fedsim.simulation.participation): the cell's numbers came from fewer clients
