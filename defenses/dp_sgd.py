@@ -34,6 +34,11 @@ One fresh Opacus wrapping per client per round:
   clients)``); a client sampled more often than expected ends above the target, as its epsilon shows.
 
 The curious server sees only the clipped, noised update: the capture records what the client sent.
+
+DP-SAT and DP-SAM (:mod:`defenses.dp_sat`, :mod:`defenses.dp_sam`) are this defense with another
+round class: ``_PrivateRound``'s extension points (``before_forward``, ``after_privatize``,
+``account_query``, ``on_round_end``) carry their perturbation and second query; sampling, accounting,
+the declared count and the per-sample modes stay here. At most one of the three per scenario.
 """
 
 from __future__ import annotations
@@ -43,13 +48,13 @@ import logging
 import math
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from defenses.base import Defense, DefenseParams, register_defense
+from defenses.base import DEFENSES, Defense, DefenseParams, register_defense
 from defenses.per_sample import per_sample_problem
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.privacy.accounting import import_opacus, opacus_epsilon
@@ -184,7 +189,13 @@ class _PrivateRound:
         self.accountant = create_accountant(mechanism=self.p.accountant)  # GDP warns once: it is experimental
         self.accountant.history = [tuple(h) for h in json.loads(self.job.state.get(self.state_key, "[]"))]
         self.steps_before = sum(int(h[2]) for h in self.accountant.history)
-        opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.q))
+        self.account = self.accountant.get_optimizer_hook_fn(sample_rate=self.q)
+
+        def on_privatized(optimizer: Any) -> None:  # end of every pre_step: one Gaussian query released
+            self.account_query(optimizer)
+            self.after_privatize(optimizer)
+
+        opt.attach_step_hook(on_privatized)
         if mode == "ghost":
             from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
@@ -205,15 +216,40 @@ class _PrivateRound:
         # sigma, q and steps of this round: with the rounds a client reported, its whole accountant
         # history, which fedsim.privacy.summary re-accounts with dp_accounting
         composed = sum(int(h[2]) for h in self.accountant.history) - self.steps_before  # empty batches count
-        return {"epsilon": eps, "delta": self.p.delta, "noise_multiplier": self.sigma, "sample_rate": self.q,
-                "steps": float(composed)}
+        return {"epsilon": eps, "delta": self.p.delta, "noise_multiplier": self.accounted_sigma,
+                "sample_rate": self.q, "steps": float(composed), **self.on_round_end()}
 
     @property
     def state_key(self) -> str:
         return f"{self.defense.name}/accountant-history"
 
+    # -- extension points of the DP-SGD family (defenses.dp_sat, defenses.dp_sam) ------------------
+    @property
+    def accounted_sigma(self) -> float:
+        """The noise multiplier of one accounted step (one Poisson batch): sigma / sqrt(queries per batch),
+        sigma itself for DP-SGD's one query (see ``DPSGD.queries_per_step``)."""
+        queries = self.defense.queries_per_step
+        return self.sigma if queries == 1 else self.sigma / math.sqrt(queries)
+
+    def account_query(self, optimizer: Any) -> None:
+        """Count a released query in the accountant: one subsampled Gaussian (sigma, q) per ``pre_step``."""
+        self.account(optimizer)
+
+    def before_forward(self, x: Tensor) -> None:
+        """Runs before every training forward pass on the batch ``x`` (normalized inputs, (B, C, H, W))."""
+
+    def after_privatize(self, optimizer: Any) -> None:
+        """Runs at the end of every ``pre_step`` (after the accountant counted it), when ``p.grad`` holds
+        the privatized gradient and ``p.summed_grad`` the clipped, un-noised sum, before the base optimizer
+        steps (fedavg) or the gradient is read (fedsgd)."""
+
+    def on_round_end(self) -> dict[str, float]:
+        """Runs when the round ends (may store into ``job.state``); extra metrics the client reports."""
+        return {}
+
     # -- the forward the job's model runs ----------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        self.before_forward(x)
         mode = self.p.grad_sample_mode
         if x.shape[0] == 0 and mode != "ghost":
             # Poisson drew an empty batch: per-sample machinery cannot run on it (functorch, ew fail),
@@ -252,16 +288,22 @@ class DPSGD(Defense):
     Params = DPSGDParams
     stage = 30
     summary = "sample-level DP-SGD (Opacus): per-example clipping + Gaussian noise, epsilon per client"
+    #: the round's TrainingJob hooks (DP-SAT and DP-SAM subclass it)
+    round_class: ClassVar[type[_PrivateRound]] = _PrivateRound
+    #: private gradient queries on each Poisson batch (DP-SAM: 2), accounted together as one subsampled
+    #: Gaussian of sigma / sqrt(queries): Gaussians compose exactly, by adding their mu = 1/sigma in quadrature
+    queries_per_step: ClassVar[int] = 1
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: DefenseSpec) -> None:
         p = cls.Params.model_validate(spec.params)
         if (p.noise_multiplier is None) == (p.target_epsilon is None):
-            raise IncompatibleDefenseError("dp_sgd needs exactly one of params.noise_multiplier and "
+            raise IncompatibleDefenseError(f"{spec.name} needs exactly one of params.noise_multiplier and "
                                            "params.target_epsilon")
-        if sum(d.name == spec.name for d in scenario.defenses) > 1:
-            raise IncompatibleDefenseError("dp_sgd can appear once: two Opacus wrappings of one model "
-                                           "would add hooks twice")
+        family = [d.name for d in scenario.defenses if is_opacus_defense(d.name)]
+        if len(family) > 1:
+            raise IncompatibleDefenseError(f"{' and '.join(family)}: one Opacus DP-SGD defense at most (dp_sgd, "
+                                           "dp_sat, dp_sam): two wrappings of one model would add hooks twice")
 
     def check_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         """Validation: refuse a model this setting cannot train (:func:`defenses.per_sample.per_sample_problem`)."""
@@ -294,7 +336,7 @@ class DPSGD(Defense):
         return fixed
 
     def wrap_training(self, job: TrainingJob) -> TrainingJob:
-        run = _PrivateRound(self, job)
+        run = self.round_class(self, job)
         job.model = _SameKeys(job.model, run.forward)
         job.sample_batches = run.sample_batches
         job.declare_num_examples = run.declare_num_examples
@@ -308,11 +350,19 @@ class DPSGD(Defense):
         """Sigma for a client with sampling rate q and ``steps`` DP steps per round."""
         p = self.params
         if (p.noise_multiplier is None) == (p.target_epsilon is None):
-            raise IncompatibleDefenseError("dp_sgd needs exactly one of noise_multiplier and target_epsilon")
+            raise IncompatibleDefenseError(f"{self.name} needs exactly one of noise_multiplier and target_epsilon")
         if p.noise_multiplier is not None:
             return p.noise_multiplier
         total = steps * expected_rounds(_federation_of(job, self))
-        return solve_noise_multiplier(p.target_epsilon, p.delta, q, total, p.accountant)
+        # k Gaussian queries of sigma on one Poisson batch are accounted as one of sigma / sqrt(k)
+        return math.sqrt(self.queries_per_step) * solve_noise_multiplier(p.target_epsilon, p.delta, q, total,
+                                                                         p.accountant)
+
+
+def is_opacus_defense(name: str) -> bool:
+    """Whether the registered defense ``name`` is DP-SGD or a subclass of it (DP-SAT, DP-SAM): one Opacus
+    wrapping of the client's model, per-example gradients and an accountant of its own."""
+    return name in DEFENSES and issubclass(DEFENSES.get(name), DPSGD)
 
 
 def _federation_of(job: TrainingJob, defense: Defense) -> FederationSpec:

@@ -36,6 +36,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from defenses.base import Defense, DefenseParams, register_defense
+from defenses.dp_sgd import is_opacus_defense
 from defenses.model_surgery import last_linear
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.scenario import DefenseSpec, Scenario
@@ -133,9 +134,10 @@ class Soteria(Defense):
         if sum(d.name == spec.name for d in scenario.defenses) > 1:
             raise IncompatibleDefenseError("soteria can appear once: a second set of hooks would score the "
                                            "features of an input the first one has already replaced")
-        if any(d.name == "dp_sgd" for d in scenario.defenses):
+        dp = [d.name for d in scenario.defenses if is_opacus_defense(d.name)]  # dp_sgd, dp_sat, dp_sam
+        if dp:
             raise IncompatibleDefenseError(
-                "soteria cannot be combined with dp_sgd: its pruning mask is computed from the raw private batch, "
+                f"soteria cannot be combined with {dp[0]}: its pruning mask is computed from the raw private batch, "
                 "outside DP-SGD's accountant (the update sent would no longer be the DP one), and its extra "
                 "backward passes would be recorded by Opacus's per-sample hooks"
             )
