@@ -38,11 +38,15 @@ BASE: dict[str, Any] = {
 }
 PROTOCOLS = ("fedsgd", "fedavg")
 # Parameters a defense cannot do without (no default exists); every other defense runs on its defaults.
-REQUIRED: dict[str, dict[str, Any]] = {"dp_sgd": {"noise_multiplier": 1.0}}
+REQUIRED: dict[str, dict[str, Any]] = {"dp_sgd": {"noise_multiplier": 1.0}, "dp_sat": {"noise_multiplier": 1.0},
+                                       "dp_sam": {"noise_multiplier": 1.0}}
 # Settings that change the model or the training path (the slow cross runs each of them).
 SETTINGS: dict[str, list[dict[str, Any]]] = {
     "dp_sgd": [{"noise_multiplier": 1.0, "grad_sample_mode": m} for m in ("hooks", "functorch", "ew", "ghost")]
     + [{"noise_multiplier": 1.0, "poisson": False}],
+    "dp_sat": [{"noise_multiplier": 1.0, "persist": True, "grad_sample_mode": m} for m in ("hooks", "ghost")]
+    + [{"noise_multiplier": 1.0, "variant": "momentum"}],
+    "dp_sam": [{"noise_multiplier": 1.0, "grad_sample_mode": m} for m in ("hooks", "ghost")],
     "central_dp": [{"side": s, "clipping": c} for s in ("server", "client") for c in ("fixed", "adaptive")],
     "quantization": [{}, {"stochastic": True}],
 }
