@@ -90,7 +90,7 @@ def _transformed_model(scenario: Scenario, setup) -> nn.Module:  # noqa: ANN001
     from fedsim.models import build_model
     from fedsim.seeding import derive_seed
 
-    model = build_model(scenario.model, setup.data.input_shape, setup.data.num_classes,
+    model = build_model(scenario.model, setup.data.input_shape, setup.data.output_dim,
                         seed=derive_seed(scenario.seed, "model-init"))
     for index, defense in _defenses_with_index(scenario, setup):
         try:

@@ -269,6 +269,9 @@ def parse_scenario(raw: Any) -> Scenario:
     except ValidationError as err:
         raise _first_error(err) from None
     resolve_plugins(scenario)
+    from fedsim.task_checks import check_task
+
+    check_task(scenario)  # what the task kind rules out (a class partition of a regression, ...), no data needed
     from fedsim.resources import check_scenario_resources
 
     check_scenario_resources(scenario)  # CPUs/GPUs/device this machine can give (no data needed)

@@ -53,8 +53,8 @@ class TaskInfo:
     """Public facts about the learning task: the server built the model, so it knows all of this."""
 
     dataset: str
-    input_shape: tuple[int, int, int]
-    num_classes: int
+    input_shape: tuple[int, ...]  # (C, H, W) of an image, or (d,) of a tabular feature vector
+    num_classes: int  # 0 for a regression task (see ``kind``)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     model: Mapping[str, Any]
@@ -67,6 +67,13 @@ class TaskInfo:
     # clipping norm, MID's beta) reach an attack through ``ClientUpdate.defenses`` alone, when
     # ``knowledge.defense`` grants them.
     model_transforms: tuple[Mapping[str, Any], ...] = ()
+    # "classification" (labels are class indices) or "regression" (real targets, one model output)
+    kind: str = "classification"
+
+    @property
+    def output_dim(self) -> int:
+        """Outputs of the model per example: ``num_classes`` logits, or 1 for a regression."""
+        return 1 if self.kind == "regression" else self.num_classes
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,38 @@ from fedsim.models.layers import record_masks, recorded_masks
 from fedsim.scenario import LocalTraining
 from fedsim.seeding import derive_seed, torch_generator
 
+LossFn = Callable[..., Tensor]  # (outputs, labels, reduction="mean") -> loss, like F.cross_entropy
+
+
+def mse_loss(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Squared error of a regression: ``mean_i mean_j (outputs[i, j] - targets[i, j])^2``, no 1/2 factor
+    (``torch.nn.MSELoss`` of DIFF2's authors).
+
+    ``outputs`` (N, 1) (or (N, k)); ``targets`` (N,) (or anything with N*k values) is reshaped to
+    ``outputs.shape`` and cast to its dtype. ``reduction`` as in ``F.cross_entropy``: ``"none"`` gives
+    the per-example loss (N,) (each example's mean over its outputs: what DP-SGD's ghost clipping asks
+    for), ``"sum"`` its sum, ``"mean"`` its mean (= ``F.mse_loss``; NaN on an empty batch, as cross-entropy).
+    """
+    per_element = F.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape), reduction="none")
+    per_example = per_element if per_element.dim() == 1 else per_element.flatten(1).mean(dim=1)
+    if reduction == "none":
+        return per_example
+    if reduction == "sum":
+        return per_example.sum()
+    if reduction == "mean":
+        return per_example.mean()
+    raise ValueError(f"unknown reduction {reduction!r} (none, mean or sum)")
+
+
+def task_loss(task: str) -> LossFn:
+    """The training loss of a task kind: cross-entropy for ``classification``, :func:`mse_loss` for
+    ``regression``. Both take ``reduction=``."""
+    if task == "regression":
+        return mse_loss
+    if task == "classification":
+        return F.cross_entropy
+    raise ValueError(f"unknown task kind {task!r} (classification or regression)")
+
 
 @dataclass
 class LocalResult:
@@ -48,7 +80,8 @@ def make_optimizer(model: nn.Module, local: LocalTraining) -> torch.optim.Optimi
 class TrainingJob:
     """What a client trains with in one round. Defenses' ``wrap_training`` hook may replace any part.
 
-    * ``loss_fn(logits, labels)``: e.g. MID's CE + beta*KL.
+    * ``loss_fn(logits, labels)``: the task's loss (:func:`task_loss`: cross-entropy, or MSE for a
+      regression; :func:`fedsim.simulation.client_round.build_job` sets it), then e.g. MID's loss + beta*KL.
     * ``make_optimizer(model, local)``: e.g. an Opacus ``DPOptimizer`` (per-sample clipping + noise).
     * ``sample_batches(n, local, protocol, generator)``: the round's index batches (default
       :func:`batch_schedule`; DP-SGD substitutes Poisson sampling, which its accountant assumes).
@@ -63,7 +96,7 @@ class TrainingJob:
     """
 
     model: nn.Module
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    loss_fn: LossFn = F.cross_entropy
     make_optimizer: Callable[[nn.Module, LocalTraining], torch.optim.Optimizer] = make_optimizer
     sample_batches: Callable[[int, LocalTraining, str, torch.Generator], list[Tensor]] | None = None
     before_read_gradients: Callable[[torch.optim.Optimizer], None] | None = None
@@ -176,7 +209,7 @@ def local_update(
     device: torch.device,
     record: bool = False,
 ) -> LocalResult:
-    """Run one client's round on its partition (``inputs`` in pixel space [0, 1]).
+    """Run one client's round on its partition (``inputs`` in pixel space [0, 1], or standardized features).
 
     ``job.model`` already holds the global weights. With ``record`` the dropout masks drawn during the
     round are returned in ``extras`` (only the evaluator may read them).
@@ -264,18 +297,25 @@ def evaluate(
     std: tuple[float, ...],
     batch_size: int,
     device: torch.device,
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` (eval mode) on a pixel-space test set."""
+    task: str = "classification",
+) -> tuple[float, float | None]:
+    """``(loss, accuracy)`` of ``model`` (eval mode) on a test set in the data's stored space.
+
+    Classification: mean cross-entropy and top-1 accuracy. Regression: mean squared error
+    (:func:`mse_loss`, the training loss) and ``None``: a regression has no accuracy.
+    """
     model.to(device).eval()
+    loss_fn = task_loss(task)
     total_loss, correct = 0.0, 0
     for start in range(0, len(inputs), batch_size):
         x = normalize(inputs[start : start + batch_size].to(device), mean, std)
         y = labels[start : start + batch_size].to(device)
-        logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
+        outputs = model(x)
+        total_loss += loss_fn(outputs, y, reduction="sum").item()
+        if task == "classification":
+            correct += int((outputs.argmax(1) == y).sum())
     n = max(len(inputs), 1)
-    return total_loss / n, correct / n
+    return total_loss / n, (correct / n if task == "classification" else None)
 
 
 def resolve_device(kind: str) -> torch.device:

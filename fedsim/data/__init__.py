@@ -1,18 +1,21 @@
 """Datasets and client partitions.
 
 :func:`load_dataset` turns a :class:`~fedsim.scenario.DataSpec` into a :class:`DatasetBundle`
-(float32 pixels in [0, 1], (N, C, H, W)); :func:`partition_indices` splits its training set among
-clients. Datasets come from the :data:`DATASETS` registry: six small ones bundled in the package
-(``digits``, ``mnist-5k``, ``mnist-mini``, ``fashion-mnist-mini``, ``cifar10-mini``,
-``cifar100-mini``; always offline), the full torchvision ones (``mnist``, ``fashion-mnist``,
-``cifar10``, ``cifar100``) and ``imagefolder`` for your own images.
+(float32 pixels in [0, 1], (N, C, H, W), or standardized features (N, d) for tabular data);
+:func:`partition_indices` splits its training set among clients. Datasets come from the
+:data:`DATASETS` registry: six small image sets bundled in the package (``digits``, ``mnist-5k``,
+``mnist-mini``, ``fashion-mnist-mini``, ``cifar10-mini``, ``cifar100-mini``; always offline), the full
+torchvision ones (``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``), ``imagefolder`` for your own
+images, and two tabular regression tasks from scikit-learn (``diabetes``, offline;
+``california-housing``, downloaded). :func:`facts_of` tells a dataset's task and input kind without
+loading it.
 """
 
 from __future__ import annotations
 
-from fedsim.data import bundled, imagefolder, torchvision_sets  # noqa: F401  (register the loaders)
-from fedsim.data.bundle import DatasetBundle
-from fedsim.data.catalog import DATASETS, DatasetLoader
+from fedsim.data import bundled, imagefolder, tabular, torchvision_sets  # noqa: F401  (register the loaders)
+from fedsim.data.bundle import TASK_KINDS, DatasetBundle, TaskKind
+from fedsim.data.catalog import DATASETS, DatasetFacts, DatasetLoader, facts_of
 from fedsim.data.partition import partition_indices
 from fedsim.data.transforms import denormalize, normalize
 from fedsim.errors import ScenarioError
@@ -20,9 +23,13 @@ from fedsim.scenario import DataSpec
 
 __all__ = [
     "DATASETS",
+    "TASK_KINDS",
     "DatasetBundle",
+    "DatasetFacts",
     "DatasetLoader",
+    "TaskKind",
     "denormalize",
+    "facts_of",
     "load_dataset",
     "normalize",
     "partition_indices",
@@ -37,6 +44,11 @@ def load_dataset(spec: DataSpec) -> DatasetBundle:
     :class:`~fedsim.errors.DataUnavailableError` when the data is not on disk.
     """
     bundle = DATASETS.get(spec.dataset)(spec)
+    facts = facts_of(spec.dataset)
+    tabular_inputs = len(bundle.input_shape) == 1
+    if bundle.task != facts.task or tabular_inputs != (facts.inputs == "tabular"):
+        raise ValueError(f"dataset {spec.dataset!r} loaded a {bundle.task} task on {bundle.input_shape} inputs, "
+                         f"but declares {facts} (fedsim.data.catalog.declare_facts)")
     if spec.train_subset is not None:
         if spec.train_subset > bundle.num_train:
             raise ScenarioError(

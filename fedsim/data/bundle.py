@@ -3,17 +3,26 @@
 Images are kept in *pixel space* (float32 in [0, 1], shape (N, C, H, W)); normalization happens
 late, on the device, with :func:`fedsim.data.transforms.normalize`. Attacks reconstruct and score
 images in this same pixel space, so the bundle carries the mean/std needed to go back and forth.
+
+Tabular datasets (:mod:`fedsim.data.tabular`) hold feature vectors, float32 (N, d), already
+standardized, with mean 0 and std 1 per feature (so normalization is the identity). A bundle's
+``task`` says what its labels are: class indices (``classification``, int64 (N,)) or real targets
+(``regression``, float32 (N,), one model output).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
 
 from fedsim.errors import ScenarioError
+
+TaskKind = Literal["classification", "regression"]
+TASK_KINDS: tuple[TaskKind, ...] = ("classification", "regression")
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,6 +31,9 @@ class DatasetBundle:
 
     The dataclass is frozen but tensors are not: every :func:`fedsim.data.load_dataset` call returns
     fresh tensors, so mutating them in place never leaks into a later load.
+
+    ``num_classes`` is the number of classes of a classification task and 0 for a regression task
+    (it has none); :attr:`output_dim` is what the model outputs per example in either case.
     """
 
     name: str
@@ -30,28 +42,39 @@ class DatasetBundle:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    mean: tuple[float, ...]
+    mean: tuple[float, ...]  # per channel (images) or per feature (tabular)
     std: tuple[float, ...]
     attribution: str
+    task: TaskKind = "classification"
 
     def __post_init__(self) -> None:
+        if self.task not in TASK_KINDS:
+            raise ValueError(f"{self.name}: task must be one of {TASK_KINDS}, got {self.task!r}")
+        label = (torch.int64, "int64") if self.task == "classification" else (torch.float32, "float32")
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
-            if x.dtype != torch.float32 or x.dim() != 4:
+            if x.dtype != torch.float32 or x.dim() not in (2, 4):
                 got = f"{x.dtype} {tuple(x.shape)}"
-                raise ValueError(f"{self.name}: {split}_x must be float32 (N, C, H, W), got {got}")
-            if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise ValueError(f"{self.name}: {split}_y must be int64 of shape ({x.shape[0]},)")
+                raise ValueError(f"{self.name}: {split}_x must be float32 (N, C, H, W) or (N, d), got {got}")
+            if y.dtype != label[0] or y.shape != (x.shape[0],):
+                raise ValueError(f"{self.name}: {split}_y must be {label[1]} of shape ({x.shape[0]},) "
+                                 f"for a {self.task} task")
         if self.train_x.shape[1:] != self.test_x.shape[1:] and self.test_x.shape[0] > 0:
-            raise ValueError(f"{self.name}: train and test images differ in shape")
+            raise ValueError(f"{self.name}: train and test inputs differ in shape")
         channels = self.train_x.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
-            raise ValueError(f"{self.name}: mean/std need one value per channel ({channels})")
+            raise ValueError(f"{self.name}: mean/std need one value per channel or feature ({channels})")
+        if (self.task == "regression") != (self.num_classes == 0):
+            raise ValueError(f"{self.name}: num_classes must be 0 exactly for a regression task")
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        c, h, w = self.train_x.shape[1:]
-        return int(c), int(h), int(w)
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image, or (d,) of one feature vector."""
+        return tuple(int(d) for d in self.train_x.shape[1:])
+
+    @property
+    def output_dim(self) -> int:
+        """Outputs of the model per example: ``num_classes`` logits, or 1 prediction for a regression."""
+        return 1 if self.task == "regression" else self.num_classes
 
     @property
     def num_train(self) -> int:

@@ -1,4 +1,6 @@
-"""Per-channel normalization between pixel space [0, 1] and the models' input space."""
+"""Per-channel (images) or per-feature (vectors) normalization between the data's stored space and the
+models' input space. Images are stored in pixel space [0, 1]; tabular features are stored already
+standardized, with mean 0 and std 1 per feature, so for them both functions are the identity."""
 
 from __future__ import annotations
 
@@ -7,20 +9,23 @@ from collections.abc import Sequence
 import torch
 
 
-def _channel_stats(x: torch.Tensor, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """``values`` as a (C, 1, 1) tensor on ``x``'s device and dtype; broadcasts over (C,H,W) and (N,C,H,W)."""
-    return torch.as_tensor(values, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+def _stats(x: torch.Tensor, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """``values`` on ``x``'s device and dtype, shaped to broadcast over ``x``: (C, 1, 1) for images
+    ((C, H, W) or (N, C, H, W)), (d,) for feature vectors ((d,) or (N, d))."""
+    stats = torch.as_tensor(values, dtype=x.dtype, device=x.device)
+    return stats.reshape(-1, 1, 1) if x.dim() >= 3 else stats.reshape(-1)
 
 
 def normalize(
     x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
-    """``(x - mean) / std`` per channel; ``x`` is (C, H, W) or (N, C, H, W) on any device. Differentiable."""
-    return (x - _channel_stats(x, mean)) / _channel_stats(x, std)
+    """``(x - mean) / std`` per channel of an image batch (C, H, W) / (N, C, H, W) or per feature of a
+    vector batch (d,) / (N, d), on any device. Differentiable."""
+    return (x - _stats(x, mean)) / _stats(x, std)
 
 
 def denormalize(
     x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
-    """Inverse of :func:`normalize`: ``x * std + mean`` per channel (no clamping to [0, 1])."""
-    return x * _channel_stats(x, std) + _channel_stats(x, mean)
+    """Inverse of :func:`normalize`: ``x * std + mean`` per channel or feature (no clamping to [0, 1])."""
+    return x * _stats(x, std) + _stats(x, mean)

@@ -1,10 +1,11 @@
 """Victim models: a registry of builders plus :func:`build_model`, the one way fedsim makes a model.
 
 Every model is built from a :class:`~fedsim.scenario.ModelSpec` (name, width, norm, dropout,
-activation), an input shape and a class count. All dropout is :class:`MaskDropout`, so attacks can
-record or impose dropout masks (Scheliga et al., AAAI 2023), and every model supports double
-backward, which gradient inversion needs. A new architecture is one new module in this package with
-an ``@MODELS.register("name")`` builder; it is imported automatically.
+activation), an input shape ((C, H, W) images; (d,) feature vectors for the models that flatten their
+input, ``mlp`` and ``fc10``) and an output count (the classes, or 1 for a regression). All dropout is
+:class:`MaskDropout`, so attacks can record or impose dropout masks (Scheliga et al., AAAI 2023), and
+every model supports double backward, which gradient inversion needs. A new architecture is one new
+module in this package with an ``@MODELS.register("name")`` builder; it is imported automatically.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ __all__ = [
 def build_model(
     spec: ModelSpec, input_shape: InputShape | tuple[int, ...], num_classes: int, seed: int | None = None
 ) -> nn.Module:
-    """Build ``spec.name`` for ``input_shape`` = (C, H, W) and ``num_classes`` outputs (in train mode).
+    """Build ``spec.name`` for ``input_shape`` = (C, H, W) or (d,) and ``num_classes`` outputs (in train mode;
+    a regression task passes its ``output_dim``, 1).
 
     With ``seed``, the initial weights depend only on the seed: initialization runs inside
     ``torch.random.fork_rng`` so the caller's global RNG state is left as it was. Without a seed the
@@ -57,8 +59,9 @@ def build_model(
         raise ScenarioError("model.name", f"unknown model {spec.name!r} (known: {', '.join(MODELS)})")
     builder = MODELS.get(spec.name)
     shape = tuple(int(d) for d in input_shape)
-    if len(shape) != 3:
-        raise ScenarioError("model.name", f"{spec.name} needs a (channels, height, width) input, got {shape}")
+    if len(shape) not in (1, 3):
+        raise ScenarioError("model.name", f"{spec.name} needs a (channels, height, width) or (features,) input, "
+                                          f"got {shape}")
     if seed is None:
         return builder(spec, shape, num_classes)  # type: ignore[arg-type]
     with torch.random.fork_rng(devices=[]):

@@ -11,8 +11,8 @@ from fedsim.errors import ScenarioError
 from fedsim.registry import Registry
 from fedsim.scenario import ModelSpec
 
-InputShape = tuple[int, int, int]
-ModelBuilder = Callable[[ModelSpec, InputShape, int], nn.Module]
+InputShape = tuple[int, ...]  # (C, H, W) of an image, or (d,) of a feature vector (models that flatten)
+ModelBuilder = Callable[[ModelSpec, InputShape, int], nn.Module]  # (spec, input shape, outputs) -> model
 
 MODELS: Registry[ModelBuilder] = Registry("model")
 
@@ -22,13 +22,18 @@ def activation_of(spec: ModelSpec, default: str) -> str:
     return spec.activation or default
 
 
-def check_io(name: str, input_shape: InputShape, num_classes: int) -> None:
-    """Reject malformed input shapes and class counts with a ScenarioError."""
-    if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
-        reason = f"{name} needs a (channels, height, width) input, got {input_shape}"
-        raise ScenarioError("model.name", reason)
+def check_io(name: str, input_shape: InputShape, num_classes: int, *, vectors: bool = False) -> None:
+    """Reject malformed input shapes and output counts with a ScenarioError at ``model.name``.
+
+    Every model takes images (C, H, W); one that flattens its input (``vectors=True``: ``mlp``, ``fc10``)
+    also takes feature vectors (d,) of tabular data. ``num_classes`` is the number of outputs."""
+    ranks = (1, 3) if vectors else (3,)
+    if len(input_shape) not in ranks or any(int(d) < 1 for d in input_shape):
+        what = "a (channels, height, width) image or a (features,) vector" if vectors else (
+            "a (channels, height, width) image input: it is an image model (for tabular data use fc10 or mlp)")
+        raise ScenarioError("model.name", f"{name} needs {what}, got {tuple(input_shape)}")
     if num_classes < 1:
-        raise ScenarioError("model.name", f"{name} needs at least one class, got {num_classes}")
+        raise ScenarioError("model.name", f"{name} needs at least one output, got {num_classes}")
 
 
 def check_min_size(name: str, input_shape: InputShape, min_hw: int) -> None:

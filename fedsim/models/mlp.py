@@ -3,7 +3,8 @@
 Scheliga et al. (AAAI 2023) attack an MLP of 3 hidden layers of 512 units, each
 ``Linear (no bias) -> GELU -> Dropout``. Here the hidden width is ``16 * spec.width``, so the default
 width 32 gives exactly that shape; the activation defaults to ReLU (``activation: gelu`` reproduces
-the paper). Dropout, when ``spec.dropout > 0``, follows every hidden activation.
+the paper). Dropout, when ``spec.dropout > 0``, follows every hidden activation. The input is
+flattened, so the MLP takes images (C, H, W) and tabular feature vectors (d,) alike.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class MLP(nn.Module):
 @MODELS.register("mlp")
 def build_mlp(spec: ModelSpec, input_shape: InputShape, num_classes: int) -> nn.Module:
     """The DIA MLP: 3 hidden layers of ``16 * width`` units (512 at the default width)."""
-    check_io("mlp", input_shape, num_classes)
+    check_io("mlp", input_shape, num_classes, vectors=True)
     return MLP(
         in_features=math.prod(input_shape),
         hidden=[WIDTH_MULTIPLIER * spec.width] * HIDDEN_LAYERS,

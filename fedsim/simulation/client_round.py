@@ -32,7 +32,7 @@ from defenses.base import Defense, UpdateContext
 from fedsim.scenario import Scenario
 from fedsim.simulation import keys
 from fedsim.simulation.setup import FederationSetup, setup_for
-from fedsim.training import LocalResult, TrainingJob, local_update
+from fedsim.training import LocalResult, TrainingJob, local_update, task_loss
 
 Metric = float | int
 
@@ -60,9 +60,10 @@ def update_defenses(defenses: Sequence[Defense]) -> list[Defense]:
 
 def build_job(setup: FederationSetup, model: nn.Module, round_num: int, partition_id: int, num_examples: int,
               state: dict[str, str | Tensor] | None = None) -> TrainingJob:
-    """The round's TrainingJob after every defense's ``wrap_training`` (in composition order)."""
-    job = TrainingJob(model, state=dict(state or {}), seed=setup.scenario.seed, round=round_num,
-                      partition_id=partition_id, num_examples=num_examples)
+    """The round's TrainingJob: the task's loss (:func:`~fedsim.training.task_loss`: cross-entropy, or MSE for a
+    regression), then every defense's ``wrap_training`` (in composition order)."""
+    job = TrainingJob(model, loss_fn=task_loss(setup.data.task), state=dict(state or {}), seed=setup.scenario.seed,
+                      round=round_num, partition_id=partition_id, num_examples=num_examples)
     for defense in setup.defenses:
         job = defense.wrap_training(job)
     return job

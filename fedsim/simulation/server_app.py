@@ -65,16 +65,33 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> di
 
 
 def needs_every_client(defenses: list) -> str | None:
-    """The first defense that wraps the server strategy (its noise assumes every sampled client's update:
-    see :mod:`fedsim.simulation.participation`), or None."""
+    """Why the first failed client must stop the run (:mod:`fedsim.simulation.participation`), or None: a defense
+    wraps the server strategy (its noise assumes every sampled client's update) or states its own reason
+    (``Defense.every_client_reason``, e.g. DIFF2's estimator)."""
     from defenses.base import Defense
 
-    return next((d.name for d in defenses if type(d).wrap_strategy is not Defense.wrap_strategy), None)
+    for d in defenses:
+        if type(d).wrap_strategy is not Defense.wrap_strategy:
+            return (f"defense '{d.name}' wraps the server strategy, whose noise is calibrated to every sampled "
+                    "client's update")
+        if getattr(d, "every_client_reason", ""):
+            return d.every_client_reason
+    return None
+
+
+def message_references(defenses: list) -> Callable[[int], bool] | None:
+    """``round -> bool``: whether the clients send gradient differences in that round (``Defense.message_reference``),
+    or None when no defense makes them (the capture then keeps no previous model)."""
+    from defenses.base import Defense
+
+    chosen = [d for d in defenses if type(d).message_reference is not Defense.message_reference]
+    return (lambda rnd: any(d.message_reference(rnd) for d in chosen)) if chosen else None
 
 
 class RoundRows:
     """The per-round history rows of either server path (plain or SecAgg+): time, mean client train loss,
-    participation, test loss and accuracy every ``evaluation.every`` rounds and after the last, and the
+    participation, test loss and (classification only) accuracy every ``evaluation.every`` rounds and after
+    the last, and the
     defenses' server metrics. The global model after a model attack's round is kept here too."""
 
     def __init__(self, scenario: Scenario, outcome: FederationOutcome, on_round: RoundCallback | None) -> None:
@@ -101,8 +118,10 @@ class RoundRows:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(scenario.seed, "eval", server_round))
                 loss, acc = evaluate(self.model, data.test_x, data.test_y, mean=data.mean, std=data.std,
-                                     batch_size=scenario.evaluation.batch_size, device=setup.device)
-            row.update(test_loss=loss, test_accuracy=acc)
+                                     batch_size=scenario.evaluation.batch_size, device=setup.device, task=data.task)
+            row["test_loss"] = loss  # cross-entropy, or a regression's mean squared error
+            if acc is not None:  # a regression has no accuracy: the row has no test_accuracy key at all
+                row["test_accuracy"] = acc
         for defense in setup.defenses:
             row.update(defense.server_round_metrics(server_round))
         outcome.history.append(row)
@@ -128,7 +147,8 @@ def build_server_app(
         strategy = build_strategy(scenario, node_of_partition)
         for defense in setup.defenses:
             strategy = defense.wrap_strategy(strategy)
-        proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses))
+        proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses),
+                              message_references(setup.defenses))
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             row = rows(server_round, arrays.to_torch_state_dict)

@@ -61,6 +61,7 @@ class FederationSetup:
             protocol=self.scenario.federation.protocol,
             # defenses that reshaped the model (MID, dropout): attacks rebuild the same architecture
             model_transforms=self.model_transforms,
+            kind=d.task,
         )
 
     @cached_property
@@ -71,7 +72,7 @@ class FederationSetup:
         the model as it was, e.g. DP-SGD on a model without BatchNorm, is not even named)."""
         from defenses.base import Defense
 
-        model = build_model(self.scenario.model, self.data.input_shape, self.data.num_classes,
+        model = build_model(self.scenario.model, self.data.input_shape, self.data.output_dim,
                             seed=derive_seed(self.scenario.seed, "model-init"))
         out = []
         for defense in self.defenses:
@@ -86,7 +87,7 @@ class FederationSetup:
     def build_model(self) -> nn.Module:
         """The scenario's model with the initial global weights, after model-transforming defenses."""
         model = build_model(
-            self.scenario.model, self.data.input_shape, self.data.num_classes,
+            self.scenario.model, self.data.input_shape, self.data.output_dim,
             seed=derive_seed(self.scenario.seed, "model-init"),
         )
         for defense in self.defenses:
