@@ -75,8 +75,11 @@ def _rounds_section(source: Source, rows: Sequence[LeaderRow], assets: Path) -> 
                           "Mean PSNR of each attack per attacked round (grey dashed: test accuracy)." if leak else
                           "Leakage over rounds needs attacks in at least two rounds (set the attack's rounds or "
                           "every: k); this run attacked one round, see the leaderboard.", "leakage over rounds")
-        util_fig = figure(_uri(assets / "utility.png", util), "Test accuracy (and loss, red dashed) of the global "
-                          "model per round." if util else "No round was evaluated.", "accuracy over rounds")
+        what = ("Test accuracy (and loss, red dashed) of the global model per round." if any(
+            "test_accuracy" in h for h in history) else "Test loss of the global model per round (the task has no "
+            "accuracy: a regression's mean squared error).")
+        util_fig = figure(_uri(assets / "utility.png", util), what if util else "No round was evaluated.",
+                          "accuracy over rounds")
         body = f'<div class="pair">{leak_fig}{util_fig}</div>'
     return f'<section id="rounds"><h2>Leakage and accuracy over rounds</h2>{body}</section>'
 

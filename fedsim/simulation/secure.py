@@ -238,7 +238,10 @@ def build_secure_server_app(scenario: Scenario, outcome: FederationOutcome, para
             row = rows(server_round, state)
             if server_round == fed.rounds:
                 outcome.final_state = state()
-            return (row["test_loss"], {"accuracy": row["test_accuracy"]}) if "test_loss" in row else None
+            if "test_loss" not in row:
+                return None
+            accuracy = {"accuracy": row["test_accuracy"]} if "test_accuracy" in row else {}  # none: a regression
+            return row["test_loss"], accuracy
 
         strategy = _CapturingLegacyFedAvg(
             scenario, outcome, names, partition_of_node, fraction_fit=1.0, fraction_evaluate=0.0,
