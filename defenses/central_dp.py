@@ -27,8 +27,11 @@ with q = clients_per_round / clients and sigma = ``noise_multiplier``, as :func:
 computes (q = 1 under full participation: no amplification, exact). fedsim's client sampling is a
 fixed-size draw, not the Poisson sampling this analysis assumes; the figure is the customary
 approximation, and the run's privacy block says so (``sampling``). Adaptive clipping composes the count
-and the update releases to the same sigma (Andrew et al., Thm. 1), so the same figure applies. It is
-written into the per-round history (``epsilon``, ``delta``, ``noise_multiplier``, ``sample_rate``)
+and the update releases to the same sigma (Andrew et al., Thm. 1), so the same figure applies.
+``target_epsilon`` (instead of ``noise_multiplier``) solves sigma for the planned rounds with Opacus's
+``get_noise_multiplier`` on the same accountant (RDP, q as above, one step a round; tolerance 0.01 below
+the target), as dp_sgd does for its steps, so a benchmark can run both at a matched epsilon. Epsilon
+is written into the per-round history (``epsilon``, ``delta``, ``noise_multiplier``, ``sample_rate``)
 through :meth:`CentralDP.server_round_metrics`; ``fedsim.privacy.summary`` re-accounts it with Google's
 dp_accounting (RDP and PLD) for the report.
 
@@ -53,6 +56,7 @@ from flwr.serverapp.strategy import (
 from pydantic import Field
 
 from defenses.base import Defense, DefenseParams, register_defense
+from defenses.dp_sgd import solve_noise_multiplier
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.privacy.accounting import opacus_epsilon
 from fedsim.scenario import DefenseSpec, Scenario
@@ -66,6 +70,8 @@ class CentralDPParams(DefenseParams):
     side: Literal["server", "client"] = Field("server", description="where updates are clipped")
     clipping: Literal["fixed", "adaptive"] = "fixed"
     noise_multiplier: float = Field(1.0, ge=0, description="sigma: noise std on the sum = sigma * C")
+    target_epsilon: float | None = Field(None, gt=0, description="solve sigma so the planned rounds spend this "
+                                         "(client-level, RDP); replaces noise_multiplier")
     clipping_norm: float = Field(1.0, gt=0, description="C for fixed clipping")
     initial_clipping_norm: float = Field(0.1, gt=0, description="adaptive: the first C")
     target_clipped_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: fraction of updates clipped")
@@ -88,8 +94,17 @@ def _sample_rate(scenario: Scenario) -> float:
     return min(1.0, fed.sampled_per_round / fed.clients)
 
 
+def noise_multiplier_of(p: CentralDPParams, scenario: Scenario) -> float:
+    """Sigma of the run: ``noise_multiplier``, or the one that spends ``target_epsilon`` at ``delta`` over the
+    scenario's rounds (one sampled Gaussian step per round at q = clients_per_round / clients, RDP)."""
+    if p.target_epsilon is None:
+        return p.noise_multiplier
+    return solve_noise_multiplier(p.target_epsilon, p.delta, _sample_rate(scenario), scenario.federation.rounds,
+                                  "rdp")
+
+
 def _epsilon_after(p: CentralDPParams, scenario: Scenario, rounds: int) -> float:
-    return opacus_epsilon([(p.noise_multiplier, _sample_rate(scenario), rounds)], p.delta, "rdp")
+    return opacus_epsilon([(noise_multiplier_of(p, scenario), _sample_rate(scenario), rounds)], p.delta, "rdp")
 
 
 class _SeededNoise:
@@ -164,14 +179,18 @@ class CentralDP(Defense):
                                            "federation.protocol: fedavg (fedsgd replies are gradients)")
         if sum(d.name == spec.name for d in scenario.defenses) > 1:
             raise IncompatibleDefenseError("central_dp can appear once")
+        if p.target_epsilon is not None and "noise_multiplier" in spec.params:
+            raise IncompatibleDefenseError("central_dp takes params.noise_multiplier or params.target_epsilon, "
+                                           "not both")
         wrong = [k for k in (ADAPTIVE_ONLY if p.clipping == "fixed" else ("clipping_norm",)) if k in spec.params]
         if wrong:
             raise IncompatibleDefenseError(f"params.{wrong[0]} does not apply to clipping: {p.clipping}")
-        if p.clipping == "adaptive" and p.noise_multiplier > 0:
+        sigma = noise_multiplier_of(p, scenario)
+        if p.clipping == "adaptive" and sigma > 0:
             stddev = p.clipped_count_stddev
             if stddev is None:
                 stddev = scenario.federation.sampled_per_round / 20
-            if p.noise_multiplier >= 2 * stddev:
+            if sigma >= 2 * stddev:
                 raise IncompatibleDefenseError(
                     f"adaptive clipping needs noise_multiplier < 2 * clipped_count_stddev ({2 * stddev:g}; "
                     "the default stddev is clients_per_round / 20): raise params.clipped_count_stddev")
@@ -180,15 +199,16 @@ class CentralDP(Defense):
         if self.scenario is None:
             raise IncompatibleDefenseError("central_dp needs the scenario (build it with build_defenses)")
         p, k = self.params, self.scenario.federation.sampled_per_round
+        sigma = noise_multiplier_of(p, self.scenario)
         if not hasattr(strategy, "uniform_weights"):
             raise IncompatibleDefenseError("central_dp needs fedsim's FedAvg strategy (it averages uniformly)")
         strategy.uniform_weights = True  # the mean the noise sigma*C/K is calibrated to (see module doc)
         if p.clipping == "fixed":
             cls = ServerSideFixed if p.side == "server" else ClientSideFixed
-            wrapped = cls(strategy, p.noise_multiplier, p.clipping_norm, k)
+            wrapped = cls(strategy, sigma, p.clipping_norm, k)
         else:
             cls = ServerSideAdaptive if p.side == "server" else ClientSideAdaptive
-            wrapped = cls(strategy, p.noise_multiplier, k, initial_clipping_norm=p.initial_clipping_norm,
+            wrapped = cls(strategy, sigma, k, initial_clipping_norm=p.initial_clipping_norm,
                           target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
                           clipped_count_stddev=p.clipped_count_stddev)
         wrapped.fedsim_seed = self.scenario.seed
@@ -204,4 +224,5 @@ class CentralDP(Defense):
         if self.scenario is None or server_round < 1:
             return {}
         return {"epsilon": _epsilon_after(self.params, self.scenario, server_round), "delta": self.params.delta,
-                "noise_multiplier": self.params.noise_multiplier, "sample_rate": _sample_rate(self.scenario)}
+                "noise_multiplier": noise_multiplier_of(self.params, self.scenario),
+                "sample_rate": _sample_rate(self.scenario)}
