@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedsim.errors import FedsimError
 from fedsim.outputs import REPORT_ASSETS, check_replaceable, fresh_partial, remove_owned
+from fedsim.report.dp_frontier_section import dp_frontier_section
 from fedsim.report.figures import utility_curve
 from fedsim.report.frontier import frontier_plot, setting_label
 from fedsim.report.gallery import GalleryEntry, data_uri, load_reconstructions, png_bytes, strip_png
@@ -190,7 +191,8 @@ def render_report(source_dir: Path, out_html: Path | None = None, *, name: str |
         title, header = run_header(source) if source.kind == "run" else bench_header(source)
         participation = participation_section(load_metrics(source.path)) if source.kind == "run" else ""
         sections = [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
-                    _frontier_section(rows, partial), _rounds_section(source, rows, partial),
+                    _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
+                    _rounds_section(source, rows, partial),
                     _galleries_section(source, rows, partial)]
         kind = "single run" if source.kind == "run" else "benchmark"
         shown = name or source.path.name
