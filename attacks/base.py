@@ -12,6 +12,7 @@ model released after a round instead: ``invert`` receives a :class:`ReleasedMode
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from attacks.differences import DIFFERENCE_DEFENSES, difference_defense, difference_rounds
 from attacks.label_recovery import classifier_input, label_rule_problem
 from fedsim.errors import ScenarioError, ThreatModelError
 from fedsim.isolation import seeded_method
@@ -27,6 +29,20 @@ from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
 from fedsim.threat import ClientUpdate, ModelFacts, Reconstruction, ReleasedModel
 
 ProgressFn = Callable[[int, int], None]  # (iterations done, iterations total)
+
+
+def _refusing_differences(fn: Callable[..., Reconstruction]) -> Callable[..., Reconstruction]:
+    """``reconstruct`` that fails, with the reason, on a gradient-difference update (``reference_state``
+    set) when its class does not match differences (:attr:`Attack.matches_differences`)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Attack, update: ClientUpdate, *args: Any, **kwargs: Any) -> Reconstruction:
+        if getattr(update, "reference_state", None) is not None and not type(self).matches_differences:
+            return Reconstruction.failure(f"{type(self).__name__} cannot match a gradient difference (a DIFF2 "
+                                          "difference round): it would read it as a plain gradient")
+        return fn(self, update, *args, **kwargs)
+
+    return wrapper
 
 
 class AttackParams(BaseModel):
@@ -55,6 +71,15 @@ class Attack(ABC):
     #: What the attack reads: "update" (a captured client update, ``reconstruct``) or "model" (the
     #: released global model, ``invert``; see :class:`ModelInversionAttack`).
     target: ClassVar[str] = "update"
+    #: Whether every dummy message it matches is computed from the model :func:`attacks.victim.victim_model`
+    #: rebuilt, through :func:`attacks.inverting_gradients.gradient_distance` or
+    #: :func:`attacks.batched.parameter_gradient` (:mod:`attacks.differences`), so it matches DIFF2's
+    #: gradient differences as differences. An update attack that does not (analytic rules, unrolled local
+    #: training, dropout masks) is refused in a DIFF2 scenario and fails on a difference update.
+    matches_differences: ClassVar[bool] = False
+    #: Defenses it models in its own simulation of the client rather than through ``attacker_transform``
+    #: (e.g. FedAvg inversion: DP-SAT's perturbed point); they count as modelable for ``knowledge.defense``.
+    simulates_defenses: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every ``reconstruct``/``invert`` a subclass defines runs with the global RNGs seeded from the
@@ -65,7 +90,7 @@ class Attack(ABC):
         for name in ("reconstruct", "invert"):
             fn = cls.__dict__.get(name)
             if callable(fn) and not getattr(fn, "__seeded__", False):
-                setattr(cls, name, seeded_method(fn))
+                setattr(cls, name, seeded_method(_refusing_differences(fn) if name == "reconstruct" else fn))
 
     def __init__(
         self,
@@ -103,13 +128,33 @@ class Attack(ABC):
             raise ScenarioError("knowledge.bn_stats", "'client' (the client's own batch statistics) cannot be "
                                 "granted: no update carries them and the runner hands none over; use 'running' "
                                 "(the global model's statistics) or 'none'")
+        if cls.target == "update" and difference_defense(scenario) is not None:
+            cls._check_differences(scenario, spec)
         if spec.knowledge.defense and cls.models_defenses:
             from attacks.defense_aware import unmodelable
 
-            why = unmodelable(scenario)
+            also = (*cls.simulates_defenses, *(DIFFERENCE_DEFENSES if cls.matches_differences else ()))
+            why = unmodelable(scenario, also)
             if why is not None:
                 raise ScenarioError("knowledge.defense", f"true switches on {spec.name}'s defense-aware mode, but "
                                     f"{why}; set it to false")
+
+    @classmethod
+    def _check_differences(cls, scenario: Scenario, spec: AttackSpec) -> None:
+        """Refuse a DIFF2 scenario this attack cannot attack: one that does not match differences
+        (:attr:`matches_differences`), or label inference on a targeted difference round (the labels
+        cancel from a difference's last layer, :data:`attacks.label_recovery.DIFFERENCE_LABELS`)."""
+        name = difference_defense(scenario).name
+        if not cls.matches_differences:
+            raise ThreatModelError(f"{spec.name} cannot match the gradient differences {name} clients send (it "
+                                   "reads the update as a plain gradient or weight delta); use a gradient-matching "
+                                   "attack such as inverting_gradients")
+        infers = "label_strategy" in cls.Params.model_fields and spec.knowledge.labels != "known"
+        diff_rounds = difference_rounds(scenario, spec.target_rounds(scenario.federation.rounds))
+        if infers and diff_rounds:
+            raise ScenarioError("knowledge.labels", f"'infer' cannot work in {name}'s difference rounds "
+                                f"(targeted: {diff_rounds[:5]}): the labels cancel from a gradient difference's "
+                                "last layer; grant labels: known, or target restart rounds only")
 
     @classmethod
     def check_model(cls, scenario: Scenario, spec: AttackSpec, facts: ModelFacts) -> None:

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
+
+from attacks.differences import functional_message, message_of
 
 Stopped = Literal["time limit", "non-finite loss"] | None
 
@@ -76,27 +77,16 @@ def stateless_model(model: nn.Module) -> nn.Module:
 
 
 def parameter_gradient(model: nn.Module) -> Callable[[Tensor, Tensor], list[Tensor]]:
-    """``(x, labels) -> grad_theta CE(f_theta(x), labels)``, one tensor per ``model.parameters()`` entry.
+    """``(x, labels) -> the client's message for batch x``, one tensor per ``model.parameters()`` entry.
 
     Written with ``torch.func`` (``functional_call`` + ``grad``), so it composes with ``vmap`` over
-    trials and with an outer ``grad`` over ``x`` (double backward); the mean cross-entropy is the
-    loss a FedSGD client differentiates. The model's current parameters and mode are captured.
+    trials and with an outer ``grad`` over ``x`` (double backward). For a plain update it is the
+    gradient of the mean cross-entropy, the loss a FedSGD client differentiates; when the model carries
+    a DIFF2 message (:func:`attacks.differences.message_of`: a reference model, per-sample clipping) it
+    is that gradient difference (:func:`attacks.differences.functional_message`). The model's current
+    parameters and mode are captured.
     """
-    module = stateless_model(model)
-    params = {name: p.detach() for name, p in module.named_parameters()}
-    buffers = dict(module.named_buffers())
-    names = list(params)
-
-    def mean_ce(p: dict[str, Tensor], x: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(module, (p, buffers), (x,)), labels)
-
-    param_grad = grad(mean_ce)
-
-    def gradient(x: Tensor, labels: Tensor) -> list[Tensor]:
-        grads = param_grad(params, x, labels)
-        return [grads[name] for name in names]
-
-    return gradient
+    return functional_message(stateless_model(model), message_of(model))
 
 
 def matching_loss(

@@ -23,6 +23,8 @@ from typing import Any, overload
 
 from torch import Tensor
 
+from attacks.differences import DIFFERENCE_DEFENSES
+
 Description = Mapping[str, Any]
 
 
@@ -83,14 +85,20 @@ class DefenseTransform:
         return [out[name] for name in self.names]
 
 
-def unmodelable(scenario: Any) -> str | None:
+def unmodelable(scenario: Any, also: Sequence[str] = ()) -> str | None:
     """Why a defense-aware mode would model nothing in ``scenario`` (no defense, or none with an
-    ``attacker_transform``: e.g. pure noise), or ``None`` when at least one defense can be modelled."""
+    ``attacker_transform``: e.g. pure noise), or ``None`` when at least one defense can be modelled.
+
+    ``also``: defense names the attack models elsewhere, in its simulation of the client's message
+    (DIFF2's per-sample clipping in :mod:`attacks.differences`, DP-SAT's perturbed point in unrolling).
+    """
     from defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
 
     names = [spec.name for spec in scenario.defenses]
     if not names:
         return "the scenario has no defense: there is nothing to model"
+    if any(n in also for n in names):
+        return None
     if not any(DEFENSES.get(n).attacker_transform is not Defense.attacker_transform for n in names if n in DEFENSES):
         return f"none of its defenses ({', '.join(names)}) has a deterministic part to model"
     return None
@@ -101,11 +109,15 @@ def defense_transform(descriptions: Sequence[Description], names: Sequence[str] 
 
     ``descriptions`` is ``update.defenses`` (empty unless the threat model grants
     ``knowledge.defense``); ``names`` keys list inputs, e.g. ``[n for n, _ in model.named_parameters()]``.
-    ``.defenses`` is empty when nothing is modelled. Invalid parameters in a description raise
-    ``ValueError`` (pydantic's validation error).
+    ``.defenses`` is empty when nothing is modelled here; a DIFF2 description is listed in ``.modeled``
+    but applied by the message itself (per-sample clipping, :func:`attacks.victim.message_spec`).
+    Invalid parameters in a description raise ``ValueError`` (pydantic's validation error).
     """
     built, modeled, skipped = [], [], []
     for description in descriptions:
+        if description.get("name") in DIFFERENCE_DEFENSES:  # modelled in the message itself (attacks.differences)
+            modeled.append(str(description["name"]))
+            continue
         defense, why = _build(description)
         if defense is None:
             skipped.append(why)

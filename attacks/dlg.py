@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.inverting_gradients import initial_inputs, pixel_box, to_pixels
+from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
 from attacks.matching import (
     LabelStrategy,
     check_delta_scale,
@@ -60,10 +59,9 @@ from fedsim.threat import ClientUpdate, Reconstruction
 def soft_gradient_distance(
     model: nn.Module, x: Tensor, targets: Tensor, target: list[Tensor], distance: Distance, create_graph: bool = True
 ) -> Tensor:
-    """``D(grad_theta CE(f(x), targets), g*)``; ``targets`` are class indices (B,) or probabilities (B, K)."""
-    loss = F.cross_entropy(model(x), targets)
-    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=create_graph)
-    return distance(grads, target)
+    """``D(m(x, targets), g*)``; ``targets`` are class indices (B,) or probabilities (B, K). The client's
+    message ``m`` (a gradient, or a DIFF2 difference) is :func:`attacks.inverting_gradients.gradient_distance`'s."""
+    return gradient_distance(model, x, targets, target, distance, create_graph)
 
 
 @dataclass(frozen=True)
@@ -158,6 +156,7 @@ class DeepLeakage(Attack):
 
     summary = "DLG (Zhu et al. 2019): L-BFGS over dummy images and soft labels, L2 gradient matching"
     Params = DLGParams
+    matches_differences = True  # dummy messages via gradient_distance (attacks.differences)
     #: Optimize soft labels with the images (DLG) or fix them from the update first (iDLG).
     joint_labels: ClassVar[bool] = True
 

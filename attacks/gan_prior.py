@@ -110,6 +110,7 @@ class GanPriorAttack(Attack):
     that an L2 distance on a FedAvg delta has the local hyperparameters it needs to rescale."""
 
     models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD)
+    matches_differences = True  # dummy messages via Victim.grad_loss -> gradient_distance (attacks.differences)
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:

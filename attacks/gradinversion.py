@@ -171,6 +171,7 @@ class GradInversion(Attack):
     """Gradient matching with BatchNorm-statistics and group-consistency priors (Yin et al., 2021)."""
 
     summary = "GradInversion (Yin et al. 2021): gradient matching + BN-statistics and group-consistency priors"
+    matches_differences = True  # dummy messages via gradient_distance (attacks.differences)
 
     class Params(AttackParams):
         lr: float = Field(0.1, gt=0, description="Adam step size (unsigned) after warm-up")

@@ -34,8 +34,9 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.batched import BatchingUnsupported, matching_loss, optimize_trials
+from attacks.batched import BatchingUnsupported, matching_loss, optimize_trials, parameter_gradient
 from attacks.defense_aware import DefenseTransform, defense_transform
+from attacks.differences import message_of
 from attacks.label_recovery import LABEL_STRATEGIES
 from attacks.matching import examples_to_reconstruct, labels_for, unusable
 from attacks.objectives import OBJECTIVES, Distance
@@ -83,14 +84,24 @@ def gradient_distance(
     create_graph: bool = True,
     transform: Callable[[Sequence[Tensor]], Sequence[Tensor]] | None = None,
 ) -> Tensor:
-    """``D(T(grad_theta CE(f(x), y)), g*)``: the mean cross-entropy's parameter gradient against ``target``.
+    """``D(T(m(x, y)), g*)``: the client's message for the dummy batch against ``target``.
 
-    ``transform`` (``T``, e.g. a defense-aware attacker's model of clipping or pruning, see
-    :func:`attacks.defense_aware.defense_transform`) maps the list of per-parameter gradients, in
-    ``model.parameters()`` order, before the distance; it must be differentiable.
+    ``m`` is the mean cross-entropy's parameter gradient, or, when ``model`` carries a DIFF2 message
+    (:func:`attacks.victim.victim_model` attaches it, see :mod:`attacks.differences`), the gradient
+    difference against the reference model and/or the per-sample clipping the attacker models.
+    ``y`` are class indices (B,) or probabilities (B, K). ``transform`` (``T``, e.g. a defense-aware
+    attacker's model of clipping or pruning, see :func:`attacks.defense_aware.defense_transform`) maps
+    the list of per-parameter tensors, in ``model.parameters()`` order, before the distance; it must be
+    differentiable.
     """
-    loss = F.cross_entropy(model(x), labels)
-    grads: Sequence[Tensor] = torch.autograd.grad(loss, list(model.parameters()), create_graph=create_graph)
+    grads: Sequence[Tensor]
+    if message_of(model).plain:
+        loss = F.cross_entropy(model(x), labels)
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=create_graph)
+    else:
+        grads = parameter_gradient(model)(x, labels)
+        if not create_graph:
+            grads = [g.detach() for g in grads]
     if transform is not None:
         grads = transform(grads)
     return distance(grads, target)
@@ -159,6 +170,7 @@ class InvertingGradients(Attack):
 
     summary = "Inverting Gradients (Geiping et al. 2020): cosine gradient matching + TV, signed Adam"
     models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD-style)
+    matches_differences = True  # dummy messages via gradient_distance / matching_loss (attacks.differences)
 
     class Params(AttackParams):
         lr: float = Field(0.1, gt=0, description="Adam step size on the normalized inputs")
@@ -276,7 +288,7 @@ class InvertingGradients(Attack):
         trial = book.best
         stats = {**book.stats(), "iterations": float(trial.iterations), "batched": float(batched), "seconds": seconds}
         if defense is not None:
-            stats["defenses_modeled"] = float(len(defense.defenses))
+            stats["defenses_modeled"] = float(len(defense.modeled))
             stats["defenses_skipped"] = float(len(defense.skipped))
         return Reconstruction(
             images=to_pixels(trial.x, update.task.mean, update.task.std), labels=labels.cpu(), stats=stats

@@ -46,6 +46,14 @@ SIGN_KEEPING: tuple[type[nn.Module], ...] = (
 )
 #: Rules that read the weight rows whatever the classifier (and return distinct classes).
 ROW_RULES = ("idlg", "yin")
+#: Why no rule reads a gradient difference (DIFF2): for ``z = W h + b`` the bias entry of
+#: ``grad l(x_r) - grad l(x_{r-1})`` is ``(1/B) sum_i (p_i(x_r) - p_i(x_{r-1}))``, in which the one-hot
+#: labels cancel exactly, and the weight rows keep the labels only through the change of the features,
+#: ``-y_i (h_i(x_r) - h_i(x_{r-1}))``, whose sign is arbitrary. (A restart round's clipped mean gradient
+#: keeps the signs, so the sign rules still hold there; per-sample clipping reweights the examples,
+#: which biases the count estimates of ``auto``/``bias-corrected`` when it is active.)
+DIFFERENCE_LABELS = ("labels cannot be inferred from a gradient difference (DIFF2 difference round): the labels "
+                     "cancel from its last-layer bias entry; grant knowledge.labels: known, or attack a restart round")
 
 
 @dataclass(frozen=True)
@@ -65,10 +73,14 @@ def last_layer_gradients(update: ClientUpdate, probs: Tensor | None = None) -> L
     """Find the last entry of shape (num_classes, d) in the update and its bias of shape (K,).
 
     The bias is the entry whose name swaps the trailing ``weight`` for ``bias``. Raises ``ValueError``
-    if the update holds no such layer. FedAvg deltas are negated into descent directions.
+    if the update holds no such layer, or if it is a gradient difference (``update.reference_state``
+    set, DIFF2's difference rounds), which no rule here can read (see :data:`DIFFERENCE_LABELS`).
+    FedAvg deltas are negated into descent directions.
     """
     if update.update is None:
         raise ValueError("the client sent no update")
+    if update.reference_state is not None:
+        raise ValueError(DIFFERENCE_LABELS)
     k = update.task.num_classes
     sign = -1.0 if update.task.protocol == "fedavg" else 1.0
     found = [

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from attacks.differences import MessageSpec, parameter_distance, per_sample_clip, with_message
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, dropout_layers
 from fedsim.scenario import DefenseSpec, ModelSpec
@@ -68,9 +70,31 @@ def rebuild_model(task: TaskInfo, state: Mapping[str, Tensor], what: str = "glob
 def victim_model(update: ClientUpdate, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the global model of ``update`` on ``device``, load its state and set attacker mode.
 
-    Raises :class:`UpdateMismatchError` when the state does not fit the declared architecture.
+    The model carries how the client formed its message (:func:`message_spec`), so every dummy message
+    computed from it (:func:`attacks.inverting_gradients.gradient_distance`,
+    :func:`attacks.batched.parameter_gradient`) is the gradient difference a DIFF2 client sent in a
+    difference round, with DIFF2's per-sample clipping when ``knowledge.defense`` describes it.
+    Raises :class:`UpdateMismatchError` when the state or the reference state does not fit the
+    declared architecture, ``ValueError`` on a described clip radius that is not positive.
     """
-    return attacker_mode(rebuild_model(update.task, update.global_state).to(device))
+    model = attacker_mode(rebuild_model(update.task, update.global_state).to(device))
+    return with_message(model, message_spec(update, model))
+
+
+def message_spec(update: ClientUpdate, model: nn.Module) -> MessageSpec:
+    """How the client formed ``update`` (:class:`attacks.differences.MessageSpec`), for ``model`` (its
+    rebuilt global model): a difference against ``update.reference_state`` when the update carries one,
+    per-sample clipping at the radius of the described DIFF2 defense (``c1`` in restart rounds,
+    ``c2 * |x_r - x_{r-1}|`` over all parameters in difference rounds) when ``update.defenses`` lists it."""
+    reference = None
+    delta_x = None
+    if update.reference_state is not None:
+        device = next(model.parameters()).device
+        rebuilt = rebuild_model(update.task, update.reference_state, "reference state")
+        reference = MappingProxyType({k: v.detach().to(device) for k, v in rebuilt.state_dict().items()})
+        delta_x = parameter_distance(update.global_state, update.reference_state,
+                                     [name for name, _ in model.named_parameters()])
+    return MessageSpec(reference, per_sample_clip(update.defenses, delta_x))
 
 
 def target_gradient(update: ClientUpdate, model: nn.Module) -> list[Tensor]:

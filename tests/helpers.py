@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -56,8 +57,7 @@ def broken_update(update: ClientUpdate, case: str, name: str = "classifier.weigh
         del grads[name]
     else:
         raise ValueError(case)
-    return ClientUpdate(update.round, update.partition_id, update.task, update.global_state, grads,
-                        update.num_examples, update.hyperparams, update.side_info, update.defenses)
+    return dataclasses.replace(update, update=grads)  # by name: positional fields shift when one is added
 
 
 # --- what a trivial attacker scores --------------------------------------------------------------
