@@ -73,8 +73,9 @@ def run(
         rounds = progress.add_task("rounds", total=spec.federation.rounds)
 
         def on_round(rnd: int, row: dict[str, float]) -> None:
-            acc = row.get("test_accuracy")
-            text = f"round {rnd}/{spec.federation.rounds}" + (f"  acc {acc:.3f}" if acc is not None else "")
+            acc, loss = row.get("test_accuracy"), row.get("test_loss")
+            text = f"round {rnd}/{spec.federation.rounds}" + (f"  acc {acc:.3f}" if acc is not None else
+                                                             f"  loss {loss:.4g}" if loss is not None else "")
             progress.update(rounds, completed=rnd, description=text)
 
         def attack_progress(label: str, total: int) -> Callable[[int, int], None]:
@@ -92,8 +93,11 @@ def run(
 def _print_result(result) -> None:  # noqa: ANN001
     out = typer.echo
     evaluated = [h for h in result.history if "test_accuracy" in h]
+    losses = [h for h in result.history if "test_loss" in h]  # a regression: test loss (MSE), no accuracy
     if evaluated:
         out(f"test accuracy: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
+    elif losses:
+        out(f"test loss: {losses[0]['test_loss']:.4g} -> {losses[-1]['test_loss']:.4g}")
     failed = result.client_failures
     if failed:  # the policy of fedsim.simulation.participation: survivors aggregated, every failure recorded
         first = failed[0]

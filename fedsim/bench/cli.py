@@ -40,9 +40,10 @@ def _describe(record: dict) -> str:
     if record["status"] != "ok":
         return f"{head}: FAILED {record['error']}"
     psnr = s.get("psnr_mean")
-    acc = s.get("test_accuracy")
-    return (f"{head}: PSNR {psnr:.2f} dB" if psnr is not None else f"{head}: no PSNR") + (
-        f", acc {acc:.3f}" if acc is not None else "") + f"  ({record['seconds']:.1f} s)"
+    acc, loss = s.get("test_accuracy"), s.get("test_loss")  # a regression has a test loss and no accuracy
+    utility = f", acc {acc:.3f}" if acc is not None else f", test loss {loss:.4g}" if loss is not None else ""
+    return (f"{head}: PSNR {psnr:.2f} dB" if psnr is not None else f"{head}: no PSNR") + utility + (
+        f"  ({record['seconds']:.1f} s)")
 
 
 def bench(

@@ -59,10 +59,11 @@ def reconstruction_grid(outcomes: Sequence[Any], path: Path, max_images: int = 8
 
 
 def utility_curve(history: Sequence[dict[str, float]], path: Path) -> bool:
-    """Test accuracy (and loss) of the global model per round."""
+    """Test accuracy (and loss) of the global model per round; the loss alone for a task without accuracy
+    (regression)."""
     rows = [h for h in history if "test_accuracy" in h]
     if not rows:
-        return False
+        return _loss_curve([h for h in history if "test_loss" in h], path)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([h["round"] for h in rows], [h["test_accuracy"] for h in rows], marker="o", label="test accuracy")
     ax.set_xlabel("round")
@@ -72,6 +73,21 @@ def utility_curve(history: Sequence[dict[str, float]], path: Path) -> bool:
     ax2.plot([h["round"] for h in rows], [h["test_loss"] for h in rows], color="tab:red", ls="--", label="test loss")
     ax2.set_ylabel("test loss", color="tab:red")
     ax.set_title("Utility of the global model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _loss_curve(rows: Sequence[dict[str, float]], path: Path) -> bool:
+    """Test loss per round (a regression's mean squared error); False when no round was evaluated."""
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["round"] for h in rows], [h["test_loss"] for h in rows], marker="o", color="tab:red", label="test loss")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test loss")
+    ax.set_title("Utility of the global model (test loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

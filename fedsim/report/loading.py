@@ -98,7 +98,8 @@ def final_epsilon(metrics: dict[str, Any]) -> float | None:
 
 def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) -> dict[str, Any]:
     """The cell summary of the shared bench format, from a run's metrics.json: leakage means over the
-    non-failed outcomes (of one attack when ``attack_index`` is given), final test accuracy and epsilon."""
+    non-failed outcomes (of one attack when ``attack_index`` is given), final test accuracy (and test loss) and
+    epsilon."""
     outcomes = [o for o in metrics.get("attacks") or []
                 if attack_index is None or o.get("attack_index") == attack_index]
     good = [o for o in outcomes if not o.get("failed")]
@@ -112,6 +113,9 @@ def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) 
     if any(o.get("oracle") for o in outcomes):
         summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
+    losses = [h for h in metrics.get("utility") or [] if isinstance(h.get("test_loss"), int | float)]
+    if losses:  # a regression task's utility (no accuracy), as fedsim.bench.store.summarize_run records it
+        summary["test_loss"] = float(losses[-1]["test_loss"])
     summary.update(epsilon_summary(metrics))
     summary["rounds"] = max((int(h.get("round", 0)) for h in metrics.get("utility") or []), default=0)
     return summary

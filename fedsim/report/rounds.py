@@ -26,8 +26,9 @@ MAX_LINES = 12  # beyond this a line plot is unreadable: the leaderboard has the
 
 
 def bench_rounds_plot(rows: Sequence[LeaderRow], path: Path) -> bool:
-    """Two panels (PSNR per round, test accuracy per round); False when no cell has a run directory."""
-    leak_lines, acc_lines, seen_settings = [], [], set()
+    """Two panels (PSNR per round, test accuracy per round, or test loss for a regression cell, which has no
+    accuracy); False when no cell has a run directory."""
+    leak_lines, acc_lines, seen_settings, keys = [], [], set(), set()
     for row in rows:
         cell = next((c for c in row.cells if c.ok and c.run_dir is not None), None)
         if cell is None:
@@ -40,10 +41,13 @@ def bench_rounds_plot(rows: Sequence[LeaderRow], path: Path) -> bool:
         setting = setting_label(row)
         if curve and len(leak_lines) < MAX_LINES:
             leak_lines.append((row.attack, setting, [r["round"] for r in curve], [r["psnr_mean"] for r in curve]))
-        evaluated = [h for h in metrics.get("utility") or [] if "test_accuracy" in h]
+        history = metrics.get("utility") or []
+        key = "test_accuracy" if any("test_accuracy" in h for h in history) else "test_loss"  # regression: loss
+        evaluated = [h for h in history if key in h]
         if evaluated and setting not in seen_settings and len(acc_lines) < MAX_LINES:
             seen_settings.add(setting)
-            acc_lines.append((setting, [h["round"] for h in evaluated], [h["test_accuracy"] for h in evaluated]))
+            acc_lines.append((setting, [h["round"] for h in evaluated], [h[key] for h in evaluated]))
+            keys.add(key)
     if not leak_lines and not acc_lines:
         return False
     settings = sorted({s for _, s, _, _ in leak_lines} | {s for s, _, _ in acc_lines})
@@ -59,10 +63,13 @@ def bench_rounds_plot(rows: Sequence[LeaderRow], path: Path) -> bool:
     left.set_ylabel("reconstruction PSNR (dB)")
     for setting, xs, ys in acc_lines:
         right.plot(xs, ys, marker=".", color=colour[setting], label=setting)
-    right.set_title("Test accuracy of the global model")
+    what = "test accuracy" if keys == {"test_accuracy"} else "test loss" if keys == {"test_loss"} else (
+        "test accuracy (classification) / test loss (regression)")
+    right.set_title(f"{what[0].upper()}{what[1:]} of the global model")
     right.set_xlabel("round")
-    right.set_ylabel("test accuracy")
-    right.set_ylim(0, 1)
+    right.set_ylabel(what)
+    if keys == {"test_accuracy"}:
+        right.set_ylim(0, 1)
     for ax, lines in ((left, leak_lines), (right, acc_lines)):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -36,10 +36,16 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         "",
     ]
     evaluated = [h for h in history if "test_accuracy" in h]
+    losses = [h for h in history if "test_loss" in h]  # a regression task has a test loss (MSE) and no accuracy
     if evaluated:
         first, last = evaluated[0], evaluated[-1]
         lines.append(f"Test accuracy {first['test_accuracy']:.3f} (round {first['round']:.0f}) -> "
                      f"{last['test_accuracy']:.3f} (round {last['round']:.0f}).")
+    elif losses:
+        first, last = losses[0], losses[-1]
+        lines.append(f"Test loss {first['test_loss']:.4g} (round {first['round']:.0f}) -> "
+                     f"{last['test_loss']:.4g} (round {last['round']:.0f}); the task has no accuracy (regression: "
+                     "mean squared error).")
     if "utility" in images:
         lines += ["", f"![utility]({images['utility']})"]
     lines += [""] + participation_markdown(history, failures)

@@ -30,6 +30,7 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("mi_accuracy", "MI acc.", +1),
     ("knn_distance", "kNN dist.", -1),
     ("test_accuracy", "test acc.", 0),
+    ("test_loss", "test loss", 0),  # the utility of a regression task (no accuracy)
     ("epsilon", "\u03b5", 0),
     ("epsilon_median", "\u03b5 median", 0),
     ("epsilon_min", "\u03b5 min", 0),
