@@ -256,7 +256,9 @@ def text_table(rows: Sequence[FrontierRow]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out) + f"\nutility: {utility_title(rows)}, mean \u00b1 std over seeds; \u03b5: max over seeds\n"
+    return "\n".join(out) + (f"\nutility: {utility_title(rows)}, mean \u00b1 std over seeds; \u03b5: max over seeds; "
+                             f"time: the federation's wall time (attacks excluded), which includes each client's "
+                             f"one-off noise calibration when the method solves it from a target \u03b5\n")
 
 
 def write_frontier_csv(rows: Sequence[FrontierRow], path: Path) -> Path:

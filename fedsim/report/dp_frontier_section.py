@@ -116,8 +116,10 @@ def dp_frontier_section(source: Source, assets: Path, shown_dir: str) -> str:
             "\u03b5 Opacus is the figure the defense reported, dp-acc RDP / PLD the same history re-accounted with "
             "Google's dp_accounting; each is the max over seeds (per client for sample-level DP). <i>level</i>: "
             "sample = one example of a client, client = a client's whole data. Utility and time (the federation's "
-            "wall time, attacks excluded) are mean &plusmn; std over seeds; <i>time &times; dp_sgd</i> divides by "
-            "dp_sgd's time at the same target. <i>front</i>: no other row of the same level has both a lower "
+            "wall time, attacks excluded; it includes each client's one-off noise calibration when a method solves "
+            "its noise from the target, seconds on one core, so it is not a per-step cost) are mean &plusmn; std "
+            "over seeds; <i>time &times; dp_sgd</i> divides by dp_sgd's time at the same target. <i>front</i>: "
+            "no other row of the same level has both a lower "
             f"\u03b5 and a better utility. A row that missed its target says so in <i>note</i>. Also in "
             f"<code>{esc(shown_dir)}/{CSV_NAME}</code>.")
     return (f'<section id="dp-frontier"><h2>DP methods at matched \u03b5</h2><p class="note">{note}</p>'
