@@ -18,12 +18,24 @@ unknown, so restarts after the first try other label orders over the slices, and
 the smallest delta distance wins (never ground truth). Only plain SGD can be unrolled here:
 a scenario whose clients use Adam or momentum is refused, and an update whose granted
 hyperparameters say so fails. ``budget.iterations`` are Adam steps, each one unrolled round.
+
+**DP-SAT-aware** (``knowledge.defense`` and a ``dp_sat`` client, spec ``algorithms-more.md`` §10.2, §10.7):
+each simulated step's gradient is taken at ``theta_t + rho * g_{t-1} / |g_{t-1}|``, ``g_{t-1}`` the
+attacker's own previous simulated gradient (``variant: momentum``: along the last simulated update),
+the first step of the round unperturbed (:class:`attacks.unrolling.Sharpness`). With ``persist: true``
+the client's first step is perturbed along its previous round's last direction, which the server never
+saw: that step stays unperturbed here, and the outcome says so (``stats["sharpness_first_step_unknown"]``).
+Noise and clipping are not modelled. A validation error refuses ``knowledge.defense`` without ``dp_sat``.
+(Under fedsgd a DP-SAT client's single step is perturbed only with ``persist``, along its previous round's
+sent gradient, which the view of one update does not carry: gradient-matching attacks then match at
+``x_r``, unaware.) DIFF2's gradient differences cannot be unrolled: such an update fails (a DIFF2
+scenario is fedsgd, which this attack refuses anyway).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import Field
@@ -35,7 +47,7 @@ from attacks.matching import LabelStrategy, examples_to_reconstruct, labels_for,
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
 from attacks.restarts import RestartBook
-from attacks.unrolling import label_assignments, unrolled_delta
+from attacks.unrolling import Sharpness, label_assignments, unrolled_delta
 from attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Scenario
@@ -58,6 +70,22 @@ def unrollable(hyperparams: Mapping[str, Any]) -> str | None:
     return None
 
 
+#: Defenses whose perturbed point the unrolling models (their descriptions carry ``rho``, ``variant``, ``persist``).
+SHARPNESS_DEFENSES = ("dp_sat",)
+
+
+def sharpness_of(descriptions: Sequence[Mapping[str, Any]]) -> tuple[Sharpness | None, bool]:
+    """DP-SAT's perturbation from the described defenses (``update.defenses``, granted by
+    ``knowledge.defense``): ``(Sharpness or None, whether the client's first step was perturbed along a
+    direction the attacker cannot know)``, the latter under ``persist: true``."""
+    for description in descriptions:
+        if description.get("name") in SHARPNESS_DEFENSES:
+            rho = float(description.get("rho", 0.0) or 0.0)
+            variant = description.get("variant", "sat")
+            return Sharpness(rho, variant), bool(description.get("persist", False)) and rho > 0
+    return None, False
+
+
 @register_attack("fedavg_inversion")
 class FedAvgInversion(Attack):
     """Unrolled local SGD steps, cosine-matched to the weight delta, with IG's optimizer and TV prior."""
@@ -65,6 +93,7 @@ class FedAvgInversion(Attack):
     summary = "FedAvg inversion (Geiping et al. 2020): unroll the client's local SGD steps, match the delta"
     protocols = ("fedavg",)
     needs = {"local_hparams": True}
+    simulates_defenses = SHARPNESS_DEFENSES  # knowledge.defense: DP-SAT's perturbed point in every unrolled step
 
     class Params(AttackParams):
         lr: float = Field(0.1, gt=0, description="Adam step size on the normalized inputs")
@@ -83,6 +112,10 @@ class FedAvgInversion(Attack):
         reason = unrollable({"optimizer": local.optimizer, "momentum": local.momentum, "lr": local.lr})
         if reason is not None:
             raise ScenarioError("federation.local", f"{spec.name}: {reason}")
+        if spec.knowledge.defense and not any(d.name in cls.simulates_defenses for d in scenario.defenses):
+            raise ScenarioError("knowledge.defense", f"true switches on {spec.name}'s defense-aware mode, which "
+                                f"models {', '.join(cls.simulates_defenses)} only, and the scenario has none; "
+                                "set it to false")
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
@@ -103,10 +136,11 @@ class FedAvgInversion(Attack):
         except (FedsimError, ValueError, RuntimeError) as err:
             return Reconstruction.failure(str(err))
         lr, wd = float(hp["lr"]), float(hp.get("weight_decay", 0.0) or 0.0)
+        sharpness, first_unknown = sharpness_of(update.defenses)
 
         def delta_loss(x: Tensor, labels: Tensor) -> Tensor:
             delta = unrolled_delta(model, x, labels, lr=lr, steps=steps, batch_size=batch_size, weight_decay=wd,
-                                   min_batch=min_batch)
+                                   min_batch=min_batch, sharpness=sharpness)
             return distance(delta, target)
 
         box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
@@ -144,5 +178,7 @@ class FedAvgInversion(Attack):
         labels = orders[book.best_restart]
         stats = {**book.stats(), "iterations": float(trial.iterations), "local_steps": float(steps),
                  "seconds": seconds}
+        if sharpness is not None:
+            stats.update(sharpness_rho=sharpness.rho, sharpness_first_step_unknown=float(first_unknown))
         images = to_pixels(trial.x, update.task.mean, update.task.std)
         return Reconstruction(images=images, labels=labels.cpu(), stats=stats)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,27 @@ def label_assignments(labels: Tensor, count: int, batch_size: int, generator: to
     return out
 
 
+@dataclass(frozen=True)
+class Sharpness:
+    """DP-SAT's perturbed point (Park et al., ICML 2023; spec ``algorithms-more.md`` §10.2), as a
+    defense-aware attacker models it: step t's gradient is taken at ``theta_t + rho * d / |d|_2`` (one
+    global norm over all parameters), ``d`` the previous simulated step's gradient (``variant`` "sat")
+    or its update ``theta_{t-1} - theta_t`` ("momentum"); the first step of the round is unperturbed."""
+
+    rho: float
+    variant: Literal["sat", "momentum"] = "sat"
+
+
+def _shifted(theta: list[Tensor], direction: list[Tensor] | None, rho: float) -> list[Tensor]:
+    """``theta + rho * direction / |direction|`` (unchanged without a direction, with rho 0 or a zero one)."""
+    if direction is None or rho == 0:
+        return theta
+    norm = torch.sqrt(sum(d.pow(2).sum() for d in direction))
+    if not bool(torch.isfinite(norm.detach())) or float(norm.detach()) == 0.0:
+        return theta
+    return [p + (rho / norm) * d for p, d in zip(theta, direction, strict=True)]
+
+
 def unrolled_delta(
     model: nn.Module,
     x: Tensor,
@@ -84,20 +107,29 @@ def unrolled_delta(
     weight_decay: float = 0.0,
     loss_fn: LossFn = F.cross_entropy,
     min_batch: int = 1,
+    sharpness: Sharpness | None = None,
 ) -> list[Tensor]:
     """``theta_E - theta_0`` per entry of ``model.named_parameters()``, differentiable in ``x``.
 
     The model runs in its current mode (attacker mode: BatchNorm on batch statistics, as the client
-    trained); its parameters and buffers are left untouched (buffers are updated on copies).
+    trained); its parameters and buffers are left untouched (buffers are updated on copies). With
+    ``sharpness`` (DP-SAT) each step's gradient is taken at the perturbed point of :class:`Sharpness`,
+    while the step itself starts from the unperturbed ``theta_t``; the perturbation direction stays in
+    the graph (it depends on ``x`` too).
     """
     names = [name for name, _ in model.named_parameters()]
     theta0 = [p for _, p in model.named_parameters()]
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     theta = list(theta0)
+    direction: list[Tensor] | None = None
     for part in step_slices(len(x), batch_size, steps, min_batch):
-        state = {**dict(zip(names, theta, strict=True)), **buffers}
+        point = theta if sharpness is None else _shifted(theta, direction, sharpness.rho)
+        state = {**dict(zip(names, point, strict=True)), **buffers}
         loss = loss_fn(functional_call(model, state, (x[part],)), labels[part])
-        grads = torch.autograd.grad(loss, theta, create_graph=True)
-        theta = [p - lr * (g + weight_decay * p) if weight_decay else p - lr * g
-                 for p, g in zip(theta, grads, strict=True)]
+        grads = torch.autograd.grad(loss, point, create_graph=True)
+        new = [p - lr * (g + weight_decay * p) if weight_decay else p - lr * g
+               for p, g in zip(theta, grads, strict=True)]
+        if sharpness is not None:
+            direction = list(grads) if sharpness.variant == "sat" else [a - b for a, b in zip(theta, new, strict=True)]
+        theta = new
     return [p - p0 for p, p0 in zip(theta, theta0, strict=True)]
