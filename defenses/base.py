@@ -6,10 +6,17 @@
 | ``wrap_training``   | inside the ClientApp's train function         | Opacus DP-SGD                 |
 | ``transform_update``| on the client, on the update it is about to send | clipping, noise, pruning    |
 | ``wrap_strategy``   | around the server strategy                    | Flower central DP, SecAgg     |
+| ``server_update``   | the FedSGD server step, on both server paths  | DIFF2's gradient estimator    |
 
 Several defenses compose in a fixed order: by ``stage`` (lower first), then by their order in the
 scenario. ``transform_update`` returns the new update plus the randomness it drew (e.g. the noise
 tensor), which is recorded as ground truth for the evaluator only.
+
+``server_update`` runs where the server turns the mean of the clients' fedsgd messages into the next global
+model, on the plain path (:class:`fedsim.simulation.strategies.FedSGD`) and under SecAgg+
+(:mod:`fedsim.simulation.secure`) alike, through :func:`fedsim.simulation.strategies.server_step`; with it come
+:attr:`Defense.uniform_mean`, :attr:`Defense.every_client_reason`, :attr:`Defense.full_partition_messages` and
+:meth:`Defense.message_reference` (what the capture records as the reference model of a gradient difference).
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ class Defense:
     summary: ClassVar[str] = ""
     #: The parameters ``transform_model`` reads (the architecture it builds depends on nothing else).
     model_params: ClassVar[tuple[str, ...]] = ()
+    #: The plain server path averages the replies uniformly instead of by num-examples (a server-side noise
+    #: calibrated to the unweighted mean; SecAgg+ always weights, see :mod:`fedsim.simulation.secure`).
+    uniform_mean: ClassVar[bool] = False
+    #: Why this defense needs every client's update in every round ("" when it does not): the first failed
+    #: client then stops the run on both server paths (:mod:`fedsim.simulation.participation`).
+    every_client_reason: ClassVar[str] = ""
+    #: fedsgd messages cover the client's whole partition (num-examples up to the partition size, not the batch).
+    full_partition_messages: ClassVar[bool] = False
 
     def __init__(self, params: DefenseParams, name: str, scenario: Scenario | None = None) -> None:
         self.params = params
@@ -94,6 +109,20 @@ class Defense:
         defense-aware attacker may apply to its own dummy update before matching; None when the
         defense has no deterministic part to model (e.g. pure noise)."""
         return None
+
+    def server_update(self, server_round: int, current: dict[str, Tensor], mean_message: dict[str, Tensor],
+                      memory: dict[str, Any]) -> dict[str, Tensor] | None:
+        """fedsgd: the global model after ``server_round`` (every key of ``current``), from the model the clients
+        received (``current``, the full state) and the mean of their messages (``mean_message``: trainable
+        parameter name -> tensor); None for the default step ``current - lr * mean``. ``memory`` is this
+        defense's dict on the server for one run (empty in round 1), e.g. a running estimator. Runs on both
+        server paths: uniform mean on the plain path when :attr:`uniform_mean`, num-examples-weighted under SecAgg+."""
+        return None
+
+    def message_reference(self, server_round: int) -> bool:
+        """Whether the clients' messages of ``server_round`` are gradient DIFFERENCES taken against the previous
+        round's global model (DIFF2): the capture then records that model as the update's ``reference_state``."""
+        return False
 
     def server_round_metrics(self, server_round: int) -> dict[str, float]:
         """Metrics for the server's per-round history row, e.g. central DP's epsilon so far."""

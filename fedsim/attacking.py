@@ -130,6 +130,7 @@ def observe(captured: CapturedUpdate, task: TaskInfo, scenario: Scenario, spec: 
         global_state=frozen_tensors(captured.global_state),
         update=frozen_tensors(captured.update),
         num_examples=captured.num_examples,
+        reference_state=frozen_tensors(captured.reference_state),  # DIFF2 differences: x_(r-1), sent by the server
         hyperparams=MappingProxyType(hyperparams),
         side_info=MappingProxyType(side_info),
         defenses=tuple(defense_descriptions) if knowledge.defense else (),

@@ -10,17 +10,23 @@ aggregation order, and therefore every number, is the same on every backend.
 
 The proxy also keeps the round's participation (clients asked, aggregated, failed with their reasons)
 and applies the failure policy of :mod:`fedsim.simulation.participation` once the replies are in.
+
+When a defense makes the clients send gradient DIFFERENCES (DIFF2, ``Defense.message_reference``), the proxy
+keeps the model it sent in the round before and records it as the captured update's ``reference_state`` (the
+server sent both models, so every threat model knows it). A targeted client's message is re-sent with its
+config flagged; every record of the original message travels unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedsim.errors import SimulationError
 from fedsim.simulation import keys
 from fedsim.simulation.participation import Participation
 from fedsim.threat import GroundTruth
@@ -39,6 +45,9 @@ class CapturedUpdate:
     update: dict[str, torch.Tensor]  # fedsgd: gradient; fedavg: weight delta (local - global)
     num_examples: int
     truth: GroundTruth
+    # DIFF2 difference rounds: the global model of the round before (x_{r-1}), which the client's subtracted
+    # per-sample gradients were taken at; None for a plain gradient or weight delta
+    reference_state: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -105,41 +114,56 @@ def record_client_reply(log: CaptureLog, round_num: int, metrics) -> float | Non
 class CapturingGrid(ProxyGrid):
     """Delegates to ``inner``; records targeted updates and participation; strips ground truth from every reply.
 
-    ``needs_every_client``: name of a defense wrapping the strategy (any failed client stops the run).
+    ``needs_every_client``: why any failed client stops the run (a defense needs every client), or None.
+    ``references(round)``: whether that round's messages are gradient differences against the previous round's
+    model (then the proxy keeps each round's model, to record it as ``reference_state``).
     """
 
     def __init__(self, inner: Grid, log: CaptureLog, partition_of_node: dict[int, int],
-                 needs_every_client: str | None = None) -> None:
+                 needs_every_client: str | None = None, references: Callable[[int], bool] | None = None) -> None:
         super().__init__(inner)
         self.log = log
         self.partition_of_node = partition_of_node
         self.needs_every_client = needs_every_client
+        self.references = references
+        self.sent: tuple[int, dict[str, torch.Tensor]] | None = None  # (round, model sent): the last round's
 
     # -- the hook ----------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         outgoing, sent_state, asked = [], {}, []
-        round_num = 0
+        round_num, previous, this_round = 0, self.sent, None
         for msg in messages:
             if msg.metadata.message_type == MessageType.TRAIN:
                 config = msg.content[keys.CONFIG]
                 round_num = int(config[keys.SERVER_ROUND])
                 pid = self.partition_of_node[msg.metadata.dst_node_id]
                 asked.append(pid)
+                if self.references is not None and this_round is None:  # every client gets the same model
+                    this_round = {k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
                 if self.log.wants(round_num, pid):
                     flagged = ConfigRecord(dict(config))
                     flagged[keys.RECORD_TRUTH] = True
-                    arrays = msg.content[keys.ARRAYS]
-                    sent_state[pid] = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+                    sent_state[pid] = {k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
+                    content = RecordDict(dict(msg.content.items()))  # every record, the config flagged
+                    content[keys.CONFIG] = flagged
                     msg = Message(
-                        RecordDict({keys.ARRAYS: arrays, keys.CONFIG: flagged}),
+                        content,
                         dst_node_id=msg.metadata.dst_node_id,
                         message_type=msg.metadata.message_type,
                         group_id=msg.metadata.group_id,
                     )
             outgoing.append(msg)
+        if this_round is not None:
+            self.sent = (round_num, this_round)
         replies = list(self.inner.send_and_receive(outgoing, timeout=timeout))
         if not round_num:  # no training message (e.g. an evaluation round): nothing to record
             return replies
+        reference = None
+        if self.references is not None and self.references(round_num) and sent_state:
+            if previous is None or previous[0] != round_num - 1:
+                raise SimulationError(f"round {round_num}: the model of round {round_num - 1}, which the clients' "
+                                      "differences were taken against, was not kept")
+            reference = previous[1]
         replies.sort(key=self._partition_of_reply)
         for pid in sorted(set(asked) - {self._partition_of_reply(r) for r in replies}):
             self.log.participation.fail(round_num, pid, "no reply (the client's node was lost or timed out)")
@@ -162,7 +186,8 @@ class CapturingGrid(ProxyGrid):
             if loss is not None:
                 losses.append(loss)
             if pid in sent_state and truth_record is not None:
-                self._record(round_num, pid, reply, sent_state[pid], _unpack_truth(truth_record, round_num, pid))
+                self._record(round_num, pid, reply, sent_state[pid], _unpack_truth(truth_record, round_num, pid),
+                             reference)
         if losses:
             self.log.train_loss[round_num] = sum(losses) / len(losses)
         self.log.participation.requested[round_num] = len(asked)
@@ -173,7 +198,8 @@ class CapturingGrid(ProxyGrid):
     def _partition_of_reply(self, reply: Message) -> int:
         return self.partition_of_node.get(reply.metadata.src_node_id, -1)
 
-    def _record(self, round_num: int, pid: int, reply: Message, global_state: dict, truth: GroundTruth) -> None:
+    def _record(self, round_num: int, pid: int, reply: Message, global_state: dict, truth: GroundTruth,
+                reference: dict[str, torch.Tensor] | None = None) -> None:
         sent = reply.content[keys.ARRAYS].to_torch_state_dict()
         if self.log.protocol == "fedavg":
             update = {k: v - global_state[k] for k, v in sent.items() if v.is_floating_point()}
@@ -182,4 +208,5 @@ class CapturingGrid(ProxyGrid):
         self.log.updates.append(CapturedUpdate(
             round=round_num, partition_id=pid, global_state=global_state, update=update,
             num_examples=int(reply.content[keys.METRICS][keys.NUM_EXAMPLES]), truth=truth,
+            reference_state=None if reference is None else {k: v.clone() for k, v in reference.items()},
         ))

@@ -18,7 +18,8 @@ The policy, the same on the plain Message-API path and under SecAgg+, and on eve
 * **Strategy wrappers need every client.** When a defense wraps the server strategy (central DP),
   the first failed client stops the run with :class:`~fedsim.errors.SimulationError`: the wrapper
   calibrates its noise to the number of clients sampled, and a mean over fewer clients has a larger
-  sensitivity than the epsilon it reports accounts for.
+  sensitivity than the epsilon it reports accounts for. So does a defense that states its own reason
+  (DIFF2: its estimator sums every client's messages over rounds), on both server paths.
 * **One line per error, on every backend.** :func:`client_errors_mod` (the outermost ClientApp mod on
   both paths) turns an exception in a client into an error reply whose reason is
   ``"<Type>: <message>"``; the full traceback goes to the ``fedsim`` logger at DEBUG level.
@@ -97,7 +98,8 @@ class Participation:
     def check(self, round_num: int, needs_every_client: str | None = None, halted: str | None = None) -> None:
         """Apply the stopping rules of the module docstring to a finished round.
 
-        ``needs_every_client``: the name of a defense that wraps the strategy (stop on any failure);
+        ``needs_every_client``: why a defense needs every client (stop on any failure), e.g. "defense 'central_dp'
+        wraps the server strategy, ..." (:func:`fedsim.simulation.server_app.needs_every_client`);
         ``halted``: why the protocol aggregated nothing, if it says (e.g. SecAgg+'s threshold).
         Raises NoProgressError or SimulationError; returns when the run may go on.
         """
@@ -109,6 +111,4 @@ class Participation:
             raise NoProgressError(f"round {round_num}: no client update was aggregated ({why})"
                                   + (f"; {first}" if first else ""))
         if failed and needs_every_client:
-            raise SimulationError(
-                f"{first} (round {round_num}); the run stops because defense '{needs_every_client}' wraps the "
-                "server strategy, whose noise is calibrated to every sampled client's update")
+            raise SimulationError(f"{first} (round {round_num}); the run stops because {needs_every_client}")

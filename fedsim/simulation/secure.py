@@ -45,8 +45,15 @@ from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
 from fedsim.simulation.capture import AGGREGATE_ID, CapturedUpdate, CaptureLog, ProxyGrid, record_client_reply
 from fedsim.simulation.client_round import build_job
-from fedsim.simulation.server_app import FederationOutcome, RoundCallback, RoundRows, discover_partitions
+from fedsim.simulation.server_app import (
+    FederationOutcome,
+    RoundCallback,
+    RoundRows,
+    discover_partitions,
+    needs_every_client,
+)
 from fedsim.simulation.setup import FederationSetup, setup_for
+from fedsim.simulation.strategies import server_step
 from fedsim.threat import GroundTruth
 from fedsim.training import round_batches
 
@@ -80,7 +87,8 @@ class _FailureGrid(ProxyGrid):
 
 
 class _CapturingLegacyFedAvg(LegacyFedAvg):
-    """Legacy FedAvg (fedsgd: one server step on the mean gradient) that records the aggregate it receives."""
+    """Legacy FedAvg (fedsgd: the server step of :func:`~fedsim.simulation.strategies.server_step`, the plain
+    path's rule, on the aggregate) that records the aggregate it receives."""
 
     def __init__(self, scenario: Scenario, outcome: FederationOutcome, names: list[str],
                  partition_of_node: dict[int, int], **kwargs: Any) -> None:
@@ -88,8 +96,12 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
         self.scenario, self.outcome, self.names = scenario, outcome, names
         self.partition_of_node = partition_of_node
         self.current: list[np.ndarray] = []
+        self.previous: tuple[int, list[np.ndarray]] | None = None  # (round, the model sent then)
+        self.server_memory: dict[str, dict[str, Any]] = {}  # per defense: its server_update state for this run
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> Any:
+        if self.current:
+            self.previous = (server_round - 1, self.current)
         self.current = parameters_to_ndarrays(parameters)
         chosen = super().configure_fit(server_round, parameters, client_manager)
         chosen = sorted(chosen, key=lambda pair: self.partition_of_node.get(pair[0].node_id, 1 << 30))
@@ -116,21 +128,25 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
         fed = self.scenario.federation
         if log.wants(server_round, AGGREGATE_ID):  # the weight the server learns: the declared num_examples
             self._record(server_round, aggregate, pids, sum(int(res.num_examples) for _, res in results))
-        if fed.protocol == "fedsgd":
-            lr = fed.server_lr or fed.local.lr
-            grads = dict(zip(self.names, aggregate, strict=True))
-            stepped = [c - lr * grads[k].astype(c.dtype) if c.dtype.kind == "f" else c
-                       for k, c in zip(self.names, self.current, strict=True)]
-            return ndarrays_to_parameters(stepped), metrics
+        if fed.protocol == "fedsgd":  # the weighted mean of the messages (zero padding of buffers dropped)
+            current = self._state(self.current)
+            trainable = _trainable(self.scenario)
+            mean = {k: torch.from_numpy(np.array(a)).to(current[k].dtype)
+                    for k, a in zip(self.names, aggregate, strict=True) if k in trainable}
+            stepped = server_step(self.scenario, server_round, current, mean, self.server_memory)
+            return ndarrays_to_parameters([stepped[k].numpy() for k in self.names]), metrics
         return params, metrics
+
+    def _state(self, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(v)) for k, v in zip(self.names, arrays, strict=True)}
 
     def _record(self, rnd: int, aggregate: list[np.ndarray], pids: list[int], declared: int) -> None:
         setup = setup_for(self.scenario)
-        global_state = {k: torch.from_numpy(np.array(v)) for k, v in zip(self.names, self.current, strict=True)}
+        global_state = self._state(self.current)
         # SecAgg+ dequantizes to float64: back to the model's dtypes
         agg = {k: torch.from_numpy(np.array(v)).to(global_state[k].dtype)
                for k, v in zip(self.names, aggregate, strict=True)}
-        trainable = {n for n, _ in setup.build_model().named_parameters()}
+        trainable = _trainable(self.scenario)
         if self.scenario.federation.protocol == "fedavg":
             update = {k: agg[k] - global_state[k] for k in trainable}
         else:
@@ -142,7 +158,19 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
             inputs.append(x[used])
             labels.append(y[used])
         truth = GroundTruth(rnd, AGGREGATE_ID, torch.cat(inputs), torch.cat(labels))
-        self.outcome.capture.updates.append(CapturedUpdate(rnd, AGGREGATE_ID, global_state, update, declared, truth))
+        reference = None  # a gradient difference (DIFF2): the model the subtracted gradients were taken at
+        if any(d.message_reference(rnd) for d in setup.defenses):
+            if self.previous is None or self.previous[0] != rnd - 1:
+                raise FedsimError(f"round {rnd}: the model of round {rnd - 1}, which the clients' differences "
+                                  "were taken against, was not kept")
+            reference = self._state(self.previous[1])
+        self.outcome.capture.updates.append(CapturedUpdate(rnd, AGGREGATE_ID, global_state, update, declared, truth,
+                                                           reference_state=reference))
+
+
+def _trainable(scenario: Scenario) -> set[str]:
+    """Names of the model's parameters: what a fedsgd message holds (the SecAgg+ client pads the rest with 0)."""
+    return {n for n, _ in setup_for(scenario).build_model().named_parameters()}
 
 
 def _used_indices(setup: FederationSetup, rnd: int, pid: int, inputs: torch.Tensor) -> torch.Tensor:
@@ -165,8 +193,10 @@ class _RoundsUntilStuck:
     for the ServerApp to raise after Flower's DefaultWorkflow has shut its threads down.
     """
 
-    def __init__(self, inner: SecAggPlusWorkflow, log: CaptureLog, seed: int, threshold: int) -> None:
+    def __init__(self, inner: SecAggPlusWorkflow, log: CaptureLog, seed: int, threshold: int,
+                 every_client: str | None = None) -> None:
         self.inner, self.log, self.seed, self.threshold = inner, log, seed, threshold
+        self.every_client = every_client  # why any failed client stops the run (a defense's reason), or None
         self.error: FedsimError | None = None
 
     def __call__(self, grid: Grid, context: Context) -> None:
@@ -182,7 +212,7 @@ class _RoundsUntilStuck:
         halted = None if rnd in self.log.participation.aggregated else (
             f"SecAgg+ halted: too few survivors for reconstruction_threshold {self.threshold}")
         try:
-            self.log.participation.check(rnd, halted=halted)
+            self.log.participation.check(rnd, self.every_client, halted=halted)
         except FedsimError as err:
             self.error = err
 
@@ -206,6 +236,15 @@ def _refuse_dropped_hooks(setup: FederationSetup) -> None:
                                                "apply: remove it or secagg")
 
 
+def _max_weight(setup: FederationSetup) -> float:
+    """The largest num-examples a client can declare: its partition under fedavg or when a defense's fedsgd
+    messages cover the whole partition (DIFF2), else the batch size."""
+    largest = max(len(p) for p in setup.partitions)
+    whole = setup.scenario.federation.protocol == "fedavg" or any(
+        getattr(d, "full_partition_messages", False) for d in setup.defenses)
+    return float(largest if whole else min(setup.scenario.federation.local.batch_size, largest))
+
+
 def build_secure_server_app(scenario: Scenario, outcome: FederationOutcome, params: Any,
                             on_round: RoundCallback | None = None) -> ServerApp:
     """``params``: the secure-aggregation defense's parameters (num_shares, reconstruction_threshold, ...)."""
@@ -223,10 +262,9 @@ def build_secure_server_app(scenario: Scenario, outcome: FederationOutcome, para
             num_shares=params.num_shares, reconstruction_threshold=params.reconstruction_threshold,
             # Clients scale their update by num_examples / max_weight before quantizing: a max_weight equal
             # to the largest weight any client can send keeps that ratio near 1 and the quantization error small.
-            max_weight=float(max(len(p) for p in setup.partitions) if fed.protocol == "fedavg"
-                             else min(fed.local.batch_size, max(len(p) for p in setup.partitions))),
+            max_weight=_max_weight(setup),
             clipping_range=params.clipping_range, quantization_range=params.quantization_range,
-        ), outcome.capture, scenario.seed, params.reconstruction_threshold)
+        ), outcome.capture, scenario.seed, params.reconstruction_threshold, needs_every_client(setup.defenses))
 
         def evaluate_fn(server_round: int, ndarrays: list[np.ndarray], config: dict) -> tuple[float, dict] | None:
             if fit.error is not None:

@@ -65,11 +65,27 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 120.0) -> di
 
 
 def needs_every_client(defenses: list) -> str | None:
-    """The first defense that wraps the server strategy (its noise assumes every sampled client's update:
-    see :mod:`fedsim.simulation.participation`), or None."""
+    """Why the first failed client must stop the run (:mod:`fedsim.simulation.participation`), or None: a defense
+    wraps the server strategy (its noise assumes every sampled client's update) or states its own reason
+    (``Defense.every_client_reason``, e.g. DIFF2's estimator)."""
     from defenses.base import Defense
 
-    return next((d.name for d in defenses if type(d).wrap_strategy is not Defense.wrap_strategy), None)
+    for d in defenses:
+        if type(d).wrap_strategy is not Defense.wrap_strategy:
+            return (f"defense '{d.name}' wraps the server strategy, whose noise is calibrated to every sampled "
+                    "client's update")
+        if getattr(d, "every_client_reason", ""):
+            return d.every_client_reason
+    return None
+
+
+def message_references(defenses: list) -> Callable[[int], bool] | None:
+    """``round -> bool``: whether the clients send gradient differences in that round (``Defense.message_reference``),
+    or None when no defense makes them (the capture then keeps no previous model)."""
+    from defenses.base import Defense
+
+    chosen = [d for d in defenses if type(d).message_reference is not Defense.message_reference]
+    return (lambda rnd: any(d.message_reference(rnd) for d in chosen)) if chosen else None
 
 
 class RoundRows:
@@ -130,7 +146,8 @@ def build_server_app(
         strategy = build_strategy(scenario, node_of_partition)
         for defense in setup.defenses:
             strategy = defense.wrap_strategy(strategy)
-        proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses))
+        proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses),
+                              message_references(setup.defenses))
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             row = rows(server_round, arrays.to_torch_state_dict)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -18,6 +20,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from fedsim.scenario import Scenario
 from fedsim.seeding import numpy_rng
 from fedsim.simulation import keys
+from fedsim.simulation.setup import setup_for
 
 log = logging.getLogger("fedsim")
 WEIGHT_KEY = "fedsim.aggregation-weight"  # the weight each reply gets, as aggregate_arrayrecords reads it
@@ -39,6 +42,33 @@ def aggregation_weights(declared: list[float], uniform: bool) -> tuple[list[floa
     return list(declared), False
 
 
+def server_step(scenario: Scenario, server_round: int, current: dict[str, torch.Tensor],
+                mean_message: dict[str, torch.Tensor], memory: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The FedSGD server step of BOTH server paths (plain :class:`FedSGD` and SecAgg+ in
+    :mod:`fedsim.simulation.secure`): the global model after ``server_round``.
+
+    ``current``: the model the clients received (full state); ``mean_message``: the mean of their messages
+    (trainable parameter name -> tensor). A defense's ``server_update`` decides it (e.g. DIFF2's estimator;
+    ``memory[defense name]`` is that defense's dict for the run); otherwise ``current - lr * mean`` with
+    lr = ``federation.server_lr`` or ``local.lr`` (buffers and anything not in the message stay as they are).
+    """
+    from defenses.base import Defense
+
+    for defense in setup_for(scenario).defenses:
+        if type(defense).server_update is not Defense.server_update:
+            stepped = defense.server_update(server_round, current, mean_message, memory.setdefault(defense.name, {}))
+            if stepped is not None:
+                return stepped
+    fed = scenario.federation
+    lr = fed.server_lr or fed.local.lr
+    return {k: (v - lr * mean_message[k].to(v.dtype)) if k in mean_message else v for k, v in current.items()}
+
+
+def uniform_mean(scenario: Scenario) -> bool:
+    """Whether a defense asks the plain path for the unweighted mean of the replies (``Defense.uniform_mean``)."""
+    return any(getattr(d, "uniform_mean", False) for d in setup_for(scenario).defenses)
+
+
 class FedSimFedAvg(FedAvg):
     """FedAvg (McMahan et al., 2017) whose client sample depends only on (seed, round).
 
@@ -53,7 +83,8 @@ class FedSimFedAvg(FedAvg):
         self.scenario = scenario
         self.node_of_partition = node_of_partition
         self.current_arrays: ArrayRecord | None = None
-        self.uniform_weights = False
+        self.uniform_weights = uniform_mean(scenario)  # central DP's wrapper sets it too
+        self.server_memory: dict[str, dict[str, Any]] = {}  # per defense: its server_update state for this run
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -93,8 +124,9 @@ class FedSimFedAvg(FedAvg):
 class FedSGD(FedSimFedAvg):
     """FedSGD: clients send the gradient of one batch; the server averages and takes one step.
 
-    ``w <- w - server_lr * sum_k (n_k / n) g_k`` (McMahan et al., 2017, the FedSGD baseline). Buffers
-    (e.g. BatchNorm running statistics) are not sent under FedSGD and stay at their initial values.
+    ``w <- w - server_lr * sum_k (n_k / n) g_k`` (McMahan et al., 2017, the FedSGD baseline), or a defense's own
+    server rule (:func:`server_step`, shared with the SecAgg+ path). Buffers (e.g. BatchNorm running
+    statistics) are not sent under FedSGD and stay at their initial values.
     """
 
     def aggregate_train(
@@ -103,10 +135,8 @@ class FedSGD(FedSimFedAvg):
         mean_grad, metrics = super().aggregate_train(server_round, replies)
         if mean_grad is None or self.current_arrays is None:
             return None, metrics
-        lr = self.scenario.federation.server_lr or self.scenario.federation.local.lr
-        grads = mean_grad.to_torch_state_dict()
-        current = self.current_arrays.to_torch_state_dict()
-        stepped = {k: (v - lr * grads[k].to(v.dtype)) if k in grads else v for k, v in current.items()}
+        stepped = server_step(self.scenario, server_round, self.current_arrays.to_torch_state_dict(),
+                              mean_grad.to_torch_state_dict(), self.server_memory)
         return ArrayRecord(stepped), metrics
 
 
