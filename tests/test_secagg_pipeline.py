@@ -25,9 +25,13 @@ SECAGG = {"name": "secagg", "params": {"num_shares": 3, "reconstruction_threshol
 STRONG: dict[str, dict[str, Any]] = {
     "gaussian_noise": {"sigma": 0.1}, "laplace_noise": {"scale": 0.1}, "clipping": {"max_norm": 0.02},
     "pruning": {"percent": 90.0}, "quantization": {"bits": 2},
+    "diff2": {"restart_period": 2, "sigma1": 0.05, "sigma2": 0.1, "noise_placement": "local"},
 }
+# Defenses that only transform the update a client computed; one that computes the message itself (its
+# wrap_training, e.g. diff2's full-partition gradient) cannot be replayed on the undefended update: tests/test_diff2.py
 UPDATE_STAGE = sorted(name for name in DEFENSES.names()
-                      if DEFENSES.get(name).transform_update is not Defense.transform_update)
+                      if DEFENSES.get(name).transform_update is not Defense.transform_update
+                      and DEFENSES.get(name).wrap_training is Defense.wrap_training)
 
 
 def _raw(tiny_raw: dict, defenses: list[dict], rounds: int = 1) -> dict:

@@ -15,6 +15,11 @@ Inputs are what a run records:
 Per-client epsilon is the client's epsilon after the LAST round it trained (its whole run), never the
 last round's participants only. Each client's history ``[(sigma, q, steps) per trained round]`` is
 re-accounted with Google's ``dp_accounting`` (RDP and PLD), beside the figure the client reported.
+
+DIFF2 (``diff2_*`` keys in the server's rows: noise multipliers z1, z2, restart and difference counts, n_min,
+P, placement) is re-accounted by :func:`diff2_summary` (:mod:`fedsim.privacy.diff2`): Opacus RDP,
+dp_accounting RDP and PLD, the exact Gaussian composition and the authors' closed-form bound, for what the
+server releases, and epsilon against the curious server itself for the noise placement.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from statistics import median
 from typing import Any
 
+from fedsim.privacy import diff2 as diff2_math
 from fedsim.privacy.accounting import dp_accounting_epsilon
 
 CENTRAL_AGGREGATION = "uniform"
@@ -110,6 +116,52 @@ def dp_sgd_summary(client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]]
     return out
 
 
+DIFF2_PLACEMENTS = ("central", "distributed", "local")  # defenses.diff2.PLACEMENTS: the rows carry the index
+DIFF2_AGAINST_SERVER = {
+    "central": "inf: the server adds the noise after averaging, so it sees every client's un-noised message",
+    "distributed": "the released epsilon: the server sees only the SecAgg+ aggregate, which carries the whole noise",
+    "local": "each client's own noised message, sensitivity 2C/n_p, noise std sqrt(P) C sigma: z = sqrt(P) sigma "
+             "n_p / 2 (the worst client, n_p = n_min, shown)",
+}
+
+
+def diff2_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """DIFF2's record-level epsilon after the last round that reports one, every accountant; or None."""
+    rows = [h for h in history if _number(h.get("diff2_z1")) is not None]
+    if not rows:
+        return None
+    row = rows[-1]
+    z1, z2, delta = float(row["diff2_z1"]), float(row["diff2_z2"]), float(row["diff2_delta"])
+    restarts, differences = int(row["diff2_restarts"]), int(row["diff2_differences"])
+    n_min, clients = int(row["diff2_n_min"]), int(row["diff2_clients"])
+    placement = DIFF2_PLACEMENTS[int(row["diff2_noise_placement"])]
+    released = diff2_math.accounted(z1, z2, restarts, differences, delta)
+    alpha = _number(row.get("diff2_alpha"))
+    out: dict[str, Any] = {
+        "level": "sample", "rounds": int(row.get("round", len(rows))), "delta": delta,
+        "restart_period": int(row["diff2_restart_period"]), "restarts": restarts, "differences": differences,
+        "sigma1": float(row["diff2_sigma1"]), "sigma2": float(row["diff2_sigma2"]), "z1": z1, "z2": z2,
+        "n_min": n_min, "clients": clients, "noise_placement": placement,
+        "target_epsilon": _number(row.get("diff2_target_epsilon")), **released,
+        "epsilon_closed_form": (diff2_math.closed_form_epsilon(z1, z2, restarts, differences, delta, alpha)
+                                if alpha is not None else math.inf),
+        "alpha": alpha,
+        "aggregation": "uniform mean over the P clients (plain path; SecAgg+: num-examples-weighted, sensitivity "
+                       "2C/sum n_p <= 2C/(n_min P)); noise std C1 sigma1 / C2 dx sigma2 on the mean",
+        "against_server_note": DIFF2_AGAINST_SERVER[placement],
+    }
+    if placement == "central":
+        against = {"epsilon": math.inf, "epsilon_dp_accounting_pld": math.inf, "epsilon_exact": math.inf}
+    elif placement == "distributed":
+        against = {k: released[k] for k in ("epsilon", "epsilon_dp_accounting_pld", "epsilon_exact")}
+    else:
+        local = [diff2_math.local_noise_multiplier(float(row[k]), n_min, clients)
+                 for k in ("diff2_sigma1", "diff2_sigma2")]
+        against = diff2_math.accounted(*local, restarts, differences, delta)
+    out.update({f"{k}_vs_server": v for k, v in against.items() if k != "epsilon_dp_accounting_rdp"})
+    return out
+
+
 def privacy_summary(history: Sequence[Mapping[str, Any]],
                     client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]] | None) -> dict[str, Any]:
     """The ``privacy`` block of metrics.json: ``central_dp`` and/or ``dp_sgd`` (empty without DP)."""
@@ -120,6 +172,9 @@ def privacy_summary(history: Sequence[Mapping[str, Any]],
     sample = dp_sgd_summary(client_metrics or {})
     if sample is not None:
         out["dp_sgd"] = sample
+    diff2 = diff2_summary(history)
+    if diff2 is not None:
+        out["diff2"] = diff2
     return out
 
 
@@ -130,9 +185,16 @@ def epsilon_fields(privacy: Mapping[str, Any]) -> dict[str, Any]:
     per-client epsilon over the whole run (sample-level), else None; ``epsilon_level`` says which.
     ``epsilon_min`` / ``epsilon_median``: DP-SGD's distribution over clients; ``epsilon_dp_accounting_rdp``
     / ``_pld``: the same headline from dp_accounting. With both defenses, ``epsilon_dp_sgd`` is DP-SGD's max.
+    DIFF2 (which combines with no other DP defense): its released epsilon (Opacus RDP, then dp_accounting's),
+    sample-level, and ``epsilon_vs_server`` (inf under central noise).
     """
     central, sample = privacy.get("central_dp"), privacy.get("dp_sgd")
     out: dict[str, Any] = {"epsilon": None}
+    diff2 = privacy.get("diff2")
+    if diff2:  # DIFF2 protects one record of one client in what the server releases (it runs alone)
+        return {"epsilon": diff2.get("epsilon"), "epsilon_dp_accounting_rdp": diff2.get("epsilon_dp_accounting_rdp"),
+                "epsilon_dp_accounting_pld": diff2.get("epsilon_dp_accounting_pld"), "epsilon_level": "sample",
+                "epsilon_vs_server": diff2.get("epsilon_vs_server")}
     if sample:
         out.update(epsilon=sample.get("epsilon_max"), epsilon_min=sample.get("epsilon_min"),
                    epsilon_median=sample.get("epsilon_median"),

@@ -3,7 +3,7 @@
 Every figure appears with its source: Opacus's accountant (what the defense reported) and Google's
 dp_accounting, RDP and PLD (:mod:`fedsim.privacy.summary` computes them); central DP states how it
 aggregated and how its client sampling was accounted, DP-SGD the distribution of per-client epsilon
-over the whole run.
+over the whole run, DIFF2 its released epsilon four ways and what it means against the server itself.
 """
 
 from __future__ import annotations
@@ -51,6 +51,25 @@ def dp_sgd_lines(s: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def diff2_lines(d: Mapping[str, Any]) -> list[str]:
+    """DIFF2: the released epsilon by every accountant, the authors' closed form, and epsilon against the server."""
+    target = d.get("target_epsilon")
+    return [
+        f"DIFF2 (sample-level: one record of one client, delta {d.get('delta')}), released model after "
+        f"{d.get('rounds')} round(s) ({d.get('restarts')} restarts, {d.get('differences')} differences, T "
+        f"{d.get('restart_period')}): epsilon {_eps(d.get('epsilon'))} (Opacus RDP); dp_accounting RDP "
+        f"{_eps(d.get('epsilon_dp_accounting_rdp'))}, PLD {_eps(d.get('epsilon_dp_accounting_pld'))}; exact "
+        f"Gaussian composition {_eps(d.get('epsilon_exact'))}; authors' closed-form bound "
+        f"{_eps(d.get('epsilon_closed_form'))}" + (f" (target {target:g})" if isinstance(target, int | float) else ""),
+        f"DIFF2 noise: sigma1 {d.get('sigma1'):.4g}, sigma2 {d.get('sigma2'):.4g} (z1 {d.get('z1'):.4g}, z2 "
+        f"{d.get('z2'):.4g}; n_min {d.get('n_min')}, P {d.get('clients')}), placement {d.get('noise_placement')}; "
+        f"{d.get('aggregation')}",
+        f"DIFF2 epsilon against the curious server ({d.get('noise_placement')} noise): "
+        f"{_eps(d.get('epsilon_vs_server'))} (RDP), PLD {_eps(d.get('epsilon_dp_accounting_pld_vs_server'))}; "
+        f"{d.get('against_server_note')}",
+    ]
+
+
 def privacy_lines(privacy: Mapping[str, Any] | None) -> list[str]:
     """All lines for a privacy block; empty without DP."""
     if not isinstance(privacy, Mapping):
@@ -60,6 +79,8 @@ def privacy_lines(privacy: Mapping[str, Any] | None) -> list[str]:
         lines += central_lines(privacy["central_dp"])
     if isinstance(privacy.get("dp_sgd"), Mapping):
         lines += dp_sgd_lines(privacy["dp_sgd"])
+    if isinstance(privacy.get("diff2"), Mapping):
+        lines += diff2_lines(privacy["diff2"])
     return lines
 
 
