@@ -68,6 +68,9 @@ def hand_cells() -> list[Cell]:
     label, params = swept("diff2", 1)
     cells += [cell(label, r, "ig", params, status="failed", error="IncompatibleDefenseError: no sigma")
               for r in range(3)]
+    label, params = swept("diff2", 3)  # central noise: released epsilon 3, nothing against the server
+    cells += [cell(label, r, "ig", params, test_accuracy=0.7, epsilon=2.999, epsilon_level="sample",
+                   epsilon_vs_server=float("inf")) for r in range(3)]
     # central DP: client-level, low utility at a low epsilon; ranked only against client-level rows
     for eps in (1, 8):
         label, params = swept("central_dp", eps)
@@ -114,11 +117,19 @@ def test_rows_that_miss_their_target_or_all_failed_stay_in_the_table_and_say_why
     assert "every cell failed" in diff2.note and "no sigma" in diff2.note
     text = text_table(frontier_rows(hand_cells()))
     lines = text.splitlines()
-    assert len([line for line in lines if line.startswith("diff2")]) == 1 and "not matched" in text
+    assert len([line for line in lines if line.split()[:2] == ["diff2", "1"]]) == 1 and "not matched" in text
     # one line per (method, target), ordered by method then target
     order = [line.split()[0] + " " + line.split()[1] for line in lines[2:-1]]
-    assert order == ["central_dp 1", "central_dp 8", "diff2 1", "dp_sam 3", "dp_sat 3", "dp_sgd 1", "dp_sgd 3",
-                     "none -"]
+    assert order == ["central_dp 1", "central_dp 8", "diff2 1", "diff2 3", "dp_sam 3", "dp_sat 3", "dp_sgd 1",
+                     "dp_sgd 3", "none -"]
+
+
+def test_epsilon_against_the_server_is_reported_or_follows_where_the_noise_is_added() -> None:
+    rows = by_key(frontier_rows(hand_cells()))
+    assert rows[("dp_sgd", 3)].epsilon_vs_server == max(EPS[3])  # clients noise before sending
+    assert rows[("central_dp", 8)].epsilon_vs_server == float("inf")  # the server sees raw updates
+    assert rows[("diff2", 3)].epsilon_vs_server == float("inf") and rows[("diff2", 3)].epsilon == 2.999
+    assert rows[("none", None)].epsilon_vs_server is None
 
 
 def test_pareto_front_is_taken_within_one_epsilon_level() -> None:
@@ -126,7 +137,7 @@ def test_pareto_front_is_taken_within_one_epsilon_level() -> None:
     # sample level: dp_sgd@1 (lowest epsilon) and dp_sat@3 (best accuracy at 3) are on the front; dp_sgd@3
     # (same epsilon, lower accuracy than dp_sat) and dp_sam (more epsilon, less accuracy) are dominated
     assert rows[("dp_sgd", 1)].pareto and rows[("dp_sat", 3)].pareto
-    assert not rows[("dp_sgd", 3)].pareto and not rows[("dp_sam", 3)].pareto
+    assert not rows[("dp_sgd", 3)].pareto and not rows[("dp_sam", 3)].pareto and not rows[("diff2", 3)].pareto
     # client level: its own front, though every sample-level row dominates it numerically
     assert rows[("central_dp", 1)].pareto and rows[("central_dp", 8)].pareto
     assert not rows[("none", None)].pareto and not rows[("diff2", 1)].pareto

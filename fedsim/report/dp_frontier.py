@@ -13,7 +13,10 @@ module turns its cells into :class:`FrontierRow` s:
   headline figures (:func:`fedsim.privacy.summary.epsilon_fields`), the MAX over seeds (the guarantee
   that holds for every seed); **level**: what one unit of privacy is (``sample``: one example of a
   client, DP-SGD-style; ``client``: a client's whole data, central DP): epsilons of different levels are
-  not the same promise and are never ranked against each other.
+  not the same promise and are never ranked against each other. **epsilon_vs_server**: what is left against
+  the curious server itself: the cells' ``epsilon_vs_server`` when they report one (DIFF2: inf under central
+  noise, which the server adds after seeing every message), else the headline for sample-level DP (DP-SGD's
+  clients noise before sending) and inf for client-level DP (central DP's server sees raw updates).
 * **utility**: final ``test_accuracy`` (or ``test_loss`` for a task without accuracy, lower is better),
   mean and sample std (n - 1) over repeats; **seconds**: the federation's wall time (``federation_s``,
   attacks excluded); **attack** / **psnr**: the attack with the highest mean PSNR over repeats (the
@@ -56,6 +59,7 @@ class FrontierRow:
     epsilon: float | None = None
     epsilon_rdp: float | None = None
     epsilon_pld: float | None = None
+    epsilon_vs_server: float | None = None
     utility_key: str = "test_accuracy"
     utility: Stat | None = None
     seconds: Stat | None = None
@@ -139,6 +143,16 @@ def _per_repeat(cells: Sequence[Cell], key: str | Callable[[Cell], float | None]
     return [mean(v) for _, v in sorted(by_repeat.items())]
 
 
+def _vs_server(cell: Cell) -> float | None:
+    """Epsilon against the curious server (module doc); None without DP."""
+    s = cell.summary
+    if s.get("epsilon_vs_server") is not None:
+        return _number(s["epsilon_vs_server"])
+    if s.get("epsilon") is None:
+        return None
+    return _number(s["epsilon"]) if s.get("epsilon_level") == "sample" else math.inf
+
+
 def _seconds(cell: Cell) -> float | None:
     """The federation's wall time: the summary's ``federation_s``, else the run's metrics.json timing."""
     value = _number(cell.summary.get("federation_s"))
@@ -161,6 +175,7 @@ def _build(method: str, target: float | None, cells: list[Cell], utility_key: st
     row.epsilon = _max(c.summary.get("epsilon") for c in ok)
     row.epsilon_rdp = _max(c.summary.get("epsilon_dp_accounting_rdp") for c in ok)
     row.epsilon_pld = _max(c.summary.get("epsilon_dp_accounting_pld") for c in ok)
+    row.epsilon_vs_server = _max(_vs_server(c) for c in ok)
     row.utility = stat(_per_repeat(ok, utility_key))
     row.seconds = stat(_per_repeat(ok, _seconds))
     by_attack: dict[str, list[Cell]] = defaultdict(list)
@@ -233,7 +248,8 @@ def _pm(s: Stat | None, digits: int) -> str:
 
 
 COLUMNS = ("method", "\u03b5 target", "\u03b5 Opacus", "\u03b5 dp-acc RDP", "\u03b5 dp-acc PLD", "level",
-           "utility", "time (s)", "time \u00d7 dp_sgd", "best attack", "PSNR (dB)", "seeds", "front", "note")
+           "\u03b5 vs server", "utility", "time (s)", "time \u00d7 dp_sgd", "best attack", "PSNR (dB)", "seeds",
+           "front", "note")
 
 
 def row_cells(r: FrontierRow) -> list[str]:
@@ -241,6 +257,7 @@ def row_cells(r: FrontierRow) -> list[str]:
     digits = 3
     return [r.method, _fmt(r.target, 3).rstrip("0").rstrip(".") if r.target is not None else "-",
             _fmt(r.epsilon, 3), _fmt(r.epsilon_rdp, 3), _fmt(r.epsilon_pld, 3), r.level or "-",
+            _fmt(r.epsilon_vs_server, 3),
             _pm(r.utility, digits), _pm(r.seconds, 1), _fmt(r.time_ratio, 2) if r.time_ratio is not None else "-",
             r.attack or "-", _pm(r.psnr, 2), str(r.repeats), "*" if r.pareto else "", r.note]
 
@@ -264,19 +281,22 @@ def text_table(rows: Sequence[FrontierRow]) -> str:
 def write_frontier_csv(rows: Sequence[FrontierRow], path: Path) -> Path:
     """``dp_frontier.csv``: the table with means and stds in separate columns."""
     head = ["method", "target_epsilon", "epsilon", "epsilon_dp_accounting_rdp", "epsilon_dp_accounting_pld",
-            "epsilon_level", "utility_key", "utility_mean", "utility_std", "federation_s_mean", "federation_s_std",
-            "time_ratio", "best_attack", "psnr_mean", "psnr_std", "repeats", "failed", "pareto", "note"]
+            "epsilon_level", "epsilon_vs_server", "utility_key", "utility_mean", "utility_std", "federation_s_mean",
+            "federation_s_std", "time_ratio", "best_attack", "psnr_mean", "psnr_std", "repeats", "failed", "pareto",
+            "note"]
 
     def num(value: float | None) -> str:
         return "" if value is None else repr(value)
+
+    def pm(value: Stat | None) -> list[str]:
+        return ["", ""] if value is None else [num(value.mean), num(value.std)]
 
     with Path(path).open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(head)
         for r in rows:
-            u, s, p = r.utility, r.seconds, r.psnr
             writer.writerow([r.method, num(r.target), num(r.epsilon), num(r.epsilon_rdp), num(r.epsilon_pld),
-                             r.level or "", r.utility_key, num(u and u.mean), num(u and u.std), num(s and s.mean),
-                             num(s and s.std), num(r.time_ratio), r.attack or "", num(p and p.mean),
-                             num(p and p.std), r.repeats, r.failed, int(r.pareto), r.note])
+                             r.level or "", num(r.epsilon_vs_server), r.utility_key, *pm(r.utility), *pm(r.seconds),
+                             num(r.time_ratio), r.attack or "", *pm(r.psnr), r.repeats, r.failed, int(r.pareto),
+                             r.note])
     return Path(path)
