@@ -13,10 +13,10 @@ Which field each :class:`~fedsim.scenario.Knowledge` flag fills (``fedsim.attack
 one place that builds a view; ``tests/test_threat_view.py`` scans every field for each flag):
 
 ==================  ===========================================================================
-always              ``round``, ``partition_id``, ``reference_state``, ``task`` (architecture only: ``TaskInfo.model_transforms``
-                    carries a model-shaping defense's *architectural* parameters, never e.g. DP-SGD's
-                    sigma or MID's beta), ``global_state`` (BatchNorm running statistics included: the
-                    server aggregated them), ``update``, ``num_examples``
+always              ``round``, ``partition_id``, ``reference_state`` (a model the server sent), ``task``
+                    (architecture only: ``TaskInfo.model_transforms`` carries a model-shaping defense's
+                    *architectural* parameters, never e.g. DP-SGD's sigma or MID's beta), ``global_state``
+                    (BatchNorm running statistics included: the server aggregated them), ``update``, ``num_examples``
 ``local_hparams``   ``hyperparams`` (lr, steps, batch size, optimizer, ...)
 ``labels: known``   ``side_info["labels"]``
 ``defense``         ``defenses`` (every defense's name and parameters)
