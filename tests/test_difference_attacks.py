@@ -291,3 +291,36 @@ def test_dp_sat_awareness_is_validated_and_reported(tiny_raw) -> None:
                    [dict(d.public_description()) for d in setup.defenses])
     rec = FedAvgInversion.from_spec(scenario.attacks[0], torch.device("cpu"), 0).reconstruct(view)
     assert rec.failed is None and rec.stats["sharpness_first_step_unknown"] == 1.0 and rec.stats["sharpness_rho"] == 0.5
+
+
+# --- validation of DIFF2 scenarios --------------------------------------------------------------------------
+
+
+def diff2_raw(raw: dict, attack: str, rounds: list[int], **knowledge) -> dict:
+    raw = {**raw, "data": {**raw["data"], "train_subset": 16}}
+    raw["federation"] = {**raw["federation"], "rounds": 3}
+    raw["defenses"] = [{"name": "diff2", "params": {"restart_period": 2, "sigma1": 0.0, "sigma2": 0.0}}]
+    raw["attacks"] = [{"name": attack, "rounds": rounds, "clients": [0], "budget": {"iterations": 5},
+                       "knowledge": knowledge}]
+    return raw
+
+
+@pytest.mark.parametrize(("attack", "rounds", "knowledge", "error"), [
+    ("inverting_gradients", [1, 2], {}, "attacks[0].knowledge.labels: 'infer' cannot work in diff2's difference"),
+    ("idlg", [2], {}, "attacks[0].knowledge.labels: 'infer' cannot work"),
+    ("dia", [1], {}, "attacks[0]: dia cannot match the gradient differences diff2 clients send"),
+    ("inverting_gradients", [1, 3], {}, None),  # restart rounds (T = 2): a clipped gradient, labels can be read
+    ("inverting_gradients", [2], {"labels": "known", "defense": True}, None),  # diff2's clipping is modelled
+    ("dlg", [2], {}, None),  # DLG optimizes its labels with the images
+    ("gradinversion", [2], {"labels": "known"}, None),
+])
+def test_diff2_scenarios_refuse_what_cannot_attack_a_difference(tiny_raw, attack, rounds, knowledge, error) -> None:
+    from fedsim.errors import ScenarioError
+
+    raw = diff2_raw(tiny_raw, attack, rounds, **knowledge)
+    if error is None:
+        parse_scenario(raw)
+        return
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(raw)
+    assert str(err.value).startswith(error)
