@@ -41,6 +41,7 @@ def _fixed_noise(raw: dict[str, Any]) -> dict[str, Any]:
     for spec in raw.get("defenses") or []:
         params = spec.get("params") or {}
         if params.pop("target_epsilon", None) is not None:
+            params.pop("calibration", None)  # diff2: applies to a target only
             params.update(DIFF2_FIXED_NOISE if spec["name"] == "diff2" else FIXED_NOISE)
     raw["attacks"] = []
     return raw

@@ -70,7 +70,7 @@ def hand_cells() -> list[Cell]:
               for r in range(3)]
     label, params = swept("diff2", 3)  # central noise: released epsilon 3, nothing against the server
     cells += [cell(label, r, "ig", params, test_accuracy=0.7, epsilon=2.999, epsilon_level="sample",
-                   epsilon_vs_server=float("inf")) for r in range(3)]
+                   epsilon_vs_server=None) for r in range(3)]  # inf, as cells.jsonl stores it (strict JSON)
     # central DP: client-level, low utility at a low epsilon; ranked only against client-level rows
     for eps in (1, 8):
         label, params = swept("central_dp", eps)

@@ -146,8 +146,8 @@ def _per_repeat(cells: Sequence[Cell], key: str | Callable[[Cell], float | None]
 def _vs_server(cell: Cell) -> float | None:
     """Epsilon against the curious server (module doc); None without DP."""
     s = cell.summary
-    if s.get("epsilon_vs_server") is not None:
-        return _number(s["epsilon_vs_server"])
+    if "epsilon_vs_server" in s:  # cells.jsonl is strict JSON: an infinite epsilon is stored as null
+        return math.inf if s["epsilon_vs_server"] is None else _number(s["epsilon_vs_server"])
     if s.get("epsilon") is None:
         return None
     return _number(s["epsilon"]) if s.get("epsilon_level") == "sample" else math.inf
