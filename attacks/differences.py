@@ -160,24 +160,24 @@ def functional_message(module: nn.Module, spec: MessageSpec) -> Callable[[Tensor
     return clipped_message
 
 
+def _sends_differences(name: str) -> bool:
+    from defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
+
+    return name in DEFENSES and DEFENSES.get(name).message_reference is not Defense.message_reference
+
+
 def difference_defense(scenario: Any) -> Any | None:
-    """The scenario's first defense spec whose clients send gradient differences (DIFF2), or ``None``."""
-    return next((spec for spec in scenario.defenses if spec.name in DIFFERENCE_DEFENSES), None)
+    """The scenario's first defense spec whose clients send gradient differences in some rounds (its class
+    implements :meth:`defenses.base.Defense.message_reference`, as DIFF2 does), or ``None``."""
+    return next((spec for spec in scenario.defenses if _sends_differences(spec.name)), None)
 
 
 def difference_rounds(scenario: Any, rounds: Iterable[int]) -> list[int]:
-    """Which of ``rounds`` (1-based) are DIFF2 difference rounds, ``(round - 1) % T != 0`` with ``T`` the
-    defense's ``restart_period`` (its validated default when the YAML leaves it out). Without a
-    difference defense: none. When the period cannot be read, every round after the first (the
-    conservative answer: round 1 always restarts)."""
-    spec = difference_defense(scenario)
-    if spec is None:
-        return []
-    from defenses import DEFENSES  # lazy: the defenses package imports every plug-in
+    """Which of ``rounds`` (1-based) carry gradient differences: those the scenario's difference-sending
+    defenses say so of (:meth:`~defenses.base.Defense.message_reference`, the rule the capture records
+    ``reference_state`` by; DIFF2: ``(round - 1) % restart_period != 0``)."""
+    from defenses import DEFENSES
 
-    period = spec.params.get("restart_period")
-    if spec.name in DEFENSES:
-        period = getattr(DEFENSES.get(spec.name).Params.model_validate(spec.params), "restart_period", period)
-    if period is None or int(period) < 1:
-        return [r for r in rounds if r > 1]
-    return [r for r in rounds if (r - 1) % int(period) != 0]
+    built = [DEFENSES.get(spec.name).from_spec(spec, scenario) for spec in scenario.defenses
+             if _sends_differences(spec.name)]
+    return [r for r in rounds if any(defense.message_reference(r) for defense in built)]

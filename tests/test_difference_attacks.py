@@ -324,3 +324,26 @@ def test_diff2_scenarios_refuse_what_cannot_attack_a_difference(tiny_raw, attack
     with pytest.raises(ScenarioError) as err:
         parse_scenario(raw)
     assert str(err.value).startswith(error)
+
+
+def test_placement_rows_differ_only_in_the_defenses() -> None:
+    """benchmarks/diff2_placements.py compares noise placements: within a setting its rows differ only in
+    ``defenses`` (the placement, and SecAgg+ for distributed), and the scenario it runs validates."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from fedsim.teaching.comparisons import Comparison
+    from fedsim.teaching.resolve import resolved_scenario
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "diff2_placements.py"
+    spec = importlib.util.spec_from_file_location("diff2_placements", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = yaml.safe_load(module.BASE.read_text(encoding="utf-8"))
+    for setting in ("sigma=0", "eps=8"):
+        rows = {p: resolved_scenario(module.row_scenario(base, setting, p, 5, 0)) for p in module.PLACEMENTS}
+        comparison = Comparison("diff2 placements", str(path), rows, ("defenses",))
+        assert comparison.unexplained() == {}
+        assert all(comparison.differences(p) for p in list(rows)[1:])
