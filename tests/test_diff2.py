@@ -399,3 +399,20 @@ def test_the_privacy_block_and_the_report_state_epsilon_released_and_against_the
     assert fields["epsilon"] == block["epsilon"] and fields["epsilon_level"] == "sample"
     text = "\n".join(privacy_lines({"diff2": block}))
     assert "DIFF2" in text and f"{block['epsilon_closed_form']:.3f}" in text and placement in text
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_ray_gives_the_inprocess_numbers(secure) -> None:
+    """Client state (x_(r-1) in the node's Context), client noise shares and the server estimator on real Ray:
+    3 rounds with a difference round, local (plain) or distributed (SecAgg+) noise, bit-identical."""
+    params = {**NOISY, "noise_placement": "distributed" if secure else "local"}
+    scenario = parse_scenario(scenario_raw(params, rounds=3, secure=secure, capture=True))
+    local = run_federation(scenario, backend="inprocess")
+    ray = run_federation(scenario, backend="ray")
+    assert [h.get("train_loss") for h in ray.history] == [h.get("train_loss") for h in local.history]
+    assert len(ray.capture.updates) == len(local.capture.updates) > 0
+    for a, b in zip(local.capture.updates, ray.capture.updates, strict=True):
+        assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
+        assert (a.reference_state is None) == (b.reference_state is None)
+    assert all(torch.equal(local.final_state[k], ray.final_state[k]) for k in local.final_state)
