@@ -347,3 +347,10 @@ def test_placement_rows_differ_only_in_the_defenses() -> None:
         comparison = Comparison("diff2 placements", str(path), rows, ("defenses",))
         assert comparison.unexplained() == {}
         assert all(comparison.differences(p) for p in list(rows)[1:])
+
+
+def test_diff2_counts_as_modelled_in_the_defense_aware_stats(digits) -> None:
+    cur, prev = two_models(digits)
+    upd = diff2_update(digits, cur, prev, [0, 1], defenses=({"name": "diff2", "c1": 1.0, "c2": 5.0},))
+    rec = ig(5, defense=True).reconstruct(upd)
+    assert rec.failed is None and rec.stats["defenses_modeled"] == 1.0 and rec.stats["defenses_skipped"] == 0.0
