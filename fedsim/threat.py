@@ -33,7 +33,7 @@ say whether its output is an oracle: the runner records that from what it handed
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -101,6 +101,9 @@ class ClientUpdate:
     global_state: Mapping[str, Tensor]
     update: Mapping[str, Tensor] | None
     num_examples: int  # what the client declared; under DP-SGD its expected count, not the realised batch
+    # Keyword-only from here: a field added later can never silently take a positional argument meant
+    # for another (a positional ClientUpdate once handed hyperparams to the new reference_state).
+    _: KW_ONLY
     # When the protocol makes a client send a gradient DIFFERENCE (DIFF2's difference rounds:
     # mean_i clip(grad l(x_r; z_i) - grad l(x_{r-1}; z_i))), the model its subtracted gradient was taken at
     # (x_{r-1}, the global model the server sent the round before); None when the update is a plain
