@@ -366,3 +366,40 @@ def test_one_opacus_defense_at_most_and_never_with_soteria(tiny_raw, others) -> 
     with pytest.raises(ScenarioError) as err:
         parse_scenario(raw)
     assert err.value.path.startswith("defenses[") and "dp_sat" in str(err.value)
+
+
+def persisted_raw(tiny_raw: dict, *defenses: dict) -> dict:
+    raw = copy.deepcopy(tiny_raw)
+    raw["attacks"][0].update(clients=[0, 3], rounds=[2])
+    raw["federation"]["rounds"] = 2
+    raw["defenses"] = [*defenses, {"name": "dp_sat", "params": {"noise_multiplier": 1.0, "rho": 0.5, "persist": True}}]
+    return raw
+
+
+def test_the_persisted_direction_survives_the_secagg_client_path(tiny_raw) -> None:
+    """Under SecAgg+ (the NumPyClient path, its own Context handling) round 2 is perturbed along the stored
+    g~_1 as on the plain path: the same perturbed_steps, and cos_prev_grad (which reads g~_1) up to the
+    SecAgg+ quantization of the round-2 global model."""
+    secagg = {"name": "secagg", "params": {"num_shares": 3, "reconstruction_threshold": 2}}
+    plain = run_federation(parse_scenario(persisted_raw(tiny_raw))).capture.client_metrics
+    secure = run_federation(parse_scenario(persisted_raw(tiny_raw, secagg))).capture.client_metrics
+    assert sum(math.isfinite(plain[2][pid]["cos_prev_grad"]) for pid in range(4)) == 3  # client 2: empty batch
+    for pid in range(4):
+        assert secure[2][pid]["perturbed_steps"] == plain[2][pid]["perturbed_steps"] == 1
+        assert secure[2][pid]["cos_prev_grad"] == pytest.approx(plain[2][pid]["cos_prev_grad"], rel=1e-4,
+                                                                     nan_ok=True)  # nan: an empty batch
+
+
+@pytest.mark.ray
+def test_the_persisted_direction_gives_the_same_numbers_on_ray(tiny_raw) -> None:
+    """The tensor state (g~ kept in each Ray node's Context) gives round 2 exactly the in-process updates."""
+    scenario = parse_scenario(persisted_raw(tiny_raw))
+    local = run_federation(scenario, backend="inprocess")
+    ray = run_federation(scenario, backend="ray")
+    def rows(outcome) -> list:  # nan (round 1's cos_prev_grad) as a string, so that equal means equal
+        return [(r, p, sorted((k, str(v)) for k, v in m.items()))
+                for r, per in sorted(outcome.capture.client_metrics.items()) for p, m in sorted(per.items())]
+
+    assert rows(ray) == rows(local) and len(rows(local)) == 8
+    for a, b in zip(local.capture.updates, ray.capture.updates, strict=True):
+        assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
