@@ -134,7 +134,9 @@ class Diff2(Defense):
 
     def __init__(self, params: Diff2Params, name: str, scenario: Scenario | None = None) -> None:
         super().__init__(params, name, scenario)
-        self._clip: dict[tuple[int, int], float | None] = {}  # (round, partition) -> the round's clip radius
+        # (round, partition) -> that client round's clip radius, from its message (before_read_gradients) to its
+        # noise share (transform_update): both run in the same process, inside one run_client_round
+        self._clip: dict[tuple[int, int], float | None] = {}
 
     # -- validation ----------------------------------------------------------------------------------
     @classmethod
@@ -237,7 +239,8 @@ class Diff2(Defense):
         key = (job.round, job.partition_id)
 
         def on_round(clip: float | None, dx: float) -> None:
-            self._clip[key] = clip
+            if p.noise_placement != "central":  # transform_update scales this client's noise share by it
+                self._clip[key] = clip
 
         run = Diff2ClientRound(job, c1=p.c1, c2=p.c2, restart_period=p.restart_period, chunk_size=p.chunk_size,
                                state_prefix=self.name, on_round=on_round)

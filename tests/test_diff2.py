@@ -1,95 +1,37 @@
-"""DIFF2-GD through the real federation (defenses/diff2.py; spec algorithms-more.md §9).
+"""DIFF2-GD through the real federation (defenses/diff2.py; spec algorithms-more.md §9): the estimator and messages.
 
-Kinds guarded, each against an independent computation in this file (plain torch loops, per-example autograd):
-the estimator (sigma = 0 and no clipping is plain GD on the mean of the clients' full-partition losses for every
-T; T = 1 with noise is DP-GD with the same noise draws); the exact per-sample mean over chunks; what the
-curious server sees under each noise placement (and the std of what the clients add); one server rule on both
-server paths; the reference model of a difference recorded for the attacker; a client that missed a round
-stops the run; validation errors name the YAML field.
+Kinds guarded, each against an independent computation (plain torch loops, per-example autograd in
+``diff2_support``): the estimator (sigma = 0 and no clipping is plain GD on the mean of the clients' full-partition
+losses for every T; T = 1 with noise is DP-GD with the same noise draws); the exact per-sample mean over chunks;
+what the curious server sees under each noise placement (and the std of what the clients add); one server rule on
+both server paths; a capture proxy that forwards every record. Validation, failures, the attacker's view and the
+privacy block: test_diff2_runs.py.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-from functools import lru_cache
 
 import pytest
 import torch
 import torch.nn.functional as F
+from diff2_support import (
+    NOISY,
+    assert_standard_normal,
+    brute_message,
+    captured,
+    client_batches,
+    params_of,
+    run,
+    scenario_raw,
+)
 
-from defenses.diff2_client import MissedRoundError, clipped_mean_gradient
-from fedsim.data import normalize
-from fedsim.errors import ScenarioError, SimulationError
+from defenses.diff2_client import clipped_mean_gradient
+from fedsim.errors import ScenarioError
 from fedsim.scenario import parse_scenario
 from fedsim.seeding import torch_generator
 from fedsim.simulation import run_federation
 from fedsim.simulation.capture import AGGREGATE_ID
-from fedsim.simulation.setup import setup_for
-
-SECAGG = {"name": "secagg", "params": {"num_shares": 3, "reconstruction_threshold": 2}}
-BASE = {
-    "name": "diff2-test", "seed": 3, "device": "cpu",
-    "data": {"dataset": "digits", "train_subset": 80, "partition": {"kind": "iid"}},  # 4 clients x 20 digits
-    "model": {"name": "mlp", "width": 1},
-    "federation": {"clients": 4, "rounds": 2, "protocol": "fedsgd", "local": {"batch_size": 4, "lr": 0.5}},
-    "backend": {"kind": "inprocess"},
-    "evaluation": {"every": 100},
-    "attacks": [],
-}
-NOISY = {"restart_period": 2, "c1": 1.0, "c2": 2.0, "sigma1": 0.05, "sigma2": 0.1, "chunk_size": 7}
-
-
-def scenario_raw(params: dict, rounds: int = 2, secure: bool = False, capture: bool = False) -> dict:
-    raw = copy.deepcopy(BASE)
-    raw["federation"]["rounds"] = rounds
-    raw["defenses"] = [{"name": "diff2", "params": params}] + ([SECAGG] if secure else [])
-    if capture:  # targets make the capture record updates (the attacks themselves do not run here)
-        raw["attacks"] = [{"name": "inverting_gradients", "rounds": [1, 2], "clients": "all",
-                           "knowledge": {"labels": "known"}, "budget": {"iterations": 1}}]
-    return raw
-
-
-@lru_cache(maxsize=16)
-def _run(text: str):  # noqa: ANN202 - one federation per distinct scenario, shared by the tests
-    return run_federation(parse_scenario(json.loads(text)))
-
-
-def run(raw: dict):  # noqa: ANN201
-    return _run(json.dumps(raw, sort_keys=True))
-
-
-def client_batches(raw: dict) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.nn.Module]:
-    """Each client's whole partition, normalized as the clients do, and the initial global model."""
-    setup = setup_for(parse_scenario(raw))
-    data = [setup.client_data(p) for p in range(raw["federation"]["clients"])]
-    return [(normalize(x, setup.task.mean, setup.task.std), y) for x, y in data], setup.build_model()
-
-
-def brute_message(model: torch.nn.Module, state: dict, x: torch.Tensor, y: torch.Tensor, clip: float | None,
-                  reference: dict | None = None) -> dict[str, torch.Tensor]:
-    """(1/n) sum_i clip(grad l(state; z_i) [- grad l(reference; z_i)]) by one autograd call per example."""
-    model = copy.deepcopy(model)
-    names = [k for k, _ in model.named_parameters()]
-
-    def grad_at(weights: dict, i: int) -> list[torch.Tensor]:
-        model.load_state_dict(weights, strict=False)
-        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
-        return [g.detach().clone() for g in torch.autograd.grad(loss, list(model.parameters()))]
-
-    total = [torch.zeros_like(p) for p in model.parameters()]
-    for i in range(len(x)):
-        g = grad_at(state, i)
-        if reference is not None:
-            g = [a - b for a, b in zip(g, grad_at(reference, i), strict=True)]
-        scale = 1.0 if clip is None else min(1.0, clip / float(torch.sqrt(sum((t**2).sum() for t in g))))
-        total = [t + scale * a for t, a in zip(total, g, strict=True)]
-    return {k: t / len(x) for k, t in zip(names, total, strict=True)}
-
-
-def params_of(state: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: state[k] for k, _ in model.named_parameters()}
 
 
 # -- (1) sigma = 0, no clipping: DIFF2-GD is plain GD, for every restart period ------------------------------
@@ -160,17 +102,6 @@ def test_the_message_is_the_exact_per_example_mean_whatever_the_chunks(chunk) ->
 
 
 # -- (6) noise placements: what the curious server sees -------------------------------------------------------
-def captured(outcome, rnd: int) -> dict:  # noqa: ANN001
-    return {u.partition_id: u for u in outcome.capture.updates if u.round == rnd}
-
-
-def assert_standard_normal(values: torch.Tensor) -> None:
-    """Mean 0 and std 1 within 5 standard errors of a sample of n: 1/sqrt(n) for the mean, 1/sqrt(2n) for the std."""
-    n = values.numel()
-    assert abs(float(values.mean())) < 5 / math.sqrt(n)
-    assert abs(float(values.std()) - 1) < 5 / math.sqrt(2 * n)
-
-
 def test_central_noise_is_added_after_the_server_has_seen_every_clean_message() -> None:
     noisy = run(scenario_raw({**NOISY, "noise_placement": "central"}, capture=True))
     clean = run(scenario_raw({**NOISY, "sigma1": 0.0, "sigma2": 0.0}, capture=True))
@@ -276,143 +207,3 @@ def test_the_capture_proxy_forwards_every_record_of_a_targeted_message(monkeypat
         proxy.send_and_receive([msg])
     (sent,) = Inner.seen
     assert sent.content["extra"]["mode"] == "diff" and sent.content[keys.CONFIG][keys.RECORD_TRUTH]
-
-
-# -- (8) validation names the YAML field -----------------------------------------------------------------------
-@pytest.mark.parametrize(("change", "path", "match"), [
-    (lambda r: r["federation"].update(protocol="fedavg"), "defenses[0]", "federation.protocol"),
-    (lambda r: r["federation"].update(clients_per_round=2), "defenses[0]", "federation.clients_per_round"),
-    (lambda r: r["defenses"][0]["params"].update(target_epsilon=3), "defenses[0].params.target_epsilon", "one of"),
-    (lambda r: r["defenses"][0]["params"].update(sigma2=None), "defenses[0].params.sigma2", "restart_period 2"),
-    (lambda r: r["defenses"][0]["params"].update(c1=None), "defenses[0].params.c1", "zero noise"),
-    (lambda r: r["defenses"][0]["params"].update(calibration="rdp"), "defenses[0].params.calibration", "target"),
-    (lambda r: r["defenses"][0]["params"].update(restart_period=0), "defenses[0].params.restart_period", "greater"),
-    (lambda r: r["model"].update(dropout=0.3), "defenses[0]", "per-example gradients"),
-    (lambda r: r["defenses"].append({"name": "dp_sgd", "params": {"noise_multiplier": 1.0}}), "defenses[0]",
-     "dp_sgd"),
-])
-def test_invalid_settings_are_refused_with_the_field_path(change, path, match) -> None:
-    raw = scenario_raw(dict(NOISY))
-    change(raw)
-    with pytest.raises(ScenarioError, match=match) as err:
-        parse_scenario(raw)
-    assert err.value.path == path
-
-
-def test_the_cli_refuses_in_one_line_with_exit_2(tmp_path) -> None:
-    import yaml
-    from typer.testing import CliRunner
-
-    from fedsim.cli import app
-
-    raw = scenario_raw({**NOISY, "noise_placement": "distributed"})
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(app, ["validate", str(path)])
-    assert result.exit_code == 2
-    assert "defenses[0].params.noise_placement" in result.output and "Traceback" not in result.output
-
-
-# -- (9) a client that missed the previous round --------------------------------------------------------------
-def test_a_difference_round_without_the_previous_model_fails_visibly() -> None:
-    from fedsim.simulation.client_round import run_client_round
-
-    scenario = parse_scenario(scenario_raw({**NOISY, "restart_period": 3}, rounds=3))
-    start = setup_for(scenario).build_model().state_dict()
-    state: dict = {}
-    run_client_round(scenario, 0, 1, start, state)  # restart: it keeps x_1 and "1"
-    assert state["diff2/model-round"] == "1"
-    with pytest.raises(MissedRoundError, match="round 3 needs the global model of round 2, but client 0 holds "
-                                               "round 1's"):
-        run_client_round(scenario, 0, 3, start, dict(state))
-    with pytest.raises(MissedRoundError, match="holds none"):
-        run_client_round(scenario, 0, 2, start, {})
-    run_client_round(scenario, 0, 2, start, state)  # the round after: fine
-
-
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
-def test_a_client_failing_in_a_diff2_run_stops_it(monkeypatch, secure) -> None:
-    import fedsim.simulation.client_round as client_round
-
-    real = client_round.local_update
-
-    def local_update(job, *args, **kwargs):  # noqa: ANN001, ANN202
-        if kwargs["partition_id"] == 1 and kwargs["round_num"] == 2:
-            raise ValueError("injected")
-        return real(job, *args, **kwargs)
-
-    monkeypatch.setattr(client_round, "local_update", local_update)
-    raw = scenario_raw(dict(NOISY), rounds=3, secure=secure)
-    with pytest.raises(SimulationError, match=r"client 1: ValueError: injected \(round 2\).*'diff2' needs every "
-                                              "client's message every round"):
-        run_federation(parse_scenario(raw))
-
-
-# -- the attacker's view and the privacy block ----------------------------------------------------------------
-def test_the_attack_view_carries_the_reference_model_of_a_difference() -> None:
-    from fedsim.attacking import observe
-
-    raw = scenario_raw(dict(NOISY), capture=True)
-    scenario = parse_scenario(raw)
-    outcome = run(raw)
-    task = setup_for(scenario).task
-    views = {u.round: observe(u, task, scenario, scenario.attacks[0], ()) for u in captured(outcome, 1).values()}
-    views.update({u.round: observe(u, task, scenario, scenario.attacks[0], ()) for u in captured(outcome, 2).values()})
-    assert views[1].reference_state is None
-    torch.testing.assert_close(dict(views[2].reference_state), dict(views[1].global_state))
-    assert len(captured(outcome, 1)[0].truth.inputs) == 20  # the ground truth is the whole partition
-
-
-@pytest.mark.parametrize("placement", ["central", "local"])
-def test_the_privacy_block_and_the_report_state_epsilon_released_and_against_the_server(placement) -> None:
-    """Target epsilon 3 over 4 rounds, T = 2: sigmas from the closed form with alpha = 9 (by hand here), the
-    released epsilon by dp_accounting's PLD on the two Gaussian events built here; central: inf against the
-    server; local: z = sqrt(P) sigma n_min / 2 per event."""
-    import dp_accounting
-
-    from fedsim.privacy.summary import epsilon_fields, privacy_summary
-    from fedsim.report.privacy import privacy_lines
-
-    raw = scenario_raw({"restart_period": 2, "target_epsilon": 3, "noise_placement": placement}, rounds=4)
-    outcome = run(raw)
-    block = privacy_summary(outcome.history, outcome.capture.client_metrics)["diff2"]
-    n, p = 20, 4
-    sigma1 = math.sqrt(5 * 9 * 2 / (n**2 * p**2 * 3))  # c1 = 4u = 5, alpha = 1 + ceil(2 ln(1e5) / 3) = 9
-    sigma2 = math.sqrt(20 * 9 * 4 / (n**2 * p**2 * 3))
-    assert block["sigma1"] == pytest.approx(sigma1) and block["sigma2"] == pytest.approx(sigma2)
-
-    def pld(z1: float, z2: float) -> float:
-        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-        acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z1), 2))
-        acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z2), 2))
-        return acc.get_epsilon(1e-5)
-
-    assert block["epsilon_dp_accounting_pld"] == pytest.approx(pld(sigma1 * n * p / 2, sigma2 * n * p / 2), rel=0.01)
-    assert block["epsilon_exact"] < block["epsilon"] < block["epsilon_closed_form"] <= 3
-    if placement == "central":
-        assert math.isinf(block["epsilon_vs_server"])
-    else:
-        local = pld(2 * sigma1 * n / 2, 2 * sigma2 * n / 2)
-        assert block["epsilon_dp_accounting_pld_vs_server"] == pytest.approx(local, rel=0.01)
-        assert block["epsilon_vs_server"] > block["epsilon"]
-    fields = epsilon_fields({"diff2": block})
-    assert fields["epsilon"] == block["epsilon"] and fields["epsilon_level"] == "sample"
-    text = "\n".join(privacy_lines({"diff2": block}))
-    assert "DIFF2" in text and f"{block['epsilon_closed_form']:.3f}" in text and placement in text
-
-
-@pytest.mark.ray
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
-def test_ray_gives_the_inprocess_numbers(secure) -> None:
-    """Client state (x_(r-1) in the node's Context), client noise shares and the server estimator on real Ray:
-    3 rounds with a difference round, local (plain) or distributed (SecAgg+) noise, bit-identical."""
-    params = {**NOISY, "noise_placement": "distributed" if secure else "local"}
-    scenario = parse_scenario(scenario_raw(params, rounds=3, secure=secure, capture=True))
-    local = run_federation(scenario, backend="inprocess")
-    ray = run_federation(scenario, backend="ray")
-    assert [h.get("train_loss") for h in ray.history] == [h.get("train_loss") for h in local.history]
-    assert len(ray.capture.updates) == len(local.capture.updates) > 0
-    for a, b in zip(local.capture.updates, ray.capture.updates, strict=True):
-        assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
-        assert (a.reference_state is None) == (b.reference_state is None)
-    assert all(torch.equal(local.final_state[k], ray.final_state[k]) for k in local.final_state)
