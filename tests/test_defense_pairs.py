@@ -39,7 +39,8 @@ BASE: dict[str, Any] = {
 PROTOCOLS = ("fedsgd", "fedavg")
 # Parameters a defense cannot do without (no default exists); every other defense runs on its defaults.
 REQUIRED: dict[str, dict[str, Any]] = {"dp_sgd": {"noise_multiplier": 1.0}, "dp_sat": {"noise_multiplier": 1.0},
-                                       "dp_sam": {"noise_multiplier": 1.0}}
+                                       "dp_sam": {"noise_multiplier": 1.0},
+                                       "diff2": {"restart_period": 2, "sigma1": 0.05, "sigma2": 0.1}}
 # Settings that change the model or the training path (the slow cross runs each of them).
 SETTINGS: dict[str, list[dict[str, Any]]] = {
     "dp_sgd": [{"noise_multiplier": 1.0, "grad_sample_mode": m} for m in ("hooks", "functorch", "ew", "ghost")]
@@ -49,6 +50,8 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
     "dp_sam": [{"noise_multiplier": 1.0, "grad_sample_mode": m} for m in ("hooks", "ghost")],
     "central_dp": [{"side": s, "clipping": c} for s in ("server", "client") for c in ("fixed", "adaptive")],
     "quantization": [{}, {"stochastic": True}],
+    "diff2": [{"restart_period": 2, "target_epsilon": 3.0, "noise_placement": p} for p in ("central", "local")]
+    + [{"restart_period": 1, "c1": None, "sigma1": 0.0}],
 }
 
 NAMES = defense_registry().names()
