@@ -35,7 +35,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -70,7 +70,6 @@ class FrontierRow:
     note: str = ""
     pareto: bool = False
     time_ratio: float | None = None  # seconds / the reference method's seconds at the same target
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dp(self) -> bool:

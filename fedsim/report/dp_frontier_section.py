@@ -55,14 +55,16 @@ def dp_frontier_plot(rows: Sequence[FrontierRow], path: Path) -> bool:
         points = sorted((r for r in rows if r.method == method and r.dp and r.x is not None and r.utility is not None),
                         key=lambda r: r.x)
         client = any(r.level == "client" for r in points)
+        dodge = 1.025 ** (i - (len(methods) - 1) / 2)  # methods with equal values (same seeds) stay visible
+        xs = [r.x * dodge for r in points]
         style = {"color": colours(i % 10), "marker": marker, "ls": "--" if client else "-", "ms": 6, "capsize": 3,
                  "label": method + (" (client-level \u03b5)" if client else "")}
-        ax_u.errorbar([r.x for r in points], [r.utility.mean for r in points],
+        ax_u.errorbar(xs, [r.utility.mean for r in points],
                       yerr=[r.utility.std or 0 for r in points], **style)
-        leaks = [r for r in points if r.psnr is not None]
+        leaks = [(x, r) for x, r in zip(xs, points, strict=True) if r.psnr is not None]
         if leaks:
-            ax_p.errorbar([r.x for r in leaks], [r.psnr.mean for r in leaks], yerr=[r.psnr.std or 0 for r in leaks],
-                          **style)
+            ax_p.errorbar([x for x, _ in leaks], [r.psnr.mean for _, r in leaks],
+                          yerr=[r.psnr.std or 0 for _, r in leaks], **style)
     for j, r in enumerate(plain):
         grey = str(0.2 + 0.15 * (j % 4))
         ax_u.axhline(r.utility.mean, color=grey, ls=":", lw=1.2, label=f"{r.method} (no DP)")
@@ -98,8 +100,9 @@ def dp_frontier_section(source: Source, assets: Path, shown_dir: str) -> str:
     write_frontier_csv(rows, assets / CSV_NAME)
     made = dp_frontier_plot(rows, assets / FIGURE_NAME)
     uri = data_uri((assets / FIGURE_NAME).read_bytes()) if made else None
-    caption = ("Left: final utility against the achieved \u03b5 (log scale), one line per DP method, mean over seeds, "
-               "bars = std; dashed lines are client-level \u03b5 (central DP), not comparable with sample-level "
+    caption = ("Left: final utility against the achieved \u03b5 (log scale; methods dodged sideways by a few per "
+               "cent so equal values stay visible), one line per DP method, mean over seeds, bars = std; dashed lines "
+               "are client-level \u03b5 (central DP), not comparable with sample-level "
                "\u03b5 point for point; dotted horizontal lines are runs without DP. Right: the strongest attack's "
                "mean PSNR at each point.")
     left = {"method", "level", "best attack", "note"}
