@@ -173,6 +173,27 @@ def test_method_and_target_come_from_the_grid_label_and_sweep() -> None:
     assert target_of(cell("dp_sgd", 0)) is None
 
 
+def test_the_shipped_frontier_grid_matches_every_method_at_each_target_on_the_same_seeds() -> None:
+    from fedsim.bench.expand import expand_grid
+    from fedsim.teaching.comparisons import grid_comparisons
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "dp_frontier.yaml"
+    cells = expand_grid(load_grid(path))
+    dp = {"dp_sgd", "dp_sat", "dp_sam", "diff2", "dp_gd", "central_dp"}
+    targets: dict[str, set] = {}
+    for c in cells:
+        specs = c.scenario["defenses"]
+        if specs:
+            targets.setdefault(method_of(c), set()).add((specs[0]["params"]["target_epsilon"], c.seed))
+    assert set(targets) == dp
+    seeds = {c.seed for c in cells}
+    assert len(seeds) >= 3 and all(t == {(e, s) for e in (1, 3, 8) for s in seeds} for t in targets.values())
+    # each DP cell differs from a defense-free cell of its repeat only in the defense (DIFF2's protocol change
+    # has its own defense-free entry)
+    bad = {c.name: c.unexplained() for c in grid_comparisons(path) if c.unexplained()}
+    assert not bad, bad
+
+
 # -- the report, on a real tiny bench -------------------------------------------------------------------
 
 
