@@ -51,6 +51,9 @@ def check_runnable(scenario: Scenario) -> None:
             _SKIPPED.clear()
         _SKIPPED[key] = str(err)
         return
+    from fedsim.simulation.staleness import check_staleness
+
+    check_staleness(scenario, data.num_classes if data.task == "classification" else 0)
     sizes = [len(p) for p in setup.partitions]
     model = _transformed_model(scenario, setup)
     shape = tuple(int(d) for d in data.input_shape)

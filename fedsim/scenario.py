@@ -64,6 +64,36 @@ class LocalTraining(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
+STALE_AGGREGATIONS = ("direct", "downweight", "dc_asgd", "no_staleness")
+
+
+class StalenessSpec(_Strict):
+    """Slow clients whose updates arrive ``tau`` rounds late (Wang & Gao, AAAI 2025; spec §12.1).
+
+    A slow client sampled in round t trains from the global model of ``tau`` rounds before the current one and
+    its result is aggregated in round t by ``aggregation`` (:mod:`fedsim.simulation.staleness`). Which clients
+    are slow: ``slow_clients`` (partition ids) or the ``num_slow`` clients holding most examples of
+    ``slow_class`` (ties: lower partition id first).
+    """
+
+    tau: int = Field(..., ge=1, description="staleness in rounds")
+    slow_clients: list[int] | None = Field(None, description="partition ids of the slow clients")
+    slow_class: int | None = Field(None, ge=0, description="the slow clients are those holding most of this class")
+    num_slow: int = Field(1, ge=1, description="how many clients slow_class makes slow")
+    schedule: Literal["sampled", "round_robin"] = Field(
+        "sampled", description="who trains each round: seeded sampling, or the paper's round-robin blocks")
+    aggregation: Literal["direct", "downweight", "dc_asgd", "no_staleness"] = "direct"
+    dc_lambda: float = Field(4.0, ge=0, description="DC-ASGD's compensation weight (the authors' code: 4)")
+
+    @model_validator(mode="after")
+    def _check_slow(self) -> StalenessSpec:
+        if (self.slow_clients is None) == (self.slow_class is None):
+            raise _PathError("slow_clients", "give exactly one of slow_clients (partition ids) or slow_class")
+        if self.slow_clients is not None and not self.slow_clients:
+            raise _PathError("slow_clients", "an empty list makes no client slow")
+        return self
+
+
 class FederationSpec(_Strict):
     clients: int = Field(10, ge=1)
     rounds: int = Field(3, ge=1)
@@ -71,11 +101,22 @@ class FederationSpec(_Strict):
     protocol: Literal["fedsgd", "fedavg"] = "fedsgd"
     local: LocalTraining = LocalTraining()
     server_lr: float | None = Field(None, gt=0, description="fedsgd step size on the server (default local.lr)")
+    staleness: StalenessSpec | None = Field(None, description="slow clients training from old global models")
 
     @model_validator(mode="after")
     def _check_sampling(self) -> FederationSpec:
         if self.clients_per_round is not None and self.clients_per_round > self.clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) > clients ({self.clients})")
+        stale = self.staleness
+        if stale is not None:
+            if self.protocol != "fedavg":
+                raise _PathError("staleness", f"stale updates are weight deltas: needs protocol fedavg, "
+                                              f"not {self.protocol}")
+            for c in stale.slow_clients or []:
+                if not 0 <= c < self.clients:
+                    raise _PathError("staleness.slow_clients", f"client {c} is outside 0..{self.clients - 1}")
+            if stale.num_slow > self.clients:
+                raise _PathError("staleness.num_slow", f"{stale.num_slow} > clients ({self.clients})")
         return self
 
     @property
@@ -182,7 +223,8 @@ class Scenario(_Strict):
 
 
 class _PathError(ValueError):
-    """Raised inside validators to report an error at a path other than the validator's own."""
+    """Raised inside validators to report an error at a path below the validator's own model (the top-level
+    Scenario's validators give whole paths; a nested model's, paths relative to it)."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}|{reason}")
@@ -206,7 +248,7 @@ def _first_error(err: ValidationError) -> ScenarioError:
         reason = reason[len("Value error, ") :]
     if "|" in reason and isinstance(first.get("ctx", {}).get("error"), _PathError):
         sub, reason = reason.split("|", 1)
-        path = sub
+        path = f"{path}.{sub}" if path else sub  # relative to the model whose validator raised it
     if first["type"] == "extra_forbidden":
         reason = "unknown field"
     more = len(err.errors()) - 1
@@ -269,6 +311,9 @@ def parse_scenario(raw: Any) -> Scenario:
     except ValidationError as err:
         raise _first_error(err) from None
     resolve_plugins(scenario)
+    from fedsim.simulation.staleness import check_staleness
+
+    check_staleness(scenario)  # defenses that change the server's aggregation (the class is checked with the data)
     from fedsim.task_checks import check_task
 
     check_task(scenario)  # what the task kind rules out (a class partition of a regression, ...), no data needed

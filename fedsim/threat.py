@@ -13,7 +13,8 @@ Which field each :class:`~fedsim.scenario.Knowledge` flag fills (``fedsim.attack
 one place that builds a view; ``tests/test_threat_view.py`` scans every field for each flag):
 
 ==================  ===========================================================================
-always              ``round``, ``partition_id``, ``reference_state`` (a model the server sent), ``task``
+always              ``round``, ``partition_id``, ``reference_state`` (a model the server sent), ``staleness``
+                    (the lag of the model it sent), ``task``
                     (architecture only: ``TaskInfo.model_transforms`` carries a model-shaping defense's
                     *architectural* parameters, never e.g. DP-SGD's sigma or MID's beta), ``global_state``
                     (BatchNorm running statistics included: the server aggregated them), ``update``, ``num_examples``
@@ -109,6 +110,10 @@ class ClientUpdate:
     # (x_{r-1}, the global model the server sent the round before); None when the update is a plain
     # gradient or weight delta. The server sent both models, so every threat model knows it.
     reference_state: Mapping[str, Tensor] | None = None
+    # Rounds between the model this client was sent (``global_state``) and the server's current model: 0 for a
+    # fresh client, tau for a slow one that trained from w^{t-1-tau} (``federation.staleness``). The server chose
+    # which model to send, so every threat model knows it.
+    staleness: int = 0
     # Local hyperparameters (lr, steps, batch_size, epochs, ...) only if the threat model grants them.
     hyperparams: Mapping[str, Any] = field(default_factory=dict)
     # Side information the threat model grants, e.g. {"labels": Tensor} when labels are "known".

@@ -15,6 +15,10 @@ When a defense makes the clients send gradient DIFFERENCES (DIFF2, ``Defense.mes
 keeps the model it sent in the round before and records it as the captured update's ``reference_state`` (the
 server sent both models, so every threat model knows it). A targeted client's message is re-sent with its
 config flagged; every record of the original message travels unchanged.
+
+Under ``federation.staleness`` a slow client is sent an older global model (:mod:`fedsim.simulation.staleness`):
+the proxy records, per client, the model that client's message carried (so a slow client's ``global_state`` is the
+``w^{t-1-tau}`` it trained from and its update is taken against it) and the lag its config states (``staleness``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class CapturedUpdate:
     # DIFF2 difference rounds: the global model of the round before (x_{r-1}), which the client's subtracted
     # per-sample gradients were taken at; None for a plain gradient or weight delta
     reference_state: dict[str, torch.Tensor] | None = None
+    # rounds between the model this client was sent (global_state: w^{t-1-tau}) and the current one (0: fresh);
+    # the server chose which model to send, so it knows this (federation.staleness)
+    staleness: int = 0
 
 
 @dataclass
@@ -130,7 +137,7 @@ class CapturingGrid(ProxyGrid):
 
     # -- the hook ----------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        outgoing, sent_state, asked = [], {}, []
+        outgoing, sent_state, lag, asked = [], {}, {}, []
         round_num, previous, this_round = 0, self.sent, None
         for msg in messages:
             if msg.metadata.message_type == MessageType.TRAIN:
@@ -138,12 +145,15 @@ class CapturingGrid(ProxyGrid):
                 round_num = int(config[keys.SERVER_ROUND])
                 pid = self.partition_of_node[msg.metadata.dst_node_id]
                 asked.append(pid)
-                if self.references is not None and this_round is None:  # every client gets the same model
+                stale = int(config.get(keys.STALENESS, 0))  # a slow client is sent an older model
+                if self.references is not None and this_round is None and not stale:  # the current model
                     this_round = {k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
                 if self.log.wants(round_num, pid):
                     flagged = ConfigRecord(dict(config))
                     flagged[keys.RECORD_TRUTH] = True
+                    # the model THIS client was sent (w^{t-1-tau} for a slow one): its update is taken against it
                     sent_state[pid] = {k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
+                    lag[pid] = stale
                     content = RecordDict(dict(msg.content.items()))  # every record, the config flagged
                     content[keys.CONFIG] = flagged
                     msg = Message(
@@ -187,7 +197,7 @@ class CapturingGrid(ProxyGrid):
                 losses.append(loss)
             if pid in sent_state and truth_record is not None:
                 self._record(round_num, pid, reply, sent_state[pid], _unpack_truth(truth_record, round_num, pid),
-                             reference)
+                             reference, lag.get(pid, 0))
         if losses:
             self.log.train_loss[round_num] = sum(losses) / len(losses)
         self.log.participation.requested[round_num] = len(asked)
@@ -199,7 +209,7 @@ class CapturingGrid(ProxyGrid):
         return self.partition_of_node.get(reply.metadata.src_node_id, -1)
 
     def _record(self, round_num: int, pid: int, reply: Message, global_state: dict, truth: GroundTruth,
-                reference: dict[str, torch.Tensor] | None = None) -> None:
+                reference: dict[str, torch.Tensor] | None = None, staleness: int = 0) -> None:
         sent = reply.content[keys.ARRAYS].to_torch_state_dict()
         if self.log.protocol == "fedavg":
             update = {k: v - global_state[k] for k, v in sent.items() if v.is_floating_point()}
@@ -209,4 +219,5 @@ class CapturingGrid(ProxyGrid):
             round=round_num, partition_id=pid, global_state=global_state, update=update,
             num_examples=int(reply.content[keys.METRICS][keys.NUM_EXAMPLES]), truth=truth,
             reference_state=None if reference is None else {k: v.clone() for k, v in reference.items()},
+            staleness=staleness,
         ))

@@ -13,3 +13,5 @@ RECORD_TRUTH = "fedsim.record-truth"  # set by the capture proxy on messages to 
 CLIENT_STATE = "fedsim.client-state"  # ConfigRecord in Context.state: per-client state that persists across rounds
 CLIENT_TENSORS = "fedsim.client-tensors"  # ArrayRecord in Context.state: the tensor part of that state
 CLIENT_METRIC_PREFIX = "fedsim."  # client metrics reported by defenses, e.g. "fedsim.epsilon"
+STALENESS = "fedsim.staleness"  # config of a TRAIN message: rounds between the model sent and the current one
+MODEL_ROUND = "fedsim.model-round"  # config of a TRAIN message: r of the global model w^r sent (0: initial)

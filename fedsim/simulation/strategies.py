@@ -18,20 +18,15 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedsim.scenario import Scenario
-from fedsim.seeding import numpy_rng
 from fedsim.simulation import keys
 from fedsim.simulation.setup import setup_for
+from fedsim.simulation.stale_server import StaleModels
+from fedsim.simulation.staleness import round_partitions, sample_partitions
+
+__all__ = ["FedSGD", "FedSimFedAvg", "build_strategy", "sample_partitions", "server_step"]
 
 log = logging.getLogger("fedsim")
 WEIGHT_KEY = "fedsim.aggregation-weight"  # the weight each reply gets, as aggregate_arrayrecords reads it
-
-def sample_partitions(seed: int, round_num: int, num_clients: int, per_round: int) -> list[int]:
-    """Partition ids that train in ``round_num`` (sorted; all of them when per_round == num_clients)."""
-    if per_round >= num_clients:
-        return list(range(num_clients))
-    rng = numpy_rng(seed, "client-sampling", round_num)
-    return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
-
 
 def aggregation_weights(declared: list[float], uniform: bool) -> tuple[list[float], bool]:
     """Each reply's weight in the mean and whether it fell back to uniform: ``declared`` (num-examples)
@@ -85,6 +80,7 @@ class FedSimFedAvg(FedAvg):
         self.current_arrays: ArrayRecord | None = None
         self.uniform_weights = uniform_mean(scenario)  # central DP's wrapper sets it too
         self.server_memory: dict[str, dict[str, Any]] = {}  # per defense: its server_update state for this run
+        self.stale = StaleModels(scenario) if scenario.federation.staleness is not None else None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -94,6 +90,8 @@ class FedSimFedAvg(FedAvg):
         if not valid:
             return None, None
         contents = [msg.content for msg in valid]
+        if self.stale is not None:  # a slow client's model, rebased on the current one by the staleness rule
+            contents = self.stale.rebase(server_round, contents)
         metrics = [next(iter(c.metric_records.values())) for c in contents]
         weights, fallback = aggregation_weights([float(m[self.weighted_by_key]) for m in metrics],
                                                 self.uniform_weights)
@@ -113,10 +111,11 @@ class FedSimFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        fed = self.scenario.federation
-        pids = sample_partitions(self.scenario.seed, server_round, fed.clients, fed.sampled_per_round)
+        pids = round_partitions(self.scenario, server_round)
         config[keys.SERVER_ROUND] = server_round
         self.current_arrays = arrays
+        if self.stale is not None:  # slow clients are sent an old model, with its lag in their config
+            return self.stale.messages(server_round, arrays, config, pids, self.node_of_partition)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, [self.node_of_partition[p] for p in pids], MessageType.TRAIN)
 

@@ -1,0 +1,73 @@
+"""The server side of staleness: the kept global models, the messages that send slow clients an old one, and the
+rebasing of their replies by the scenario's rule (:mod:`fedsim.simulation.staleness` says what each means).
+
+Used by :class:`fedsim.simulation.strategies.FedSimFedAvg` when ``federation.staleness`` is set: in
+``configure_train`` it keeps the current model and builds one message per sampled client (a slow client's carries
+``w^{t-1-tau}`` and, in its config, ``fedsim.staleness`` = the lag and ``fedsim.model-round`` = which model it is);
+in ``aggregate_train`` it replaces each stale reply's arrays by the rule's model before the FedAvg mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from fedsim.scenario import Scenario
+from fedsim.simulation import keys
+from fedsim.simulation.setup import setup_for
+from fedsim.simulation.staleness import STALE_RULES, StaleArrival, model_round, slow_partitions
+
+
+class StaleModels:
+    """The last ``tau + 1`` global models (``w^{t-1-tau} .. w^{t-1}``) and which one each client of a round got."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        spec = scenario.federation.staleness
+        if spec is None:
+            raise ValueError("StaleModels needs federation.staleness")
+        self.spec = spec
+        setup = setup_for(scenario)
+        labels = [setup.data.train_y[p] for p in setup.partitions] if spec.slow_class is not None else []
+        self.slow = frozenset(slow_partitions(spec, labels))
+        self.history: dict[int, ArrayRecord] = {}  # r -> w^r
+        self.sent: dict[int, int] = {}  # partition id -> r of the model it was sent this round
+        self.memory: dict[int, dict[str, Any]] = {}  # partition id -> the rule's memory for that client
+
+    def messages(self, server_round: int, current: ArrayRecord, config: ConfigRecord, pids: list[int],
+                 node_of_partition: dict[int, int]) -> list[Message]:
+        """One TRAIN message per partition in ``pids``: the model :func:`model_round` picks, its lag in the config."""
+        self.history[server_round - 1] = current
+        for r in [r for r in self.history if r < server_round - 1 - self.spec.tau]:
+            del self.history[r]
+        self.sent = {}
+        out = []
+        for pid in pids:
+            r = model_round(server_round, self.spec.tau, pid in self.slow, self.spec.aggregation)
+            self.sent[pid] = r
+            cfg = ConfigRecord({**dict(config), keys.STALENESS: server_round - 1 - r, keys.MODEL_ROUND: r})
+            content = RecordDict({keys.ARRAYS: self.history[r], keys.CONFIG: cfg})
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_of_partition[pid]))
+        return out
+
+    def rebase(self, server_round: int, contents: list[RecordDict]) -> list[RecordDict]:
+        """The replies with each stale one's arrays replaced by its rule's model (new records; nothing mutated)."""
+        rule = STALE_RULES.get(self.spec.aggregation)
+        current = self.history[server_round - 1]
+        out = []
+        for content in contents:
+            pid = int(content[keys.METRICS][keys.PARTITION_ID])
+            r = self.sent.get(pid, server_round - 1)
+            if r == server_round - 1 or rule is None:  # fresh (or no_staleness): as it came
+                out.append(content)
+                continue
+            arrival = StaleArrival(
+                round=server_round, partition_id=pid, tau=server_round - 1 - r,
+                base=self.history[r].to_torch_state_dict(), local=content[keys.ARRAYS].to_torch_state_dict(),
+                current=current.to_torch_state_dict(), num_examples=int(content[keys.METRICS][keys.NUM_EXAMPLES]),
+                memory=self.memory.setdefault(pid, {}),
+            )
+            record = RecordDict(dict(content.items()))
+            record[keys.ARRAYS] = ArrayRecord(rule(arrival, self.spec))
+            out.append(record)
+        return out
