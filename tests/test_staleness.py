@@ -194,3 +194,16 @@ def test_staleness_refuses_fedsgd_and_server_side_defenses(tiny_raw) -> None:
             parse_scenario(raw)
         assert err.value.path == "federation.staleness", str(err.value)
 
+
+
+@pytest.mark.ray
+def test_staleness_on_ray_gives_the_inprocess_numbers(tiny_raw) -> None:
+    scenario = parse_scenario(stale_raw(tiny_raw, "dc_asgd"))
+    local, ray = run_federation(scenario), run_federation(scenario, backend="ray")
+    assert [h["test_accuracy"] for h in ray.history] == [h["test_accuracy"] for h in local.history]
+    assert all(torch.equal(local.final_state[k], ray.final_state[k]) for k in local.final_state)
+    assert [(u.round, u.partition_id, u.staleness) for u in ray.capture.updates] == \
+        [(u.round, u.partition_id, u.staleness) for u in local.capture.updates]
+    for a, b in zip(local.capture.updates, ray.capture.updates, strict=True):
+        assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)
+        assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
