@@ -54,6 +54,10 @@ def check_runnable(scenario: Scenario) -> None:
     from fedsim.simulation.staleness import check_staleness
 
     check_staleness(scenario, data.num_classes if data.task == "classification" else 0)
+    for k in scenario.evaluation.class_accuracy:  # each needs test examples of a class the task has
+        if data.task != "classification" or not int((data.test_y == k).sum()):
+            raise ScenarioError("evaluation.class_accuracy", f"class {k} has no test examples in "
+                                                             f"{scenario.data.dataset!r}")
     sizes = [len(p) for p in setup.partitions]
     model = _transformed_model(scenario, setup)
     shape = tuple(int(d) for d in data.input_shape)

@@ -187,6 +187,8 @@ class OutputSpec(_Strict):
 class EvaluationSpec(_Strict):
     every: int = Field(1, ge=1, description="evaluate the global model every k rounds")
     batch_size: int = Field(256, ge=1)
+    class_accuracy: list[int] = Field(default_factory=list, description="classes whose test accuracy each "
+                                      "evaluation also reports, as test_accuracy_class<k> (e.g. a slow class)")
 
 
 class Scenario(_Strict):

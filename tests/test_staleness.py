@@ -207,3 +207,26 @@ def test_staleness_on_ray_gives_the_inprocess_numbers(tiny_raw) -> None:
     for a, b in zip(local.capture.updates, ray.capture.updates, strict=True):
         assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)
         assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
+
+
+def test_class_accuracy_is_the_accuracy_on_that_class(tiny_raw) -> None:
+    raw = stale_raw(tiny_raw, "direct")
+    raw["evaluation"] = {"class_accuracy": list(range(10))}
+    scenario = parse_scenario(raw)
+    out = run_federation(scenario)
+    data = setup_for(scenario).data
+    model = setup_for(scenario).build_model()
+    model.load_state_dict(out.final_state)
+    with torch.no_grad():
+        x = (data.test_x - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+        hits = model.eval()(x).argmax(1) == data.test_y
+    last = out.history[-1]
+    for k in range(10):
+        assert last[f"test_accuracy_class{k}"] == pytest.approx(hits[data.test_y == k].float().mean().item())
+    counts = [int((data.test_y == k).sum()) for k in range(10)]  # the classes' accuracies add up to the overall
+    overall = sum(n * last[f"test_accuracy_class{k}"] for k, n in enumerate(counts)) / sum(counts)
+    assert overall == pytest.approx(last["test_accuracy"])
+    raw["evaluation"] = {"class_accuracy": [12]}
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(raw)
+    assert err.value.path == "evaluation.class_accuracy"

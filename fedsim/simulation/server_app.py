@@ -90,8 +90,9 @@ def message_references(defenses: list) -> Callable[[int], bool] | None:
 
 class RoundRows:
     """The per-round history rows of either server path (plain or SecAgg+): time, mean client train loss,
-    participation, test loss and (classification only) accuracy every ``evaluation.every`` rounds and after
-    the last, and the defenses' server metrics. The global model after a model attack's round is kept here too."""
+    participation, test loss and (classification only) accuracy, overall and on each class of
+    ``evaluation.class_accuracy``, every ``evaluation.every`` rounds and after the last, and the defenses' server
+    metrics. The global model after a model attack's round is kept here too."""
 
     def __init__(self, scenario: Scenario, outcome: FederationOutcome, on_round: RoundCallback | None) -> None:
         self.scenario, self.outcome, self.on_round = scenario, outcome, on_round
@@ -118,6 +119,11 @@ class RoundRows:
                 torch.manual_seed(derive_seed(scenario.seed, "eval", server_round))
                 loss, acc = evaluate(self.model, data.test_x, data.test_y, mean=data.mean, std=data.std,
                                      batch_size=scenario.evaluation.batch_size, device=setup.device, task=data.task)
+                for k in scenario.evaluation.class_accuracy:  # e.g. the slow clients' class (spec 12.1's headline)
+                    of_k = data.test_y == k
+                    row[f"test_accuracy_class{k}"] = evaluate(
+                        self.model, data.test_x[of_k], data.test_y[of_k], mean=data.mean, std=data.std,
+                        batch_size=scenario.evaluation.batch_size, device=setup.device, task=data.task)[1]
             row["test_loss"] = loss  # cross-entropy, or a regression's mean squared error
             if acc is not None:  # a regression has no accuracy: the row has no test_accuracy key at all
                 row["test_accuracy"] = acc
