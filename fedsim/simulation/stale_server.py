@@ -26,7 +26,7 @@ class StaleModels:
         spec = scenario.federation.staleness
         if spec is None:
             raise ValueError("StaleModels needs federation.staleness")
-        self.spec = spec
+        self.spec, self.scenario = spec, scenario
         setup = setup_for(scenario)
         labels = [setup.data.train_y[p] for p in setup.partitions] if spec.slow_class is not None else []
         self.slow = frozenset(slow_partitions(spec, labels))
@@ -68,6 +68,6 @@ class StaleModels:
                 memory=self.memory.setdefault(pid, {}),
             )
             record = RecordDict(dict(content.items()))
-            record[keys.ARRAYS] = ArrayRecord(rule(arrival, self.spec))
+            record[keys.ARRAYS] = ArrayRecord(rule(arrival, self.scenario))
             out.append(record)
         return out

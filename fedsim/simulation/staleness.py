@@ -18,7 +18,7 @@ synchronous rounds with a model-version lag, not real asynchrony.
   DC-ASGD's lambda/eta for a client step of size eta); ``no_staleness``: the reference run, in which slow clients
   are sent the current model and nothing is stale. Then the usual (num-examples weighted) FedAvg mean.
   A new rule is one more entry of :data:`STALE_RULES` (the gradient-inversion conversion of spec §12.2 plugs in
-  here: it gets the whole :class:`StaleArrival`).
+  here: it gets the whole :class:`StaleArrival`, with a per-client ``memory`` for its warm start, and the scenario).
 
 The server knows each reply's lag (it chose which model to send), so the capture records the model a slow client
 really trained from as its ``global_state`` and the lag as ``staleness`` (:mod:`fedsim.simulation.capture`).
@@ -98,7 +98,9 @@ class StaleArrival:
     memory: dict[str, Any] = field(default_factory=dict)
 
 
-StaleRule = Callable[[StaleArrival, StalenessSpec], dict[str, Tensor]]
+# A rule: the slow client's model to put in the mean, from its arrival and the scenario (the server's own
+# knowledge: federation.staleness, the clients' local hyperparameters, the model it builds via setup_for).
+StaleRule = Callable[[StaleArrival, Scenario], dict[str, Tensor]]
 
 
 def _rebased(arrival: StaleArrival, convert: Callable[[Tensor, str], Tensor]) -> dict[str, Tensor]:
@@ -114,21 +116,22 @@ def _rebased(arrival: StaleArrival, convert: Callable[[Tensor, str], Tensor]) ->
     return out
 
 
-def direct(arrival: StaleArrival, spec: StalenessSpec) -> dict[str, Tensor]:
+def direct(arrival: StaleArrival, scenario: Scenario) -> dict[str, Tensor]:
     """``w^t + delta``: the stale update applied to the current model as it is."""
     return _rebased(arrival, lambda d, k: d)
 
 
-def downweight(arrival: StaleArrival, spec: StalenessSpec) -> dict[str, Tensor]:
+def downweight(arrival: StaleArrival, scenario: Scenario) -> dict[str, Tensor]:
     """``w^t + 2^(-tau/20) delta`` (the authors' ``dc = 4``; x0.25 at tau = 40)."""
     scale = 2.0 ** (-arrival.tau / 20.0)
     return _rebased(arrival, lambda d, k: scale * d)
 
 
-def dc_asgd(arrival: StaleArrival, spec: StalenessSpec) -> dict[str, Tensor]:
+def dc_asgd(arrival: StaleArrival, scenario: Scenario) -> dict[str, Tensor]:
     """DC-ASGD's first-order delay compensation (Zheng et al., ICML 2017), the authors' ``dc = 3``:
-    ``w^t + delta - lambda * delta * delta * (w^t - w^{t-tau})`` elementwise, lambda = ``spec.dc_lambda``."""
-    lam = spec.dc_lambda
+    ``w^t + delta - lambda * delta * delta * (w^t - w^{t-tau})`` elementwise, lambda =
+    ``federation.staleness.dc_lambda``."""
+    lam = scenario.federation.staleness.dc_lambda
     return _rebased(arrival, lambda d, k: d - lam * d * d * (arrival.current[k].to(d.dtype)
                                                                - arrival.base[k].to(d.dtype)))
 
