@@ -230,3 +230,17 @@ def test_class_accuracy_is_the_accuracy_on_that_class(tiny_raw) -> None:
     with pytest.raises(ScenarioError) as err:
         parse_scenario(raw)
     assert err.value.path == "evaluation.class_accuracy"
+
+
+def test_summary_states_the_staleness_and_the_class_accuracy(tiny_raw, tmp_path) -> None:
+    import json
+
+    from fedsim.run import run_scenario
+
+    raw = stale_raw(tiny_raw, "downweight")
+    raw["attacks"], raw["evaluation"] = [], {"class_accuracy": [3]}
+    run_scenario(parse_scenario(raw), tmp_path / "run")
+    text = (tmp_path / "run" / "summary.md").read_text()
+    assert "- staleness: clients 1 train from the global model 2 rounds old (aggregation `downweight`" in text
+    last = json.loads((tmp_path / "run" / "metrics.json").read_text())["utility"][-1]
+    assert "Test accuracy on class 3 " in text and f"-> {last['test_accuracy_class3']:.3f}." in text

@@ -29,6 +29,9 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         f"- federation: {fed.clients} clients, {fed.sampled_per_round} per round, {fed.rounds} rounds, "
         f"protocol `{fed.protocol}` (batch {fed.local.batch_size}, lr {fed.local.lr}), "
         f"backend `{scenario.backend.kind}`",
+        *([f"- staleness: {_slow_text(fed.staleness)} train from the global model {fed.staleness.tau} rounds old "
+           f"(aggregation `{fed.staleness.aggregation}`, schedule `{fed.staleness.schedule}`)"]
+          if fed.staleness is not None else []),
         f"- defenses: {', '.join(d.name for d in scenario.defenses) or 'none'}; seed {scenario.seed}",
         f"- time: federation {timing.get('federation_s', 0):.1f} s, attacks {timing.get('attacks_s', 0):.1f} s",
         "",
@@ -41,6 +44,9 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         first, last = evaluated[0], evaluated[-1]
         lines.append(f"Test accuracy {first['test_accuracy']:.3f} (round {first['round']:.0f}) -> "
                      f"{last['test_accuracy']:.3f} (round {last['round']:.0f}).")
+        for k in scenario.evaluation.class_accuracy:
+            key = f"test_accuracy_class{k}"
+            lines.append(f"Test accuracy on class {k} {first[key]:.3f} -> {last[key]:.3f}.")
     elif losses:
         first, last = losses[0], losses[-1]
         lines.append(f"Test loss {first['test_loss']:.4g} (round {first['round']:.0f}) -> "
@@ -118,3 +124,10 @@ def _inversion_table(outcomes: Sequence[Any]) -> list[str]:
         lines.append(f"| {o.attack} | {o.round} | {_fmt(m.get('mi_accuracy'))} | {_fmt(m.get('mi_top5'))} | "
                      f"{_fmt(m.get('knn_distance'))} | {_fmt(m.get('target_confidence'), 3)} | {o.seconds:.1f} |")
     return lines + [""]
+
+
+def _slow_text(stale) -> str:  # noqa: ANN001 - a StalenessSpec
+    """Which clients are slow, in words: their ids, or the clients holding most of a class."""
+    if stale.slow_clients is not None:
+        return f"clients {', '.join(map(str, stale.slow_clients))}"
+    return f"the {stale.num_slow} client(s) holding most of class {stale.slow_class}"
