@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from fedsim.errors import IncompatibleDefenseError
 from fedsim.registry import Registry
 from fedsim.scenario import DefenseSpec, Scenario
 from fedsim.training import TrainingJob
@@ -64,6 +65,12 @@ class Defense:
     every_client_reason: ClassVar[str] = ""
     #: fedsgd messages cover the client's whole partition (num-examples up to the partition size, not the batch).
     full_partition_messages: ClassVar[bool] = False
+    #: ``transform_update`` may run between a DP mechanism's clipping and its noise without breaking the sensitivity
+    #: bound the noise is calibrated to: it never moves two messages further apart (``||T(a) - T(b)|| <= ||a - b||``,
+    #: e.g. clipping, a projection onto a ball) or it only adds noise drawn independently of the data (what is
+    #: released is then a post-processing of the mechanism's release). False, the safe default, for anything else:
+    #: pruning or quantization can move two neighbouring messages much further apart than the bound.
+    sensitivity_preserving: ClassVar[bool] = False
 
     def __init__(self, params: DefenseParams, name: str, scenario: Scenario | None = None) -> None:
         self.params = params
@@ -141,6 +148,31 @@ class Defense:
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 register_defense = DEFENSES.register
+
+
+def check_transforms_before_noise(scenario: Scenario, spec: DefenseSpec, noise_stage: float, why: str) -> None:
+    """Refuse a DP mechanism (``spec``, a defense of ``scenario``) whose noise is calibrated to a sensitivity bound on
+    the client's message, when a defense whose ``transform_update`` runs after that bound is set and before the noise
+    is added is not :attr:`Defense.sensitivity_preserving` (the bound, hence the reported epsilon, would not hold).
+
+    ``noise_stage``: the stage at which the noise is added on the client (transforms of a lower stage, or of the same
+    stage earlier in the scenario, run before it); ``math.inf`` when the server adds it, after every client transform.
+    ``why``: the mechanism's sensitivity, for the message. Raises IncompatibleDefenseError naming the transform's
+    ``defenses[i]`` entry.
+    """
+    mine = next(i for i, d in enumerate(scenario.defenses) if d is spec)
+    for i, other in enumerate(scenario.defenses):
+        if i == mine or other.name not in DEFENSES:
+            continue
+        kind = DEFENSES.get(other.name)
+        if kind.transform_update is Defense.transform_update or kind.sensitivity_preserving:
+            continue
+        if kind.stage < noise_stage or (kind.stage == noise_stage and i < mine):
+            raise IncompatibleDefenseError(
+                f"{spec.name}'s noise is calibrated to {why}, but defenses[{i}] ({other.name}) transforms the message "
+                "before the noise is added and can move two neighbouring messages further apart than that (it is "
+                f"not non-expansive), so the reported epsilon would not hold: remove {other.name} (clipping and "
+                "data-independent noise may stay)")
 
 
 def build_defenses(scenario: Scenario) -> list[Defense]:

@@ -41,6 +41,7 @@ def clip_update(update: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]
 class Clipping(Defense):
     Params = ClippingParams
     stage = 50
+    sensitivity_preserving = True  # a projection onto a ball: non-expansive
     summary = "scales the client's update to global L2 norm <= C"
 
     def transform_update(

@@ -42,7 +42,9 @@ PLD) and the exact Gaussian composition, and states epsilon against the curious 
 
 Validation (exit 2, with the YAML path): fedsgd only; full participation; ``distributed`` needs ``secagg``;
 exactly one of ``target_epsilon`` and explicit sigmas; ``c1``/``c2`` null (no clipping) only with zero noise; no
-other defense that changes training or the server strategy; a model whose per-example gradients ``torch.func``
+other defense that changes training or the server strategy; no update transform before the noise that can move
+two neighbouring messages apart (pruning, quantization: :func:`defenses.base.check_transforms_before_noise`;
+clipping and data-independent noise may stay); a model whose per-example gradients ``torch.func``
 can take (no BatchNorm in training mode, no dropout). A client that fails stops the run (the estimator and the
 noise need every client's message every round).
 """
@@ -58,7 +60,14 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from defenses.base import DEFENSES, Defense, DefenseParams, UpdateContext, register_defense
+from defenses.base import (
+    DEFENSES,
+    Defense,
+    DefenseParams,
+    UpdateContext,
+    check_transforms_before_noise,
+    register_defense,
+)
 from defenses.diff2_client import Diff2ClientRound, is_restart, step_norm
 from fedsim.errors import IncompatibleDefenseError, ScenarioError, SimulationError
 from fedsim.privacy import diff2 as acct
@@ -128,6 +137,7 @@ class Diff2(Defense):
     stage = 60  # after the update transforms (clipping, pruning: 50): the client's noise share is added last
     summary = "DIFF2-GD: DP gradient estimator from clipped per-sample gradient differences, periodic restarts"
     uniform_mean = True
+    sensitivity_preserving = True  # its transform only adds the client's noise share, drawn independently of the data
     every_client_reason = ("defense 'diff2' needs every client's message every round (its estimator "
                            "v_r = v_(r-1) + mean and its noise calibration assume all P clients)")
     full_partition_messages = True
@@ -172,6 +182,9 @@ class Diff2(Defense):
             raise ScenarioError("params.noise_placement", "distributed noise shares are private only inside a "
                                                           "secure aggregate: add the secagg defense (or use "
                                                           "central or local)")
+        noise_stage = math.inf if p.noise_placement == "central" else cls.stage  # central: the server adds it
+        check_transforms_before_noise(scenario, spec, noise_stage, "the per-example clip (one record moves the mean "
+                                                                   "by at most 2 C / (n_min P))")
         for other in scenario.defenses:
             if other.name == spec.name or other.name not in DEFENSES:
                 continue

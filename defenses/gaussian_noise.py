@@ -23,6 +23,7 @@ class GaussianNoiseParams(DefenseParams):
 class GaussianNoise(Defense):
     Params = GaussianNoiseParams
     stage = 50
+    sensitivity_preserving = True  # noise drawn independently of the data
     summary = "adds N(0, sigma^2) noise to every entry of the client's update"
 
     def transform_update(

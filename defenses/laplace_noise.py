@@ -33,6 +33,7 @@ def laplace_like(value: Tensor, scale: float, gen: torch.Generator) -> Tensor:
 class LaplaceNoise(Defense):
     Params = LaplaceNoiseParams
     stage = 50
+    sensitivity_preserving = True  # noise drawn independently of the data
     summary = "adds Laplace(0, b) noise to every entry of the client's update"
 
     def transform_update(
