@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from diff2_support import SECAGG, scenario_raw
+from diff2_support import scenario_raw
 
 from defenses.base import DEFENSES, Defense, UpdateContext
 from defenses.clipping import clip_update
