@@ -128,6 +128,8 @@ def test_federation_equals_the_brute_force_one(tiny_raw, aggregation) -> None:
         assert cap.staleness == lag, (t, pid)
         for k, v in cap.global_state.items():
             assert torch.allclose(v, models[t - 1 - lag][k], atol=1e-5), (t, pid, k)
+    stale_rows = {int(h["round"]): h["clients_stale"] for h in out.history if h["round"] > 0}
+    assert stale_rows == {t: int(1 in round_robin(t, 4, 2) and t > TAU) for t in range(1, ROUNDS + 1)}
     slow = seen[(5, 1)]  # round 5, client 1: trained from w^2 while the current model was w^4
     assert any(not torch.allclose(models[4][k], models[2][k]) for k in models[2])  # so the two differ
     direct_round = run_client_round(scenario, 1, 5, models[5 - 1 - TAU], {})
@@ -153,6 +155,7 @@ def test_no_staleness_is_a_plain_federation_and_runs_repeat(tiny_raw) -> None:
     assert [h["test_accuracy"] for h in a.history] == [h["test_accuracy"] for h in b.history]
     assert all(torch.equal(a.final_state[k], b.final_state[k]) for k in a.final_state)
     assert all(u.staleness == 0 for u in a.capture.updates)
+    assert all(h["clients_stale"] == 0 for h in a.history if h["round"] > 0) and "clients_stale" not in b.history[-1]
     again = run_federation(parse_scenario(stale_raw(tiny_raw, "dc_asgd")))
     once = run_federation(parse_scenario(stale_raw(tiny_raw, "dc_asgd")))
     assert all(torch.equal(again.final_state[k], once.final_state[k]) for k in once.final_state)

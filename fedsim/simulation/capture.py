@@ -66,6 +66,8 @@ class CaptureLog:
     # round -> partition id -> metrics a defense reported on the client (e.g. {"epsilon": 1.2})
     client_metrics: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
     participation: Participation = field(default_factory=Participation)
+    # round -> how many clients were sent an older model than the current one (federation.staleness)
+    stale: dict[int, int] = field(default_factory=dict)
 
     def wants(self, round_num: int, partition_id: int) -> bool:
         return (round_num, partition_id) in self.targets
@@ -146,6 +148,8 @@ class CapturingGrid(ProxyGrid):
                 pid = self.partition_of_node[msg.metadata.dst_node_id]
                 asked.append(pid)
                 stale = int(config.get(keys.STALENESS, 0))  # a slow client is sent an older model
+                if stale:
+                    self.log.stale[round_num] = self.log.stale.get(round_num, 0) + 1
                 if self.references is not None and this_round is None and not stale:  # the current model
                     this_round = {k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
                 if self.log.wants(round_num, pid):

@@ -107,6 +107,8 @@ class RoundRows:
         if server_round in outcome.capture.train_loss:
             row["train_loss"] = outcome.capture.train_loss[server_round]
         row.update(outcome.capture.participation.row(server_round))
+        if scenario.federation.staleness is not None and server_round > 0:  # clients sent an old model this round
+            row["clients_stale"] = outcome.capture.stale.get(server_round, 0)
         last = server_round == scenario.federation.rounds
         if server_round in outcome.released_rounds:  # a model-inversion attack's target (always the final)
             outcome.keep_released(server_round, global_state())
