@@ -13,7 +13,8 @@ Within a setting the rows differ only in ``noise_placement`` (and ``secagg`` for
 released noise, and epsilon, are the same. Each row prints the mean PSNR of the reconstruction and two
 trivial guesses scored the same way (``fedsim.metrics.image.psnr_per_image``, mean over the images): the
 batch's mean colour (flat, needs the truth: stronger than any blind guess) and a uniform random image
-(seeded); the released epsilon (RDP) and the run's test accuracy.
+(seeded); the released epsilon (RDP), epsilon against the curious server (RDP; inf under ``central``, larger
+than the released one under ``local``) and the run's test accuracy.
 
     OMP_NUM_THREADS=1 python benchmarks/diff2_placements.py [--settings sigma=0 eps=1000 eps=8]
                                                             [--iterations 300] [--seed 0]
@@ -52,6 +53,7 @@ import torch
 import yaml
 
 from fedsim.metrics.image import psnr_per_image
+from fedsim.privacy.summary import epsilon_fields, run_privacy
 from fedsim.run import run_scenario
 from fedsim.scenario import Scenario, parse_scenario
 from fedsim.seeding import torch_generator
@@ -95,6 +97,7 @@ def guesses(truth: torch.Tensor, seed: int) -> dict[str, float]:
 def run_row(scenario: Scenario, restart_period: int) -> list[dict[str, Any]]:
     result = run_scenario(scenario, write=False)
     last = result.history[-1] if result.history else {}
+    eps = epsilon_fields(run_privacy(getattr(result, "privacy", None), result.history, result.client_metrics or {}))
     rows = []
     for outcome in sorted(result.outcomes, key=lambda o: o.round):
         restart = (outcome.round - 1) % restart_period == 0
@@ -104,7 +107,9 @@ def run_row(scenario: Scenario, restart_period: int) -> list[dict[str, Any]]:
             "attacked": "aggregate" if outcome.partition_id == AGGREGATE_ID else f"client {outcome.partition_id}",
             "psnr": math.nan if psnr is None else float(psnr), "failed": outcome.failed,
             "guesses": guesses(outcome.truth, scenario.seed) if outcome.truth is not None else {},
-            "epsilon": last.get("diff2_epsilon", math.nan), "accuracy": last.get("test_accuracy", math.nan),
+            "epsilon": last.get("diff2_epsilon", math.nan),
+            "epsilon_vs_server": math.nan if eps.get("epsilon_vs_server") is None else eps["epsilon_vs_server"],
+            "accuracy": last.get("test_accuracy", math.nan),
             "seconds": outcome.seconds,
         })
     return rows
@@ -121,7 +126,7 @@ def main() -> None:
     period = int(next(d for d in base["defenses"] if d["name"] == "diff2")["params"]["restart_period"])
     start = time.perf_counter()
     print(f"{'setting':<10} {'placement':<12} {'round':>5}  {'message':<10}  {'attacked':<10} {'PSNR':>6}  "
-          f"{'guesses (mean colour / random)':<30} {'eps (RDP)':>9}  {'test acc':>8}")
+          f"{'guesses (mean colour / random)':<30} {'eps (RDP)':>9}  {'eps vs server':>13}  {'test acc':>8}")
     for setting in args.settings:
         for placement in args.placements:
             scenario = row_scenario(base, setting, placement, args.iterations, args.seed)
@@ -130,7 +135,8 @@ def main() -> None:
                 guess = f"{g.get('mean colour', math.nan):5.1f} / {g.get('random', math.nan):4.1f}"
                 psnr = f"{row['psnr']:6.1f}" if row["failed"] is None else f"failed: {row['failed']}"
                 print(f"{setting:<10} {placement:<12} {row['round']:>5}  {row['message']:<10}  {row['attacked']:<10} "
-                      f"{psnr}  {guess:<30} {row['epsilon']:>9.3g}  {row['accuracy']:>8.2f}", flush=True)
+                      f"{psnr}  {guess:<30} {row['epsilon']:>9.3g}  {row['epsilon_vs_server']:>13.3g}  "
+                      f"{row['accuracy']:>8.2f}", flush=True)
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

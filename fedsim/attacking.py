@@ -197,6 +197,35 @@ def run_model_attack(scenario: Scenario, index: int, spec: AttackSpec, rnd: int,
     )
 
 
+def not_attacked(scenario: Scenario, spec: AttackSpec, captured: Sequence[CapturedUpdate],
+                 failed_clients: Mapping[tuple[int, int], str] | None) -> dict[tuple[int, int], str]:
+    """{(round, partition id): why it was not attacked} for each targeted (round, client) with no captured update
+    (nor a SecAgg aggregate in its stead): the client failed (its reason), or was not sampled in that round.
+
+    With ``clients: all`` only failures count (the attack targets whichever clients were sampled); clients the
+    scenario NAMES are each reported, so an attack never goes silently unrun."""
+    fed = scenario.federation
+    rounds = spec.target_rounds(fed.rounds)
+    failed = failed_clients or {}
+    seen = {(c.round, c.partition_id) for c in captured}
+    if spec.clients == "all":
+        keys = [k for k in failed if k[0] in rounds]
+    else:
+        keys = [(r, c) for r in rounds for c in spec.target_clients(fed.clients)]
+    out: dict[tuple[int, int], str] = {}
+    for rnd, client in sorted(set(keys)):
+        if (rnd, client) in seen or (rnd, AGGREGATE_ID) in seen:
+            continue
+        if (rnd, client) in failed:
+            out[(rnd, client)] = f"client {client} failed in round {rnd}: {failed[(rnd, client)]}"
+        else:
+            out[(rnd, client)] = (f"not attacked: client {client} was not sampled in round {rnd} "
+                                  f"(federation.clients_per_round {fed.sampled_per_round} of {fed.clients})"
+                                  if fed.sampled_per_round < fed.clients else
+                                  f"not attacked: client {client} sent no update in round {rnd}")
+    return out
+
+
 def run_attacks(
     scenario: Scenario,
     captured: Sequence[CapturedUpdate],
@@ -224,12 +253,11 @@ def run_attacks(
         targets = sorted((c for c in captured if c.round in rounds
                           and (c.partition_id in clients or c.partition_id == AGGREGATE_ID)),
                          key=lambda c: (c.round, c.partition_id))
-        lost = sorted(k for k in (failed_clients or {}) if k[0] in rounds and k[1] in clients
-                      and not any(c.round == k[0] and c.partition_id in (k[1], AGGREGATE_ID) for c in captured))
+        lost = not_attacked(scenario, spec, captured, failed_clients)
         cls = registry.get(spec.name)
         for cap in sorted([*targets, *lost], key=lambda c: c if isinstance(c, tuple) else (c.round, c.partition_id)):
-            if isinstance(cap, tuple):  # no update to attack: the client failed in that round
-                reason = f"client {cap[1]} failed in round {cap[0]}: {(failed_clients or {})[cap]}"
+            if isinstance(cap, tuple):  # no update to attack: the client failed, or was not sampled, in that round
+                reason = lost[cap]
                 outcomes.append(AttackOutcome(attack=spec.name, attack_index=index, round=cap[0], partition_id=cap[1],
                                               metrics={}, stats={}, seconds=0.0, failed=reason))
                 continue

@@ -126,6 +126,7 @@ def _print_result(result) -> None:  # noqa: ANN001
 @app.command()
 def validate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")], set_: SetOption = None) -> None:
     """Check a scenario without running it."""
+    from fedsim.errors import DataUnavailableError
     from fedsim.preflight import skipped_note
     from fedsim.scenario import load_scenario
 
@@ -134,7 +135,9 @@ def validate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")], se
     except FedsimError as err:
         _fail(err)
     note = skipped_note(spec)
-    if note is not None:  # validation never downloads: the run stops on the missing data with one line
+    if note is not None and not spec.data.download:  # the run refuses absent data it may not fetch: so do we
+        _fail(DataUnavailableError(note))
+    if note is not None:  # download: true; validation never downloads, the run fetches it (or stops in one line)
         console.print(f"note: the data is not on disk, so the checks that need it were skipped: {note}",
                       highlight=False, soft_wrap=True)
     typer.echo(f"{scenario}: ok ({spec.name}: {len(spec.attacks)} attack(s), {len(spec.defenses)} defense(s))")

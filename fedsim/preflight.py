@@ -18,8 +18,9 @@ runs:
 * each defense's ``check_model(model, input_shape)``, e.g. DP-SGD's per-sample gradient modes.
 
 Data that is not on disk is never downloaded here: the checks that need it are skipped, and
-:func:`skipped_note` says so (``fedsim validate`` prints it; the run itself stops on the missing data
-with one line before anything starts).
+:func:`skipped_note` says so. ``fedsim validate`` then refuses the scenario with the run's own one line (exit 2)
+when ``data.download`` is false, as the run would; with ``download: true`` it prints the note (the run fetches
+the data, or stops on it with one line before anything starts).
 """
 
 from __future__ import annotations

@@ -8,33 +8,22 @@ so a crash leaves at worst a truncated LAST line, which :func:`read_records` ign
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fedsim import jsonio
 from fedsim.privacy.summary import epsilon_fields, run_privacy
 
 CELLS_FILE = "cells.jsonl"
 LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
 
 
-def _clean(value: Any) -> Any:
-    """NaN/inf -> None (strict JSON), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append one record as one line: a single write of line + newline, then flush and fsync."""
-    data = (json.dumps(_clean(record), allow_nan=False) + "\n").encode("utf-8")
+    data = (jsonio.dumps(record) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         written = os.write(fd, data)
@@ -54,8 +43,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = jsonio.loads(line)
+        except (ValueError, UnicodeDecodeError):
             continue
         if isinstance(record, dict) and "cell_id" in record:
             records.append(record)
@@ -89,7 +78,7 @@ def drop_records(path: Path, cell_ids: Iterable[str]) -> int:
     keep = [r for r in records if r["cell_id"] not in drop]
     tmp = Path(path).with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in keep)
+        fh.writelines(jsonio.dumps(r) + "\n" for r in keep)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -146,4 +135,4 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
     summary["rounds"] = max((int(h["round"]) for h in history), default=0)
     # client failures over the run (fedsim.simulation.participation): the cell's numbers came from fewer clients
     summary["clients_failed"] = int(sum(h.get("clients_failed", 0) for h in history))
-    return _clean(summary)
+    return summary  # inf (epsilon with sigma = 0) stays inf: jsonio writes it as "inf", never as null

@@ -25,6 +25,7 @@ The bundle holds the standardized features, float32 (N, d), with mean 0 and std 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,9 @@ def load_california_housing(spec: DataSpec) -> DatasetBundle:
     if not spec.download and not (root / _CAL_FILE).is_file():
         raise DataUnavailableError(_missing(root))  # before scikit-learn, which would create the folder
     try:
-        x, y = fetch_california_housing(data_home=str(root), download_if_missing=spec.download, return_X_y=True)
+        with warnings.catch_warnings():  # scikit-learn warns "Retry downloading" per attempt: one line is ours
+            warnings.filterwarnings("ignore", message=".*[Rr]etry download", category=UserWarning)
+            x, y = fetch_california_housing(data_home=str(root), download_if_missing=spec.download, return_X_y=True)
     except (OSError, RuntimeError, ValueError, EOFError) as err:  # URLError/HTTPError are OSErrors
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if spec.download:

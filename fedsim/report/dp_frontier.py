@@ -31,7 +31,6 @@ utility, time and epsilon are taken once per repeat (the mean over its ok cells)
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +39,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from fedsim import jsonio
 from fedsim.report.frontier import pareto_front
 from fedsim.report.loading import Cell, read_yaml
 from fedsim.report.tables import Stat
@@ -145,7 +145,7 @@ def _per_repeat(cells: Sequence[Cell], key: str | Callable[[Cell], float | None]
 def _vs_server(cell: Cell) -> float | None:
     """Epsilon against the curious server (module doc); None without DP."""
     s = cell.summary
-    if "epsilon_vs_server" in s:  # cells.jsonl is strict JSON: an infinite epsilon is stored as null
+    if "epsilon_vs_server" in s:  # stored as "inf" (fedsim.jsonio; read back as inf); null in older stores
         return math.inf if s["epsilon_vs_server"] is None else _number(s["epsilon_vs_server"])
     if s.get("epsilon") is None:
         return None
@@ -157,7 +157,7 @@ def _seconds(cell: Cell) -> float | None:
     value = _number(cell.summary.get("federation_s"))
     if value is None and cell.run_dir is not None and (cell.run_dir / "metrics.json").is_file():
         try:
-            timing = json.loads((cell.run_dir / "metrics.json").read_text(encoding="utf-8")).get("timing") or {}
+            timing = jsonio.loads((cell.run_dir / "metrics.json").read_text(encoding="utf-8")).get("timing") or {}
         except (OSError, ValueError):
             return None
         value = _number(timing.get("federation_s"))

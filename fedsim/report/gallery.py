@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from fedsim import jsonio
 
 MAX_IMAGES = 64  # per outcome: enough for any gallery, small on disk
 
@@ -102,7 +103,7 @@ def save_reconstructions(outcomes: Sequence[Any], path: Path) -> bool:
                      "psnr_per_image": [float(v) for v in o.metrics.get("psnr_per_image") or []]})
     if not any(k.startswith(("truth_", "recon_")) for k in arrays):
         return False
-    np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
+    np.savez_compressed(path, meta=np.array(jsonio.dumps(meta)), **arrays)
     return True
 
 
@@ -110,7 +111,7 @@ def load_reconstructions(path: Path) -> list[GalleryEntry]:
     """The entries of a ``reconstructions.npz`` ([] when the file is absent or unreadable)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
+            meta = jsonio.loads(str(data["meta"]))
             arrays = {k: data[k] for k in data.files if k != "meta"}
     except (OSError, ValueError, KeyError):
         return []

@@ -7,7 +7,6 @@ defense, params, repeat, status, summary), so the leaderboard, frontier and HTML
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -15,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fedsim import jsonio
 from fedsim.errors import FedsimError
 from fedsim.outputs import confined
 from fedsim.privacy.summary import epsilon_fields, run_privacy
@@ -62,8 +62,8 @@ class Source:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = jsonio.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ReportSourceError(f"{path}: cannot read it as JSON ({err})") from err
     if not isinstance(data, dict):
         raise ReportSourceError(f"{path}: expected a JSON object, found {type(data).__name__}")
@@ -193,8 +193,8 @@ def read_cells(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = jsonio.loads(line)
+        except ValueError:
             record = None
         if isinstance(record, dict):
             record.setdefault("_line", number)  # for reporting a record that parses but cannot be used

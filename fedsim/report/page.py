@@ -68,9 +68,12 @@ def esc(value: Any) -> str:
 
 
 def num(value: Any, digits: int = 2) -> str:
-    """A number with ``digits`` decimals, or an en dash when absent / not finite."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    """A number with ``digits`` decimals, ``inf`` / ``-inf`` for an infinite one (e.g. epsilon with sigma = 0: DP
+    ran, nothing is guaranteed; never shown as absent), or an en dash when absent / NaN."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return "\u2013"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
     return f"{value:.{digits}f}"
 
 

@@ -5,7 +5,8 @@ metric; failed cells are counted in ``failed`` and never silently dropped. Leaka
 the shared bench format (PSNR/SSIM/LPIPS after one-to-one matching, label accuracy, and for model
 inversion ``mi_accuracy`` / ``knn_distance``), beside the final test accuracy and privacy budget epsilon
 (``fedsim.privacy.summary.epsilon_fields``: Opacus's figure, the median and min over DP-SGD clients, and
-Google's dp_accounting RDP and PLD figures).
+Google's dp_accounting RDP and PLD figures; DIFF2's epsilon against the curious server beside the released one,
+inf under central noise). An infinite epsilon is shown as inf, never as absent.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("test_accuracy", "test acc.", 0),
     ("test_loss", "test loss", 0),  # the utility of a regression task (no accuracy)
     ("epsilon", "\u03b5", 0),
+    ("epsilon_vs_server", "\u03b5 vs server", 0),  # DIFF2: against the curious server (central: inf; local: larger)
     ("epsilon_median", "\u03b5 median", 0),
     ("epsilon_min", "\u03b5 min", 0),
     ("epsilon_dp_accounting_rdp", "\u03b5 dp-acc. RDP", 0),
@@ -86,7 +88,13 @@ def params_label(params: dict[str, Any]) -> str:
 
 
 def _stat(values: list[float]) -> Stat | None:
-    finite = [v for v in values if math.isfinite(v)]
+    """Mean and std of the non-NaN values; an infinite value (epsilon with sigma = 0, or DIFF2's central noise
+    against the server) makes the mean that infinity (std None): DP ran and guarantees nothing, never "absent"."""
+    values = [v for v in values if not math.isnan(v)]
+    infinite = [v for v in values if math.isinf(v)]
+    if infinite:
+        return Stat(max(infinite) if any(v > 0 for v in infinite) else min(infinite), None, len(values))
+    finite = values
     if not finite:
         return None
     return Stat(mean(finite), stdev(finite) if len(finite) >= 2 else None, len(finite))

@@ -7,7 +7,6 @@ fedsim's (an empty directory may become the run directory); anything else is ref
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from fedsim import jsonio
 from fedsim.outputs import RUN, check_replaceable, fresh_partial, is_empty_dir, remove_owned
 from fedsim.report.figures import reconstruction_grid, utility_curve
 from fedsim.report.gallery import save_reconstructions
@@ -23,14 +23,6 @@ from fedsim.report.html import render_report
 from fedsim.report.leakage import leakage_curve, leakage_plot
 from fedsim.report.summary import summary_markdown
 from fedsim.scenario import Scenario
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, float | int):
-        return value
-    return str(value)
 
 
 def check_run_dir(out_dir: Path, overwrite: bool = False) -> None:
@@ -75,7 +67,7 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         "timing": timing,
         **(extra or {}),
     }
-    (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default), encoding="utf-8")
+    (partial / "metrics.json").write_text(jsonio.dumps(metrics, indent=2), encoding="utf-8")
     summary = summary_markdown(scenario, history, outcomes, timing, images, (extra or {}).get("client_failures"),
                                privacy=(extra or {}).get("privacy"))
     (partial / "summary.md").write_text(summary, encoding="utf-8")

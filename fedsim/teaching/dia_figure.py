@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from fedsim import jsonio  # noqa: E402
 from fedsim.errors import FedsimError  # noqa: E402
 from fedsim.isolation import torch_threads  # noqa: E402
 from fedsim.outputs import FIGURES, claim_dir  # noqa: E402
@@ -203,7 +203,7 @@ def write_tables(rows: Sequence[dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(table)
-    (out / "dia_sweep.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    (out / "dia_sweep.json").write_text(jsonio.dumps(table, indent=2), encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
