@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedsim.errors import FedsimError
 from fedsim.outputs import REPORT_ASSETS, check_replaceable, fresh_partial, remove_owned
+from fedsim.report.divergence import divergence_note
 from fedsim.report.dp_frontier_section import dp_frontier_section
 from fedsim.report.figures import utility_curve
 from fedsim.report.frontier import frontier_plot, setting_label
@@ -82,6 +83,9 @@ def _rounds_section(source: Source, rows: Sequence[LeaderRow], assets: Path) -> 
         util_fig = figure(_uri(assets / "utility.png", util), what if util else "No round was evaluated.",
                           "accuracy over rounds")
         body = f'<div class="pair">{leak_fig}{util_fig}</div>'
+        diverged = divergence_note(history)
+        if diverged is not None:
+            body = f'<p class="bad">Warning: {esc(diverged)}.</p>' + body
     return f'<section id="rounds"><h2>Leakage and accuracy over rounds</h2>{body}</section>'
 
 

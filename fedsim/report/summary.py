@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedsim.report.divergence import divergence_note
 from fedsim.report.participation import participation_markdown
 from fedsim.report.privacy import privacy_markdown
 from fedsim.scenario import Scenario
@@ -52,6 +53,9 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         lines.append(f"Test loss {first['test_loss']:.4g} (round {first['round']:.0f}) -> "
                      f"{last['test_loss']:.4g} (round {last['round']:.0f}); the task has no accuracy (regression: "
                      "mean squared error).")
+    diverged = divergence_note(history)
+    if diverged is not None:  # a diverged model's accuracy change above is not learning: say so where it is read
+        lines += ["", f"**Warning: {diverged}.**"]
     if "utility" in images:
         lines += ["", f"![utility]({images['utility']})"]
     lines += [""] + participation_markdown(history, failures)
