@@ -98,6 +98,11 @@ def _print_result(result) -> None:  # noqa: ANN001
         out(f"test accuracy: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
     elif losses:
         out(f"test loss: {losses[0]['test_loss']:.4g} -> {losses[-1]['test_loss']:.4g}")
+    from fedsim.report.divergence import divergence_note
+
+    diverged = divergence_note(result.history)
+    if diverged is not None:
+        out(f"warning: {diverged}")
     failed = result.client_failures
     if failed:  # the policy of fedsim.simulation.participation: survivors aggregated, every failure recorded
         first = failed[0]

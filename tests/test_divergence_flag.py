@@ -70,3 +70,15 @@ def test_the_shipped_diff2_scenario_converges() -> None:
     tested = [h for h in history if "test_loss" in h]
     assert divergence_note(history) is None
     assert tested[-1]["test_loss"] < tested[0]["test_loss"]
+
+
+@pytest.mark.parametrize("history", [DIVERGED, HEALTHY], ids=["diverged", "healthy"])
+def test_cli_warns_about_a_diverged_run(capsys, history: list[dict]) -> None:
+    from types import SimpleNamespace
+
+    from fedsim.cli import _print_result
+
+    _print_result(SimpleNamespace(history=history, client_failures=[], outcomes=[], out_dir=None,
+                                  timing={"federation_s": 1.0, "attacks_s": 0.0}))
+    printed = capsys.readouterr().out
+    assert ("warning: training diverged" in printed) == (history is DIVERGED)
