@@ -218,3 +218,24 @@ def test_an_unsampled_target_is_reported_in_every_output(tmp_path: Path) -> None
     summary = (tmp_path / "run" / "summary.md").read_text(encoding="utf-8")
     assert "No attack ran" not in summary and "client 0 was not sampled in round 2" in summary
     assert "not sampled in round 2" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+
+
+def test_dp_frontier_shows_an_infinite_epsilon_as_inf_and_still_draws(tmp_path: Path) -> None:
+    """A DP method with sigma = 0 (epsilon inf, as the bench now stores it) is a DP row showing inf in the
+    table, and the log-scale figure leaves it out instead of failing."""
+    from fedsim.report.dp_frontier import frontier_rows, row_cells, text_table
+    from fedsim.report.dp_frontier_section import dp_frontier_plot
+
+    def cell(defense: str, target: float | None, eps: float, repeat: int = 0) -> Cell:
+        params = {} if target is None else {"defenses.0.params.target_epsilon": target}
+        return Cell(f"{defense}{target}{repeat}", "ig", defense, params, repeat, repeat, "ok", None, 1.0, None,
+                    {"epsilon": eps, "epsilon_level": "sample", "test_accuracy": 0.5 + eps / 100 if
+                     math.isfinite(eps) else 0.9, "psnr_mean": 10.0})
+
+    record = jsonio.loads(jsonio.dumps({"epsilon": math.inf}))  # what a strict cells.jsonl gives back
+    cells = [cell("dp_sgd", 1.0, 1.0), cell("dp_sgd", 3.0, 3.0), cell("dp_sat", None, record["epsilon"])]
+    rows = frontier_rows(cells)
+    sat = next(r for r in rows if r.method == "dp_sat")
+    assert sat.dp and sat.epsilon == math.inf
+    assert row_cells(sat)[2] == "inf" and "inf" in text_table(rows)
+    assert dp_frontier_plot(rows, tmp_path / "f.png")

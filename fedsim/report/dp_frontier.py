@@ -78,8 +78,11 @@ class FrontierRow:
 
     @property
     def x(self) -> float | None:
-        """Where the row sits on the epsilon axis: the achieved epsilon, else the target."""
-        return self.epsilon if self.epsilon is not None else self.target
+        """Where the row sits on the epsilon axis: the achieved epsilon, else the target. An infinite epsilon
+        (sigma = 0) has no place on the log axis: the table shows it as inf, the plot leaves the row out."""
+        if self.epsilon is not None:
+            return self.epsilon if math.isfinite(self.epsilon) else None
+        return self.target
 
     @property
     def matched(self) -> bool | None:
