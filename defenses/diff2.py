@@ -16,7 +16,8 @@ placed by ``noise_placement`` (each a different threat model; all three release 
 
 * ``central`` (the authors' code): the server adds N(0, s_r^2) to the mean, from a generator seeded by
   (seed, "diff2", round), one ``randn`` per parameter in the message's key order. The curious server sees every
-  client's UN-noised message: the guarantee holds for what the server releases, not against the server.
+  client's UN-noised message (under ``secagg``: the un-noised aggregate): the guarantee holds for what the server
+  releases, not against the server.
 * ``local``: each client adds N(0, P s_r^2) to its own message (so the uniform mean carries N(0, s_r^2)); the
   server sees noised messages; against it each client has the weaker ``z = sqrt(P) sigma n_p / 2``.
 * ``distributed`` (needs ``secagg``): each client adds a share N(0, (s_r N / (n_p sqrt(P)))^2), N = sum n_p, so
@@ -335,4 +336,12 @@ class Diff2(Defense):
             "diff2_differences": differences, "diff2_restart_period": p.restart_period,
             "diff2_n_min": plan.n_min, "diff2_clients": plan.clients,
             "diff2_noise_placement": PLACEMENTS.index(p.noise_placement),
+            "diff2_secure_aggregation": float(self._secure),  # what the server sees: each message, or the aggregate
         }
+
+    @cached_property
+    def _secure(self) -> bool:
+        """Whether the scenario aggregates under SecAgg+ (the server then sees only the aggregate)."""
+        return self.scenario is not None and any(
+            getattr(DEFENSES.get(d.name), "secure_aggregation", False)
+            for d in self.scenario.defenses if d.name in DEFENSES)

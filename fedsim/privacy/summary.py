@@ -100,12 +100,23 @@ def client_summary(rows: list[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
             "last_round": rows[-1][0], **_both(history, delta)}
 
 
+#: A per-round client metric only that DP-SGD variant reports -> the variant (plain DP-SGD reports neither).
+SAMPLE_DP_VARIANTS = {"query_noise_multiplier": "dp_sam", "cos_prev_grad": "dp_sat"}
+
+
+def sample_dp_method(client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]]) -> str:
+    """``dp_sgd``, ``dp_sat`` or ``dp_sam``: which sample-level DP optimizer the clients ran (from their metrics)."""
+    keys = {k for per in client_metrics.values() for m in (per or {}).values() if isinstance(m, Mapping) for k in m}
+    return next((method for key, method in SAMPLE_DP_VARIANTS.items() if key in keys), "dp_sgd")
+
+
 def dp_sgd_summary(client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]]) -> dict[str, Any] | None:
     """Sample-level (DP-SGD) epsilon per client over the whole run and its distribution; None without it."""
     clients = {p: client_summary(rows) for p, rows in _by_client(client_metrics).items()}
     if not clients:
         return None
-    out: dict[str, Any] = {"level": "sample", "clients_reporting": len(clients)}
+    out: dict[str, Any] = {"level": "sample", "method": sample_dp_method(client_metrics),
+                           "clients_reporting": len(clients)}
     for key in ("epsilon", "epsilon_dp_accounting_rdp", "epsilon_dp_accounting_pld"):
         values = _finite([_number(c[key]) for c in clients.values()])  # inf (sigma = 0) stays: it is the max
         if values:
@@ -117,11 +128,16 @@ def dp_sgd_summary(client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]]
 
 
 DIFF2_PLACEMENTS = ("central", "distributed", "local")  # defenses.diff2.PLACEMENTS: the rows carry the index
-DIFF2_AGAINST_SERVER = {
-    "central": "inf: the server adds the noise after averaging, so it sees every client's un-noised message",
-    "distributed": "the released epsilon: the server sees only the SecAgg+ aggregate, which carries the whole noise",
-    "local": "each client's own noised message, sensitivity 2C/n_p, noise std sqrt(P) C sigma: z = sqrt(P) sigma "
-             "n_p / 2 (the worst client, n_p = n_min, shown)",
+DIFF2_AGAINST_SERVER = {  # (placement, SecAgg+): what the curious server sees, hence its epsilon
+    ("central", False): "inf: the server adds the noise after averaging, so it sees every client's un-noised message",
+    ("central", True): "inf: the server adds the noise after the SecAgg+ aggregation, so it sees the un-noised "
+                       "aggregate (no client's message alone, but the mean the noise was meant to hide)",
+    ("distributed", True): "the released epsilon: the server sees only the SecAgg+ aggregate, which carries the "
+                           "whole noise",
+    ("local", False): "each client's own noised message, sensitivity 2C/n_p, noise std sqrt(P) C sigma: z = sqrt(P) "
+                      "sigma n_p / 2 (the worst client, n_p = n_min, shown)",
+    ("local", True): "the released epsilon: the server sees only the SecAgg+ aggregate of the noised messages, which "
+                     "carries every client's share (noise at least the released one, sensitivity 2C/sum n_p)",
 }
 
 
@@ -135,6 +151,7 @@ def diff2_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
     restarts, differences = int(row["diff2_restarts"]), int(row["diff2_differences"])
     n_min, clients = int(row["diff2_n_min"]), int(row["diff2_clients"])
     placement = DIFF2_PLACEMENTS[int(row["diff2_noise_placement"])]
+    secure = placement == "distributed" or bool(_number(row.get("diff2_secure_aggregation")))  # older runs: no key
     released = diff2_math.accounted(z1, z2, restarts, differences, delta)
     alpha = _number(row.get("diff2_alpha"))
     out: dict[str, Any] = {
@@ -148,11 +165,12 @@ def diff2_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         "alpha": alpha,
         "aggregation": "uniform mean over the P clients (plain path; SecAgg+: num-examples-weighted, sensitivity "
                        "2C/sum n_p <= 2C/(n_min P)); noise std C1 sigma1 / C2 dx sigma2 on the mean",
-        "against_server_note": DIFF2_AGAINST_SERVER[placement],
+        "secure_aggregation": secure,
+        "against_server_note": DIFF2_AGAINST_SERVER[placement, secure],
     }
     if placement == "central":
         against = {"epsilon": math.inf, "epsilon_dp_accounting_pld": math.inf, "epsilon_exact": math.inf}
-    elif placement == "distributed":
+    elif secure:  # distributed, or local shares summed inside SecAgg+: the server sees the noised aggregate only
         against = {k: released[k] for k in ("epsilon", "epsilon_dp_accounting_pld", "epsilon_exact")}
     else:
         local = [diff2_math.local_noise_multiplier(float(row[k]), n_min, clients)

@@ -33,10 +33,22 @@ def central_lines(c: Mapping[str, Any]) -> list[str]:
     ]
 
 
+#: How each sample-level DP optimizer is named and accounted (the privacy block's ``dp_sgd.method``).
+SAMPLE_DP_NAMES = {
+    "dp_sgd": "DP-SGD (sample-level)",
+    "dp_sat": "DP-SAT (sample-level; accounted exactly as DP-SGD: its perturbation w + rho g~_prev / |g~_prev| uses "
+              "only the previous privatized gradient, post-processing)",
+    "dp_sam": "DP-SAM (sample-level; two private gradient queries of noise sigma on one Poisson batch per step, "
+              "accounted as one subsampled Gaussian of sigma / sqrt(2) per step)",
+}
+
+
 def dp_sgd_lines(s: Mapping[str, Any]) -> list[str]:
-    """DP-SGD: the distribution over clients, then one line per client (capped)."""
+    """DP-SGD / DP-SAT / DP-SAM: the distribution over clients, then one line per client (capped)."""
+    method = s.get("method")
+    name = SAMPLE_DP_NAMES.get(method if isinstance(method, str) else "dp_sgd", f"{method} (sample-level)")
     lines = [
-        f"DP-SGD (sample-level), each client's epsilon over the whole run ({s.get('clients_reporting')} client(s) "
+        f"{name}, each client's epsilon over the whole run ({s.get('clients_reporting')} client(s) "
         f"trained): max {_eps(s.get('epsilon_max'))}, median {_eps(s.get('epsilon_median'))}, min "
         f"{_eps(s.get('epsilon_min'))} (Opacus); dp_accounting max RDP {_eps(s.get('epsilon_dp_accounting_rdp_max'))}, "
         f"PLD {_eps(s.get('epsilon_dp_accounting_pld_max'))}",
