@@ -1,15 +1,18 @@
-"""A run whose loss became non-finite or exploded says so in summary.md and report.html, next to the accuracy change
-(scenarios/defenses/diff2.yaml once shipped such a run: train loss 2.3 -> 3e16, test loss 8.6e16, and its summary
-read only "Test accuracy 0.081 -> 0.203"); the shipped DIFF2 scenario itself converges."""
+"""A run whose loss became non-finite or exploded says so in metrics.json, summary.md, report.html, the CLI and its
+bench cell, next to the accuracy change (scenarios/defenses/diff2.yaml once shipped such a run: train loss 2.3 ->
+3e16, test loss 8.6e16, and its summary read only "Test accuracy 0.081 -> 0.203"); the shipped DIFF2 scenario itself
+converges."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fedsim.bench.store import summarize_run
 from fedsim.report.divergence import divergence_note
 from fedsim.report.writer import write_run_dir
 from fedsim.scenario import parse_scenario
@@ -52,6 +55,9 @@ def test_summary_and_report_flag_a_diverged_run(tiny_raw, tmp_path: Path, histor
     summary = (out / "summary.md").read_text(encoding="utf-8")
     html = (out / "report.html").read_text(encoding="utf-8")
     flagged = history is DIVERGED
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert (metrics["training_diverged"] is not None) == flagged  # the raw record, and a bench cell built from it
+    assert (summarize_run(metrics).get("training_diverged") is not None) == flagged
     assert ("training diverged" in summary) == flagged
     assert ("training diverged" in html) == flagged
     if flagged:

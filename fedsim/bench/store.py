@@ -16,6 +16,7 @@ from typing import Any
 
 from fedsim import jsonio
 from fedsim.privacy.summary import epsilon_fields, run_privacy
+from fedsim.report.divergence import divergence_note
 
 CELLS_FILE = "cells.jsonl"
 LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
@@ -133,6 +134,9 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
         summary["federation_s"] = float(timing["federation_s"])  # training wall time, without the attacks
     summary.update(epsilon_fields(run_privacy(stored, history, clients)))
     summary["rounds"] = max((int(h["round"]) for h in history), default=0)
+    diverged = divergence_note(history)
+    if diverged is not None:  # why the cell's utility is not learning (absent: the loss stayed finite and bounded)
+        summary["training_diverged"] = diverged
     # client failures over the run (fedsim.simulation.participation): the cell's numbers came from fewer clients
     summary["clients_failed"] = int(sum(h.get("clients_failed", 0) for h in history))
     return summary  # inf (epsilon with sigma = 0) stays inf: jsonio writes it as "inf", never as null

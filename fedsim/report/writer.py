@@ -17,6 +17,7 @@ import yaml
 
 from fedsim import jsonio
 from fedsim.outputs import RUN, check_replaceable, fresh_partial, is_empty_dir, remove_owned
+from fedsim.report.divergence import divergence_note
 from fedsim.report.figures import reconstruction_grid, utility_curve
 from fedsim.report.gallery import save_reconstructions
 from fedsim.report.html import render_report
@@ -62,6 +63,7 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         "seed": scenario.seed,
         "backend": scenario.backend.kind,
         "utility": list(history),
+        "training_diverged": divergence_note(history),  # None, or the line summary.md and report.html show
         "leakage": curve,
         "attacks": [o.to_json() for o in outcomes],
         "timing": timing,
