@@ -33,7 +33,7 @@ class PriorDataSpec(_Strict):
     @model_validator(mode="after")
     def _check_range(self) -> PriorDataSpec:
         if self.stop is not None and self.stop <= self.start:
-            raise _PathError("data.stop", f"stop ({self.stop}) must be greater than start ({self.start})")
+            raise _PathError("stop", f"stop ({self.stop}) must be greater than start ({self.start})")
         return self
 
 
@@ -47,9 +47,9 @@ class PriorModelSpec(_Strict):
     @model_validator(mode="after")
     def _check_sizes(self) -> PriorModelSpec:
         if self.width % 2:
-            raise _PathError("model.width", f"must be even, got {self.width}")
+            raise _PathError("width", f"must be even, got {self.width}")
         if self.resolution is not None and self.resolution % 4:
-            raise _PathError("model.resolution", f"must be a multiple of 4, got {self.resolution}")
+            raise _PathError("resolution", f"must be a multiple of 4, got {self.resolution}")
         return self
 
 
@@ -68,7 +68,7 @@ class PriorTrainingSpec(_Strict):
     def _check_betas(self) -> PriorTrainingSpec:
         for i, beta in enumerate(self.betas):
             if not 0 <= beta < 1:
-                raise _PathError(f"training.betas[{i}]", f"must be in [0, 1), got {beta}")
+                raise _PathError(f"betas[{i}]", f"must be in [0, 1), got {beta}")
         return self
 
 
