@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.outputs import check_name
+from fedsim.stale_gi_spec import GIConversion
 
 
 class _Strict(BaseModel):
@@ -64,7 +65,7 @@ class LocalTraining(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
-STALE_AGGREGATIONS = ("direct", "downweight", "dc_asgd", "no_staleness")
+STALE_AGGREGATIONS = ("direct", "downweight", "dc_asgd", "gi_conversion", "no_staleness")
 
 
 class StalenessSpec(_Strict):
@@ -82,8 +83,9 @@ class StalenessSpec(_Strict):
     num_slow: int = Field(1, ge=1, description="how many clients slow_class makes slow")
     schedule: Literal["sampled", "round_robin"] = Field(
         "sampled", description="who trains each round: seeded sampling, or the paper's round-robin blocks")
-    aggregation: Literal["direct", "downweight", "dc_asgd", "no_staleness"] = "direct"
+    aggregation: Literal["direct", "downweight", "dc_asgd", "gi_conversion", "no_staleness"] = "direct"
     dc_lambda: float = Field(4.0, ge=0, description="DC-ASGD's compensation weight (the authors' code: 4)")
+    gi: GIConversion | None = Field(None, description="gi_conversion's settings (default GIConversion())")
 
     @model_validator(mode="after")
     def _check_slow(self) -> StalenessSpec:
@@ -91,6 +93,8 @@ class StalenessSpec(_Strict):
             raise _PathError("slow_clients", "give exactly one of slow_clients (partition ids) or slow_class")
         if self.slow_clients is not None and not self.slow_clients:
             raise _PathError("slow_clients", "an empty list makes no client slow")
+        if self.gi is not None and self.aggregation != "gi_conversion":
+            raise _PathError("gi", f"settings of gi_conversion, but aggregation is {self.aggregation}")
         return self
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from fedsim.report.divergence import divergence_note
 from fedsim.report.participation import participation_markdown
 from fedsim.report.privacy import privacy_markdown
+from fedsim.report.stale_gi import summary_line as gi_summary_line
 from fedsim.scenario import Scenario
 
 
@@ -48,6 +49,9 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         for k in scenario.evaluation.class_accuracy:
             key = f"test_accuracy_class{k}"
             lines.append(f"Test accuracy on class {k} {first[key]:.3f} -> {last[key]:.3f}.")
+    gi_line = gi_summary_line(list(history))  # federation.staleness gi_conversion: its estimates are reconstructions
+    if gi_line is not None:
+        lines.append(gi_line)
     elif losses:
         first, last = losses[0], losses[-1]
         lines.append(f"Test loss {first['test_loss']:.4g} (round {first['round']:.0f}) -> "

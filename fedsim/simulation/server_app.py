@@ -21,6 +21,7 @@ from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
 from fedsim.simulation.capture import CaptureLog, CapturingGrid
 from fedsim.simulation.setup import setup_for
+from fedsim.simulation.stale_leakage import round_metrics
 from fedsim.simulation.strategies import build_strategy
 from fedsim.training import evaluate
 
@@ -99,6 +100,8 @@ class RoundRows:
         self.setup = setup_for(scenario)
         self.model = self.setup.build_model()
         self.start = time.perf_counter()
+        # round -> the server's estimates of client data made that round (gi_conversion), scored here
+        self.estimates: Callable[[int], list] | None = None
 
     def __call__(self, server_round: int, global_state: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]:
         """Append (and return) round ``server_round``'s row; ``global_state()`` gives the global model after it."""
@@ -109,6 +112,8 @@ class RoundRows:
         row.update(outcome.capture.participation.row(server_round))
         if scenario.federation.staleness is not None and server_round > 0:  # clients sent an old model this round
             row["clients_stale"] = outcome.capture.stale.get(server_round, 0)
+        if self.estimates is not None:  # the privacy price of gi_conversion: its estimates against the true data
+            row.update(round_metrics(self.estimates(server_round), setup.client_data))
         last = server_round == scenario.federation.rounds
         if server_round in outcome.released_rounds:  # a model-inversion attack's target (always the final)
             outcome.keep_released(server_round, global_state())
@@ -152,6 +157,8 @@ def build_server_app(
         partition_of_node = discover_partitions(grid, fed.clients)
         node_of_partition = {p: n for n, p in partition_of_node.items()}
         strategy = build_strategy(scenario, node_of_partition)
+        if getattr(strategy, "stale", None) is not None:
+            rows.estimates = strategy.stale.take_estimates
         for defense in setup.defenses:
             strategy = defense.wrap_strategy(strategy)
         proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses),

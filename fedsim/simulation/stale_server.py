@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from fedsim.scenario import Scenario
 from fedsim.simulation import keys
 from fedsim.simulation.setup import setup_for
+from fedsim.simulation.stale_gi import EstimateRecord
 from fedsim.simulation.staleness import STALE_RULES, StaleArrival, model_round, slow_partitions
 
 
@@ -33,6 +34,8 @@ class StaleModels:
         self.history: dict[int, ArrayRecord] = {}  # r -> w^r
         self.sent: dict[int, int] = {}  # partition id -> r of the model it was sent this round
         self.memory: dict[int, dict[str, Any]] = {}  # partition id -> the rule's memory for that client
+        # the server's estimates of client data (gi_conversion) not yet handed to the evaluator
+        self.estimates: list[EstimateRecord] = []
 
     def messages(self, server_round: int, current: ArrayRecord, config: ConfigRecord, pids: list[int],
                  node_of_partition: dict[int, int]) -> list[Message]:
@@ -69,5 +72,14 @@ class StaleModels:
             )
             record = RecordDict(dict(content.items()))
             record[keys.ARRAYS] = ArrayRecord(rule(arrival, self.scenario))
+            estimate = arrival.memory.pop("estimate_record", None)
+            if estimate is not None:
+                self.estimates.append(estimate)
             out.append(record)
         return out
+
+    def take_estimates(self, server_round: int) -> list[EstimateRecord]:
+        """The estimates the rule made in ``server_round`` (removed from the list): the evaluator scores them."""
+        taken = [e for e in self.estimates if e.round == server_round]
+        self.estimates = [e for e in self.estimates if e.round != server_round]
+        return taken

@@ -17,8 +17,8 @@ synchronous rounds with a model-version lag, not real asynchrony.
   the authors' code writes it): ``w + delta - lambda delta*delta*(w - w^{t-1-tau})`` (elementwise; lambda is
   DC-ASGD's lambda/eta for a client step of size eta); ``no_staleness``: the reference run, in which slow clients
   are sent the current model and nothing is stale. Then the usual (num-examples weighted) FedAvg mean.
-  A new rule is one more entry of :data:`STALE_RULES` (the gradient-inversion conversion of spec §12.2 plugs in
-  here: it gets the whole :class:`StaleArrival`, with a per-client ``memory`` for its warm start, and the scenario).
+  ``gi_conversion``: the gradient-inversion repair of spec §12.2 (:mod:`fedsim.simulation.stale_gi`; it uses the
+  arrival's per-client ``memory`` for its warm start). A new rule is one more entry of :data:`STALE_RULES`.
 
 The server knows each reply's lag (it chose which model to send), so the capture records the model a slow client
 really trained from as its ``global_state`` and the lag as ``staleness`` (:mod:`fedsim.simulation.capture`).
@@ -36,6 +36,7 @@ from torch import Tensor
 from fedsim.errors import ScenarioError
 from fedsim.scenario import Scenario, StalenessSpec
 from fedsim.seeding import numpy_rng
+from fedsim.simulation.stale_gi import check_gi, gi_conversion
 
 
 def round_robin(round_num: int, num_clients: int, per_round: int) -> list[int]:
@@ -136,7 +137,9 @@ def dc_asgd(arrival: StaleArrival, scenario: Scenario) -> dict[str, Tensor]:
                                                                - arrival.base[k].to(d.dtype)))
 
 
-STALE_RULES: dict[str, StaleRule] = {"direct": direct, "downweight": downweight, "dc_asgd": dc_asgd}
+# gi_conversion: the gradient-inversion repair of spec 12.2 (fedsim.simulation.stale_gi)
+STALE_RULES: dict[str, StaleRule] = {"direct": direct, "downweight": downweight, "dc_asgd": dc_asgd,
+                                     "gi_conversion": gi_conversion}
 
 
 def check_staleness(scenario: Scenario, num_classes: int | None = None) -> None:
@@ -157,3 +160,4 @@ def check_staleness(scenario: Scenario, num_classes: int | None = None) -> None:
     if stale.slow_class is not None and num_classes is not None and not 0 <= stale.slow_class < num_classes:
         what = f"outside 0..{num_classes - 1}" if num_classes else "meaningless on a regression task"
         raise ScenarioError("federation.staleness.slow_class", f"class {stale.slow_class} is {what}")
+    check_gi(scenario, num_classes)

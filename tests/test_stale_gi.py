@@ -1,0 +1,287 @@
+"""The server's gradient-inversion conversion of stale updates (``aggregation: gi_conversion``; spec
+``algorithms-more.md`` §12.2) and the leakage of its estimates.
+
+Expected values come from outside the rule's code: the recomputed update from a plain ``torch.optim.SGD`` loop on
+the estimate; the exact-estimate (oracle) case from the client's own round (``run_client_round``) on its real
+data; lambda_t and the mixing from hand arithmetic; the leakage from hand-made images and labels.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedsim.simulation.stale_gi as stale_gi
+from fedsim.data.transforms import normalize
+from fedsim.errors import ScenarioError
+from fedsim.scenario import parse_scenario
+from fedsim.simulation import run_federation
+from fedsim.simulation.client_round import run_client_round
+from fedsim.simulation.setup import setup_for
+from fedsim.simulation.stale_gi import EstimateRecord, gi_conversion, mixing_weight, settings
+from fedsim.simulation.stale_leakage import score_estimate
+from fedsim.simulation.staleness import STALE_RULES, StaleArrival
+from fedsim.stale_gi_spec import GIConversion
+
+GI = {"num_estimates": 4, "iterations": 3, "lr": 0.1, "topk": 0.2}
+
+
+def gi_raw(tiny_raw: dict[str, Any], gi: dict[str, Any] | None = None, **local: Any) -> dict[str, Any]:
+    """4 digits clients, 2 per round round-robin (0,1 | 2,3 | ...), client 1 slow by tau = 2, 6 rounds (its stale
+    arrivals: rounds 3 and 5); two full-batch local steps unless ``local`` says otherwise."""
+    raw = copy.deepcopy(tiny_raw)
+    raw["federation"] = {"clients": 4, "rounds": 6, "protocol": "fedavg", "clients_per_round": 2,
+                         "local": {"batch_size": 1000, "lr": 0.5, "steps": 2, **local},
+                         "staleness": {"tau": 2, "slow_clients": [1], "schedule": "round_robin",
+                                       "aggregation": "gi_conversion", "gi": {**GI, **(gi or {})}}}
+    raw["attacks"] = []
+    return raw
+
+
+def arrival_for(scenario, round_num: int = 5, memory: dict | None = None) -> StaleArrival:  # noqa: ANN001
+    """Client 1's stale arrival: a real client round from a base model, and a different current model."""
+    gen = torch.Generator().manual_seed(3)
+    base = setup_for(scenario).build_model().state_dict()
+    current = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    reply = run_client_round(scenario, 1, round_num, base, {})
+    return StaleArrival(round=round_num, partition_id=1, tau=2, base=base, local=reply.sent, current=current,
+                        num_examples=reply.num_examples, memory={} if memory is None else memory)
+
+
+def sgd_round(scenario, start: dict, x: torch.Tensor, soft: torch.Tensor) -> dict:  # noqa: ANN001
+    """A client round written out: E plain-SGD steps of soft-label cross-entropy on (x, soft), full batch."""
+    model = setup_for(scenario).build_model()
+    model.load_state_dict(start)
+    model.train()
+    local = scenario.federation.local
+    opt = torch.optim.SGD(model.parameters(), lr=local.lr, weight_decay=local.weight_decay)
+    for _ in range(local.steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), soft).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_recomputed_update_is_a_client_round_on_the_estimate_from_the_current_model(tiny_raw) -> None:
+    scenario = parse_scenario(gi_raw(tiny_raw))
+    arrival = arrival_for(scenario)
+    out = gi_conversion(arrival, scenario)  # lambda = 1: the recomputed update alone
+    x, logits = arrival.memory["estimate"]
+    assert x.shape == (4, 1, 8, 8) and logits.shape == (4, 10)
+    fresh = sgd_round(scenario, arrival.current, x, logits.softmax(-1))
+    for k, v in out.items():
+        assert torch.allclose(v, fresh[k], atol=1e-6), k
+    # and not the direct rebase (the conversion changed something)
+    assert any(not torch.allclose(v, STALE_RULES["direct"](arrival, scenario)[k], atol=1e-4) for k, v in out.items())
+
+
+def test_lambda_schedule_is_the_spec_one() -> None:
+    arrival = lambda t, memory: StaleArrival(round=t, partition_id=0, tau=2, base={"w": torch.ones(2)},  # noqa: E731
+                                             local={"w": torch.ones(2)}, current={"w": torch.ones(2) * 2},
+                                             num_examples=1, memory=memory)
+    hard, decay = GIConversion(switch_round=3), GIConversion(switch_round=3, mix="decay", gamma=0.5)
+    assert [mixing_weight(arrival(t, {}), hard) for t in range(1, 6)] == [1, 1, 0, 0, 0]
+    assert [mixing_weight(arrival(t, {}), decay) for t in range(1, 6)] == [1, 1, 1, 0.5, 0.25]
+    assert mixing_weight(arrival(50, {}), GIConversion()) == 1  # no switch asked for: always convert
+    # drift |w - w_base| / |w| = |(1, 1)| / |(2, 2)| = 0.5: below 0.6 switches at the arrival's round, not below 0.4
+    memory: dict = {}
+    assert mixing_weight(arrival(7, memory), GIConversion(drift_threshold=0.6, mix="decay", gamma=0.5)) == 1
+    assert memory["drift_switch"] == 7
+    assert mixing_weight(arrival(9, memory), GIConversion(drift_threshold=0.6, mix="decay", gamma=0.5)) == 0.25
+    assert mixing_weight(arrival(9, {}), GIConversion(drift_threshold=0.4)) == 1
+
+
+def test_mixing_is_lambda_recomputed_plus_one_minus_lambda_stale(tiny_raw) -> None:
+    scenario = parse_scenario(gi_raw(tiny_raw, {"switch_round": 3, "mix": "decay", "gamma": 0.5}))
+    arrival = arrival_for(scenario, round_num=5)  # lambda = 0.5^(5-3) = 0.25
+    out = gi_conversion(arrival, scenario)
+    x, logits = arrival.memory["estimate"]
+    fresh = sgd_round(scenario, arrival.current, x, logits.softmax(-1))
+    for k, v in out.items():
+        w, d_hat, d = arrival.current[k], fresh[k] - arrival.current[k], arrival.local[k] - arrival.base[k]
+        assert torch.allclose(v, w + 0.25 * d_hat + 0.75 * d, atol=1e-6), k
+    # hard switch: from round s on the stale update as it came, and no inversion
+    scenario = parse_scenario(gi_raw(tiny_raw, {"switch_round": 5}))
+    arrival = arrival_for(scenario, round_num=5)
+    out = gi_conversion(arrival, scenario)
+    assert "estimate" not in arrival.memory and "estimate_record" not in arrival.memory
+    for k, v in out.items():
+        assert torch.allclose(v, arrival.current[k] + arrival.local[k] - arrival.base[k], atol=1e-7), k
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_start_begins_at_the_previous_estimate(tiny_raw, warm) -> None:
+    # a vanishing step size: each inversion ends where it began, so its result shows its starting point
+    scenario = parse_scenario(gi_raw(tiny_raw, {"lr": 1e-12, "warm_start": warm}))
+    memory: dict = {}
+    gi_conversion(arrival_for(scenario, 3, memory), scenario)
+    first = memory["estimate"][0].clone()
+    first_record = memory.pop("estimate_record")
+    gi_conversion(arrival_for(scenario, 5, memory), scenario)
+    second, record = memory["estimate"][0], memory["estimate_record"]
+    assert not first_record.warm and record.warm == warm
+    assert torch.allclose(second, first, atol=1e-6) == warm  # a cold start draws a new (round 5) init
+
+
+def test_exact_estimate_gives_the_fresh_update_oracle(tiny_raw, monkeypatch) -> None:
+    """ORACLE (test only): the inversion replaced by the client's true data and one-hot labels; the converted
+    model must then be the one the client would have sent, had it trained from the current model."""
+    scenario = parse_scenario(gi_raw(tiny_raw))
+    arrival = arrival_for(scenario)
+    setup = setup_for(scenario)
+    inputs, labels = setup.client_data(1)
+    assert len(inputs) <= scenario.federation.local.batch_size  # the client's steps are full-batch
+
+    def oracle_invert(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+        return normalize(inputs, setup.task.mean, setup.task.std), 1e4 * F.one_hot(labels, 10).float(), 0.0, False
+
+    monkeypatch.setattr(stale_gi, "invert", oracle_invert)
+    out = gi_conversion(arrival, scenario)
+    fresh = run_client_round(scenario, 1, arrival.round, arrival.current, {}).sent
+    for k, v in out.items():
+        assert torch.allclose(v, fresh[k], atol=1e-5), k
+
+
+def test_the_objective_is_l1_on_the_topk_entries(tiny_raw, monkeypatch) -> None:
+    delta = [torch.tensor([0.1, -3.0, 0.5]), torch.tensor([[2.0, 0.2]])]
+    masks = stale_gi.topk_masks(delta, 0.4)  # ceil(0.4 * 5) = 2 entries: -3 and 2
+    assert masks[0].tolist() == [False, True, False] and masks[1].tolist() == [[True, False]]
+    pred = [torch.zeros(3), torch.ones(1, 2)]
+    assert float(stale_gi.l1_topk(pred, delta, masks)) == pytest.approx(3.0 + 1.0)  # |0 - -3| + |1 - 2|
+    seen, original = [], stale_gi.topk_masks
+    monkeypatch.setattr(stale_gi, "topk_masks", lambda d, f: seen.append(f) or original(d, f))
+    scenario = parse_scenario(gi_raw(tiny_raw, {"topk": 0.3}))
+    gi_conversion(arrival_for(scenario), scenario)
+    assert seen == [0.3]  # the inversion matches the configured fraction
+
+
+def test_leakage_scores_by_hand() -> None:
+    truth = torch.zeros(3, 1, 4, 4)
+    truth[1] += 0.5
+    truth[2] += 1.0
+    pixels = torch.stack([truth[1] + 0.1, truth[2]])  # nearest mse 0.01 -> 20 dB; an exact copy -> the 100 dB cap
+    soft = F.one_hot(torch.tensor([1, 3]), 4).float()
+    record = EstimateRecord(round=1, partition_id=0, tau=1, lam=1.0, pixels=pixels, soft_labels=soft, loss=0.0,
+                            iterations=1, seconds=0.0, warm=False)
+    score = score_estimate(record, truth, torch.tensor([1, 1, 2]))
+    assert math.isclose(score["psnr"], (20.0 + 100.0) / 2, abs_tol=1e-4)
+    assert score["psnr_best"] == 100.0
+    assert math.isclose(score["psnr_blind"], 100.0)  # gray 0.5 is truth[1] itself
+    # labels: estimate shares {1: 1/2, 3: 1/2}, client's {1: 2/3, 2: 1/3}: overlap min(1/2, 2/3) = 1/2
+    assert math.isclose(score["label_acc"], 0.5)
+
+
+def test_every_inversion_is_scored_in_the_round_rows(tiny_raw, tmp_path) -> None:
+    import json
+
+    from fedsim.run import run_scenario
+
+    scenario = parse_scenario(gi_raw(tiny_raw))
+    run_scenario(scenario, tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["utility"]
+    rows = {int(r["round"]): r for r in history}
+    assert [t for t, r in rows.items() if "gi_inversions" in r] == [3, 5]  # client 1's stale arrivals
+    for t in (3, 5):
+        r = rows[t]
+        assert r["gi_inversions"] == 1 and r["gi_lambda"] == 1.0 and r["gi_seconds"] > 0
+        assert {"gi_psnr", "gi_psnr_best", "gi_psnr_blind", "gi_label_acc", "gi_loss"} <= set(r)
+        assert r["clients_stale"] == 1
+    text = (tmp_path / "run" / "summary.md").read_text()
+    assert "The server inverted 2 stale update(s)" in text and "privacy price" in text
+    # deterministic from the seed
+    once, again = run_federation(scenario), run_federation(parse_scenario(gi_raw(tiny_raw)))
+    assert all(torch.equal(again.final_state[k], once.final_state[k]) for k in once.final_state)
+    assert [r.get("gi_psnr") for r in again.history] == [r.get("gi_psnr") for r in once.history]
+    assert [r.get("gi_psnr") for r in once.history] == [r.get("gi_psnr") for r in history]
+
+
+@pytest.mark.parametrize(("gi", "local", "path"), [
+    ({"topk": 0}, {}, "federation.staleness.gi.topk"),
+    ({"iterations": 0}, {}, "federation.staleness.gi.iterations"),
+    ({"gamma": 1.5}, {}, "federation.staleness.gi.gamma"),
+    ({"mix": "cosine"}, {}, "federation.staleness.gi.mix"),
+    ({"typo": 1}, {}, "federation.staleness.gi.typo"),
+    ({}, {"optimizer": "adam"}, "federation.local.optimizer"),
+    ({}, {"momentum": 0.9}, "federation.local.momentum"),
+])
+def test_bad_gi_settings_are_refused_at_their_path(tiny_raw, gi, local, path) -> None:
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(gi_raw(tiny_raw, gi, **local))
+    assert err.value.path == path, str(err.value)
+
+
+def test_gi_settings_without_gi_conversion_are_refused(tiny_raw) -> None:
+    raw = gi_raw(tiny_raw)
+    raw["federation"]["staleness"]["aggregation"] = "direct"
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(raw)
+    assert err.value.path == "federation.staleness.gi"
+    del raw["federation"]["staleness"]["gi"]
+    raw["federation"]["staleness"]["aggregation"] = "gi_conversion"
+    assert settings(parse_scenario(raw)) == GIConversion()  # defaults
+
+
+FORBIDDEN = {"client_data", "load_dataset", "train_x", "train_y", "test_x", "test_y", "partitions", "GroundTruth",
+             "truth", "fedsim.metrics", "fedsim.simulation.stale_leakage", "fedsim.simulation.capture"}
+
+
+def test_the_rule_cannot_reach_ground_truth() -> None:
+    path = Path(stale_gi.__file__)
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Name | ast.Attribute):
+            names.add(node.id if isinstance(node, ast.Name) else node.attr)
+    hits = {n for n in names for bad in FORBIDDEN if n == bad or n.startswith(bad + ".")}
+    assert not hits, f"{path.name} references {hits}"
+
+
+class _Metadata:
+    """The dataset with its examples locked away: only what describes the task can be read."""
+
+    def __init__(self, data: Any) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("train_x", "train_y", "test_x", "test_y"):
+            raise AssertionError(f"the server's rule read data.{name}")
+        return getattr(self._data, name)
+
+
+class _Locked:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError("the server's rule read the partitions")
+
+    def __getitem__(self, key: Any) -> Any:
+        raise AssertionError("the server's rule read the partitions")
+
+
+def test_the_rule_runs_without_any_client_data(tiny_raw, monkeypatch) -> None:
+    scenario = parse_scenario(gi_raw(tiny_raw))
+    arrival = arrival_for(scenario)
+    setup = setup_for(scenario)
+    setup.task  # noqa: B018 - metadata computed before the lock (the server knows the task)
+    monkeypatch.setitem(setup.__dict__, "data", _Metadata(setup.data))
+    monkeypatch.setitem(setup.__dict__, "partitions", _Locked())
+    monkeypatch.setattr(type(setup), "client_data", lambda self, pid: (_ for _ in ()).throw(AssertionError(pid)))
+    out = gi_conversion(arrival, scenario)
+    assert set(out) == set(arrival.local) and "estimate_record" in arrival.memory
+
+
+@pytest.mark.ray
+def test_gi_conversion_on_ray_gives_the_inprocess_numbers(tiny_raw) -> None:
+    scenario = parse_scenario(gi_raw(tiny_raw))
+    local, ray = run_federation(scenario), run_federation(scenario, backend="ray")
+    assert all(torch.equal(local.final_state[k], ray.final_state[k]) for k in local.final_state)
+    assert [r.get("gi_psnr") for r in ray.history] == [r.get("gi_psnr") for r in local.history]
