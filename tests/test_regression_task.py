@@ -316,3 +316,20 @@ def test_every_output_renders_a_run_without_accuracy(written) -> None:
     from fedsim.report.tables import METRICS
 
     assert "test_loss" in [key for key, _, _ in METRICS]  # the leaderboard has a column for it
+
+
+def test_a_classification_summary_has_no_regression_loss_line() -> None:
+    """The accuracy line and the regression's loss line are exclusive: a classification run that also logs a
+    test loss (every one does) must not be described as 'the task has no accuracy'."""
+    from fedsim.report.summary import summary_markdown
+    from fedsim.scenario import parse_scenario
+
+    scenario = parse_scenario({"name": "cls", "data": {"dataset": "digits"}, "model": {"name": "mlp", "width": 1},
+                               "federation": {"clients": 2, "rounds": 2}, "backend": {"kind": "inprocess"}})
+    history = [{"round": 1, "test_loss": 2.3, "test_accuracy": 0.1},
+               {"round": 2, "test_loss": 2.0, "test_accuracy": 0.3}]
+    md = summary_markdown(scenario, history, [], {}, {})
+    assert "Test accuracy 0.100 (round 1) -> 0.300 (round 2)." in md
+    assert "no accuracy" not in md
+    regression = [{"round": 1, "test_loss": 0.14}, {"round": 2, "test_loss": 0.03}]
+    assert "the task has no accuracy" in summary_markdown(scenario, regression, [], {}, {})

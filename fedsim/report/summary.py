@@ -49,14 +49,14 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         for k in scenario.evaluation.class_accuracy:
             key = f"test_accuracy_class{k}"
             lines.append(f"Test accuracy on class {k} {first[key]:.3f} -> {last[key]:.3f}.")
-    gi_line = gi_summary_line(list(history))  # federation.staleness gi_conversion: its estimates are reconstructions
-    if gi_line is not None:
-        lines.append(gi_line)
     elif losses:
         first, last = losses[0], losses[-1]
         lines.append(f"Test loss {first['test_loss']:.4g} (round {first['round']:.0f}) -> "
                      f"{last['test_loss']:.4g} (round {last['round']:.0f}); the task has no accuracy (regression: "
                      "mean squared error).")
+    gi_line = gi_summary_line(list(history))  # federation.staleness gi_conversion: its estimates are reconstructions
+    if gi_line is not None:
+        lines.append(gi_line)
     diverged = divergence_note(history)
     if diverged is not None:  # a diverged model's accuracy change above is not learning: say so where it is read
         lines += ["", f"**Warning: {diverged}.**"]
