@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from fedsim.errors import ScenarioError
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.stale_gi_spec import GIConversion
+from fedsim.threat import TaskInfo
 from fedsim.training import epoch_bounds, min_train_batch
 from fedsim.unrolling import unrolled_delta
 
@@ -147,9 +148,9 @@ def l1_topk(pred: list[Tensor], target: list[Tensor], masks: list[Tensor]) -> Te
 
 
 def invert(arrival: StaleArrival, scenario: Scenario, model: nn.Module, steps: int,
-           task: Any) -> tuple[Tensor, Tensor, float, bool]:
+           task: TaskInfo) -> tuple[Tensor, Tensor, float, bool]:
     """Spec §12.2 A: the estimate ``(X, Y)`` (normalized inputs, label logits), its final loss, and whether it was
-    warm-started. ``task``: the server's :class:`fedsim.threat.TaskInfo` (shapes and normalization, no data)."""
+    warm-started. ``task``: what the server knows of the task (shapes, classes, normalization; no data)."""
     gi = settings(scenario)
     names = [n for n, _ in model.named_parameters()]
     target = [(arrival.local[n] - arrival.base[n]).float() for n in names]
