@@ -42,8 +42,9 @@ def _describe(record: dict) -> str:
     psnr = s.get("psnr_mean")
     acc, loss = s.get("test_accuracy"), s.get("test_loss")  # a regression has a test loss and no accuracy
     utility = f", acc {acc:.3f}" if acc is not None else f", test loss {loss:.4g}" if loss is not None else ""
+    diverged = s.get("training_diverged")  # a diverged cell's figures describe a broken model: say so on its line
     return (f"{head}: PSNR {psnr:.2f} dB" if psnr is not None else f"{head}: no PSNR") + utility + (
-        f"  ({record['seconds']:.1f} s)")
+        f"  ({record['seconds']:.1f} s)") + (f"  DIVERGED: {diverged}" if diverged else "")
 
 
 def bench(
@@ -102,6 +103,8 @@ def bench(
         console.print(f"interrupted: finished cells are in {out_dir}/cells.jsonl; rerun the same command to resume",
                       highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    typer.echo(f"ran {len(result.records)} cells ({result.failed} failed), skipped {result.skipped}; "
-               f"results in {result.out_dir}")
+    diverged = sum(1 for r in result.records if (r.get("summary") or {}).get("training_diverged"))
+    typer.echo(f"ran {len(result.records)} cells ({result.failed} failed"
+               + (f", {diverged} with diverged training" if diverged else "")
+               + f"), skipped {result.skipped}; results in {result.out_dir}")
     typer.echo(f"next: fedsim report {out_dir}")

@@ -226,6 +226,28 @@ def epsilon_fields(privacy: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def epsilon_vs_server(summary: Mapping[str, Any]) -> float | None:
+    """Epsilon against the curious server itself, from a cell summary / epsilon fields; None without DP.
+
+    The ONE derivation the leaderboard and the DP frontier share: a reported ``epsilon_vs_server`` (DIFF2; None,
+    as older strict-JSON stores hold inf, reads as inf: central noise is added after the server saw every
+    message); else for sample-level DP the headline ``epsilon`` (DP-SGD's clients noise before sending); else for
+    client-level DP inf (central DP's server sees raw updates), or DP-SGD's own ``epsilon_dp_sgd`` when both ran.
+    """
+    def number(value: Any) -> float | None:
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    if "epsilon_vs_server" in summary:
+        value = summary["epsilon_vs_server"]
+        return math.inf if value is None else number(value)
+    if summary.get("epsilon") is None:
+        return None
+    if summary.get("epsilon_level") == "sample":
+        return number(summary["epsilon"])
+    dp_sgd = number(summary.get("epsilon_dp_sgd"))
+    return dp_sgd if dp_sgd is not None else math.inf
+
+
 def run_privacy(stored: Any, history: Sequence[Mapping[str, Any]],
                 client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]] | None) -> dict[str, Any]:
     """A run's privacy block: the one it stored (metrics.json ``privacy``), else computed from its records."""

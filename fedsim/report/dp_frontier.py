@@ -21,6 +21,8 @@ module turns its cells into :class:`FrontierRow` s:
   mean and sample std (n - 1) over repeats; **seconds**: the federation's wall time (``federation_s``,
   attacks excluded); **attack** / **psnr**: the attack with the highest mean PSNR over repeats (the
   defender must assume the strongest), its mean and std.
+* **diverged**: the repeats whose training diverged (the summary's ``training_diverged``, or a utility that is
+  not finite), each named in ``note``; such a row is never on the Pareto front.
 * **matched**: whether the achieved epsilon is the target (within :data:`MATCH_TOLERANCE`); a row that
   is not says so in ``note`` instead of being dropped, as does a row whose cells all failed.
 
@@ -40,6 +42,7 @@ from statistics import mean, stdev
 from typing import Any
 
 from fedsim import jsonio
+from fedsim.privacy.summary import epsilon_vs_server
 from fedsim.report.frontier import pareto_front
 from fedsim.report.loading import Cell, read_yaml
 from fedsim.report.tables import Stat
@@ -70,6 +73,7 @@ class FrontierRow:
     note: str = ""
     pareto: bool = False
     time_ratio: float | None = None  # seconds / the reference method's seconds at the same target
+    diverged: dict[int, str] | None = None  # repeat -> why its training diverged (never on the front)
 
     @property
     def dp(self) -> bool:
@@ -145,16 +149,6 @@ def _per_repeat(cells: Sequence[Cell], key: str | Callable[[Cell], float | None]
     return [mean(v) for _, v in sorted(by_repeat.items())]
 
 
-def _vs_server(cell: Cell) -> float | None:
-    """Epsilon against the curious server (module doc); None without DP."""
-    s = cell.summary
-    if "epsilon_vs_server" in s:  # stored as "inf" (fedsim.jsonio; read back as inf); null in older stores
-        return math.inf if s["epsilon_vs_server"] is None else _number(s["epsilon_vs_server"])
-    if s.get("epsilon") is None:
-        return None
-    return _number(s["epsilon"]) if s.get("epsilon_level") == "sample" else math.inf
-
-
 def _seconds(cell: Cell) -> float | None:
     """The federation's wall time: the summary's ``federation_s``, else the run's metrics.json timing."""
     value = _number(cell.summary.get("federation_s"))
@@ -167,6 +161,21 @@ def _seconds(cell: Cell) -> float | None:
     return value
 
 
+def _diverged(ok: Sequence[Cell], utility_key: str) -> dict[int, str]:
+    """Repeat -> why it diverged: the cell summary's ``training_diverged`` line
+    (:func:`fedsim.report.divergence.divergence_note`), or a utility that is present but not finite (which the
+    per-repeat mean leaves out, so it must be named here instead of silently shrinking the seeds)."""
+    out: dict[int, str] = {}
+    for c in ok:
+        note = c.summary.get("training_diverged")
+        if isinstance(note, str) and note:
+            out.setdefault(c.repeat, note)
+        elif utility_key in c.summary and (_number(c.summary[utility_key]) is None
+                                           or not math.isfinite(_number(c.summary[utility_key]))):
+            out.setdefault(c.repeat, f"{utility_key} is {c.summary[utility_key]}")
+    return out
+
+
 def _build(method: str, target: float | None, cells: list[Cell], utility_key: str) -> FrontierRow:
     row = FrontierRow(method, target, cells, utility_key=utility_key)
     ok = [c for c in cells if c.ok]
@@ -177,8 +186,9 @@ def _build(method: str, target: float | None, cells: list[Cell], utility_key: st
     row.epsilon = _max(c.summary.get("epsilon") for c in ok)
     row.epsilon_rdp = _max(c.summary.get("epsilon_dp_accounting_rdp") for c in ok)
     row.epsilon_pld = _max(c.summary.get("epsilon_dp_accounting_pld") for c in ok)
-    row.epsilon_vs_server = _max(_vs_server(c) for c in ok)
+    row.epsilon_vs_server = _max(epsilon_vs_server(c.summary) for c in ok)
     row.utility = stat(_per_repeat(ok, utility_key))
+    row.diverged = _diverged(ok, utility_key)
     row.seconds = stat(_per_repeat(ok, _seconds))
     by_attack: dict[str, list[Cell]] = defaultdict(list)
     for c in ok:
@@ -198,6 +208,11 @@ def _build(method: str, target: float | None, cells: list[Cell], utility_key: st
         notes.append("no \u03b5 reported")
     if row.failed and ok:
         notes.append(f"{row.failed} failed cell(s) left out")
+    if row.diverged:
+        seeds = ", ".join(str(k) for k in sorted(row.diverged))
+        notes.append(f"DIVERGED in {len(row.diverged)} of {row.repeats} seed(s) (repeat {seeds}; never on the front;"
+                     " a non-finite utility is left out of the mean): "
+                     + "; ".join(sorted(set(row.diverged.values()))))
     row.note = "; ".join(notes)
     return row
 
@@ -206,8 +221,8 @@ def frontier_rows(cells: Sequence[Cell]) -> list[FrontierRow]:
     """One row per (method, target epsilon), sorted by method then target; Pareto and time ratios set.
 
     Utility is test accuracy when any cell reports one, else test loss. Pareto: within each epsilon
-    level, the DP rows that no other row beats on both epsilon (lower) and utility (higher accuracy,
-    lower loss), by :func:`fedsim.report.frontier.pareto_front`.
+    level, the DP rows without a diverged repeat that no other such row beats on both epsilon (lower) and
+    utility (higher accuracy, lower loss), by :func:`fedsim.report.frontier.pareto_front`.
     """
     key = "test_accuracy" if any(_number(c.summary.get("test_accuracy")) is not None for c in cells) else "test_loss"
     groups: dict[tuple[str, float | None], list[Cell]] = defaultdict(list)
@@ -217,7 +232,8 @@ def frontier_rows(cells: Sequence[Cell]) -> list[FrontierRow]:
     rows.sort(key=lambda r: (r.method, r.target if r.target is not None else math.inf, r.x or math.inf))
     sign = 1.0 if key == "test_accuracy" else -1.0
     for level in {r.level for r in rows if r.dp}:
-        ranked = [r for r in rows if r.dp and r.level == level and r.utility is not None and r.x is not None]
+        ranked = [r for r in rows if r.dp and r.level == level and r.utility is not None and r.x is not None
+                  and not r.diverged]  # a diverged seed's utility is no point of a trade-off
         for i in pareto_front([(sign * r.utility.mean, r.x) for r in ranked]):
             ranked[i].pareto = True
     reference = {r.target: r for r in rows if r.method == REFERENCE_METHOD and r.seconds is not None}
@@ -277,7 +293,8 @@ def text_table(rows: Sequence[FrontierRow]) -> str:
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out) + (f"\nutility: {utility_title(rows)}, mean \u00b1 std over seeds; \u03b5: max over seeds; "
                              f"time: the federation's wall time (attacks excluded), which includes each client's "
-                             f"one-off noise calibration when the method solves it from a target \u03b5\n")
+                             "one-off noise calibration when the method solves it from a target \u03b5 "
+                             "(every cell solves its own)\n")
 
 
 def write_frontier_csv(rows: Sequence[FrontierRow], path: Path) -> Path:

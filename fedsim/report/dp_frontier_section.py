@@ -51,6 +51,7 @@ def dp_frontier_plot(rows: Sequence[FrontierRow], path: Path) -> bool:
     methods, plain = _methods(rows)
     colours = plt.get_cmap("tab10")
     fig, (ax_u, ax_p) = plt.subplots(1, 2, figsize=(10.5, 4.3))
+    diverged_drawn = False
     for i, (method, marker) in enumerate(zip(methods, itertools.cycle(MARKERS), strict=False)):
         points = sorted((r for r in rows if r.method == method and r.dp and r.x is not None and r.utility is not None),
                         key=lambda r: r.x)
@@ -61,6 +62,11 @@ def dp_frontier_plot(rows: Sequence[FrontierRow], path: Path) -> bool:
                  "label": method + (" (client-level \u03b5)" if client else "")}
         ax_u.errorbar(xs, [r.utility.mean for r in points],
                       yerr=[r.utility.std or 0 for r in points], **style)
+        bad = [(x, r) for x, r in zip(xs, points, strict=True) if r.diverged]
+        if bad:  # a diverged seed: the point is no trade-off, so it is crossed out in red
+            ax_u.scatter([x for x, _ in bad], [r.utility.mean for _, r in bad], marker="x", s=110, color="red",
+                         zorder=5, label="training diverged (a seed)" if not diverged_drawn else None)
+            diverged_drawn = True
         leaks = [(x, r) for x, r in zip(xs, points, strict=True) if r.psnr is not None]
         if leaks:
             ax_p.errorbar([x for x, _ in leaks], [r.psnr.mean for _, r in leaks],
@@ -104,7 +110,7 @@ def dp_frontier_section(source: Source, assets: Path, shown_dir: str) -> str:
                "cent so equal values stay visible), one line per DP method, mean over seeds, bars = std; dashed lines "
                "are client-level \u03b5 (central DP), not comparable with sample-level "
                "\u03b5 point for point; dotted horizontal lines are runs without DP. Right: the strongest attack's "
-               "mean PSNR at each point.")
+               "mean PSNR at each point. A red cross: a seed of that point's training diverged (see its note).")
     left = {"method", "level", "best attack", "note"}
     head = [(c, c in left) for c in COLUMNS]
     body = []
@@ -125,7 +131,9 @@ def dp_frontier_section(source: Source, assets: Path, shown_dir: str) -> str:
             "its noise from the target, seconds on one core, so it is not a per-step cost) are mean &plusmn; std "
             "over seeds; <i>time &times; dp_sgd</i> divides by dp_sgd's time at the same target. <i>front</i>: "
             "no other row of the same level has both a lower "
-            f"\u03b5 and a better utility. A row that missed its target says so in <i>note</i>. Also in "
+            f"\u03b5 and a better utility. A row that missed its target, or where the training of "
+            "some seed diverged (never on the front; a non-finite utility is left out of its mean), says so in "
+            f"<i>note</i>. Also in "
             f"<code>{esc(shown_dir)}/{CSV_NAME}</code>.")
     return (f'<section id="dp-frontier"><h2>DP methods at matched \u03b5</h2><p class="note">{note}</p>'
             f"{figure(uri, caption, 'utility against epsilon per DP method')}{table(head, body)}</section>")

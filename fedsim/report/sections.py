@@ -178,7 +178,9 @@ def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
     for i, r in enumerate(rows, start=1):
         oracle = "oracle" in r.attack or any(c.summary.get("oracle") for c in r.cells)
         tag = ' <span class="tag oracle">oracle</span>' if oracle else ""
-        cells = [str(i), esc(r.attack.replace(" (oracle)", "")) + tag, esc(r.defense)]
+        diverged = (f' <span class="bad" title="{esc(r.diverged_reasons)}">diverged {len(r.diverged)}/{r.ok}</span>'
+                    if r.diverged else "")
+        cells = [str(i), esc(r.attack.replace(" (oracle)", "")) + tag, esc(r.defense) + diverged]
         cells += [esc(params_label(r.params))] if with_params else []
         failed = r.failed + r.attacks_failed
         cells += [f"{r.ok}/{len(r.cells)}", f'<span class="bad">{failed}</span>' if failed else "0"]
@@ -193,6 +195,13 @@ def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
         fail_html = ("<h3>Failed cells</h3><p class=\"note\">counted in <i>failed</i> above; their metrics are not "
                      "in the means.</p>" + table([("cell", True), ("attack", True), ("defense", True),
                                                   ("params", True), ("repeat", False), ("error", True)], fail_rows))
+    div_rows = [([esc(c.cell_id), esc(c.attack), esc(c.defense), esc(params_label(c.params)), str(c.repeat),
+                  esc(str(c.summary["training_diverged"]))], "") for r in rows for c in r.diverged]
+    if div_rows:
+        fail_html += ("<h3>Diverged cells</h3><p class=\"note\">marked <i>diverged</i> above: their training diverged, "
+                      "so the utility and attack figures in the means describe a broken model.</p>"
+                      + table([("cell", True), ("attack", True), ("defense", True), ("params", True),
+                               ("repeat", False), ("why", True)], div_rows))
     partial = sum(r.attacks_failed for r in rows)
     note = (f" {partial} attack run(s) inside ok cells failed (e.g. an empty DP-SGD batch); they are counted in "
             "<i>failed</i> and left out of the means." if partial else "")

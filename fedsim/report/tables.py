@@ -5,8 +5,10 @@ metric; failed cells are counted in ``failed`` and never silently dropped. Leaka
 the shared bench format (PSNR/SSIM/LPIPS after one-to-one matching, label accuracy, and for model
 inversion ``mi_accuracy`` / ``knn_distance``), beside the final test accuracy and privacy budget epsilon
 (``fedsim.privacy.summary.epsilon_fields``: Opacus's figure, the median and min over DP-SGD clients, and
-Google's dp_accounting RDP and PLD figures; DIFF2's epsilon against the curious server beside the released one,
-inf under central noise). An infinite epsilon is shown as inf, never as absent.
+Google's dp_accounting RDP and PLD figures; the epsilon against the curious server by
+``fedsim.privacy.summary.epsilon_vs_server``, shared with the DP frontier: inf for central DP and DIFF2's central
+noise, the headline for DP-SGD-style sample-level DP, DIFF2's larger one under local noise).
+An infinite epsilon is shown as inf, never as absent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from fedsim.privacy.summary import epsilon_vs_server
 from fedsim.report.loading import Cell
 
 # (key, column title, direction of "more leakage" / better utility: +1 higher, -1 lower, 0 neither)
@@ -33,7 +36,7 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("test_accuracy", "test acc.", 0),
     ("test_loss", "test loss", 0),  # the utility of a regression task (no accuracy)
     ("epsilon", "\u03b5", 0),
-    ("epsilon_vs_server", "\u03b5 vs server", 0),  # DIFF2: against the curious server (central: inf; local: larger)
+    ("epsilon_vs_server", "\u03b5 vs server", 0),  # fedsim.privacy.summary.epsilon_vs_server (central DP: inf)
     ("epsilon_median", "\u03b5 median", 0),
     ("epsilon_min", "\u03b5 min", 0),
     ("epsilon_dp_accounting_rdp", "\u03b5 dp-acc. RDP", 0),
@@ -74,6 +77,16 @@ class LeaderRow:
         return sum(int(c.summary.get("attacks_failed") or 0) for c in self.cells if c.ok)
 
     @property
+    def diverged(self) -> list[Cell]:
+        """The ok cells whose training diverged (summary ``training_diverged``): their means describe a broken
+        model, so every output marks the row and names the reason."""
+        return [c for c in self.cells if c.ok and c.summary.get("training_diverged")]
+
+    @property
+    def diverged_reasons(self) -> str:
+        return "; ".join(sorted({str(c.summary["training_diverged"]) for c in self.diverged}))
+
+    @property
     def errors(self) -> list[str]:
         return sorted({c.error or "failed" for c in self.cells if not c.ok})
 
@@ -107,6 +120,13 @@ def _leak_key(row: LeaderRow) -> tuple[float, float, float]:
     return has, -(psnr if psnr is not None else -math.inf), -(mi if mi is not None else -math.inf)
 
 
+def _metric(cell: Cell, key: str) -> float | None:
+    """The cell's value of one metric; epsilon against the server is derived by
+    :func:`fedsim.privacy.summary.epsilon_vs_server` (the frontier's derivation), not read raw."""
+    value = epsilon_vs_server(cell.summary) if key == "epsilon_vs_server" else cell.summary.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def leaderboard(cells: Sequence[Cell]) -> list[LeaderRow]:
     """Group cells by (attack, defense, params), average each metric over the ok repeats, most leaking first."""
     groups: dict[tuple[str, str, str], LeaderRow] = {}
@@ -115,8 +135,7 @@ def leaderboard(cells: Sequence[Cell]) -> list[LeaderRow]:
         groups.setdefault(key, LeaderRow(cell.attack, cell.defense, dict(cell.params), [])).cells.append(cell)
     for row in groups.values():
         for key, _, _ in METRICS:
-            values = [float(c.summary[key]) for c in row.cells
-                      if c.ok and isinstance(c.summary.get(key), int | float) and not isinstance(c.summary[key], bool)]
+            values = [v for v in (_metric(c, key) for c in row.cells if c.ok) if v is not None]
             stat = _stat(values)
             if stat is not None:
                 row.stats[key] = stat
@@ -129,11 +148,13 @@ def present_metrics(rows: Sequence[LeaderRow]) -> list[tuple[str, str, int]]:
 
 
 def write_leaderboard_csv(rows: Sequence[LeaderRow], path: Path) -> Path:
-    """``leaderboard.csv``: group columns, counts, then ``<metric>_mean`` and ``<metric>_std`` for every metric."""
+    """``leaderboard.csv``: group columns, counts, then ``<metric>_mean`` and ``<metric>_std`` for every metric,
+    then ``diverged`` (ok cells whose training diverged) and ``diverged_reason``."""
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(CSV_HEAD + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")])
+        writer.writerow(CSV_HEAD + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")]
+                        + ["diverged", "diverged_reason"])
         for r in rows:
             line: list[Any] = [r.attack, r.defense, json.dumps(r.params, sort_keys=True, default=str), len(r.cells),
                                r.ok, r.failed, r.attacks_failed]
@@ -141,5 +162,5 @@ def write_leaderboard_csv(rows: Sequence[LeaderRow], path: Path) -> Path:
                 stat = r.stats.get(key)
                 line += ["" if stat is None else repr(stat.mean),
                          "" if stat is None or stat.std is None else repr(stat.std)]
-            writer.writerow(line)
+            writer.writerow(line + [len(r.diverged), r.diverged_reasons])
     return path
