@@ -11,8 +11,9 @@ over seeds, the federation's wall time and its ratio to DP-SGD's at the same tar
 attack's PSNR. Cells run one after another in this process (one torch thread each).
 
 The table's wall time is the whole federation's, which includes each client's one-off noise calibration
-(``target_epsilon`` -> sigma by Opacus's bisection: seconds per distinct sampling rate on one core, cached
-in the process), so it is not a per-step cost. The per-round cost of each method is timed separately
+(``target_epsilon`` -> sigma by Opacus's bisection: seconds per distinct sampling rate on one core, shared by
+the cell's clients and solved afresh by EVERY cell, :mod:`fedsim.run_caches`, so no method gets it free from an
+earlier cell), so it is not a per-step cost. The per-round cost of each method is timed separately
 afterwards: client 0's rounds 1-2 through the client's own code path (``run_client_round``) with a FIXED
 noise scale, best of ``--trials``, methods alternating so drifting load hits them alike, printed as
 ms/round and as a ratio to DP-SGD.
@@ -120,8 +121,9 @@ def main() -> None:
 
     def finished(record: dict) -> None:
         s = record.get("summary") or {}
+        diverged = f"  DIVERGED: {s['training_diverged']}" if s.get("training_diverged") else ""
         print(f"  {record['defense']} repeat {record['repeat']}: {record['status']}"
-              f" acc {s.get('test_accuracy')} eps {s.get('epsilon')} ({record['seconds']:.1f} s)", flush=True)
+              f" acc {s.get('test_accuracy')} eps {s.get('epsilon')} ({record['seconds']:.1f} s){diverged}", flush=True)
 
     result = run_bench(grid, out, "serial", BenchProgress(started, finished))
     print(f"ran {len(result.records)} cells ({result.failed} failed) in {time.perf_counter() - start:.0f} s\n")

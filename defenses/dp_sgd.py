@@ -47,7 +47,6 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -58,6 +57,7 @@ from defenses.base import DEFENSES, Defense, DefenseParams, register_defense
 from defenses.per_sample import per_sample_problem
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.privacy.accounting import import_opacus, opacus_epsilon
+from fedsim.run_caches import per_run_cache
 from fedsim.scenario import DefenseSpec, FederationSpec, LocalTraining, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.training import TrainingJob, batch_schedule
@@ -95,7 +95,7 @@ def declared_examples(n: int, q: float, steps: int) -> int:
     return max(1, round(n * (1 - (1 - q) ** steps)))
 
 
-@lru_cache(maxsize=64)
+@per_run_cache  # shared by one run's clients; emptied per bench cell, so every cell pays the solve
 def solve_noise_multiplier(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
     """Sigma giving ``target_epsilon`` after ``steps`` steps at sampling rate q (Opacus bisection, tol 0.01)."""
     import_opacus()

@@ -14,11 +14,14 @@ def run_cell(cell: Cell, out_dir: str, num_cpus: float = 1.0) -> dict[str, Any]:
     """Run one cell into ``out_dir/cells/<id>`` and return its record (never raises for a cell's error).
 
     The cell runs with ``num_cpus`` torch threads; the caller's count is restored afterwards (a serial
-    bench runs its cells in the driver's process)."""
+    bench runs its cells in the driver's process). Per-run caches (:mod:`fedsim.run_caches`) are emptied
+    first, so the cell's wall time does not depend on the cells run before it in this process."""
     from fedsim.isolation import torch_threads
     from fedsim.run import run_scenario
+    from fedsim.run_caches import clear_run_caches
     from fedsim.scenario import parse_scenario
 
+    clear_run_caches()  # a cell pays its own noise solve, whichever cells ran before in this process
     start = time.perf_counter()
     record: dict[str, Any] = {"cell_id": cell.cell_id, "attack": cell.attack, "defense": cell.defense,
                               "params": cell.params, "repeat": cell.repeat, "seed": cell.seed}
