@@ -1,13 +1,7 @@
-"""Differentiable unrolling of a FedAvg client's local SGD steps (Geiping et al., NeurIPS 2020).
+"""The attack side of unrolling a FedAvg client's local SGD steps (Geiping et al., NeurIPS 2020).
 
-A FedAvg client starting from ``theta_0`` takes E plain-SGD steps on its n examples,
-
-    theta_{i+1} = theta_i - lr * (grad_theta CE(f_{theta_i}(x_{b(i)}), y_{b(i)}) + wd * theta_i),
-
-and sends ``delta = theta_E - theta_0``. :func:`unrolled_delta` replays those steps on dummy inputs
-with ``torch.func.functional_call`` and ``create_graph=True``, so the predicted delta is a
-differentiable function of the inputs (``inversefed``'s ``loss_steps``, breaching's unrolled
-``GradientLoss``).
+The differentiable replay itself (:func:`unrolled_delta`, :func:`step_slices`, :class:`Sharpness`) is
+:mod:`fedsim.unrolling`, shared with the server's stale-update conversion and re-exported here.
 
 **Batch assignment is an assumption.** The client shuffles its examples with a seed the attacker
 does not know (:func:`fedsim.training.batch_schedule`), so step ``i`` is assumed to use the dummy
@@ -15,9 +9,6 @@ slice ``i mod ceil(n / bs)`` (inversefed's rule). The dummies are free variables
 this only matters when the client reshuffles (several epochs); full-batch steps are exact. Their
 *labels* are fixed, though, and the order in which the client's labels met the steps is unknown
 when they are inferred (sorted by class): :func:`label_assignments` proposes one order per restart.
-
-The unrolling math itself (:func:`unrolled_delta`, :func:`step_slices`, :class:`Sharpness`) lives in
-:mod:`fedsim.unrolling`, shared with the server's stale-update conversion; it is re-exported here.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -106,3 +107,20 @@ def assert_beats_trivial(score: float, truth: torch.Tensor, margin: float,
     else:
         assert score <= best - margin, f"{score:.3f} does not beat the {name} guess ({best:.3f}) by {margin}"
     return best
+
+
+def referenced_names(path: Path) -> set[str]:
+    """Every module, imported name, variable and attribute name a Python file mentions (for firewall tests:
+    a module that never names ``GroundTruth`` or ``fedsim.metrics`` cannot reach the ground truth)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Name | ast.Attribute):
+            names.add(node.id if isinstance(node, ast.Name) else node.attr)
+    return names

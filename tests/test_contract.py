@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 from pathlib import Path
 
 import pytest
+from helpers import referenced_names
 
 import attacks
 from attacks.base import Attack, AttackParams
@@ -26,16 +26,7 @@ FORBIDDEN = {"GroundTruth", "CapturedUpdate", "fedsim.simulation", "fedsim.metri
 
 @pytest.mark.parametrize("path", sorted(ATTACK_DIR.glob("*.py")), ids=lambda p: p.name)
 def test_attack_modules_cannot_reach_ground_truth(path: Path) -> None:
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            names.add(node.module or "")
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Name | ast.Attribute):
-            names.add(node.id if isinstance(node, ast.Name) else node.attr)
+    names = referenced_names(path)
     hits = {n for n in names for bad in FORBIDDEN if n == bad or n.startswith(bad + ".")}
     assert not hits, f"{path.name} references {hits}"
 

@@ -8,7 +8,6 @@ data; lambda_t and the mixing from hand arithmetic; the leakage from hand-made i
 
 from __future__ import annotations
 
-import ast
 import copy
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import referenced_names
 
 import fedsim.simulation.stale_gi as stale_gi
 from fedsim.data.transforms import normalize
@@ -234,15 +234,7 @@ FORBIDDEN = {"client_data", "load_dataset", "train_x", "train_y", "test_x", "tes
 
 def test_the_rule_cannot_reach_ground_truth() -> None:
     path = Path(stale_gi.__file__)
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            names.add(node.module or "")
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Name | ast.Attribute):
-            names.add(node.id if isinstance(node, ast.Name) else node.attr)
+    names = referenced_names(path)
     hits = {n for n in names for bad in FORBIDDEN if n == bad or n.startswith(bad + ".")}
     assert not hits, f"{path.name} references {hits}"
 
