@@ -25,6 +25,7 @@ from fedsim.errors import FedsimError
 from fedsim.metrics import score_reconstruction
 from fedsim.metrics.evaluator import load_evaluator
 from fedsim.metrics.model_inversion import score_model_inversion
+from fedsim.outcomes import NOT_ATTACKED
 from fedsim.plugins import attack_registry
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import derive_seed
@@ -219,10 +220,10 @@ def not_attacked(scenario: Scenario, spec: AttackSpec, captured: Sequence[Captur
         if (rnd, client) in failed:
             out[(rnd, client)] = f"client {client} failed in round {rnd}: {failed[(rnd, client)]}"
         else:
-            out[(rnd, client)] = (f"not attacked: client {client} was not sampled in round {rnd} "
-                                  f"(federation.clients_per_round {fed.sampled_per_round} of {fed.clients})"
-                                  if fed.sampled_per_round < fed.clients else
-                                  f"not attacked: client {client} sent no update in round {rnd}")
+            out[(rnd, client)] = NOT_ATTACKED + (  # counted as not attacked (fedsim.outcomes), not as a failure
+                f"client {client} was not sampled in round {rnd} (federation.clients_per_round "
+                f"{fed.sampled_per_round} of {fed.clients})" if fed.sampled_per_round < fed.clients else
+                f"client {client} sent no update in round {rnd}")
     return out
 
 

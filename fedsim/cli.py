@@ -98,6 +98,7 @@ def _print_result(result) -> None:  # noqa: ANN001
         out(f"test accuracy: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
     elif losses:
         out(f"test loss: {losses[0]['test_loss']:.4g} -> {losses[-1]['test_loss']:.4g}")
+    from fedsim.outcomes import outcome_label
     from fedsim.report.divergence import divergence_note
 
     diverged = divergence_note(result.history)
@@ -111,8 +112,8 @@ def _print_result(result) -> None:  # noqa: ANN001
             f"{first['round']}: {first['reason']}")
     for o in result.outcomes:
         tag = f"{o.attack}{' (oracle)' if o.oracle else ''} round {o.round} client {o.partition_id}"
-        if o.failed:
-            out(f"{tag}: failed ({o.failed})")
+        if o.failed:  # "not attacked: ..." for a target without an update, never "failed (not attacked ...)"
+            out(f"{tag}: {outcome_label(o.failed)}")
         elif "mi_accuracy" in o.metrics:  # model inversion of the released model (client -2)
             m = o.metrics
             out(f"{o.attack} round {o.round} released model: MI accuracy {m['mi_accuracy']:.2f}, kNN distance "

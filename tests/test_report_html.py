@@ -167,7 +167,8 @@ def test_leaderboard_mean_std_sorting_and_failed_cells(tmp_path: Path) -> None:
     path = write_leaderboard_csv(rows, tmp_path / "leaderboard.csv")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        assert reader.fieldnames == CSV_HEAD + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")]
+        assert reader.fieldnames == CSV_HEAD + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")] + [
+                "diverged", "diverged_reason", "attacks_not_attacked"]
         table = list(reader)
     assert len(table) == 5
     assert float(table[1]["psnr_mean_mean"]) == pytest.approx(12.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim import jsonio
+from fedsim.outcomes import was_not_attacked
 from fedsim.privacy.summary import epsilon_fields, run_privacy
 from fedsim.report.divergence import divergence_note
 
@@ -120,7 +121,10 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
         value = _mean([m[key] for m in ok if key in m and m[key] is not None])
         if value is not None:
             summary[key] = value
-    summary["attacks_failed"] = sum(1 for failed, _ in attacks if failed)
+    summary["attacks_failed"] = sum(1 for failed, _ in attacks if failed and not was_not_attacked(failed))
+    skipped = sum(1 for failed, _ in attacks if was_not_attacked(failed))
+    if skipped:  # targets without an update (not sampled): shown as not attacked, not as attack failures
+        summary["attacks_not_attacked"] = skipped
     outcomes = (result_or_metrics.get("attacks", []) if isinstance(result_or_metrics, dict)
                 else [o.to_json() for o in result_or_metrics.outcomes])
     if any(o.get("oracle") for o in outcomes):

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedsim.errors import FedsimError
+from fedsim.outcomes import was_not_attacked
 from fedsim.outputs import REPORT_ASSETS, check_replaceable, fresh_partial, remove_owned
 from fedsim.report.divergence import divergence_note
 from fedsim.report.dp_frontier_section import dp_frontier_section
@@ -102,7 +103,8 @@ def _gallery(entry: GalleryEntry, title: str, assets: Path, index: int) -> str:
         detail += f", target classes {classes}" if classes and entry.labels is None else ""
     head = f"<h3>{esc(title)}{oracle} <small>{esc(detail)}</small></h3>"
     if entry.failed and entry.reconstruction is None:
-        return f'<div class="gallery">{head}<p class="bad">attack failed: {esc(entry.failed)}</p></div>'
+        shown = entry.failed if was_not_attacked(entry.failed) else f"attack failed: {entry.failed}"
+        return f'<div class="gallery">{head}<p class="bad">{esc(shown)}</p></div>'
 
     def img(image, caption: str) -> str:  # noqa: ANN001
         if image is None:

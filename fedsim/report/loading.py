@@ -16,6 +16,7 @@ import yaml
 
 from fedsim import jsonio
 from fedsim.errors import FedsimError
+from fedsim.outcomes import was_not_attacked
 from fedsim.outputs import confined
 from fedsim.privacy.summary import epsilon_fields, run_privacy
 
@@ -109,7 +110,10 @@ def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) 
         if values:
             summary[key] = mean(values)
     evaluated = [h for h in metrics.get("utility") or [] if isinstance(h.get("test_accuracy"), int | float)]
-    summary["attacks_failed"] = len(outcomes) - len(good)
+    skipped = sum(1 for o in outcomes if was_not_attacked(o.get("failed")))
+    summary["attacks_failed"] = len(outcomes) - len(good) - skipped
+    if skipped:  # targets without an update (not sampled): not attacked, never an attack failure
+        summary["attacks_not_attacked"] = skipped
     if any(o.get("oracle") for o in outcomes):
         summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None

@@ -205,6 +205,9 @@ def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
     partial = sum(r.attacks_failed for r in rows)
     note = (f" {partial} attack run(s) inside ok cells failed (e.g. an empty DP-SGD batch); they are counted in "
             "<i>failed</i> and left out of the means." if partial else "")
+    skipped = sum(r.not_attacked for r in rows)
+    note += (f" {skipped} targeted update(s) were not attacked (the client was not sampled in that round, or sent "
+             "none): not failures, not in the means." if skipped else "")
     return (f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">One row per attack &times; defense'
             f"{' &times; parameters' if with_params else ''}, mean &plusmn; std over ok repeats; sorted by PSNR, "
             f"then MI accuracy (most leaking first, highlighted). <i>failed</i> counts failed cells and failed "

@@ -77,6 +77,11 @@ class LeaderRow:
         return sum(int(c.summary.get("attacks_failed") or 0) for c in self.cells if c.ok)
 
     @property
+    def not_attacked(self) -> int:
+        """Targeted updates that did not exist (client not sampled): shown, but not as attack failures."""
+        return sum(int(c.summary.get("attacks_not_attacked") or 0) for c in self.cells if c.ok)
+
+    @property
     def diverged(self) -> list[Cell]:
         """The ok cells whose training diverged (summary ``training_diverged``): their means describe a broken
         model, so every output marks the row and names the reason."""
@@ -149,12 +154,13 @@ def present_metrics(rows: Sequence[LeaderRow]) -> list[tuple[str, str, int]]:
 
 def write_leaderboard_csv(rows: Sequence[LeaderRow], path: Path) -> Path:
     """``leaderboard.csv``: group columns, counts, then ``<metric>_mean`` and ``<metric>_std`` for every metric,
-    then ``diverged`` (ok cells whose training diverged) and ``diverged_reason``."""
+    then ``diverged`` (ok cells whose training diverged), ``diverged_reason`` and ``attacks_not_attacked``
+    (targets without an update, e.g. not sampled)."""
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_HEAD + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")]
-                        + ["diverged", "diverged_reason"])
+                        + ["diverged", "diverged_reason", "attacks_not_attacked"])
         for r in rows:
             line: list[Any] = [r.attack, r.defense, json.dumps(r.params, sort_keys=True, default=str), len(r.cells),
                                r.ok, r.failed, r.attacks_failed]
@@ -162,5 +168,5 @@ def write_leaderboard_csv(rows: Sequence[LeaderRow], path: Path) -> Path:
                 stat = r.stats.get(key)
                 line += ["" if stat is None else repr(stat.mean),
                          "" if stat is None or stat.std is None else repr(stat.std)]
-            writer.writerow(line + [len(r.diverged), r.diverged_reasons])
+            writer.writerow(line + [len(r.diverged), r.diverged_reasons, r.not_attacked])
     return path
