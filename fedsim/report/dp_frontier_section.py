@@ -131,7 +131,8 @@ def dp_frontier_section(source: Source, assets: Path, shown_dir: str) -> str:
             "its noise from the target, seconds on one core, so it is not a per-step cost) are mean &plusmn; std "
             "over seeds; <i>time &times; dp_sgd</i> divides by dp_sgd's time at the same target. <i>front</i>: "
             "no other row of the same level has both a lower "
-            f"\u03b5 and a better utility. A row that missed its target, or where the training of "
+            f"\u03b5 and a better utility. A row that missed its target (achieved \u03b5 above it by more than "
+            "the solver's tolerance, 0.01 relative, or below it by more than 2 %), or where the training of "
             "some seed diverged (never on the front; a non-finite utility is left out of its mean), says so in "
             f"<i>note</i>. Also in "
             f"<code>{esc(shown_dir)}/{CSV_NAME}</code>.")
