@@ -213,10 +213,16 @@ class Diff2(Defense):
                 torch.func.vmap(torch.func.grad(out_sum), in_dims=(None, 0))(params, torch.zeros((2, *input_shape)))
         except (RuntimeError, ValueError, NotImplementedError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            changers = [f"defenses[{i}] ({d.name})" for i, d in enumerate(self.scenario.defenses if self.scenario
+                                                                         else [])
+                        if d.name != self.name and d.name in DEFENSES
+                        and DEFENSES.get(d.name).transform_model is not Defense.transform_model]
+            fix = (f"remove {', '.join(changers)}, which change(s) the model (e.g. adds dropout), and keep a model "
+                   "without dropout and BatchNorm (model.norm: none or group, model.dropout: 0)" if changers else
+                   "use a model without dropout and BatchNorm (model.norm: none or group, model.dropout: 0)")
             raise IncompatibleDefenseError(
                 f"diff2 needs per-example gradients (torch.func vmap) of the model in training mode, which fail "
-                f"({type(err).__name__}: {first}): use a model without dropout and BatchNorm (model.norm: none "
-                "or group)") from None
+                f"({type(err).__name__}: {first}): {fix}") from None
 
     # -- the plan --------------------------------------------------------------------------------------
     @cached_property
