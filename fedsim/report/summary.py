@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedsim.outcomes import outcome_label
 from fedsim.report.divergence import divergence_note
 from fedsim.report.participation import participation_markdown
 from fedsim.report.privacy import privacy_markdown
@@ -83,7 +84,7 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
             m = o.metrics
             name = o.attack + (" (oracle)" if o.oracle else "")
             if o.failed:
-                row = f"| {name} | {o.round} | {o.partition_id} | failed: {o.failed} | | | | | {o.seconds:.1f} |"
+                row = f"| {name} | {o.round} | {o.partition_id} | {outcome_label(o.failed)} | | | | | {o.seconds:.1f} |"
                 lines.append(row)
                 continue
             labels = "given" if getattr(o, "oracle_labels", False) else _fmt(m.get("label_acc"))
@@ -127,7 +128,8 @@ def _inversion_table(outcomes: Sequence[Any]) -> list[str]:
     for o in outcomes:
         m = o.metrics
         if o.failed or m.get("failed"):
-            lines.append(f"| {o.attack} | {o.round} | failed: {o.failed or m.get('failed')} | | | | {o.seconds:.1f} |")
+            lines.append(f"| {o.attack} | {o.round} | {outcome_label(o.failed or m.get('failed'))} | | | | "
+                         f"{o.seconds:.1f} |")
             continue
         lines.append(f"| {o.attack} | {o.round} | {_fmt(m.get('mi_accuracy'))} | {_fmt(m.get('mi_top5'))} | "
                      f"{_fmt(m.get('knn_distance'))} | {_fmt(m.get('target_confidence'), 3)} | {o.seconds:.1f} |")
