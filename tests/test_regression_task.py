@@ -225,6 +225,7 @@ def test_same_seed_same_numbers() -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~17 s; backend equality itself is in the default run (tests/test_ray_backend.py)
 def test_ray_gives_the_inprocess_numbers() -> None:
     raw = reg(**{"federation.rounds": 2, "federation.clients": 3})
     a = run_federation(parse_scenario(raw))
