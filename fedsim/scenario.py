@@ -218,6 +218,8 @@ class Scenario(_Strict):
     def _check_targets(self) -> Scenario:
         fed = self.federation
         for i, atk in enumerate(self.attacks):
+            if atk.every is None and not atk.rounds:
+                raise _PathError(f"attacks[{i}].rounds", "an empty list attacks no round (give rounds or every)")
             for r in atk.rounds:
                 if not 1 <= r <= fed.rounds:
                     raise _PathError(f"attacks[{i}].rounds", f"round {r} is outside 1..{fed.rounds}")

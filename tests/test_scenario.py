@@ -36,6 +36,7 @@ def test_shipped_scenarios_validate(path: Path) -> None:
         (lambda r: r["attacks"][0]["budget"].update(iterations=-1), "attacks[0].budget.iterations",
          "greater than or equal to 0"),
         (lambda r: r["attacks"][0].update(rounds=[7]), "attacks[0].rounds", "outside 1..3"),
+        (lambda r: r["attacks"][0].update(rounds=[]), "attacks[0].rounds", "attacks no round"),
         (lambda r: r["attacks"][0].update(clients=[8]), "attacks[0].clients", "outside 0..7"),
         (lambda r: r["attacks"][0].update(name="nope"), "attacks[0].name", "unknown attack"),
         (lambda r: r["attacks"][0].update(params={"tv": "x"}), "attacks[0].params.tv", "valid number"),
