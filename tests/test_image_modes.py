@@ -215,3 +215,20 @@ def test_build_assets_decodes_source_images_the_same_way(tmp_path: Path) -> None
     with pytest.raises(SystemExit, match="digits.npz"):
         check_targets(tmp_path / "out")
     assert (tmp_path / "out" / "digits.npz").read_bytes() == b"mine"
+
+
+def test_an_image_the_folder_scan_would_skip_is_refused_not_dropped(tmp_path: Path) -> None:
+    """A .gif beside .png files: torchvision's scan skips it, so the dataset silently had one example fewer
+    than the user gave; now validation names the file. A non-image file (notes.txt) is not data and is ignored."""
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        Image.fromarray(VALUES).save(root / "train" / cls / "x.png")
+        Image.fromarray(VALUES).save(root / "train" / cls / "y.png")
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    spec = DataSpec(dataset="imagefolder", root=str(root), test_fraction=0.5)
+    assert load_dataset(spec).num_train + len(load_dataset(spec).test_x) == 4  # the .txt is no example
+    Image.fromarray(VALUES).save(root / "train" / "b" / "z.gif")
+    with pytest.raises(ScenarioError, match=r"z\.gif is an image of a kind the folder scan skips") as err:
+        load_dataset(spec)
+    assert err.value.path == "data.root"

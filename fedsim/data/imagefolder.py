@@ -41,12 +41,29 @@ def _samples(
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     except (FileNotFoundError, OSError) as err:
         raise DataUnavailableError(f"dataset 'imagefolder': cannot read {folder}: {err}") from None
+    skipped = _skipped_images(folder, class_to_idx, IMG_EXTENSIONS)
+    if skipped is not None:
+        raise ScenarioError("data.root", f"{skipped} is an image of a kind the folder scan skips (it reads "
+                            f"{', '.join(IMG_EXTENSIONS)}): convert it, or move it out of the class folder")
     if not samples:
         raise DataUnavailableError(
             f"dataset 'imagefolder': no images found in {folder} (expected {folder}/<class>/<image>.png)"
         )
     order = class_interleaved(np.array([c for _, c in samples]))
     return [samples[i] for i in order], class_to_idx
+
+
+def _skipped_images(folder: Path, class_to_idx: dict[str, int], read: tuple[str, ...]) -> Path | None:
+    """The first file in a class folder that Pillow would open as an image (e.g. a .gif) but the torchvision
+    scan skips for its extension: dropping it silently would train on fewer examples than the user gave."""
+    from PIL import Image
+
+    images = {ext.lower() for ext in Image.registered_extensions()} - {ext.lower() for ext in read}
+    for name in sorted(class_to_idx):
+        for path in sorted((folder / name).rglob("*")):
+            if path.is_file() and path.suffix.lower() in images:
+                return path
+    return None
 
 
 def _read(samples: list[tuple[str, int]], channels: int | None) -> tuple[np.ndarray, np.ndarray, int]:
