@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from fedsim.per_example import clip_per_example
+
 #: Defenses whose messages are gradient differences (their updates carry ``reference_state``) and whose
 #: per-sample clipping :func:`per_sample_clip` models.
 DIFFERENCE_DEFENSES = ("diff2",)
 _ATTR = "_fedsim_message"
-_TINY = 1e-30  # a per-sample norm this small (squared) counts as zero: no clipping, no NaN in the backward
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,8 @@ def functional_message(module: nn.Module, spec: MessageSpec) -> Callable[[Tensor
         if reference is not None:
             g0 = per_example(*reference, x, targets)
             g = {n: g[n] - g0[n] for n in names}
-        squares = sum(g[n].flatten(1).pow(2).sum(1) for n in names)
-        factor = torch.clamp(radius / torch.sqrt(squares.clamp_min(_TINY)), max=1.0)  # (B,)
-        return [(g[n] * factor.view(-1, *([1] * (g[n].dim() - 1)))).mean(0) for n in names]
+        clipped = clip_per_example({n: g[n] for n in names}, radius)
+        return [clipped[n].mean(0) for n in names]
 
     return clipped_message
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedsim.errors import SimulationError
+from fedsim.per_example import clip_per_example
 from fedsim.training import LossFn, TrainingJob
 
 
@@ -81,9 +82,7 @@ def clipped_mean_gradient(model: nn.Module, params: Mapping[str, Tensor], inputs
             at_ref = per_sample(ref, x, y)
             grads = {k: g - at_ref[k] for k, g in grads.items()}
         if clip is not None:
-            norms = torch.sqrt(sum(g.reshape(len(x), -1).pow(2).sum(1) for g in grads.values()))
-            factor = torch.clamp(clip / norms, max=1.0)  # a zero gradient: clip / 0 = inf -> 1
-            grads = {k: g * factor.reshape(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+            grads = clip_per_example(grads, clip)
         for k, g in grads.items():
             total[k] += g.sum(0)
     return {k: v / n for k, v in total.items()}
