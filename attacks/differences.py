@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -72,12 +71,6 @@ def with_message(model: nn.Module, spec: MessageSpec) -> nn.Module:
 def message_of(model: nn.Module) -> MessageSpec:
     """The :class:`MessageSpec` attached to ``model`` by :func:`with_message`, else :data:`PLAIN`."""
     return getattr(model, _ATTR, PLAIN)
-
-
-def parameter_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], names: Iterable[str]) -> float:
-    """``|a - b|_2`` over the entries ``names`` (DIFF2's ``Delta x_r``: all parameters, one global norm)."""
-    total = sum(float((torch.as_tensor(a[n]).double() - torch.as_tensor(b[n]).double()).pow(2).sum()) for n in names)
-    return math.sqrt(total)
 
 
 def per_sample_clip(descriptions: Sequence[Mapping[str, Any]], delta_x: float | None) -> float | None:

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attacks.differences import MessageSpec, parameter_distance, per_sample_clip, with_message
+from attacks.differences import MessageSpec, per_sample_clip, with_message
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, dropout_layers
+from fedsim.per_example import step_norm
 from fedsim.scenario import DefenseSpec, ModelSpec
 from fedsim.threat import ClientUpdate, TaskInfo
 
@@ -92,8 +93,8 @@ def message_spec(update: ClientUpdate, model: nn.Module) -> MessageSpec:
         device = next(model.parameters()).device
         rebuilt = rebuild_model(update.task, update.reference_state, "reference state")
         reference = MappingProxyType({k: v.detach().to(device) for k, v in rebuilt.state_dict().items()})
-        delta_x = parameter_distance(update.global_state, update.reference_state,
-                                     [name for name, _ in model.named_parameters()])
+        delta_x = step_norm(update.global_state, update.reference_state,
+                            [name for name, _ in model.named_parameters()])
     return MessageSpec(reference, per_sample_clip(update.defenses, delta_x))
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedsim.errors import SimulationError
-from fedsim.per_example import clip_per_example
+from fedsim.per_example import clip_per_example, step_norm
 from fedsim.training import LossFn, TrainingJob
 
 
@@ -38,16 +38,6 @@ class MissedRoundError(SimulationError):
 def is_restart(server_round: int, restart_period: int) -> bool:
     """fedsim rounds are 1-based: server round 1 is the paper's r = 0, a restart; then every T-th."""
     return (server_round - 1) % restart_period == 0
-
-
-def step_norm(current: Mapping[str, Tensor], previous: Mapping[str, Tensor], names: list[str]) -> float:
-    """``||x_r - x_{r-1}||_2`` over ``names`` (in float64 on the CPU, in that order): the server and every
-    client compute it from the same tensors, so all get the same number."""
-    total = torch.zeros((), dtype=torch.float64)
-    for k in names:
-        diff = current[k].detach().to("cpu", torch.float64) - previous[k].detach().to("cpu", torch.float64)
-        total += diff.pow(2).sum()
-    return float(total.sqrt())
 
 
 def clipped_mean_gradient(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, labels: Tensor,
