@@ -1,0 +1,105 @@
+"""The ``zeroth_order`` scenario block: a federation whose clients can only query their private objective's values
+(used with ``federation.protocol: zeroth_order``). Defaults are the FZooS authors' (spec §11.5, §11.7) except where
+a description says it was shrunk for CPU.
+
+Paths in errors are relative to this block (the Scenario prefixes ``zeroth_order.``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ZO_METHODS = ("fzoos", "fedzo", "fedprox", "scaffold1", "scaffold2")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ZOTask(_Strict):
+    """Which black-box task family (``fedsim.zo.tasks``) and its size. Fields a family does not use are refused by
+    the family's check (e.g. ``class_portion`` for ``quadratic``)."""
+
+    family: Literal["quadratic", "metric", "adversarial"] = "quadratic"
+    dim: int | None = Field(None, ge=1, description="quadratic: d (default 300); others: set by the task")
+    heterogeneity: float = Field(0.5, ge=0, description="quadratic: 'div' of the Dirichlet coefficients (§11.7)")
+    dataset: str | None = Field(None, description="metric / adversarial: bundled dataset (digits, mnist-5k)")
+    class_portion: float = Field(0.9, gt=0, le=1, description="share of a client's data from its own classes")
+    metric: Literal["f1", "precision", "recall", "jaccard"] = Field(
+        "f1", description="metric family: f_i = 1 - macro-<metric> of the perturbed classifier on client data")
+    box: float | None = Field(None, gt=0, description="half-width of the perturbation box (metric 0.2, "
+                                                       "adversarial 0.3 as in the paper)")
+    image_index: int = Field(0, ge=0, description="adversarial: which eligible test image (F(x0) >= 0) to attack")
+
+
+class FZooSSettings(_Strict):
+    """FZooS's surrogate and query settings (spec §11.2-§11.5)."""
+
+    n_inits: int = Field(10, ge=1, description="uniform queries in x0 +- explore_radius at the start")
+    gp_points: int = Field(150, ge=2, description="history points nearest x the GP is fitted on")
+    gp_restarts: int = Field(2, ge=0, description="optimizer restarts of the GP length-scale fit (authors: 20; "
+                                                  "shrunk for CPU)")
+    explore_radius: float = Field(0.01, gt=0, description="half-width of the exploration box around x")
+    explore_candidates: int = Field(100, ge=1)
+    explore_top: int = Field(5, ge=0, description="queries per local step with the largest gradient variance")
+    rff_features: int = Field(10_000, ge=1, description="M: random Fourier features (shared by seed)")
+    rff_lengthscale: float = Field(1.0, gt=0)
+    rff_points: int = Field(500, ge=1, description="history points nearest x_{r+1} the RFF weights are fitted on")
+    refresh_candidates: int = Field(200, ge=1)
+    refresh_top: int = Field(50, ge=0)
+    gamma: Literal["decay"] | float = Field("decay", description="correction weight: 'decay' = 1/(t+1) (code), "
+                                                                 "or a constant (paper theory; reviews: 1)")
+
+
+class RGFSettings(_Strict):
+    """The finite-difference baselines' estimator (spec §11.5): q orthonormal Gaussian directions, forward steps."""
+
+    directions: int = Field(20, ge=1)
+    mu: float = Field(0.01, gt=0)
+
+
+class MessageDefenses(_Strict):
+    """Defenses on FZooS's surrogate message (spec §11.6 'fedsim experiments'), applied by each client."""
+
+    y_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the normalised values before the fit")
+    nu_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on each sent weight nu_i")
+    ridge: float = Field(0.0, ge=0, description="ridge lambda of the RFF fit (0: min-norm least squares)")
+    secagg: bool = Field(False, description="pairwise-masked nu_i: the server learns only the weighted sum")
+
+
+class ZOAttacks(_Strict):
+    """The curious server's attacks on the messages (:mod:`fedsim.zo.attacks`), scored by the evaluator."""
+
+    function_extraction: bool = Field(True, description="R^2 of the rebuilt mu_i against f_i at held-out points")
+    label_set: bool = Field(True, description="metric task: which classes a client holds, from grad mu_i")
+    every: int = Field(1, ge=1, description="attack every k-th round's messages (and the last)")
+    heldout_points: int = Field(200, ge=1)
+
+
+class ZerothOrderSpec(_Strict):
+    """``zeroth_order``: the task, the method and its settings."""
+
+    task: ZOTask = ZOTask()
+    method: Literal["fzoos", "fedzo", "fedprox", "scaffold1", "scaffold2"] = "fzoos"
+    local_iters: int = Field(10, ge=1, description="T: local Adam steps per round (authors' README: 5-20)")
+    lr: float = Field(0.01, gt=0, description="local Adam step size")
+    global_lr: float = Field(1.0, gt=0, description="eta: x_{r+1} = x_r - eta * sum_i w_i (x_r - x_i)")
+    safeguard: Literal["off", "message"] = Field(
+        "message", description="keep x_r if F(x_{r+1}) >= F(x_r), from values the clients send (an extra "
+                               "message each round, counted as queries); 'off' always moves")
+    prox_mu: float = Field(1.0, ge=0, description="fedprox: weight of (x - x_r)")
+    fzoos: FZooSSettings = FZooSSettings()
+    rgf: RGFSettings = RGFSettings()
+    defenses: MessageDefenses = MessageDefenses()
+    attacks: ZOAttacks = ZOAttacks()
+
+    @model_validator(mode="after")
+    def _check(self) -> ZerothOrderSpec:
+        from fedsim.scenario import _PathError
+
+        touched = self.defenses.model_fields_set
+        if self.method != "fzoos" and touched & {"y_noise", "nu_noise", "ridge", "secagg"}:
+            raise _PathError("defenses", f"protect FZooS's surrogate message; {self.method} sends none")
+        return self
