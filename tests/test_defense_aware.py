@@ -91,7 +91,8 @@ def test_clipping_falls_back_to_sequential_restarts_when_vmap_cannot_batch_it(ci
     assert attack(True, 5, restarts=2, batched=True).reconstruct(pruned).stats["batched"] == 1.0
 
 
-def test_defense_aware_beats_naive_under_heavy_pruning(cifar) -> None:
+@pytest.mark.parametrize("index", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_defense_aware_beats_naive_under_heavy_pruning(cifar, index) -> None:
     """99% pruning, convnet width 32, batch 1, fedsgd, default IG, 600 iterations, same update and seed.
 
     Measured PSNR gain of the defense-aware attack at 600 iterations, images 0-3 x model seeds 0-1:
@@ -103,15 +104,13 @@ def test_defense_aware_beats_naive_under_heavy_pruning(cifar) -> None:
     Read against a blind guess: each image's flat mean colour scores 14.8 dB (image 0) and 10.2 dB
     (image 1), so 99% pruning leaves the naive attack at the guess's level, and modelling the pruning
     buys about 1 dB over it - a small gain on a defense that works here (at a large utility cost).
-    Asserted: the naive attack within 1.5 dB of the guess, and the gains.
+    Asserted per image: the naive attack within 1.5 dB of the guess, and a gain over 0.5 dB (image 1 runs with
+    -m slow: 22 s each).
     """
-    gains = []
-    for index in (0, 1):
-        upd = defended(convnet_update(cifar, [index]), {"name": "pruning", "percent": 99.0})
-        naive = attack(False, 600).reconstruct(upd)
-        aware = attack(True, 600).reconstruct(upd)
-        assert aware.stats["defenses_modeled"] == 1
-        truth = cifar.train_x[[index]]
-        assert psnr(naive.images, truth) <= trivial_score(truth, psnr)[0] + 1.5
-        gains.append(psnr(aware.images, truth) - psnr(naive.images, truth))
-    assert min(gains) > 0.3 and sum(gains) / len(gains) > 0.5
+    upd = defended(convnet_update(cifar, [index]), {"name": "pruning", "percent": 99.0})
+    naive = attack(False, 600).reconstruct(upd)
+    aware = attack(True, 600).reconstruct(upd)
+    assert aware.stats["defenses_modeled"] == 1
+    truth = cifar.train_x[[index]]
+    assert psnr(naive.images, truth) <= trivial_score(truth, psnr)[0] + 1.5
+    assert psnr(aware.images, truth) - psnr(naive.images, truth) > 0.5

@@ -29,6 +29,7 @@ def test_ray_and_inprocess_give_identical_rounds_and_updates(tiny_raw) -> None:
     assert all(torch.equal(local.final_state[k], ray.final_state[k]) for k in local.final_state)
 
 
+@pytest.mark.slow  # tests/test_secagg_pipeline.py checks the same and more on Ray in the default run
 def test_secure_aggregation_runs_on_ray_like_inprocess(tiny_raw) -> None:
     tiny_raw["defenses"] = [{"name": "secagg", "params": {"num_shares": 3, "reconstruction_threshold": 2}}]
     scenario = parse_scenario(tiny_raw)
