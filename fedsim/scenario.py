@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.outputs import check_name
 from fedsim.stale_gi_spec import GIConversion
+from fedsim.zo.spec import ZerothOrderSpec
 
 
 class _Strict(BaseModel):
@@ -102,7 +103,7 @@ class FederationSpec(_Strict):
     clients: int = Field(10, ge=1)
     rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
-    protocol: Literal["fedsgd", "fedavg"] = "fedsgd"
+    protocol: Literal["fedsgd", "fedavg", "zeroth_order"] = "fedsgd"  # zeroth_order: the zeroth_order block
     local: LocalTraining = LocalTraining()
     server_lr: float | None = Field(None, gt=0, description="fedsgd step size on the server (default local.lr)")
     staleness: StalenessSpec | None = Field(None, description="slow clients training from old global models")
@@ -208,6 +209,7 @@ class Scenario(_Strict):
     defenses: list[DefenseSpec] = Field(default_factory=list)
     attacks: list[AttackSpec] = Field(default_factory=list)
     output: OutputSpec = OutputSpec()
+    zeroth_order: ZerothOrderSpec | None = Field(None, description="black-box task and method (fedsim.zo)")
 
     @field_validator("name")
     @classmethod
@@ -318,6 +320,9 @@ def parse_scenario(raw: Any) -> Scenario:
         scenario = Scenario.model_validate(raw)
     except ValidationError as err:
         raise _first_error(err) from None
+    if scenario.federation.protocol == "zeroth_order" or scenario.zeroth_order is not None:
+        from fedsim.zo.validate import check_zeroth_order  # its own rules; the checks below are for NN protocols
+        return check_zeroth_order(scenario)
     resolve_plugins(scenario)
     from fedsim.simulation.staleness import check_staleness
 

@@ -1,0 +1,79 @@
+"""Validation of a ``federation.protocol: zeroth_order`` scenario (what the zeroth-order runner can run).
+
+A zeroth-order federation optimises a black-box objective (``zeroth_order.task``); it has no dataset, model,
+neural-network training or gradient-inversion attacks. So, under ``zeroth_order``:
+
+* the ``zeroth_order`` block is required, and refused under any other protocol;
+* the neural-network parts are **refused** when given (a field the YAML sets, even to its default), one line
+  naming the field: ``defenses`` / ``attacks`` (use ``zeroth_order.defenses`` / ``zeroth_order.attacks``),
+  ``data`` and ``model`` (the task family builds its own data: ``zeroth_order.task``), ``evaluation`` (the runner
+  evaluates the global objective every round), and ``federation.clients_per_round`` (every client takes part in
+  every round: the protocol's safeguard and surrogate sum need them all), ``federation.local``,
+  ``federation.server_lr``, ``federation.staleness`` (their zeroth-order counterparts live in ``zeroth_order``);
+* the task family's own check (:func:`fedsim.zo.tasks.check_task`) runs, with its paths under ``zeroth_order.``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedsim.errors import FedsimError, ScenarioError
+
+PROTOCOL = "zeroth_order"
+
+# top-level scenario field -> why it is refused under zeroth_order (and where its counterpart lives)
+_REFUSED_TOP = {
+    "defenses": "the neural-network defenses do not apply to zeroth-order messages; use zeroth_order.defenses",
+    "attacks": "the neural-network attacks do not apply to zeroth-order messages; use zeroth_order.attacks",
+    "data": "a zeroth-order task builds its own data; choose it with zeroth_order.task (e.g. task.dataset)",
+    "model": "a zeroth-order task builds its own classifiers; choose the task with zeroth_order.task",
+    "evaluation": "the zeroth-order runner evaluates the global objective after every round; remove it",
+}
+# federation field -> why it is refused under zeroth_order
+_REFUSED_FEDERATION = {
+    "clients_per_round": "zeroth-order federations ask every client every round (the safeguard and the "
+                         "surrogate sum need them all); remove it",
+    "local": "local training settings of the neural-network protocols; use zeroth_order.local_iters / "
+             "zeroth_order.lr",
+    "server_lr": "use zeroth_order.global_lr",
+    "staleness": "stale updates are a neural-network (fedavg) setting; remove it",
+}
+
+
+def check_zeroth_order(scenario: Any) -> Any:
+    """Check the zeroth-order parts of a validated :class:`~fedsim.scenario.Scenario` and return it.
+
+    Raises :class:`~fedsim.errors.ScenarioError` (one line, YAML path) on the rules of the module docstring.
+    A scenario of another protocol without a ``zeroth_order`` block passes unchanged.
+    """
+    fed, block = scenario.federation, scenario.zeroth_order
+    if fed.protocol != PROTOCOL:
+        if block is not None:
+            raise ScenarioError("zeroth_order", f"settings of federation.protocol {PROTOCOL}, but the protocol is "
+                                                f"{fed.protocol} (remove the block or set the protocol)")
+        return scenario
+    if block is None:
+        raise ScenarioError("zeroth_order", f"federation.protocol {PROTOCOL} needs this block (zeroth_order.task, "
+                                            "zeroth_order.method, ...)")
+    for name, why in _REFUSED_TOP.items():
+        value = getattr(scenario, name)
+        if (value if isinstance(value, list) else name in scenario.model_fields_set):
+            raise ScenarioError(name, f"not used under federation.protocol {PROTOCOL}: {why}")
+    for name, why in _REFUSED_FEDERATION.items():
+        if name in fed.model_fields_set:
+            raise ScenarioError(f"federation.{name}", f"not used under federation.protocol {PROTOCOL}: {why}")
+    if block.attacks.label_set and "label_set" in block.attacks.model_fields_set and block.task.family != "metric":
+        raise ScenarioError("zeroth_order.attacks.label_set", f"label-set inference needs the metric task (classes "
+                                                              f"a client holds); the task is {block.task.family}")
+    from fedsim.zo.tasks import check_task
+
+    try:
+        check_task(block, fed.clients)
+    except ScenarioError as err:
+        raise ScenarioError(f"zeroth_order.{err.path}" if err.path else "zeroth_order", err.reason) from None
+    except FedsimError as err:
+        raise ScenarioError("zeroth_order.task", str(err)) from None
+    from fedsim.resources import check_scenario_resources
+
+    check_scenario_resources(scenario)  # device and the Ray request this machine can give
+    return scenario
