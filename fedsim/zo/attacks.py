@@ -1,0 +1,223 @@
+"""The honest-but-curious server's attacks on FZooS's messages (spec §11.6), and the evaluator's scores of them.
+
+Threat model. The server follows the protocol and keeps what it receives (:class:`~fedsim.zo.api.ZORoundView`):
+each client's RFF weights ``nu_i`` with its value range, and the shared RFF basis (Omega, b come from the public
+seed, spec §11.3). From these it rebuilds client i's surrogate ``mu_i(x) = (y_max - y_min) phi(x) @ nu_i + y_min``
+(:func:`fedsim.zo.rff.surrogate_value`): a copy of the client's private black box f_i, evaluable and differentiable
+anywhere. Two attacks:
+
+* **function extraction**: the server predicts f_i with mu_i. Scored (evaluator side) by R^2 against the true f_i
+  at held-out points (:func:`heldout_points`).
+* **label-set inference** (metric task: f_i = 1 - macro-metric of a classifier perturbed by x, on client i's data):
+  raising the output bias of a class the client does *not* hold turns correct predictions into false positives of
+  that class, so f_i rises steeply; for a class it holds the slope is smaller or negative. The server ranks the
+  classes by ``d mu_i / d b_k`` at ``x_{r+1}`` (where the client fitted) and predicts the ``k`` with the smallest
+  slope (:func:`infer_label_set`). A second, message-only statistic reads the same slope off the phase-1 reply:
+  the client's local Adam steps move ``x_{i,r}`` against its surrogate gradient, so the classes whose bias it raised
+  most are predicted (:func:`infer_label_set_from_step`). The attacker knows the task's parameter layout (which
+  coordinates of x are the output biases: the model architecture, public as in any FL) and how many classes a
+  client holds (the split design); it never sees the data, the labels or f_i.
+
+Under SecAgg the per-client ``nu_i`` in the view are the masked vectors as received: the attacks run on exactly those,
+and the scores show what is left (the aggregate is reported as the baseline the server still has).
+
+Scoring (:func:`score_round`) is the only place the :class:`~fedsim.zo.api.FederatedObjective` enters: it queries
+the true f_i at held-out points (not counted as the client's queries) and reads ``truth['classes']`` and
+``truth['bias_slice']``. The attack functions above take only what the server has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import comb
+
+import torch
+from torch import Tensor
+
+from fedsim.zo.api import FederatedObjective, GlobalSurrogate, RFFMessage, ZORoundView
+from fedsim.zo.rff import RFFBasis, surrogate_grad, surrogate_value
+
+WIDE_FACTOR = 10.0
+"""The wide held-out box is ``x_{r+1} +- WIDE_FACTOR * r_i`` (clipped to [0, 1]^d): how fast extraction decays away
+from where the client fitted."""
+
+DEFAULT_RADIUS = 0.01
+"""Local box half-width when the view carries no positive r_i (the authors' exploration radius, spec §11.5)."""
+
+
+# ---------------------------------------------------------------- server side: only what the server saw
+
+def predict_values(basis: RFFBasis, surrogate: RFFMessage | GlobalSurrogate, points: Tensor) -> Tensor:
+    """The server's prediction of a client's (or, for the aggregate, the global) objective at ``points`` (n, d):
+    the rebuilt RFF surrogate (spec §11.3), ``(n,)`` float64."""
+    return surrogate_value(basis, surrogate, points.to(torch.float64))
+
+
+def _coords(dim: int, bias: slice | Sequence[int]) -> Tensor:
+    return torch.arange(dim)[bias] if isinstance(bias, slice) else torch.as_tensor(list(bias), dtype=torch.long)
+
+
+def _smallest(scores: Tensor, size: int) -> list[int]:
+    """Indices of the ``size`` smallest scores, ties broken by the lower index (deterministic)."""
+    order = sorted(range(len(scores)), key=lambda k: (float(scores[k]), k))
+    return sorted(order[:size])
+
+
+def infer_label_set(basis: RFFBasis, message: RFFMessage, x: Tensor, bias: slice | Sequence[int],
+                    size: int) -> list[int]:
+    """Which ``size`` classes client i holds, from the slope of its rebuilt surrogate on the output-bias
+    coordinates ``bias`` of x at ``x`` (d,) (the point it fitted around): the classes whose bias lowers mu_i most
+    (or raises it least). Returns sorted class indices (positions within ``bias``)."""
+    grad = surrogate_grad(basis, message, x.to(torch.float64))
+    return _smallest(grad[_coords(len(x), bias)], size)
+
+
+def infer_label_set_from_step(x_r: Tensor, x_local: Tensor, bias: slice | Sequence[int], size: int) -> list[int]:
+    """Which ``size`` classes client i holds, from its phase-1 reply alone: the output biases its local steps
+    raised most (``x_{i,r} - x_r``, i.e. the most negative surrogate slope). Sorted class indices."""
+    step = (x_local - x_r).to(torch.float64)
+    return _smallest(-step[_coords(len(x_r), bias)], size)
+
+
+# ---------------------------------------------------------------- evaluator side: scores against the truth
+
+def heldout_points(center: Tensor, radius: float, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` points uniform in the box ``center +- radius`` intersected with [0, 1]^d, ``(n, d)`` float64. Drawn
+    from a continuous distribution, so with probability one none is a point the client queried."""
+    lo = (center - radius).clamp(0.0, 1.0)
+    hi = (center + radius).clamp(0.0, 1.0)
+    u = torch.rand(n, center.numel(), generator=generator, dtype=torch.float64)
+    return lo + u * (hi - lo)
+
+
+def r2_score(pred: Tensor, truth: Tensor) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot`` (``SS_tot`` around the truth's mean): 1 is a perfect
+    copy, 0 the best constant, negative worse than that; -inf when the truth is constant but the prediction is not
+    (nan when both are)."""
+    truth, pred = truth.to(torch.float64), pred.to(torch.float64)
+    ss_res = float(((truth - pred) ** 2).sum())
+    ss_tot = float(((truth - truth.mean()) ** 2).sum())
+    if ss_tot == 0.0:
+        return float("nan") if ss_res == 0.0 else float("-inf")
+    return 1.0 - ss_res / ss_tot
+
+
+def label_set_scores(predicted: Sequence[int], truth: Sequence[int], num_classes: int) -> tuple[float, float]:
+    """(accuracy, Jaccard) of a predicted class set: accuracy is the share of the ``num_classes`` held/not-held
+    decisions that are right, Jaccard ``|P & T| / |P | T|`` (1.0 when both are empty)."""
+    p, t = set(predicted), set(truth)
+    correct = num_classes - len(p ^ t)
+    union = len(p | t)
+    return correct / num_classes, (len(p & t) / union if union else 1.0)
+
+
+def label_set_chance(num_classes: int, true_size: int, predicted_size: int) -> tuple[float, float]:
+    """Expected (accuracy, Jaccard) of a uniformly random subset of ``predicted_size`` classes against a true set
+    of ``true_size`` out of ``num_classes``, in closed form: the overlap J is hypergeometric,
+    ``P(J = j) = C(K, j) C(C - K, n - j) / C(C, n)``; accuracy ``(C - K - n + 2J) / C``, Jaccard ``J / (K + n - J)``."""
+    c, k, n = num_classes, true_size, predicted_size
+    if not (0 <= k <= c and 0 <= n <= c):
+        raise ValueError(f"label_set_chance: sizes {k}, {n} must lie in 0..{c}")
+    total = comb(c, n)
+    acc = jac = 0.0
+    for j in range(max(0, k + n - c), min(k, n) + 1):
+        p = comb(k, j) * comb(c - k, n - j) / total
+        acc += p * (c - k - n + 2 * j) / c
+        jac += p * (j / (k + n - j) if k + n - j else 1.0)
+    return acc, jac
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjective, *, heldout: int = 200,
+                seed: int = 0, extraction: bool = True, label_set: bool = True,
+                wide_factor: float = WIDE_FACTOR) -> dict[str, float]:
+    """Run the server's attacks on one round's messages and score them against the truth (evaluator only).
+
+    Extraction, per client i that sent a surrogate: R^2 of mu_i against f_i at ``heldout`` points uniform in
+    ``x_{r+1} +- r_i`` (the box the client fitted its RFF in; :data:`DEFAULT_RADIUS` when r_i is absent or 0) and in
+    the wide box ``x_{r+1} +- wide_factor * r_i``; beside it two baselines the server has without the individual
+    message: the aggregate surrogate mu (``_global``) and the midpoint of the message's value range (``_midpoint``;
+    any constant scores <= 0, the best constant exactly 0). Label set (when ``truth`` has ``classes`` and
+    ``bias_slice``): accuracy and Jaccard of :func:`infer_label_set` and :func:`infer_label_set_from_step` with the
+    true set size, beside the exact chance of a random subset of that size (:func:`label_set_chance`).
+
+    Returns a flat dict of floats: ``zo_extraction_r2/client<i>``, ``zo_extraction_r2_wide/client<i>``,
+    ``zo_extraction_r2_mean``, ``..._wide_mean``, ``..._global_mean``, ``..._midpoint_mean``,
+    ``zo_label_set_accuracy/client<i>``, ``zo_label_set_accuracy_mean``, ``zo_label_set_jaccard_mean``,
+    ``zo_label_set_step_accuracy_mean``, ``zo_label_set_step_jaccard_mean``, ``zo_label_set_chance``,
+    ``zo_label_set_jaccard_chance``, ``zo_attacked_clients``. Held-out points are drawn from a generator seeded by
+    (seed, round, client), so the scores are deterministic. Raises ValueError on a view whose points do not match
+    the objective's dimension.
+    """
+    if view.x_next.numel() != objective.dim:
+        raise ValueError(f"score_round: view point has {view.x_next.numel()} coordinates, objective {objective.dim}")
+    out: dict[str, float] = {}
+    clients = sorted(view.surrogates)
+    out["zo_attacked_clients"] = float(len(clients))
+    if extraction and clients:
+        _extraction(view, basis, objective, clients, heldout, seed, wide_factor, out)
+    truth = objective.truth
+    if label_set and "classes" in truth and "bias_slice" in truth:
+        _label_sets(view, basis, truth, out)
+    return out
+
+
+def _extraction(view: ZORoundView, basis: RFFBasis, objective: FederatedObjective, clients: list[int],
+                heldout: int, seed: int, wide_factor: float, out: dict[str, float]) -> None:
+    local, wide, glob, mid = [], [], [], []
+    for i in clients:
+        msg = view.surrogates[i]
+        radius = view.radius.get(i, 0.0) or DEFAULT_RADIUS
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(view.round) * 1009 + int(i))
+        for tag, r in (("", radius), ("_wide", wide_factor * radius)):
+            pts = heldout_points(view.x_next.to(torch.float64), r, heldout, gen)
+            truth = objective.clients[i](pts).to(torch.float64)
+            score = r2_score(predict_values(basis, msg, pts), truth)
+            out[f"zo_extraction_r2{tag}/client{i}"] = score
+            (local if tag == "" else wide).append(score)
+            if tag == "":
+                if view.aggregate is not None:
+                    glob.append(r2_score(predict_values(basis, view.aggregate, pts), truth))
+                mid.append(r2_score(torch.full_like(truth, (msg.y_min + msg.y_max) / 2), truth))
+    out["zo_extraction_r2_mean"] = _mean(local)
+    out["zo_extraction_r2_wide_mean"] = _mean(wide)
+    out["zo_extraction_r2_midpoint_mean"] = _mean(mid)
+    if glob:
+        out["zo_extraction_r2_global_mean"] = _mean(glob)
+
+
+def _label_sets(view: ZORoundView, basis: RFFBasis, truth: dict[str, object], out: dict[str, float]) -> None:
+    classes: list[list[int]] = [list(c) for c in truth["classes"]]  # type: ignore[union-attr]
+    bias = truth["bias_slice"]
+    num_classes = len(_coords(view.x_next.numel(), bias))  # type: ignore[arg-type]
+    acc, jac, sacc, sjac, chance, jchance = [], [], [], [], [], []
+    for i, held in enumerate(classes):
+        size = len(held)
+        if i in view.surrogates:
+            pred = infer_label_set(basis, view.surrogates[i], view.x_next, bias, size)  # type: ignore[arg-type]
+            a, j = label_set_scores(pred, held, num_classes)
+            out[f"zo_label_set_accuracy/client{i}"] = a
+            acc.append(a)
+            jac.append(j)
+        if i in view.local:
+            pred = infer_label_set_from_step(view.x_r, view.local[i], bias, size)  # type: ignore[arg-type]
+            a, j = label_set_scores(pred, held, num_classes)
+            sacc.append(a)
+            sjac.append(j)
+        if i in view.surrogates or i in view.local:
+            ca, cj = label_set_chance(num_classes, size, size)
+            chance.append(ca)
+            jchance.append(cj)
+    if not chance:
+        return
+    if acc:
+        out["zo_label_set_accuracy_mean"] = _mean(acc)
+        out["zo_label_set_jaccard_mean"] = _mean(jac)
+    if sacc:
+        out["zo_label_set_step_accuracy_mean"] = _mean(sacc)
+        out["zo_label_set_step_jaccard_mean"] = _mean(sjac)
+    out["zo_label_set_chance"] = _mean(chance)
+    out["zo_label_set_jaccard_chance"] = _mean(jchance)
