@@ -183,3 +183,23 @@ def test_heldout_points_stay_in_box_and_unit_cube() -> None:
     assert (pts >= 0).all() and (pts <= 1).all()
     assert ((pts - center).abs() <= 0.1 + 1e-12).all()
     assert not math.isclose(float(pts[:, 1].std()), 0.0)
+
+
+def test_report_section_shows_objective_queries_and_attack_table(tmp_path) -> None:  # noqa: ANN001
+    from fedsim.zo.report import attack_table_markdown, zo_markdown, zo_section
+
+    rows = [{"round": 0.0, "zo_objective": 1.0, "zo_queries": 0.0},
+            {"round": 1.0, "zo_objective": 0.5, "zo_queries": 70.0, "zo_queries_round": 70.0,
+             "zo_attacked_clients": 2.0, "zo_extraction_r2_mean": 0.9, "zo_label_set_accuracy_mean": 0.75,
+             "zo_label_set_chance": 0.5},
+            {"round": 2.0, "zo_objective": 0.25, "zo_queries": 140.0, "zo_queries_round": 70.0,
+             "zo_attacked_clients": 2.0, "zo_extraction_r2_mean": 0.7, "zo_label_set_accuracy_mean": 0.25,
+             "zo_label_set_chance": 0.5}]
+    md = "\n".join(zo_markdown(rows, "fzoos", {"ridge": 0.1, "secagg": False}))
+    assert "1 (round 0) -> 0.25 (round 2) after 140 queries" in md
+    assert "| 2 | 0.25 | 70 | 140 |" in md
+    assert "| ridge 0.1 | 0.800 | - | - | - | 0.500 | - | 0.500 |" in md  # means over the attacked rounds
+    html = zo_section(rows, "fzoos", None, tmp_path)
+    assert (tmp_path / "zo_objective.png").is_file() and "data:image/png;base64," in html
+    assert attack_table_markdown({"none": rows[:1]}) == []  # nothing attacked, no table
+    assert zo_markdown([{"round": 1.0}], "fzoos", None) == []
