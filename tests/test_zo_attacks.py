@@ -13,6 +13,7 @@ from sklearn.metrics import r2_score as sk_r2
 
 from fedsim.zo.api import FederatedObjective, GlobalSurrogate, RFFMessage, ZORoundView
 from fedsim.zo.attacks import (
+    class_logit_directions,
     heldout_points,
     infer_label_set_from_step,
     label_set_chance,
@@ -127,7 +128,7 @@ def _label_objective(held: list[list[int]], num_classes: int, dim: int) -> Feder
 
     obj = FederatedObjective(name="labels", dim=dim, x0=torch.full((dim,), 0.5, dtype=torch.float64),
                              clients=[make(h) for h in held], weights=[1 / len(held)] * len(held))
-    obj.truth = {"classes": held, "bias_slice": slice(0, num_classes)}
+    obj.truth = {"classes": held, "bias_slice": (0, num_classes)}  # the metric task's (start, stop)
     return obj
 
 
@@ -156,8 +157,21 @@ def test_label_set_inference_beats_exact_chance() -> None:
 def test_step_statistic_reads_the_raised_biases() -> None:
     x_r = torch.zeros(5, dtype=torch.float64)
     x_local = torch.tensor([0.1, -0.2, 0.3, 0.0, 9.0], dtype=torch.float64)  # coordinate 4 is not a bias
-    assert infer_label_set_from_step(x_r, x_local, slice(0, 4), 2) == [0, 2]
-    assert infer_label_set_from_step(x_r, x_local, [1, 3], 1) == [1]  # positions within the given coordinates
+    assert infer_label_set_from_step(x_r, x_local, class_logit_directions(5, (0, 4)), 2) == [0, 2]
+    assert infer_label_set_from_step(x_r, x_local, class_logit_directions(5, (1, 3)), 1) == [1]  # (start, stop)
+
+
+def test_class_logit_directions_by_hand() -> None:
+    # x = [W (h=2, C=3) row-major | b (3)]: raising logit k = +1 on W[0, k], W[1, k] and b[k]
+    got = class_logit_directions(9, (6, 9), (0, 6))
+    expected = torch.tensor([[1, 0, 0, 1, 0, 0, 1, 0, 0],
+                             [0, 1, 0, 0, 1, 0, 0, 1, 0],
+                             [0, 0, 1, 0, 0, 1, 0, 0, 1]], dtype=torch.float64)
+    assert torch.equal(got, expected)
+    assert torch.equal(class_logit_directions(4, slice(1, 3)), torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]],
+                                                                            dtype=torch.float64))
+    with pytest.raises(ValueError, match="not \\(hidden, 3\\)"):
+        class_logit_directions(9, (6, 9), (0, 5))
 
 
 def test_label_set_scores_by_hand() -> None:

@@ -9,21 +9,24 @@ anywhere. Two attacks:
 * **function extraction**: the server predicts f_i with mu_i. Scored (evaluator side) by R^2 against the true f_i
   at held-out points (:func:`heldout_points`).
 * **label-set inference** (metric task: f_i = 1 - macro-metric of a classifier perturbed by x, on client i's data):
-  raising the output bias of a class the client does *not* hold turns correct predictions into false positives of
-  that class, so f_i rises steeply; for a class it holds the slope is smaller or negative. The server ranks the
-  classes by ``d mu_i / d b_k`` at ``x_{r+1}`` (where the client fitted) and predicts the ``k`` with the smallest
-  slope (:func:`infer_label_set`). A second, message-only statistic reads the same slope off the phase-1 reply:
-  the client's local Adam steps move ``x_{i,r}`` against its surrogate gradient, so the classes whose bias it raised
-  most are predicted (:func:`infer_label_set_from_step`). The attacker knows the task's parameter layout (which
-  coordinates of x are the output biases: the model architecture, public as in any FL) and how many classes a
-  client holds (the split design); it never sees the data, the labels or f_i.
+  raising class k's logit on every input turns correct predictions into false positives of k; for a class the
+  client does *not* hold that only costs (f_i rises), for one it holds it also recovers its false negatives (f_i
+  rises less or falls). The server ranks the classes by the slope of mu_i at ``x_{r+1}`` (where the client fitted)
+  along the direction "raise logit k" (:func:`class_logit_directions`: +1 on output bias k and on the last layer's
+  weights into logit k; the output bias alone is nearly flat at the query scale, since the classifier's margins
+  are large) and predicts the ``k`` with the smallest slope (:func:`infer_label_set`). A second, message-only
+  statistic reads the same slope off the phase-1 reply: the client's local Adam steps move ``x_{i,r}`` against its
+  surrogate gradient (:func:`infer_label_set_from_step`). The attacker knows the task's parameter layout (which
+  coordinates of x are the last layer: the architecture, public as in any FL) and how many classes a client holds
+  (the split design); it never sees the data, the labels or f_i.
 
 Under SecAgg the per-client ``nu_i`` in the view are the masked vectors as received: the attacks run on exactly those,
 and the scores show what is left (the aggregate is reported as the baseline the server still has).
 
 Scoring (:func:`score_round`) is the only place the :class:`~fedsim.zo.api.FederatedObjective` enters: it queries
 the true f_i at held-out points (not counted as the client's queries) and reads ``truth['classes']`` and
-``truth['bias_slice']``. The attack functions above take only what the server has.
+``truth['bias_slice']`` / ``truth['slices']['coefs_2']`` (the layout, which the attacker is granted). The
+attack functions take only what the server has.
 """
 
 from __future__ import annotations
@@ -53,8 +56,41 @@ def predict_values(basis: RFFBasis, surrogate: RFFMessage | GlobalSurrogate, poi
     return surrogate_value(basis, surrogate, points.to(torch.float64))
 
 
-def _coords(dim: int, bias: slice | Sequence[int]) -> Tensor:
-    return torch.arange(dim)[bias] if isinstance(bias, slice) else torch.as_tensor(list(bias), dtype=torch.long)
+Span = slice | tuple[int, int]
+"""A block of coordinates of x: a slice, or ``(start, stop)`` half-open as the metric task's ``truth['slices']``
+(:mod:`fedsim.zo.tasks.metric`)."""
+
+
+def _span(dim: int, block: Span) -> slice:
+    if not isinstance(block, slice):
+        start, stop = block
+        block = slice(int(start), int(stop))
+    if len(range(dim)[block]) == 0:
+        raise ValueError(f"coordinates {block} select nothing of a point with {dim} coordinates")
+    return block
+
+
+def class_logit_directions(dim: int, bias: Span, weights: Span | None = None) -> Tensor:
+    """One direction per class k in x-space, ``(C, d)`` float64: "raise class k's logit for every input". It is
+    ``+1`` on output bias k (``bias``, C coordinates) and, when ``weights`` is given (the last layer's ``(h, C)``
+    weights, row-major as scikit-learn's ``coefs_[-1]``), ``+1`` on each of the h weights into logit k: with
+    non-negative (ReLU) hidden units that raises logit k on every example. Only the architecture's layout enters.
+
+    Raises:
+        ValueError: an empty block, or a weight block whose size is not a multiple of C.
+    """
+    b = range(dim)[_span(dim, bias)]
+    c = len(b)
+    out = torch.zeros(c, dim, dtype=torch.float64)
+    out[torch.arange(c), torch.tensor(list(b))] = 1.0
+    if weights is not None:
+        w = range(dim)[_span(dim, weights)]
+        if len(w) % c:
+            raise ValueError(f"last-layer weight block of {len(w)} coordinates is not (hidden, {c})")
+        idx = torch.tensor(list(w)).reshape(len(w) // c, c)  # (h, C) row-major
+        for k in range(c):
+            out[k, idx[:, k]] = 1.0
+    return out
 
 
 def _smallest(scores: Tensor, size: int) -> list[int]:
@@ -63,20 +99,20 @@ def _smallest(scores: Tensor, size: int) -> list[int]:
     return sorted(order[:size])
 
 
-def infer_label_set(basis: RFFBasis, message: RFFMessage, x: Tensor, bias: slice | Sequence[int],
-                    size: int) -> list[int]:
-    """Which ``size`` classes client i holds, from the slope of its rebuilt surrogate on the output-bias
-    coordinates ``bias`` of x at ``x`` (d,) (the point it fitted around): the classes whose bias lowers mu_i most
-    (or raises it least). Returns sorted class indices (positions within ``bias``)."""
+def infer_label_set(basis: RFFBasis, message: RFFMessage, x: Tensor, directions: Tensor, size: int) -> list[int]:
+    """Which ``size`` classes client i holds, from its rebuilt surrogate: the slope of mu_i at ``x`` (d,) (the
+    point it fitted around) along each class direction (``directions`` (C, d), e.g.
+    :func:`class_logit_directions`); the classes along which mu_i falls most (or rises least). Returns sorted class
+    indices."""
     grad = surrogate_grad(basis, message, x.to(torch.float64))
-    return _smallest(grad[_coords(len(x), bias)], size)
+    return _smallest(directions.to(torch.float64) @ grad, size)
 
 
-def infer_label_set_from_step(x_r: Tensor, x_local: Tensor, bias: slice | Sequence[int], size: int) -> list[int]:
-    """Which ``size`` classes client i holds, from its phase-1 reply alone: the output biases its local steps
-    raised most (``x_{i,r} - x_r``, i.e. the most negative surrogate slope). Sorted class indices."""
+def infer_label_set_from_step(x_r: Tensor, x_local: Tensor, directions: Tensor, size: int) -> list[int]:
+    """Which ``size`` classes client i holds, from its phase-1 reply alone: the class directions its local steps
+    moved along most (``x_{i,r} - x_r``, i.e. against its surrogate's slope). Sorted class indices."""
     step = (x_local - x_r).to(torch.float64)
-    return _smallest(-step[_coords(len(x_r), bias)], size)
+    return _smallest(-(directions.to(torch.float64) @ step), size)
 
 
 # ---------------------------------------------------------------- evaluator side: scores against the truth
@@ -141,8 +177,9 @@ def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
     the wide box ``x_{r+1} +- wide_factor * r_i``; beside it two baselines the server has without the individual
     message: the aggregate surrogate mu (``_global``) and the midpoint of the message's value range (``_midpoint``;
     any constant scores <= 0, the best constant exactly 0). Label set (when ``truth`` has ``classes`` and
-    ``bias_slice``): accuracy and Jaccard of :func:`infer_label_set` and :func:`infer_label_set_from_step` with the
-    true set size, beside the exact chance of a random subset of that size (:func:`label_set_chance`).
+    ``bias_slice``; class directions from :func:`class_logit_directions`, with ``slices['coefs_2']`` when present):
+    accuracy and Jaccard of :func:`infer_label_set` and :func:`infer_label_set_from_step` with the true set size,
+    beside the exact chance of a random subset of that size (:func:`label_set_chance`).
 
     Returns a flat dict of floats: ``zo_extraction_r2/client<i>``, ``zo_extraction_r2_wide/client<i>``,
     ``zo_extraction_r2_mean``, ``..._wide_mean``, ``..._global_mean``, ``..._midpoint_mean``,
@@ -191,19 +228,21 @@ def _extraction(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
 
 def _label_sets(view: ZORoundView, basis: RFFBasis, truth: dict[str, object], out: dict[str, float]) -> None:
     classes: list[list[int]] = [list(c) for c in truth["classes"]]  # type: ignore[union-attr]
-    bias = truth["bias_slice"]
-    num_classes = len(_coords(view.x_next.numel(), bias))  # type: ignore[arg-type]
+    layout = truth.get("slices") or {}
+    directions = class_logit_directions(view.x_next.numel(), truth["bias_slice"],  # type: ignore[arg-type]
+                                        layout.get("coefs_2"))  # type: ignore[union-attr]
+    num_classes = directions.shape[0]
     acc, jac, sacc, sjac, chance, jchance = [], [], [], [], [], []
     for i, held in enumerate(classes):
         size = len(held)
         if i in view.surrogates:
-            pred = infer_label_set(basis, view.surrogates[i], view.x_next, bias, size)  # type: ignore[arg-type]
+            pred = infer_label_set(basis, view.surrogates[i], view.x_next, directions, size)
             a, j = label_set_scores(pred, held, num_classes)
             out[f"zo_label_set_accuracy/client{i}"] = a
             acc.append(a)
             jac.append(j)
         if i in view.local:
-            pred = infer_label_set_from_step(view.x_r, view.local[i], bias, size)  # type: ignore[arg-type]
+            pred = infer_label_set_from_step(view.x_r, view.local[i], directions, size)
             a, j = label_set_scores(pred, held, num_classes)
             sacc.append(a)
             sjac.append(j)
