@@ -113,3 +113,199 @@ def test_quadratic_refuses_fields_it_does_not_read() -> None:
             check_task(_spec(family="quadratic", **{field: value}), 3)
         assert info.value.path == f"task.{field}"
     check_task(_spec(family="quadratic", dim=4, heterogeneity=1.0), 3)  # what it reads is fine
+
+
+# ---------------------------------------------------------------- metric
+
+
+def _sklearn_classifier_like(coefs: list[np.ndarray], intercepts: list[np.ndarray]):
+    """A scikit-learn MLPClassifier carrying the given parameters (fitted once on dummy data for its classes)."""
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=(30, 14), max_iter=1)
+    n_in, c = coefs[0].shape[0], coefs[-1].shape[1]
+    with pytest.warns(Warning):  # ConvergenceWarning
+        clf.fit(np.zeros((c, n_in)), np.arange(c))
+    clf.coefs_ = [w.copy() for w in coefs]
+    clf.intercepts_ = [b.copy() for b in intercepts]
+    return clf
+
+
+def _metric_expected(obj, i: int, x: np.ndarray, metric: str) -> float:
+    """1 - sklearn macro-<metric> of sklearn's own predict with x added to the last two layers, as documented:
+    [coefs_[1] (30,14) row-major, intercepts_[1] (14,), coefs_[2] (14,C), intercepts_[2] (C,)]."""
+    from sklearn import metrics as skm
+
+    from fedsim.zo.tasks.metric import trained_classifier
+
+    base = trained_classifier(obj.truth["dataset"])
+    delta = (np.clip(x, 0, 1) * 2 - 1) * obj.truth["box"]
+    c = base.num_classes
+    cuts = np.cumsum([0, 420, 14, 14 * c, c])
+    coefs = [base.coefs[0], base.coefs[1] + delta[cuts[0]:cuts[1]].reshape(30, 14),
+             base.coefs[2] + delta[cuts[2]:cuts[3]].reshape(14, c)]
+    intercepts = [base.intercepts[0], base.intercepts[1] + delta[cuts[1]:cuts[2]],
+                  base.intercepts[2] + delta[cuts[3]:cuts[4]]]
+    idx = np.asarray(obj.truth["pool_indices"][i])
+    pred = _sklearn_classifier_like(coefs, intercepts).predict(base.pool_x[idx])
+    score = {"f1": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score,
+             "jaccard": skm.jaccard_score}[metric]
+    return 1.0 - score(base.pool_y[idx], pred, average="macro", zero_division=0)
+
+
+@pytest.mark.parametrize("metric", ["f1", "precision", "recall", "jaccard"])
+def test_metric_values_equal_sklearn_scores_of_the_perturbed_classifier(metric: str) -> None:
+    obj = build_objective(_spec(family="metric", dataset="digits", class_portion=0.7, metric=metric, box=1.5), 4,
+                          seed=3)
+    assert obj.dim == 420 + 14 + 140 + 10
+    rng = np.random.default_rng(1)
+    pts = np.vstack([np.full(obj.dim, 0.5), rng.uniform(0, 1, size=(5, obj.dim))])
+    seen = set()
+    for i, f in enumerate(obj.clients):
+        out = f(torch.from_numpy(pts))
+        assert out.shape == (6,) and out.dtype == torch.float64
+        for k in range(6):
+            assert float(out[k]) == pytest.approx(_metric_expected(obj, i, pts[k], metric), abs=1e-12)
+            seen.add(round(float(out[k]), 6))
+    assert len(seen) > 10  # the perturbations really change the predictions
+
+
+def test_metric_x0_is_the_independently_trained_classifier_and_truth_matches_the_split() -> None:
+    from sklearn.metrics import f1_score
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from fedsim.data.bundled import load_bundled
+    from fedsim.scenario import DataSpec
+
+    obj = build_objective(_spec(family="metric"), 4, seed=0)  # digits, portion 0.9, f1, box 0.2 by default
+    bundle = load_bundled("digits", DataSpec(dataset="digits", test_fraction=0.5))
+    tr = bundle.train_x.reshape(len(bundle.train_x), -1).double().numpy()
+    te = bundle.test_x.reshape(len(bundle.test_x), -1).double().numpy()
+    scaler = StandardScaler().fit(np.concatenate([tr, te]))
+    with pytest.warns(Warning):
+        clf = MLPClassifier(solver="lbfgs", alpha=1e-5, hidden_layer_sizes=(30, 14), max_iter=10,
+                            random_state=1).fit(scaler.transform(tr), bundle.train_y.numpy())
+    test_y = bundle.test_y.numpy()
+    assert obj.truth["num_classes"] == 10 and obj.truth["bias_slice"] == (574, 584)
+    owned = sorted(c for cls in obj.truth["classes"] for c in cls)
+    assert owned == list(range(10)) and sorted(len(c) for c in obj.truth["classes"]) == [2, 2, 3, 3]
+    all_idx = np.concatenate([np.asarray(p) for p in obj.truth["pool_indices"]])
+    assert len(np.unique(all_idx)) == len(all_idx) == len(test_y)  # disjoint, covering the held-out half
+    for i, f in enumerate(obj.clients):
+        idx = np.asarray(obj.truth["pool_indices"][i])
+        expected = 1.0 - f1_score(test_y[idx], clf.predict(scaler.transform(te[idx])), average="macro")
+        assert float(f(obj.x0[None])[0]) == pytest.approx(expected, abs=1e-12)
+        counts = np.bincount(test_y[idx], minlength=10)
+        assert counts.tolist() == obj.truth["class_counts"][i]
+        own_share = counts[obj.truth["classes"][i]].sum() / counts.sum()
+        k = len(obj.truth["classes"][i])  # own classes take 0.9 each, the others 0.1 / (N - 1) each
+        assert own_share == pytest.approx(0.9 * k / (0.9 * k + (10 - k) * 0.1 / 3), abs=0.02)
+    equal = build_objective(_spec(family="metric", class_portion=0.6), 10, seed=0)  # N = C: exactly the portion
+    for own, counts in zip(equal.truth["classes"], equal.truth["class_counts"], strict=True):
+        assert np.asarray(counts)[own].sum() / sum(counts) == pytest.approx(0.6, abs=0.03)
+
+
+def test_metric_output_biases_sit_where_truth_says() -> None:
+    """Pushing one output bias far up makes every prediction that class: the value has a closed form."""
+    obj = build_objective(_spec(family="metric", class_portion=1.0, box=1000.0), 5, seed=4)
+    start, stop = obj.truth["bias_slice"]
+    for i, f in enumerate(obj.clients):
+        counts = np.asarray(obj.truth["class_counts"][i])
+        m = counts.sum()
+        for k in (0, 7):
+            x = torch.full((1, obj.dim), 0.5, dtype=torch.float64)
+            x[0, start + k] = 1.0  # +1000 on class k's bias
+            present = set(np.flatnonzero(counts)) | {k}
+            expected_f1 = 2 * counts[k] / (m + counts[k]) / len(present)  # only class k can score
+            assert float(f(x)[0]) == pytest.approx(1 - expected_f1, abs=1e-12)
+        assert set(np.flatnonzero(counts)) == set(obj.truth["classes"][i])  # portion 1: only own classes
+
+
+def test_metric_refuses_bad_combinations() -> None:
+    cases = [({"dataset": "covtype"}, 3, "task.dataset", "unknown"),
+             ({"dataset": "cifar10"}, 3, "task.dataset", "a fedsim dataset, but"),
+             ({}, 11, "task.family", "11 clients"),
+             ({"heterogeneity": 0.5}, 3, "task.heterogeneity", "not used"),
+             ({"dim": 10}, 3, "task.dim", "not used"),
+             ({"image_index": 2}, 3, "task.image_index", "not used")]
+    for fields, n, path, words in cases:
+        with pytest.raises(ScenarioError, match=words) as info:
+            check_task(_spec(family="metric", **fields), n)
+        assert info.value.path == path
+
+
+# ---------------------------------------------------------------- adversarial
+
+
+def _torch_margin(weights, image: np.ndarray, label: int, x: np.ndarray, box: float) -> float:
+    """The C&W margin by a torch forward pass of the client's MLP on clip(image + (2x-1)*box, 0, 1)."""
+    w1, b1, w2, b2 = (torch.from_numpy(np.asarray(w)) for w in weights)
+    model = torch.nn.Sequential(torch.nn.Linear(w1.shape[0], w1.shape[1]), torch.nn.ReLU(),
+                                torch.nn.Linear(w2.shape[0], w2.shape[1])).double()
+    with torch.no_grad():
+        model[0].weight.copy_(w1.T)
+        model[0].bias.copy_(b1)
+        model[2].weight.copy_(w2.T)
+        model[2].bias.copy_(b2)
+        adv = torch.clamp(torch.from_numpy(image) + (torch.from_numpy(x).clamp(0, 1) * 2 - 1) * box, 0, 1)
+        z = model(adv[None])[0]
+    top2 = torch.topk(torch.cat([z[:label], z[label + 1:]]), 1).values[0]
+    return float(z[label] - top2)
+
+
+def test_adversarial_margins_equal_a_torch_forward_pass_on_the_shared_image() -> None:
+    from fedsim.data.bundled import load_bundled
+    from fedsim.scenario import DataSpec
+    from fedsim.zo.tasks.adversarial import client_models
+
+    obj = build_objective(_spec(family="adversarial", dataset="digits", class_portion=0.8), 5, seed=7)
+    assert obj.dim == 64 and obj.success_below == 0.0 and obj.truth["classes"] == [[0, 5], [1, 6], [2, 7],
+                                                                                     [3, 8], [4, 9]]
+    bundle = load_bundled("digits", DataSpec(dataset="digits", test_fraction=0.2))
+    t = obj.truth["test_index"]
+    image = bundle.test_x[t].reshape(-1).double().numpy()
+    label = int(bundle.test_y[t])
+    assert label == obj.truth["label"]
+    models = client_models("digits", 5, 0.8)
+    rng = np.random.default_rng(2)
+    pts = np.vstack([np.full(64, 0.5), rng.uniform(-0.1, 1.1, size=(4, 64))])
+    for i, f in enumerate(obj.clients):
+        out = f(torch.from_numpy(pts))
+        for k in range(5):
+            assert float(out[k]) == pytest.approx(_torch_margin(models.weights[i], image, label, pts[k], 0.3),
+                                                  abs=1e-9)
+    assert obj.value(obj.x0) >= 0.0  # an eligible image: not misclassified before the attack
+    # eligibility counted independently: mean torch margin >= 0 over the test images
+    eligible = 0
+    for j in range(len(bundle.test_y)):
+        img = bundle.test_x[j].reshape(-1).double().numpy()
+        mean = np.mean([_torch_margin(w, img, int(bundle.test_y[j]), np.full(64, 0.5), 0.3)
+                        for w in models.weights])
+        eligible += mean >= 0
+    assert eligible == obj.truth["eligible"]
+
+
+def test_adversarial_default_is_mnist_784_and_the_seed_picks_the_image() -> None:
+    spec = _spec(family="adversarial")
+    a, b = build_objective(spec, 10, seed=0), build_objective(spec, 10, seed=1)
+    assert a.dim == 784 and torch.equal(a.x0, torch.full((784,), 0.5, dtype=torch.float64))
+    assert a.truth["test_index"] != b.truth["test_index"]
+    assert a.value(a.x0) >= 0 and b.value(b.x0) >= 0
+    # the box edge is far from x0: all-ones x (the +0.3 corner) changes the margins
+    assert a.value(torch.ones(784, dtype=torch.float64)) != a.value(a.x0)
+
+
+def test_adversarial_refuses_bad_combinations() -> None:
+    from fedsim.zo.tasks.adversarial import client_models
+
+    eligible = len(client_models("digits", 5, 0.9).eligible)
+    with pytest.raises(ScenarioError, match="beyond") as info:
+        check_task(_spec(family="adversarial", dataset="digits", image_index=eligible), 5)
+    assert info.value.path == "task.image_index"
+    check_task(_spec(family="adversarial", dataset="digits", image_index=eligible - 1), 5)
+    for fields, path in (({"metric": "f1"}, "task.metric"), ({"heterogeneity": 0.1}, "task.heterogeneity"),
+                         ({"dataset": "mnist-mini"}, "task.dataset")):
+        with pytest.raises(ScenarioError) as info:
+            check_task(_spec(family="adversarial", **fields), 5)
+        assert info.value.path == path

@@ -21,7 +21,7 @@ from threading import Lock
 from fedsim.errors import ScenarioError
 from fedsim.zo.api import FederatedObjective
 from fedsim.zo.spec import ZerothOrderSpec
-from fedsim.zo.tasks import quadratic  # noqa: F401  (register the families)
+from fedsim.zo.tasks import adversarial, metric, quadratic  # noqa: F401  (register the families)
 from fedsim.zo.tasks.base import TASKS, TaskFamily
 from fedsim.zo.tasks.base import one_thread as _one_thread
 
