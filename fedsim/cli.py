@@ -73,9 +73,10 @@ def run(
         rounds = progress.add_task("rounds", total=spec.federation.rounds)
 
         def on_round(rnd: int, row: dict[str, float]) -> None:
-            acc, loss = row.get("test_accuracy"), row.get("test_loss")
+            acc, loss, obj = row.get("test_accuracy"), row.get("test_loss"), row.get("zo_objective")
             text = f"round {rnd}/{spec.federation.rounds}" + (f"  acc {acc:.3f}" if acc is not None else
-                                                             f"  loss {loss:.4g}" if loss is not None else "")
+                                                             f"  loss {loss:.4g}" if loss is not None else
+                                                             f"  objective {obj:.4g}" if obj is not None else "")
             progress.update(rounds, completed=rnd, description=text)
 
         def attack_progress(label: str, total: int) -> Callable[[int, int], None]:
@@ -98,6 +99,10 @@ def _print_result(result) -> None:  # noqa: ANN001
         out(f"test accuracy: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
     elif losses:
         out(f"test loss: {losses[0]['test_loss']:.4g} -> {losses[-1]['test_loss']:.4g}")
+    objective = [h for h in result.history if "zo_objective" in h]  # zeroth_order: the global F, by the evaluator
+    if objective:
+        out(f"global objective: {objective[0]['zo_objective']:.4g} -> {objective[-1]['zo_objective']:.4g} "
+            f"({objective[-1]['zo_queries']:.0f} queries)")
     from fedsim.outcomes import outcome_label
     from fedsim.report.divergence import divergence_note
 

@@ -50,6 +50,11 @@ def run_scenario(
     ``overwrite`` lets an earlier fedsim run directory at ``out_dir`` be replaced; any other existing,
     non-empty ``out_dir`` is refused (:class:`~fedsim.errors.FedsimError`) before anything runs.
     """
+    if scenario.federation.protocol == "zeroth_order":  # black-box task, no model: its own runner (fedsim.zo.run)
+        from fedsim.zo.run import run_zo_scenario
+
+        return run_zo_scenario(scenario, out_dir, write=write, verbose=verbose, on_round=on_round, backend=backend,
+                               overwrite=overwrite)
     start = time.perf_counter()
     target = (out_dir or default_out_dir(scenario)) if write else None
     if target is not None:
