@@ -293,6 +293,13 @@ def test_query_counts_follow_the_spec_formula() -> None:
     assert c.queries["refresh"] == fz.refresh_top  # x_next known from the safeguard reply
     c.refresh(2, torch.full((DIM,), 0.1, dtype=D), 0.02)
     assert c.queries["refresh"] == 2 * fz.refresh_top + 1
+    # the ClientApp's round 0 (initial exploration + the safeguard's f_i(x0)) then round 1 = round 1 alone
+    early = ZOClient(_quad, spec, seed=1, partition_id=0, dim=DIM)
+    early.initialize(X0)
+    early.values(X0[None])
+    early.initialize(X0)  # once only
+    assert torch.equal(early.train(1, X0, {})[0], x1)
+    assert early.queries == {"init": fz.n_inits, "train": T + top * (T - 1), "refresh": 0, "values": 1}
     q = spec.rgf.directions
     for method in ("fedzo", "scaffold1"):
         r = ZOClient(_quad, _spec(method, local_iters=T), seed=1, partition_id=0, dim=DIM)

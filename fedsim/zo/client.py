@@ -124,6 +124,17 @@ class ZOClient:
         g = self.spec.fzoos.gamma
         return 1.0 / (t + 1) if g == "decay" else float(g)
 
+    def initialize(self, x0: Tensor) -> None:
+        """FZooS's initial exploration (spec §11.5): ``n_inits`` uniform queries in ``x0 +- explore_radius``
+        (clipped), counted under ``init``, from ``torch_generator(seed, "zo", "init", 0, partition_id)``. Done once
+        (later calls, and calls on a baseline client, do nothing); ``train`` calls it, so calling it earlier (e.g.
+        with the round-0 safeguard query at x0) is optional and gives the same draws."""
+        if self.method != "fzoos" or self.log.counts["init"] > 0:
+            return
+        cfg = self.spec.fzoos
+        u = torch.rand(cfg.n_inits, self.dim, generator=self._gen("init", 0), dtype=torch.float64)
+        self.log.query(_box(self._point(x0) + cfg.explore_radius * (2 * u - 1)), "init")
+
     # ----------------------------------------------------------------- phase 1: local training
     def train(self, rnd: int, x_r: Tensor,
               payload: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -147,9 +158,7 @@ class ZOClient:
 
     def _train_fzoos(self, rnd: int, x_r: Tensor, payload: dict[str, Tensor]) -> Tensor:
         cfg = self.spec.fzoos
-        if self.log.counts["init"] == 0:  # initial exploration around x0 (spec §11.5), once (x0 may be recorded)
-            u = torch.rand(cfg.n_inits, self.dim, generator=self._gen("init", rnd), dtype=torch.float64)
-            self.log.query(_box(x_r + cfg.explore_radius * (2 * u - 1)), "init")
+        self.initialize(x_r)  # a no-op unless this is the client's first round
         correction = None
         if "nu" in payload:
             if self.own is None:
