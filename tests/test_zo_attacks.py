@@ -19,6 +19,7 @@ from fedsim.zo.attacks import (
     label_set_chance,
     label_set_scores,
     r2_score,
+    rmse,
     score_round,
 )
 from fedsim.zo.rff import RFFBasis
@@ -34,7 +35,7 @@ def _fit_message(basis: RFFBasis, f, center: torch.Tensor, radius: float, n: int
     y = f(pts)
     lo, hi = float(y.min()), float(y.max())
     phi = basis.phi(pts)
-    nu = torch.linalg.pinv(phi) @ ((y - lo) / (hi - lo))
+    nu = torch.linalg.pinv(phi) @ ((y - lo) / ((hi - lo) or 1.0))
     return RFFMessage(nu=nu, y_min=lo, y_max=hi)
 
 
@@ -82,6 +83,21 @@ def test_r2_matches_sklearn() -> None:
     pred = truth + 0.3 * torch.randn(50, generator=gen, dtype=torch.float64)
     assert r2_score(pred, truth) == pytest.approx(sk_r2(truth.numpy(), pred.numpy()), abs=1e-12)
     assert r2_score(torch.full_like(truth, float(truth.mean())), truth) == pytest.approx(0.0, abs=1e-12)
+    assert rmse(pred, truth) == pytest.approx(float(((pred - truth) ** 2).mean()) ** 0.5, rel=1e-12)
+    # a flat truth (a piecewise-constant metric in a small box): undefined, not -1e25 from rounding
+    flat = torch.tensor([0.1 + 0.2] * 49 + [0.3], dtype=torch.float64)  # one value 1 ulp apart: rounding
+    assert math.isnan(r2_score(flat + 1e-3, flat))
+
+
+def test_flat_client_is_counted_and_left_out_of_the_mean(basis: RFFBasis) -> None:
+    center = torch.tensor([0.4, 0.6, 0.5, 0.3], dtype=torch.float64)
+    flat = lambda x: torch.full((x.shape[0],), 0.7, dtype=torch.float64)  # noqa: E731
+    view = _view(basis, [_smooth, flat], center, 0.05)
+    out = score_round(view, basis, _objective([_smooth, flat]), heldout=50, seed=0, label_set=False)
+    assert math.isnan(out["zo_extraction_r2/client1"])
+    assert out["zo_extraction_flat_clients"] == 1.0
+    assert out["zo_extraction_r2_mean"] == out["zo_extraction_r2/client0"] > 0.9
+    assert out["zo_extraction_rmse_mean"] >= 0.0
 
 
 def test_extraction_near_fit_is_high_and_beats_baselines(basis: RFFBasis) -> None:
@@ -212,7 +228,7 @@ def test_report_section_shows_objective_queries_and_attack_table(tmp_path) -> No
     md = "\n".join(zo_markdown(rows, "fzoos", {"ridge": 0.1, "secagg": False}))
     assert "1 (round 0) -> 0.25 (round 2) after 140 queries" in md
     assert "| 2 | 0.25 | 70 | 140 |" in md
-    assert "| ridge 0.1 | 0.800 | - | - | - | 0.500 | - | 0.500 |" in md  # means over the attacked rounds
+    assert "| ridge 0.1 | 0.800 | - | - | - | - | - | 0.500 | - | 0.500 |" in md  # means over the attacked rounds
     html = zo_section(rows, "fzoos", None, tmp_path)
     assert (tmp_path / "zo_objective.png").is_file() and "data:image/png;base64," in html
     assert attack_table_markdown({"none": rows[:1]}) == []  # nothing attacked, no table

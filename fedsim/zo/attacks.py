@@ -31,6 +31,7 @@ attack functions take only what the server has.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from math import comb
 
@@ -45,7 +46,8 @@ WIDE_FACTOR = 10.0
 from where the client fitted."""
 
 DEFAULT_RADIUS = 0.01
-"""Local box half-width when the view carries no positive r_i (the authors' exploration radius, spec §11.5)."""
+"""Least half-width of the fit box: the client fits its RFF on the history nearest x_{r+1}, which holds exploration
+queries within the authors' exploration radius 0.01 of its trajectory (spec §11.5), even when r_i is smaller."""
 
 
 # ---------------------------------------------------------------- server side: only what the server saw
@@ -126,16 +128,27 @@ def heldout_points(center: Tensor, radius: float, n: int, generator: torch.Gener
     return lo + u * (hi - lo)
 
 
+FLAT_TOL = 1e-12
+"""The truth counts as constant on the held-out points when its standard deviation is below ``FLAT_TOL`` times its
+largest magnitude (at least 1): R^2 is then undefined (a piecewise-constant metric in a small box)."""
+
+
 def r2_score(pred: Tensor, truth: Tensor) -> float:
     """Coefficient of determination ``1 - SS_res / SS_tot`` (``SS_tot`` around the truth's mean): 1 is a perfect
-    copy, 0 the best constant, negative worse than that; -inf when the truth is constant but the prediction is not
-    (nan when both are)."""
+    copy, 0 the best constant, negative worse than that. NaN when the truth is constant up to :data:`FLAT_TOL`
+    (undefined: rounding would otherwise give values like -1e25)."""
     truth, pred = truth.to(torch.float64), pred.to(torch.float64)
     ss_res = float(((truth - pred) ** 2).sum())
     ss_tot = float(((truth - truth.mean()) ** 2).sum())
-    if ss_tot == 0.0:
-        return float("nan") if ss_res == 0.0 else float("-inf")
+    scale = max(1.0, float(truth.abs().max())) if truth.numel() else 1.0
+    if ss_tot <= truth.numel() * (FLAT_TOL * scale) ** 2:
+        return float("nan")
     return 1.0 - ss_res / ss_tot
+
+
+def rmse(pred: Tensor, truth: Tensor) -> float:
+    """Root mean squared error, in the objective's units (defined also where the truth is flat)."""
+    return float(((pred.to(torch.float64) - truth.to(torch.float64)) ** 2).mean().sqrt())
 
 
 def label_set_scores(predicted: Sequence[int], truth: Sequence[int], num_classes: int) -> tuple[float, float]:
@@ -164,25 +177,29 @@ def label_set_chance(num_classes: int, true_size: int, predicted_size: int) -> t
 
 
 def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+    """Mean of the defined (non-NaN) values; NaN when none is."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjective, *, heldout: int = 200,
                 seed: int = 0, extraction: bool = True, label_set: bool = True,
-                wide_factor: float = WIDE_FACTOR) -> dict[str, float]:
+                wide_factor: float = WIDE_FACTOR, min_radius: float = DEFAULT_RADIUS) -> dict[str, float]:
     """Run the server's attacks on one round's messages and score them against the truth (evaluator only).
 
-    Extraction, per client i that sent a surrogate: R^2 of mu_i against f_i at ``heldout`` points uniform in
-    ``x_{r+1} +- r_i`` (the box the client fitted its RFF in; :data:`DEFAULT_RADIUS` when r_i is absent or 0) and in
-    the wide box ``x_{r+1} +- wide_factor * r_i``; beside it two baselines the server has without the individual
-    message: the aggregate surrogate mu (``_global``) and the midpoint of the message's value range (``_midpoint``;
-    any constant scores <= 0, the best constant exactly 0). Label set (when ``truth`` has ``classes`` and
-    ``bias_slice``; class directions from :func:`class_logit_directions`, with ``slices['coefs_2']`` when present):
-    accuracy and Jaccard of :func:`infer_label_set` and :func:`infer_label_set_from_step` with the true set size,
-    beside the exact chance of a random subset of that size (:func:`label_set_chance`).
+    Extraction, per client i that sent a surrogate: R^2 and RMSE of mu_i against f_i at ``heldout`` points uniform
+    in the box the client fitted its RFF in, ``x_{r+1} +- max(r_i, min_radius)``, and the R^2 in the wide box
+    ``x_{r+1} +- wide_factor * max(r_i, min_radius)``; beside them two baselines the server has without the
+    individual message: the aggregate surrogate mu (``_global``: all SecAgg leaves it) and the midpoint of the
+    message's value range (``_midpoint``; any constant scores <= 0, the best constant exactly 0). R^2 is NaN for a
+    client whose f_i is flat on the held-out points (counted in ``zo_extraction_flat_clients``, left out of the
+    means). Label set (when ``truth`` has ``classes`` and ``bias_slice``; class directions from
+    :func:`class_logit_directions`, with ``slices['coefs_2']`` when present): accuracy and Jaccard of
+    :func:`infer_label_set` and :func:`infer_label_set_from_step` with the true set size, beside the exact chance of
+    a random subset of that size (:func:`label_set_chance`).
 
     Returns a flat dict of floats: ``zo_extraction_r2/client<i>``, ``zo_extraction_r2_wide/client<i>``,
-    ``zo_extraction_r2_mean``, ``..._wide_mean``, ``..._global_mean``, ``..._midpoint_mean``,
+    ``zo_extraction_{r2, r2_wide, r2_global, r2_midpoint, rmse, rmse_global}_mean``, ``zo_extraction_flat_clients``,
     ``zo_label_set_accuracy/client<i>``, ``zo_label_set_accuracy_mean``, ``zo_label_set_jaccard_mean``,
     ``zo_label_set_step_accuracy_mean``, ``zo_label_set_step_jaccard_mean``, ``zo_label_set_chance``,
     ``zo_label_set_jaccard_chance``, ``zo_attacked_clients``. Held-out points are drawn from a generator seeded by
@@ -195,7 +212,7 @@ def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
     clients = sorted(view.surrogates)
     out["zo_attacked_clients"] = float(len(clients))
     if extraction and clients:
-        _extraction(view, basis, objective, clients, heldout, seed, wide_factor, out)
+        _extraction(view, basis, objective, clients, heldout, seed, wide_factor, min_radius, out)
     truth = objective.truth
     if label_set and "classes" in truth and "bias_slice" in truth:
         _label_sets(view, basis, truth, out)
@@ -203,27 +220,35 @@ def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
 
 
 def _extraction(view: ZORoundView, basis: RFFBasis, objective: FederatedObjective, clients: list[int],
-                heldout: int, seed: int, wide_factor: float, out: dict[str, float]) -> None:
-    local, wide, glob, mid = [], [], [], []
+                heldout: int, seed: int, wide_factor: float, min_radius: float, out: dict[str, float]) -> None:
+    keys = ("r2", "r2_wide", "r2_global", "r2_midpoint", "rmse", "rmse_global")
+    acc: dict[str, list[float]] = {k: [] for k in keys}
+    flat = 0
     for i in clients:
         msg = view.surrogates[i]
-        radius = view.radius.get(i, 0.0) or DEFAULT_RADIUS
+        radius = max(view.radius.get(i, 0.0), min_radius)
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(view.round) * 1009 + int(i))
-        for tag, r in (("", radius), ("_wide", wide_factor * radius)):
-            pts = heldout_points(view.x_next.to(torch.float64), r, heldout, gen)
-            truth = objective.clients[i](pts).to(torch.float64)
-            score = r2_score(predict_values(basis, msg, pts), truth)
-            out[f"zo_extraction_r2{tag}/client{i}"] = score
-            (local if tag == "" else wide).append(score)
-            if tag == "":
-                if view.aggregate is not None:
-                    glob.append(r2_score(predict_values(basis, view.aggregate, pts), truth))
-                mid.append(r2_score(torch.full_like(truth, (msg.y_min + msg.y_max) / 2), truth))
-    out["zo_extraction_r2_mean"] = _mean(local)
-    out["zo_extraction_r2_wide_mean"] = _mean(wide)
-    out["zo_extraction_r2_midpoint_mean"] = _mean(mid)
-    if glob:
-        out["zo_extraction_r2_global_mean"] = _mean(glob)
+        pts = heldout_points(view.x_next.to(torch.float64), radius, heldout, gen)
+        truth = objective.clients[i](pts).to(torch.float64)
+        pred = predict_values(basis, msg, pts)
+        score = r2_score(pred, truth)
+        flat += math.isnan(score)
+        out[f"zo_extraction_r2/client{i}"] = score
+        acc["r2"].append(score)
+        acc["rmse"].append(rmse(pred, truth))
+        if view.aggregate is not None:
+            glob = predict_values(basis, view.aggregate, pts)
+            acc["r2_global"].append(r2_score(glob, truth))
+            acc["rmse_global"].append(rmse(glob, truth))
+        acc["r2_midpoint"].append(r2_score(torch.full_like(truth, (msg.y_min + msg.y_max) / 2), truth))
+        wide_pts = heldout_points(view.x_next.to(torch.float64), wide_factor * radius, heldout, gen)
+        wide = r2_score(predict_values(basis, msg, wide_pts), objective.clients[i](wide_pts).to(torch.float64))
+        out[f"zo_extraction_r2_wide/client{i}"] = wide
+        acc["r2_wide"].append(wide)
+    for k in keys:
+        if acc[k]:
+            out[f"zo_extraction_{k}_mean"] = _mean(acc[k])
+    out["zo_extraction_flat_clients"] = float(flat)
 
 
 def _label_sets(view: ZORoundView, basis: RFFBasis, truth: dict[str, object], out: dict[str, float]) -> None:

@@ -38,6 +38,8 @@ ATTACK_COLUMNS: tuple[tuple[str, str], ...] = (
     ("zo_extraction_r2_wide_mean", "R\u00b2 wide box"),
     ("zo_extraction_r2_global_mean", "R\u00b2 aggregate (baseline)"),
     ("zo_extraction_r2_midpoint_mean", "R\u00b2 range midpoint (baseline)"),
+    ("zo_extraction_rmse_mean", "RMSE (fit box)"),
+    ("zo_extraction_rmse_global_mean", "RMSE aggregate (baseline)"),
     ("zo_label_set_accuracy_mean", "label set acc. (surrogate)"),
     ("zo_label_set_step_accuracy_mean", "label set acc. (local step)"),
     ("zo_label_set_chance", "label set chance"),
@@ -50,7 +52,7 @@ def _attacked(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float:
-    values = [float(h[key]) for h in rows if key in h]
+    values = [float(h[key]) for h in rows if key in h and not math.isnan(float(h[key]))]
     return sum(values) / len(values) if values else float("nan")
 
 
