@@ -224,7 +224,11 @@ def test_fzoos_run_is_deterministic_in_the_seed_and_writes_the_run_dir(tmp_path)
     assert rows[-1]["zo_extraction_r2_mean"] == rows[-1]["zo_extraction_r2_mean"]  # attacked: a number, not NaN
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["zeroth_order"]["method"] == "fzoos" and len(metrics["utility"]) == 3
-    assert (tmp_path / "a" / "summary.md").is_file() and (tmp_path / "a" / "report.html").is_file()
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "task: quadratic, d = 10; method fzoos" in summary and "## Zeroth-order optimisation" in summary
+    assert "cifar10" not in summary and "convnet" not in summary  # the NN defaults the block never used
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert 'id="zeroth-order"' in html and "cifar10" not in html
 
 
 @pytest.mark.ray

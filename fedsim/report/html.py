@@ -180,6 +180,14 @@ def _check_targets(out_html: Path, assets: Path) -> None:
         raise ReportSourceError(str(err)) from None
 
 
+def _zo_section(source: Source, zo: dict, assets: Path) -> str:
+    """The zeroth-order section of a run (metrics.json holds "zeroth_order"): :func:`fedsim.zo.report.zo_section`."""
+    from fedsim.zo.report import zo_section
+
+    metrics = load_metrics(source.path)
+    return zo_section(metrics.get("utility") or [], str(zo.get("method")), zo.get("defenses"), assets)
+
+
 def render_report(source_dir: Path, out_html: Path | None = None, *, name: str | None = None) -> Path:
     """Write ``report.html`` (default ``<source_dir>/report.html``) and its assets folder beside it
     (``<out_html without .html>/``: PNGs, leaderboard.csv); return the HTML path. ``name`` replaces the
@@ -200,6 +208,9 @@ def render_report(source_dir: Path, out_html: Path | None = None, *, name: str |
                     _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
                     _rounds_section(source, rows, partial),
                     _galleries_section(source, rows, partial)]
+        zo = load_metrics(source.path).get("zeroth_order") if source.kind == "run" else None
+        if zo:  # a zeroth-order run: objective against queries, what the server learned (fedsim.zo.report)
+            sections.insert(2, _zo_section(source, zo, partial))
         kind = "single run" if source.kind == "run" else "benchmark"
         shown = name or source.path.name
         doc = page(f"fedsim report: {title}", f"{kind} \u00b7 {shown}", sections,

@@ -66,6 +66,9 @@ def _knowledge(spec: dict[str, Any]) -> str:
 
 def scenario_facts(scn: dict[str, Any]) -> list[tuple[str, str]]:
     """Data, model, federation, defenses and the attacks' declared knowledge of a resolved scenario.yaml."""
+    if scn.get("zeroth_order"):  # a black-box task: task, method, message defenses instead (fedsim.zo.summary)
+        from fedsim.zo.summary import zo_facts
+        return zo_facts(scn)
     data, model, fed = scn.get("data") or {}, scn.get("model") or {}, scn.get("federation") or {}
     local, part = fed.get("local") or {}, data.get("partition") or {}
     partition = part.get("kind", "iid") + (f" (alpha {part.get('alpha')})" if part.get("kind") == "dirichlet" else "")

@@ -22,6 +22,9 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
                      failures: Sequence[dict[str, Any]] | None = None,
                      privacy: dict[str, Any] | None = None) -> str:
     """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason})."""
+    if scenario.zeroth_order is not None:  # a black-box task: no data, model or NN attacks (fedsim.zo.summary)
+        from fedsim.zo.summary import zo_summary_markdown
+        return zo_summary_markdown(scenario, history, timing)
     fed = scenario.federation
     lines = [f"# {scenario.name}", ""]
     if scenario.description:

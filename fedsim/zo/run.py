@@ -132,7 +132,7 @@ def run_zo_scenario(scenario: Scenario, out_dir: Path | None = None, *, write: b
     history = rows.history
     extra: dict[str, Any] = {"client_failures": [], "zeroth_order": {
         "method": spec.method, "task": spec.task.family, "dim": objective.dim, "clients": scenario.federation.clients,
-        "safeguard": spec.safeguard, "queries_total": rows.total,
+        "safeguard": spec.safeguard, "defenses": spec.defenses.model_dump(), "queries_total": rows.total,
         "objective_first": history[0][OBJECTIVE], "objective_last": history[-1][OBJECTIVE],
         "final_x": [float(v) for v in outcome.final_x],
         "secagg_note": ("zeroth_order.defenses.secagg simulates SecAgg's pairwise masking of the surrogate weights "
