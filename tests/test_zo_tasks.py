@@ -309,3 +309,48 @@ def test_adversarial_refuses_bad_combinations() -> None:
         with pytest.raises(ScenarioError) as info:
             check_task(_spec(family="adversarial", **fields), 5)
         assert info.value.path == path
+
+
+# ---------------------------------------------------------------- determinism across processes
+
+
+def _family_values() -> str:
+    """Each family's client values at fixed points, x0 and classes, as text (3 clients, seed 9)."""
+    lines = []
+    for task in (ZOTask(family="quadratic", dim=6), ZOTask(family="metric", class_portion=0.8),
+                 ZOTask(family="adversarial", dataset="digits", class_portion=0.8)):
+        obj = build_objective(ZerothOrderSpec(task=task), 3, seed=9)
+        pts = torch.rand(3, obj.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        lines.append(repr((task.family, [f(pts).tolist() for f in obj.clients], obj.x0.tolist(),
+                           obj.truth.get("classes"))))
+    return "\n".join(lines)
+
+
+def test_every_family_rebuilds_bit_for_bit_in_another_process_with_other_threads() -> None:
+    """What a Ray actor rebuilds must equal what this process built: same values, x0 and truth, whatever the
+    thread count or hash seed of the process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch; torch.set_num_threads(2); sys.path.insert(0, sys.argv[1]); "
+            "from test_zo_tasks import _family_values; print(_family_values())")
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "2"}
+    other = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                           env=env, timeout=180, check=True).stdout
+    assert other.strip() == _family_values() and other.count("\n") == 3
+
+
+def test_every_family_client_pickles_and_answers_batches() -> None:
+    for task in (ZOTask(family="quadratic", dim=6), ZOTask(family="metric", class_portion=0.8),
+                 ZOTask(family="adversarial", dataset="digits", class_portion=0.8)):
+        obj = build_objective(ZerothOrderSpec(task=task), 5, seed=9)
+        pts = torch.rand(4, obj.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        for f in obj.clients:
+            out = f(pts)
+            assert out.shape == (4,) and out.dtype == torch.float64
+            assert torch.equal(pickle.loads(pickle.dumps(f))(pts), out)
+            assert torch.equal(f(pts[2]), out[2:3])  # one point (d,) is a batch of one
+            with pytest.raises(ValueError, match="query batch"):
+                f(pts[:, :-1])
