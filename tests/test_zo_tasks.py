@@ -304,6 +304,12 @@ def test_adversarial_refuses_bad_combinations() -> None:
         check_task(_spec(family="adversarial", dataset="digits", image_index=eligible), 5)
     assert info.value.path == "task.image_index"
     check_task(_spec(family="adversarial", dataset="digits", image_index=eligible - 1), 5)
+    # clients that only ever saw their own classes misclassify every image on average: nothing to attack, so
+    # validation refuses it (it used to pass and the run to fail)
+    assert len(client_models("digits", 5, 1.0).eligible) == 0
+    with pytest.raises(ScenarioError, match="misclassify every test image") as info:
+        check_task(_spec(family="adversarial", dataset="digits", class_portion=1.0), 5)
+    assert info.value.path == "task.class_portion"
     for fields, path in (({"metric": "f1"}, "task.metric"), ({"heterogeneity": 0.1}, "task.heterogeneity"),
                          ({"dataset": "mnist-mini"}, "task.dataset")):
         with pytest.raises(ScenarioError) as info:

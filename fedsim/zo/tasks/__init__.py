@@ -8,7 +8,8 @@ attack on per-client classifiers, :mod:`~fedsim.zo.tasks.adversarial`). A new fa
 
 :func:`build_objective` is what a client process and the runner call (each rebuilds the objective: it is
 deterministic in ``(task, num_clients, seed)`` and cached per process); :func:`check_task` is what validation
-calls (no training, except the adversarial family's check of ``image_index``, which needs the client models).
+calls (no training, except the adversarial family's check, which trains the client models once per process to
+make sure the chosen image exists: what validates must run).
 """
 
 from __future__ import annotations

@@ -140,21 +140,22 @@ def check(task: ZOTask, num_clients: int) -> None:
         raise ScenarioError("dataset", f"{name!r} is {known}the {task.family} task trains on a bundled (offline) "
                                        f"set with enough examples: {', '.join(sorted(DATASETS_OK))}")
     check_class_split(task, num_clients, DATASETS_OK[name], name)
-    if "image_index" in task.model_fields_set and task.image_index > 0:  # needs the models (seconds, cached)
-        eligible = len(client_models(name, num_clients, task.class_portion).eligible)
-        if task.image_index >= eligible:
-            raise ScenarioError("image_index", f"{task.image_index} is beyond the {eligible} test images of {name} "
-                                               f"the {num_clients} client models do not already misclassify "
-                                               f"(F(x0) >= 0); use 0..{eligible - 1}")
+    # What validates must run: the chosen image must exist, so this trains the client models (seconds, cached).
+    eligible = len(client_models(name, num_clients, task.class_portion).eligible)
+    if eligible == 0:
+        raise ScenarioError("class_portion", f"at {task.class_portion} the {num_clients} client models of {name} "
+                                             f"misclassify every test image on average (no image with F(x0) >= 0 "
+                                             f"to attack); lower it")
+    if task.image_index >= eligible:
+        raise ScenarioError("image_index", f"{task.image_index} is beyond the {eligible} test images of {name} "
+                                           f"the {num_clients} client models do not already misclassify "
+                                           f"(F(x0) >= 0); use 0..{eligible - 1}")
 
 
 def build(task: ZOTask, num_clients: int, seed: int) -> FederatedObjective:
     """The attack objective on the seed-chosen eligible image (models shared by every seed)."""
     name = task.dataset or DEFAULT_DATASET
-    models = client_models(name, num_clients, task.class_portion)
-    if task.image_index >= len(models.eligible):
-        raise ScenarioError("task.image_index", f"{task.image_index} is beyond the {len(models.eligible)} eligible "
-                                                f"test images of {name}")
+    models = client_models(name, num_clients, task.class_portion)  # check() made sure the image exists
     order = numpy_rng(seed, "zo-task", "adversarial", "image").permutation(len(models.eligible))
     test_index = int(models.eligible[order[task.image_index]])
     image, label = models.test_x[test_index].copy(), int(models.test_y[test_index])
