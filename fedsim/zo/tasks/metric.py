@@ -46,6 +46,7 @@ from fedsim.zo.tasks.base import (
     as_values,
     check_class_split,
     class_skewed_split,
+    one_thread,
     own_classes,
     refuse_unused,
     to_box,
@@ -91,7 +92,7 @@ def trained_classifier(dataset: str) -> TrainedClassifier:
     pool_x = bundle.test_x.reshape(bundle.test_x.shape[0], -1).to(torch.float64).numpy()
     scaler = StandardScaler().fit(np.concatenate([train_x, pool_x]))
     clf = MLPClassifier(solver="lbfgs", alpha=1e-5, hidden_layer_sizes=HIDDEN, max_iter=10, random_state=1)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_thread():  # the weights must not depend on the BLAS thread count
         warnings.simplefilter("ignore", ConvergenceWarning)  # 10 iterations on purpose (authors' setting)
         clf.fit(scaler.transform(train_x), bundle.train_y.numpy())
     if list(clf.classes_) != list(range(bundle.num_classes)):
@@ -170,7 +171,7 @@ def build(task: ZOTask, num_clients: int, seed: int) -> FederatedObjective:
     rng = numpy_rng(seed, "zo-task", "metric", "split")
     owners = own_classes(c, num_clients, rng.permutation(c))
     parts = class_skewed_split(clf.pool_y, owners, task.class_portion, rng)
-    hidden_all = np.maximum(clf.pool_x @ clf.coefs[0] + clf.intercepts[0], 0.0)  # fixed first layer (m, 30)
+    hidden_all = np.maximum(np.einsum("mp,ph->mh", clf.pool_x, clf.coefs[0]) + clf.intercepts[0], 0.0)  # (m, 30)
     box = task.box or DEFAULT_BOX
     clients = [MetricClient(hidden_all[idx].copy(), clf.pool_y[idx].copy(), (clf.coefs[1], clf.coefs[2]),
                             (clf.intercepts[1], clf.intercepts[2]), box, task.metric) for idx in parts]
