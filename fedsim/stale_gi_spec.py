@@ -23,6 +23,10 @@ class GIConversion(BaseModel):
     iterations: int = Field(100, ge=1, description="Adam steps of one inversion (each unrolls the E local steps)")
     lr: float = Field(0.1, gt=0, description="Adam step size on the estimate (inputs signed, labels plain)")
     topk: float = Field(0.05, gt=0, le=1, description="fraction of the update's largest entries the L1 matches")
+    init: Literal["normal", "gray"] = Field(
+        "normal", description="cold start of the inputs: N(0, 1) (the authors) or the dataset-mean gray image + "
+        "N(0, 0.1^2) noise (normalized space; a data-free prior)")
+    tv: float = Field(0.0, ge=0, description="weight of the total-variation prior on image estimates (authors: 0)")
     warm_start: bool = Field(True, description="start from this client's previous estimate (its data is fixed)")
     mix: Literal["hard", "decay"] = Field(
         "hard", description="lambda_t: 1 before the switch round s, then 0 (hard) or gamma^(t-s) (decay)")

@@ -277,3 +277,42 @@ def test_gi_conversion_on_ray_gives_the_inprocess_numbers(tiny_raw) -> None:
     local, ray = run_federation(scenario), run_federation(scenario, backend="ray")
     assert all(torch.equal(local.final_state[k], ray.final_state[k]) for k in local.final_state)
     assert [r.get("gi_psnr") for r in ray.history] == [r.get("gi_psnr") for r in local.history]
+
+
+def hand_tv(img: list[list[float]]) -> float:
+    """Anisotropic TV of one H x W image written out: mean |vertical| + mean |horizontal| neighbour difference."""
+    h, w = len(img), len(img[0])
+    vert = [abs(img[i + 1][j] - img[i][j]) for i in range(h - 1) for j in range(w)]
+    horiz = [abs(img[i][j + 1] - img[i][j]) for i in range(h) for j in range(w - 1)]
+    return sum(vert) / len(vert) + sum(horiz) / len(horiz)
+
+
+def test_total_variation_by_hand() -> None:
+    img = [[0.0, 1.0, 3.0], [2.0, 2.0, -1.0]]  # vertical |2|,|1|,|-4| -> 7/3; horizontal 1,2,0,3 -> 6/4
+    assert hand_tv(img) == pytest.approx(7 / 3 + 1.5)
+    assert float(stale_gi.total_variation(torch.tensor(img).view(1, 1, 2, 3))) == pytest.approx(hand_tv(img))
+
+
+@pytest.mark.parametrize(("init", "low", "high"), [("gray", 0.07, 0.13), ("normal", 0.6, 1.4)])
+def test_cold_start_is_gray_plus_small_noise_or_standard_normal(tiny_raw, init, low, high) -> None:
+    # a vanishing step size: the estimate stays at its cold start (normalized space, where 0 is the dataset mean)
+    scenario = parse_scenario(gi_raw(tiny_raw, {"lr": 1e-12, "init": init, "num_estimates": 16}))
+    arrival = arrival_for(scenario)
+    gi_conversion(arrival, scenario)
+    x = arrival.memory["estimate"][0]
+    box_low = float(normalize(torch.zeros(1), setup_for(scenario).task.mean, setup_for(scenario).task.std))
+    inside = x[x > box_low + 1e-6]  # the box clamps the dark side of N(0, 1); the std of the rest still tells
+    assert low < float(inside.std()) < high
+    if init == "gray":
+        assert float(x.abs().max()) < 0.6 and abs(float(x.mean())) < 0.02
+
+
+def test_tv_prior_smooths_the_estimate(tiny_raw) -> None:
+    def tv_of(tv: float) -> float:
+        scenario = parse_scenario(gi_raw(tiny_raw, {"tv": tv, "iterations": 30, "lr": 0.05, "init": "gray"}))
+        arrival = arrival_for(scenario)
+        gi_conversion(arrival, scenario)
+        x = arrival.memory["estimate"][0]
+        return sum(hand_tv(img[0].tolist()) for img in x) / len(x)
+
+    assert tv_of(1e4) < 0.5 * tv_of(0.0)  # the prior dominates: the estimate is much smoother than without it

@@ -11,8 +11,10 @@ A. **inverts** delta into ``N = gi.num_estimates`` inputs ``X`` (normalized spac
    steps on the estimate with the client's soft-label cross-entropy (the spec's preferred loss; the authors'
    BCE variant is not offered) in train mode like the client (:func:`fedsim.unrolling.unrolled_delta`).
    Adam at ``gi.lr`` (signed gradient for X, plain for Y), lr x0.1 at 3/8, 5/8, 7/8 of ``gi.iterations``;
-   ``X, Y`` start from N(0, 1) drawn from (seed, round, client), or (``gi.warm_start``) from this client's
-   previous estimate, kept in the arrival's per-client ``memory``;
+   ``X, Y`` start from N(0, 1) drawn from (seed, round, client) (``gi.init: gray``: X from 0.1 N(0, 1), i.e. the
+   dataset-mean image plus a little noise, a prior that reads no client data), or (``gi.warm_start``) from this
+   client's previous estimate, kept in the arrival's per-client ``memory``. ``gi.tv`` > 0 adds ``tv`` times the
+   estimates' total variation (:func:`total_variation`; images only) to the L1 (the authors: TV 0);
 B. **recomputes** ``delta_hat = U(X*, Y*; w^{t-1})``: the same E steps from the current model;
 C. **mixes**: the client's model in the mean is ``w^{t-1} + lambda_t delta_hat + (1 - lambda_t) delta`` on the
    trainable parameters (buffers: ``w^{t-1} + delta``, like ``direct``). ``lambda_t`` = 1 before the switch round
@@ -147,6 +149,11 @@ def l1_topk(pred: list[Tensor], target: list[Tensor], masks: list[Tensor]) -> Te
     return sum(((p - t).abs() * m).sum() for p, t, m in zip(pred, target, masks, strict=True))
 
 
+def total_variation(x: Tensor) -> Tensor:
+    """Anisotropic TV of images ``x`` (N, C, H, W): mean |vertical| + mean |horizontal| neighbour difference."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
 def invert(arrival: StaleArrival, scenario: Scenario, model: nn.Module, steps: int,
            task: TaskInfo) -> tuple[Tensor, Tensor, float, bool]:
     """Spec §12.2 A: the estimate ``(X, Y)`` (normalized inputs, label logits), its final loss, and whether it was
@@ -162,6 +169,8 @@ def invert(arrival: StaleArrival, scenario: Scenario, model: nn.Module, steps: i
     else:
         gen = torch_generator(scenario.seed, "stale-gi-init", arrival.round, arrival.partition_id)
         x = torch.randn(shape, generator=gen)
+        if gi.init == "gray":  # the dataset-mean image (0 in normalized space) + a little noise: no client data
+            x = 0.1 * x
         logits = torch.randn((gi.num_estimates, task.num_classes), generator=gen)
         previous = None
     box = None
@@ -177,6 +186,8 @@ def invert(arrival: StaleArrival, scenario: Scenario, model: nn.Module, steps: i
     for _ in range(gi.iterations):
         opt.zero_grad(set_to_none=True)
         loss = l1_topk(predicted_delta(model, arrival.base, x, logits, steps, scenario), target, masks)
+        if gi.tv > 0 and box is not None:
+            loss = loss + gi.tv * total_variation(x)
         x.grad, logits.grad = torch.autograd.grad(loss, [x, logits])
         x.grad = x.grad.sign()
         opt.step()
