@@ -147,9 +147,9 @@ def check(task: ZOTask, num_clients: int) -> None:
                                              f"misclassify every test image on average (no image with F(x0) >= 0 "
                                              f"to attack); lower it")
     if task.image_index >= eligible:
-        raise ScenarioError("image_index", f"{task.image_index} is beyond the {eligible} test images of {name} "
-                                           f"the {num_clients} client models do not already misclassify "
-                                           f"(F(x0) >= 0); use 0..{eligible - 1}")
+        raise ScenarioError("image_index", f"{task.image_index} is beyond the eligible images: {eligible} test "
+                                           f"images of {name} are not already misclassified by the "
+                                           f"{num_clients} client models (F(x0) >= 0); use 0..{eligible - 1}")
 
 
 def build(task: ZOTask, num_clients: int, seed: int) -> FederatedObjective:
