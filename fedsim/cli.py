@@ -151,7 +151,10 @@ def validate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")], se
     if note is not None:  # download: true; validation never downloads, the run fetches it (or stops in one line)
         console.print(f"note: the data is not on disk, so the checks that need it were skipped: {note}",
                       highlight=False, soft_wrap=True)
-    typer.echo(f"{scenario}: ok ({spec.name}: {len(spec.attacks)} attack(s), {len(spec.defenses)} defense(s))")
+    zo = spec.zeroth_order  # a zeroth-order federation has its own method, task and message attacks
+    what = (f"{zo.method} on the {zo.task.family} task" if zo is not None else
+            f"{len(spec.attacks)} attack(s), {len(spec.defenses)} defense(s)")
+    typer.echo(f"{scenario}: ok ({spec.name}: {what})")
 
 
 @app.command("list")

@@ -68,6 +68,7 @@ def test_validation_refuses_with_the_yaml_path(change, path) -> None:
 def test_cli_validate_accepts_the_shipped_scenario_and_refuses_in_one_line(tmp_path) -> None:
     result = CliRunner().invoke(app, ["validate", "scenarios/protocols/fzoos.yaml"])
     assert result.exit_code == 0, result.output
+    assert "ok (fzoos: fzoos on the quadratic task)" in result.output
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**tiny(), "attacks": [{"name": "dlg"}]}))
     result = CliRunner().invoke(app, ["validate", str(bad)])
