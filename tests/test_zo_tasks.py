@@ -178,7 +178,7 @@ def test_metric_x0_is_the_independently_trained_classifier_and_truth_matches_the
     from fedsim.data.bundled import load_bundled
     from fedsim.scenario import DataSpec
 
-    obj = build_objective(_spec(family="metric"), 4, seed=0)  # digits, portion 0.9, f1, box 0.2 by default
+    obj = build_objective(_spec(family="metric", dataset="digits"), 4, seed=0)  # portion 0.9, f1, box 0.2
     bundle = load_bundled("digits", DataSpec(dataset="digits", test_fraction=0.5))
     tr = bundle.train_x.reshape(len(bundle.train_x), -1).double().numpy()
     te = bundle.test_x.reshape(len(bundle.test_x), -1).double().numpy()
@@ -201,14 +201,15 @@ def test_metric_x0_is_the_independently_trained_classifier_and_truth_matches_the
         own_share = counts[obj.truth["classes"][i]].sum() / counts.sum()
         k = len(obj.truth["classes"][i])  # own classes take 0.9 each, the others 0.1 / (N - 1) each
         assert own_share == pytest.approx(0.9 * k / (0.9 * k + (10 - k) * 0.1 / 3), abs=0.02)
-    equal = build_objective(_spec(family="metric", class_portion=0.6), 10, seed=0)  # N = C: exactly the portion
+    equal = build_objective(_spec(family="metric", dataset="digits", class_portion=0.6), 10, seed=0)  # N = C
     for own, counts in zip(equal.truth["classes"], equal.truth["class_counts"], strict=True):
         assert np.asarray(counts)[own].sum() / sum(counts) == pytest.approx(0.6, abs=0.03)
 
 
 def test_metric_output_biases_sit_where_truth_says() -> None:
     """Pushing one output bias far up makes every prediction that class: the value has a closed form."""
-    obj = build_objective(_spec(family="metric", class_portion=1.0, box=1000.0), 5, seed=4)
+    obj = build_objective(_spec(family="metric", class_portion=1.0, box=1000.0), 5, seed=4)  # mnist-5k default
+    assert obj.truth["dataset"] == "mnist-5k" and obj.dim == 584
     start, stop = obj.truth["bias_slice"]
     for i, f in enumerate(obj.clients):
         counts = np.asarray(obj.truth["class_counts"][i])
@@ -323,7 +324,7 @@ def test_adversarial_refuses_bad_combinations() -> None:
 def _family_values() -> str:
     """Each family's client values at fixed points, x0 and classes, as text (3 clients, seed 9)."""
     lines = []
-    for task in (ZOTask(family="quadratic", dim=6), ZOTask(family="metric", class_portion=0.8),
+    for task in (ZOTask(family="quadratic", dim=6), ZOTask(family="metric", dataset="digits", class_portion=0.8),
                  ZOTask(family="adversarial", dataset="digits", class_portion=0.8)):
         obj = build_objective(ZerothOrderSpec(task=task), 3, seed=9)
         pts = torch.rand(3, obj.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -349,7 +350,7 @@ def test_every_family_rebuilds_bit_for_bit_in_another_process_with_other_threads
 
 
 def test_every_family_client_pickles_and_answers_batches() -> None:
-    for task in (ZOTask(family="quadratic", dim=6), ZOTask(family="metric", class_portion=0.8),
+    for task in (ZOTask(family="quadratic", dim=6), ZOTask(family="metric", dataset="digits", class_portion=0.8),
                  ZOTask(family="adversarial", dataset="digits", class_portion=0.8)):
         obj = build_objective(ZerothOrderSpec(task=task), 5, seed=9)
         pts = torch.rand(4, obj.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
