@@ -1,12 +1,12 @@
 """The ``adversarial`` family: a federated black-box adversarial attack (spec §11.7; authors'
 ``funcs/adversarial.py: MNIST_Attack``), CPU-sized on a bundled dataset.
 
-* Client i's private black box is its own classifier, a small MLP (``features -> 32 -> C``, ReLU) trained
+* Client i's private black box is its own classifier, a small MLP (``features -> 16 -> C``, ReLU: ``HIDDEN``) trained
   **independently** (spec §11.8: the authors fine-tune one network from client to client) on a class-skewed part
   of the training split (``mnist-5k`` by default, or ``digits``; fedsim's tail split with 20 % test): client i
   owns classes ``i, i + N, ...`` and they make up about ``class_portion`` of its data. Models and split do not
-  depend on the seed (the authors attack fixed checkpoints); full-batch Adam (lr 0.01, 150 steps, weight decay
-  1e-4) from an initialisation seeded by the client's index.
+  depend on the seed (the authors attack fixed checkpoints); full-batch Adam (lr 0.01, 100 steps, weight decay
+  1e-4: ``STEPS``, ``LR``, ``WEIGHT_DECAY``) from an initialisation seeded by the client's index.
 * The shared target is one test image ``img`` with label ``y``; ``x`` in [0, 1]^d (``d`` = pixels, 784 for MNIST)
   is a perturbation ``to_box(x, box)`` in **pixel space** (``box`` 0.3: [-0.3, 0.3]) and the perturbed image is
   ``clip(img + delta, 0, 1)`` (a valid image). ``x0 = 0.5`` is no perturbation (spec §11.8: the authors' ``x0 = 0``
