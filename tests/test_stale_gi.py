@@ -195,6 +195,8 @@ def test_every_inversion_is_scored_in_the_round_rows(tiny_raw, tmp_path) -> None
         assert r["clients_stale"] == 1
     text = (tmp_path / "run" / "summary.md").read_text()
     assert "The server inverted 2 stale update(s)" in text and "privacy price" in text
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="stale-gi"' in page and "privacy price" in page
     # deterministic from the seed
     once, again = run_federation(scenario), run_federation(parse_scenario(gi_raw(tiny_raw)))
     assert all(torch.equal(again.final_state[k], once.final_state[k]) for k in once.final_state)
@@ -316,3 +318,22 @@ def test_tv_prior_smooths_the_estimate(tiny_raw) -> None:
         return sum(hand_tv(img[0].tolist()) for img in x) / len(x)
 
     assert tv_of(1e4) < 0.5 * tv_of(0.0)  # the prior dominates: the estimate is much smoother than without it
+
+
+def test_report_section_puts_slow_class_accuracy_beside_cost_and_leakage() -> None:
+    from fedsim.report.stale_gi import stale_gi_section
+
+    assert stale_gi_section([{"round": 1, "test_accuracy_class5": 0.5}]) == ""  # no inversion: no section
+    history = [{"round": t, "test_accuracy_class5": a} for t, a in zip(range(1, 9), [0, .1, .2, .3, .4, .5, .6, .9],
+                                                                        strict=True)]
+    history[6].update(gi_inversions=1, gi_seconds=1.25, gi_lambda=1.0, gi_psnr=11.0, gi_psnr_best=13.5,
+                      gi_psnr_blind=6.5, gi_label_acc=0.75)
+    history[7].update(gi_inversions=2, gi_seconds=2.5, gi_lambda=0.5, gi_psnr=9.0, gi_psnr_best=12.0,
+                      gi_psnr_blind=6.5, gi_label_acc=0.25)
+    html = stale_gi_section(history)
+    # last quarter of 8 rounds = rounds 7, 8: (0.6 + 0.9) / 2 = 75.0 %; last round 90.0 %
+    assert "75.0 % (mean of the last quarter" in html and "last round 90.0 %" in html
+    assert "3 in 3.8 s of server CPU" in html  # 1 + 2 inversions, 1.25 + 2.5 s
+    assert "10.00 dB mean, best 13.50 dB (blind gray image: 6.50 dB)" in html  # (11 + 9) / 2
+    assert "<dd>0.50</dd>" in html  # label overlap (0.75 + 0.25) / 2
+    assert html.count("<tr class") == 2  # one table row per round with inversions

@@ -30,6 +30,7 @@ from fedsim.report.page import esc, figure, is_fedsim_report, num, page
 from fedsim.report.participation import participation_section
 from fedsim.report.rounds import bench_rounds_plot
 from fedsim.report.sections import HOW_TO_READ, bench_header, leaderboard_section, run_header
+from fedsim.report.stale_gi import stale_gi_section
 from fedsim.report.tables import LeaderRow, leaderboard, write_leaderboard_csv
 
 GALLERY_COLUMNS = 10
@@ -204,6 +205,8 @@ def render_report(source_dir: Path, out_html: Path | None = None, *, name: str |
         write_leaderboard_csv(rows, partial / "leaderboard.csv")
         title, header = run_header(source) if source.kind == "run" else bench_header(source)
         participation = participation_section(load_metrics(source.path)) if source.kind == "run" else ""
+        if source.kind == "run":  # a server that inverted stale updates: accuracy beside cost and leakage
+            participation += stale_gi_section(load_metrics(source.path).get("utility") or [])
         sections = [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
                     _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
                     _rounds_section(source, rows, partial),
