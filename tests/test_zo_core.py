@@ -328,3 +328,39 @@ def test_server_math_by_brute_force() -> None:
     with pytest.raises(ValueError):
         next_point(x_r, locs, [1.0], 1.0)
     assert math.isfinite(radii(x_r, [x_r])[0])
+
+
+def _client_hash() -> str:
+    """A digest of one FZooS round (x_i and nu_i) at d = 200, where the BLAS paths are multi-threaded."""
+    import hashlib
+
+    d = 200
+    c = torch.linspace(0.1, 0.9, d, dtype=D)
+    cl = ZOClient(lambda X: ((X - c) ** 2).sum(1), ZerothOrderSpec(local_iters=2, fzoos={"rff_features": 2000}),
+                  seed=1, partition_id=0, dim=d)
+    x, _ = cl.train(1, torch.full((d,), 0.5, dtype=D), {})
+    nu = cl.refresh(1, x, 0.01).nu
+    return hashlib.sha256(x.numpy().tobytes() + nu.numpy().tobytes()).hexdigest()
+
+
+def test_client_numbers_do_not_depend_on_the_thread_count() -> None:
+    """A Ray actor and the in-process driver may run with different thread counts: x_i and nu_i must agree to
+    the bit (at 1 vs 2 threads they differed before the client procedures were pinned to one thread)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    here = pathlib.Path(__file__).resolve()
+    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here.parent.parent)!r}]; import torch; "
+            "torch.set_num_threads(2); import test_zo_core as t; print(t._client_hash())")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=True, cwd=here.parent.parent)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mine = _client_hash()
+    finally:
+        torch.set_num_threads(before)
+    assert mine == res.stdout.strip().splitlines()[-1]

@@ -30,7 +30,10 @@ t; the final iterate is not queried); scaffold1 ``refresh`` ``q + 1``; ``values`
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -42,6 +45,7 @@ from fedsim.zo.gp import fit_gp, grad_variance
 from fedsim.zo.querylog import PHASES, QueryLog
 from fedsim.zo.rff import fit_weights, shared_basis
 from fedsim.zo.spec import ZerothOrderSpec
+from fedsim.zo.tasks.base import one_thread
 
 _KEEP_RGF = 8  # points the finite-difference baselines remember (the broadcast point, recent iterates)
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -55,6 +59,22 @@ def adam_step(x: Tensor, g: Tensor, m: Tensor, v: Tensor, t: int, lr: float) -> 
     m_hat = m / (1 - ADAM_B1**t)
     v_hat = v / (1 - ADAM_B2**t)
     return x - lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _single_threaded(fn: _F) -> _F:
+    """Run a client procedure on one BLAS / torch thread: sklearn's length-scale fit, the Cholesky / lstsq and
+    matmul reductions otherwise round differently with the thread count (measured: a different x_i and nu_i
+    at 1 vs 2 threads), so a Ray actor and the in-process driver would drift apart."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with one_thread():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _box(x: Tensor) -> Tensor:
@@ -124,6 +144,7 @@ class ZOClient:
         g = self.spec.fzoos.gamma
         return 1.0 / (t + 1) if g == "decay" else float(g)
 
+    @_single_threaded
     def initialize(self, x0: Tensor) -> None:
         """FZooS's initial exploration (spec §11.5): ``n_inits`` uniform queries in ``x0 +- explore_radius``
         (clipped), counted under ``init``, from ``torch_generator(seed, "zo", "init", 0, partition_id)``. Done once
@@ -136,6 +157,7 @@ class ZOClient:
         self.log.query(_box(self._point(x0) + cfg.explore_radius * (2 * u - 1)), "init")
 
     # ----------------------------------------------------------------- phase 1: local training
+    @_single_threaded
     def train(self, rnd: int, x_r: Tensor,
               payload: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """T local steps from the broadcast point (spec §11.4, §11.5).
@@ -220,6 +242,7 @@ class ZOClient:
         return x, {}
 
     # ----------------------------------------------------------------- phase 2: refresh at x_{r+1}
+    @_single_threaded
     def refresh(self, rnd: int, x_next: Tensor, radius: float) -> RFFMessage:
         """FZooS's surrogate refresh at the new global point (spec §11.5, §11.6 step 4): query ``x_next``, pick
         ``refresh_top`` of ``refresh_candidates`` uniform candidates in ``x_next +- radius`` by gradient variance
@@ -252,6 +275,7 @@ class ZOClient:
                                generator=self._gen("defense", rnd) if noisy else None)
         return RFFMessage(nu=self.own.nu.clone(), y_min=self.own.y_min, y_max=self.own.y_max)
 
+    @_single_threaded
     def control_variate(self, rnd: int, x_next: Tensor) -> Tensor:
         """SCAFFOLD type I's second exchange: a fresh RGF estimate ``c_i`` (d,) at the new global point (kept as the
         client's own for the next round; ``q + 1`` queries under ``refresh``, q when ``f(x_next)`` is recorded)."""
@@ -265,6 +289,7 @@ class ZOClient:
         return g.clone()
 
     # ----------------------------------------------------------------- safeguard
+    @_single_threaded
     def values(self, xs: Tensor) -> Tensor:
         """The safeguard's extra message (spec §11.8): ``f_i`` at the server's points ``xs`` (k, d) -> (k,)
         (clipped to the box; counted under ``values`` unless already recorded)."""
