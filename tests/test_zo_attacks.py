@@ -121,16 +121,44 @@ def test_extraction_near_fit_is_high_and_beats_baselines(basis: RFFBasis) -> Non
     assert out["zo_extraction_r2_wide_mean"] < out["zo_extraction_r2_mean"]  # decays away from the fit
 
 
+def _secagg_view(basis: RFFBasis, view: ZORoundView, mask_std: float) -> ZORoundView:
+    """The same round under SecAgg, built by hand: each client sends its weighted share w_i (y_max - y_min) nu_i
+    plus pairwise masks (+m_ij for the lower id, -m_ij for the higher), offset w_i y_min plus a mask, no range; the
+    server sums the shares (the masks cancel)."""
+    ids = sorted(view.surrogates)
+    w = 1 / len(ids)
+    gen = torch.Generator().manual_seed(7)
+    masks = {i: torch.zeros(M + 1, dtype=torch.float64) for i in ids}
+    for a, b in itertools.combinations(ids, 2):
+        m = torch.randn(M + 1, generator=gen, dtype=torch.float64) * mask_std
+        masks[a] += m
+        masks[b] -= m
+    shares = {}
+    for i in ids:
+        msg = view.surrogates[i]
+        off = w * msg.y_min + float(masks[i][-1])
+        shares[i] = RFFMessage(nu=w * (msg.y_max - msg.y_min) * msg.nu + masks[i][:-1], y_min=off, y_max=off)
+    agg = GlobalSurrogate(nu=sum(s.nu for s in shares.values()), offset=sum(s.y_min for s in shares.values()))
+    return ZORoundView(round=view.round, x_r=view.x_r, x_next=view.x_next, surrogates=shares, radius=view.radius,
+                       aggregate=agg)
+
+
 def test_masked_message_collapses_to_baseline(basis: RFFBasis) -> None:
     center = torch.tensor([0.4, 0.6, 0.5, 0.3], dtype=torch.float64)
-    view = _view(basis, [_smooth, _other], center, 0.05)
-    gen = torch.Generator().manual_seed(7)
-    mask = torch.randn(M, generator=gen, dtype=torch.float64) * 10.0  # pairwise masks: +m to one, -m to the other
-    m0, m1 = view.surrogates[0], view.surrogates[1]
-    view.surrogates = {0: RFFMessage(m0.nu + mask, m0.y_min, m0.y_max), 1: RFFMessage(m1.nu - mask, m1.y_min, m1.y_max)}
-    out = score_round(view, basis, _objective([_smooth, _other]), heldout=100, seed=0, label_set=False)
-    assert out["zo_extraction_r2_mean"] < 0.0  # no better than the best constant
-    assert out["zo_extraction_r2_mean"] < out["zo_extraction_r2_global_mean"]  # the sum survives SecAgg, not nu_i
+    fs = [_smooth, _other]
+    plain = _view(basis, fs, center, 0.05)
+    clear = score_round(plain, basis, _objective(fs), heldout=100, seed=0, label_set=False)
+    # without masks the server's reading of a share (divided by w_i) is the client's surrogate again
+    unmasked = score_round(_secagg_view(basis, plain, 0.0), basis, _objective(fs), heldout=100, seed=0,
+                           label_set=False)
+    assert unmasked["zo_masked_messages"] == 1.0
+    assert unmasked["zo_extraction_r2_mean"] == pytest.approx(clear["zo_extraction_r2_mean"], abs=1e-6)
+    masked = score_round(_secagg_view(basis, plain, 100.0), basis, _objective(fs), heldout=100, seed=0,
+                         label_set=False)
+    assert masked["zo_masked_messages"] == 1.0 and clear["zo_masked_messages"] == 0.0
+    assert masked["zo_extraction_r2_mean"] < 0.0  # no better than the best constant
+    assert masked["zo_extraction_r2_mean"] < masked["zo_extraction_r2_global_mean"]  # the sum survives, not nu_i
+    assert masked["zo_extraction_r2_global_mean"] == pytest.approx(clear["zo_extraction_r2_global_mean"], abs=1e-6)
 
 
 def _label_objective(held: list[list[int]], num_classes: int, dim: int) -> FederatedObjective:

@@ -20,8 +20,10 @@ anywhere. Two attacks:
   coordinates of x are the last layer: the architecture, public as in any FL) and how many classes a client holds
   (the split design); it never sees the data, the labels or f_i.
 
-Under SecAgg the per-client ``nu_i`` in the view are the masked vectors as received: the attacks run on exactly those,
-and the scores show what is left (the aggregate is reported as the baseline the server still has).
+Under SecAgg the per-client messages in the view are the masked weighted shares as received
+(``w_i (y_max - y_min) nu_i + mask``, offset ``w_i y_min + mask``, no range): the server knows the protocol, so it
+reads each share divided by the public w_i as client i's surrogate (:func:`client_surrogate`), and the scores show
+what is left (the aggregate, which the masks do not hide, is reported as the baseline the server still has).
 
 Scoring (:func:`score_round`) is the only place the :class:`~fedsim.zo.api.FederatedObjective` enters: it queries
 the true f_i at held-out points (not counted as the client's queries) and reads ``truth['classes']`` and
@@ -63,6 +65,25 @@ Span = slice | tuple[int, int]
 (:mod:`fedsim.zo.tasks.metric`)."""
 
 
+def looks_masked(view: ZORoundView) -> bool:
+    """Whether the view's surrogate messages are SecAgg shares (:func:`fedsim.zo.client_app.masked_contribution`):
+    every message pre-scaled (``y_max == y_min``, no range) and the aggregate's offset the plain sum of their
+    offsets (a plain aggregate weights them by w_i). What the server knows from the protocol it runs."""
+    msgs = list(view.surrogates.values())
+    if not msgs or view.aggregate is None or any(m.y_max != m.y_min for m in msgs):
+        return False
+    return math.isclose(view.aggregate.offset, sum(m.y_min for m in msgs), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def client_surrogate(message: RFFMessage, weight: float, masked: bool) -> RFFMessage | GlobalSurrogate:
+    """The server's reading of client i's message as a surrogate of f_i: the message itself, or under SecAgg the
+    share divided by the client's public weight w_i (``(phi @ nu_i + offset_i) / w_i``: what f_i would be if the
+    share carried no mask)."""
+    if not masked:
+        return message
+    return GlobalSurrogate(nu=message.nu / weight, offset=message.y_min / weight)
+
+
 def _span(dim: int, block: Span) -> slice:
     if not isinstance(block, slice):
         start, stop = block
@@ -101,7 +122,8 @@ def _smallest(scores: Tensor, size: int) -> list[int]:
     return sorted(order[:size])
 
 
-def infer_label_set(basis: RFFBasis, message: RFFMessage, x: Tensor, directions: Tensor, size: int) -> list[int]:
+def infer_label_set(basis: RFFBasis, message: RFFMessage | GlobalSurrogate, x: Tensor, directions: Tensor,
+                    size: int) -> list[int]:
     """Which ``size`` classes client i holds, from its rebuilt surrogate: the slope of mu_i at ``x`` (d,) (the
     point it fitted around) along each class direction (``directions`` (C, d), e.g.
     :func:`class_logit_directions`); the classes along which mu_i falls most (or rises least). Returns sorted class
@@ -184,7 +206,8 @@ def _mean(values: list[float]) -> float:
 
 def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjective, *, heldout: int = 200,
                 seed: int = 0, extraction: bool = True, label_set: bool = True,
-                wide_factor: float = WIDE_FACTOR, min_radius: float = DEFAULT_RADIUS) -> dict[str, float]:
+                wide_factor: float = WIDE_FACTOR, min_radius: float = DEFAULT_RADIUS,
+                masked: bool | None = None) -> dict[str, float]:
     """Run the server's attacks on one round's messages and score them against the truth (evaluator only).
 
     Extraction, per client i that sent a surrogate: R^2 and RMSE of mu_i against f_i at ``heldout`` points uniform
@@ -196,41 +219,46 @@ def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
     means). Label set (when ``truth`` has ``classes`` and ``bias_slice``; class directions from
     :func:`class_logit_directions`, with ``slices['coefs_2']`` when present): accuracy and Jaccard of
     :func:`infer_label_set` and :func:`infer_label_set_from_step` with the true set size, beside the exact chance of
-    a random subset of that size (:func:`label_set_chance`).
+    a random subset of that size (:func:`label_set_chance`). ``masked`` says the messages are SecAgg shares (None:
+    decide by :func:`looks_masked`); the attacks then read each as :func:`client_surrogate` does.
 
     Returns a flat dict of floats: ``zo_extraction_r2/client<i>``, ``zo_extraction_r2_wide/client<i>``,
     ``zo_extraction_{r2, r2_wide, r2_global, r2_midpoint, rmse, rmse_global}_mean``, ``zo_extraction_flat_clients``,
     ``zo_label_set_accuracy/client<i>``, ``zo_label_set_accuracy_mean``, ``zo_label_set_jaccard_mean``,
     ``zo_label_set_step_accuracy_mean``, ``zo_label_set_step_jaccard_mean``, ``zo_label_set_chance``,
-    ``zo_label_set_jaccard_chance``, ``zo_attacked_clients``. Held-out points are drawn from a generator seeded by
-    (seed, round, client), so the scores are deterministic. Raises ValueError on a view whose points do not match
-    the objective's dimension.
+    ``zo_label_set_jaccard_chance``, ``zo_attacked_clients``, ``zo_masked_messages`` (1: read as SecAgg shares).
+    Held-out points are drawn from a generator seeded by (seed, round, client), so the scores are deterministic.
+    Raises ValueError on a view whose points do not match the objective's dimension.
     """
     if view.x_next.numel() != objective.dim:
         raise ValueError(f"score_round: view point has {view.x_next.numel()} coordinates, objective {objective.dim}")
     out: dict[str, float] = {}
     clients = sorted(view.surrogates)
+    masked = looks_masked(view) if masked is None else masked
+    reading = {i: client_surrogate(view.surrogates[i], objective.weights[i], masked) for i in clients}
     out["zo_attacked_clients"] = float(len(clients))
+    out["zo_masked_messages"] = float(masked)
     if extraction and clients:
-        _extraction(view, basis, objective, clients, heldout, seed, wide_factor, min_radius, out)
+        _extraction(view, reading, basis, objective, heldout, seed, wide_factor, min_radius, out)
     truth = objective.truth
     if label_set and "classes" in truth and "bias_slice" in truth:
-        _label_sets(view, basis, truth, out)
+        _label_sets(view, reading, basis, truth, out)
     return out
 
 
-def _extraction(view: ZORoundView, basis: RFFBasis, objective: FederatedObjective, clients: list[int],
-                heldout: int, seed: int, wide_factor: float, min_radius: float, out: dict[str, float]) -> None:
+def _extraction(view: ZORoundView, reading: dict[int, RFFMessage | GlobalSurrogate], basis: RFFBasis,
+                objective: FederatedObjective, heldout: int, seed: int, wide_factor: float, min_radius: float,
+                out: dict[str, float]) -> None:
     keys = ("r2", "r2_wide", "r2_global", "r2_midpoint", "rmse", "rmse_global")
     acc: dict[str, list[float]] = {k: [] for k in keys}
     flat = 0
-    for i in clients:
+    for i, mu_i in reading.items():
         msg = view.surrogates[i]
         radius = max(view.radius.get(i, 0.0), min_radius)
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(view.round) * 1009 + int(i))
         pts = heldout_points(view.x_next.to(torch.float64), radius, heldout, gen)
         truth = objective.clients[i](pts).to(torch.float64)
-        pred = predict_values(basis, msg, pts)
+        pred = predict_values(basis, mu_i, pts)
         score = r2_score(pred, truth)
         flat += math.isnan(score)
         out[f"zo_extraction_r2/client{i}"] = score
@@ -240,9 +268,10 @@ def _extraction(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
             glob = predict_values(basis, view.aggregate, pts)
             acc["r2_global"].append(r2_score(glob, truth))
             acc["rmse_global"].append(rmse(glob, truth))
-        acc["r2_midpoint"].append(r2_score(torch.full_like(truth, (msg.y_min + msg.y_max) / 2), truth))
+        if not isinstance(mu_i, GlobalSurrogate):  # a SecAgg share has no range to take the midpoint of
+            acc["r2_midpoint"].append(r2_score(torch.full_like(truth, (msg.y_min + msg.y_max) / 2), truth))
         wide_pts = heldout_points(view.x_next.to(torch.float64), wide_factor * radius, heldout, gen)
-        wide = r2_score(predict_values(basis, msg, wide_pts), objective.clients[i](wide_pts).to(torch.float64))
+        wide = r2_score(predict_values(basis, mu_i, wide_pts), objective.clients[i](wide_pts).to(torch.float64))
         out[f"zo_extraction_r2_wide/client{i}"] = wide
         acc["r2_wide"].append(wide)
     for k in keys:
@@ -251,7 +280,8 @@ def _extraction(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
     out["zo_extraction_flat_clients"] = float(flat)
 
 
-def _label_sets(view: ZORoundView, basis: RFFBasis, truth: dict[str, object], out: dict[str, float]) -> None:
+def _label_sets(view: ZORoundView, reading: dict[int, RFFMessage | GlobalSurrogate], basis: RFFBasis,
+                truth: dict[str, object], out: dict[str, float]) -> None:
     classes: list[list[int]] = [list(c) for c in truth["classes"]]  # type: ignore[union-attr]
     layout = truth.get("slices") or {}
     directions = class_logit_directions(view.x_next.numel(), truth["bias_slice"],  # type: ignore[arg-type]
@@ -260,8 +290,8 @@ def _label_sets(view: ZORoundView, basis: RFFBasis, truth: dict[str, object], ou
     acc, jac, sacc, sjac, chance, jchance = [], [], [], [], [], []
     for i, held in enumerate(classes):
         size = len(held)
-        if i in view.surrogates:
-            pred = infer_label_set(basis, view.surrogates[i], view.x_next, directions, size)
+        if i in reading:
+            pred = infer_label_set(basis, reading[i], view.x_next, directions, size)
             a, j = label_set_scores(pred, held, num_classes)
             out[f"zo_label_set_accuracy/client{i}"] = a
             acc.append(a)
@@ -271,7 +301,7 @@ def _label_sets(view: ZORoundView, basis: RFFBasis, truth: dict[str, object], ou
             a, j = label_set_scores(pred, held, num_classes)
             sacc.append(a)
             sjac.append(j)
-        if i in view.surrogates or i in view.local:
+        if i in reading or i in view.local:
             ca, cj = label_set_chance(num_classes, size, size)
             chance.append(ca)
             jchance.append(cj)
