@@ -189,11 +189,22 @@ def test_fzoos_message_flow_and_the_servers_view(spy) -> None:
             assert view.radius[p] == pytest.approx(float((view.x_next - x_i).abs().mean()) / 2)
     # uplink per client per round: x_i (d) + 1 safeguard value + nu (M) + y_min, y_max
     assert [t.uplink for t in out.traffic[1:]] == [3 * (10 + 1 + 200 + 2)] * 2
-    assert out.traffic[0].queries == 3  # f_i(x0)
-    # round 1 holds each client's n_inits initial queries (12) although x0 was already queried in round 0: without
-    # them it would be at most 3 * (T + explore_top + refresh_top + 1) = 3 * 10
-    assert out.traffic[1].queries >= 3 * 12
+    # round 0: each client's f_i(x0) and its n_inits (12) initial queries around x0 (ZOClient.initialize)
+    assert out.traffic[0].queries == 3 * (1 + 12)
     assert all(t.queries > 0 for t in out.traffic)
+
+
+@pytest.mark.parametrize(("method", "second"), [("fedzo", []), ("fedprox", []), ("scaffold1", ["train.control"]),
+                                                ("scaffold2", [])])
+def test_baselines_run_their_message_flow(spy, method, second) -> None:
+    _, objective, out = _fzoos(tiny(method=method, local_iters=2, rgf={"directions": 3}))
+    assert spy == ["query", "query.safeguard"] + (["train", "query.safeguard"] + second) * 2
+    assert all(not v.surrogates and v.aggregate is None for v in out.views)
+    if method == "scaffold2":  # c_i travels in the phase-1 reply (d floats more uplink)
+        assert all(v.payload[p]["c_i"].shape == (10,) for v in out.views[1:] for p in range(3))
+    assert [t.uplink for t in out.traffic[1:]] == [3 * (10 + 1 + (10 if method != "fedzo" and method != "fedprox"
+                                                                  else 0))] * 2
+    assert objective.value(out.views[-1].x_next) <= objective.value(objective.x0)  # the safeguard never goes up
 
 
 def test_secagg_masks_hide_each_nu_but_keep_the_sum() -> None:
