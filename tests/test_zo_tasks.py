@@ -361,3 +361,25 @@ def test_every_family_client_pickles_and_answers_batches() -> None:
             assert torch.equal(f(pts[2]), out[2:3])  # one point (d,) is a batch of one
             with pytest.raises(ValueError, match="query batch"):
                 f(pts[:, :-1])
+
+
+def test_adversarial_client_training_is_torch_adam() -> None:
+    """The written-out optimizer (no torch.optim import cost) follows torch.optim.Adam step for step."""
+    from torch import nn
+
+    from fedsim.isolation import seeded_global_rngs
+    from fedsim.zo.tasks import adversarial
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 12, generator=gen), torch.randint(0, 4, (60,), generator=gen)
+    got = adversarial._train(x, y, 4, seed=3)
+    with seeded_global_rngs(3):
+        model = nn.Sequential(nn.Linear(12, adversarial.HIDDEN), nn.ReLU(), nn.Linear(adversarial.HIDDEN, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=adversarial.LR, weight_decay=adversarial.WEIGHT_DECAY)
+    for _ in range(adversarial.STEPS):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    want = (model[0].weight.T, model[0].bias, model[2].weight.T, model[2].bias)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b.detach().double().numpy(), atol=1e-5)
