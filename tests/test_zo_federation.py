@@ -35,6 +35,8 @@ TINY = {
 def tiny(**zo: object) -> dict:
     raw = copy.deepcopy(TINY)
     raw["zeroth_order"].update(zo)
+    if raw["zeroth_order"]["method"] != "fzoos":  # the fzoos settings are refused under a baseline
+        del raw["zeroth_order"]["fzoos"]
     return raw
 
 
@@ -52,8 +54,14 @@ def tiny(**zo: object) -> dict:
     (lambda r: r["federation"].update(staleness={"tau": 2, "slow_clients": [0]}), "federation.staleness"),
     (lambda r: r["federation"].update(server_lr=0.5), "federation.server_lr"),
     (lambda r: r["zeroth_order"]["task"].update(class_portion=0.5), "zeroth_order.task.class_portion"),
-    (lambda r: r["zeroth_order"].update(method="fedzo", defenses={"secagg": True}), "zeroth_order.defenses"),
+    (lambda r: r["zeroth_order"].update(method="fedzo", defenses={"secagg": True}) or r["zeroth_order"].pop("fzoos"),
+     "zeroth_order.defenses"),
     (lambda r: r["zeroth_order"].update(attacks={"label_set": True}), "zeroth_order.attacks.label_set"),
+    (lambda r: r["zeroth_order"].update(method="fedzo"), "zeroth_order.fzoos"),
+    (lambda r: r["zeroth_order"].update(rgf={"directions": 5}), "zeroth_order.rgf"),
+    (lambda r: r["zeroth_order"].update(prox_mu=0.5), "zeroth_order.prox_mu"),
+    (lambda r: r["zeroth_order"].update(method="fedzo", fzoos=None, attacks={"function_extraction": True})
+     or r["zeroth_order"].pop("fzoos"), "zeroth_order.attacks.function_extraction"),
 ])
 def test_validation_refuses_with_the_yaml_path(change, path) -> None:
     raw = tiny()

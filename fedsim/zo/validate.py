@@ -10,6 +10,8 @@ neural-network training or gradient-inversion attacks. So, under ``zeroth_order`
   evaluates the global objective every round), and ``federation.clients_per_round`` (every client takes part in
   every round: the protocol's safeguard and surrogate sum need them all), ``federation.local``,
   ``federation.server_lr``, ``federation.staleness`` (their zeroth-order counterparts live in ``zeroth_order``);
+* a setting the method never reads is refused (``zeroth_order.fzoos`` under a baseline, ``zeroth_order.rgf`` under
+  fzoos, ``prox_mu`` under anything but fedprox, ``attacks.function_extraction: true`` without FZooS's surrogate);
 * the task family's own check (:func:`fedsim.zo.tasks.check_task`) runs, with its paths under ``zeroth_order.``.
 """
 
@@ -40,6 +42,22 @@ _REFUSED_FEDERATION = {
 }
 
 
+def _check_method_fields(block: Any) -> None:
+    """Refuse a setting the chosen method never reads (it would be silently ignored)."""
+    method, given = block.method, block.model_fields_set
+    if "fzoos" in given and method != "fzoos":
+        raise ScenarioError("zeroth_order.fzoos", f"settings of the fzoos method; the method is {method}")
+    if "rgf" in given and method == "fzoos":
+        raise ScenarioError("zeroth_order.rgf", "settings of the finite-difference baselines (fedzo, fedprox, "
+                                                "scaffold1, scaffold2); fzoos uses zeroth_order.fzoos")
+    if "prox_mu" in given and method != "fedprox":
+        raise ScenarioError("zeroth_order.prox_mu", f"the fedprox method's weight; the method is {method}")
+    if block.attacks.function_extraction and "function_extraction" in block.attacks.model_fields_set \
+            and method != "fzoos":
+        raise ScenarioError("zeroth_order.attacks.function_extraction", f"extracts f_i from FZooS's surrogate "
+                                                                        f"message; {method} sends none")
+
+
 def check_zeroth_order(scenario: Any) -> Any:
     """Check the zeroth-order parts of a validated :class:`~fedsim.scenario.Scenario` and return it.
 
@@ -62,6 +80,7 @@ def check_zeroth_order(scenario: Any) -> Any:
     for name, why in _REFUSED_FEDERATION.items():
         if name in fed.model_fields_set:
             raise ScenarioError(f"federation.{name}", f"not used under federation.protocol {PROTOCOL}: {why}")
+    _check_method_fields(block)
     if block.attacks.label_set and "label_set" in block.attacks.model_fields_set and block.task.family != "metric":
         raise ScenarioError("zeroth_order.attacks.label_set", f"label-set inference needs the metric task (classes "
                                                               f"a client holds); the task is {block.task.family}")
