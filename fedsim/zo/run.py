@@ -31,7 +31,7 @@ from fedsim.simulation.ray_backend import quiet_environment
 from fedsim.simulation.server_app import RoundCallback
 from fedsim.zo.api import FederatedObjective, ZORoundView
 from fedsim.zo.capture import RoundTraffic
-from fedsim.zo.client_app import build_zo_client_app
+from fedsim.zo.client_app import SECAGG_NOTE, build_zo_client_app
 from fedsim.zo.report import OBJECTIVE, QUERIES, QUERIES_ROUND
 from fedsim.zo.server_app import ZOOutcome, build_zo_server_app
 from fedsim.zo.tasks import build_objective
@@ -135,10 +135,7 @@ def run_zo_scenario(scenario: Scenario, out_dir: Path | None = None, *, write: b
         "safeguard": spec.safeguard, "defenses": spec.defenses.model_dump(), "queries_total": rows.total,
         "objective_first": history[0][OBJECTIVE], "objective_last": history[-1][OBJECTIVE],
         "final_x": [float(v) for v in outcome.final_x],
-        "secagg_note": ("zeroth_order.defenses.secagg simulates SecAgg's pairwise masking of the surrogate weights "
-                        "(pair seeds from the scenario seed, float arithmetic, no key agreement and no dropout "
-                        "recovery); x_i and the safeguard values are sent in the clear") if spec.defenses.secagg
-        else None,
+        "secagg_note": SECAGG_NOTE if spec.defenses.secagg else None,
     }}
     written = None
     if write:

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedsim.report.page import esc
+from fedsim.zo.client_app import SECAGG_NOTE
 from fedsim.zo.report import defense_label, zo_markdown
 
 
@@ -51,6 +52,7 @@ def zo_summary_markdown(scenario: Any, history: Sequence[Mapping[str, Any]], tim
         f"- federation: {fed.clients} clients, every client every round, {fed.rounds} rounds, protocol "
         f"`zeroth_order`, backend `{scenario.backend.kind}`",
         f"- message defenses: {defense_label(zo.get('defenses'))}; seed {scenario.seed}",
+        *([f"- note: {SECAGG_NOTE}"] if scenario.zeroth_order.defenses.secagg else []),
         f"- time: federation {timing.get('federation_s', 0):.1f} s",
         "",
     ]
