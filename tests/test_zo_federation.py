@@ -228,6 +228,21 @@ def test_secagg_masks_hide_each_nu_but_keep_the_sum() -> None:
         assert torch.allclose(a.x_next, b.x_next, rtol=0, atol=1e-9)
 
 
+def test_the_server_side_never_names_the_objective() -> None:
+    """The ServerApp and the capture see only replies: they never name the objective, a task, or the truth."""
+    from pathlib import Path
+
+    from helpers import referenced_names
+
+    root = Path(__file__).resolve().parents[1] / "fedsim" / "zo"
+    for name in ("server_app.py", "capture.py"):
+        names = referenced_names(root / name)
+        assert not names & {"FederatedObjective", "objective", "fedsim.zo.tasks", "build_objective", "objective_for", "truth",
+                            "value", "clients"}, name
+    assert "build_objective" in referenced_names(root / "client_app.py") or \
+        "objective_for" in referenced_names(root / "client_app.py")  # the collector does see such names
+
+
 def _rows(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
