@@ -260,4 +260,8 @@ def test_report_section_shows_objective_queries_and_attack_table(tmp_path) -> No
     html = zo_section(rows, "fzoos", None, tmp_path)
     assert (tmp_path / "zo_objective.png").is_file() and "data:image/png;base64," in html
     assert attack_table_markdown({"none": rows[:1]}) == []  # nothing attacked, no table
+    small = [{**rows[1], "zo_extraction_rmse_mean": 0.0054, "zo_extraction_r2_mean": -7.5e12}]
+    line = attack_table_markdown({"secagg": small})[-1]
+    assert "| secagg | -7.5e+12 |" in line and "| 0.0054 |" in line  # never '0.005' or '-7500000000000.000'
+
     assert zo_markdown([{"round": 1.0}], "fzoos", None) == []

@@ -27,7 +27,7 @@ matplotlib.use("Agg")  # headless: reports are written by CLIs, CI and Ray drive
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedsim.report.gallery import data_uri  # noqa: E402
-from fedsim.report.page import esc, figure, num, table  # noqa: E402
+from fedsim.report.page import esc, figure, table  # noqa: E402
 
 OBJECTIVE = "zo_objective"
 QUERIES = "zo_queries"
@@ -45,6 +45,13 @@ ATTACK_COLUMNS: tuple[tuple[str, str], ...] = (
     ("zo_label_set_chance", "label set chance"),
 )
 """(row key, column title) of the attack table, in order."""
+
+READING = ("Mean over the attacked rounds. Extraction: the server's rebuilt surrogate mu_i against the client's true "
+           "f_i at 200 random held-out points in the box the client fitted in (and 10x wider). R\u00b2 1 = a copy of "
+           "the private function, <= 0 = no better than the best constant (where f_i hardly varies in the box, e.g. a "
+           "piecewise-constant metric, R\u00b2 is negative even for a close copy: read the RMSE beside the "
+           "aggregate's). Label set: share of the held/not-held class decisions that are right, beside the exact "
+           "chance of a random guess of the same size.")
 
 
 def _attacked(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -72,10 +79,11 @@ def attack_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return {key: _mean(rows, key) for key, _ in ATTACK_COLUMNS}
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def _fmt(value: float) -> str:
+    """3 decimals, or 3 significant digits for a small (RMSE ~0.005) or huge (a masked share's R^2) value."""
     if math.isnan(value):
         return "-"
-    return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+    return f"{value:.3f}" if value == 0 or 0.1 <= abs(value) < 1e4 else f"{value:.3g}"
 
 
 def attack_table_markdown(settings: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
@@ -143,9 +151,7 @@ def zo_markdown(history: Sequence[Mapping[str, Any]], method: str, defenses: Map
     table_lines = attack_table_markdown({defense_label(defenses): history})
     if table_lines:
         lines += ["## What the server learned from the messages", "",
-                  "Mean over the attacked rounds. Extraction R\u00b2 compares the server's rebuilt surrogate mu_i with "
-                  "the client's true f_i at held-out points (1 = a copy; any constant scores <= 0). Label set: "
-                  "share of held/not-held decisions right, beside a random guess of the same size.", "",
+                  READING, "",
                   *table_lines, ""]
     return lines
 
@@ -171,11 +177,7 @@ def zo_section(history: Sequence[Mapping[str, Any]], method: str, defenses: Mapp
     if _attacked(history):
         s = attack_summary(history)
         head = [("defense", True)] + [(t, False) for _, t in ATTACK_COLUMNS]
-        cells = [esc(defense_label(defenses))] + [num(s[k], 3) for k, _ in ATTACK_COLUMNS]
+        cells = [esc(defense_label(defenses))] + [esc(_fmt(s[k])) for k, _ in ATTACK_COLUMNS]
         body += ("<h3>What the server learned from the messages</h3>"
-                 '<p class="note">Mean over the attacked rounds. Extraction R\u00b2: the server\'s rebuilt surrogate '
-                 "mu_i against the client's true f_i at held-out points (1 = a copy of the private function; any "
-                 "constant scores &le; 0). Label set: share of the held/not-held class decisions that are right, "
-                 "beside the exact chance of a random guess of the same size.</p>"
-                 + table(head, [(cells, "")]))
+                 f'<p class="note">{esc(READING)}</p>' + table(head, [(cells, "")]))
     return f'<section id="zeroth-order"><h2>Zeroth-order federation</h2>{body}</section>'
