@@ -337,3 +337,35 @@ def test_report_section_puts_slow_class_accuracy_beside_cost_and_leakage() -> No
     assert "10.00 dB mean, best 13.50 dB (blind gray image: 6.50 dB)" in html  # (11 + 9) / 2
     assert "<dd>0.50</dd>" in html  # label overlap (0.75 + 0.25) / 2
     assert html.count("<tr class") == 2  # one table row per round with inversions
+
+
+def test_drift_detector_switches_in_a_run_at_the_first_arrival_below_the_threshold(tiny_raw, monkeypatch) -> None:
+    """In a real run: the detector stops inverting at the first stale arrival whose relative drift of the server's
+    own models, ``|w^{t-1} - w^{t-1-tau}| / |w^{t-1}|`` (recomputed here in float64 numpy), is below the threshold."""
+    import numpy as np
+
+    drifts: dict[int, float] = {}
+    rule = STALE_RULES["gi_conversion"]
+
+    def spy(arrival: StaleArrival, scenario) -> dict:  # noqa: ANN001
+        cur = np.concatenate([arrival.current[k].double().numpy().ravel() for k in arrival.current])
+        old = np.concatenate([arrival.base[k].double().numpy().ravel() for k in arrival.current])
+        drifts[arrival.round] = float(np.linalg.norm(cur - old) / np.linalg.norm(cur))
+        return rule(arrival, scenario)
+
+    monkeypatch.setitem(STALE_RULES, "gi_conversion", spy)
+    raw = gi_raw(tiny_raw)
+    raw["federation"]["rounds"] = 30
+    raw["federation"]["staleness"]["tau"] = 6  # client 1's stale arrivals: rounds 7, 9, ..., 29
+    free = run_federation(parse_scenario(raw)).history
+    assert sorted(drifts) == list(range(7, 30, 2))
+    assert [int(r["round"]) for r in free if r.get("gi_inversions")] == list(range(7, 30, 2))
+    # the first arrival whose drift is below every earlier one's; a threshold halfway between makes it the switch
+    order = sorted(drifts)
+    expected = next((t for t in order[1:] if drifts[t] < min(drifts[u] for u in order if u < t)), None)
+    assert expected is not None, str(sorted(drifts.items()))
+    threshold = (drifts[expected] + min(drifts[u] for u in order if u < expected)) / 2
+    raw["federation"]["staleness"]["gi"]["drift_threshold"] = threshold
+    drifts.clear()
+    switched = run_federation(parse_scenario(raw)).history
+    assert [int(r["round"]) for r in switched if r.get("gi_inversions")] == [t for t in order if t < expected]
