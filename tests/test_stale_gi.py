@@ -337,6 +337,9 @@ def test_report_section_puts_slow_class_accuracy_beside_cost_and_leakage() -> No
     assert "10.00 dB mean, best 13.50 dB (blind gray image: 6.50 dB)" in html  # (11 + 9) / 2
     assert "<dd>0.50</dd>" in html  # label overlap (0.75 + 0.25) / 2
     assert html.count("<tr class") == 2  # one table row per round with inversions
+    assert "switched back" not in html
+    history[7]["clients_stale"] = 3  # a third stale update that round went in without an inversion
+    assert "round 8 (lambda_t = 0" in stale_gi_section(history)
 
 
 def test_drift_detector_switches_in_a_run_at_the_first_arrival_below_the_threshold(tiny_raw, monkeypatch) -> None:
@@ -369,3 +372,7 @@ def test_drift_detector_switches_in_a_run_at_the_first_arrival_below_the_thresho
     drifts.clear()
     switched = run_federation(parse_scenario(raw)).history
     assert [int(r["round"]) for r in switched if r.get("gi_inversions")] == [t for t in order if t < expected]
+    from fedsim.report.stale_gi import summary_line, switch_round
+
+    assert switch_round(free) is None and switch_round(switched) == expected  # the outputs say where it switched
+    assert f"From round {expected} it aggregated stale updates without inverting" in summary_line(switched)

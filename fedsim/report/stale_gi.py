@@ -28,6 +28,18 @@ def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def switch_round(history: Sequence[Mapping[str, Any]]) -> int | None:
+    """The first round after an inversion in which a stale update was aggregated without one (``clients_stale`` >
+    ``gi_inversions``): where ``lambda_t`` reached 0 (``gi.switch_round`` or the drift detector); None if never."""
+    inverted = False
+    for row in history:
+        stale, done = int(row.get("clients_stale", 0)), int(row.get("gi_inversions", 0))
+        if inverted and stale > done and "round" in row:
+            return int(row["round"])
+        inverted = inverted or done > 0
+    return None
+
+
 def summary_line(history: list[dict[str, float]]) -> str | None:
     """One sentence on the privacy price of gi_conversion over a run's rows (None without inversions): how many
     inversions, their cost, and the mean leakage of the estimates beside the blind-guess baseline."""
@@ -43,6 +55,9 @@ def summary_line(history: list[dict[str, float]]) -> str | None:
                      f"{max(h['gi_psnr_best'] for h in rows):.2f} dB),")
     parts.append(f" with label shares overlapping the client's by {_mean(rows, 'gi_label_acc'):.2f} (the privacy "
                  "price of the repair).")
+    switched = switch_round(history)
+    if switched is not None:
+        parts.append(f" From round {switched} it aggregated stale updates without inverting them (lambda_t = 0).")
     return "".join(parts)
 
 
@@ -79,6 +94,9 @@ def stale_gi_section(history: Sequence[Mapping[str, Any]]) -> str:
                                           f"(blind gray image: {num(_mean(rows, 'gi_psnr_blind'))} dB)"),
         ("label-share overlap", num(_mean(rows, "gi_label_acc"))),
     ]
+    switched = switch_round(history)
+    if switched is not None:
+        items.append(("switched back to stale aggregation", f"round {switched} (lambda_t = 0: no more inversions)"))
     key = f"test_accuracy_class{acc[0]}" if acc is not None else None
     head = [("round", False), ("inversions", False), ("lambda_t", False), ("seconds", False),
             ("PSNR dB", False), ("blind dB", False), ("labels", False), ("slow-class acc %", False)]
