@@ -275,7 +275,7 @@ def test_the_rule_runs_without_any_client_data(tiny_raw, monkeypatch) -> None:
 
 @pytest.mark.ray
 def test_gi_conversion_on_ray_gives_the_inprocess_numbers(tiny_raw) -> None:
-    scenario = parse_scenario(gi_raw(tiny_raw))
+    scenario = parse_scenario(gi_raw(tiny_raw, {"init": "gray", "tv": 0.1, "topk": 1.0}))  # the shipped repair
     local, ray = run_federation(scenario), run_federation(scenario, backend="ray")
     assert all(torch.equal(local.final_state[k], ray.final_state[k]) for k in local.final_state)
     assert [r.get("gi_psnr") for r in ray.history] == [r.get("gi_psnr") for r in local.history]
