@@ -23,7 +23,8 @@ of the same size; and the final global objective (the defense's price in utility
 
     OMP_NUM_THREADS=1 python benchmarks/fzoos_privacy.py [--seeds 3] [--rounds 4] [--tasks metric quadratic]
 
-Measured (this machine, one core, 2026-11-29, ``--seeds 3``, wall 172 s; seeds 0-2, mean +- std over seeds):
+Measured (this machine, one core, 2026-11-29, ``--seeds 3``, wall 172-186 s, a rerun gave the identical table;
+seeds 0-2, mean +- std over seeds):
 
     metric        R2 fit box   RMSE          RMSE aggr.  labels (grad mu)  labels (step)  chance  final F
     none          -18.9+-16.5  0.007+-0.001  0.078       0.737+-0.029      0.673+-0.015   0.680   0.270+-0.006

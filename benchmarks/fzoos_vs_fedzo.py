@@ -18,9 +18,10 @@ F_FedZO - F_FZooS at that common budget (positive = FZooS lower), mean +- std ov
 
     OMP_NUM_THREADS=1 python benchmarks/fzoos_vs_fedzo.py [--seeds 3] [--rounds 12] [--dim 20]
 
-Measured (this machine, one core, 2026-11-29, ``--seeds 3 --rounds 15``, wall 171 s): FZooS spends 5755 queries in
-15 rounds, FedZO 7880; the common budget is 5755. F(x0) = 2.502 / 2.881 / 3.215 (seeds 0 / 1 / 2); both methods reach
-the task's minimum (F ~ -0.0193) by the end. Margin F_FedZO - F_FZooS, mean +- std over the 3 seeds:
+Measured (this machine, one core, 2026-11-29, ``--seeds 3 --rounds 15``, wall 80-171 s by load, a rerun gave the
+identical numbers): FZooS spends 5755 queries in 15 rounds, FedZO 7880; the common budget is 5755. F(x0) = 2.502 /
+2.881 / 3.215 (seeds 0 / 1 / 2); both methods reach the task's minimum (F ~ -0.0193) by the end. Margin
+F_FedZO - F_FZooS, mean +- std over the 3 seeds:
 
     Q = 1439 (25 %): +0.434 +- 0.057  (FZooS lower in 3/3; e.g. seed 0: 0.869 vs 1.248)
     Q = 2878 (50 %): +0.276 +- 0.037  (3/3; seed 0: 0.058 vs 0.292)
