@@ -16,7 +16,7 @@ Matched queries: the methods spend different numbers of queries per round, so ea
 counts them: ``zo_queries``), at Q = 1/4, 1/2, 3/4 and all of the smaller of the two totals. The margin is
 F_FedZO - F_FZooS at that common budget (positive = FZooS lower), mean +- std over the seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/fzoos_vs_fedzo.py [--seeds 3] [--rounds 12] [--dim 20]
+    OMP_NUM_THREADS=1 python benchmarks/fzoos_vs_fedzo.py [--seeds 3] [--rounds 15] [--dim 20]
 
 Measured (this machine, one core, 2026-11-29, ``--seeds 3 --rounds 15``, wall 80-171 s by load, a rerun gave the
 identical numbers): FZooS spends 5755 queries in 15 rounds, FedZO 7880; the common budget is 5755. F(x0) = 2.502 /
@@ -82,7 +82,7 @@ def run(method: str, seed: int, rounds: int, dim: int, clients: int) -> list[dic
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--dim", type=int, default=20)
     ap.add_argument("--clients", type=int, default=5)
     args = ap.parse_args(argv)
