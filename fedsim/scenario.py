@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.outputs import check_name
 from fedsim.stale_gi_spec import GIConversion
+from fedsim.yaml_input import apply_overrides, read_yaml, set_dotted  # noqa: F401  (also public here)
 from fedsim.zo.spec import ZerothOrderSpec
 
 
@@ -263,52 +263,6 @@ def _first_error(err: ValidationError) -> ScenarioError:
         reason = "unknown field"
     more = len(err.errors()) - 1
     return ScenarioError(path, reason + (f" (and {more} more problem{'s' * (more > 1)})" if more else ""))
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``a.b.0.c`` in a raw mapping (list items by existing index); ScenarioError at the failing prefix."""
-    parts = key.strip().split(".")
-    node: Any = raw
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ScenarioError(where, f"no list item {part!r} (the list has {len(node)})")
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise ScenarioError(where, "cannot set a field inside a plain value")
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML, list items by index) to a raw dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise ScenarioError("--set", f"{item!r} is not of the form key.path=value")
-        key, text = item.split("=", 1)
-        set_dotted(raw, key, yaml.safe_load(text) if text else "")
-    return raw
-
-
-def read_yaml(path: str | Path, what: str = "scenario file", field: str = "") -> Any:
-    """Parse a YAML file with ``yaml.safe_load``; a missing file or bad YAML is a ScenarioError at ``field``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(field, f"{what} {str(path)!r} does not exist")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise ScenarioError(field, f"{path} is not valid YAML ({where}): {getattr(err, 'problem', err)}") from None
 
 
 def parse_scenario(raw: Any) -> Scenario:

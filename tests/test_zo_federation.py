@@ -237,8 +237,8 @@ def test_the_server_side_never_names_the_objective() -> None:
     root = Path(__file__).resolve().parents[1] / "fedsim" / "zo"
     for name in ("server_app.py", "capture.py"):
         names = referenced_names(root / name)
-        assert not names & {"FederatedObjective", "objective", "fedsim.zo.tasks", "build_objective", "objective_for", "truth",
-                            "value", "clients"}, name
+        assert not names & {"FederatedObjective", "objective", "fedsim.zo.tasks", "build_objective", "objective_for",
+                            "truth", "value", "clients"}, name
     assert "build_objective" in referenced_names(root / "client_app.py") or \
         "objective_for" in referenced_names(root / "client_app.py")  # the collector does see such names
 
