@@ -49,9 +49,14 @@ def test_steps_are_numbered_from_one_without_gaps() -> None:
 def test_step_validates_offline_on_bundled_data(path: Path) -> None:
     scenario = load_scenario(path)
     assert scenario.device == "auto"
-    assert scenario.data.dataset in ASSETS, "tutorial steps must use data shipped with fedsim"
-    assert scenario.data.root is None and not scenario.data.download
-    assert scenario.attacks, "every step shows an attack"
+    zo = scenario.zeroth_order
+    if zo is not None:  # a zeroth-order step: its task's data and its attacks on the messages
+        assert zo.task.dataset is None or zo.task.dataset in ASSETS, "tutorial steps must use data shipped with fedsim"
+        assert zo.attacks.function_extraction or zo.attacks.label_set, "every step shows an attack"
+    else:
+        assert scenario.data.dataset in ASSETS, "tutorial steps must use data shipped with fedsim"
+        assert scenario.data.root is None and not scenario.data.download
+        assert scenario.attacks, "every step shows an attack"
     header = path.read_text(encoding="utf-8").splitlines()
     assert header[0].startswith(f"# Tutorial {int(path.name[:2])}")
     comments = "\n".join(line for line in header if line.startswith("#"))
