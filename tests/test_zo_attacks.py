@@ -151,11 +151,11 @@ def test_masked_message_collapses_to_baseline(basis: RFFBasis) -> None:
     # without masks the server's reading of a share (divided by w_i) is the client's surrogate again
     unmasked = score_round(_secagg_view(basis, plain, 0.0), basis, _objective(fs), heldout=100, seed=0,
                            label_set=False)
-    assert unmasked["zo_masked_messages"] == 1.0
+    assert unmasked["zo_is_masked"] == 1.0
     assert unmasked["zo_extraction_r2_mean"] == pytest.approx(clear["zo_extraction_r2_mean"], abs=1e-6)
     masked = score_round(_secagg_view(basis, plain, 100.0), basis, _objective(fs), heldout=100, seed=0,
                          label_set=False)
-    assert masked["zo_masked_messages"] == 1.0 and clear["zo_masked_messages"] == 0.0
+    assert masked["zo_is_masked"] == 1.0 and clear["zo_is_masked"] == 0.0
     assert masked["zo_extraction_r2_mean"] < 0.0  # no better than the best constant
     assert masked["zo_extraction_r2_mean"] < masked["zo_extraction_r2_global_mean"]  # the sum survives, not nu_i
     assert masked["zo_extraction_r2_global_mean"] == pytest.approx(clear["zo_extraction_r2_global_mean"], abs=1e-6)
@@ -244,24 +244,28 @@ def test_heldout_points_stay_in_box_and_unit_cube() -> None:
 
 
 def test_report_section_shows_objective_queries_and_attack_table(tmp_path) -> None:  # noqa: ANN001
-    from fedsim.zo.report import attack_table_markdown, zo_markdown, zo_section
+    from fedsim.zo.report import RunInfo, attack_table_markdown, zo_markdown
+    from fedsim.zo.report_html import zo_report_sections
 
     rows = [{"round": 0.0, "zo_objective": 1.0, "zo_queries": 0.0},
             {"round": 1.0, "zo_objective": 0.5, "zo_queries": 70.0, "zo_queries_round": 70.0,
-             "zo_attacked_clients": 2.0, "zo_extraction_r2_mean": 0.9, "zo_label_set_accuracy_mean": 0.75,
-             "zo_label_set_chance": 0.5},
+             "zo_attacked_clients": 2.0, "zo_extraction_r2_mean": 0.9, "zo_extraction_flat_clients": 0.0,
+             "zo_label_set_accuracy_mean": 0.75, "zo_label_set_chance": 0.5},
             {"round": 2.0, "zo_objective": 0.25, "zo_queries": 140.0, "zo_queries_round": 70.0,
-             "zo_attacked_clients": 2.0, "zo_extraction_r2_mean": 0.7, "zo_label_set_accuracy_mean": 0.25,
-             "zo_label_set_chance": 0.5}]
-    md = "\n".join(zo_markdown(rows, "fzoos", {"ridge": 0.1, "secagg": False}))
+             "zo_attacked_clients": 2.0, "zo_extraction_r2_mean": 0.7, "zo_extraction_flat_clients": 0.0,
+             "zo_label_set_accuracy_mean": 0.25, "zo_label_set_chance": 0.5}]
+    scn = {"federation": {"clients": 2}, "zeroth_order": {"method": "fzoos", "task": {"family": "metric"},
+                                                          "defenses": {"ridge": 0.1, "secagg": False}}}
+    md = "\n".join(zo_markdown(rows, RunInfo.from_scenario(scn)))
     assert "1 (round 0) -> 0.25 (round 2) after 140 queries" in md
     assert "| 2 | 0.25 | 70 | 140 |" in md
-    assert "| ridge 0.1 | 0.800 | - | - | - | - | - | 0.500 | - | 0.500 |" in md  # means over the attacked rounds
-    html = zo_section(rows, "fzoos", None, tmp_path)
+    assert "| mean |  | 0.800 |" in md and "| 0.500 | \u2014 (not defined) | 0.500 |" in md  # means over rounds
+    assert attack_table_markdown({"ridge 0.1": rows})[-1].startswith("| ridge 0.1 | 0.800 |")
+    html = "".join(zo_report_sections(scn, {"utility": rows}, tmp_path, "leaderboard.csv"))
     assert (tmp_path / "zo_objective.png").is_file() and "data:image/png;base64," in html
     assert attack_table_markdown({"none": rows[:1]}) == []  # nothing attacked, no table
     small = [{**rows[1], "zo_extraction_rmse_mean": 0.0054, "zo_extraction_r2_mean": -7.5e12}]
     line = attack_table_markdown({"secagg": small})[-1]
     assert "| secagg | -7.5e+12 |" in line and "| 0.0054 |" in line  # never '0.005' or '-7500000000000.000'
 
-    assert zo_markdown([{"round": 1.0}], "fzoos", None) == []
+    assert zo_markdown([{"round": 1.0}], RunInfo()) == []

@@ -25,7 +25,7 @@ from fedsim.report.figures import utility_curve
 from fedsim.report.frontier import frontier_plot, setting_label
 from fedsim.report.gallery import GalleryEntry, data_uri, load_reconstructions, png_bytes, strip_png
 from fedsim.report.leakage import leakage_plot
-from fedsim.report.loading import ReportSourceError, Source, load_metrics, load_source
+from fedsim.report.loading import ReportSourceError, Source, load_metrics, load_source, read_yaml
 from fedsim.report.page import esc, figure, is_fedsim_report, num, page
 from fedsim.report.participation import participation_section
 from fedsim.report.rounds import bench_rounds_plot
@@ -181,12 +181,16 @@ def _check_targets(out_html: Path, assets: Path) -> None:
         raise ReportSourceError(str(err)) from None
 
 
-def _zo_section(source: Source, zo: dict, assets: Path) -> str:
-    """The zeroth-order section of a run (metrics.json holds "zeroth_order"): :func:`fedsim.zo.report.zo_section`."""
-    from fedsim.zo.report import zo_section
-
-    metrics = load_metrics(source.path)
-    return zo_section(metrics.get("utility") or [], str(zo.get("method")), zo.get("defenses"), assets)
+def _default_sections(source: Source, header: str, partial: Path, assets: Path) -> list[str]:
+    """The sections of a neural-network run or a bench (leaderboard.csv written into ``partial``)."""
+    rows = leaderboard(source.cells)
+    write_leaderboard_csv(rows, partial / "leaderboard.csv")
+    participation = participation_section(load_metrics(source.path)) if source.kind == "run" else ""
+    if source.kind == "run":  # a server that inverted stale updates: accuracy beside cost and leakage
+        participation += stale_gi_section(load_metrics(source.path).get("utility") or [])
+    return [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
+            _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
+            _rounds_section(source, rows, partial), _galleries_section(source, rows, partial)]
 
 
 def render_report(source_dir: Path, out_html: Path | None = None, *, name: str | None = None) -> Path:
@@ -201,19 +205,16 @@ def render_report(source_dir: Path, out_html: Path | None = None, *, name: str |
     _check_targets(out_html, assets)
     partial = fresh_partial(assets, REPORT_ASSETS)
     try:
-        rows = leaderboard(source.cells)
-        write_leaderboard_csv(rows, partial / "leaderboard.csv")
         title, header = run_header(source) if source.kind == "run" else bench_header(source)
-        participation = participation_section(load_metrics(source.path)) if source.kind == "run" else ""
-        if source.kind == "run":  # a server that inverted stale updates: accuracy beside cost and leakage
-            participation += stale_gi_section(load_metrics(source.path).get("utility") or [])
-        sections = [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
-                    _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
-                    _rounds_section(source, rows, partial),
-                    _galleries_section(source, rows, partial)]
         zo = load_metrics(source.path).get("zeroth_order") if source.kind == "run" else None
-        if zo:  # a zeroth-order run: objective against queries, what the server learned (fedsim.zo.report)
-            sections.insert(2, _zo_section(source, zo, partial))
+        if zo:  # the one dispatch point of a zeroth-order run: its own sections and leaderboard (fedsim.zo)
+            from fedsim.zo.report_html import zo_report_sections
+
+            sections = [header, *zo_report_sections(read_yaml(source.path / "scenario.yaml") or {},
+                                                    load_metrics(source.path), partial,
+                                                    f"{assets.name}/leaderboard.csv")]
+        else:
+            sections = _default_sections(source, header, partial, assets)
         kind = "single run" if source.kind == "run" else "benchmark"
         shown = name or source.path.name
         doc = page(f"fedsim report: {title}", f"{kind} \u00b7 {shown}", sections,

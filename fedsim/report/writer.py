@@ -8,7 +8,6 @@ fedsim's (an empty directory may become the run directory); anything else is ref
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,14 @@ from typing import Any
 import yaml
 
 from fedsim import jsonio
+from fedsim.errors import FedsimError
 from fedsim.outputs import RUN, check_replaceable, fresh_partial, is_empty_dir, remove_owned
 from fedsim.report.divergence import divergence_note
 from fedsim.report.figures import reconstruction_grid, utility_curve
 from fedsim.report.gallery import save_reconstructions
 from fedsim.report.html import render_report
 from fedsim.report.leakage import leakage_curve, leakage_plot
+from fedsim.report.page import esc, page
 from fedsim.report.summary import summary_markdown
 from fedsim.scenario import Scenario
 
@@ -75,8 +76,10 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
     (partial / "summary.md").write_text(summary, encoding="utf-8")
     try:  # the same HTML report `fedsim report` writes; a drawing bug must not lose a finished run
         render_report(partial, name=out_dir.name)
-    except Exception as err:  # noqa: BLE001
-        warnings.warn(f"report.html was not written: {type(err).__name__}: {err}", stacklevel=2)
+        failed = None
+    except Exception as err:  # noqa: BLE001 - recorded in every output below, then raised as ReportError
+        failed = f"report.html could not be drawn: {type(err).__name__}: {err}"
+        _record_report_failure(partial, metrics, summary, failed, out_dir)
     try:
         check_run_dir(out_dir, overwrite)  # again: something may have appeared there while we ran
     except Exception:
@@ -87,4 +90,25 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
     else:
         remove_owned(out_dir, RUN, "run directory")
     partial.rename(out_dir)
+    if failed is not None:
+        raise ReportError(f"{failed}; the run finished and its results are in {out_dir} (metrics.json, summary.md); "
+                          f"`fedsim report {out_dir}` draws the report again")
     return out_dir
+
+
+class ReportError(FedsimError):
+    """A finished run whose report.html could not be drawn: the run directory is complete otherwise, and its
+    metrics.json (``report_error``), summary.md and a stand-in report.html say so."""
+
+
+def _record_report_failure(partial: Path, metrics: dict[str, Any], summary: str, failed: str, out_dir: Path) -> None:
+    """Put the report failure into every output of the run directory being written (never only a warning)."""
+    metrics["report_error"] = failed
+    (partial / "metrics.json").write_text(jsonio.dumps(metrics, indent=2), encoding="utf-8")
+    (partial / "summary.md").write_text(summary + f"\n**Error: {failed}.** `fedsim report {out_dir}` draws it "
+                                        "again.\n", encoding="utf-8")
+    body = f'<section id="error"><h2>Report not drawn</h2><p class="bad">{esc(failed)}</p><p>The run finished; ' \
+           f"metrics.json and summary.md hold its results. <code>fedsim report {esc(out_dir)}</code> draws this " \
+           "report again.</p></section>"
+    (partial / "report.html").write_text(page(f"fedsim report: {metrics.get('scenario')}", "single run", [body],
+                                              "written by fedsim run"), encoding="utf-8")

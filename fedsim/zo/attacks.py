@@ -226,7 +226,10 @@ def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
     ``zo_extraction_{r2, r2_wide, r2_global, r2_midpoint, rmse, rmse_global}_mean``, ``zo_extraction_flat_clients``,
     ``zo_label_set_accuracy/client<i>``, ``zo_label_set_accuracy_mean``, ``zo_label_set_jaccard_mean``,
     ``zo_label_set_step_accuracy_mean``, ``zo_label_set_step_jaccard_mean``, ``zo_label_set_chance``,
-    ``zo_label_set_jaccard_chance``, ``zo_attacked_clients``, ``zo_masked_messages`` (1: read as SecAgg shares).
+    ``zo_label_set_jaccard_chance``, ``zo_attacked_clients`` (clients some attack scored: extraction needs a surrogate
+    message, the label set a surrogate or a local step), ``zo_is_masked`` (flag, 1: the messages were read as SecAgg
+    shares). Empty dict when no attack applied (e.g. a baseline's messages on a task without classes, or both
+    attacks off): a row then carries no attack keys, so no output counts attacks that did not run.
     Held-out points are drawn from a generator seeded by (seed, round, client), so the scores are deterministic.
     Raises ValueError on a view whose points do not match the objective's dimension.
     """
@@ -236,14 +239,16 @@ def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
     clients = sorted(view.surrogates)
     masked = looks_masked(view) if masked is None else masked
     reading = {i: client_surrogate(view.surrogates[i], objective.weights[i], masked) for i in clients}
-    out["zo_attacked_clients"] = float(len(clients))
-    out["zo_masked_messages"] = float(masked)
+    attacked: set[int] = set()
     if extraction and clients:
         _extraction(view, reading, basis, objective, heldout, seed, wide_factor, min_radius, out)
+        attacked |= set(clients)
     truth = objective.truth
     if label_set and "classes" in truth and "bias_slice" in truth:
-        _label_sets(view, reading, basis, truth, out)
-    return out
+        attacked |= _label_sets(view, reading, basis, truth, out)
+    if not attacked:
+        return {}
+    return {"zo_attacked_clients": float(len(attacked)), "zo_is_masked": float(masked), **out}
 
 
 def _extraction(view: ZORoundView, reading: dict[int, RFFMessage | GlobalSurrogate], basis: RFFBasis,
@@ -281,7 +286,8 @@ def _extraction(view: ZORoundView, reading: dict[int, RFFMessage | GlobalSurroga
 
 
 def _label_sets(view: ZORoundView, reading: dict[int, RFFMessage | GlobalSurrogate], basis: RFFBasis,
-                truth: dict[str, object], out: dict[str, float]) -> None:
+                truth: dict[str, object], out: dict[str, float]) -> set[int]:
+    """Score the label-set attacks into ``out``; the clients attacked (a surrogate or a local step scored)."""
     classes: list[list[int]] = [list(c) for c in truth["classes"]]  # type: ignore[union-attr]
     layout = truth.get("slices") or {}
     directions = class_logit_directions(view.x_next.numel(), truth["bias_slice"],  # type: ignore[arg-type]
@@ -306,7 +312,7 @@ def _label_sets(view: ZORoundView, reading: dict[int, RFFMessage | GlobalSurroga
             chance.append(ca)
             jchance.append(cj)
     if not chance:
-        return
+        return set()
     if acc:
         out["zo_label_set_accuracy_mean"] = _mean(acc)
         out["zo_label_set_jaccard_mean"] = _mean(jac)
@@ -315,3 +321,4 @@ def _label_sets(view: ZORoundView, reading: dict[int, RFFMessage | GlobalSurroga
         out["zo_label_set_step_jaccard_mean"] = _mean(sjac)
     out["zo_label_set_chance"] = _mean(chance)
     out["zo_label_set_jaccard_chance"] = _mean(jchance)
+    return {i for i in range(len(classes)) if i in reading or i in view.local}

@@ -10,8 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedsim.report.page import esc
-from fedsim.zo.client_app import SECAGG_NOTE
-from fedsim.zo.report import defense_label, zo_markdown
+from fedsim.zo.report import RunInfo, defense_label, zo_markdown
 
 
 def _task_text(zo: Mapping[str, Any]) -> str:
@@ -41,7 +40,8 @@ def zo_facts(scn: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def zo_summary_markdown(scenario: Any, history: Sequence[Mapping[str, Any]], timing: Mapping[str, float]) -> str:
-    """summary.md of a zeroth-order run: what ran, then :func:`fedsim.zo.report.zo_markdown`."""
+    """summary.md of a zeroth-order run: what ran, then :func:`fedsim.zo.report.zo_markdown` (threat model,
+    objective and queries, attacks or why none ran, caveats such as the SecAgg simulation)."""
     zo = scenario.zeroth_order.model_dump(mode="json")
     fed = scenario.federation
     lines = [f"# {scenario.name}", ""]
@@ -52,9 +52,8 @@ def zo_summary_markdown(scenario: Any, history: Sequence[Mapping[str, Any]], tim
         f"- federation: {fed.clients} clients, every client every round, {fed.rounds} rounds, protocol "
         f"`zeroth_order`, backend `{scenario.backend.kind}`",
         f"- message defenses: {defense_label(zo.get('defenses'))}; seed {scenario.seed}",
-        *([f"- note: {SECAGG_NOTE}"] if scenario.zeroth_order.defenses.secagg else []),
         f"- time: federation {timing.get('federation_s', 0):.1f} s",
         "",
     ]
-    body = zo_markdown(history, scenario.zeroth_order.method, zo.get("defenses"))
+    body = zo_markdown(history, RunInfo.from_scenario(scenario.model_dump(mode="json")))
     return "\n".join(lines + (body or ["No round finished."])) + "\n"
