@@ -251,7 +251,39 @@ def format_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
+_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "none", "bytes", "list", "dict", "set", "tuple"})
+
+
+def _union_tag(part: Any) -> bool:
+    """Is ``part`` of an error location pydantic's tag of a union member (``literal['all']``, ``list[int]``,
+    ``float``) rather than a field name?"""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("function-"))
+
+
+def _union_error(errors: list[Any]) -> tuple[str, str] | None:
+    """A union field's errors (one per member, each located under the member's tag) as one path (the field's) and
+    one reason naming every accepted form; None when the first error is not in a union."""
+    loc = tuple(errors[0]["loc"])
+    cut = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
+    if cut is None:
+        return None
+    forms: list[str] = []
+    for e in errors:
+        eloc = tuple(e["loc"])
+        if eloc[:cut] != loc[:cut] or len(eloc) <= cut or not _union_tag(eloc[cut]):
+            continue
+        msg = str(e["msg"]).removeprefix("Value error, ").removeprefix("Input should be ").split(",")[0]
+        where = format_loc(("x", *eloc[cut + 1 :]))[1:]
+        form = f"{msg} (at {where.lstrip('.')})" if where else msg
+        if form not in forms:
+            forms.append(form)
+    return format_loc(loc[:cut]), "Input should be " + " or ".join(forms)
+
+
 def _first_error(err: ValidationError) -> ScenarioError:
+    union = _union_error(err.errors())
+    if union is not None:
+        return ScenarioError(*union)
     first = err.errors()[0]
     path, reason = format_loc(tuple(first["loc"])), first["msg"]
     if reason.startswith("Value error, "):
