@@ -226,7 +226,7 @@ def test_metric_output_biases_sit_where_truth_says() -> None:
 def test_metric_refuses_bad_combinations() -> None:
     cases = [({"dataset": "covtype"}, 3, "task.dataset", "unknown"),
              ({"dataset": "cifar10"}, 3, "task.dataset", "a fedsim dataset, but"),
-             ({}, 11, "task.family", "11 clients"),
+             ({}, 11, "federation.clients", "11 clients"),
              ({"heterogeneity": 0.5}, 3, "task.heterogeneity", "not used"),
              ({"dim": 10}, 3, "task.dim", "not used"),
              ({"image_index": 2}, 3, "task.image_index", "not used")]

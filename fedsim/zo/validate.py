@@ -58,6 +58,15 @@ def _check_method_fields(block: Any) -> None:
                                                                         f"message; {method} sends none")
 
 
+def _check_against_dim(block: Any, dim: int) -> None:
+    """Refuse a setting bounded by the task's dimension d (known only with the task): RGF's q orthonormal
+    directions need q <= d (:func:`fedsim.zo.estimators.orthonormal_directions`)."""
+    if block.method != "fzoos" and block.rgf.directions > dim:
+        raise ScenarioError("zeroth_order.rgf.directions", f"{block.rgf.directions} > d ({dim}) of the "
+                                                           f"{block.task.family} task: RGF draws q orthonormal "
+                                                           f"directions in R^d, so q must be <= {dim}")
+
+
 def check_zeroth_order(scenario: Any) -> Any:
     """Check the zeroth-order parts of a validated :class:`~fedsim.scenario.Scenario` and return it.
 
@@ -84,14 +93,17 @@ def check_zeroth_order(scenario: Any) -> Any:
     if block.attacks.label_set and "label_set" in block.attacks.model_fields_set and block.task.family != "metric":
         raise ScenarioError("zeroth_order.attacks.label_set", f"label-set inference needs the metric task (classes "
                                                               f"a client holds); the task is {block.task.family}")
-    from fedsim.zo.tasks import check_task
+    from fedsim.zo.tasks import FieldError, check_task, task_dim
 
     try:
         check_task(block, fed.clients)
+    except FieldError:
+        raise
     except ScenarioError as err:
         raise ScenarioError(f"zeroth_order.{err.path}" if err.path else "zeroth_order", err.reason) from None
     except FedsimError as err:
         raise ScenarioError("zeroth_order.task", str(err)) from None
+    _check_against_dim(block, task_dim(block, fed.clients))
     from fedsim.resources import check_scenario_resources
 
     check_scenario_resources(scenario)  # device and the Ray request this machine can give

@@ -23,10 +23,10 @@ from fedsim.errors import ScenarioError
 from fedsim.zo.api import FederatedObjective
 from fedsim.zo.spec import ZerothOrderSpec
 from fedsim.zo.tasks import adversarial, metric, quadratic  # noqa: F401  (register the families)
-from fedsim.zo.tasks.base import TASKS, TaskFamily
+from fedsim.zo.tasks.base import TASKS, FieldError, TaskFamily
 from fedsim.zo.tasks.base import one_thread as _one_thread
 
-__all__ = ["TASKS", "TaskFamily", "build_objective", "check_task"]
+__all__ = ["TASKS", "FieldError", "TaskFamily", "build_objective", "check_task", "task_dim"]
 
 _CACHE_SIZE = 4
 _CACHE: OrderedDict[tuple[str, int, int], FederatedObjective] = OrderedDict()
@@ -39,14 +39,23 @@ def check_task(spec: ZerothOrderSpec, num_clients: int) -> None:
     Raises :class:`~fedsim.errors.ScenarioError` whose path is relative to the ``zeroth_order`` block
     (``task.dataset``, ``task.class_portion``, ...; the scenario validator prefixes ``zeroth_order.``): a field
     the family does not read, an unknown or non-offline dataset, more clients than a class split allows, an
-    ``image_index`` beyond the eligible images.
+    ``image_index`` beyond the eligible images. A :class:`FieldError` (a field outside the block, e.g.
+    ``federation.clients``) passes unchanged.
     """
     task = spec.task
     family = TASKS.get(task.family)
     try:
         family.check(task, num_clients)
+    except FieldError:
+        raise
     except ScenarioError as err:
         raise ScenarioError(f"task.{err.path}" if err.path else "task", err.reason) from None
+
+
+def task_dim(spec: ZerothOrderSpec, num_clients: int) -> int:
+    """The dimension d of the task ``spec.task`` for ``num_clients`` clients (after :func:`check_task` passed),
+    without building the objective."""
+    return int(TASKS.get(spec.task.family).dim(spec.task, num_clients))
 
 
 def build_objective(spec: ZerothOrderSpec, num_clients: int, seed: int) -> FederatedObjective:

@@ -51,6 +51,7 @@ FIELDS = frozenset({"dataset", "class_portion", "box", "image_index"})
 DATASETS_OK = {"mnist-5k": 10, "digits": 10}  # bundled (offline) sets with enough examples -> classes
 DEFAULT_DATASET = "mnist-5k"
 DEFAULT_BOX = 0.3
+MAX_BOX = 1.0  # pixels lie in [0, 1]: a wider perturbation box reaches nothing new
 HIDDEN = 16
 STEPS, LR, WEIGHT_DECAY = 100, 0.01, 1e-4
 
@@ -150,6 +151,9 @@ def check(task: ZOTask, num_clients: int) -> None:
         raise ScenarioError("dataset", f"{name!r} is {known}the {task.family} task trains on a bundled (offline) "
                                        f"set with enough examples: {', '.join(sorted(DATASETS_OK))}")
     check_class_split(task, num_clients, DATASETS_OK[name], name)
+    if task.box is not None and task.box > MAX_BOX:
+        raise ScenarioError("box", f"{task.box} > {MAX_BOX}: pixels lie in [0, 1], so a half-width of {MAX_BOX} "
+                                   "already reaches every image")
     # What validates must run: the chosen image must exist, so this trains the client models (seconds, cached).
     eligible = len(client_models(name, num_clients, task.class_portion).eligible)
     if eligible == 0:
@@ -185,4 +189,12 @@ def build(task: ZOTask, num_clients: int, seed: int) -> FederatedObjective:
     )
 
 
-TASKS.add("adversarial", TaskFamily(fields=FIELDS, check=check, build=build))
+def dim(task: ZOTask, num_clients: int) -> int:
+    """d: the pixels of the dataset's images (784 for mnist-5k, 64 for digits; the models check() trained)."""
+    name = task.dataset or DEFAULT_DATASET
+    return int(client_models(name, num_clients, task.class_portion).test_x.shape[1])
+
+
+TASKS.add("adversarial", TaskFamily(fields=FIELDS, check=check, build=build, dim=dim,
+                                    summary="black-box adversarial perturbation of one test image against "
+                                            "every client's own classifier"))

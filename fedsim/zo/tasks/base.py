@@ -30,13 +30,21 @@ class TaskFamily:
     """One task family: the ``ZOTask`` fields it reads, a cheap check and the builder.
 
     ``check(task, num_clients)`` raises :class:`~fedsim.errors.ScenarioError` with a path relative to the task
-    block (``dataset``, ``class_portion``, ...); ``build(task, num_clients, seed)`` is deterministic in its
-    arguments.
+    block (``dataset``, ``class_portion``, ...), or :class:`FieldError` for a field outside it (``federation.clients``);
+    ``dim(task, num_clients)`` is the d the task will have (called after ``check``, cheap: validation checks the
+    settings bounded by d with it); ``build(task, num_clients, seed)`` is deterministic in its arguments.
     """
 
     fields: frozenset[str]
     check: Callable[[ZOTask, int], None]
     build: Callable[[ZOTask, int, int], FederatedObjective]
+    dim: Callable[[ZOTask, int], int]
+    summary: str = ""  # one line for ``fedsim list``
+
+
+class FieldError(ScenarioError):
+    """A task check's error whose ``path`` is a whole scenario path (e.g. ``federation.clients``), not one relative
+    to the task block: the callers that prefix relative paths pass it on unchanged."""
 
 
 TASKS: Registry[TaskFamily] = Registry("zeroth-order task family")
@@ -123,6 +131,6 @@ def class_skewed_split(labels: np.ndarray, owners: list[list[int]], portion: flo
 def check_class_split(task: ZOTask, num_clients: int, num_classes: int, dataset: str) -> None:
     """Refuse more clients than classes: every client needs at least one class of its own."""
     if num_clients > num_classes:
-        raise ScenarioError("family", f"the {task.family} task gives every client at least one class of its own: "
-                                      f"{num_clients} clients (federation.clients) is more than the {num_classes} "
-                                      f"classes of {dataset}")
+        raise FieldError("federation.clients", f"{num_clients} clients is more than the {num_classes} classes of "
+                                               f"{dataset}: the {task.family} task gives every client at least one "
+                                               "class of its own")

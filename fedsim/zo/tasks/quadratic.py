@@ -79,4 +79,10 @@ def build(task: ZOTask, num_clients: int, seed: int) -> FederatedObjective:
     )
 
 
-TASKS.add("quadratic", TaskFamily(fields=FIELDS, check=check, build=build))
+def dim(task: ZOTask, num_clients: int) -> int:
+    """d: ``task.dim`` or 300."""
+    return task.dim or DEFAULT_DIM
+
+
+TASKS.add("quadratic", TaskFamily(fields=FIELDS, check=check, build=build, dim=dim,
+                                  summary="synthetic heterogeneous quadratics on [-10, 10]^d (d = task.dim)"))
