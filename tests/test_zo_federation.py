@@ -128,7 +128,7 @@ def fake_run(raw: dict, objective: FederatedObjective, client=StepClient):  # no
 def test_safeguard_keeps_x_r_when_the_clients_values_rise() -> None:
     """x0 = 0.5 and every c_i = 0.5: the bowl's minimum; any step raises every f_i, so the safeguard keeps x0."""
     objective = bowl(4, [0.5, 0.5, 0.5])
-    raw = tiny(method="fedzo", task={"family": "quadratic", "dim": 4})
+    raw = tiny(method="fedzo", task={"family": "quadratic", "dim": 4}, rgf={"directions": 4})
     kept = fake_run(raw, objective)
     assert all(torch.equal(v.x_next, objective.x0) for v in kept.views)
     assert [t.safeguard_kept for t in kept.traffic[1:]] == [True, True]
@@ -137,12 +137,14 @@ def test_safeguard_keeps_x_r_when_the_clients_values_rise() -> None:
     moved = fake_run(raw, objective)
     assert torch.allclose(moved.views[-1].x_next, objective.x0 + 0.2)
     assert objective.value(moved.views[-1].x_next) > objective.value(objective.x0)
-    assert [t.queries for t in moved.traffic] == [3, 0, 0]  # round 0 only: f_i(x0); no safeguard messages
+    # no safeguard, no value message at all (round 0 sent f_i(x0) before: the server needs none)
+    assert [t.queries for t in moved.traffic] == [0, 0, 0]
+    assert [t.uplink for t in moved.traffic][0] == 0 and moved.views[0].values == {}
 
 
 def test_safeguard_moves_when_the_values_fall() -> None:
     objective = bowl(4, [0.9, 0.9, 0.9])
-    out = fake_run(tiny(method="fedzo", task={"family": "quadratic", "dim": 4}), objective)
+    out = fake_run(tiny(method="fedzo", task={"family": "quadratic", "dim": 4}, rgf={"directions": 4}), objective)
     assert torch.allclose(out.views[-1].x_next, objective.x0 + 0.2)
     assert [t.safeguard_kept for t in out.traffic[1:]] == [False, False]
     assert [t.queries for t in out.traffic] == [3, 3, 3]  # f_i(x0), then one safeguard value per client per round
@@ -153,7 +155,8 @@ def test_a_failing_client_stops_the_run_naming_it() -> None:
         fail_pid, fail_round = 2, 2
 
     with pytest.raises(SimulationError, match=r"client 2 failed in round 2 \(train\): RuntimeError: sensor offline"):
-        fake_run(tiny(method="fedzo", task={"family": "quadratic", "dim": 4}), bowl(4, [0.9] * 3), Failing)
+        fake_run(tiny(method="fedzo", task={"family": "quadratic", "dim": 4}, rgf={"directions": 4}),
+                 bowl(4, [0.9] * 3), Failing)
 
 
 # ------------------------------------------------------------------------------------------- the real protocol
@@ -272,3 +275,23 @@ def test_ray_gives_the_inprocess_numbers() -> None:
     local = run_zo_scenario(scenario, write=False, backend="inprocess")
     ray = run_zo_scenario(scenario, write=False, backend="ray")
     assert _rows(ray.history) == _rows(local.history)
+
+
+def test_a_non_finite_message_stops_the_run_naming_client_round_and_message() -> None:
+    """A NaN point (or an inf value) from one client would otherwise be averaged in and stall the run silently
+    (QA: nu_noise 1e300 gave 'inf' strings in numeric columns and a stuck safeguard)."""
+    class NaNStep(StepClient):
+        def train(self, round_num: int, x: torch.Tensor, payload: dict) -> tuple[torch.Tensor, dict]:
+            out, extra = super().train(round_num, x, payload)
+            return (out * float("nan") if self.pid == 1 and round_num == 2 else out), extra
+
+    raw = tiny(method="fedzo", task={"family": "quadratic", "dim": 4}, rgf={"directions": 4})
+    with pytest.raises(SimulationError, match=r"^client 1 sent a non-finite local point x_i in round 2 "):
+        fake_run(raw, bowl(4, [0.9] * 3), NaNStep)
+
+    class InfValue(StepClient):
+        def values(self, xs: torch.Tensor) -> torch.Tensor:
+            return self.f(xs) * (float("inf") if self.pid == 2 else 1.0)
+
+    with pytest.raises(SimulationError, match=r"^client 2 sent a non-finite value f_i\(x0\) in round 0 "):
+        fake_run(raw, bowl(4, [0.9] * 3), InfValue)

@@ -5,6 +5,7 @@ Message types it answers (routing verified in flwr 1.42: ``"<category>.<action>"
 * ``query`` - which partition this node holds (:func:`fedsim.simulation.client_app.partition_reply`);
 * ``query.safeguard`` - ``f_i`` at the point sent (the server's safeguard, spec §11.8: an explicit message, not an
   oracle). In round 0 (``server-round`` 0, the point ``x0``) a FZooS client also makes its initial queries;
+* ``query.init`` - round 0 under ``safeguard: off`` (FZooS): the initial queries around ``x0`` only, no value sent;
 * ``train`` - phase 1 of round r: local steps from ``x_r`` with the method payload; replies ``x_{i,r}`` and the
   method's reply payload (spec §11.6 steps 1-2);
 * ``train.refresh`` - phase 2 (FZooS only): queries around ``x_{r+1}`` within the radius sent and the RFF fit;
@@ -39,6 +40,7 @@ from fedsim.zo.spec import ZerothOrderSpec
 
 # message types (category.action) and record keys of the zeroth-order protocol
 TRAIN, SAFEGUARD, REFRESH, CONTROL = "train", "query.safeguard", "train.refresh", "train.control"
+INIT = "query.init"  # round 0 under safeguard: off (FZooS only): the initial queries around x0, no value back
 POINT = "zo.point"  # ArrayRecord {"x": (d,)}: the point a message is about (x_r, the candidate, x_{r+1})
 PAYLOAD = "zo.payload"  # ArrayRecord: the method's extras (server -> client in train; client -> server in reply)
 LOCAL = "zo.local"  # ArrayRecord {"x": (d,)}: x_{i,r}, the phase-1 reply
@@ -150,6 +152,13 @@ def build_zo_client_app(spec: ZerothOrderSpec, num_clients: int, seed: int,
         value = float(client.values(x.reshape(1, -1))[0])
         close_client(context, client)
         return _reply(msg, pid, f.count, {}, {VALUE: value})
+
+    @app.query("init")
+    def init(msg: Message, context: Context) -> Message:
+        pid, client, f, _ = open_client(context)
+        client.initialize(point_of(msg))  # FZooS: n_inits uniform queries around x0 (spec §11.5)
+        close_client(context, client)
+        return _reply(msg, pid, f.count, {})
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

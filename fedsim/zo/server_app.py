@@ -2,8 +2,9 @@
 
 A custom ``@app.main()`` loop on ``grid.send_and_receive`` (no Flower strategy: the protocol is not FedAvg):
 
-* round 0: ``query.safeguard`` at ``x0`` to every client: ``f_i(x0)`` (the server's F(x_0) for the safeguard) and,
-  for FZooS, the clients' initial queries around ``x0``;
+* round 0, only what the protocol needs: with the safeguard, ``query.safeguard`` at ``x0`` to every client:
+  ``f_i(x0)`` (the server's F(x_0)) and, for FZooS, the clients' initial queries around ``x0``; with ``safeguard:
+  off``, FZooS sends ``query.init`` (the initial queries, no value comes back) and the baselines send nothing;
 * round r = 1..R:
   1. ``train``: ``x_r`` and the method payload (FZooS from round 2: the global surrogate) -> ``x_{i,r}`` and the
      reply payload; the server computes the candidate ``x_{r+1} = x_r - eta sum_i w_i (x_r - x_{i,r})``;
@@ -15,10 +16,12 @@ A custom ``@app.main()`` loop on ``grid.send_and_receive`` (no Flower strategy: 
 
 The server's arithmetic (candidate point, safeguard rule, radii, payloads) is :mod:`fedsim.zo.aggregate`.
 
-Every client takes part in every round: a client error reply stops the run with a one-line reason naming the client
-(:class:`~fedsim.errors.SimulationError`). Replies are ordered by partition id, so every sum runs in one order on
-every backend. What the server received each round is captured as a :class:`~fedsim.zo.api.ZORoundView`
-(:mod:`fedsim.zo.capture`); the server never holds the objective, only the public ``x0`` and weights ``w_i``.
+Every client takes part in every round: a client error reply, or a reply carrying a non-finite number (a point,
+value, surrogate weight or control variate: it would poison every later round silently), stops the run with a
+one-line reason naming the client, the round and the message (:class:`~fedsim.errors.SimulationError`). Replies
+are ordered by partition id, so every sum runs in one order on every backend. What the server received each round
+is captured as a :class:`~fedsim.zo.api.ZORoundView` (:mod:`fedsim.zo.capture`); the server never holds the
+objective, only the public ``x0`` and weights ``w_i``.
 """
 
 from __future__ import annotations
@@ -91,6 +94,19 @@ def _metric(reply: Message, key: str) -> float:
     return float(reply.content[keys.METRICS][key])
 
 
+def check_finite(what: str, round_num: int, items: dict[int, Tensor | float | dict[str, Tensor]],
+                 who: str = "client") -> None:
+    """Stop the run when a received (or aggregated) number is NaN or infinite: ``items`` maps a partition id to a
+    tensor, a float or a dict of tensors. Raises :class:`~fedsim.errors.SimulationError` naming the client (or
+    ``who``), the round and the message ``what``."""
+    for pid, item in items.items():
+        parts = item.values() if isinstance(item, dict) else [item]
+        if not all(bool(torch.isfinite(torch.as_tensor(p, dtype=torch.float64)).all()) for p in parts):
+            name = f"client {pid}" if who == "client" else who
+            raise SimulationError(f"{name} sent a non-finite {what} in round {round_num} (NaN or inf: it would "
+                                  "poison every later round), so the run stops; check the zeroth_order settings")
+
+
 def build_zo_server_app(spec: ZerothOrderSpec, num_clients: int, num_rounds: int, x0: Tensor, weights: list[float],
                         outcome: ZOOutcome, on_round: ZORoundCallback | None = None) -> ServerApp:
     """The ServerApp of a zeroth-order federation. ``x0`` (d,) and ``weights`` (N,) are public protocol
@@ -116,12 +132,16 @@ def build_zo_server_app(spec: ZerothOrderSpec, num_clients: int, num_rounds: int
             if on_round is not None:
                 on_round(view, traffic)
 
-        # round 0: f_i(x0) (the safeguard's reference) and FZooS's initial queries
-        replies = send(msg_keys.SAFEGUARD, 0, {p: _content(x_r, 0) for p in pids})
-        values = {p: _metric(m, msg_keys.VALUE) for p, m in replies.items()}
-        f_r = aggregate.global_value([values[p] for p in pids], weights)
-        traffic = RoundTraffic(0)
-        traffic.add(replies, floats_per_reply=1)
+        # round 0: f_i(x0) (the safeguard's reference) and FZooS's initial queries, only what the protocol needs
+        traffic, values, f_r = RoundTraffic(0), {}, float("nan")
+        if spec.safeguard == "message":
+            replies = send(msg_keys.SAFEGUARD, 0, {p: _content(x_r, 0) for p in pids})
+            values = {p: _metric(m, msg_keys.VALUE) for p, m in replies.items()}
+            check_finite("value f_i(x0)", 0, values)
+            f_r = aggregate.global_value([values[p] for p in pids], weights)
+            traffic.add(replies, floats_per_reply=1)
+        elif fzoos:  # the initial queries around x0, no value back
+            traffic.add(send(msg_keys.INIT, 0, {p: _content(x_r, 0) for p in pids}), floats_per_reply=0)
         finish(build_view(0, x_r, x_r, values=values), traffic)
         surrogate: GlobalSurrogate | None = None
         reply_payloads: dict[int, dict[str, Tensor]] = {}
@@ -135,6 +155,8 @@ def build_zo_server_app(spec: ZerothOrderSpec, num_clients: int, num_rounds: int
             local = {p: m.content.array_records[msg_keys.LOCAL].to_torch_state_dict()["x"] for p, m in replies.items()}
             reply_payloads = {p: (m.content.array_records[msg_keys.PAYLOAD].to_torch_state_dict()
                                   if msg_keys.PAYLOAD in m.content.array_records else {}) for p, m in replies.items()}
+            check_finite("local point x_i", rnd, local)
+            check_finite("train reply payload", rnd, reply_payloads)
             traffic.add(replies, floats_per_reply=None, arrays=(msg_keys.LOCAL, msg_keys.PAYLOAD))
             if spec.method == "scaffold2":  # c_i: the mean of the client's estimates this round, sent with x_i
                 controls = {p: reply_payloads[p]["c_i"] for p in pids}
@@ -143,6 +165,7 @@ def build_zo_server_app(spec: ZerothOrderSpec, num_clients: int, num_rounds: int
             if spec.safeguard == "message":
                 replies = send(msg_keys.SAFEGUARD, rnd, {p: _content(candidate, rnd) for p in pids})
                 values = {p: _metric(m, msg_keys.VALUE) for p, m in replies.items()}
+                check_finite("safeguard value f_i(x_cand)", rnd, values)
                 traffic.add(replies, floats_per_reply=1)
                 f_candidate = aggregate.global_value([values[p] for p in pids], weights)
                 kept = not aggregate.accept(f_r, f_candidate)
@@ -159,12 +182,17 @@ def build_zo_server_app(spec: ZerothOrderSpec, num_clients: int, num_rounds: int
                 surrogates = {p: RFFMessage(nu=m.content.array_records[msg_keys.NU].to_torch_state_dict()["nu"],
                                             y_min=_metric(m, msg_keys.Y_MIN), y_max=_metric(m, msg_keys.Y_MAX))
                               for p, m in replies.items()}
+                check_finite("surrogate message (nu_i, y_min, y_max)", rnd,
+                             {p: {"nu": s.nu, "y": torch.tensor([s.y_min, s.y_max])} for p, s in surrogates.items()})
                 traffic.add(replies, floats_per_reply=2, arrays=(msg_keys.NU,))
                 surrogate = _aggregate_surrogate(spec, surrogates, weights)
+                check_finite("sum", rnd, {-1: {"nu": surrogate.nu, "offset": torch.tensor(surrogate.offset)}},
+                             who="the global surrogate (the sum of the clients' messages)")
             elif spec.method == "scaffold1":  # a fresh estimate c_i at x_{r+1} (its queries count as refresh)
                 replies = send(msg_keys.CONTROL, rnd, {p: _content(x_next, rnd) for p in pids})
                 controls = {p: m.content.array_records[msg_keys.CONTROL_RECORD].to_torch_state_dict()["c"]
                             for p, m in replies.items()}
+                check_finite("control variate c_i", rnd, controls)
                 traffic.add(replies, floats_per_reply=0, arrays=(msg_keys.CONTROL_RECORD,))
             finish(build_view(rnd, x_r, x_next, local=local, payload=reply_payloads, values=values, radius=radius,
                               surrogates=surrogates, aggregate=surrogate), traffic)
