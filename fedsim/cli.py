@@ -169,13 +169,40 @@ def list_plugins() -> None:
     table.add_column("name")
     table.add_column("what it is")
     for name in DATASETS:
-        table.add_row("dataset", name, "")
+        table.add_row("dataset", name, _dataset_summary(name))
     for name in MODELS:
         table.add_row("model", name, "")
     for kind, registry in (("attack", attack_registry()), ("defense", defense_registry())):
         for name, cls in registry.items():
             table.add_row(kind, name, getattr(cls, "summary", ""))
+    for row in _zeroth_order_rows():
+        table.add_row(*row)
     Console().print(table)
+
+
+def _dataset_summary(name: str) -> str:
+    """'image classification', 'tabular regression (8 features)', plus the zeroth-order tasks that use it."""
+    from fedsim.data import facts_of
+    from fedsim.zo.tasks import adversarial, metric
+
+    facts = facts_of(name)
+    text = f"{facts.inputs} {facts.task}" + (f" ({facts.features} features)" if facts.features else "")
+    zo = [t for t, mod in (("metric", metric), ("adversarial", adversarial)) if name in mod.DATASETS_OK]
+    return text + (f"; zeroth-order task {' / '.join(zo)}" if zo else "")
+
+
+def _zeroth_order_rows() -> list[tuple[str, str, str]]:
+    """``federation.protocol: zeroth_order``: the task families, methods, message defenses and attacks (the
+    ``zeroth_order`` block's choices)."""
+    from fedsim.zo.spec import ZO_METHOD_SUMMARIES, MessageDefenses, ZOAttacks
+    from fedsim.zo.tasks import TASKS
+
+    rows = [("zo task", name, TASKS.get(name).summary) for name in TASKS]
+    rows += [("zo method", name, text) for name, text in ZO_METHOD_SUMMARIES.items()]
+    for kind, model in (("zo defense", MessageDefenses), ("zo attack", ZOAttacks)):
+        rows += [(kind, name, field.description or "") for name, field in model.model_fields.items()
+                 if kind == "zo defense" or field.annotation is bool]  # attacks: the switches, not every/heldout
+    return rows
 
 
 app.command("bench")(bench)
