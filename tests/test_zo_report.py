@@ -137,7 +137,7 @@ def test_a_baseline_without_an_applicable_attack_has_no_attack_keys_or_table(tmp
     for name in ("summary.md", "report.html"):
         text = (out / name).read_text()
         assert "No attack ran on these messages (fedzo sends x_i" in text, name
-        assert "extraction R\u00b2 (fit box)" not in text, name
+        assert "extraction R\u00b2 (fit box)" not in text and "Extraction: the server" not in text, name
 
 
 def test_attacks_off_are_said_off_and_not_counted(tmp_path) -> None:  # noqa: ANN001

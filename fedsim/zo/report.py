@@ -151,25 +151,39 @@ def threat_model(info: RunInfo) -> list[str]:
     return lines
 
 
-def attack_reading(info: RunInfo) -> str:
-    """How to read the attack scores of this run (held-out count from the run's setting)."""
+def attacks_ran(history: Sequence[Mapping[str, Any]]) -> tuple[bool, bool]:
+    """(extraction ran, label-set inference ran) in some attacked round of ``history``."""
+    rows = attacked_rows(history)
+    return any(FLAT in h for h in rows), any(CHANCE in h for h in rows)
+
+
+def attack_reading(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> str:
+    """How to read the scores of the attacks that ran (held-out count from the run's setting)."""
+    extraction, label_set = attacks_ran(history)
     n = f"{info.heldout}" if info.heldout else "the configured number of"
-    return (f"Extraction: the server's rebuilt surrogate mu_i against the client's true f_i at {n} random held-out "
-            "points (zeroth_order.attacks.heldout_points) in the box the client fitted in (and 10x wider). R\u00b2 1 "
-            "= a copy of the private function, <= 0 = no better than the best constant; where f_i is flat on the "
-            "points R\u00b2 is undefined (shown as '\u2014 (flat f_i)'), and where it hardly varies (a "
-            "piecewise-constant metric) R\u00b2 is negative even for a close copy: read the RMSE beside the "
-            "aggregate's. Label set: share of the held/not-held class decisions that are right, beside the exact "
-            "chance of a random guess of the same size; chance 1.0 (every client holds every class) makes the score "
-            "meaningless.")
+    parts = []
+    if extraction:
+        parts.append(f"Extraction: the server's rebuilt surrogate mu_i against the client's true f_i at {n} random "
+                     "held-out points (zeroth_order.attacks.heldout_points) in the box the client fitted in (and 10x "
+                     "wider). R\u00b2 1 = a copy of the private function, <= 0 = no better than the best constant; "
+                     "where f_i is flat on the points R\u00b2 is undefined (shown as '\u2014 (flat f_i)'), and where "
+                     "it hardly varies (a piecewise-constant metric) R\u00b2 is negative even for a close copy: read "
+                     "the RMSE beside the aggregate's.")
+    if label_set:
+        parts.append("Label set: which classes a client holds, guessed from its surrogate's slope or from its "
+                     "local step; the share of the held/not-held class decisions that are right, beside the exact "
+                     "chance of a random guess of the same size; chance 1.0 (every client holds every class) makes "
+                     "the score meaningless.")
+    return " ".join(parts)
 
 
 def no_attack_reason(info: RunInfo) -> str:
     """Why no attack table follows (a run whose rows carry no attacked client): each attack off, or not applicable
     to what this method sends on this task."""
-    sent = ("x_i, nu_i and the value range" if info.method == "fzoos" else
-            "x_i and a control variate" if info.method.startswith("scaffold") else "x_i")
-    sent += " and f_i(x_{r+1})" if info.safeguard == "message" else ""
+    parts = ["x_i"] + (["nu_i", "the value range"] if info.method == "fzoos" else
+                       ["a control variate"] if info.method.startswith("scaffold") else [])
+    parts += ["f_i(x_{r+1})"] if info.safeguard == "message" else []
+    sent = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
     why = ["function extraction is off (zeroth_order.attacks.function_extraction)" if not info.extraction else
            "function extraction needs a surrogate message, which only fzoos sends" if info.method != "fzoos" else
            "no client sent a surrogate",
@@ -222,7 +236,7 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
         cols += EXTRACTION_COLUMNS
     if any(CHANCE in h for h in rows):
         cols += LABEL_COLUMNS
-    return cols
+    return [(k, t) for k, t in cols if any(k in h for h in rows)]  # a score no round has does not apply
 
 
 def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -232,10 +246,10 @@ def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
 
 def _reason(rows: Sequence[Mapping[str, Any]], key: str) -> str:
     """Why ``key`` has no value in ``rows``."""
+    if "midpoint" in key and any(value(h, MASKED) or value(h, "zo_masked_messages") for h in rows):  # older name
+        return "SecAgg share: no range"
     if "r2" in key and any((value(h, FLAT) or 0) > 0 for h in rows):
         return "flat f_i"
-    if "midpoint" in key and any(value(h, MASKED) for h in rows):
-        return "SecAgg share: no range"
     if "global" in key:
         return "no aggregate"
     return "not defined"
@@ -325,7 +339,7 @@ def zo_markdown(history: Sequence[Mapping[str, Any]], info: RunInfo) -> list[str
               "## What the server learned from the messages", ""]
     head, body = attack_cells(history)
     if head:
-        lines += [attack_reading(info), "", f"Defense: {defense_label(info.defenses)}.", "",
+        lines += [attack_reading(info, history), "", f"Defense: {defense_label(info.defenses)}.", "",
                   *_md_table(head, body), ""]
     else:
         lines += [no_attack_reason(info), ""]

@@ -60,12 +60,12 @@ def objective_curve(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Pat
     return True
 
 
-def how_to_read(info: RunInfo) -> str:
-    """The 'How to read this' box of a zeroth-order run."""
+def how_to_read(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> str:
+    """The 'How to read this' box of a zeroth-order run (the attack scores' reading when an attack ran)."""
     items = ["<b>F(x)</b>: the global objective (mean of the clients' private f_i, weighted) at the global point "
              "after each round, computed by the evaluator; lower is better. The x-axis counts the points of f_i the "
              "clients evaluated (all phases), the cost a zeroth-order method pays instead of gradients.",
-             esc(attack_reading(info)),
+             *([esc(attack_reading(info, history))] if attacked_rows(history) else []),
              "<b>\u2014 (reason)</b>: a value that is undefined or was not recorded, with why."]
     lis = "".join(f"<li>{i}</li>" for i in items)
     return f'<section id="how-to-read" class="howto"><h2>How to read this</h2><ul>{lis}</ul></section>'
@@ -165,6 +165,6 @@ def zo_report_sections(scenario: Mapping[str, Any], metrics: Mapping[str, Any], 
     metrics.json; writes ``zo_objective.png`` and ``leaderboard.csv`` into ``assets``."""
     info = RunInfo.from_scenario(scenario)
     history = [h for h in metrics.get("utility") or [] if isinstance(h, Mapping)]
+    board = _leaderboard_section(info, history, assets / "leaderboard.csv", csv_name)
     return [_threat_section(info), _notes_section(info, history), _objective_section(info, history, assets),
-            _attack_section(info, history), _leaderboard_section(info, history, assets / "leaderboard.csv",
-                                                                 csv_name), how_to_read(info)]
+            _attack_section(info, history), board, how_to_read(info, history)]
