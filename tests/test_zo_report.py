@@ -193,6 +193,9 @@ def test_success_round_one_client_secagg_and_chance_one_are_stated(tmp_path) -> 
         assert "first reached in round 2" in text and "F = -0.25" in text
         assert "SecAgg over 1 client hides nothing" in text
         assert "1.000 (meaningless: chance 1.0)" in text
+    with (out / "report" / "leaderboard.csv").open() as fh:
+        notes = [r["note"] for r in csv.DictReader(fh)]
+    assert notes and all("meaningless: chance 1.0" in n and "1 client hides nothing" in n for n in notes)
     never = [{**h, "zo_success": 0} for h in history]
     assert "not reached in 3 evaluated round(s)" in summary_markdown(parse_scenario(raw), never, [], {}, {})
 

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedsim.zo.attacks import WIDE_FACTOR
+
 OBJECTIVE = "zo_objective"
 QUERIES = "zo_queries"
 QUERIES_ROUND = "zo_queries_round"
@@ -164,8 +166,9 @@ def attack_reading(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     if extraction:
         parts.append(f"Extraction: the server's rebuilt surrogate mu_i against the client's true f_i at {n} random "
-                     "held-out points (zeroth_order.attacks.heldout_points) in the box the client fitted in (and 10x "
-                     "wider). R\u00b2 1 = a copy of the private function, <= 0 = no better than the best constant; "
+                     "held-out points (zeroth_order.attacks.heldout_points) in the box the client fitted in (and "
+                     f"{WIDE_FACTOR:g}x wider). R\u00b2 1 = a copy of the private function, <= 0 = no better than "
+                     "the best constant; "
                      "where f_i is flat on the points R\u00b2 is undefined (shown as '\u2014 (flat f_i)'), and where "
                      "it hardly varies (a piecewise-constant metric) R\u00b2 is negative even for a close copy: read "
                      "the RMSE beside the aggregate's.")

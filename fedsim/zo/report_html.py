@@ -112,7 +112,7 @@ def _notes_section(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> str:
 
 
 LEADERBOARD_FIELDS = ("attack", "defense", "method", "task", "rounds_attacked", "score", "value", "baseline",
-                      "baseline_value")
+                      "baseline_value", "note")
 
 
 def leaderboard_rows(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -120,8 +120,9 @@ def leaderboard_rows(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> lis
     beside the baseline the server has without the individual message (empty cells: undefined)."""
     rows = attacked_rows(history)
     s = attack_summary(history)
+    one = "SecAgg over 1 client hides nothing" if info.secagg and info.clients == 1 else ""
     base = {"defense": defense_label(info.defenses), "method": info.method, "task": info.family,
-            "rounds_attacked": len(rows)}
+            "rounds_attacked": len(rows), "note": one}
 
     def num(key: str) -> float | str:
         v = s.get(key)
@@ -138,9 +139,12 @@ def leaderboard_rows(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> lis
     if any("zo_label_set_chance" in h for h in rows):
         for key, what in (("zo_label_set_accuracy_mean", "accuracy (surrogate)"),
                           ("zo_label_set_step_accuracy_mean", "accuracy (local step)")):
+            chance = num("zo_label_set_chance")
+            meaningless = isinstance(chance, float) and chance >= 1.0 - 1e-12
             if num(key) != "":
                 out.append({**base, "attack": "label-set inference", "score": what, "value": num(key),
-                            "baseline": "chance", "baseline_value": num("zo_label_set_chance")})
+                            "baseline": "chance", "baseline_value": chance,
+                            "note": "; ".join(filter(None, [one, "meaningless: chance 1.0" if meaningless else ""]))})
     return out
 
 
