@@ -270,8 +270,9 @@ def test_fzoos_run_is_deterministic_in_the_seed_and_writes_the_run_dir(tmp_path)
 
 
 @pytest.mark.ray
-def test_ray_gives_the_inprocess_numbers() -> None:
-    scenario = parse_scenario(tiny())
+@pytest.mark.parametrize("safeguard", ["message", "off"])  # off: round 0 is FZooS's query.init message
+def test_ray_gives_the_inprocess_numbers(safeguard: str) -> None:
+    scenario = parse_scenario(tiny(safeguard=safeguard))
     local = run_zo_scenario(scenario, write=False, backend="inprocess")
     ray = run_zo_scenario(scenario, write=False, backend="ray")
     assert _rows(ray.history) == _rows(local.history)
