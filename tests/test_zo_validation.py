@@ -134,6 +134,8 @@ def test_every_string_option_yaml_reads_as_another_type_is_accepted_bare() -> No
     ("zeroth_order.fzoos.rff_lengthscale=1e-300", "zeroth_order.fzoos.rff_lengthscale"),
     ("zeroth_order.lr=1e300", "zeroth_order.lr"),
     ("zeroth_order.global_lr=1e300", "zeroth_order.global_lr"),
+    ("zeroth_order.fzoos.rff_features=1000000000", "zeroth_order.fzoos.rff_features"),  # a d x M basis: OOM
+    ("zeroth_order.task.dim=1000000000", "zeroth_order.task.dim"),
 ])
 def test_values_outside_their_meaningful_range_are_refused(override: str, path: str) -> None:
     assert refused(scenario(override)).path == path

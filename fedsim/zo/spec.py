@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from fedsim.yaml_literal import yaml_literal
 
 ZO_METHODS = ("fzoos", "fedzo", "fedprox", "scaffold1", "scaffold2")
+MAX_POINTS = 100_000  # sizes beyond it (d, M, candidates) make a (d x M) or (n x d) float64 array of many GB
 ZO_METHOD_SUMMARIES = {  # one line each, for ``fedsim list``
     "fzoos": "FZooS: local GP surrogate steps corrected by the shared-RFF global surrogate (Shu et al. 2023)",
     "fedzo": "FedZO: local Adam on RGF finite-difference gradient estimates",
@@ -45,7 +46,8 @@ class ZOTask(_Strict):
     the family's check (e.g. ``class_portion`` for ``quadratic``)."""
 
     family: Literal["quadratic", "metric", "adversarial"] = "quadratic"
-    dim: int | None = Field(None, ge=1, description="quadratic: d (default 300); others: set by the task")
+    dim: int | None = Field(None, ge=1, le=MAX_POINTS, description="quadratic: d (default 300); others: set by "
+                                                                  "the task; at most 1e5 (see MAX_POINTS)")
     heterogeneity: float = Field(0.5, ge=0, le=100, description="quadratic: 'div' of the Dirichlet coefficients "
                                  "(§11.7); at most 100 (beyond N it only makes coordinates concave, and huge values "
                                  "overflow f_i)")
@@ -63,23 +65,25 @@ class ZOTask(_Strict):
 class FZooSSettings(_Strict):
     """FZooS's surrogate and query settings (spec §11.2-§11.5)."""
 
-    n_inits: int = Field(10, ge=1, description="uniform queries in x0 +- explore_radius at the start")
+    n_inits: int = Field(10, ge=1, le=MAX_POINTS, description="uniform queries in x0 +- explore_radius at the "
+                                                              "start")
     gp_points: int = Field(150, ge=2, description="history points nearest x the GP is fitted on")
     gp_restarts: int = Field(2, ge=0, description="optimizer restarts of the GP length-scale fit (authors: 20; "
                                                   "shrunk for CPU)")
     explore_radius: float = Field(0.01, gt=0, le=1, description="half-width of the exploration box around x; at "
                                                                  "most 1 (points lie in [0, 1]^d)")
-    explore_candidates: int = Field(100, ge=1, description="uniform candidates per local step explore_top is "
-                                                            "chosen from")
+    explore_candidates: int = Field(100, ge=1, le=MAX_POINTS,
+                                    description="uniform candidates per local step explore_top is chosen from")
     explore_top: int = Field(5, ge=0, description="queries per local step with the largest gradient variance "
                                                   "(at most explore_candidates)")
-    rff_features: int = Field(10_000, ge=1, description="M: random Fourier features (shared by seed)")
+    rff_features: int = Field(10_000, ge=1, le=MAX_POINTS, description="M: random Fourier features (shared by "
+                                                                       "seed); at most 1e5 (the basis is d x M)")
     rff_lengthscale: float = Field(1.0, ge=1e-6, le=1e3, description="length-scale of the shared RFF basis; in "
                                    "[1e-6, 1e3] (points lie in [0, 1]^d: longer makes every feature constant, "
                                    "shorter overflows the frequencies)")
     rff_points: int = Field(500, ge=1, description="history points nearest x_{r+1} the RFF weights are fitted on")
-    refresh_candidates: int = Field(200, ge=1, description="uniform candidates around x_{r+1} refresh_top is "
-                                                            "chosen from")
+    refresh_candidates: int = Field(200, ge=1, le=MAX_POINTS,
+                                    description="uniform candidates around x_{r+1} refresh_top is chosen from")
     refresh_top: int = Field(50, ge=0, description="refresh queries (at most refresh_candidates)")
     gamma: Gamma = Field("decay", description="correction weight: 'decay' = 1/(t+1) (code), or a finite constant "
                                               ">= 0 (paper theory; reviews: 1; negative would push against the "
@@ -123,8 +127,8 @@ class ZOAttacks(_Strict):
     function_extraction: bool = Field(True, description="R^2 of the rebuilt mu_i against f_i at held-out points")
     label_set: bool = Field(True, description="metric task: which classes a client holds, from grad mu_i")
     every: int = Field(1, ge=1, description="attack every k-th round's messages (and the last)")
-    heldout_points: int = Field(200, ge=2, description="random points the extraction R^2 is measured at (R^2 needs "
-                                                       "at least 2)")
+    heldout_points: int = Field(200, ge=2, le=MAX_POINTS,
+                                description="random points the extraction R^2 is measured at (R^2 needs at least 2)")
 
 
 class ZerothOrderSpec(_Strict):
