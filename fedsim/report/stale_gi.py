@@ -3,9 +3,9 @@
 ``evaluation.class_accuracy``).
 
 A run holds one aggregation rule, so its own section cannot show the gain over direct stale aggregation: it puts
-the slow class's accuracy beside what the repair cost (inversions, server seconds) and leaked (the estimates'
-nearest-image PSNR against the blind gray guess, label-share overlap), round by round. The gain over the other
-rules on the same seeds is measured by ``benchmarks/stale_gi_compare.py``.
+the evaluated class's accuracy beside what the repair cost (inversions, failures, server seconds), when it switched
+and what it leaked (each measure beside the best blind guess, scored the same way), round by round. The gain over
+the other rules on the same seeds is measured by ``benchmarks/stale_gi_compare.py``.
 """
 
 from __future__ import annotations
@@ -19,45 +19,73 @@ from fedsim.report.page import esc, facts, num, table
 CLASS_KEY = re.compile(r"^test_accuracy_class(\d+)$")
 
 
+GI_EVENTS = ("gi_inversions", "gi_uninverted", "gi_switch_round")
+
+
 def _gi_rows(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [h for h in history if h.get("gi_inversions")]
+    """The rows in which gi_conversion did something: an inversion, a stale update it let through, a switch."""
+    return [h for h in history if any(h.get(k) is not None for k in GI_EVENTS)]
 
 
 def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    values = [float(h[key]) for h in rows if key in h]
+    values = [float(h[key]) for h in rows if h.get(key) is not None]
     return sum(values) / len(values) if values else None
 
 
+def _total(rows: Sequence[Mapping[str, Any]], key: str) -> int:
+    return int(sum(float(h.get(key) or 0) for h in rows))
+
+
 def switch_round(history: Sequence[Mapping[str, Any]]) -> int | None:
-    """The first round after an inversion in which a stale update was aggregated without one (``clients_stale`` >
-    ``gi_inversions``): where ``lambda_t`` reached 0 (``gi.switch_round`` or the drift detector); None if never."""
-    inverted = False
-    for row in history:
-        stale, done = int(row.get("clients_stale", 0)), int(row.get("gi_inversions", 0))
-        if inverted and stale > done and "round" in row:
-            return int(row["round"])
-        inverted = inverted or done > 0
-    return None
+    """The switch round s the server recorded (``gi_switch_round``: ``gi.switch_round`` or the drift detector's
+    round, the earliest over the clients) from which lambda_t < 1; None if it never switched."""
+    values = [int(h["gi_switch_round"]) for h in history if h.get("gi_switch_round") is not None]
+    return min(values) if values else None
+
+
+def _vs(value: float | None, trivial: float | None, unit: str, digits: int = 2) -> str:
+    """'X unit vs Y unit for the best blind guess (margin +Z)' with an honest word when the margin is <= 0."""
+    if value is None:
+        return "-"
+    if trivial is None:
+        return f"{value:.{digits}f}{unit}"
+    margin = value - trivial
+    verdict = "above" if margin > 0 else "NOT above"
+    return (f"{value:.{digits}f}{unit} vs {trivial:.{digits}f}{unit} for the best blind guess ({verdict} it: "
+            f"margin {margin:+.{digits}f}{unit})")
 
 
 def summary_line(history: list[dict[str, float]]) -> str | None:
-    """One sentence on the privacy price of gi_conversion over a run's rows (None without inversions): how many
-    inversions, their cost, and the mean leakage of the estimates beside the blind-guess baseline."""
+    """One paragraph on what gi_conversion did over a run's rows (None when it did nothing): inversions, failures,
+    the switch round, and the estimates' leakage beside the best blind guess (trivial attacker)."""
     rows = _gi_rows(history)
     if not rows:
         return None
-    n = int(sum(h["gi_inversions"] for h in rows))
-    seconds = sum(h["gi_seconds"] for h in rows)
-    parts = [f"The server inverted {n} stale update(s) ({seconds:.1f} s); its estimates of the slow clients' data"]
-    if _mean(rows, "gi_psnr") is not None:
-        parts.append(f" are {_mean(rows, 'gi_psnr'):.2f} dB from the nearest real image on average (blind gray image "
-                     f"{_mean(rows, 'gi_psnr_blind'):.2f} dB; best estimate "
-                     f"{max(h['gi_psnr_best'] for h in rows):.2f} dB),")
-    parts.append(f" with label shares overlapping the client's by {_mean(rows, 'gi_label_acc'):.2f} (the privacy "
-                 "price of the repair).")
+    n, failed, skipped = _total(rows, "gi_inversions"), _total(rows, "gi_failed"), _total(rows, "gi_uninverted")
+    seconds = sum(float(h.get("gi_seconds") or 0) for h in rows)
     switched = switch_round(history)
+    parts = [f"The server inverted {n} stale update(s) ({seconds:.1f} s)"]
+    if failed:
+        parts.append(f"; {failed} of them FAILED (non-finite loss or estimate): those stale updates went in as they "
+                     "came and their estimates are not scored")
+    parts.append(".")
     if switched is not None:
-        parts.append(f" From round {switched} it aggregated stale updates without inverting them (lambda_t = 0).")
+        parts.append(f" It switched to stale aggregation (lambda_t below 1) at round {switched}; {skipped} stale "
+                     "update(s) went in without an inversion.")
+    if n == 0:
+        parts.append(" No inversion ran, so this run aggregated every stale update directly (as `direct`) and "
+                     "its server holds no estimate of client data.")
+        return "".join(parts)
+    if n == failed:
+        parts.append(" No inversion succeeded: there is no estimate to score.")
+        return "".join(parts)
+    parts.append(" Leakage of its estimates of the slow clients' data, each measure beside the best of the blind "
+                 "guesses that never saw the update (black, white, gray, dataset-mean colour and image, the "
+                 "server's own starting point), scored the same way: nearest-image PSNR "
+                 f"{_vs(_mean(rows, 'gi_psnr'), _mean(rows, 'gi_psnr_trivial'), ' dB')}; one-to-one matched SSIM "
+                 f"{_vs(_mean(rows, 'gi_ssim_matched'), _mean(rows, 'gi_ssim_matched_trivial'), '', 3)}; "
+                 f"label-share overlap {_vs(_mean(rows, 'gi_label_acc'), _mean(rows, 'gi_label_trivial'), '')}. "
+                 "Only a positive margin is a privacy price of the repair.")
     return "".join(parts)
 
 
@@ -75,8 +103,9 @@ def class_accuracy(history: Sequence[Mapping[str, Any]]) -> tuple[int, float, fl
 
 
 def stale_gi_section(history: Sequence[Mapping[str, Any]]) -> str:
-    """The report.html section of a run whose server inverted stale updates ("" when it inverted none): the slow
-    class's accuracy beside the inversions' cost and the leakage of the estimates, then one row per round."""
+    """The report.html section of a run whose server used gi_conversion ("" when it did nothing): the class
+    accuracy beside the inversions' cost, failures, switch round and the leakage of the estimates against the
+    best blind guess, then one row per round."""
     rows = _gi_rows(history)
     if not rows:
         return ""
@@ -85,28 +114,41 @@ def stale_gi_section(history: Sequence[Mapping[str, Any]]) -> str:
     if acc is not None:
         items.append((f"class-{acc[0]} test accuracy", f"{num(100 * acc[1], 1)} % (mean of the last quarter of the "
                                                        f"rounds; last round {num(100 * acc[2], 1)} %)"))
-    best = max((h["gi_psnr_best"] for h in rows if "gi_psnr_best" in h), default=None)
-    items += [
-        ("inversions", f"{int(sum(h['gi_inversions'] for h in rows))} in {num(sum(h['gi_seconds'] for h in rows), 1)}"
-                       " s of server CPU"),
-        ("estimates' nearest-image PSNR", f"{num(_mean(rows, 'gi_psnr'))} dB mean, best "
-                                          f"{num(best)} dB "
-                                          f"(blind gray image: {num(_mean(rows, 'gi_psnr_blind'))} dB)"),
-        ("label-share overlap", num(_mean(rows, "gi_label_acc"))),
-    ]
+    n, failed = _total(rows, "gi_inversions"), _total(rows, "gi_failed")
+    items.append(("inversions", f"{n} in {num(sum(float(h.get('gi_seconds') or 0) for h in rows), 1)} s of server "
+                                f"CPU; {failed} failed (non-finite loss: not scored, stale update used as it came)"))
+    if n == 0:
+        items.append(("no inversion ran", "every stale update was aggregated directly: this run is plain `direct`"))
     switched = switch_round(history)
     if switched is not None:
-        items.append(("switched back to stale aggregation", f"round {switched} (lambda_t = 0: no more inversions)"))
+        items.append(("switched to stale aggregation", f"round {switched} (lambda_t below 1 from then on); "
+                      f"{_total(rows, 'gi_uninverted')} stale update(s) went in without an inversion"))
+    best = max((h["gi_psnr_best"] for h in rows if h.get("gi_psnr_best") is not None), default=None)
+    items += [
+        ("nearest-image PSNR", f"{_vs(_mean(rows, 'gi_psnr'), _mean(rows, 'gi_psnr_trivial'), ' dB')}; best "
+                               f"estimate {num(best)} dB"),
+        ("one-to-one matched SSIM", _vs(_mean(rows, "gi_ssim_matched"), _mean(rows, "gi_ssim_matched_trivial"), "",
+                                        3)),
+        ("label-share overlap", _vs(_mean(rows, "gi_label_acc"), _mean(rows, "gi_label_trivial"), "")),
+    ]
     key = f"test_accuracy_class{acc[0]}" if acc is not None else None
-    head = [("round", False), ("inversions", False), ("lambda_t", False), ("seconds", False),
-            ("PSNR dB", False), ("blind dB", False), ("labels", False), ("slow-class acc %", False)]
-    body = [([esc(int(h["round"])) if "round" in h else "", esc(int(h["gi_inversions"])), num(h.get("gi_lambda")),
-              num(h.get("gi_seconds"), 1), num(h.get("gi_psnr")), num(h.get("gi_psnr_blind")),
-              num(h.get("gi_label_acc")), num(100 * h[key], 1) if key and key in h else num(None)], "")
+    head = [("round", False), ("inversions", False), ("failed", False), ("lambda_t", False), ("seconds", False),
+            ("PSNR dB", False), ("blind best dB", False), ("SSIM", False), ("blind best SSIM", False),
+            ("labels", False), ("blind labels", False),
+            (f"class-{acc[0]} acc %" if acc is not None else "class acc %", False)]
+    body = [([esc(int(h["round"])) if "round" in h else "", esc(int(h.get("gi_inversions") or 0)),
+              esc(int(h.get("gi_failed") or 0)), num(h.get("gi_lambda")), num(h.get("gi_seconds"), 1),
+              num(h.get("gi_psnr")), num(h.get("gi_psnr_trivial")), num(h.get("gi_ssim_matched"), 3),
+              num(h.get("gi_ssim_matched_trivial"), 3), num(h.get("gi_label_acc")), num(h.get("gi_label_trivial")),
+              num(100 * h[key], 1) if key and key in h else num(None)], "")
             for h in rows]
     note = ("The server repairs each stale update by inverting it into an estimate of the slow client's data, so "
-            "the server holds a reconstruction of that data: the privacy price of the repair. The accuracy gain "
-            "over aggregating the stale update directly is measured on the same seeds by "
+            "the server holds a reconstruction of that data. Each leakage measure is shown beside the best blind "
+            "guess (black, white, gray, dataset-mean colour and image, the server's own un-optimised start), scored "
+            "by the same function: only the margin over it is leakage. Nearest-image PSNR takes each estimate's "
+            "best match among the client's images (on MNIST dominated by the black background); SSIM pairs the "
+            "estimates one-to-one with distinct client images, as the attacks are matched. The accuracy gain over "
+            "aggregating the stale update directly is measured on the same seeds by "
             "benchmarks/stale_gi_compare.py.")
     return (f'<section id="stale-gi"><h2>Stale-update repair by gradient inversion</h2><p class="note">{esc(note)}'
             f"</p>{facts(items)}{table(head, body)}</section>")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -21,7 +22,7 @@ from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
 from fedsim.simulation.capture import CaptureLog, CapturingGrid
 from fedsim.simulation.setup import setup_for
-from fedsim.simulation.stale_leakage import round_metrics
+from fedsim.simulation.stale_leakage import run_metrics
 from fedsim.simulation.strategies import build_strategy
 from fedsim.training import evaluate
 
@@ -100,8 +101,8 @@ class RoundRows:
         self.setup = setup_for(scenario)
         self.model = self.setup.build_model()
         self.start = time.perf_counter()
-        # round -> the server's estimates of client data made that round (gi_conversion), scored here
-        self.estimates: Callable[[int], list] | None = None
+        # round -> what gi_conversion did that round (its estimates of client data, switches), scored here
+        self.estimates: Callable[[int], Any] | None = None
 
     def __call__(self, server_round: int, global_state: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]:
         """Append (and return) round ``server_round``'s row; ``global_state()`` gives the global model after it."""
@@ -113,7 +114,7 @@ class RoundRows:
         if scenario.federation.staleness is not None and server_round > 0:  # clients sent an old model this round
             row["clients_stale"] = outcome.capture.stale.get(server_round, 0)
         if self.estimates is not None:  # the privacy price of gi_conversion: its estimates against the true data
-            row.update(round_metrics(self.estimates(server_round), setup.client_data))
+            row.update(run_metrics(self.estimates(server_round), setup))
         last = server_round == scenario.federation.rounds
         if server_round in outcome.released_rounds:  # a model-inversion attack's target (always the final)
             outcome.keep_released(server_round, global_state())
@@ -158,7 +159,7 @@ def build_server_app(
         node_of_partition = {p: n for n, p in partition_of_node.items()}
         strategy = build_strategy(scenario, node_of_partition)
         if getattr(strategy, "stale", None) is not None:
-            rows.estimates = strategy.stale.take_estimates
+            rows.estimates = strategy.stale.take_round
         for defense in setup.defenses:
             strategy = defense.wrap_strategy(strategy)
         proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses),

@@ -68,6 +68,13 @@ class EstimateRecord:
     iterations: int
     seconds: float
     warm: bool
+    # the server's cold start for this arrival (same layout as ``pixels``), never optimised: a trivial guess
+    initial: Tensor | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The inversion diverged: its final loss or estimate is not finite (it is not scored or used)."""
+        return not math.isfinite(self.loss) or not bool(torch.isfinite(self.pixels).all())
 
 
 def settings(scenario: Scenario) -> GIConversion:
@@ -93,7 +100,8 @@ def check_gi(scenario: Scenario, num_classes: int | None) -> None:
 
 
 def mixing_weight(arrival: StaleArrival, gi: GIConversion) -> float:
-    """``lambda_t`` of this arrival (module docstring, C); records this client's drift switch in its memory."""
+    """``lambda_t`` of this arrival (module docstring, C); records this client's drift switch (``drift_switch``)
+    and, once ``t >= s``, its switch round s (``switch_round``) in its memory."""
     t = arrival.round
     if gi.drift_threshold is not None and "drift_switch" not in arrival.memory:
         num = sum(float((arrival.current[k].double() - arrival.base[k].double()).pow(2).sum())
@@ -104,6 +112,7 @@ def mixing_weight(arrival: StaleArrival, gi: GIConversion) -> float:
     candidates = [s for s in (gi.switch_round, arrival.memory.get("drift_switch")) if s is not None]
     if not candidates or t < min(candidates):
         return 1.0
+    arrival.memory.setdefault("switch_round", min(candidates))  # s, read by the server's outputs
     return 0.0 if gi.mix == "hard" else gi.gamma ** (t - min(candidates))
 
 
@@ -154,6 +163,26 @@ def total_variation(x: Tensor) -> Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
+def pixel_box(task: TaskInfo) -> tuple[Tensor, Tensor] | None:
+    """Images: the normalized range (low, high), each (1, C, H, W), of pixels in [0, 1] (spec 12.6); else None."""
+    if len(task.input_shape) != 3:
+        return None
+    return (normalize(torch.zeros(1, *task.input_shape), task.mean, task.std),
+            normalize(torch.ones(1, *task.input_shape), task.mean, task.std))
+
+
+def cold_start(arrival: StaleArrival, scenario: Scenario, task: TaskInfo) -> tuple[Tensor, Tensor]:
+    """The estimate's start without a warm start, drawn from (seed, round, client) alone (reads no data):
+    inputs (N, *input_shape) N(0, 1), or 0.1 N(0, 1) for ``gi.init: gray`` (the dataset-mean image + a little
+    noise, normalized space); label logits (N, K) N(0, 1)."""
+    gi = settings(scenario)
+    gen = torch_generator(scenario.seed, "stale-gi-init", arrival.round, arrival.partition_id)
+    x = torch.randn((gi.num_estimates, *task.input_shape), generator=gen)
+    if gi.init == "gray":
+        x = 0.1 * x
+    return x, torch.randn((gi.num_estimates, task.num_classes), generator=gen)
+
+
 def invert(arrival: StaleArrival, scenario: Scenario, model: nn.Module, steps: int,
            task: TaskInfo) -> tuple[Tensor, Tensor, float, bool]:
     """Spec §12.2 A: the estimate ``(X, Y)`` (normalized inputs, label logits), its final loss, and whether it was
@@ -167,16 +196,10 @@ def invert(arrival: StaleArrival, scenario: Scenario, model: nn.Module, steps: i
     if previous is not None and tuple(previous[0].shape) == shape:
         x, logits = previous[0].clone(), previous[1].clone()
     else:
-        gen = torch_generator(scenario.seed, "stale-gi-init", arrival.round, arrival.partition_id)
-        x = torch.randn(shape, generator=gen)
-        if gi.init == "gray":  # the dataset-mean image (0 in normalized space) + a little noise: no client data
-            x = 0.1 * x
-        logits = torch.randn((gi.num_estimates, task.num_classes), generator=gen)
+        x, logits = cold_start(arrival, scenario, task)
         previous = None
-    box = None
-    if len(task.input_shape) == 3:  # images: the normalized range of pixels in [0, 1] (spec 12.6: from the data)
-        box = (normalize(torch.zeros(1, *task.input_shape), task.mean, task.std),
-               normalize(torch.ones(1, *task.input_shape), task.mean, task.std))
+    box = pixel_box(task)
+    if box is not None:
         x = torch.max(torch.min(x, box[1]), box[0])
     x.requires_grad_(True)
     logits.requires_grad_(True)
@@ -239,11 +262,21 @@ def gi_conversion(arrival: StaleArrival, scenario: Scenario) -> dict[str, Tensor
     model = setup.build_model()
     steps = local_steps(scenario, arrival.num_examples, model, tuple(task.input_shape))
     x, logits, loss, warm = invert(arrival, scenario, model, steps, task)
-    arrival.memory["estimate"] = (x, logits)
-    delta_hat = recomputed_delta(scenario, model, arrival.current, x, logits, steps)
-    pixels = denormalize(x, task.mean, task.std) if len(task.input_shape) == 3 else x
-    arrival.memory["estimate_record"] = EstimateRecord(
+    images = len(task.input_shape) == 3
+    box = pixel_box(task)
+    initial = cold_start(arrival, scenario, task)[0]
+    if box is not None:
+        initial = torch.max(torch.min(initial, box[1]), box[0])
+    pixels = denormalize(x, task.mean, task.std) if images else x
+    record = EstimateRecord(
         round=arrival.round, partition_id=arrival.partition_id, tau=arrival.tau, lam=lam, pixels=pixels.clone(),
         soft_labels=logits.softmax(dim=-1), loss=loss, iterations=gi.iterations,
-        seconds=time.perf_counter() - start, warm=warm)
+        seconds=time.perf_counter() - start, warm=warm,
+        initial=denormalize(initial, task.mean, task.std) if images else initial)
+    arrival.memory["estimate_record"] = record
+    if record.failed:  # a diverged inversion: the stale update as it came (direct), and no warm start from it
+        arrival.memory.pop("estimate", None)
+        return mixed(arrival, {}, 0.0)
+    arrival.memory["estimate"] = (x, logits)
+    delta_hat = recomputed_delta(scenario, model, arrival.current, x, logits, steps)
     return mixed(arrival, delta_hat, lam)

@@ -9,6 +9,7 @@ in ``aggregate_train`` it replaces each stale reply's arrays by the rule's model
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -18,6 +19,17 @@ from fedsim.simulation import keys
 from fedsim.simulation.setup import setup_for
 from fedsim.simulation.stale_gi import EstimateRecord
 from fedsim.simulation.staleness import STALE_RULES, StaleArrival, model_round, slow_partitions
+
+
+@dataclass
+class StaleRound:
+    """What ``gi_conversion`` did in one round, for the evaluator: its ``records`` (one per inversion, failed ones
+    included), ``switches`` (partition id -> the switch round s of each client that first met lambda_t < 1 this
+    round) and ``uninverted`` (stale updates aggregated without an inversion because lambda_t = 0)."""
+
+    records: list[EstimateRecord] = field(default_factory=list)
+    switches: dict[int, int] = field(default_factory=dict)
+    uninverted: int = 0
 
 
 class StaleModels:
@@ -36,6 +48,8 @@ class StaleModels:
         self.memory: dict[int, dict[str, Any]] = {}  # partition id -> the rule's memory for that client
         # the server's estimates of client data (gi_conversion) not yet handed to the evaluator
         self.estimates: list[EstimateRecord] = []
+        self.rounds: dict[int, StaleRound] = {}  # round -> gi_conversion's switches and skipped inversions
+        self.switched: set[int] = set()  # partition ids whose switch was reported
 
     def messages(self, server_round: int, current: ArrayRecord, config: ConfigRecord, pids: list[int],
                  node_of_partition: dict[int, int]) -> list[Message]:
@@ -75,6 +89,12 @@ class StaleModels:
             estimate = arrival.memory.pop("estimate_record", None)
             if estimate is not None:
                 self.estimates.append(estimate)
+            if self.spec.aggregation == "gi_conversion":
+                events = self.rounds.setdefault(server_round, StaleRound())
+                events.uninverted += estimate is None
+                if "switch_round" in arrival.memory and pid not in self.switched:
+                    self.switched.add(pid)
+                    events.switches[pid] = int(arrival.memory["switch_round"])
             out.append(record)
         return out
 
@@ -83,3 +103,9 @@ class StaleModels:
         taken = [e for e in self.estimates if e.round == server_round]
         self.estimates = [e for e in self.estimates if e.round != server_round]
         return taken
+
+    def take_round(self, server_round: int) -> StaleRound:
+        """:meth:`take_estimates` of ``server_round`` with that round's switch events (removed)."""
+        events = self.rounds.pop(server_round, StaleRound())
+        events.records = self.take_estimates(server_round)
+        return events
