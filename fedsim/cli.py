@@ -32,7 +32,7 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a f
 
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_USER_ERROR)
+    raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR))
 
 
 def _progress() -> Progress:

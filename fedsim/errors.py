@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class FedsimError(Exception):
-    """Base class of every error fedsim reports to a user (never a bug in fedsim itself)."""
+    """Base class of every error fedsim reports to a user as one line. ``exit_code`` is the command's exit status:
+    2 for bad input (the default); a subclass for a fedsim fault it reports cleanly sets another (1)."""
+
+    exit_code = 2
 
 
 class ScenarioError(FedsimError):

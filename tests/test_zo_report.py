@@ -127,6 +127,23 @@ def test_a_report_failure_is_in_every_output_and_not_exit_0(tmp_path, monkeypatc
     assert not out.with_name("run.partial").exists()  # nothing half-written left behind
 
 
+def test_a_report_failure_exits_1_not_the_bad_input_code(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A drawing bug is fedsim's fault, not the user's: one line and exit 1 (bad input is 2)."""
+    import yaml
+
+    import fedsim.report.writer as writer
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise TypeError("drawing bug")
+
+    monkeypatch.setattr(writer, "render_report", broken)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny(clients=2)), encoding="utf-8")
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    assert "drawing bug" in result.output and "Traceback" not in result.output
+
+
 # ---------------------------------------------------------------- kind: attacks that did not run are not counted
 
 def test_a_baseline_without_an_applicable_attack_has_no_attack_keys_or_table(tmp_path) -> None:  # noqa: ANN001

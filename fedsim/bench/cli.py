@@ -77,7 +77,7 @@ def bench(
         cells = expand_grid(spec)
     except FedsimError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_USER_ERROR) from None
+        raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None
     out_dir = out or default_bench_dir(spec.name)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
@@ -98,7 +98,7 @@ def bench(
                                retry_failed=retry_failed, verbose=verbose, cells=cells)
     except FedsimError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_USER_ERROR) from None
+        raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None
     except KeyboardInterrupt:
         console.print(f"interrupted: finished cells are in {out_dir}/cells.jsonl; rerun the same command to resume",
                       highlight=False, soft_wrap=True)

@@ -23,7 +23,7 @@ EXIT_USER_ERROR = 2
 
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_USER_ERROR)
+    raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR))
 
 
 @prior_app.command()

@@ -29,5 +29,5 @@ def report(
         path = render_report(source, out)
     except FedsimError as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_USER_ERROR) from None
+        raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None
     typer.echo(str(path))

@@ -98,7 +98,10 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
 
 class ReportError(FedsimError):
     """A finished run whose report.html could not be drawn: the run directory is complete otherwise, and its
-    metrics.json (``report_error``), summary.md and a stand-in report.html say so."""
+    metrics.json (``report_error``), summary.md and a stand-in report.html say so. A fedsim fault, not bad input:
+    the command exits 1."""
+
+    exit_code = 1
 
 
 def _record_report_failure(partial: Path, metrics: dict[str, Any], summary: str, failed: str, out_dir: Path) -> None:
