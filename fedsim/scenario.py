@@ -78,7 +78,7 @@ class StalenessSpec(_Strict):
     ``slow_class`` (ties: lower partition id first).
     """
 
-    tau: int = Field(..., ge=1, description="staleness in rounds")
+    tau: int = Field(..., ge=1, strict=True, description="staleness in rounds (an integer, not a bool)")
     slow_clients: list[int] | None = Field(None, description="partition ids of the slow clients")
     slow_class: int | None = Field(None, ge=0, description="the slow clients are those holding most of this class")
     num_slow: int = Field(1, ge=1, description="how many clients slow_class makes slow")
@@ -94,6 +94,12 @@ class StalenessSpec(_Strict):
             raise _PathError("slow_clients", "give exactly one of slow_clients (partition ids) or slow_class")
         if self.slow_clients is not None and not self.slow_clients:
             raise _PathError("slow_clients", "an empty list makes no client slow")
+        if self.slow_clients is not None and len(set(self.slow_clients)) < len(self.slow_clients):
+            raise _PathError("slow_clients", f"{self.slow_clients} names a client twice")
+        if self.slow_clients is not None and "num_slow" in self.model_fields_set:
+            raise _PathError("num_slow", "only read with slow_class; slow_clients already names the slow clients")
+        if self.gi is not None and self.gi.mix == "decay" and not (self.gi.switch_round or self.gi.drift_threshold):
+            raise _PathError("gi.mix", "decay starts at a switch: set gi.switch_round or gi.drift_threshold")
         if self.gi is not None and self.aggregation != "gi_conversion":
             raise _PathError("gi", f"settings of gi_conversion, but aggregation is {self.aggregation}")
         return self
@@ -122,6 +128,9 @@ class FederationSpec(_Strict):
                     raise _PathError("staleness.slow_clients", f"client {c} is outside 0..{self.clients - 1}")
             if stale.num_slow > self.clients:
                 raise _PathError("staleness.num_slow", f"{stale.num_slow} > clients ({self.clients})")
+            if stale.tau >= self.rounds and stale.aggregation != "no_staleness":
+                raise _PathError("staleness.tau", f"{stale.tau} >= federation.rounds ({self.rounds}): a slow client "
+                                 "trains from the current model until round tau + 1, so no client is ever stale")
         return self
 
     @property

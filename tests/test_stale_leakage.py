@@ -118,3 +118,16 @@ def test_the_section_labels_the_evaluated_class_not_a_slow_class() -> None:
     rows = [{"round": 3, "gi_inversions": 1, "gi_failed": 0, "gi_seconds": 1.0, "test_accuracy_class7": 0.5}]
     page = stale_gi_section(rows)
     assert "class-7 acc %" in page and "slow-class" not in page
+
+
+def test_the_summary_says_when_no_client_was_ever_stale(tiny_raw, tmp_path) -> None:
+    from fedsim.run import run_scenario
+
+    raw = gi_raw(tiny_raw)
+    # client 2 trains only in round 2 of 3 (round-robin 0,1 | 2,3 | 0,1), before its lag of 2 exists
+    raw["federation"].update(rounds=3)
+    raw["federation"]["staleness"].update(slow_clients=[2], aggregation="direct", gi=None)
+    del raw["federation"]["staleness"]["gi"]
+    run_scenario(parse_scenario(raw), tmp_path / "run")
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "no client was ever stale" in summary

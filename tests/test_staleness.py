@@ -172,6 +172,12 @@ def test_no_staleness_is_a_plain_federation_and_runs_repeat(tiny_raw) -> None:
     ({"schedule": "random"}, "federation.staleness.schedule"),
     ({"dc_lambda": -1}, "federation.staleness.dc_lambda"),
     ({"typo": 1}, "federation.staleness.typo"),
+    # QA finding 5, 8: accepted before, then nothing was stale / a setting was silently dropped or coerced
+    ({"tau": ROUNDS}, "federation.staleness.tau"),  # tau >= rounds: no client is ever stale
+    ({"tau": True}, "federation.staleness.tau"),  # a bool is not a lag
+    ({"slow_clients": [1, 1]}, "federation.staleness.slow_clients"),  # a duplicate id
+    ({"num_slow": 2}, "federation.staleness.num_slow"),  # ignored beside slow_clients
+    ({"aggregation": "gi_conversion", "gi": {"mix": "decay"}}, "federation.staleness.gi.mix"),  # no switch to decay
 ])
 def test_bad_staleness_is_refused_at_its_path(tiny_raw, change, path) -> None:
     raw = stale_raw(tiny_raw)

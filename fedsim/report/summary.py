@@ -36,7 +36,8 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         f"protocol `{fed.protocol}` (batch {fed.local.batch_size}, lr {fed.local.lr}), "
         f"backend `{scenario.backend.kind}`",
         *([f"- staleness: {_slow_text(fed.staleness)} train from the global model {fed.staleness.tau} rounds old "
-           f"(aggregation `{fed.staleness.aggregation}`, schedule `{fed.staleness.schedule}`)"]
+           f"(aggregation `{fed.staleness.aggregation}`, schedule `{fed.staleness.schedule}`); "
+           f"{_stale_count(history)}"]
           if fed.staleness is not None else []),
         f"- defenses: {', '.join(d.name for d in scenario.defenses) or 'none'}; seed {scenario.seed}",
         f"- time: federation {timing.get('federation_s', 0):.1f} s, attacks {timing.get('attacks_s', 0):.1f} s",
@@ -143,4 +144,10 @@ def _slow_text(stale) -> str:  # noqa: ANN001 - a StalenessSpec
     """Which clients are slow, in words: their ids, or the clients holding most of a class."""
     if stale.slow_clients is not None:
         return f"clients {', '.join(map(str, stale.slow_clients))}"
-    return f"the {stale.num_slow} client(s) holding most of class {stale.slow_class}"
+    return f"the {stale.num_slow} client(s) with the most examples of class {stale.slow_class}"
+
+
+def _stale_count(history) -> str:  # noqa: ANN001 - the run's rows
+    """How many stale updates arrived (``clients_stale`` summed), or that none ever did."""
+    n = int(sum(float(h.get("clients_stale") or 0) for h in history))
+    return f"{n} stale update(s) arrived" if n else "no client was ever stale in this run (nothing was late)"
