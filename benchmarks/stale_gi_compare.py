@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedsim.data.transforms import normalize  # noqa: E402
+from fedsim.errors import ScenarioError  # noqa: E402
 from fedsim.scenario import Scenario, load_scenario  # noqa: E402
 from fedsim.simulation import run_federation  # noqa: E402
 from fedsim.simulation import staleness as stale_rules  # noqa: E402
@@ -52,15 +53,15 @@ SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "protocols" / "st
 STRATEGIES = ("no_staleness", "direct", "downweight", "dc_asgd", "gi_conversion")
 
 
-def variant(base: Scenario, aggregation: str, seed: int, rounds: int, drift: float | None = None) -> Scenario:
-    """The yaml with ``aggregation`` (its gi block only for gi_conversion), ``seed`` and ``rounds``."""
-    stale = base.federation.staleness
-    gi = stale.gi if aggregation == "gi_conversion" else None
-    if gi is not None and drift is not None:
-        gi = gi.model_copy(update={"drift_threshold": drift})
-    stale = stale.model_copy(update={"aggregation": aggregation, "gi": gi})
-    fed = base.federation.model_copy(update={"staleness": stale, "rounds": rounds})
-    return base.model_copy(update={"federation": fed, "seed": seed})
+def variant(aggregation: str, seed: int, rounds: int, drift: float | None = None) -> Scenario:
+    """The yaml with ``aggregation`` (its gi block only for gi_conversion), ``seed`` and ``rounds``, validated like
+    ``fedsim run --set`` (a bad value raises ScenarioError at its YAML path)."""
+    sets = [f"seed={seed}", f"federation.rounds={rounds}", f"federation.staleness.aggregation={aggregation}"]
+    if aggregation != "gi_conversion":
+        sets.append("federation.staleness.gi=null")
+    elif drift is not None:
+        sets.append(f"federation.staleness.gi.drift_threshold={drift!r}")
+    return load_scenario(SCENARIO, sets)
 
 
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -115,10 +116,20 @@ def mean_std(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=80)
-    parser.add_argument("--drift", type=float, default=None, help="also run GI with this drift_threshold")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ..., N-1); a count, >= 1")
+    parser.add_argument("--rounds", type=int, default=80, help="federation.rounds of every run (> tau)")
+    parser.add_argument("--drift", type=float, default=None, help="also run GI with this drift_threshold (> 0)")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.exit(2, f"error: --seeds: {args.seeds} runs nothing (a count of seeds, >= 1)\n")
+    try:  # every run's scenario validated before any compute: one line, exit 2, on a bad argument
+        for name in ("gi_conversion", *STRATEGIES, *(["gi_drift"] if args.drift is not None else [])):
+            variant("gi_conversion" if name == "gi_drift" else name, 0, args.rounds,
+                    args.drift if name == "gi_drift" else None)
+    except ScenarioError as err:
+        flag = {"federation.rounds": "--rounds", "federation.staleness.gi.drift_threshold": "--drift"}.get(
+            err.path, "--rounds" if err.path == "federation.staleness.tau" else err.path)
+        parser.exit(2, f"error: {flag}: {err}\n")
     torch.set_num_threads(1)
     base = load_scenario(SCENARIO)
     key = f"test_accuracy_class{base.federation.staleness.slow_class}"
@@ -131,7 +142,7 @@ def main() -> None:
         for name in runs:
             diag = Diagnosis()
             aggregation = "gi_conversion" if name == "gi_drift" else name
-            scenario = variant(base, aggregation, seed, args.rounds, args.drift if name == "gi_drift" else None)
+            scenario = variant(aggregation, seed, args.rounds, args.drift if name == "gi_drift" else None)
             stale_rules.STALE_RULES["gi_conversion"] = diag
             try:
                 t0 = time.perf_counter()
@@ -146,19 +157,24 @@ def main() -> None:
                 d = [r for r in diag.rows if r["inverted"]]
                 oracle = next((r["round"] for r in diag.rows if r["e2"] < 0.9 * r["e1"]), math.nan)
                 switch = next((r["drift_switch"] for r in diag.rows if not math.isnan(r["drift_switch"])), math.nan)
+                def mean_of(k: str, rows: list = rows) -> float:
+                    values = [h[k] for h in rows if h.get(k) is not None]
+                    return statistics.mean(values) if values else math.nan
+
                 info = {"seconds": sum(h["gi_seconds"] for h in rows),
                         "inversions": sum(h["gi_inversions"] for h in rows),
-                        "psnr": statistics.mean(h["gi_psnr"] for h in rows),
-                        "psnr_blind": statistics.mean(h["gi_psnr_blind"] for h in rows),
-                        "psnr_best": max(h["gi_psnr_best"] for h in rows),
-                        "label_acc": statistics.mean(h["gi_label_acc"] for h in rows),
+                        "failed": sum(h.get("gi_failed", 0) for h in rows),
+                        **{k: mean_of(f"gi_{k}") for k in ("psnr", "psnr_trivial", "ssim_matched",
+                                                          "ssim_matched_trivial", "label_acc", "label_trivial")},
+                        "psnr_best": max((h["gi_psnr_best"] for h in rows if "gi_psnr_best" in h), default=math.nan),
                         "cos_stale": statistics.mean(r["cos_stale"] for r in d) if d else math.nan,
                         "cos_gi": statistics.mean(r["cos_used"] for r in d) if d else math.nan,
                         "oracle_switch": oracle, "drift_switch": switch}
                 extra[name].append(info)
-                line += (f"  inversions {info['inversions']:.0f} in {info['seconds']:.0f} s, "
-                         f"PSNR {info['psnr']:.2f} dB "
-                         f"(blind {info['psnr_blind']:.2f}), labels {info['label_acc']:.2f}, cos(stale, fresh) "
+                line += (f"  inversions {info['inversions']:.0f} in {info['seconds']:.0f} s ({info['failed']:.0f} "
+                         f"failed), PSNR {info['psnr']:.2f} dB (best blind guess {info['psnr_trivial']:.2f}), "
+                         f"SSIM {info['ssim_matched']:.3f} (blind {info['ssim_matched_trivial']:.3f}), labels "
+                         f"{info['label_acc']:.2f} (blind {info['label_trivial']:.2f}), cos(stale, fresh) "
                          f"{info['cos_stale']:.3f} vs cos(GI, fresh) {info['cos_gi']:.3f}, oracle switch {oracle}, "
                          f"drift switch {switch}")
             print(line, flush=True)
@@ -175,8 +191,10 @@ def main() -> None:
         def avg(k: str, infos: list[dict[str, float]] = infos) -> float:
             return statistics.mean(i[k] for i in infos)
         print(f"{name}: {avg('inversions'):.0f} inversions / run, {avg('seconds'):.0f} s of server CPU / run; "
-              f"estimates' nearest-image PSNR {avg('psnr'):.2f} dB (gray image {avg('psnr_blind'):.2f}, best "
-              f"{max(i['psnr_best'] for i in infos):.2f}), label share overlap {avg('label_acc'):.2f}; "
+              f"estimates' nearest-image PSNR {avg('psnr'):.2f} dB (best blind guess {avg('psnr_trivial'):.2f}, "
+              f"best estimate {max(i['psnr_best'] for i in infos):.2f}), matched SSIM {avg('ssim_matched'):.3f} "
+              f"(blind {avg('ssim_matched_trivial'):.3f}), label share overlap {avg('label_acc'):.2f} (blind "
+              f"{avg('label_trivial'):.2f}); "
               f"cos to the true fresh update: stale {avg('cos_stale'):.3f}, GI {avg('cos_gi'):.3f}; oracle "
               f"switch rounds {[i['oracle_switch'] for i in infos]}, drift switch rounds "
               f"{[i['drift_switch'] for i in infos]}")

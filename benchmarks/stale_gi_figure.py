@@ -61,7 +61,7 @@ def main() -> None:
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle(f"server's estimate of client {CLIENT}'s data, round {last.round} (top; PSNR to nearest real "
-                 f"{score['psnr']:.1f} dB, gray guess {score['psnr_blind']:.1f} dB) / its real images (bottom)",
+                 f"{score['psnr']:.1f} dB, best blind guess {score['psnr_trivial']:.1f} dB) / its real images (bottom)",
                  fontsize=6)
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=110, bbox_inches="tight")
@@ -72,7 +72,7 @@ def main() -> None:
           f"{100 * history[-1]['test_accuracy']:.1f}%; {sum(h['gi_inversions'] for h in rows):.0f} inversions in "
           f"{sum(h['gi_seconds'] for h in rows):.0f} s; estimates PSNR "
           f"{sum(h['gi_psnr'] for h in rows) / len(rows):.2f}"
-          f" dB (gray {rows[0]['gi_psnr_blind']:.2f}), label overlap "
+          f" dB (best blind guess {sum(h['gi_psnr_trivial'] for h in rows) / len(rows):.2f}), label overlap "
           f"{sum(h['gi_label_acc'] for h in rows) / len(rows):.2f}; figure's estimate {score}")
     for outcome in result.outcomes:
         print("attack", outcome.attack, outcome.round, outcome.partition_id, outcome.failed, outcome.metrics)
