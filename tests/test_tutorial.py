@@ -183,7 +183,8 @@ def test_step_full_budget_teaches_its_lesson(number: int, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_step8_the_repair_helps_the_slow_class_and_leaks_its_images(tmp_path: Path) -> None:
     """Step 8 as shipped (seed 0): GI conversion beats direct stale aggregation on class 5 (measured 57.4 % vs
-    49.1 %) and its estimates beat the blind gray guess (13.1 dB vs 6.6 dB, labels 0.79)."""
+    49.1 %); its estimates' labels beat a blind label guess (0.79 vs 0.10), their images do NOT beat the best
+    blind image guess (13.1 dB vs 14.2 dB nearest-image PSNR: an all-black image), and the outputs say so."""
     def class5(history: list[dict[str, float]]) -> float:
         values = [h["test_accuracy_class5"] for h in history if "test_accuracy_class5" in h]
         return sum(values[-20:]) / 20
@@ -194,6 +195,7 @@ def test_step8_the_repair_helps_the_slow_class_and_leaks_its_images(tmp_path: Pa
     assert class5(gi.history) > class5(direct.history) + 0.03
     rows = [h for h in gi.history if h.get("gi_inversions")]
     assert len(rows) == 30
-    assert sum(h["gi_psnr"] - h["gi_psnr_blind"] for h in rows) / len(rows) > 4.0
-    assert sum(h["gi_label_acc"] for h in rows) / len(rows) > 0.5
+    assert sum(h["gi_label_acc"] - h["gi_label_trivial"] for h in rows) / len(rows) > 0.5
+    assert sum(h["gi_psnr_margin"] for h in rows) / len(rows) < 0  # the honest finding: black beats the images
+    assert "NOT above it" in (gi.out_dir / "summary.md").read_text(encoding="utf-8")
     assert 'id="stale-gi"' in (gi.out_dir / "report.html").read_text(encoding="utf-8")
