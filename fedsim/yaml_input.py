@@ -15,6 +15,9 @@ from fedsim.errors import ScenarioError
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     """Set ``a.b.0.c`` in a raw mapping (list items by existing index); ScenarioError at the failing prefix."""
+    if "[" in key or "]" in key:  # 'attacks[0].rounds': list items are numbered parts of the path
+        dotted = key.strip().replace("[", ".").replace("]", "")
+        raise ScenarioError("--set", f"{key.strip()!r}: write list items as path parts, e.g. {dotted!r}")
     parts = key.strip().split(".")
     node: Any = raw
     for depth, part in enumerate(parts):

@@ -131,3 +131,12 @@ def test_the_summary_says_when_no_client_was_ever_stale(tiny_raw, tmp_path) -> N
     run_scenario(parse_scenario(raw), tmp_path / "run")
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "no client was ever stale" in summary
+
+
+def test_set_with_a_bracketed_list_index_names_the_dotted_syntax() -> None:
+    from fedsim.errors import ScenarioError
+    from fedsim.yaml_input import apply_overrides
+
+    with pytest.raises(ScenarioError) as err:
+        apply_overrides({"attacks": [{"rounds": [1]}]}, ["attacks[0].rounds=[6]"])
+    assert "'attacks.0.rounds'" in str(err.value)  # was "attacks[0]: unknown field" later, at validation
