@@ -49,7 +49,7 @@ def test_round_robin_is_the_papers_chunked_stream() -> None:
 
 def test_slow_class_picks_the_clients_holding_most_of_it(tiny_raw) -> None:
     tiny_raw["data"]["partition"] = {"kind": "dirichlet", "alpha": 0.3}
-    tiny_raw["federation"] = {"clients": 6, "protocol": "fedavg",
+    tiny_raw["federation"] = {"clients": 6, "protocol": "fedavg", "rounds": 6,
                               "staleness": {"tau": 5, "slow_class": 3, "num_slow": 2}}
     scenario = parse_scenario(tiny_raw)
     setup = setup_for(scenario)
@@ -75,7 +75,7 @@ def test_each_rule_is_its_formula_on_known_updates() -> None:
     arrival = StaleArrival(round=41, partition_id=0, tau=40, base={"w": base}, local={"w": local},
                            current={"w": current}, num_examples=3)
     spec = parse_scenario({"name": "s", "data": {"dataset": "digits"}, "federation": {
-        "protocol": "fedavg", "staleness": {"tau": 40, "slow_clients": [0], "dc_lambda": 4.0}}})
+        "protocol": "fedavg", "rounds": 41, "staleness": {"tau": 40, "slow_clients": [0], "dc_lambda": 4.0}}})
     # delta = (0.5, -1, 0); current - base = (1, 0, 1)
     assert torch.allclose(STALE_RULES["direct"](arrival, spec)["w"], torch.tensor([2.5, 1.0, 0.0]))
     assert torch.allclose(STALE_RULES["downweight"](arrival, spec)["w"], torch.tensor([2.125, 1.75, 0.0]))  # x0.25
