@@ -188,3 +188,32 @@ def test_fedsim_list_shows_the_zeroth_order_choices_and_dataset_descriptions() -
         assert any(kind in line and f" {name} " in line for line in out.splitlines()), (kind, name)
     digits = next(line for line in out.splitlines() if " digits " in line)
     assert "image classification" in digits and "zeroth-order" in digits
+
+
+# --------------------------------------------------------------- QA2 kind 1: YAML 1.1 reads 1e-3 as a string
+
+def _float_fields() -> list[tuple[type[BaseModel], str]]:
+    """Every field of the zeroth_order block whose type admits a float (plain or in a union)."""
+    from fedsim.zo import spec as zo_spec
+
+    out = []
+    for model in (zo_spec.ZOTask, zo_spec.FZooSSettings, zo_spec.RGFSettings, zo_spec.MessageDefenses,
+                  zo_spec.ZOAttacks, zo_spec.ZerothOrderSpec):
+        for name, field in model.model_fields.items():
+            if "float" in str(field.annotation) or field.annotation is float:
+                out.append((model, name))
+    return out
+
+
+@pytest.mark.parametrize(("model", "name"), _float_fields(), ids=lambda v: getattr(v, "__name__", v))
+def test_every_float_field_takes_the_string_yaml_makes_of_1e_3(model: type[BaseModel], name: str) -> None:
+    read = yaml.safe_load(f"{name}: 1e-3")  # YAML 1.1: no dot -> the string '1e-3'
+    assert read[name] == "1e-3"
+    assert float(getattr(model.model_validate(read), name)) == 1e-3
+
+
+def test_gamma_1e_3_from_a_yaml_file_or_set_validates() -> None:
+    parse_scenario(scenario("zeroth_order.fzoos.gamma=1e-3"))
+    raw = copy.deepcopy(BASE)
+    raw["zeroth_order"]["fzoos"] = yaml.safe_load("{gamma: 1e-3}")
+    assert parse_scenario(raw).zeroth_order.fzoos.gamma == 1e-3

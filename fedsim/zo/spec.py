@@ -29,6 +29,11 @@ def _gamma(value: Any) -> Any:
     """'decay' or a finite number >= 0, one message for both forms (not pydantic's per-member union errors)."""
     if value == "decay" and isinstance(value, str):
         return value
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; pydantic's float fields coerce it too
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"give 'decay' (gamma_t = 1/(t+1)) or a finite number >= 0, got {value!r}") from None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
         return float(value)
     raise ValueError(f"give 'decay' (gamma_t = 1/(t+1)) or a finite number >= 0, got {value!r}")
