@@ -217,3 +217,36 @@ def test_gamma_1e_3_from_a_yaml_file_or_set_validates() -> None:
     raw = copy.deepcopy(BASE)
     raw["zeroth_order"]["fzoos"] = yaml.safe_load("{gamma: 1e-3}")
     assert parse_scenario(raw).zeroth_order.fzoos.gamma == 1e-3
+
+
+# --------------------------------------------------------------- QA2 kind 2: bounds on products, not only fields
+
+@pytest.mark.parametrize(("overrides", "path", "other"), [
+    (("zeroth_order.task.dim=100000", "zeroth_order.fzoos.rff_features=100000"), "zeroth_order.fzoos.rff_features",
+     "d (100000)"),
+    (("zeroth_order.fzoos.rff_features=100000", "zeroth_order.fzoos.rff_points=100000"),
+     "zeroth_order.fzoos.rff_points", "rff_features (100000)"),
+    (("zeroth_order.task.dim=100000", "zeroth_order.fzoos.rff_features=10",
+      "zeroth_order.attacks.heldout_points=100000"),
+     "zeroth_order.attacks.heldout_points", "d (100000)"),
+    (("zeroth_order.fzoos.gp_points=100000",), "zeroth_order.fzoos.gp_points", "gp_points^2"),
+    (("zeroth_order.task.dim=100000", "zeroth_order.method=fedzo", "zeroth_order.rgf.directions=100000"),
+     "zeroth_order.rgf.directions", "d (100000)"),
+])
+def test_an_array_over_2_gib_is_refused_at_the_field_that_made_it(overrides: tuple[str, ...], path: str,
+                                                                   other: str) -> None:
+    raw = scenario(*overrides)
+    if "zeroth_order.method=fedzo" in overrides:
+        raw["zeroth_order"].pop("fzoos", None)
+    err = refused(raw)
+    elements = 10**10  # 1e5 x 1e5 float64 = 74.5 GiB, whatever the pair
+    assert err.path == path
+    assert other in err.reason and "2 GiB per array" in err.reason and f"{elements * 8 / 2**30:.1f} GiB" in err.reason
+
+
+def test_a_memory_error_in_a_client_names_the_fields_that_size_the_arrays() -> None:
+    from fedsim.simulation.participation import one_line
+    from fedsim.zo.server_app import _reason
+
+    line = _reason(one_line("MemoryError: \nTraceback ..."))
+    assert "zeroth_order.fzoos.rff_features" in line and "zeroth_order.task.dim" in line and "\n" not in line

@@ -58,6 +58,16 @@ class ZOOutcome:
     seconds: float = 0.0
 
 
+def _reason(text: str) -> str:
+    """A client's error reason in one line; a MemoryError (whose text is empty) names the settings that size the
+    arrays, since validate's per-array bound (2 GiB, :mod:`fedsim.zo.validate`) cannot see the machine's memory."""
+    line = one_line(text)
+    if "MemoryError" in line:
+        line = ("out of memory (MemoryError): the largest arrays are sized by zeroth_order.fzoos.rff_features x the "
+                "task's d (zeroth_order.task.dim), fzoos.rff_points / gp_points and attacks.heldout_points; lower them")
+    return line
+
+
 class _Exchange:
     """One message type to every client, replies checked and ordered by partition id."""
 
@@ -72,7 +82,7 @@ class _Exchange:
             pid = self.partition_of_node.get(reply.metadata.src_node_id, -1)
             if reply.has_error():
                 raise SimulationError(f"client {pid} failed in round {round_num} ({message_type}): "
-                                      f"{one_line(reply.error.reason)}; a zeroth-order federation needs every "
+                                      f"{_reason(reply.error.reason)}; a zeroth-order federation needs every "
                                       "client every round, so the run stops")
             replies[pid] = reply
         missing = sorted(set(contents) - set(replies))

@@ -67,6 +67,54 @@ def _check_against_dim(block: Any, dim: int) -> None:
                                                            f"directions in R^d, so q must be <= {dim}")
 
 
+MAX_ARRAY_BYTES = 2 * 2**30  # one float64 array the run builds may take at most 2 GiB
+
+
+def _largest_arrays(block: Any, dim: int) -> list[tuple[str, int, str]]:
+    """``(field at fault, float64 elements, what the array is and its other factor)`` for the largest arrays a run of
+    ``block`` on a d-dimensional task builds (:mod:`fedsim.zo.client`, :mod:`fedsim.zo.gp`, :mod:`fedsim.zo.rff`,
+    :mod:`fedsim.zo.attacks`). Sizes use the settings as upper bounds (history may hold fewer points)."""
+    d = f"the task's d ({dim})"
+    if block.method != "fzoos":
+        return [("rgf.directions", block.rgf.directions * dim, f"the q orthonormal directions (q x d), with {d}")]
+    f, m = block.fzoos, block.fzoos.rff_features
+    out = [
+        ("fzoos.rff_features", m * dim, f"the shared RFF basis Omega (d x M), with {d}"),
+        ("fzoos.rff_points", f.rff_points * m, f"the RFF feature matrix (rff_points x M), with rff_features ({m})"),
+        ("fzoos.gp_points", f.gp_points * max(f.gp_points, dim), f"the GP kernel (gp_points^2) and its points "
+                                                                 f"(gp_points x d), with {d}"),
+        ("fzoos.n_inits", f.n_inits * dim, f"the initial queries (n_inits x d), with {d}"),
+        ("fzoos.explore_candidates", f.explore_candidates * max(dim, f.gp_points),
+         f"the exploration candidates (x d) and their kernel terms (x gp_points {f.gp_points}), with {d}"),
+        ("fzoos.refresh_candidates", f.refresh_candidates * max(dim, f.gp_points),
+         f"the refresh candidates (x d) and their kernel terms (x gp_points {f.gp_points}), with {d}"),
+    ]
+    if block.attacks.function_extraction:
+        out.append(("attacks.heldout_points", block.attacks.heldout_points * max(m, dim),
+                    f"the attack's held-out features (heldout_points x M, rff_features {m}) and points (x d), "
+                    f"with {d}"))
+    return out
+
+
+def _check_array_sizes(block: Any, dim: int) -> None:
+    """Refuse settings whose product makes one float64 array above :data:`MAX_ARRAY_BYTES` (each field's own bound
+    does not prevent it: d = M = 1e5 makes an 80 GB basis), at the field that made it big."""
+    for field, elements, what in _largest_arrays(block, dim):
+        size = elements * 8
+        if size > MAX_ARRAY_BYTES:
+            raise ScenarioError(f"zeroth_order.{field}", f"{getattr_path(block, field)} makes {what}: "
+                                                         f"{size / 2**30:.1f} GiB of float64 (at most "
+                                                         f"{MAX_ARRAY_BYTES // 2**30} GiB per array); lower it or "
+                                                         f"the other factor")
+
+
+def getattr_path(block: Any, dotted: str) -> Any:
+    """``block.fzoos.rff_features`` for ``"fzoos.rff_features"``."""
+    for part in dotted.split("."):
+        block = getattr(block, part)
+    return block
+
+
 def check_zeroth_order(scenario: Any) -> Any:
     """Check the zeroth-order parts of a validated :class:`~fedsim.scenario.Scenario` and return it.
 
@@ -103,7 +151,9 @@ def check_zeroth_order(scenario: Any) -> Any:
         raise ScenarioError(f"zeroth_order.{err.path}" if err.path else "zeroth_order", err.reason) from None
     except FedsimError as err:
         raise ScenarioError("zeroth_order.task", str(err)) from None
-    _check_against_dim(block, task_dim(block, fed.clients))
+    dim = task_dim(block, fed.clients)
+    _check_against_dim(block, dim)
+    _check_array_sizes(block, dim)
     from fedsim.resources import check_scenario_resources
 
     check_scenario_resources(scenario)  # device and the Ray request this machine can give
