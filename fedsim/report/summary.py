@@ -24,7 +24,7 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason})."""
     if scenario.zeroth_order is not None:  # a black-box task: no data, model or NN attacks (fedsim.zo.summary)
         from fedsim.zo.summary import zo_summary_markdown
-        return zo_summary_markdown(scenario, history, timing)
+        return zo_summary_markdown(scenario, history, timing, failures)
     fed = scenario.federation
     lines = [f"# {scenario.name}", ""]
     if scenario.description:

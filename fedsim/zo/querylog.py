@@ -55,7 +55,20 @@ class QueryLog:
         """Query ``xs`` (k, d) without recording the points (counted): the finite-difference probes."""
         xs = torch.as_tensor(xs, dtype=torch.float64).reshape(-1, self.dim)
         self.count(phase, xs.shape[0])
-        return torch.as_tensor(self.f(xs), dtype=torch.float64).reshape(-1)
+        return self._call(xs)
+
+    def _call(self, rows: Tensor) -> Tensor:
+        """One call of the black box on ``rows`` (k, d) -> (k,) float64. Raises ``ValueError`` naming the black box
+        when it returns the wrong count or a NaN / inf (a GP fitted on it would fail with the library's text)."""
+        vals = torch.as_tensor(self.f(rows), dtype=torch.float64).reshape(-1)
+        if vals.shape[0] != rows.shape[0]:
+            raise ValueError(f"the client function returned {vals.shape[0]} values for {rows.shape[0]} points")
+        bad = (~torch.isfinite(vals)).nonzero()
+        if bad.numel():
+            j = int(bad[0])
+            raise ValueError(f"the black box f_i returned a non-finite value ({float(vals[j])}) at a queried point "
+                             f"(x[:3] = {[round(float(v), 4) for v in rows[j, :3]]}); its values must be finite")
+        return vals
 
     def query(self, xs: Tensor, phase: str) -> Tensor:
         """Values at ``xs`` (k, d) -> (k,): recorded points are answered from the record, the others are queried in
@@ -70,9 +83,7 @@ class QueryLog:
                 new[k] = row_i
         if new:
             rows = xs[list(new.values())]
-            vals = torch.as_tensor(self.f(rows), dtype=torch.float64).reshape(-1)
-            if vals.shape[0] != rows.shape[0]:
-                raise ValueError(f"the client function returned {vals.shape[0]} values for {rows.shape[0]} points")
+            vals = self._call(rows)
             self.count(phase, rows.shape[0])
             start = len(self)
             self.X = torch.cat([self.X, rows])

@@ -170,5 +170,10 @@ def zo_report_sections(scenario: Mapping[str, Any], metrics: Mapping[str, Any], 
     info = RunInfo.from_scenario(scenario)
     history = [h for h in metrics.get("utility") or [] if isinstance(h, Mapping)]
     board = _leaderboard_section(info, history, assets / "leaderboard.csv", csv_name)
-    return [_threat_section(info), _notes_section(info, history), _objective_section(info, history, assets),
+    from fedsim.zo.summary import failure_text
+
+    failed = "".join(f'<p class="bad"><b>Error: {esc(failure_text(f))}</b></p>'
+                     for f in metrics.get("client_failures") or [] if isinstance(f, Mapping))
+    stopped = f'<section id="zo-failure"><h2>Run stopped</h2>{failed}</section>' if failed else ""
+    return [stopped, _threat_section(info), _notes_section(info, history), _objective_section(info, history, assets),
             _attack_section(info, history), board, how_to_read(info, history)]

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedsim.errors import SimulationError
 from fedsim.report.writer import check_run_dir, write_run_dir
 from fedsim.run import RunResult, default_out_dir
 from fedsim.scenario import Scenario
@@ -47,6 +48,11 @@ def attacked_rounds(scenario: Scenario) -> set[int]:
     return set(range(spec.attacks.every, rounds + 1, spec.attacks.every)) | {rounds}
 
 
+ATTACKS_NOTE = ("zeroth-order run: the curious server's attack scores are per round in utility (zo_extraction_*, "
+                "zo_label_set_*, zo_attacked_clients); the image-attack lists 'attacks' and 'leakage' do not apply "
+                "and are null")
+
+
 class ZORows:
     """The evaluator: one history row per round from the server's view and traffic, scored against the objective."""
 
@@ -55,6 +61,7 @@ class ZORows:
         self.history: list[dict[str, float]] = []
         self.attacked = attacked_rounds(scenario)
         self.total = 0
+        self.attack_seconds = 0.0  # the curious server's attacks and their scoring (timing.attacks_s)
         self.start = time.perf_counter()
         self._basis: Any = None
 
@@ -80,9 +87,11 @@ class ZORows:
             from fedsim.zo.attacks import score_round
 
             atk = self.scenario.zeroth_order.attacks
+            began = time.perf_counter()
             row.update(score_round(view, self.basis(), self.objective, heldout=atk.heldout_points,
                                    seed=self.scenario.seed, extraction=atk.function_extraction,
                                    label_set=atk.label_set))
+            self.attack_seconds += time.perf_counter() - began
         self.history.append(row)
         if self.on_round is not None:
             self.on_round(view.round, row)
@@ -108,8 +117,6 @@ def run_zo_federation(scenario: Scenario, objective: FederatedObjective, on_roun
 
         run_ray(server_app, client_app, fed.clients, scenario.backend, verbose)
     if len(outcome.views) != fed.rounds + 1:  # the ServerApp thread died (Flower logs it and returns)
-        from fedsim.errors import SimulationError
-
         raise SimulationError(f"the zeroth-order federation stopped after {len(outcome.views) - 1} of {fed.rounds} "
                               "rounds (run with -v for Flower's log)")
     return outcome
@@ -126,18 +133,35 @@ def run_zo_scenario(scenario: Scenario, out_dir: Path | None = None, *, write: b
     spec = scenario.zeroth_order
     objective = build_objective(spec, scenario.federation.clients, scenario.seed)
     rows = ZORows(scenario, objective, on_round)
-    outcome = run_zo_federation(scenario, objective, rows, verbose=verbose, backend=backend)
+    try:
+        outcome, error = run_zo_federation(scenario, objective, rows, verbose=verbose, backend=backend), None
+    except SimulationError as err:  # a client failed: keep the finished rounds, with the failure in every output
+        if not rows.history or not write:
+            raise
+        outcome, error = None, err
     total = round(time.perf_counter() - start, 3)
-    timing = {"federation_s": total, "attacks_s": 0.0, "total_s": total}
+    attacks = round(rows.attack_seconds, 3)
+    timing = {"federation_s": round(total - attacks, 3), "attacks_s": attacks, "total_s": total}
     history = rows.history
-    extra: dict[str, Any] = {"client_failures": [], "zeroth_order": {
-        "method": spec.method, "task": spec.task.family, "dim": objective.dim, "clients": scenario.federation.clients,
-        "safeguard": spec.safeguard, "defenses": spec.defenses.model_dump(), "queries_total": rows.total,
-        "objective_first": history[0][OBJECTIVE], "objective_last": history[-1][OBJECTIVE],
-        "final_x": [float(v) for v in outcome.final_x],
-        "secagg_note": SECAGG_NOTE if spec.defenses.secagg else None,
-    }}
+    failures = [] if error is None else [getattr(error, "failure", None) or
+                                         {"round": len(history), "client": -1, "reason": str(error)}]
+    extra: dict[str, Any] = {
+        "client_failures": failures,
+        "attacks": None, "leakage": None,  # the image-attack lists: not used here, see attacks_note
+        "attacks_note": ATTACKS_NOTE,
+        "zeroth_order": {
+            "method": spec.method, "task": spec.task.family, "dim": objective.dim,
+            "clients": scenario.federation.clients, "safeguard": spec.safeguard, "defenses": spec.defenses.model_dump(),
+            "queries_total": rows.total, "objective_first": history[0][OBJECTIVE],
+            "objective_last": history[-1][OBJECTIVE],
+            "final_x": None if outcome is None else [float(v) for v in outcome.final_x],
+            "secagg_note": SECAGG_NOTE if spec.defenses.secagg else None,
+            "run_error": None if error is None else f"the run stopped after round {len(history) - 1}: {error}",
+        }}
     written = None
     if write:
         written = write_run_dir(target, scenario, history, [], timing, extra=extra, overwrite=overwrite)
+    if error is not None:
+        raise SimulationError(f"{error}; the {len(history) - 1} finished round(s) are in {written} (metrics.json, "
+                              "summary.md, report.html)") from None
     return RunResult(written, history, [], timing, {}, [])

@@ -81,9 +81,11 @@ class _Exchange:
         for reply in self.grid.send_and_receive(msgs):
             pid = self.partition_of_node.get(reply.metadata.src_node_id, -1)
             if reply.has_error():
-                raise SimulationError(f"client {pid} failed in round {round_num} ({message_type}): "
-                                      f"{_reason(reply.error.reason)}; a zeroth-order federation needs every "
-                                      "client every round, so the run stops")
+                reason = _reason(reply.error.reason)
+                err = SimulationError(f"client {pid} failed in round {round_num} ({message_type}): {reason}; a "
+                                      "zeroth-order federation needs every client every round, so the run stops")
+                err.failure = {"round": round_num, "client": pid, "reason": reason}  # type: ignore[attr-defined]
+                raise err
             replies[pid] = reply
         missing = sorted(set(contents) - set(replies))
         if missing:

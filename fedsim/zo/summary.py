@@ -13,6 +13,14 @@ from fedsim.report.page import esc
 from fedsim.zo.report import RunInfo, defense_label, zo_markdown
 
 
+def failure_text(failure: Mapping[str, Any]) -> str:
+    """One client failure that stopped a zeroth-order run, as summary.md and report.html show it."""
+    rnd = failure.get("round")
+    kept = f"rounds 0-{int(rnd) - 1} are kept" if isinstance(rnd, int) and rnd > 0 else "no round is kept"
+    return (f"the run stopped in round {rnd}: client {failure.get('client')} failed ({failure.get('reason')}); "
+            f"{kept}")
+
+
 def _task_text(zo: Mapping[str, Any]) -> str:
     task = zo.get("task") or {}
     size = f", d = {task['dim']}" if task.get("dim") else ""
@@ -39,9 +47,11 @@ def zo_facts(scn: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def zo_summary_markdown(scenario: Any, history: Sequence[Mapping[str, Any]], timing: Mapping[str, float]) -> str:
-    """summary.md of a zeroth-order run: what ran, then :func:`fedsim.zo.report.zo_markdown` (threat model,
-    objective and queries, attacks or why none ran, caveats such as the SecAgg simulation)."""
+def zo_summary_markdown(scenario: Any, history: Sequence[Mapping[str, Any]], timing: Mapping[str, float],
+                        failures: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """summary.md of a zeroth-order run: what ran, the client failure that stopped it (``failures``: {round, client,
+    reason}), then :func:`fedsim.zo.report.zo_markdown` (threat model, objective and queries, attacks or why none
+    ran, caveats such as the SecAgg simulation)."""
     zo = scenario.zeroth_order.model_dump(mode="json")
     fed = scenario.federation
     lines = [f"# {scenario.name}", ""]
@@ -52,8 +62,9 @@ def zo_summary_markdown(scenario: Any, history: Sequence[Mapping[str, Any]], tim
         f"- federation: {fed.clients} clients, every client every round, {fed.rounds} rounds, protocol "
         f"`zeroth_order`, backend `{scenario.backend.kind}`",
         f"- message defenses: {defense_label(zo.get('defenses'))}; seed {scenario.seed}",
-        f"- time: federation {timing.get('federation_s', 0):.1f} s",
+        f"- time: federation {timing.get('federation_s', 0):.1f} s, attacks {timing.get('attacks_s', 0):.1f} s",
         "",
     ]
+    lines += [f"**Error: {failure_text(f)}**\n" for f in failures or []]
     body = zo_markdown(history, RunInfo.from_scenario(scenario.model_dump(mode="json")))
     return "\n".join(lines + (body or ["No round finished."])) + "\n"
