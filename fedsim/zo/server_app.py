@@ -115,8 +115,11 @@ def check_finite(what: str, round_num: int, items: dict[int, Tensor | float | di
         parts = item.values() if isinstance(item, dict) else [item]
         if not all(bool(torch.isfinite(torch.as_tensor(p, dtype=torch.float64)).all()) for p in parts):
             name = f"client {pid}" if who == "client" else who
-            raise SimulationError(f"{name} sent a non-finite {what} in round {round_num} (NaN or inf: it would "
+            err = SimulationError(f"{name} sent a non-finite {what} in round {round_num} (NaN or inf: it would "
                                   "poison every later round), so the run stops; check the zeroth_order settings")
+            err.failure = {"round": round_num, "client": pid if who == "client" else -1,  # type: ignore[attr-defined]
+                           "reason": f"{name} sent a non-finite {what} (NaN or inf)"}
+            raise err
 
 
 def build_zo_server_app(spec: ZerothOrderSpec, num_clients: int, num_rounds: int, x0: Tensor, weights: list[float],

@@ -17,8 +17,8 @@ def failure_text(failure: Mapping[str, Any]) -> str:
     """One client failure that stopped a zeroth-order run, as summary.md and report.html show it."""
     rnd = failure.get("round")
     kept = f"rounds 0-{int(rnd) - 1} are kept" if isinstance(rnd, int) and rnd > 0 else "no round is kept"
-    return (f"the run stopped in round {rnd}: client {failure.get('client')} failed ({failure.get('reason')}); "
-            f"{kept}")
+    who = f"client {failure.get('client')} failed" if failure.get("client", -1) != -1 else "it failed"
+    return f"the run stopped in round {rnd}: {who} ({failure.get('reason')}); {kept}"
 
 
 def _task_text(zo: Mapping[str, Any]) -> str:
