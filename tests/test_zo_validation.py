@@ -250,3 +250,43 @@ def test_a_memory_error_in_a_client_names_the_fields_that_size_the_arrays() -> N
 
     line = _reason(one_line("MemoryError: \nTraceback ..."))
     assert "zeroth_order.fzoos.rff_features" in line and "zeroth_order.task.dim" in line and "\n" not in line
+
+
+# --------------------------------------------------------------- QA2 kind 10: bool / number confusion
+
+def _typed_fields(kind: type) -> list[tuple[type[BaseModel], str]]:
+    from fedsim.zo import spec as zo_spec
+
+    out = []
+    for model in (zo_spec.ZOTask, zo_spec.FZooSSettings, zo_spec.RGFSettings, zo_spec.MessageDefenses,
+                  zo_spec.ZOAttacks, zo_spec.ZerothOrderSpec):
+        for name, field in model.model_fields.items():
+            ann = str(field.annotation)
+            if field.annotation is kind or (kind is not bool and kind.__name__ in ann and "Literal" not in ann):
+                out.append((model, name))
+    return out
+
+
+@pytest.mark.parametrize(("model", "name"), _typed_fields(int) + _typed_fields(float),
+                         ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_number_field_refuses_a_boolean_saying_yaml_read_it_so(model: type[BaseModel], name: str,
+                                                                 flag: bool) -> None:
+    with pytest.raises(Exception) as info:  # noqa: PT011 - pydantic's ValidationError or the path error
+        model.model_validate({name: flag})
+    assert "YAML reads a bare on/off" in str(info.value), (model.__name__, name)
+
+
+@pytest.mark.parametrize(("model", "name"), _typed_fields(bool), ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize("number", [0, 1])
+def test_a_true_false_field_refuses_a_number(model: type[BaseModel], name: str, number: int) -> None:
+    with pytest.raises(Exception) as info:  # noqa: PT011
+        model.model_validate({name: number})
+    assert "give true or false" in str(info.value)
+
+
+def test_bool_number_confusion_is_one_line_at_its_path() -> None:
+    assert refused(scenario("zeroth_order.task.box=off")).path == "zeroth_order.task.box"
+    assert refused(scenario("zeroth_order.defenses.secagg=1")).path == "zeroth_order.defenses.secagg"
+    err = refused(scenario("zeroth_order.method=fedzo", "zeroth_order.rgf.directions=true"))
+    assert err.path == "zeroth_order.rgf.directions" and "boolean true" in err.reason

@@ -42,6 +42,29 @@ def _gamma(value: Any) -> Any:
 Gamma = Annotated[Literal["decay"] | float, BeforeValidator(_gamma)]
 
 
+def _number(value: Any) -> Any:
+    """Refuse a boolean where a number belongs (pydantic would read true as 1 and false as 0), saying that YAML 1.1
+    reads a bare on/off/yes/no/true/false as one."""
+    if isinstance(value, bool):
+        raise ValueError(f"give a number, got {str(value).lower()} (YAML reads a bare on/off/yes/no/true/false as "
+                         f"the boolean {str(value).lower()})")
+    return value
+
+
+def _flag(value: Any) -> Any:
+    """Refuse a number where true/false belongs (pydantic would read 1 as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"give true or false, got {value!r}")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_number)]
+OptCount = Annotated[int | None, BeforeValidator(_number)]
+Num = Annotated[float, BeforeValidator(_number)]
+OptNum = Annotated[float | None, BeforeValidator(_number)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -51,45 +74,45 @@ class ZOTask(_Strict):
     the family's check (e.g. ``class_portion`` for ``quadratic``)."""
 
     family: Literal["quadratic", "metric", "adversarial"] = "quadratic"
-    dim: int | None = Field(None, ge=1, le=MAX_POINTS, description="quadratic: d (default 300); others: set by "
+    dim: OptCount = Field(None, ge=1, le=MAX_POINTS, description="quadratic: d (default 300); others: set by "
                                                                   "the task; at most 1e5 (see MAX_POINTS)")
-    heterogeneity: float = Field(0.5, ge=0, le=100, description="quadratic: 'div' of the Dirichlet coefficients "
+    heterogeneity: Num = Field(0.5, ge=0, le=100, description="quadratic: 'div' of the Dirichlet coefficients "
                                  "(§11.7); at most 100 (beyond N it only makes coordinates concave, and huge values "
                                  "overflow f_i)")
     dataset: str | None = Field(None, description="metric / adversarial: bundled dataset (digits, mnist-5k)")
-    class_portion: float = Field(0.9, gt=0, le=1, description="share of a client's data from its own classes")
+    class_portion: Num = Field(0.9, gt=0, le=1, description="share of a client's data from its own classes")
     metric: Literal["f1", "precision", "recall", "jaccard"] = Field(
         "f1", description="metric family: f_i = 1 - macro-<metric> of the perturbed classifier on client data")
-    box: float | None = Field(None, gt=0, le=1e4, description="half-width of the perturbation box (metric 0.2, "
+    box: OptNum = Field(None, gt=0, le=1e4, description="half-width of the perturbation box (metric 0.2, "
                                       "adversarial 0.3 as in the paper); at most 1e4 (the classifier's weights are "
                                       "O(1): far beyond, the shift alone decides and float64 overflows near 1e308; "
                                       "the adversarial task allows 1: pixels lie in [0, 1])")
-    image_index: int = Field(0, ge=0, description="adversarial: which eligible test image (F(x0) >= 0) to attack")
+    image_index: Count = Field(0, ge=0, description="adversarial: which eligible test image (F(x0) >= 0) to attack")
 
 
 class FZooSSettings(_Strict):
     """FZooS's surrogate and query settings (spec §11.2-§11.5)."""
 
-    n_inits: int = Field(10, ge=1, le=MAX_POINTS, description="uniform queries in x0 +- explore_radius at the "
+    n_inits: Count = Field(10, ge=1, le=MAX_POINTS, description="uniform queries in x0 +- explore_radius at the "
                                                               "start")
-    gp_points: int = Field(150, ge=2, description="history points nearest x the GP is fitted on")
-    gp_restarts: int = Field(2, ge=0, description="optimizer restarts of the GP length-scale fit (authors: 20; "
+    gp_points: Count = Field(150, ge=2, description="history points nearest x the GP is fitted on")
+    gp_restarts: Count = Field(2, ge=0, description="optimizer restarts of the GP length-scale fit (authors: 20; "
                                                   "shrunk for CPU)")
-    explore_radius: float = Field(0.01, gt=0, le=1, description="half-width of the exploration box around x; at "
+    explore_radius: Num = Field(0.01, gt=0, le=1, description="half-width of the exploration box around x; at "
                                                                  "most 1 (points lie in [0, 1]^d)")
-    explore_candidates: int = Field(100, ge=1, le=MAX_POINTS,
+    explore_candidates: Count = Field(100, ge=1, le=MAX_POINTS,
                                     description="uniform candidates per local step explore_top is chosen from")
-    explore_top: int = Field(5, ge=0, description="queries per local step with the largest gradient variance "
+    explore_top: Count = Field(5, ge=0, description="queries per local step with the largest gradient variance "
                                                   "(at most explore_candidates)")
-    rff_features: int = Field(10_000, ge=1, le=MAX_POINTS, description="M: random Fourier features (shared by "
+    rff_features: Count = Field(10_000, ge=1, le=MAX_POINTS, description="M: random Fourier features (shared by "
                                                                        "seed); at most 1e5 (the basis is d x M)")
-    rff_lengthscale: float = Field(1.0, ge=1e-6, le=1e3, description="length-scale of the shared RFF basis; in "
+    rff_lengthscale: Num = Field(1.0, ge=1e-6, le=1e3, description="length-scale of the shared RFF basis; in "
                                    "[1e-6, 1e3] (points lie in [0, 1]^d: longer makes every feature constant, "
                                    "shorter overflows the frequencies)")
-    rff_points: int = Field(500, ge=1, description="history points nearest x_{r+1} the RFF weights are fitted on")
-    refresh_candidates: int = Field(200, ge=1, le=MAX_POINTS,
+    rff_points: Count = Field(500, ge=1, description="history points nearest x_{r+1} the RFF weights are fitted on")
+    refresh_candidates: Count = Field(200, ge=1, le=MAX_POINTS,
                                     description="uniform candidates around x_{r+1} refresh_top is chosen from")
-    refresh_top: int = Field(50, ge=0, description="refresh queries (at most refresh_candidates)")
+    refresh_top: Count = Field(50, ge=0, description="refresh queries (at most refresh_candidates)")
     gamma: Gamma = Field("decay", description="correction weight: 'decay' = 1/(t+1) (code), or a finite constant "
                                               ">= 0 (paper theory; reviews: 1; negative would push against the "
                                               "correction)")
@@ -108,31 +131,31 @@ class FZooSSettings(_Strict):
 class RGFSettings(_Strict):
     """The finite-difference baselines' estimator (spec §11.5): q orthonormal Gaussian directions, forward steps."""
 
-    directions: int = Field(20, ge=1, description="q orthonormal directions: at most d (checked with the task)")
-    mu: float = Field(0.01, gt=0, le=1, description="finite-difference step; at most 1 (points lie in [0, 1]^d)")
+    directions: Count = Field(20, ge=1, description="q orthonormal directions: at most d (checked with the task)")
+    mu: Num = Field(0.01, gt=0, le=1, description="finite-difference step; at most 1 (points lie in [0, 1]^d)")
 
 
 class MessageDefenses(_Strict):
     """Defenses on FZooS's surrogate message (spec §11.6 'fedsim experiments'), applied by each client."""
 
-    y_noise: float = Field(0.0, ge=0, le=1e3, description="std of Gaussian noise on the normalised values (in "
+    y_noise: Num = Field(0.0, ge=0, le=1e3, description="std of Gaussian noise on the normalised values (in "
                                                            "[0, 1]) before the fit; at most 1e3 (beyond, the message "
                                                            "is noise and the surrogate overflows)")
-    nu_noise: float = Field(0.0, ge=0, le=1e3, description="std of Gaussian noise on each sent weight nu_i (|nu| is "
+    nu_noise: Num = Field(0.0, ge=0, le=1e3, description="std of Gaussian noise on each sent weight nu_i (|nu| is "
                                                             "O(1)-O(10)); at most 1e3 (beyond, the global surrogate "
                                                             "overflows: measured non-finite at 1e300)")
-    ridge: float = Field(0.0, ge=0, le=1e6, description="ridge lambda of the RFF fit (0: min-norm least squares); "
+    ridge: Num = Field(0.0, ge=0, le=1e6, description="ridge lambda of the RFF fit (0: min-norm least squares); "
                                                          "at most 1e6 (beyond, the weights are all 0)")
-    secagg: bool = Field(False, description="pairwise-masked nu_i: the server learns only the weighted sum")
+    secagg: Flag = Field(False, description="pairwise-masked nu_i: the server learns only the weighted sum")
 
 
 class ZOAttacks(_Strict):
     """The curious server's attacks on the messages (:mod:`fedsim.zo.attacks`), scored by the evaluator."""
 
-    function_extraction: bool = Field(True, description="R^2 of the rebuilt mu_i against f_i at held-out points")
-    label_set: bool = Field(True, description="metric task: which classes a client holds, from grad mu_i")
-    every: int = Field(1, ge=1, description="attack every k-th round's messages (and the last)")
-    heldout_points: int = Field(200, ge=2, le=MAX_POINTS,
+    function_extraction: Flag = Field(True, description="R^2 of the rebuilt mu_i against f_i at held-out points")
+    label_set: Flag = Field(True, description="metric task: which classes a client holds, from grad mu_i")
+    every: Count = Field(1, ge=1, description="attack every k-th round's messages (and the last)")
+    heldout_points: Count = Field(200, ge=2, le=MAX_POINTS,
                                 description="random points the extraction R^2 is measured at (R^2 needs at least 2)")
 
 
@@ -141,16 +164,16 @@ class ZerothOrderSpec(_Strict):
 
     task: ZOTask = ZOTask()
     method: Literal["fzoos", "fedzo", "fedprox", "scaffold1", "scaffold2"] = "fzoos"
-    local_iters: int = Field(10, ge=1, description="T: local Adam steps per round (authors' README: 5-20)")
-    lr: float = Field(0.01, gt=0, le=1, description="local Adam step size; at most 1 (an Adam step moves each "
+    local_iters: Count = Field(10, ge=1, description="T: local Adam steps per round (authors' README: 5-20)")
+    lr: Num = Field(0.01, gt=0, le=1, description="local Adam step size; at most 1 (an Adam step moves each "
                                                    "coordinate by about lr, points lie in [0, 1]^d)")
-    global_lr: float = Field(1.0, gt=0, le=10, description="eta: x_{r+1} = x_r - eta * sum_i w_i (x_r - x_i); at "
+    global_lr: Num = Field(1.0, gt=0, le=10, description="eta: x_{r+1} = x_r - eta * sum_i w_i (x_r - x_i); at "
                                                            "most 10 (the result is clipped to [0, 1]^d)")
     safeguard: yaml_literal("off", "message") = Field(  # type: ignore[valid-type]
         "message", description="keep x_r if F(x_{r+1}) >= F(x_r), from values the clients send (an extra "
                                "message each round, counted as queries); 'off' always moves (bare off, which "
                                "YAML reads as false, means 'off' too)")
-    prox_mu: float = Field(1.0, ge=0, le=1e4, description="fedprox: weight of (x - x_r); at most 1e4 (beyond, "
+    prox_mu: Num = Field(1.0, ge=0, le=1e4, description="fedprox: weight of (x - x_r); at most 1e4 (beyond, "
                                                           "Adam's normalised step ignores the estimate)")
     fzoos: FZooSSettings = FZooSSettings()
     rgf: RGFSettings = RGFSettings()
