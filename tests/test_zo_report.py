@@ -223,3 +223,28 @@ def test_tutorial_step_9_states_fedsims_query_count_rule() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "tutorial.md").read_text()
     assert "22 queries a step" not in text
     assert "21 queries a step" in text and "T (q + 1)" in text
+
+
+# ------------------------- QA2 kind: a text about what is sent or public must follow the run's method and safeguard
+
+@pytest.mark.parametrize("method", ["fzoos", "fedzo", "fedprox", "scaffold1", "scaffold2"])
+@pytest.mark.parametrize("safeguard", ["message", "off"])
+def test_message_texts_name_only_what_this_method_and_safeguard_send(method: str, safeguard: str) -> None:
+    from fedsim.zo.report import RunInfo, attack_reading, run_notes, threat_model
+
+    info = RunInfo(method=method, family="metric", clients=3, safeguard=safeguard,
+                   defenses={"secagg": True} if method == "fzoos" else None)
+    rows = [{"round": 1, "zo_attacked_clients": 3.0, "zo_label_set_chance": 0.5,
+             **({"zo_extraction_flat_clients": 0.0} if method == "fzoos" else {})}]  # extraction: fzoos only
+    text = " ".join([*threat_model(info), *run_notes(info, rows), attack_reading(info, rows)])
+    if method != "fzoos":
+        assert "RFF" not in text and "surrogate" not in text, text
+    if safeguard == "off":
+        assert "safeguard values" not in text and "f_i(x_{r+1})" not in text, text
+
+
+def test_the_label_set_switch_names_both_sources() -> None:
+    from fedsim.zo.spec import ZOAttacks
+
+    text = ZOAttacks.model_fields["label_set"].description
+    assert "grad mu_i" in text and "local step" in text

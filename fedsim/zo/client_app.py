@@ -48,9 +48,15 @@ NU = "zo.nu"  # ArrayRecord {"nu": (M,)}: the refresh reply's RFF weights
 CONTROL_RECORD = "zo.control"  # ArrayRecord {"c": (d,)}: SCAFFOLD type I's control variate reply
 ROUND, VALUE = "server-round", "zo.value"
 RADIUS, WEIGHT, Y_MIN, Y_MAX = "zo.radius", "zo.weight", "zo.y-min", "zo.y-max"
-SECAGG_NOTE = ("zeroth_order.defenses.secagg simulates SecAgg's pairwise masking of the surrogate weights only (pair "
-               "seeds from the scenario seed, float arithmetic, no key agreement and no dropout recovery); x_i and the "
-               "safeguard values are sent in the clear")
+def secagg_note(safeguard: str = "message") -> str:
+    """The SecAgg simulation caveat; what else is sent in the clear depends on ``zeroth_order.safeguard``."""
+    clear = ("x_i and the safeguard values f_i(x_{r+1}) are sent in the clear" if safeguard == "message" else
+             "x_i is sent in the clear (safeguard off: no values are sent)")
+    return ("zeroth_order.defenses.secagg simulates SecAgg's pairwise masking of the surrogate weights only (pair "
+            "seeds from the scenario seed, float arithmetic, no key agreement and no dropout recovery); " + clear)
+
+
+SECAGG_NOTE = secagg_note("message")
 SECAGG_MASK_STD = 100.0  # scale of the pairwise masks, large against the weights sent (|nu| is O(1)-O(10))
 
 ObjectiveBuilder = Callable[[ZerothOrderSpec, int, int], FederatedObjective]

@@ -135,10 +135,10 @@ def defense_label(defenses: Mapping[str, Any] | None) -> str:
 
 def threat_model(info: RunInfo) -> list[str]:
     """The attacker and what each message of this run reveals to it (spec §11.6), one sentence per item."""
+    public = ("the shared RFF seed (so it rebuilds the basis Omega, b), " if info.method == "fzoos" else "")
     lines = ["The attacker is the server, honest-but-curious: it runs the protocol as specified, keeps every "
-             "message it receives, and knows what the protocol makes public: the shared RFF seed (so it rebuilds "
-             "the basis Omega, b), the clients' weights w_i and the task's parameter layout. It never sees a "
-             "client's data or its private function f_i."]
+             f"message it receives, and knows what the protocol makes public: {public}the clients' weights w_i and "
+             "the task's parameter layout. It never sees a client's data or its private function f_i."]
     lines.append("x_{i,r} (every method): the client's local displacement from x_r, i.e. where f_i decreases "
                  "around x_r.")
     if info.method == "fzoos":
@@ -173,8 +173,9 @@ def attack_reading(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> str:
                      "it hardly varies (a piecewise-constant metric) R\u00b2 is negative even for a close copy: read "
                      "the RMSE beside the aggregate's.")
     if label_set:
-        parts.append("Label set: which classes a client holds, guessed from its surrogate's slope or from its "
-                     "local step; the share of the held/not-held class decisions that are right, beside the exact "
+        source = "its surrogate's slope or from its local step" if info.method == "fzoos" else "its local step"
+        parts.append(f"Label set: which classes a client holds, guessed from {source}; the share of the "
+                     "held/not-held class decisions that are right, beside the exact "
                      "chance of a random guess of the same size; chance 1.0 (every client holds every class) makes "
                      "the score meaningless.")
     return " ".join(parts)
@@ -198,11 +199,11 @@ def no_attack_reason(info: RunInfo) -> str:
 
 def run_notes(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> list[str]:
     """Caveats of this run: the SecAgg simulation, SecAgg over one client, a label-set chance of 1."""
-    from fedsim.zo.client_app import SECAGG_NOTE  # the simulation caveat, where the masking is done
+    from fedsim.zo.client_app import secagg_note  # the simulation caveat, where the masking is done
 
     notes = []
     if info.secagg:
-        notes.append(SECAGG_NOTE + ".")
+        notes.append(secagg_note(info.safeguard) + ".")
         if info.clients == 1:
             notes.append("SecAgg over 1 client hides nothing: the masked sum is that client's own message.")
     if any((value(h, CHANCE) or 0.0) >= 1.0 - 1e-12 for h in history):

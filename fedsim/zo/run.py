@@ -32,7 +32,7 @@ from fedsim.simulation.ray_backend import quiet_environment
 from fedsim.simulation.server_app import RoundCallback
 from fedsim.zo.api import FederatedObjective, ZORoundView
 from fedsim.zo.capture import RoundTraffic
-from fedsim.zo.client_app import SECAGG_NOTE, build_zo_client_app
+from fedsim.zo.client_app import build_zo_client_app, secagg_note
 from fedsim.zo.report import OBJECTIVE, QUERIES, QUERIES_ROUND
 from fedsim.zo.server_app import ZOOutcome, build_zo_server_app
 from fedsim.zo.tasks import build_objective
@@ -155,7 +155,7 @@ def run_zo_scenario(scenario: Scenario, out_dir: Path | None = None, *, write: b
             "queries_total": rows.total, "objective_first": history[0][OBJECTIVE],
             "objective_last": history[-1][OBJECTIVE],
             "final_x": None if outcome is None else [float(v) for v in outcome.final_x],
-            "secagg_note": SECAGG_NOTE if spec.defenses.secagg else None,
+            "secagg_note": secagg_note(spec.safeguard) if spec.defenses.secagg else None,
             "run_error": None if error is None else f"the run stopped after round {len(history) - 1}: {error}",
         }}
     written = None

@@ -153,7 +153,9 @@ class ZOAttacks(_Strict):
     """The curious server's attacks on the messages (:mod:`fedsim.zo.attacks`), scored by the evaluator."""
 
     function_extraction: Flag = Field(True, description="R^2 of the rebuilt mu_i against f_i at held-out points")
-    label_set: Flag = Field(True, description="metric task: which classes a client holds, from grad mu_i")
+    label_set: Flag = Field(True, description="metric task: which classes a client holds, from "
+                                               "the surrogate slope grad mu_i (fzoos) or the local step "
+                                               "x_i - x_r (every method)")
     every: Count = Field(1, ge=1, description="attack every k-th round's messages (and the last)")
     heldout_points: Count = Field(200, ge=2, le=MAX_POINTS,
                                 description="random points the extraction R^2 is measured at (R^2 needs at least 2)")
