@@ -259,7 +259,7 @@ def test_report_section_shows_objective_queries_and_attack_table(tmp_path) -> No
     md = "\n".join(zo_markdown(rows, RunInfo.from_scenario(scn)))
     assert "1 (round 0) -> 0.25 (round 2) after 140 queries" in md
     assert "| 2 | 0.25 | 70 | 140 |" in md
-    assert "| mean |  | 0.800 |" in md and md.count("| 0.500 | 0.500 |") == 1  # means; no local-step column
+    assert "| mean of 2 rounds |  | 0.800 |" in md and md.count("| 0.500 | 0.500 |") == 1  # means; no local-step column
     assert attack_table_markdown({"ridge 0.1": rows})[-1].startswith("| ridge 0.1 | 0.800 |")
     html = "".join(zo_report_sections(scn, {"utility": rows}, tmp_path, "leaderboard.csv"))
     assert (tmp_path / "zo_objective.png").is_file() and "data:image/png;base64," in html

@@ -96,7 +96,8 @@ def test_null_or_nan_in_every_number_gives_dashes_not_a_crash(secagg_run, tmp_pa
     history[-1]["zo_success"] = 1.0
     scenario = parse_scenario(tiny(defenses={"secagg": True}))
     md = summary_markdown(scenario, history, [], {"federation_s": 1.0}, {})
-    assert "\u2014 (flat f_i)" in md and "\u2014 (not finite)" in md
+    assert "\u2014 (flat f_i)" in md  # QA2 6: null is not recorded, NaN is not finite
+    assert ("\u2014 (not recorded)" if blank is None else "\u2014 (not finite)") in md
     run = tmp_path / "blank"
     run.mkdir()
     for name in ("scenario.yaml", ".fedsim-output"):
@@ -248,3 +249,31 @@ def test_the_label_set_switch_names_both_sources() -> None:
 
     text = ZOAttacks.model_fields["label_set"].description
     assert "grad mu_i" in text and "local step" in text
+
+
+# ------------------------- QA2 kind: a mean says what it averages; a missing F says why it is missing
+
+def test_attack_table_says_how_many_clients_and_rounds_a_mean_is_over() -> None:
+    from fedsim.zo.report import attack_cells
+
+    rows = [{"round": 1, "zo_attacked_clients": 5.0, "zo_extraction_flat_clients": 2.0, "zo_extraction_r2_mean": 0.5},
+            {"round": 2, "zo_attacked_clients": 5.0, "zo_extraction_flat_clients": 0.0,
+             "zo_extraction_r2_mean": None},
+            {"round": 3, "zo_attacked_clients": 5.0, "zo_extraction_flat_clients": 0.0, "zo_extraction_r2_mean": 0.7}]
+    head, body = attack_cells(rows)
+    col = head.index("extraction R\u00b2 (fit box)")
+    assert body[0][1] == "5 (R\u00b2 over 3: 2 flat f_i)" and body[2][1] == "5"
+    assert body[-1][0] == "mean of 3 rounds"
+    assert body[-1][col] == "0.600 (2 of 3 rounds)"  # (0.5 + 0.7) / 2, the round without a value left out
+
+
+@pytest.mark.parametrize(("raw", "text"), [(None, "not recorded"), (float("nan"), "not finite"),
+                                           ("abc", "not a number"), (float("inf"), "inf (not finite)"),
+                                           ("inf", "inf (not finite)")])
+def test_a_missing_objective_says_why(raw: object, text: str) -> None:
+    from fedsim.zo.report import RunInfo, objective_line
+
+    line = objective_line(RunInfo(), [{"round": 0, "zo_objective": 1.0, "zo_queries": 5},
+                                      {"round": 1, "zo_objective": raw, "zo_queries": None}])
+    assert f"-> {text}" in line or f"-> \u2014 ({text})" in line
+    assert line.endswith("(queries not recorded).")

@@ -88,9 +88,19 @@ def fmt_int(v: float | None, reason: str = "not recorded") -> str:
     return dash(reason) if v is None or math.isinf(v) else f"{v:.0f}"
 
 
-def fmt_objective(v: float | None) -> str:
-    """F with 5 significant digits; a missing or NaN F is not finite (the evaluator records every round)."""
-    return dash("not finite") if v is None else fmt(v) if math.isinf(v) else f"{v:.5g}"
+def fmt_objective(v: float | None, raw: Any = 0.0) -> str:
+    """F with 5 significant digits; ``raw`` (the row's stored value) tells why ``v`` is missing: null or absent is
+    'not recorded', NaN or +-inf 'not finite', anything else 'not a number'."""
+    if v is not None:
+        return f"{fmt(v)} (not finite)" if math.isinf(v) else f"{v:.5g}"
+    if raw is None:
+        return dash("not recorded")
+    return dash("not finite") if isinstance(raw, float) or str(raw).strip().lower() == "nan" else dash("not a number")
+
+
+def objective_text(row: Mapping[str, Any]) -> str:
+    """:func:`fmt_objective` of a history row's F."""
+    return fmt_objective(value(row, OBJECTIVE), row.get(OBJECTIVE))
 
 
 @dataclass(frozen=True)
@@ -223,7 +233,7 @@ def success_line(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> str | N
     if hit is None:
         return f"Success ({goal}): not reached in {len(rows)} evaluated round(s)."
     return (f"Success ({goal}): first reached in round {fmt_int(value(hit, 'round'))} "
-            f"(F = {fmt_objective(value(hit, OBJECTIVE))}).")
+            f"(F = {objective_text(hit)}).")
 
 
 # ---------------------------------------------------------------- tables as cells (markdown and HTML)
@@ -260,12 +270,24 @@ def _reason(rows: Sequence[Mapping[str, Any]], key: str) -> str:
 
 
 def _cell(rows: Sequence[Mapping[str, Any]], key: str) -> str:
+    """The mean of ``key`` over ``rows``, saying over how many rounds when some have no value."""
     v = _mean(rows, key)
+    have = sum(value(h, key) is not None for h in rows)
+    over = f" ({have} of {len(rows)} rounds)" if v is not None and 0 < have < len(rows) else ""
     if key.startswith("zo_label_set") and key != CHANCE and v is not None:
         chance = _mean(rows, CHANCE)
         if chance is not None and chance >= 1.0 - 1e-12:
-            return f"{fmt(v)} (meaningless: chance 1.0)"
-    return fmt(v, _reason(rows, key))
+            return f"{fmt(v)} (meaningless: chance 1.0){over}"
+    return fmt(v, _reason(rows, key)) + over
+
+
+def _attacked(row: Mapping[str, Any]) -> str:
+    """Clients attacked in a round, with how many the R^2 columns average (a flat f_i has no R^2)."""
+    n, flat = value(row, ATTACKED), value(row, FLAT)
+    text = fmt_int(n)
+    if n is not None and flat:
+        text += f" (R\u00b2 over {n - flat:.0f}: {flat:.0f} flat f_i)"
+    return text
 
 
 def attack_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -287,16 +309,15 @@ def attack_cells(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[
         return [], []
     cols = _columns(rows)
     head = ["round", "clients attacked"] + [t for _, t in cols]
-    body = [[fmt_int(value(h, "round")), fmt_int(value(h, ATTACKED))] + [_cell([h], k) for k, _ in cols]
-            for h in rows]
+    body = [[fmt_int(value(h, "round")), _attacked(h)] + [_cell([h], k) for k, _ in cols] for h in rows]
     if len(rows) > 1:
-        body.append(["mean", ""] + [_cell(rows, k) for k, _ in cols])
+        body.append([f"mean of {len(rows)} rounds", ""] + [_cell(rows, k) for k, _ in cols])
     return head, body
 
 
 def objective_cells(history: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     """Per-round rows (round, F, queries this round, queries total) of the rows that hold the objective."""
-    return [[fmt_int(value(h, "round")), fmt_objective(value(h, OBJECTIVE)), fmt_int(value(h, QUERIES_ROUND)),
+    return [[fmt_int(value(h, "round")), objective_text(h), fmt_int(value(h, QUERIES_ROUND)),
              fmt_int(value(h, QUERIES))] for h in history if OBJECTIVE in h]
 
 
@@ -307,10 +328,10 @@ def objective_line(info: RunInfo, history: Sequence[Mapping[str, Any]]) -> str |
         return None
     first, last = rows[0], rows[-1]
     total = value(last, QUERIES)
-    return (f"Method `{info.method}`: global objective F {fmt_objective(value(first, OBJECTIVE))} (round "
-            f"{fmt_int(value(first, 'round'))}) -> {fmt_objective(value(last, OBJECTIVE))} (round "
+    return (f"Method `{info.method}`: global objective F {objective_text(first)} (round "
+            f"{fmt_int(value(first, 'round'))}) -> {objective_text(last)} (round "
             f"{fmt_int(value(last, 'round'))})" + (f" after {total:.0f} queries." if total is not None
-                                                   and not math.isinf(total) else "."))
+                                                   and not math.isinf(total) else " (queries not recorded)."))
 
 
 def _md_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
