@@ -189,8 +189,8 @@ def test_bench_report_names_cells_whose_runs_lost_clients(tmp_path: Path) -> Non
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
-def test_failures_on_ray_are_recorded_like_in_process(monkeypatch, secure) -> None:
+@pytest.mark.parametrize("secure", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "secagg"])
+def test_failures_on_ray_are_recorded_like_in_process(monkeypatch, secure) -> None:  # secagg on Ray: -m slow (21 s)
     """A client that really fails inside a Ray actor (the one-example BatchNorm client, validation bypassed in
     the driver) gives the same rows, the same one-line reason and the same numbers as in-process."""
     import fedsim.preflight
