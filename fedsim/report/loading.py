@@ -19,6 +19,7 @@ from fedsim.errors import FedsimError
 from fedsim.outcomes import was_not_attacked
 from fedsim.outputs import confined
 from fedsim.privacy.summary import epsilon_fields, run_privacy
+from fedsim.report.metrics_check import check_metrics
 
 LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
 
@@ -81,8 +82,17 @@ def read_yaml(path: Path) -> dict[str, Any] | None:
 
 
 def load_metrics(run_dir: Path) -> dict[str, Any]:
-    """A run directory's metrics.json."""
-    return _read_json(Path(run_dir) / "metrics.json")
+    """A run directory's metrics.json, its fields' shapes checked (:func:`check_metrics`).
+
+    Raises :class:`ReportSourceError` (one line naming the file and the field) when it is not JSON or a field
+    the report reads has the wrong type."""
+    path = Path(run_dir) / "metrics.json"
+    metrics = _read_json(path)
+    try:
+        check_metrics(metrics, path)
+    except ValueError as err:
+        raise ReportSourceError(str(err)) from None
+    return metrics
 
 
 def epsilon_summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +156,11 @@ def load_run(path: Path) -> Source:
     seconds = (metrics.get("timing") or {}).get("total_s")
     cells = []
     for index, name in sorted(attacks.items()) or [(None, "(no attack)")]:
-        summary = summarize_metrics(metrics, index)
+        try:  # check_metrics covers the fields read here; this names the file should a deeper field be wrong
+            summary = summarize_metrics(metrics, index)
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise ReportSourceError(f"{path / 'metrics.json'}: a field has an unexpected shape "
+                                    f"({type(err).__name__}: {err})") from None
         mine = [o for o in metrics.get("attacks") or [] if o.get("attack_index") == index]
         failed = bool(mine) and all(o.get("failed") for o in mine)  # a cell fails when every outcome failed
         error = "; ".join(sorted({str(o["failed"]) for o in mine if o.get("failed")})) if failed else None
@@ -171,12 +185,25 @@ def _parse_cell(record: dict[str, Any], root: Path) -> Cell:
     if not summary and run_path is not None and (run_path / "metrics.json").is_file():
         summary = summarize_metrics(load_metrics(run_path))
     params = record.get("params") if isinstance(record.get("params"), dict) else {}
+    _check_record(record, summary)
     return Cell(
         cell_id=str(record.get("cell_id", "?")), attack=str(record.get("attack", "?")),
         defense=str(record.get("defense", "none")), params=params, repeat=int(record.get("repeat") or 0),
         seed=record.get("seed"), status="ok" if record.get("status") == "ok" else "failed",
         error=record.get("error"), seconds=record.get("seconds"), run_dir=run_path, summary=summary,
     )
+
+
+def _check_record(record: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Raise ValueError (the record's line is then reported as unreadable) when a field the report reads has
+    the wrong JSON type: seed, seconds, error, or a numeric summary field."""
+    numeric = {"seed": record.get("seed"), "seconds": record.get("seconds"),
+               **{f"summary.{k}": summary.get(k) for k in (*LEAKAGE_KEYS, "test_accuracy", "test_loss", "epsilon")}}
+    for field_name, value in numeric.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{field_name} must be a number, found {type(value).__name__}")
+    if record.get("error") is not None and not isinstance(record.get("error"), str):
+        raise ValueError("error must be a string")
 
 
 def read_cells(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
