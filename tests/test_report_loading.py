@@ -10,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsim.cli import app
+from fedsim.outputs import RUN, mark
+from fedsim.report.writer import _record_report_failure
 
 GOOD = {"scenario": "t", "seed": 0, "backend": "inprocess", "training_diverged": None, "leakage": [],
         "utility": [{"round": 0, "seconds": 0.1, "test_accuracy": 0.5, "test_loss": 1.0},
@@ -65,3 +67,24 @@ def test_invalid_json_and_a_good_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(good)])
     assert result.exit_code == 0, result.output
     assert (good / "report.html").is_file()
+
+
+@pytest.mark.parametrize("owned", [True, False], ids=["fedsim_run_dir", "not_fedsim_dir"])
+def test_a_redraw_clears_the_report_failure_record(tmp_path: Path, owned: bool) -> None:
+    run = _run_dir(tmp_path, GOOD)
+    if owned:
+        mark(run, RUN)
+    failed = "report.html could not be drawn: TypeError: drawing bug"
+    _record_report_failure(run, dict(GOOD), "# t\n\nresults\n", failed, run)  # what `fedsim run` leaves
+    before = {name: (run / name).read_bytes() for name in ("metrics.json", "summary.md")}
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "Report not drawn" not in (run / "report.html").read_text(encoding="utf-8")
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    summary = (run / "summary.md").read_text(encoding="utf-8")
+    if not owned:  # never rewrite files in a directory fedsim did not write
+        assert {name: (run / name).read_bytes() for name in before} == before
+        return
+    assert "report_error" not in metrics and "drawn again" in metrics["report_redrawn"]
+    assert "**Error:" not in summary and "drawn again by `fedsim report`" in summary and "results" in summary
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # written through temp files, renamed

@@ -24,9 +24,12 @@ def report(
 
     command_threads(1)  # nothing here is heavy; stay polite on a shared machine
     from fedsim.report.html import render_report
+    from fedsim.report.writer import clear_report_failure
 
     try:
         path = render_report(source, out)
+        if path.resolve() == (source / "report.html").resolve():  # the run's own report.html: now drawn
+            clear_report_failure(source)
     except FedsimError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None

@@ -16,7 +16,7 @@ import yaml
 
 from fedsim import jsonio
 from fedsim.errors import FedsimError
-from fedsim.outputs import RUN, check_replaceable, fresh_partial, is_empty_dir, remove_owned
+from fedsim.outputs import RUN, check_replaceable, fresh_partial, is_empty_dir, is_owned, remove_owned, write_atomic
 from fedsim.report.divergence import divergence_note
 from fedsim.report.figures import reconstruction_grid, utility_curve
 from fedsim.report.gallery import save_reconstructions
@@ -96,6 +96,9 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
     return out_dir
 
 
+REPORT_ERROR_LINE = "**Error: "  # how summary.md's report-failure line starts (cleared by a later redraw)
+
+
 class ReportError(FedsimError):
     """A finished run whose report.html could not be drawn: the run directory is complete otherwise, and its
     metrics.json (``report_error``), summary.md and a stand-in report.html say so. A fedsim fault, not bad input:
@@ -108,10 +111,37 @@ def _record_report_failure(partial: Path, metrics: dict[str, Any], summary: str,
     """Put the report failure into every output of the run directory being written (never only a warning)."""
     metrics["report_error"] = failed
     (partial / "metrics.json").write_text(jsonio.dumps(metrics, indent=2), encoding="utf-8")
-    (partial / "summary.md").write_text(summary + f"\n**Error: {failed}.** `fedsim report {out_dir}` draws it "
-                                        "again.\n", encoding="utf-8")
+    (partial / "summary.md").write_text(summary + f"\n{REPORT_ERROR_LINE}{failed}.** `fedsim report {out_dir}` "
+                                        "draws it again.\n", encoding="utf-8")
     body = f'<section id="error"><h2>Report not drawn</h2><p class="bad">{esc(failed)}</p><p>The run finished; ' \
            f"metrics.json and summary.md hold its results. <code>fedsim report {esc(out_dir)}</code> draws this " \
            "report again.</p></section>"
     (partial / "report.html").write_text(page(f"fedsim report: {metrics.get('scenario')}", "single run", [body],
                                               "written by fedsim run"), encoding="utf-8")
+
+
+def clear_report_failure(run_dir: Path) -> bool:
+    """After ``fedsim report RUN_DIR`` redrew ``RUN_DIR/report.html``: replace an earlier report failure's record
+    (``report_error`` in metrics.json, the Error line of summary.md) by a note that it was drawn again, so the
+    outputs agree. Touches only a directory carrying fedsim's run marker; each file is rewritten atomically
+    (summary.md first, so a crash between leaves metrics.json still saying the report failed). Returns whether
+    a record was cleared."""
+    run_dir = Path(run_dir)
+    metrics_path, summary_path = run_dir / "metrics.json", run_dir / "summary.md"
+    if not is_owned(run_dir, RUN) or not metrics_path.is_file():
+        return False
+    metrics = jsonio.loads(metrics_path.read_text(encoding="utf-8"))
+    failed = metrics.get("report_error") if isinstance(metrics, dict) else None
+    if not isinstance(failed, str):
+        return False
+    note = f"report.html was drawn again by `fedsim report` after an earlier failure ({failed})"
+    if summary_path.is_file():
+        lines = summary_path.read_text(encoding="utf-8").split("\n")
+        lines = [f"Note: {note}." if line.startswith(f"{REPORT_ERROR_LINE}report.html could not be drawn") else line
+                 for line in lines]
+        text = "\n".join(lines)
+        write_atomic(summary_path, lambda fh: fh.write(text.encode("utf-8")))
+    del metrics["report_error"]
+    metrics["report_redrawn"] = note
+    write_atomic(metrics_path, lambda fh: fh.write(jsonio.dumps(metrics, indent=2).encode("utf-8")))
+    return True
