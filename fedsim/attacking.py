@@ -52,6 +52,7 @@ class AttackOutcome:
     oracle: bool = False  # the runner handed ground truth, or the scorer chose among candidates with it
     oracle_reasons: tuple[str, ...] = ()  # which: "dropout masks", "selection: ..."
     oracle_labels: bool = False  # the runner handed the true labels (knowledge.labels: known)
+    staleness: int = 0  # rounds the model the attacked client trained from lagged (federation.staleness; 0: fresh)
     reconstruction: torch.Tensor | None = field(default=None, repr=False)
     truth: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)  # the attack's labels (MI: target classes)
@@ -61,7 +62,7 @@ class AttackOutcome:
             "attack": self.attack, "attack_index": self.attack_index, "round": self.round,
             "client": self.partition_id, "seconds": round(self.seconds, 3), "failed": self.failed,
             "oracle": self.oracle, "oracle_reasons": list(self.oracle_reasons), "oracle_labels": self.oracle_labels,
-            "metrics": self.metrics, "stats": self.stats,
+            "metrics": self.metrics, "stats": self.stats, "staleness": self.staleness,
         }
 
 
@@ -280,6 +281,6 @@ def run_attacks(
                 attack=spec.name, attack_index=index, round=cap.round, partition_id=cap.partition_id,
                 metrics=metrics, stats=dict(rec.stats), seconds=seconds, failed=rec.failed, oracle=oracle,
                 oracle_reasons=reasons, oracle_labels=given, reconstruction=rec.images, truth=cap.truth.inputs,
-                labels=rec.labels,
+                labels=rec.labels, staleness=cap.staleness,
             ))
     return outcomes

@@ -253,3 +253,19 @@ def test_summary_states_the_staleness_and_the_class_accuracy(tiny_raw, tmp_path)
     assert "- staleness: clients 1 train from the global model 2 rounds old (aggregation `downweight`" in text
     last = json.loads((tmp_path / "run" / "metrics.json").read_text())["utility"][-1]
     assert "Test accuracy on class 3 " in text and f"-> {last['test_accuracy_class3']:.3f}." in text
+
+
+def test_an_attack_on_a_stale_update_records_its_staleness(tiny_raw, tmp_path) -> None:
+    import json
+
+    from fedsim.run import run_scenario
+
+    raw = stale_raw(tiny_raw)
+    raw["federation"]["rounds"] = 4  # client 1 (slow by TAU) is sent w^{t-1-TAU} from round TAU + 1 on
+    raw["output"] = {"save_images": False}
+    run_scenario(parse_scenario(raw), tmp_path / "run")
+    attacks = json.loads((tmp_path / "run" / "metrics.json").read_text())["attacks"]
+    stale = {(o["round"], o["client"]): o["staleness"] for o in attacks if not o["failed"]}
+    assert {k: v for k, v in stale.items() if v} == {(3, 1): TAU}, stale  # round-robin: client 1 in rounds 1, 3
+    text = (tmp_path / "run" / "summary.md").read_text()
+    assert f"| 3 | 1 (update {TAU} rounds stale) |" in text and "| 1 | 1 (update" not in text

@@ -87,13 +87,15 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         for o in outcomes:
             m = o.metrics
             name = o.attack + (" (oracle)" if o.oracle else "")
+            lag = getattr(o, "staleness", 0)
+            client = f"{o.partition_id} (update {lag} round{'s' * (lag != 1)} stale)" if lag > 0 else o.partition_id
             if o.failed:
-                row = f"| {name} | {o.round} | {o.partition_id} | {outcome_label(o.failed)} | | | | | {o.seconds:.1f} |"
+                row = f"| {name} | {o.round} | {client} | {outcome_label(o.failed)} | | | | | {o.seconds:.1f} |"
                 lines.append(row)
                 continue
             labels = "given" if getattr(o, "oracle_labels", False) else _fmt(m.get("label_acc"))
             lines.append(
-                f"| {name} | {o.round} | {o.partition_id} | {_fmt(m.get('psnr_mean'))} | {_fmt(m.get('psnr_best'))} | "
+                f"| {name} | {o.round} | {client} | {_fmt(m.get('psnr_mean'))} | {_fmt(m.get('psnr_best'))} | "
                 f"{_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {labels} | "
                 f"{o.seconds:.1f} |"
             )
