@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from fedsim.seeding import derive_seed, torch_generator
+from fedsim.zo.adam import adam_step
 from fedsim.zo.api import ClientFunction, RFFMessage
 from fedsim.zo.estimators import rgf_gradient
 from fedsim.zo.gp import fit_gp, grad_variance
@@ -48,19 +49,6 @@ from fedsim.zo.spec import ZerothOrderSpec
 from fedsim.zo.tasks.base import one_thread
 
 _KEEP_RGF = 8  # points the finite-difference baselines remember (the broadcast point, recent iterates)
-ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
-
-
-def adam_step(x: Tensor, g: Tensor, m: Tensor, v: Tensor, t: int, lr: float) -> Tensor:
-    """One Adam step (optax.adam's update, the authors' optimizer) in place on the moments ``m``, ``v``;
-    ``t`` is the 1-based step count. Returns the new x (not clipped)."""
-    m.mul_(ADAM_B1).add_(g, alpha=1 - ADAM_B1)
-    v.mul_(ADAM_B2).addcmul_(g, g, value=1 - ADAM_B2)
-    m_hat = m / (1 - ADAM_B1**t)
-    v_hat = v / (1 - ADAM_B2**t)
-    return x - lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
-
-
 _F = TypeVar("_F", bound=Callable)
 
 

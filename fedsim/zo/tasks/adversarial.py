@@ -32,6 +32,7 @@ from torch import nn
 from fedsim.errors import ScenarioError
 from fedsim.isolation import seeded_global_rngs
 from fedsim.seeding import derive_seed, numpy_rng
+from fedsim.zo.adam import adam_step
 from fedsim.zo.api import FederatedObjective
 from fedsim.zo.spec import ZOTask
 from fedsim.zo.tasks.base import (
@@ -39,7 +40,7 @@ from fedsim.zo.tasks.base import (
     TaskFamily,
     as_points,
     as_values,
-    check_class_split,
+    check_dataset,
     class_skewed_split,
     one_thread,
     own_classes,
@@ -81,23 +82,18 @@ def margins(weights: tuple[np.ndarray, ...], images: np.ndarray, labels: np.ndar
 
 
 def _train(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> tuple[np.ndarray, ...]:
-    """Full-batch Adam (torch's rule, L2 weight decay added to the gradient) on cross-entropy; written out
-    because constructing a ``torch.optim`` optimizer first imports ``torch._dynamo`` (seconds per process)."""
+    """Full-batch Adam (:func:`fedsim.zo.adam.adam_step`, torch's rule, L2 weight decay added to the gradient) on
+    cross-entropy."""
     with seeded_global_rngs(seed):
         model = nn.Sequential(nn.Linear(x.shape[1], HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, num_classes))
     params = list(model.parameters())
     m1 = [torch.zeros_like(p) for p in params]
     m2 = [torch.zeros_like(p) for p in params]
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, STEPS + 1):
         grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
         with torch.no_grad():
             for p, g, a, b in zip(params, grads, m1, m2, strict=True):
-                g = g + WEIGHT_DECAY * p
-                a.mul_(beta1).add_(g, alpha=1 - beta1)
-                b.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (b / (1 - beta2**step)).sqrt_().add_(eps)
-                p.addcdiv_(a, denom, value=-LR / (1 - beta1**step))
+                p.copy_(adam_step(p, g + WEIGHT_DECAY * p, a, b, step, LR))
     first, second = model[0], model[2]
     return tuple(t.detach().to(torch.float64).numpy().copy() for t in
                  (first.weight.T, first.bias, second.weight.T, second.bias))
@@ -143,14 +139,7 @@ class AttackClient:
 
 def check(task: ZOTask, num_clients: int) -> None:
     refuse_unused(task, FIELDS)
-    name = task.dataset or DEFAULT_DATASET
-    if name not in DATASETS_OK:
-        from fedsim.data import DATASETS
-
-        known = "a fedsim dataset, but " if name in DATASETS else "unknown; "
-        raise ScenarioError("dataset", f"{name!r} is {known}the {task.family} task trains on a bundled (offline) "
-                                       f"set with enough examples: {', '.join(sorted(DATASETS_OK))}")
-    check_class_split(task, num_clients, DATASETS_OK[name], name)
+    name = check_dataset(task, num_clients, DATASETS_OK, DEFAULT_DATASET)
     if task.box is not None and task.box > MAX_BOX:
         raise ScenarioError("box", f"{task.box} > {MAX_BOX}: pixels lie in [0, 1], so a half-width of {MAX_BOX} "
                                    "already reaches every image")
