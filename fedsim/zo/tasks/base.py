@@ -17,6 +17,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fedsim.errors import ScenarioError
+from fedsim.isolation import torch_threads
 from fedsim.registry import Registry
 from fedsim.zo.api import FederatedObjective
 from fedsim.zo.spec import ZOTask
@@ -84,13 +85,8 @@ def as_values(v: np.ndarray) -> torch.Tensor:
 def one_thread() -> Iterator[None]:
     """Run the block on one BLAS / torch thread: float summation order, hence every number a task computes,
     must not depend on how many threads the process (a Ray actor, the driver) happens to have."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(1), threadpool_limits(limits=1):
+        yield
 
 
 def own_classes(num_classes: int, num_clients: int, order: np.ndarray | None = None) -> list[list[int]]:
@@ -134,3 +130,17 @@ def check_class_split(task: ZOTask, num_clients: int, num_classes: int, dataset:
         raise FieldError("federation.clients", f"{num_clients} clients is more than the {num_classes} classes of "
                                                f"{dataset}: the {task.family} task gives every client at least one "
                                                "class of its own")
+
+
+def check_dataset(task: ZOTask, num_clients: int, usable: dict[str, int], default: str) -> str:
+    """The task's dataset name (``task.dataset`` or ``default``), refused at ``dataset`` unless it is one of the
+    bundled sets in ``usable`` (name -> classes), and the class split checked against it (:func:`check_class_split`)."""
+    name = task.dataset or default
+    if name not in usable:
+        from fedsim.data import DATASETS
+
+        known = "a fedsim dataset, but " if name in DATASETS else "unknown; "
+        raise ScenarioError("dataset", f"{name!r} is {known}the {task.family} task trains on a bundled (offline) "
+                                       f"set with enough examples: {', '.join(sorted(usable))}")
+    check_class_split(task, num_clients, usable[name], name)
+    return name

@@ -38,7 +38,6 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from fedsim.errors import ScenarioError
 from fedsim.seeding import numpy_rng
 from fedsim.zo.api import FederatedObjective
 from fedsim.zo.spec import ZOTask
@@ -47,7 +46,7 @@ from fedsim.zo.tasks.base import (
     TaskFamily,
     as_points,
     as_values,
-    check_class_split,
+    check_dataset,
     class_skewed_split,
     one_thread,
     own_classes,
@@ -156,14 +155,7 @@ class MetricClient:
 
 def check(task: ZOTask, num_clients: int) -> None:
     refuse_unused(task, FIELDS)
-    name = task.dataset or DEFAULT_DATASET
-    if name not in DATASETS_OK:
-        from fedsim.data import DATASETS
-
-        known = "a fedsim dataset, but " if name in DATASETS else "unknown; "
-        raise ScenarioError("dataset", f"{name!r} is {known}the {task.family} task trains on a bundled (offline) "
-                                       f"set with enough examples: {', '.join(sorted(DATASETS_OK))}")
-    check_class_split(task, num_clients, DATASETS_OK[name], name)
+    check_dataset(task, num_clients, DATASETS_OK, DEFAULT_DATASET)
 
 
 def build(task: ZOTask, num_clients: int, seed: int) -> FederatedObjective:
