@@ -140,7 +140,7 @@ def _secagg_view(basis: RFFBasis, view: ZORoundView, mask_std: float) -> ZORound
         shares[i] = RFFMessage(nu=w * (msg.y_max - msg.y_min) * msg.nu + masks[i][:-1], y_min=off, y_max=off)
     agg = GlobalSurrogate(nu=sum(s.nu for s in shares.values()), offset=sum(s.y_min for s in shares.values()))
     return ZORoundView(round=view.round, x_r=view.x_r, x_next=view.x_next, surrogates=shares, radius=view.radius,
-                       aggregate=agg)
+                       aggregate=agg, secagg=True)
 
 
 def test_masked_message_collapses_to_baseline(basis: RFFBasis) -> None:

@@ -229,6 +229,8 @@ def test_secagg_masks_hide_each_nu_but_keep_the_sum() -> None:
         assert torch.allclose(a.aggregate.nu, b.aggregate.nu, rtol=0, atol=1e-8)
         assert a.aggregate.offset == pytest.approx(b.aggregate.offset, abs=1e-9)
         assert torch.allclose(a.x_next, b.x_next, rtol=0, atol=1e-9)
+    # the server knows its own protocol: its views say the messages are shares, so the attacks read them as such
+    assert all(v.secagg for v in masked.views[1:]) and not any(v.secagg for v in plain.views)
 
 
 def test_the_server_side_never_names_the_objective() -> None:

@@ -77,3 +77,4 @@ class ZORoundView:
     radius: dict[int, float] = field(default_factory=dict)  # r_i sent with the refresh
     surrogates: dict[int, RFFMessage] = field(default_factory=dict)  # FZooS refresh replies
     aggregate: GlobalSurrogate | None = None
+    secagg: bool = False  # the server ran SecAgg over nu_i (its own protocol: it knows), so surrogates are shares

@@ -65,16 +65,6 @@ Span = slice | tuple[int, int]
 (:mod:`fedsim.zo.tasks.metric`)."""
 
 
-def looks_masked(view: ZORoundView) -> bool:
-    """Whether the view's surrogate messages are SecAgg shares (:func:`fedsim.zo.client_app.masked_contribution`):
-    every message pre-scaled (``y_max == y_min``, no range) and the aggregate's offset the plain sum of their
-    offsets (a plain aggregate weights them by w_i). What the server knows from the protocol it runs."""
-    msgs = list(view.surrogates.values())
-    if not msgs or view.aggregate is None or any(m.y_max != m.y_min for m in msgs):
-        return False
-    return math.isclose(view.aggregate.offset, sum(m.y_min for m in msgs), rel_tol=1e-9, abs_tol=1e-12)
-
-
 def client_surrogate(message: RFFMessage, weight: float, masked: bool) -> RFFMessage | GlobalSurrogate:
     """The server's reading of client i's message as a surrogate of f_i: the message itself, or under SecAgg the
     share divided by the client's public weight w_i (``(phi @ nu_i + offset_i) / w_i``: what f_i would be if the
@@ -206,8 +196,7 @@ def _mean(values: list[float]) -> float:
 
 def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjective, *, heldout: int = 200,
                 seed: int = 0, extraction: bool = True, label_set: bool = True,
-                wide_factor: float = WIDE_FACTOR, min_radius: float = DEFAULT_RADIUS,
-                masked: bool | None = None) -> dict[str, float]:
+                wide_factor: float = WIDE_FACTOR, min_radius: float = DEFAULT_RADIUS) -> dict[str, float]:
     """Run the server's attacks on one round's messages and score them against the truth (evaluator only).
 
     Extraction, per client i that sent a surrogate: R^2 and RMSE of mu_i against f_i at ``heldout`` points uniform
@@ -219,8 +208,8 @@ def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
     means). Label set (when ``truth`` has ``classes`` and ``bias_slice``; class directions from
     :func:`class_logit_directions`, with ``slices['coefs_2']`` when present): accuracy and Jaccard of
     :func:`infer_label_set` and :func:`infer_label_set_from_step` with the true set size, beside the exact chance of
-    a random subset of that size (:func:`label_set_chance`). ``masked`` says the messages are SecAgg shares (None:
-    decide by :func:`looks_masked`); the attacks then read each as :func:`client_surrogate` does.
+    a random subset of that size (:func:`label_set_chance`). Under ``view.secagg`` (the server's own protocol) the
+    messages are SecAgg shares and the attacks read each as :func:`client_surrogate` does.
 
     Returns a flat dict of floats: ``zo_extraction_r2/client<i>``, ``zo_extraction_r2_wide/client<i>``,
     ``zo_extraction_{r2, r2_wide, r2_global, r2_midpoint, rmse, rmse_global}_mean``, ``zo_extraction_flat_clients``,
@@ -237,7 +226,7 @@ def score_round(view: ZORoundView, basis: RFFBasis, objective: FederatedObjectiv
         raise ValueError(f"score_round: view point has {view.x_next.numel()} coordinates, objective {objective.dim}")
     out: dict[str, float] = {}
     clients = sorted(view.surrogates)
-    masked = looks_masked(view) if masked is None else masked
+    masked = view.secagg
     reading = {i: client_surrogate(view.surrogates[i], objective.weights[i], masked) for i in clients}
     attacked: set[int] = set()
     if extraction and clients:

@@ -51,7 +51,7 @@ def _clone(t: Tensor) -> Tensor:
 def build_view(round_num: int, x_r: Tensor, x_next: Tensor, *, local: dict[int, Tensor] | None = None,
                payload: dict[int, dict[str, Tensor]] | None = None, values: dict[int, float] | None = None,
                radius: dict[int, float] | None = None, surrogates: dict[int, RFFMessage] | None = None,
-               aggregate: GlobalSurrogate | None = None) -> ZORoundView:
+               aggregate: GlobalSurrogate | None = None, secagg: bool = False) -> ZORoundView:
     """The round's :class:`ZORoundView` from what the server received (cloned, keyed and ordered by partition id).
     ``x_next`` is the next global point (``x_r`` again when the safeguard kept it)."""
     return ZORoundView(
@@ -63,4 +63,5 @@ def build_view(round_num: int, x_r: Tensor, x_next: Tensor, *, local: dict[int, 
         surrogates={p: RFFMessage(_clone(m.nu), float(m.y_min), float(m.y_max))
                     for p, m in sorted((surrogates or {}).items())},
         aggregate=None if aggregate is None else GlobalSurrogate(_clone(aggregate.nu), float(aggregate.offset)),
+        secagg=secagg,
     )

@@ -210,7 +210,7 @@ def build_zo_server_app(spec: ZerothOrderSpec, num_clients: int, num_rounds: int
                 check_finite("control variate c_i", rnd, controls)
                 traffic.add(replies, floats_per_reply=0, arrays=(msg_keys.CONTROL_RECORD,))
             finish(build_view(rnd, x_r, x_next, local=local, payload=reply_payloads, values=values, radius=radius,
-                              surrogates=surrogates, aggregate=surrogate), traffic)
+                              surrogates=surrogates, aggregate=surrogate, secagg=spec.defenses.secagg), traffic)
             x_r = x_next
         outcome.final_x = x_r
         outcome.seconds = time.perf_counter() - start
