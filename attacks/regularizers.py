@@ -9,18 +9,9 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from fedsim.image_priors import total_variation
+
 Regularizer = Callable[[Tensor], Tensor]
-
-
-def total_variation(x: Tensor) -> Tensor:
-    """Anisotropic total variation in mean form: ``mean|d_x x| + mean|d_y x|``.
-
-    This is breaching's ``TotalVariation`` (Geiping et al., NeurIPS 2020, eq. 4 uses it with weight
-    alpha_TV), averaged over pixels rather than summed, so its weight does not depend on image size.
-    """
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-    return dx + dy
 
 
 def image_norm(x: Tensor) -> Tensor:

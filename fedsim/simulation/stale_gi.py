@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from fedsim.data.transforms import denormalize, normalize
 from fedsim.errors import ScenarioError
+from fedsim.image_priors import total_variation
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.stale_gi_spec import GIConversion
@@ -156,11 +157,6 @@ def topk_masks(delta: list[Tensor], fraction: float) -> list[Tensor]:
 def l1_topk(pred: list[Tensor], target: list[Tensor], masks: list[Tensor]) -> Tensor:
     """``sum_j |pred_j - target_j|`` over the masked entries (spec §12.2 A)."""
     return sum(((p - t).abs() * m).sum() for p, t, m in zip(pred, target, masks, strict=True))
-
-
-def total_variation(x: Tensor) -> Tensor:
-    """Anisotropic TV of images ``x`` (N, C, H, W): mean |vertical| + mean |horizontal| neighbour difference."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
 def pixel_box(task: TaskInfo) -> tuple[Tensor, Tensor] | None:
