@@ -80,6 +80,13 @@ class Attack(ABC):
     #: Defenses it models in its own simulation of the client rather than through ``attacker_transform``
     #: (e.g. FedAvg inversion: DP-SAT's perturbed point); they count as modelable for ``knowledge.defense``.
     simulates_defenses: ClassVar[tuple[str, ...]] = ()
+    #: The SoK threat model (A-H, :mod:`fedsim.threat_models`) the attack needs; validation refuses a scenario that
+    #: does not grant it. Override :meth:`threat_model_for` when the attack's parameters change it.
+    threat_model: ClassVar[str] = "B"
+    #: What it assumes beyond its letter, in plain words for ``fedsim list`` and reports, e.g.
+    #: ("modifies the architecture", "labels known"). The SoK's footnotes: architecture vs weights-only changes,
+    #: auxiliary data, BN statistics.
+    assumes: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every ``reconstruct``/``invert`` a subclass defines runs with the global RNGs seeded from the
@@ -105,6 +112,11 @@ class Attack(ABC):
         self.budget = budget
         self.device = device
         self.seed = seed
+
+    @classmethod
+    def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
+        """The SoK letter this attack needs with these ``params`` and ``knowledge`` (default :attr:`threat_model`)."""
+        return cls.threat_model
 
     @classmethod
     def from_spec(cls, spec: AttackSpec, device: torch.device, seed: int) -> Attack:

@@ -7,6 +7,7 @@
 | ``transform_update``| on the client, on the update it is about to send | clipping, noise, pruning    |
 | ``wrap_strategy``   | around the server strategy                    | Flower central DP, SecAgg     |
 | ``server_update``   | the FedSGD server step, on both server paths  | DIFF2's gradient estimator    |
+| ``inspect_model``   | on the client, on the model it received       | refusing a changed architecture |
 
 Several defenses compose in a fixed order: by ``stage`` (lower first), then by their order in the
 scenario. ``transform_update`` returns the new update plus the randomness it drew (e.g. the noise
@@ -130,6 +131,18 @@ class Defense:
         """Whether the clients' messages of ``server_round`` are gradient DIFFERENCES taken against the previous
         round's global model (DIFF2): the capture then records that model as the update's ``reference_state``."""
         return False
+
+    def inspect_model(self, received: nn.Module, agreed: nn.Module, architecture: tuple[Mapping[str, Any], ...],
+                      ctx: UpdateContext) -> dict[str, float]:
+        """A client-side check of the model the server sent, before any training (both client paths).
+
+        ``received``: the model the client is about to train, with the server's weights loaded, after the
+        ``architecture`` changes the message carried (() for the agreed architecture); ``agreed``: the agreed
+        architecture (the scenario's model after model-shaping defenses) with the client's copy of the initial
+        weights. Return metrics for the reply (e.g. ``{"model_check_flagged": 1.0}``); raise
+        :class:`fedsim.errors.ModelRefusedError` to refuse the model: the client then sends no update and the
+        round records it as a failure with that reason."""
+        return {}
 
     def server_round_metrics(self, server_round: int) -> dict[str, float]:
         """Metrics for the server's per-round history row, e.g. central DP's epsilon so far."""

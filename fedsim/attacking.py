@@ -134,6 +134,7 @@ def observe(captured: CapturedUpdate, task: TaskInfo, scenario: Scenario, spec: 
         num_examples=captured.num_examples,
         reference_state=frozen_tensors(captured.reference_state),  # DIFF2 differences: x_(r-1), sent by the server
         staleness=captured.staleness,  # the lag of the model the server sent this client (it chose it)
+        architecture=tuple(captured.architecture),  # what a malicious server shipped with global_state (it chose it)
         hyperparams=MappingProxyType(hyperparams),
         side_info=MappingProxyType(side_info),
         defenses=tuple(defense_descriptions) if knowledge.defense else (),

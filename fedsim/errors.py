@@ -41,3 +41,9 @@ class SimulationError(FedsimError):
 
 class NoProgressError(SimulationError):
     """A federation round aggregated no client update, so the run cannot make progress."""
+
+
+class ModelRefusedError(Exception):
+    """A client-side check (``Defense.inspect_model``) refused the model the server sent; the message says why.
+    Raised inside a client round: the client's error mod turns it into an error reply, recorded as that client's
+    failure in the round (it is not a user-input error, so it is not a :class:`FedsimError`)."""

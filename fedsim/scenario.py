@@ -11,17 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.outputs import check_name
-from fedsim.stale_gi_spec import GIConversion
+from fedsim.server_spec import ServerSpec
+from fedsim.spec_base import _PathError, _Strict
+from fedsim.staleness_spec import STALE_AGGREGATIONS, StalenessSpec  # noqa: F401  (also public here)
 from fedsim.yaml_input import apply_overrides, read_yaml, set_dotted  # noqa: F401  (also public here)
 from fedsim.zo.spec import ZerothOrderSpec
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def path_component(value: str) -> str:
@@ -64,45 +62,6 @@ class LocalTraining(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-
-
-STALE_AGGREGATIONS = ("direct", "downweight", "dc_asgd", "gi_conversion", "no_staleness")
-
-
-class StalenessSpec(_Strict):
-    """Slow clients whose updates arrive ``tau`` rounds late (Wang & Gao, AAAI 2025; spec §12.1).
-
-    A slow client sampled in round t trains from the global model of ``tau`` rounds before the current one and
-    its result is aggregated in round t by ``aggregation`` (:mod:`fedsim.simulation.staleness`). Which clients
-    are slow: ``slow_clients`` (partition ids) or the ``num_slow`` clients holding most examples of
-    ``slow_class`` (ties: lower partition id first).
-    """
-
-    tau: int = Field(..., ge=1, strict=True, description="staleness in rounds (an integer, not a bool)")
-    slow_clients: list[int] | None = Field(None, description="partition ids of the slow clients")
-    slow_class: int | None = Field(None, ge=0, description="the slow clients are those holding most of this class")
-    num_slow: int = Field(1, ge=1, description="how many clients slow_class makes slow")
-    schedule: Literal["sampled", "round_robin"] = Field(
-        "sampled", description="who trains each round: seeded sampling, or the paper's round-robin blocks")
-    aggregation: Literal["direct", "downweight", "dc_asgd", "gi_conversion", "no_staleness"] = "direct"
-    dc_lambda: float = Field(4.0, ge=0, description="DC-ASGD's compensation weight (the authors' code: 4)")
-    gi: GIConversion | None = Field(None, description="gi_conversion's settings (default GIConversion())")
-
-    @model_validator(mode="after")
-    def _check_slow(self) -> StalenessSpec:
-        if (self.slow_clients is None) == (self.slow_class is None):
-            raise _PathError("slow_clients", "give exactly one of slow_clients (partition ids) or slow_class")
-        if self.slow_clients is not None and not self.slow_clients:
-            raise _PathError("slow_clients", "an empty list makes no client slow")
-        if self.slow_clients is not None and len(set(self.slow_clients)) < len(self.slow_clients):
-            raise _PathError("slow_clients", f"{self.slow_clients} names a client twice")
-        if self.slow_clients is not None and "num_slow" in self.model_fields_set:
-            raise _PathError("num_slow", "only read with slow_class; slow_clients already names the slow clients")
-        if self.gi is not None and self.gi.mix == "decay" and not (self.gi.switch_round or self.gi.drift_threshold):
-            raise _PathError("gi.mix", "decay starts at a switch: set gi.switch_round or gi.drift_threshold")
-        if self.gi is not None and self.aggregation != "gi_conversion":
-            raise _PathError("gi", f"settings of gi_conversion, but aggregation is {self.aggregation}")
-        return self
 
 
 class FederationSpec(_Strict):
@@ -169,6 +128,10 @@ class Knowledge(_Strict):
     # Ground-truth dropout masks for ORACLE upper bounds only (the DIA paper's WIIG): never a
     # realistic threat model; outputs of attacks that use it are labelled oracle.
     oracle_masks: bool = False
+    # Surrogate data (the SoK's capability of threat models D, E, G, H): images from the task's distribution that no
+    # client holds. fedsim hands the server the dataset's held-out TEST split (or a GAN prior trained on disjoint
+    # data); an attack that needs it is refused unless this is true (fedsim.threat_models).
+    auxiliary_data: bool = False
 
 
 class Budget(_Strict):
@@ -215,6 +178,7 @@ class Scenario(_Strict):
     federation: FederationSpec = FederationSpec()
     backend: BackendSpec = BackendSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    server: ServerSpec = ServerSpec()
     defenses: list[DefenseSpec] = Field(default_factory=list)
     attacks: list[AttackSpec] = Field(default_factory=list)
     output: OutputSpec = OutputSpec()
@@ -239,14 +203,6 @@ class Scenario(_Strict):
                     if not 0 <= c < fed.clients:
                         raise _PathError(f"attacks[{i}].clients", f"client {c} is outside 0..{fed.clients - 1}")
         return self
-
-
-class _PathError(ValueError):
-    """Raised inside validators to report an error at a path below the validator's own model (the top-level
-    Scenario's validators give whole paths; a nested model's, paths relative to it)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}|{reason}")
 
 
 def format_loc(loc: tuple[Any, ...]) -> str:
@@ -391,9 +347,22 @@ def resolve_plugins(scenario: Scenario) -> None:
                 raise ScenarioError(f"{group}[{i}].budget.iterations",
                                     f"{spec.budget.iterations}: {spec.name} optimizes, so it needs at least "
                                     f"{least} (0 iterations could only end in a failed outcome)")
+            if isinstance(spec, AttackSpec):
+                check_threat_model(scenario, i, spec, plugin)
             check = getattr(plugin, "check_scenario", None)
             if check is not None:
                 try:
                     check(scenario, spec)
                 except FedsimError as err:
                     raise plugin_error(f"{group}[{i}]", spec, err) from None
+
+
+def check_threat_model(scenario: Scenario, index: int, spec: AttackSpec, plugin: Any) -> None:
+    """Refuse attack ``index`` when the scenario does not grant the SoK threat model it needs
+    (``plugin.threat_model_for(params, knowledge)``, :mod:`fedsim.threat_models`), at the field that would grant it."""
+    from fedsim.threat_models import refusal
+
+    letter = plugin.threat_model_for(plugin.Params.model_validate(spec.params), spec.knowledge)
+    problem = refusal(scenario, index, spec, letter)
+    if problem is not None:
+        raise ScenarioError(*problem)

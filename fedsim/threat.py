@@ -120,6 +120,10 @@ class ClientUpdate:
     side_info: Mapping[str, Any] = field(default_factory=dict)
     # Names and public parameters of the defenses in place, only if the threat model grants them.
     defenses: tuple[Mapping[str, Any], ...] = ()
+    # The architecture changes a malicious server sent with ``global_state`` in this round (public descriptions,
+    # ``ServerModel.architecture``, e.g. ``({"name": "imprint", "bins": 128, ...},)``); () for the agreed model. The
+    # server chose them, so every threat model knows them; ``global_state`` then holds the manipulated weights.
+    architecture: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def examples_to_reconstruct(self) -> int:
@@ -131,6 +135,46 @@ class ClientUpdate:
         if labels is not None:
             return int(torch.as_tensor(labels).numel())
         return int(self.num_examples)
+
+
+@dataclass(frozen=True)
+class ManipulationView:
+    """What a malicious server (``server.role: malicious``) knows when it builds the model it sends in ``round``.
+
+    ``global_state``: the honest global model of this round (read-only CPU tensors), built from ``task`` (the
+    agreed architecture, model-shaping defenses included). ``targets``: the partition ids the attack targets this
+    round (the server sends them the manipulated model). ``hyperparams``: the clients' local hyperparameters, only
+    when ``knowledge.local_hparams`` grants them. ``auxiliary``: surrogate images (B, C, H, W) in pixel space [0, 1]
+    from the dataset's held-out test split (no client holds them), with their labels (B,), only when
+    ``knowledge.auxiliary_data`` grants them; else None.
+    """
+
+    round: int
+    task: TaskInfo
+    global_state: Mapping[str, Tensor]
+    targets: tuple[int, ...]
+    _: KW_ONLY
+    hyperparams: Mapping[str, Any] = field(default_factory=dict)
+    auxiliary: Tensor | None = None
+    auxiliary_labels: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ServerModel:
+    """The model a malicious server sends instead of the honest global model, through the normal Flower message.
+
+    ``state``: the full state dict the clients load (the agreed parameters, possibly changed, plus those of any
+    added module). ``architecture``: the architecture changes the clients must apply to the agreed model before
+    loading ``state`` (JSON-able descriptions ``{"name": <registered change>, ...}``,
+    :mod:`fedsim.models.manipulation`); () when only weights change (trap weights, fishing). ``to_all``: send it
+    to every sampled client (an aggregate attack, e.g. Robbing the Fed through SecAgg) rather than only the
+    targeted ones. ``note``: one line for reports ("imprint block, 256 bins, thresholds from auxiliary data").
+    """
+
+    state: Mapping[str, Tensor]
+    architecture: tuple[Mapping[str, Any], ...] = ()
+    to_all: bool = False
+    note: str = ""
 
 
 @dataclass(frozen=True)

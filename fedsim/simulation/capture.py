@@ -55,6 +55,8 @@ class CapturedUpdate:
     # rounds between the model this client was sent (global_state: w^{t-1-tau}) and the current one (0: fresh);
     # the server chose which model to send, so it knows this (federation.staleness)
     staleness: int = 0
+    # the architecture changes a malicious server shipped with global_state (ServerModel.architecture); () if none
+    architecture: tuple[dict, ...] = ()
 
 
 @dataclass

@@ -15,3 +15,4 @@ CLIENT_TENSORS = "fedsim.client-tensors"  # ArrayRecord in Context.state: the te
 CLIENT_METRIC_PREFIX = "fedsim."  # client metrics reported by defenses, e.g. "fedsim.epsilon"
 STALENESS = "fedsim.staleness"  # config of a TRAIN message: rounds between the model sent and the current one
 MODEL_ROUND = "fedsim.model-round"  # config of a TRAIN message: r of the global model w^r sent (0: initial)
+ARCHITECTURE = "fedsim.architecture"  # config of a TRAIN message: JSON list of architecture changes (malicious server)

@@ -1,0 +1,137 @@
+"""The SoK threat-model letters A-H (Carletti, Foggia, Mazzocca, Parrella, Vento: "SoK: Gradient Inversion
+Attacks in Federated Learning", USENIX Security 2025; the living tables of ``gparrella12/sok_gias_fl``).
+
+Each letter is a set of capabilities the attacker holds (the SoK's table columns):
+
+======  ==============================  ==========================================================================
+letter  name                            capabilities (cumulative)
+======  ==============================  ==========================================================================
+A       Eavesdropper                    the model updates
+B       Informed Eavesdropper           + basic knowledge (the architecture, the loss, the number of examples)
+C       Parameter-Aware Eavesdropper    + training details (local learning rate, steps, batch size)
+D       Data-Enhanced Eavesdropper      + surrogate data (auxiliary images from the task's distribution)
+E       Statistical-Informed Eaves.     + the client data's distribution (e.g. BatchNorm statistics)
+F       Active Manipulator              C + active manipulation (the server changes the model it sends)
+G       Data-Enhanced Manipulator       D + active manipulation
+H       Active Client Manipulator       G + client selection (the server chooses who trains with what)
+======  ==============================  ==========================================================================
+
+What a scenario grants an attack is read from its declared knowledge and the server's role
+(:func:`granted_capabilities`); every attack plug-in declares the letter it needs (``Attack.threat_model``, or
+``Attack.threat_model_for`` when its parameters change it) and what it assumes beyond the letter
+(``Attack.assumes``, plain words for reports). :func:`refusal` says, with the YAML field path, why a scenario does
+not grant an attack its letter. fedsim's server built the model, so "basic knowledge" is always granted: a scenario
+never grants less than B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedsim.scenario import AttackSpec, Scenario
+
+UPDATES = "model updates"
+BASIC = "basic knowledge"
+TRAINING = "training details"
+SURROGATE = "surrogate data"
+DISTRIBUTION = "client data distribution"
+MANIPULATION = "active manipulation"
+SELECTION = "client selection"
+
+CAPABILITIES = (UPDATES, BASIC, TRAINING, SURROGATE, DISTRIBUTION, MANIPULATION, SELECTION)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """One SoK letter: its name, the capabilities it holds, and the SoK's real-world applicability (1-3 stars:
+    3 = highly applicable and less detectable, 1 = less applicable and more detectable)."""
+
+    letter: str
+    name: str
+    capabilities: frozenset[str]
+    applicability: int
+
+    @property
+    def malicious(self) -> bool:
+        """Whether the attacker changes what the clients receive (F, G, H)."""
+        return MANIPULATION in self.capabilities
+
+    def describe(self) -> str:
+        """``"G (Data-Enhanced Manipulator)"``."""
+        return f"{self.letter} ({self.name})"
+
+
+def _caps(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+_A = _caps(UPDATES)
+_B = _A | {BASIC}
+_C = _B | {TRAINING}
+_D = _C | {SURROGATE}
+_E = _D | {DISTRIBUTION}
+
+THREAT_MODELS: dict[str, ThreatModel] = {
+    "A": ThreatModel("A", "Eavesdropper", _A, 3),
+    "B": ThreatModel("B", "Informed Eavesdropper", _B, 3),
+    "C": ThreatModel("C", "Parameter-Aware Eavesdropper", _C, 3),
+    "D": ThreatModel("D", "Data-Enhanced Eavesdropper", _D, 2),
+    "E": ThreatModel("E", "Statistical-Informed Eavesdropper", _E, 2),
+    "F": ThreatModel("F", "Active Manipulator", _C | {MANIPULATION}, 1),
+    "G": ThreatModel("G", "Data-Enhanced Manipulator", _D | {MANIPULATION}, 1),
+    "H": ThreatModel("H", "Active Client Manipulator", _D | {MANIPULATION, SELECTION}, 1),
+}
+
+#: Where a scenario grants each capability (``{i}``: the attack's index), for refusal messages.
+GRANTED_BY = {
+    TRAINING: ("attacks[{i}].knowledge.local_hparams", "true"),
+    SURROGATE: ("attacks[{i}].knowledge.auxiliary_data", "true"),
+    DISTRIBUTION: ("attacks[{i}].knowledge.bn_stats", "running"),
+    MANIPULATION: ("server.role", "malicious"),
+    SELECTION: ("server.role", "malicious"),
+}
+
+
+def threat_model(letter: str) -> ThreatModel:
+    """The SoK threat model ``letter`` (A-H). Raises ``KeyError`` for any other string."""
+    return THREAT_MODELS[letter]
+
+
+def granted_capabilities(scenario: Scenario, spec: AttackSpec) -> frozenset[str]:
+    """The capabilities ``scenario`` grants the attack ``spec``: updates and basic knowledge always (the server
+    built the model), training details with ``knowledge.local_hparams``, surrogate data with
+    ``knowledge.auxiliary_data``, the client data's distribution with ``knowledge.bn_stats: running``, active
+    manipulation and client selection with ``server.role: malicious``."""
+    k = spec.knowledge
+    caps = set(_B)
+    if k.local_hparams:
+        caps.add(TRAINING)
+    if k.auxiliary_data:
+        caps.add(SURROGATE)
+    if k.bn_stats != "none":
+        caps.add(DISTRIBUTION)
+    if scenario.server.role == "malicious":
+        caps |= {MANIPULATION, SELECTION}
+    return frozenset(caps)
+
+
+def strongest_letter(caps: frozenset[str]) -> ThreatModel:
+    """The most capable SoK letter whose capabilities all lie in ``caps`` (what a scenario grants, as a letter)."""
+    fitting = [tm for tm in THREAT_MODELS.values() if tm.capabilities <= caps]
+    return max(fitting, key=lambda tm: (len(tm.capabilities), tm.letter))
+
+
+def refusal(scenario: Scenario, index: int, spec: AttackSpec, needed: str) -> tuple[str, str] | None:
+    """``(YAML field path, reason)`` when ``scenario`` does not grant attack ``index`` (``spec``) the capabilities
+    of SoK letter ``needed``; None when it does. The path is the field that would grant the first missing one."""
+    tm = THREAT_MODELS[needed]
+    missing = [c for c in CAPABILITIES if c in tm.capabilities - granted_capabilities(scenario, spec)]
+    if not missing:
+        return None
+    path, value = GRANTED_BY[missing[0]]
+    path = path.format(i=index)
+    current = scenario.server.role if path == "server.role" else getattr(spec.knowledge, path.rsplit(".", 1)[1])
+    return path, (f"{spec.name} needs threat model {tm.describe()}, which requires {', '.join(missing)}; "
+                  f"this scenario has {current!r} here: set it to {value} to grant it")
