@@ -23,7 +23,7 @@ model, on the plain path (:class:`fedsim.simulation.strategies.FedSGD`) and unde
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -48,6 +48,9 @@ class UpdateContext:
     partition_id: int
     protocol: str
     num_examples: int
+    #: the client's persistent state (``Context.state``, read and written in place): only ``inspect_model`` gets
+    #: it, e.g. a model check's statistics of the last model this client received; keys are the defense's own
+    state: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class Defense:

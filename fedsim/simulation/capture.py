@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -34,6 +35,9 @@ from fedsim.errors import SimulationError
 from fedsim.simulation import keys
 from fedsim.simulation.participation import Participation
 from fedsim.threat import GroundTruth
+
+if TYPE_CHECKING:
+    from fedsim.simulation.malicious import Manipulator
 
 AGGREGATE_ID = -1  # partition id of a captured aggregate (secure aggregation: it belongs to no one client)
 RELEASED_MODEL_ID = -2  # partition id of a model-inversion outcome: it attacks the released global model
@@ -131,8 +135,10 @@ class CapturingGrid(ProxyGrid):
     """
 
     def __init__(self, inner: Grid, log: CaptureLog, partition_of_node: dict[int, int],
-                 needs_every_client: str | None = None, references: Callable[[int], bool] | None = None) -> None:
+                 needs_every_client: str | None = None, references: Callable[[int], bool] | None = None,
+                 manipulator: Manipulator | None = None) -> None:
         super().__init__(inner)
+        self.manipulator = manipulator  # a malicious server's (fedsim.simulation.malicious), or None
         self.log = log
         self.partition_of_node = partition_of_node
         self.needs_every_client = needs_every_client
@@ -143,6 +149,8 @@ class CapturingGrid(ProxyGrid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         outgoing, sent_state, lag, asked = [], {}, {}, []
         round_num, previous, this_round = 0, self.sent, None
+        if self.manipulator is not None:  # a malicious server's round: the receivers get the manipulated model
+            messages = self.manipulator.outgoing(list(messages), self.partition_of_node)
         for msg in messages:
             if msg.metadata.message_type == MessageType.TRAIN:
                 config = msg.content[keys.CONFIG]
@@ -152,7 +160,8 @@ class CapturingGrid(ProxyGrid):
                 stale = int(config.get(keys.STALENESS, 0))  # a slow client is sent an older model
                 if stale:
                     self.log.stale[round_num] = self.log.stale.get(round_num, 0) + 1
-                if self.references is not None and this_round is None and not stale:  # the current model
+                manipulated = keys.ARCHITECTURE in config  # it carries a malicious server's model
+                if self.references is not None and this_round is None and not stale and not manipulated:
                     this_round = {k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
                 if self.log.wants(round_num, pid):
                     flagged = ConfigRecord(dict(config))
@@ -169,6 +178,8 @@ class CapturingGrid(ProxyGrid):
                         group_id=msg.metadata.group_id,
                     )
             outgoing.append(msg)
+        if this_round is None and self.manipulator is not None and round_num in self.manipulator.sent:
+            this_round = self.manipulator.sent[round_num].honest  # every client got the manipulated model
         if this_round is not None:
             self.sent = (round_num, this_round)
         replies = list(self.inner.send_and_receive(outgoing, timeout=timeout))
@@ -206,6 +217,8 @@ class CapturingGrid(ProxyGrid):
                              reference, lag.get(pid, 0))
         if losses:
             self.log.train_loss[round_num] = sum(losses) / len(losses)
+        if self.manipulator is not None:  # after capturing: the strategy aggregates updates of the agreed model
+            self.manipulator.restore_replies(round_num, replies, self._partition_of_reply)
         self.log.participation.requested[round_num] = len(asked)
         self.log.participation.aggregated[round_num] = arrived
         self.log.participation.check(round_num, self.needs_every_client)
@@ -221,9 +234,10 @@ class CapturingGrid(ProxyGrid):
             update = {k: v - global_state[k] for k, v in sent.items() if v.is_floating_point()}
         else:
             update = {k: v.clone() for k, v in sent.items()}
+        manipulation = None if self.manipulator is None else self.manipulator.received(round_num, pid)
         self.log.updates.append(CapturedUpdate(
             round=round_num, partition_id=pid, global_state=global_state, update=update,
             num_examples=int(reply.content[keys.METRICS][keys.NUM_EXAMPLES]), truth=truth,
             reference_state=None if reference is None else {k: v.clone() for k, v in reference.items()},
-            staleness=staleness,
+            staleness=staleness, architecture=() if manipulation is None else manipulation.architecture,
         ))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsim.models.manipulation import decode
 from fedsim.scenario import Scenario
 from fedsim.simulation import keys
 from fedsim.simulation.client_round import load_state, run_client_round, save_state
@@ -42,7 +43,7 @@ def build_client_app(scenario: Scenario) -> ClientApp:
         state = load_state(context)
         reply = run_client_round(scenario, int(context.node_config[keys.PARTITION_ID]),
                                  int(config[keys.SERVER_ROUND]), msg.content[keys.ARRAYS].to_torch_state_dict(),
-                                 state, record=record)
+                                 state, record=record, architecture=decode(str(config.get(keys.ARCHITECTURE, ""))))
         save_state(context, state)
         content = RecordDict({keys.ARRAYS: ArrayRecord(reply.sent), keys.METRICS: MetricRecord(reply.metrics)})
         if reply.truth is not None:

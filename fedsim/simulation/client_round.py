@@ -4,7 +4,10 @@ Both the Message-API ClientApp (:mod:`fedsim.simulation.client_app`) and the Sec
 (:mod:`fedsim.simulation.secure_client`) call :func:`run_client_round`, so a defense hook cannot be
 applied on one path and forgotten on the other. In order:
 
-1. build the model (model-transforming defenses included) and load the global weights;
+1. build the model (model-transforming defenses included), apply the architecture changes a malicious server
+   shipped with it (``keys.ARCHITECTURE``, :mod:`fedsim.models.manipulation`), load the server's weights, and run
+   every defense's ``inspect_model`` on it before any training (its metrics go in the reply; a
+   ``ModelRefusedError`` becomes the error reply, i.e. the client's failure with that reason);
 2. a :class:`TrainingJob` with the client's persistent state, passed through every defense's
    ``wrap_training`` (DP-SGD, MID, Soteria, ...);
 3. :func:`local_update` on the client's partition;
@@ -22,13 +25,15 @@ Per-client state (e.g. DP-SGD's accountant history, a model the client must reme
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor, nn
 
 from defenses.base import Defense, UpdateContext
+from fedsim.models.manipulation import apply_architecture
 from fedsim.scenario import Scenario
 from fedsim.simulation import keys
 from fedsim.simulation.setup import FederationSetup, setup_for
@@ -92,19 +97,36 @@ def apply_update_defenses(defenses: Sequence[Defense], result: LocalResult, glob
     return update
 
 
+def inspect_model(setup: FederationSetup, received: nn.Module, architecture: Sequence[Mapping[str, Any]],
+                  ctx: UpdateContext) -> dict[str, float]:
+    """Every defense's ``inspect_model`` on the ``received`` model (with the server's weights), against the agreed
+    architecture with the client's copy of the initial weights; their metrics merged. Raises ModelRefusedError."""
+    chosen = [d for d in setup.defenses if type(d).inspect_model is not Defense.inspect_model]
+    metrics: dict[str, float] = {}
+    if chosen:
+        agreed = setup.build_model()
+        for d in chosen:
+            metrics.update(d.inspect_model(received, agreed, tuple(architecture), ctx))
+    return metrics
+
+
 def run_client_round(scenario: Scenario, partition_id: int, round_num: int, global_state: dict[str, Tensor],
-                     state: dict[str, str | Tensor], *, record: bool = False) -> ClientReply:
+                     state: dict[str, str | Tensor], *, record: bool = False,
+                     architecture: Sequence[Mapping[str, Any]] = ()) -> ClientReply:
     """Client ``partition_id``'s round ``round_num`` from the global weights ``global_state``.
 
-    ``state`` is the client's persistent state and is updated in place (the caller stores it back
-    into its Context). Raises whatever the local training raises (the caller's error mod turns it
-    into an error reply).
+    ``architecture``: the changes a malicious server shipped with ``global_state`` (applied to the agreed model
+    before loading it; () for the agreed model). ``state`` is the client's persistent state and is updated in
+    place (the caller stores it back into its Context). Raises ModelRefusedError when a defense refuses the model,
+    and whatever the local training raises (the caller's error mod turns either into an error reply).
     """
     setup = setup_for(scenario)
     fed = scenario.federation
-    model = setup.build_model()
+    model = apply_architecture(setup.build_model(), architecture)
     model.load_state_dict(global_state)
     inputs, labels = setup.client_data(partition_id)
+    inspected = inspect_model(setup, model, architecture, UpdateContext(
+        scenario.seed, round_num, partition_id, fed.protocol, len(inputs), state=state))
     job = build_job(setup, model, round_num, partition_id, len(inputs), state)
     result = local_update(
         job, inputs, labels, local=fed.local, protocol=fed.protocol,
@@ -119,7 +141,7 @@ def run_client_round(scenario: Scenario, partition_id: int, round_num: int, glob
         keys.NUM_EXAMPLES: result.num_examples,
         keys.PARTITION_ID: partition_id,
         keys.TRAIN_LOSS: result.train_loss,
-        **{f"{keys.CLIENT_METRIC_PREFIX}{k}": float(v) for k, v in result.metrics.items()},
+        **{f"{keys.CLIENT_METRIC_PREFIX}{k}": float(v) for k, v in {**inspected, **result.metrics}.items()},
     }
     truth = None
     if record:

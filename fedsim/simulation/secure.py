@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Context, MessageType
-from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -40,11 +40,13 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.errors import FedsimError, IncompatibleDefenseError
+from fedsim.models.manipulation import apply_architecture, encode
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
 from fedsim.simulation.capture import AGGREGATE_ID, CapturedUpdate, CaptureLog, ProxyGrid, record_client_reply
 from fedsim.simulation.client_round import build_job
+from fedsim.simulation.malicious import Manipulator
 from fedsim.simulation.server_app import (
     FederationOutcome,
     RoundCallback,
@@ -98,6 +100,7 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
         self.current: list[np.ndarray] = []
         self.previous: tuple[int, list[np.ndarray]] | None = None  # (round, the model sent then)
         self.server_memory: dict[str, dict[str, Any]] = {}  # per defense: its server_update state for this run
+        self.manipulator: Manipulator | None = None  # a malicious server's (fedsim.simulation.malicious)
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> Any:
         if self.current:
@@ -106,6 +109,13 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
         chosen = super().configure_fit(server_round, parameters, client_manager)
         chosen = sorted(chosen, key=lambda pair: self.partition_of_node.get(pair[0].node_id, 1 << 30))
         self.outcome.capture.participation.requested[server_round] = len(chosen)
+        if self.manipulator is not None:  # SecAgg+ sums one vector layout: EVERY client gets the manipulated model
+            pids = [self.partition_of_node[proxy.node_id] for proxy, _ in chosen]
+            sent = self.manipulator.build(server_round, self._state(self.current), pids, to_all=True)
+            if sent is not None:
+                params = ndarrays_to_parameters([sent.state[k].numpy() for k in sent.layout])
+                chosen = [(proxy, FitIns(params, {**ins.config, keys.ARCHITECTURE: encode(sent.architecture)}))
+                          for proxy, ins in chosen]
         return chosen
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> Any:
@@ -128,6 +138,13 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
         fed = self.scenario.federation
         if log.wants(server_round, AGGREGATE_ID):  # the weight the server learns: the declared num_examples
             self._record(server_round, aggregate, pids, sum(int(res.num_examples) for _, res in results))
+        sent = None if self.manipulator is None else self.manipulator.sent.get(server_round)
+        if sent is not None:  # the aggregate of the manipulated model, as one of the agreed model (malicious.py)
+            raw = {k: torch.from_numpy(np.array(a)) for k, a in zip(sent.layout, aggregate, strict=True)}
+            restored = self.manipulator.restore(sent, raw)
+            aggregate = [restored[k].numpy() if k in restored else np.zeros_like(c) for k, c in
+                         zip(self.names, self.current, strict=True)]
+            params = ndarrays_to_parameters(aggregate)
         if fed.protocol == "fedsgd":  # the weighted mean of the messages (zero padding of buffers dropped)
             current = self._state(self.current)
             trainable = _trainable(self.scenario)
@@ -143,10 +160,14 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
     def _record(self, rnd: int, aggregate: list[np.ndarray], pids: list[int], declared: int) -> None:
         setup = setup_for(self.scenario)
         global_state = self._state(self.current)
+        names, trainable, architecture = self.names, _trainable(self.scenario), ()
+        sent = None if self.manipulator is None else self.manipulator.sent.get(rnd)
+        if sent is not None:  # what the clients were sent: the manipulated model, in its layout
+            global_state, names, architecture = dict(sent.state), list(sent.layout), sent.architecture
+            trainable = {n for n, _ in apply_architecture(setup.build_model(), architecture).named_parameters()}
         # SecAgg+ dequantizes to float64: back to the model's dtypes
         agg = {k: torch.from_numpy(np.array(v)).to(global_state[k].dtype)
-               for k, v in zip(self.names, aggregate, strict=True)}
-        trainable = _trainable(self.scenario)
+               for k, v in zip(names, aggregate, strict=True)}
         if self.scenario.federation.protocol == "fedavg":
             update = {k: agg[k] - global_state[k] for k in trainable}
         else:
@@ -165,7 +186,7 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
                                   "were taken against, was not kept")
             reference = self._state(self.previous[1])
         self.outcome.capture.updates.append(CapturedUpdate(rnd, AGGREGATE_ID, global_state, update, declared, truth,
-                                                           reference_state=reference))
+                                                           reference_state=reference, architecture=architecture))
 
 
 def _trainable(scenario: Scenario) -> set[str]:
@@ -287,6 +308,7 @@ def build_secure_server_app(scenario: Scenario, outcome: FederationOutcome, para
             on_fit_config_fn=lambda rnd: {keys.SERVER_ROUND: rnd},
             initial_parameters=ndarrays_to_parameters([v.cpu().numpy() for v in rows.model.state_dict().values()]),
         )
+        strategy.manipulator = rows.manipulator
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
         flower_log = logging.getLogger("flwr")
         flower_log.addFilter(_restated)

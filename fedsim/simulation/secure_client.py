@@ -29,11 +29,13 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Scalar
 
+from fedsim.models.manipulation import decode
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
 from fedsim.simulation.client_app import partition_reply
 from fedsim.simulation.client_round import load_state, run_client_round, save_state
+from fedsim.simulation.malicious import sent_layout
 from fedsim.simulation.participation import client_errors_mod
 from fedsim.simulation.setup import setup_for
 
@@ -49,10 +51,11 @@ class SecureClient(NumPyClient):
         """(what is sent, in ``state_dict`` order; num_examples; metrics). fedsgd pads buffers with zeros
         so every reply has one layout."""
         rnd = int(config[keys.SERVER_ROUND])
-        names = list(setup_for(self.scenario).build_model().state_dict())
+        architecture = decode(str(config.get(keys.ARCHITECTURE, "")))  # a malicious server's changes, if any
+        names = sent_layout(setup_for(self.scenario), architecture)  # the received model's key layout
         global_state = {k: torch.from_numpy(np.array(v)) for k, v in zip(names, parameters, strict=True)}
         state = load_state(self.context)
-        reply = run_client_round(self.scenario, self.pid, rnd, global_state, state)
+        reply = run_client_round(self.scenario, self.pid, rnd, global_state, state, architecture=architecture)
         save_state(self.context, state)
         sent = [reply.sent.get(k, torch.zeros_like(v)).numpy() for k, v in global_state.items()]
         # secaggplus_mod quantizes with stochastic rounding from NumPy's global generator: seed it

@@ -21,6 +21,7 @@ from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
 from fedsim.simulation.capture import CaptureLog, CapturingGrid
+from fedsim.simulation.malicious import Manipulator, malicious_attacks
 from fedsim.simulation.setup import setup_for
 from fedsim.simulation.stale_leakage import run_metrics
 from fedsim.simulation.strategies import build_strategy
@@ -103,6 +104,8 @@ class RoundRows:
         self.start = time.perf_counter()
         # round -> what gi_conversion did that round (its estimates of client data, switches), scored here
         self.estimates: Callable[[int], Any] | None = None
+        # a malicious server's manipulations (fedsim.simulation.malicious): their accuracy cost goes in the row
+        self.manipulator = Manipulator(scenario) if malicious_attacks(scenario) else None
 
     def __call__(self, server_round: int, global_state: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]:
         """Append (and return) round ``server_round``'s row; ``global_state()`` gives the global model after it."""
@@ -113,6 +116,8 @@ class RoundRows:
         row.update(outcome.capture.participation.row(server_round))
         if scenario.federation.staleness is not None and server_round > 0:  # clients sent an old model this round
             row["clients_stale"] = outcome.capture.stale.get(server_round, 0)
+        if self.manipulator is not None:  # an attacked round: the sent model's accuracy beside the honest one's
+            row.update(self.manipulator.row(server_round))
         if self.estimates is not None:  # the privacy price of gi_conversion: its estimates against the true data
             row.update(run_metrics(self.estimates(server_round), setup))
         last = server_round == scenario.federation.rounds
@@ -163,7 +168,7 @@ def build_server_app(
         for defense in setup.defenses:
             strategy = defense.wrap_strategy(strategy)
         proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses),
-                              message_references(setup.defenses))
+                              message_references(setup.defenses), rows.manipulator)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             row = rows(server_round, arrays.to_torch_state_dict)

@@ -1,0 +1,41 @@
+"""Which attacks make the server malicious, and what validation refuses about them (no Flower import here).
+
+:mod:`fedsim.simulation.malicious` runs the manipulation; :func:`check_scenario` runs in
+:func:`fedsim.scenario.resolve_plugins`, so ``fedsim validate`` refuses what the federation could not run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedsim.errors import ScenarioError
+from fedsim.scenario import AttackSpec, Scenario
+
+
+def malicious_attacks(scenario: Scenario) -> list[tuple[int, AttackSpec, Any]]:
+    """``(index, spec, class)`` of every attack of the scenario that manipulates the model (has ``manipulate``)."""
+    from fedsim.plugins import attack_registry
+
+    registry = attack_registry()
+    out = []
+    for i, spec in enumerate(scenario.attacks):
+        cls = registry.get(spec.name) if spec.name in registry else None
+        if cls is not None and callable(getattr(cls, "manipulate", None)):
+            out.append((i, spec, cls))
+    return out
+
+
+def check_scenario(scenario: Scenario) -> None:
+    """Refuse what the federation cannot run with a malicious server (module doc). Raises ScenarioError."""
+    attacks = malicious_attacks(scenario)
+    rounds = scenario.federation.rounds
+    owner: dict[int, int] = {}
+    for i, spec, _ in attacks:
+        if scenario.federation.staleness is not None:
+            raise ScenarioError("federation.staleness", f"attacks[{i}] ({spec.name}) manipulates the model the "
+                                "server sends, which fedsim does not combine with stale clients: remove one")
+        for r in spec.target_rounds(rounds):
+            if r in owner:
+                raise ScenarioError(f"attacks[{i}].rounds", f"round {r} is also manipulated by attacks[{owner[r]}]; "
+                                    "the server sends one model per round: give them different rounds")
+            owner[r] = i
