@@ -41,6 +41,7 @@ from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel
 from attacks.matching import (
     LabelStrategy,
     check_delta_scale,
+    delta_scale_letter,
     examples_to_reconstruct,
     labels_for,
     matching_target,
@@ -51,7 +52,7 @@ from attacks.objectives import OBJECTIVES, Distance
 from attacks.restarts import RestartBook
 from attacks.victim import victim_model
 from fedsim.errors import FedsimError
-from fedsim.scenario import AttackSpec, Scenario
+from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 
@@ -156,9 +157,18 @@ class DeepLeakage(Attack):
 
     summary = "DLG (Zhu et al. 2019): L-BFGS over dummy images and soft labels, L2 gradient matching"
     Params = DLGParams
+    threat_model = "A"  # the SoK's letter for Zhu et al. 2019 (C when it rescales a FedAvg delta: threat_model_for)
+    assumes = ("the global model sent to the client (the server built it)",
+               "the number of examples from the update's metadata")
     matches_differences = True  # dummy messages via gradient_distance (attacks.differences)
     #: Optimize soft labels with the images (DLG) or fix them from the update first (iDLG).
     joint_labels: ClassVar[bool] = True
+
+    @classmethod
+    def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
+        """A (the SoK's letter for DLG and iDLG), C when an L2/L1 distance rescales a FedAvg delta by the granted
+        local hyperparameters (:func:`attacks.matching.delta_scale_letter`)."""
+        return delta_scale_letter(cls.threat_model, params.distance, knowledge)
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
@@ -227,6 +237,7 @@ class ImprovedDeepLeakage(DeepLeakage):
     """iDLG: DLG with the labels fixed from the update (or granted), then L-BFGS over images only."""
 
     summary = "iDLG (Zhao et al. 2020): labels from the last-layer gradient, then DLG's L-BFGS on images"
+    assumes = (*DeepLeakage.assumes, "labels read from the last layer's gradient (exact at batch 1)")
     joint_labels = False
 
     class Params(DLGParams):

@@ -111,6 +111,12 @@ class GanPriorAttack(Attack):
 
     models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD)
     matches_differences = True  # dummy messages via Victim.grad_loss -> gradient_distance (attacks.differences)
+    #: The SoK's letter for the GAN-prior attacks (Jeon et al. 2021 GIAS, Li et al. 2022 GGL, Fang et al. 2023
+    #: GIFD): the generator was trained on surrogate data, so the scenario must grant knowledge.auxiliary_data
+    #: (and, D being cumulative, the training details of C: knowledge.local_hparams).
+    threat_model = "D"
+    assumes = ("a generative prior trained on surrogate data disjoint from the clients' (knowledge.auxiliary_data)",
+               "the architecture, the loss and the number of examples")
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:

@@ -49,6 +49,7 @@ from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel
 from attacks.matching import (
     LabelStrategy,
     check_delta_scale,
+    delta_scale_letter,
     examples_to_reconstruct,
     labels_for,
     matching_target,
@@ -59,7 +60,7 @@ from attacks.objectives import OBJECTIVES
 from attacks.regularizers import image_norm, total_variation
 from attacks.victim import victim_model
 from fedsim.errors import FedsimError, ScenarioError
-from fedsim.scenario import AttackSpec, Scenario
+from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, ModelFacts, Reconstruction
 
@@ -172,6 +173,18 @@ class GradInversion(Attack):
 
     summary = "GradInversion (Yin et al. 2021): gradient matching + BN-statistics and group-consistency priors"
     matches_differences = True  # dummy messages via gradient_distance (attacks.differences)
+    threat_model = "E"  # the SoK's letter for Yin et al. 2021: the BN statistics are the client data's distribution
+    assumes = ("the global model's BatchNorm running statistics as the data's distribution (bn_stats: running; "
+               "without them: B)", "the architecture, the loss and the number of examples")
+
+    @classmethod
+    def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
+        """E (the SoK's letter) when it uses the BatchNorm statistics prior (``knowledge.bn_stats: running`` and
+        ``params.bn > 0``); without it only the gradient, TV and group priors remain: B, or C when an L2/L1
+        distance rescales a FedAvg delta by the granted local hyperparameters."""
+        if knowledge.bn_stats == "running" and params.bn > 0:
+            return cls.threat_model
+        return delta_scale_letter("B", params.distance, knowledge)
 
     class Params(AttackParams):
         lr: float = Field(0.1, gt=0, description="Adam step size (unsigned) after warm-up")

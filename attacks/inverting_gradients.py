@@ -38,12 +38,13 @@ from attacks.batched import BatchingUnsupported, matching_loss, optimize_trials,
 from attacks.defense_aware import DefenseTransform, defense_transform
 from attacks.differences import message_of
 from attacks.label_recovery import LABEL_STRATEGIES
-from attacks.matching import examples_to_reconstruct, labels_for, unusable
+from attacks.matching import delta_scale_letter, examples_to_reconstruct, labels_for, unusable
 from attacks.objectives import OBJECTIVES, Distance
 from attacks.regularizers import total_variation
 from attacks.restarts import RestartBook
 from attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError
+from fedsim.scenario import Knowledge
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 
@@ -171,6 +172,14 @@ class InvertingGradients(Attack):
     summary = "Inverting Gradients (Geiping et al. 2020): cosine gradient matching + TV, signed Adam"
     models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD-style)
     matches_differences = True  # dummy messages via gradient_distance / matching_loss (attacks.differences)
+    threat_model = "B"  # the SoK's letter for Geiping et al. 2020 (C when it rescales a FedAvg delta)
+    assumes = ("the architecture, the loss and the number of examples", "a total-variation image prior")
+
+    @classmethod
+    def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
+        """B (the SoK's letter), C when an L2/L1 distance rescales a FedAvg delta by the granted local
+        hyperparameters (:func:`attacks.matching.delta_scale_letter`)."""
+        return delta_scale_letter(cls.threat_model, params.distance, knowledge)
 
     class Params(AttackParams):
         lr: float = Field(0.1, gt=0, description="Adam step size on the normalized inputs")

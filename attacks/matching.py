@@ -18,8 +18,9 @@ from attacks.base import ProgressFn
 from attacks.label_recovery import LABEL_STRATEGIES, recover_labels
 from attacks.victim import UpdateMismatchError, check_update, target_gradient
 from fedsim.errors import ThreatModelError
-from fedsim.scenario import AttackSpec, Budget, Scenario
+from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
 from fedsim.threat import ClientUpdate
+from fedsim.threat_models import at_least
 from fedsim.training import epoch_bounds
 
 PROGRESS_EVERY = 50
@@ -116,6 +117,14 @@ def check_delta_scale(scenario: Scenario, spec: AttackSpec, distance: str) -> No
             f"{spec.name} with distance {distance!r} matches a FedAvg delta as -delta / (lr * steps): "
             "grant knowledge.local_hparams: true, or use distance: cosine"
         )
+
+
+def delta_scale_letter(letter: str, distance: str, knowledge: Knowledge) -> str:
+    """The SoK letter of a gradient-matching attack whose paper letter is ``letter``: at least C (training details)
+    when ``knowledge.local_hparams`` is granted and ``distance`` is scale sensitive, because it then rescales a FedAvg
+    delta by the granted local learning rate and steps (:func:`matching_target`; :func:`check_delta_scale` refuses a
+    FedAvg scenario that needs them and does not grant them); ``letter`` otherwise (cosine never reads them)."""
+    return at_least(letter, "C") if distance != "cosine" and knowledge.local_hparams else letter
 
 
 def ticker(progress: ProgressFn | None, per_run: int, total: int, offset: int) -> Callable[[int], None]:

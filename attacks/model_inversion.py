@@ -159,6 +159,15 @@ class _ModelInversionBase(ModelInversionAttack):
     per-image choice by target loss."""
 
     Params: ClassVar[type[AttackParams]] = _MIParams
+    #: SoK letter D (Data-Enhanced Eavesdropper). Model inversion is outside the SoK's tables (it attacks the
+    #: released model, not an update), but its attacker is the SoK's passive one holding surrogate data: it reads
+    #: what every participant receives (the global model: basic knowledge) and nothing it would have to manipulate,
+    #: and its whole power comes from a GAN prior trained on auxiliary images (GMI's and IF-GMI's public data), the
+    #: capability that separates D from C. D is cumulative, so scenarios grant knowledge.local_hparams too, though
+    #: these attacks never read a client's training details.
+    threat_model = "D"
+    assumes = ("the released global model only (no client update)",
+               "a GAN prior trained on surrogate data disjoint from the clients' (knowledge.auxiliary_data)")
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:

@@ -99,6 +99,13 @@ def threat_model(letter: str) -> ThreatModel:
     return THREAT_MODELS[letter]
 
 
+def at_least(letter: str, floor: str) -> str:
+    """``letter`` when it holds every capability of ``floor``, else ``floor``: the eavesdropper letter an attack
+    needs once it also uses ``floor``'s capabilities (``at_least("A", "C") == "C"``, ``at_least("E", "C") == "E"``).
+    Meant for the cumulative eavesdroppers A-E; raises ``KeyError`` for a letter outside A-H."""
+    return letter if THREAT_MODELS[floor].capabilities <= THREAT_MODELS[letter].capabilities else floor
+
+
 def granted_capabilities(scenario: Scenario, spec: AttackSpec) -> frozenset[str]:
     """The capabilities ``scenario`` grants the attack ``spec``: updates and basic knowledge always (the server
     built the model), training details with ``knowledge.local_hparams``, surrogate data with
@@ -130,8 +137,9 @@ def refusal(scenario: Scenario, index: int, spec: AttackSpec, needed: str) -> tu
     missing = [c for c in CAPABILITIES if c in tm.capabilities - granted_capabilities(scenario, spec)]
     if not missing:
         return None
-    path, value = GRANTED_BY[missing[0]]
-    path = path.format(i=index)
+    fields = list(dict.fromkeys(GRANTED_BY[c] for c in missing))  # manipulation and selection share server.role
+    path = fields[0][0].format(i=index)
     current = scenario.server.role if path == "server.role" else getattr(spec.knowledge, path.rsplit(".", 1)[1])
+    grant = " and ".join(f"{p.format(i=index)}: {v}" for p, v in fields)
     return path, (f"{spec.name} needs threat model {tm.describe()}, which requires {', '.join(missing)}; "
-                  f"this scenario has {current!r} here: set it to {value} to grant it")
+                  f"this scenario has {current!r} here: set {grant} to grant it")

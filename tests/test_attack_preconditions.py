@@ -111,7 +111,9 @@ def test_distinct_label_rules_refused_when_the_batch_exceeds_the_classes(tiny_ra
 def _gradinversion(raw: dict, protocol: str = "fedavg", norm: str = "batch", rounds: list[int] | None = None) -> dict:
     raw["model"] = {"name": "mlp", "width": 2, "norm": norm}
     raw["federation"].update(protocol=protocol, rounds=3, local={"steps": 1, "batch_size": 4, "lr": 0.1})
-    raw["attacks"][0].update(name="gradinversion", rounds=rounds or [2], knowledge={"bn_stats": "running"})
+    raw["attacks"][0].update(name="gradinversion", rounds=rounds or [2], knowledge={"bn_stats": "running",
+                                                                            "local_hparams": True,
+                                                                            "auxiliary_data": True})  # SoK E
     return raw
 
 
@@ -150,7 +152,8 @@ def test_defense_aware_mode_refused_when_no_defense_can_be_modelled(tiny_raw, na
     if name == "gifd":
         tiny_raw["data"] = {"dataset": "mnist-5k", "train_subset": 2000}
         tiny_raw["model"] = {"name": "convnet", "width": 4}
-    tiny_raw["attacks"][0].update(name=name, knowledge={"defense": True})
+    grants = {"local_hparams": True, "auxiliary_data": True} if name == "gifd" else {}  # gifd: SoK threat model D
+    tiny_raw["attacks"][0].update(name=name, knowledge={"defense": True, **grants})
     _refused(tiny_raw, "attacks[0].knowledge.defense", "nothing")
     tiny_raw["defenses"] = [{"name": "gaussian_noise"}]  # pure noise: no deterministic part to model
     _refused(tiny_raw, "attacks[0].knowledge.defense", "gaussian_noise")

@@ -30,7 +30,8 @@ FIRST_MNIST_INDEX_OF_THE_PRIOR = 1770  # min over mnist-5k train examples 2000..
 def _gifd(dataset: str, train_subset: int | None = None, **data) -> dict:
     raw = copy.deepcopy(TINY)
     raw["data"] = {"dataset": dataset, "train_subset": train_subset, "root": "/nonexistent/fedsim-data", **data}
-    raw["attacks"] = [{"name": "gifd", "params": {"prior": "mnist-dcgan"}, "budget": {"iterations": 1}}]
+    raw["attacks"] = [{"name": "gifd", "params": {"prior": "mnist-dcgan"}, "budget": {"iterations": 1},
+                       "knowledge": {"local_hparams": True, "auxiliary_data": True}}]  # SoK threat model D
     return raw
 
 
@@ -107,7 +108,8 @@ def test_the_model_inversion_evaluator_is_checked_the_same_way(plugin_dataset) -
 
     raw = copy.deepcopy(TINY)
     raw["data"] = {"dataset": "plugin-digits"}
-    raw["attacks"] = [{"name": "gmi", "rounds": [2], "budget": {"iterations": 1}}]
+    raw["attacks"] = [{"name": "gmi", "rounds": [2], "budget": {"iterations": 1},
+                       "knowledge": {"local_hparams": True, "auxiliary_data": True}}]
     plugin_dataset(Pool("LEAKY", "all", lambda spec: 1797, lambda: np.arange(1797) % 60))
     with pytest.raises(ScenarioError, match="evaluator.*overlap") as err:
         parse_scenario(raw)

@@ -41,7 +41,8 @@ FAST: dict[str, Any] = {
                    "local": {"batch_size": 32, "lr": 0.05, "epochs": 2, "momentum": 0.9}},
     "backend": {"kind": "inprocess"},
     "attacks": [{"name": "gmi", "params": {"samples_per_class": 2, "forward_passes": 2},
-                 "budget": {"iterations": 60, "restarts": 1}}],
+                 "budget": {"iterations": 60, "restarts": 1},
+                 "knowledge": {"local_hparams": True, "auxiliary_data": True}}],  # SoK D
 }
 
 
@@ -241,7 +242,8 @@ def test_if_gmi_runs_its_stages_on_a_stochastic_mid_model() -> None:
     raw = with_mid(0.0)
     raw["attacks"] = [{"name": "if_gmi", "params": {"samples_per_class": 1, "target_classes": [1, 4],
                                                     "forward_passes": 2, "initial_pool": 32},
-                       "budget": {"iterations": 20, "restarts": 1}}]
+                       "budget": {"iterations": 20, "restarts": 1},
+                       "knowledge": {"local_hparams": True, "auxiliary_data": True}}]
     scenario = parse_scenario(raw)
     (o,) = run_scenario(scenario, write=False).outcomes
     assert o.failed is None and o.stats["stages"] == 3.0 and o.stats["iterations"] == 20 + 2 * 4
