@@ -347,14 +347,14 @@ def resolve_plugins(scenario: Scenario) -> None:
                 raise ScenarioError(f"{group}[{i}].budget.iterations",
                                     f"{spec.budget.iterations}: {spec.name} optimizes, so it needs at least "
                                     f"{least} (0 iterations could only end in a failed outcome)")
-            if isinstance(spec, AttackSpec):
-                check_threat_model(scenario, i, spec, plugin)
             check = getattr(plugin, "check_scenario", None)
             if check is not None:
                 try:
                     check(scenario, spec)
                 except FedsimError as err:
                     raise plugin_error(f"{group}[{i}]", spec, err) from None
+            if isinstance(spec, AttackSpec):  # after the plug-in's own checks: "cannot work here" comes first
+                check_threat_model(scenario, i, spec, plugin)
 
 
 def check_threat_model(scenario: Scenario, index: int, spec: AttackSpec, plugin: Any) -> None:
