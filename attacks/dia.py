@@ -284,7 +284,7 @@ class DropoutInversionAttack(_MaskedInversion):
     summary = "Dropout Inversion Attack (Scheliga et al. 2023): optimizes the inputs and the dropout masks"
     #: Not in the SoK's tables; it is Inverting Gradients (B) that also optimizes the unknown dropout masks.
     threat_model = "B"
-    assumes = ("the architecture (dropout layers and rates), the loss and the number of examples",)
+    assumes = ("the architecture's dropout layers and rates (the masks themselves are optimized)",)
 
     class Params(_DIAParams):
         mask_prior: float = Field(1e-4, ge=0, description="weight of sum_l |(1 - mean(m_l)) - p_l|")
@@ -310,8 +310,7 @@ class DropoutOracle(_MaskedInversion):
     protocols = ("fedsgd",)
     #: B plus ground truth no threat model grants: the client's true dropout masks (outputs labelled oracle).
     threat_model = "B"
-    assumes = ("ORACLE: the client's true dropout masks (knowledge.oracle_masks; an upper bound, not an attacker)",
-               "the architecture, the loss and the number of examples")
+    assumes = ("ORACLE: the client's true dropout masks (knowledge.oracle_masks; an upper bound, not an attacker)",)
 
     def _masks(self, update: ClientUpdate, model: nn.Module, x0: Tensor, restart: int) -> dict[str, Tensor]:
         given = update.side_info.get("oracle_masks")

@@ -96,8 +96,7 @@ class FedAvgInversion(Attack):
     #: The SoK's letter for FedAvg inversion (Dimitrov et al. 2022; Geiping et al. 2020's unrolling): the local
     #: learning rate, steps and batch size are C's training details, granted by knowledge.local_hparams (``needs``).
     threat_model = "C"
-    assumes = ("the clients' local learning rate, steps, batch size and plain-SGD optimizer (local_hparams)",
-               "the architecture, the loss and the number of examples")
+    assumes = ("the clients' local learning rate, steps, batch size and plain-SGD optimizer (local_hparams)",)
     simulates_defenses = SHARPNESS_DEFENSES  # knowledge.defense: DP-SAT's perturbed point in every unrolled step
 
     class Params(AttackParams):

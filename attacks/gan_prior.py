@@ -115,8 +115,7 @@ class GanPriorAttack(Attack):
     #: GIFD): the generator was trained on surrogate data, so the scenario must grant knowledge.auxiliary_data
     #: (and, D being cumulative, the training details of C: knowledge.local_hparams).
     threat_model = "D"
-    assumes = ("a generative prior trained on surrogate data disjoint from the clients' (knowledge.auxiliary_data)",
-               "the architecture, the loss and the number of examples")
+    assumes = ("a generative prior trained on surrogate data disjoint from the clients' (knowledge.auxiliary_data)",)
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:

@@ -175,7 +175,7 @@ class GradInversion(Attack):
     matches_differences = True  # dummy messages via gradient_distance (attacks.differences)
     threat_model = "E"  # the SoK's letter for Yin et al. 2021: the BN statistics are the client data's distribution
     assumes = ("the global model's BatchNorm running statistics as the data's distribution (bn_stats: running; "
-               "without them: B)", "the architecture, the loss and the number of examples")
+               "without them: B)",)
 
     @classmethod
     def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:

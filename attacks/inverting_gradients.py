@@ -173,7 +173,8 @@ class InvertingGradients(Attack):
     models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD-style)
     matches_differences = True  # dummy messages via gradient_distance / matching_loss (attacks.differences)
     threat_model = "B"  # the SoK's letter for Geiping et al. 2020 (C when it rescales a FedAvg delta)
-    assumes = ("the architecture, the loss and the number of examples", "a total-variation image prior")
+    assumes = ("natural images are smooth (a total-variation prior)",
+               "FedAvg: exact for one local step (cosine needs no learning rate)")
 
     @classmethod
     def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:

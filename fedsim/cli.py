@@ -163,21 +163,48 @@ def list_plugins() -> None:
     from fedsim.data import DATASETS
     from fedsim.models import MODELS
     from fedsim.plugins import attack_registry, defense_registry
+    from fedsim.threat_models import threat_model
 
     table = Table(title="fedsim registries")
     table.add_column("kind")
     table.add_column("name")
     table.add_column("what it is")
+    table.add_column("threat model (SoK)")
+    table.add_column("assumes")
     for name in DATASETS:
-        table.add_row("dataset", name, _dataset_summary(name))
+        table.add_row("dataset", name, _dataset_summary(name), "", "")
     for name in MODELS:
-        table.add_row("model", name, "")
-    for kind, registry in (("attack", attack_registry()), ("defense", defense_registry())):
-        for name, cls in registry.items():
-            table.add_row(kind, name, getattr(cls, "summary", ""))
+        table.add_row("model", name, "", "", "")
+    for name, cls in attack_registry().items():
+        table.add_row("attack", name, cls.summary, threat_model(cls.threat_model).describe(), "; ".join(cls.assumes))
+    for name, cls in defense_registry().items():
+        table.add_row("defense", name, getattr(cls, "summary", ""), "", "")
     for row in _zeroth_order_rows():
-        table.add_row(*row)
-    Console().print(table)
+        table.add_row(*row, "", "")
+    console = Console()
+    console.print(table)
+    console.print(_threat_model_table())
+
+
+def _threat_model_table() -> Table:
+    """The SoK's threat-model letters (Carletti et al., USENIX Security 2025; docs/threat_models.md): what each
+    grants and which scenario field grants it. An attack's letter is the least it needs; the base letter may rise
+    with its params and knowledge (e.g. GradInversion is E only with ``bn_stats: running``)."""
+    from fedsim.threat_models import BASIC, GRANTED_BY, THREAT_MODELS, UPDATES
+
+    table = Table(title="SoK threat models (Carletti et al., USENIX Security 2025; docs/threat_models.md)")
+    table.add_column("letter")
+    table.add_column("name")
+    table.add_column("capabilities")
+    table.add_column("scenario fields that grant it")
+    table.add_column("applicability")
+    for tm in THREAT_MODELS.values():
+        caps = [c for c in (UPDATES, BASIC, *GRANTED_BY) if c in tm.capabilities]
+        fields = dict.fromkeys(f"{GRANTED_BY[c][0].replace('attacks[{i}].', '')}: {GRANTED_BY[c][1]}"
+                               for c in caps if c in GRANTED_BY)
+        table.add_row(tm.letter, tm.name, ", ".join(caps), ", ".join(fields) or "(always granted)",
+                      "*" * tm.applicability)
+    return table
 
 
 def _dataset_summary(name: str) -> str:
