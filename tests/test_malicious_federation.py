@@ -218,3 +218,78 @@ def test_validation_refuses_two_manipulations_in_one_round(tiny_raw) -> None:
     raw["attacks"][2]["rounds"] = [2]
     raw["federation"]["rounds"] = 2
     parse_scenario(raw)  # different rounds: fine
+
+
+def test_model_check_refuses_the_added_block_and_every_output_says_why(tiny_raw, tmp_path) -> None:
+    import json
+
+    from fedsim.run import run_scenario
+
+    raw = scenario_raw(tiny_raw)
+    raw["defenses"] = [{"name": "model_check"}]
+    result = run_scenario(parse_scenario(raw), tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    (failure,) = metrics["client_failures"]
+    assert failure["round"] == 1 and failure["client"] == 1
+    assert "ModelRefusedError" in failure["reason"] and BLOCK in failure["reason"]
+    row = next(h for h in metrics["utility"] if h["round"] == 1)
+    assert row["clients_failed"] == 1 and row["clients_aggregated"] == 3 and row["manipulated_clients"] == 1
+    refused = [o for o in result.outcomes if o.attack == "test_block_attack"]
+    assert len(refused) == 1 and "client 1 failed in round 1" in refused[0].failed
+    assert "ModelRefusedError" in refused[0].failed
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "ModelRefusedError" in summary
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "ModelRefusedError" in report
+    for text in (summary, report):  # the manipulated round's cost is shown beside the participation
+        assert "Malicious server" in text and f"{row['sent_test_accuracy']:.3f}" in text
+    # the honest clients passed the statistics check unflagged
+    assert all(m["model_check_flagged"] == 0 for m in result.client_metrics[1].values())
+
+
+@pytest.mark.parametrize("action", ["flag", "refuse"])
+def test_model_check_flags_a_scaled_layer(tiny_raw, action) -> None:
+    raw = scenario_raw(tiny_raw, attack="test_scale_attack", rounds=2)
+    raw["defenses"] = [{"name": "model_check", "params": {"action": action}}]
+    outcome = run_federation(parse_scenario(raw))
+    flags = {r: {p: m["model_check_flagged"] for p, m in per.items()} for r, per in
+             outcome.capture.client_metrics.items()}
+    if action == "flag":
+        assert flags[1] == {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.0}
+        assert outcome.capture.client_metrics[1][1]["model_check_layer"] == 0  # the first weight tensor
+        assert outcome.capture.client_metrics[1][1]["model_check_norm_ratio"] == pytest.approx(SCALE, rel=1e-5)
+    else:
+        assert flags[1] == {0: 0.0, 2: 0.0, 3: 0.0}
+        (failure,) = outcome.capture.participation.failures
+        assert failure.partition_id == 1 and "abnormal weights" in failure.reason
+    assert set(flags[2].values()) == {0.0}  # round 2 is honest: no client flags it
+
+
+def test_dp_sgd_trains_on_a_model_with_an_added_module(tiny_raw) -> None:
+    raw = scenario_raw(tiny_raw)
+    raw["defenses"] = [{"name": "dp_sgd", "params": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}]
+    outcome = run_federation(parse_scenario(raw))
+    target = by_client(outcome)[1]
+    assert f"{BLOCK}.weight" in target.update and torch.isfinite(target.update[f"{BLOCK}.weight"]).all()
+    assert outcome.capture.participation.failures == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_inprocess_and_ray_agree_on_a_malicious_round(tiny_raw) -> None:
+    """A weight-only manipulation (the test's architecture change is registered in this process only: a Ray
+    worker knows the changes the attack plug-in modules register, which the test's is not)."""
+    raw = scenario_raw(tiny_raw, attack="test_scale_attack", protocol="fedavg", rounds=2)
+    raw["defenses"] = [{"name": "model_check"}]
+    raw["attacks"][0]["rounds"] = [2]
+    raw["attacks"][1]["rounds"] = [2]
+    raw["backend"] = {"kind": "ray", "client_resources": {"num_cpus": 1}}
+    scenario = parse_scenario(raw)
+    local, ray = run_federation(scenario, backend="inprocess"), run_federation(scenario, backend="ray")
+    for a, b in zip(local.history, ray.history, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    for k, v in local.final_state.items():
+        assert torch.equal(v, ray.final_state[k])
+    assert local.capture.client_metrics == ray.capture.client_metrics
+    assert local.capture.client_metrics[2][1]["model_check_flagged"] == 1.0
+    assert next(h for h in local.history if h["round"] == 2)["manipulated_clients"] == 1

@@ -26,6 +26,7 @@ from fedsim.report.frontier import frontier_plot, setting_label
 from fedsim.report.gallery import GalleryEntry, data_uri, load_reconstructions, png_bytes, strip_png
 from fedsim.report.leakage import leakage_plot
 from fedsim.report.loading import ReportSourceError, Source, load_metrics, load_source, read_yaml
+from fedsim.report.manipulation import manipulation_section
 from fedsim.report.page import esc, figure, is_fedsim_report, num, page
 from fedsim.report.participation import participation_section
 from fedsim.report.rounds import bench_rounds_plot
@@ -188,6 +189,7 @@ def _default_sections(source: Source, header: str, partial: Path, assets: Path) 
     participation = participation_section(load_metrics(source.path)) if source.kind == "run" else ""
     if source.kind == "run":  # a server that inverted stale updates: accuracy beside cost and leakage
         participation += stale_gi_section(load_metrics(source.path).get("utility") or [])
+        participation += manipulation_section(load_metrics(source.path).get("utility") or [])  # malicious server
     return [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
             _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
             _rounds_section(source, rows, partial), _galleries_section(source, rows, partial)]

@@ -7,6 +7,7 @@ from typing import Any
 
 from fedsim.outcomes import outcome_label
 from fedsim.report.divergence import divergence_note
+from fedsim.report.manipulation import manipulation_markdown
 from fedsim.report.participation import participation_markdown
 from fedsim.report.privacy import privacy_markdown
 from fedsim.report.stale_gi import summary_line as gi_summary_line
@@ -68,6 +69,7 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     if "utility" in images:
         lines += ["", f"![utility]({images['utility']})"]
     lines += [""] + participation_markdown(history, failures)
+    lines += manipulation_markdown(history)  # a malicious server's rounds: the sent model's accuracy cost
     lines += privacy_markdown(privacy)  # each epsilon from Opacus and from dp_accounting (RDP, PLD)
     lines += ["## Leakage", ""]
     inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]

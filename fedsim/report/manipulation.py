@@ -1,0 +1,55 @@
+"""A malicious server's manipulated rounds in a run: who got the manipulated model and what it cost in accuracy.
+
+Reads the history-row keys :mod:`fedsim.simulation.malicious` writes in an attacked round (metrics.json
+``utility``): ``manipulated_clients`` (how many clients received the manipulated model), ``honest_test_accuracy``
+(the honest global model of that round, before training), ``sent_test_accuracy`` (the model actually sent, with its
+architecture changes) and ``sent_accuracy_drop`` (honest - sent). The same facts go to summary.md
+(:func:`manipulation_markdown`) and report.html (:func:`manipulation_section`). This is the cost of the round's
+model; the cost over the whole run is a comparison with the same scenario under an honest server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedsim.report.page import esc, table
+
+INTRO = ("The malicious server sent a manipulated model in these rounds; its test accuracy is beside the honest "
+         "global model's (the run's own cost over all rounds is a comparison with an honest-server run).")
+
+
+def manipulated_rounds(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows of rounds with a manipulation."""
+    return [h for h in history if "manipulated_clients" in h]
+
+
+def _cells(h: Mapping[str, Any]) -> list[str]:
+    def fmt(key: str) -> str:
+        return f"{float(h[key]):.3f}" if key in h else "n/a"
+
+    return [f"{float(h['round']):.0f}", f"{float(h['manipulated_clients']):.0f}", fmt("honest_test_accuracy"),
+            fmt("sent_test_accuracy"), fmt("sent_accuracy_drop")]
+
+
+HEAD = ("round", "clients sent it", "honest model accuracy", "sent model accuracy", "accuracy drop")
+
+
+def manipulation_markdown(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The summary.md lines (none when no round was manipulated)."""
+    rows = manipulated_rounds(history)
+    if not rows:
+        return []
+    lines = ["## Malicious server", "", INTRO, "", "| " + " | ".join(HEAD) + " |", "|---" * len(HEAD) + "|"]
+    lines += ["| " + " | ".join(_cells(h)) + " |" for h in rows]
+    return [*lines, ""]
+
+
+def manipulation_section(history: Sequence[Mapping[str, Any]]) -> str:
+    """The report.html section (empty when no round was manipulated)."""
+    rows = manipulated_rounds(history)
+    if not rows:
+        return ""
+    body = f'<p class="note">{esc(INTRO)}</p>' + table([(t, False) for t in HEAD],
+                                                        [([esc(c) for c in _cells(h)], "") for h in rows])
+    return f'<section id="malicious-server"><h2>Malicious server</h2>{body}</section>'
