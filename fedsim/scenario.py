@@ -355,6 +355,9 @@ def resolve_plugins(scenario: Scenario) -> None:
                     raise plugin_error(f"{group}[{i}]", spec, err) from None
             if isinstance(spec, AttackSpec):  # after the plug-in's own checks: "cannot work here" comes first
                 check_threat_model(scenario, i, spec, plugin)
+    from fedsim.malicious_rules import check_scenario as check_manipulations
+
+    check_manipulations(scenario)  # a malicious server sends one manipulated model per round
 
 
 def check_threat_model(scenario: Scenario, index: int, spec: AttackSpec, plugin: Any) -> None:
