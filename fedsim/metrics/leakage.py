@@ -7,12 +7,18 @@ batch (Hungarian, :mod:`fedsim.metrics.matching`), then scored per pair: MSE, PS
 Rules, so that numbers are never flattering by construction:
 - a truth image without a reconstruction (fewer images returned than the batch) is scored against
   a uniform 0.5 gray image, the blind guess, and enters every mean;
+- exact recovery of a subset (what malicious-server attacks deliver: Fowl et al., ICLR 2022) is counted
+  beside the means: ``num_psnr_above_40db`` true images whose matched reconstruction is above
+  :data:`EXACT_PSNR_DB` (a missing one never counts) and ``frac_psnr_above_40db`` = that count over the
+  batch size. The matching first maximises that count, then minimises the cost
+  (:func:`fedsim.metrics.matching.assign`), so a plain MSE pairing never breaks an exact pair;
 - surplus reconstructions (more images than the batch) make the matching a *selection*: the ground
   truth picks which candidates are scored. The result says so (``oracle_selection: true``,
   ``surplus_images``; the runner then labels the outcome oracle) and pays for it: every surplus
   image enters each ``*_mean`` as one blind guess (the gray image's mean score against the batch),
-  so returning k candidates per example cannot beat returning the right one. The unpenalised
-  means of the selected images stay as ``*_mean_selected``. Surplus labels are treated alike:
+  so returning k candidates per example cannot beat returning the right one; likewise the fraction
+  above 40 dB is divided by the batch size plus the surplus. The unpenalised values of the selected
+  images stay as ``*_mean_selected`` and ``frac_psnr_above_40db_selected``. Surplus labels are treated alike:
   ``label_acc`` is divided by the number of labels returned instead of the batch size;
 - a failed attack, or images of another shape than the truth, yield ``{"failed": reason, ...}``
   with no image metrics; this function never raises on attack output.
@@ -27,10 +33,16 @@ from torch import Tensor
 from fedsim.metrics.image import mse_per_image, psnr_per_image, ssim_per_image, to_unit_range
 from fedsim.metrics.labels import label_accuracy
 from fedsim.metrics.lpips import get_lpips
-from fedsim.metrics.matching import MatchCost, assign, cost_matrix
+from fedsim.metrics.matching import MatchCost, assign, cost_matrix, mse_matrix
 from fedsim.threat import GroundTruth, Reconstruction
 
 Score = dict[str, float | int | str | list]
+
+EXACT_PSNR_DB = 40.0
+"""PSNR (dB, data range 1; MSE 1e-4) above which a true image counts as recovered: visually exact, the bar
+the imprint-attack literature reports ("fraction of the batch recovered")."""
+NUM_EXACT_KEY = f"num_psnr_above_{EXACT_PSNR_DB:g}db"
+FRAC_EXACT_KEY = f"frac_psnr_above_{EXACT_PSNR_DB:g}db"
 
 METRIC_DIRECTIONS: dict[str, str] = {
     "psnr": "higher leaks more",
@@ -39,6 +51,7 @@ METRIC_DIRECTIONS: dict[str, str] = {
     "lpips": "lower leaks more",
     "label_acc": "higher leaks more",
     "label_acc_matched": "higher leaks more",
+    FRAC_EXACT_KEY: "higher leaks more",
 }
 """How to read each metric: which direction means the reconstruction reveals more of the data."""
 
@@ -72,14 +85,26 @@ def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool) -> Score:
     return out
 
 
+def _exact_recoveries(psnr: list, order: np.ndarray) -> Score:
+    """How many true images a reconstruction recovered above :data:`EXACT_PSNR_DB`, and that share of the batch.
+
+    ``psnr``: per truth image, in truth order; ``order``: the matching (-1: no reconstruction, never counted)."""
+    hits = (np.asarray(psnr, dtype=np.float64) > EXACT_PSNR_DB) & (np.asarray(order) >= 0)
+    b = len(order)
+    return {NUM_EXACT_KEY: int(hits.sum()), FRAC_EXACT_KEY: float(hits.sum()) / b if b else 0.0}
+
+
 def _selection_penalty(out: Score, truth: Tensor, surplus: int, lpips: bool) -> Score:
-    """``*_mean`` over the batch plus ``surplus`` blind guesses; the selected means kept as ``*_mean_selected``."""
+    """``*_mean`` over the batch plus ``surplus`` blind guesses; the selected means kept as ``*_mean_selected``.
+    The fraction above 40 dB likewise counts each surplus image as one miss (kept unpenalised as ``*_selected``)."""
     blind = _image_metrics(torch.full_like(truth, BLIND_GUESS), truth, lpips)
     b = truth.shape[0]
     penalised: Score = {"oracle_selection": True, "surplus_images": int(surplus)}
     for key in [k for k in out if k.endswith("_mean") and k in blind]:
         penalised[f"{key}_selected"] = out[key]
         penalised[key] = (b * float(out[key]) + surplus * float(blind[key])) / (b + surplus)
+    penalised[f"{FRAC_EXACT_KEY}_selected"] = out[FRAC_EXACT_KEY]
+    penalised[FRAC_EXACT_KEY] = float(out[NUM_EXACT_KEY]) / (b + surplus)
     return penalised
 
 
@@ -110,6 +135,7 @@ def score_reconstruction(
 
     Keys: ``batch_size``; with images ``psnr_/ssim_/mse_/lpips_`` ``mean`` and ``best``, ``order``
     (per truth index the matched reconstruction index, -1 if none), ``psnr_per_image`` (truth order),
+    ``num_psnr_above_40db`` and ``frac_psnr_above_40db`` (:data:`EXACT_PSNR_DB`; missing images count as misses),
     ``matched_by`` and ``num_reconstructed``; with labels ``label_acc`` and ``label_acc_matched``
     (positional when there are no images). ``lpips_*`` only when LPIPS is available and wanted.
     ``match`` is the matching cost: "mse" (default, independent of LPIPS availability) or "lpips"
@@ -131,8 +157,11 @@ def score_reconstruction(
         recon = to_unit_range(rec.images)
         try:
             cost, matched_by = cost_matrix(recon, true_images, match)
-            order = assign(cost)
+            mse = cost if matched_by == "mse" else mse_matrix(recon, true_images).numpy()
+            exact = mse < 10.0 ** (-EXACT_PSNR_DB / 10.0)  # the pairs above EXACT_PSNR_DB
+            order = assign(cost, prefer=exact)
             out.update(_image_metrics(_aligned(recon, true_images, order), true_images, lpips))
+            out.update(_exact_recoveries(out["psnr_per_image"], order))
             surplus = int(recon.shape[0]) - int(true_images.shape[0])
             if surplus > 0:
                 out.update(_selection_penalty(out, true_images, surplus, lpips))

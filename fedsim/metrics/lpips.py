@@ -161,11 +161,34 @@ class LPIPS:
             raise ValueError(f"LPIPS pairs need one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
         return self._distance(self._features(x), self._features(y))
 
+    @torch.no_grad()
     def matrix(self, x: Tensor, y: Tensor) -> Tensor:
-        """LPIPS of every pair, shape (len(x), len(y)); features are computed once per image."""
+        """LPIPS of every pair, shape (len(x), len(y)), float32; features are computed once per image.
+
+        No loop over pairs: each head is a non-biased 1x1 conv with weights ``w``, so per layer
+        ``mean_s sum_c w_c (a_c - b_c)^2 = A_i + B_j - 2 <w*a_i, b_j> / S`` (``A_i = mean_s sum_c w_c a_c^2``,
+        ``S`` spatial positions): two weighted norms and one matrix product, in float64 so the
+        cancellation for near-identical images stays below 1e-9. Equal to :meth:`__call__` on every pair.
+        """
         fx, fy = self._features(x), self._features(y)
-        rows = [self._distance([f[i : i + 1] for f in fx], fy) for i in range(x.shape[0])]
-        return torch.stack(rows) if rows else torch.zeros(0, y.shape[0])
+        total = torch.zeros(x.shape[0], y.shape[0], dtype=torch.float64)
+        for lin, a, b in zip(self.net.lins, fx, fy, strict=True):
+            w = _head_weight(lin).view(1, -1, 1, 1)
+            a, b = a.double(), b.double()
+            spatial = a.shape[-2] * a.shape[-1]
+            wa = a * w
+            norm_a = (wa * a).sum(dim=(1, 2, 3)) / spatial
+            norm_b = (b * b * w).sum(dim=(1, 2, 3)) / spatial
+            total += norm_a[:, None] + norm_b[None, :] - 2.0 * (wa.flatten(1) @ b.flatten(1).T) / spatial
+        return total.clamp_min_(0.0).float()
+
+
+def _head_weight(lin: torch.nn.Module) -> Tensor:
+    """The (C,) weights of one LPIPS linear head (dropout, then a bias-free 1x1 conv, in eval mode)."""
+    convs = [m for m in lin.modules() if isinstance(m, torch.nn.Conv2d)]
+    if len(convs) != 1 or convs[0].bias is not None or convs[0].kernel_size != (1, 1):
+        raise ValueError("unexpected LPIPS head layout (expected one bias-free 1x1 conv)")
+    return convs[0].weight.detach().reshape(-1).double()
 
 
 def _build() -> LPIPS | None:

@@ -1,0 +1,128 @@
+"""Scoring at scale (issue 14, item 4): exact recovery of a subset, fewer/more images than the batch, fast matrices.
+
+Expected values come from brute force written out here (numpy PSNR per pair, every permutation of small
+batches, LPIPS pair by pair), never from the scorer's own helpers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.attacking import judge
+from fedsim.metrics import EXACT_PSNR_DB, FRAC_EXACT_KEY, NUM_EXACT_KEY, get_lpips, score_reconstruction
+from fedsim.threat import GroundTruth, Reconstruction
+
+CAP = 100.0  # the scorer's PSNR cap, restated (fedsim.metrics.image.PSNR_CAP_DB)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _truth(x: torch.Tensor) -> GroundTruth:
+    return GroundTruth(round=1, partition_id=0, inputs=x, labels=torch.zeros(len(x), dtype=torch.long))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of one pair in [0, 1], written out (float64, capped at CAP dB like the scorer)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return CAP if mse <= 10 ** (-CAP / 10) else min(CAP, 10 * math.log10(1 / mse))
+
+
+def _digits(n: int, seed: int) -> torch.Tensor:
+    """MNIST-like 28x28 gray images: mostly black with a bright random blob."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, 28, 28)
+    for i in range(n):
+        r, c = torch.randint(4, 20, (2,), generator=g).tolist()
+        x[i, 0, r:r + 8, c:c + 6] = torch.rand(8, 6, generator=g) * 0.5 + 0.5
+    return x
+
+
+def test_forty_exact_of_sixty_four_scores_the_missing_as_misses_and_is_not_oracle():
+    x = _digits(64, seed=1)
+    keep = torch.randperm(64, generator=torch.Generator().manual_seed(2))[:40]
+    out = score_reconstruction(Reconstruction(images=x[keep].clone(), labels=None), _truth(x), lpips=False)
+    missing = sorted(set(range(64)) - set(keep.tolist()))
+    blind = [_psnr(np.full((1, 28, 28), 0.5), x[i].numpy()) for i in missing]
+    assert out[NUM_EXACT_KEY] == 40 and out[FRAC_EXACT_KEY] == pytest.approx(40 / 64)
+    assert out["psnr_mean"] == pytest.approx((40 * CAP + sum(blind)) / 64, abs=1e-3)  # not 100: missing count
+    assert [out["order"][i] for i in missing] == [-1] * 24
+    oracle, reasons, _, metrics = judge(out, asked=64)
+    assert not oracle and reasons == () and "count_mismatch" not in metrics
+
+
+def test_a_missing_image_never_counts_even_when_the_blind_guess_matches_it():
+    x = _digits(6, seed=3)
+    x[4:] = 0.5  # two true images that ARE the blind-guess gray
+    out = score_reconstruction(Reconstruction(images=x[:3].clone(), labels=None), _truth(x), lpips=False)
+    assert out["psnr_per_image"][4] == pytest.approx(CAP)  # scored against gray: identical ...
+    assert out[NUM_EXACT_KEY] == 3 and out[FRAC_EXACT_KEY] == pytest.approx(3 / 6)  # ... but not recovered
+
+
+def _brute_force(recon: np.ndarray, truth: np.ndarray) -> tuple[int, float]:
+    """(most pairs above 40 dB, mean PSNR of the least-MSE assignment among those), over every permutation."""
+    psnr = np.array([[_psnr(r, t) for t in truth] for r in recon])
+    mse = np.array([[np.mean((r.astype(np.float64) - t) ** 2) for t in truth] for r in recon])
+    best = None
+    for perm in itertools.permutations(range(len(recon))):
+        cols = np.arange(len(truth))
+        key = (-int((psnr[list(perm), cols] > EXACT_PSNR_DB).sum()), float(mse[list(perm), cols].sum()))
+        if best is None or key < best[0]:
+            best = (key, float(psnr[list(perm), cols].mean()))
+    return -best[0][0], best[1]
+
+
+def test_matching_never_pairs_an_exact_recovery_away():
+    """Squared distances obey no triangle inequality: least total MSE can swap an exact pair for two bad ones."""
+    t = torch.tensor([0.5, 1.0]).view(2, 1, 1, 1).expand(2, 1, 4, 4).contiguous()
+    r = torch.tensor([0.5, 0.0]).view(2, 1, 1, 1).expand(2, 1, 4, 4).contiguous()  # r0 == t0 exactly
+    out = score_reconstruction(Reconstruction(images=r, labels=None), _truth(t), lpips=False)
+    assert out["order"] == [0, 1] and out[NUM_EXACT_KEY] == 1  # least MSE would pair [1, 0]: 0.25 + 0.25 < 1
+    # a random batch of 6 with 3 exact recoveries and 3 decoys pushed away from the exact images' neighbours
+    g = torch.Generator().manual_seed(5)
+    for trial in range(5):
+        truth = torch.rand(6, 1, 4, 4, generator=g)
+        recon = truth.clone()[torch.randperm(6, generator=g)]
+        for i in (1, 3, 5):  # decoy: beyond recon[i-1] as seen from truth[i]: cheaper to pair crosswise
+            recon[i] = (2 * recon[i - 1] - truth[torch.randint(0, 6, (1,), generator=g)]).clamp(0, 1)
+        out = score_reconstruction(Reconstruction(images=recon, labels=None), _truth(truth), lpips=False)
+        count, mean = _brute_force(recon.numpy(), truth.numpy())
+        assert out[NUM_EXACT_KEY] == count, f"trial {trial}"
+        assert out["psnr_mean"] == pytest.approx(mean, abs=1e-3), f"trial {trial}"
+
+
+def test_surplus_images_pay_in_the_fraction_and_only_unasked_surplus_is_oracle():
+    x = _digits(16, seed=7)
+    extra = torch.cat([x.flip(0), torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(8))])
+    out = score_reconstruction(Reconstruction(images=extra, labels=None), _truth(x), lpips=False)
+    assert out[NUM_EXACT_KEY] == 16 and out["surplus_images"] == 4
+    assert out[FRAC_EXACT_KEY] == pytest.approx(16 / 20)  # each surplus image counts as one miss
+    assert out[f"{FRAC_EXACT_KEY}_selected"] == pytest.approx(1.0)
+    oracle, reasons, _, _ = judge(dict(out), asked=16)  # more than the view declared: the truth selected
+    assert oracle and "selection" in reasons[0]
+    oracle, _, _, metrics = judge(dict(out), asked=20)  # the declared count (DP-SGD's expected batch)
+    assert not oracle and metrics["count_mismatch"] and metrics[FRAC_EXACT_KEY] == pytest.approx(16 / 20)
+
+
+def test_lpips_matrix_equals_lpips_of_every_pair():
+    scorer = get_lpips()
+    if scorer is None:
+        pytest.skip("LPIPS AlexNet backbone not available offline")
+    g = torch.Generator().manual_seed(9)
+    for shape in ((1, 28, 28), (3, 32, 32)):
+        a, b = torch.rand(5, *shape, generator=g), torch.rand(4, *shape, generator=g)
+        b[1] = a[2]  # one identical pair: the matrix must give ~0, not a cancellation residue
+        pairs = scorer(a.repeat_interleave(4, 0), b.repeat(5, 1, 1, 1)).view(5, 4)  # every pair, one by one
+        matrix = scorer.matrix(a, b)
+        assert matrix.shape == (5, 4) and torch.allclose(matrix, pairs, atol=1e-5)
+        assert float(matrix[2, 1]) < 1e-6
