@@ -19,6 +19,7 @@ from rich.table import Table
 from fedsim.bench.cli import bench
 from fedsim.errors import FedsimError
 from fedsim.priors.cli import prior_app
+from fedsim.recovery import EXACT_LABEL, NUM_EXACT_KEY
 from fedsim.report.cli import report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -126,8 +127,10 @@ def _print_result(result) -> None:  # noqa: ANN001
         else:
             m = o.metrics
             labels = "labels given" if o.oracle_labels else f"label acc {m.get('label_acc', float('nan')):.2f}"
-            out(f"{tag}: PSNR {m.get('psnr_mean', float('nan')):.2f} dB, SSIM {m.get('ssim_mean', float('nan')):.3f}, "
-                f"{labels}  ({o.seconds:.1f} s)")
+            exact = (f" ({m[NUM_EXACT_KEY]}/{m.get('batch_size', '?')} {EXACT_LABEL})"
+                     if isinstance(m.get(NUM_EXACT_KEY), int) else "")
+            out(f"{tag}: PSNR {m.get('psnr_mean', float('nan')):.2f} dB{exact}, "
+                f"SSIM {m.get('ssim_mean', float('nan')):.3f}, {labels}  ({o.seconds:.1f} s)")
     t = result.timing
     out(f"time: federation {t['federation_s']:.1f} s, attacks {t['attacks_s']:.1f} s")
     if result.out_dir is not None:

@@ -7,6 +7,7 @@ batches, LPIPS pair by pair), never from the scorer's own helpers.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -126,3 +127,61 @@ def test_lpips_matrix_equals_lpips_of_every_pair():
         matrix = scorer.matrix(a, b)
         assert matrix.shape == (5, 4) and torch.allclose(matrix, pairs, atol=1e-5)
         assert float(matrix[2, 1]) < 1e-6
+
+
+# ---------------------------------------------------------------- the fraction in every output
+
+
+def _bench_with_and_without_fraction(root):
+    """A bench dir of two hand-written cells: one recorded with the fraction, one before it existed."""
+    def record(cell_id: str, defense: str, summary: dict) -> dict:
+        return {"cell_id": cell_id, "attack": "imprint", "defense": defense, "params": {}, "repeat": 0, "seed": 1,
+                "status": "ok", "error": None, "seconds": 1.0, "run_dir": None,
+                "summary": {"attacks_failed": 0, "test_accuracy": 0.5, "epsilon": None, "rounds": 1, **summary}}
+
+    root.mkdir()
+    (root / "grid.yaml").write_text("name: exact-grid\nrepeats: 1\n")
+    lines = [record("new", "none", {"psnr_mean": 70.0, FRAC_EXACT_KEY: 0.75}),
+             record("old", "dp_sgd", {"psnr_mean": 12.0})]
+    (root / "cells.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return root
+
+
+def test_leaderboard_and_report_show_the_fraction_and_old_cells_still_render(tmp_path):
+    import csv
+
+    from fedsim.report.html import render_report
+
+    bench = _bench_with_and_without_fraction(tmp_path / "bench")
+    doc = render_report(bench).read_text()
+    assert "share &gt; 40 dB" in doc or "share > 40 dB" in doc
+    assert "0.75" in doc and "12.00" in doc  # the old cell's row is there, its fraction cell empty
+    rows = {r["defense"]: r for r in csv.DictReader((bench / "report" / "leaderboard.csv").open())}
+    assert float(rows["none"][f"{FRAC_EXACT_KEY}_mean"]) == 0.75 and rows["dp_sgd"][f"{FRAC_EXACT_KEY}_mean"] == ""
+
+
+def test_run_outputs_carry_the_fraction_beside_mean_psnr(tmp_path, tiny_raw):
+    from fedsim.bench.store import summarize_run
+    from fedsim.report.loading import summarize_metrics
+    from fedsim.run import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    result = run_scenario(parse_scenario(tiny_raw), tmp_path / "run")
+    metrics = json.loads((result.out_dir / "metrics.json").read_text())
+    scored = metrics["attacks"][0]["metrics"]
+    psnr = np.array(scored["psnr_per_image"])
+    assert scored[NUM_EXACT_KEY] == int((psnr > EXACT_PSNR_DB).sum())  # 5 IG steps: 0, but the key is there
+    assert scored[FRAC_EXACT_KEY] == pytest.approx(scored[NUM_EXACT_KEY] / scored["batch_size"])
+    summary = (result.out_dir / "summary.md").read_text()
+    assert "recovered > 40 dB" in summary and f"({scored[NUM_EXACT_KEY]}/{scored['batch_size']})" in summary
+    assert summarize_run(metrics)[FRAC_EXACT_KEY] == pytest.approx(scored[FRAC_EXACT_KEY])
+    gallery = f"{scored[NUM_EXACT_KEY]}/{scored['batch_size']} "
+    assert gallery + "&gt; 40 dB" in (result.out_dir / "report.html").read_text()
+    for outcome in metrics["attacks"]:  # a metrics.json written before issue 14
+        outcome["metrics"].pop(FRAC_EXACT_KEY)
+        outcome["metrics"].pop(NUM_EXACT_KEY)
+    assert FRAC_EXACT_KEY not in summarize_run(metrics) and FRAC_EXACT_KEY not in summarize_metrics(metrics)
+    (result.out_dir / "metrics.json").write_text(json.dumps(metrics))
+    from fedsim.report.html import render_report
+
+    assert "mean PSNR" in render_report(result.out_dir, tmp_path / "old.html").read_text()

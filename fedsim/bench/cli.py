@@ -23,6 +23,7 @@ from rich.progress import (
 )
 
 from fedsim.errors import FedsimError
+from fedsim.recovery import EXACT_LABEL, FRAC_EXACT_KEY
 
 console = Console(stderr=True)
 EXIT_USER_ERROR = 2
@@ -39,11 +40,12 @@ def _describe(record: dict) -> str:
     head += f" (repeat {record['repeat']})"
     if record["status"] != "ok":
         return f"{head}: FAILED {record['error']}"
-    psnr = s.get("psnr_mean")
+    psnr, exact = s.get("psnr_mean"), s.get(FRAC_EXACT_KEY)  # exact: share of the batch above 40 dB (if recorded)
     acc, loss = s.get("test_accuracy"), s.get("test_loss")  # a regression has a test loss and no accuracy
     utility = f", acc {acc:.3f}" if acc is not None else f", test loss {loss:.4g}" if loss is not None else ""
     diverged = s.get("training_diverged")  # a diverged cell's figures describe a broken model: say so on its line
-    return (f"{head}: PSNR {psnr:.2f} dB" if psnr is not None else f"{head}: no PSNR") + utility + (
+    return (f"{head}: PSNR {psnr:.2f} dB" if psnr is not None else f"{head}: no PSNR") + (
+        f", {exact:.0%} {EXACT_LABEL}" if isinstance(exact, int | float) else "") + utility + (
         f"  ({record['seconds']:.1f} s)") + (f"  DIVERGED: {diverged}" if diverged else "")
 
 

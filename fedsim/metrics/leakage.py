@@ -34,15 +34,10 @@ from fedsim.metrics.image import mse_per_image, psnr_per_image, ssim_per_image, 
 from fedsim.metrics.labels import label_accuracy
 from fedsim.metrics.lpips import get_lpips
 from fedsim.metrics.matching import MatchCost, assign, cost_matrix, mse_matrix
+from fedsim.recovery import EXACT_PSNR_DB, FRAC_EXACT_KEY, NUM_EXACT_KEY
 from fedsim.threat import GroundTruth, Reconstruction
 
 Score = dict[str, float | int | str | list]
-
-EXACT_PSNR_DB = 40.0
-"""PSNR (dB, data range 1; MSE 1e-4) above which a true image counts as recovered: visually exact, the bar
-the imprint-attack literature reports ("fraction of the batch recovered")."""
-NUM_EXACT_KEY = f"num_psnr_above_{EXACT_PSNR_DB:g}db"
-FRAC_EXACT_KEY = f"frac_psnr_above_{EXACT_PSNR_DB:g}db"
 
 METRIC_DIRECTIONS: dict[str, str] = {
     "psnr": "higher leaks more",

@@ -2,7 +2,8 @@
 
 Means and (sample, n-1) standard deviations are taken over the group's ``ok`` cells that report the
 metric; failed cells are counted in ``failed`` and never silently dropped. Leakage metrics are those of
-the shared bench format (PSNR/SSIM/LPIPS after one-to-one matching, label accuracy, and for model
+the shared bench format (PSNR/SSIM/LPIPS after one-to-one matching, the share of the batch recovered above
+40 dB (``fedsim.recovery``; absent in cells written before it existed), label accuracy, and for model
 inversion ``mi_accuracy`` / ``knn_distance``), beside the final test accuracy and privacy budget epsilon
 (``fedsim.privacy.summary.epsilon_fields``: Opacus's figure, the median and min over DP-SGD clients, and
 Google's dp_accounting RDP and PLD figures; the epsilon against the curious server by
@@ -23,11 +24,13 @@ from statistics import mean, stdev
 from typing import Any
 
 from fedsim.privacy.summary import epsilon_vs_server
+from fedsim.recovery import EXACT_LABEL, FRAC_EXACT_KEY
 from fedsim.report.loading import Cell
 
 # (key, column title, direction of "more leakage" / better utility: +1 higher, -1 lower, 0 neither)
 METRICS: tuple[tuple[str, str, int], ...] = (
     ("psnr_mean", "PSNR (dB)", +1),
+    (FRAC_EXACT_KEY, f"share {EXACT_LABEL}", +1),  # of the batch recovered exactly (fedsim.recovery)
     ("ssim_mean", "SSIM", +1),
     ("lpips_mean", "LPIPS", -1),
     ("label_acc", "label acc.", +1),
