@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -33,6 +33,7 @@ from fedsim.simulation.capture import AGGREGATE_ID, RELEASED_MODEL_ID, CapturedU
 from fedsim.simulation.federation import attacks_model, released_rounds
 from fedsim.simulation.setup import setup_for
 from fedsim.threat import ClientUpdate, Reconstruction, ReleasedModel, TaskInfo, frozen_tensors
+from fedsim.threat_models import needed_letter
 
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]  # (label, total) -> progress fn
 
@@ -53,6 +54,7 @@ class AttackOutcome:
     oracle_reasons: tuple[str, ...] = ()  # which: "dropout masks", "selection: ..."
     oracle_labels: bool = False  # the runner handed the true labels (knowledge.labels: known)
     staleness: int = 0  # rounds the model the attacked client trained from lagged (federation.staleness; 0: fresh)
+    threat_model: str = ""  # the SoK letter the attack needed with its params and knowledge (fedsim.threat_models)
     reconstruction: torch.Tensor | None = field(default=None, repr=False)
     truth: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)  # the attack's labels (MI: target classes)
@@ -63,6 +65,7 @@ class AttackOutcome:
             "client": self.partition_id, "seconds": round(self.seconds, 3), "failed": self.failed,
             "oracle": self.oracle, "oracle_reasons": list(self.oracle_reasons), "oracle_labels": self.oracle_labels,
             "metrics": self.metrics, "stats": self.stats, "staleness": self.staleness,
+            "threat_model": self.threat_model,
         }
 
 
@@ -284,4 +287,5 @@ def run_attacks(
                 oracle_reasons=reasons, oracle_labels=given, reconstruction=rec.images, truth=cap.truth.inputs,
                 labels=rec.labels, staleness=cap.staleness,
             ))
-    return outcomes
+    letters = [needed_letter(spec) for spec in scenario.attacks]
+    return [replace(o, threat_model=letters[o.attack_index]) for o in outcomes]

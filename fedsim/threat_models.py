@@ -132,14 +132,38 @@ def strongest_letter(caps: frozenset[str]) -> ThreatModel:
 
 def refusal(scenario: Scenario, index: int, spec: AttackSpec, needed: str) -> tuple[str, str] | None:
     """``(YAML field path, reason)`` when ``scenario`` does not grant attack ``index`` (``spec``) the capabilities
-    of SoK letter ``needed``; None when it does. The path is the field that would grant the first missing one."""
+    of SoK letter ``needed``; None when it does. The path is ``server.role`` when the letter needs a malicious server
+    the scenario does not grant, else the field that would grant the first missing capability; the reason names
+    every field to set."""
     tm = THREAT_MODELS[needed]
     missing = [c for c in CAPABILITIES if c in tm.capabilities - granted_capabilities(scenario, spec)]
     if not missing:
         return None
     fields = list(dict.fromkeys(GRANTED_BY[c] for c in missing))  # manipulation and selection share server.role
+    fields.sort(key=lambda f: f[0] != "server.role")  # a malicious letter's defining grant is named first
     path = fields[0][0].format(i=index)
     current = scenario.server.role if path == "server.role" else getattr(spec.knowledge, path.rsplit(".", 1)[1])
     grant = " and ".join(f"{p.format(i=index)}: {v}" for p, v in fields)
     return path, (f"{spec.name} needs threat model {tm.describe()}, which requires {', '.join(missing)}; "
                   f"this scenario has {current!r} here: set {grant} to grant it")
+
+
+def needed_letter(spec: AttackSpec) -> str:
+    """The SoK letter attack ``spec`` needs: its registered class's ``threat_model_for(params, knowledge)``.
+    Raises ``KeyError`` for an unregistered attack name (validation refuses those first)."""
+    from fedsim.plugins import attack_registry
+
+    plugin = attack_registry().get(spec.name)
+    return plugin.threat_model_for(plugin.Params.model_validate(spec.params), spec.knowledge)
+
+
+def threat_model_record(scenario: Scenario) -> dict[str, object]:
+    """What metrics.json records of the threat model: ``{"server_role": ..., "attacks": [{"attack", "attack_index",
+    "needed", "granted"}, ...]}``, ``needed`` the letter each attack needs (:func:`needed_letter`) and ``granted`` the
+    strongest letter the scenario grants it (:func:`strongest_letter` of :func:`granted_capabilities`)."""
+    return {
+        "server_role": scenario.server.role,
+        "attacks": [{"attack": spec.name, "attack_index": i, "needed": needed_letter(spec),
+                     "granted": strongest_letter(granted_capabilities(scenario, spec)).letter}
+                    for i, spec in enumerate(scenario.attacks)],
+    }

@@ -19,11 +19,9 @@ from fedsim.errors import FedsimError
 from fedsim.outcomes import was_not_attacked
 from fedsim.outputs import confined
 from fedsim.privacy.summary import epsilon_fields, run_privacy
-from fedsim.recovery import FRAC_EXACT_KEY
 from fedsim.report.metrics_check import check_metrics
 
-LEAKAGE_KEYS = ("psnr_mean", "psnr_best", FRAC_EXACT_KEY, "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy",
-                "knn_distance")  # FRAC_EXACT_KEY: absent from metrics.json written before issue 14, then left out
+LEAKAGE_KEYS = ("psnr_mean", "psnr_best", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
 
 
 class ReportSourceError(FedsimError):
@@ -153,7 +151,9 @@ def load_run(path: Path) -> Source:
     for o in outcomes:  # an attack is labelled oracle when the runner marked any of its outcomes so
         index = int(o.get("attack_index", 0))
         oracle = any(p.get("oracle") for p in outcomes if int(p.get("attack_index", 0)) == index)
-        attacks.setdefault(index, str(o.get("attack")) + (" (oracle)" if oracle else ""))
+        letter = o.get("threat_model")  # the SoK letter it needed (absent in metrics.json files before issue 14)
+        attacks.setdefault(index, str(o.get("attack")) + (" (oracle)" if oracle else "")
+                           + (f" [SoK {letter}]" if letter else ""))
     seed = metrics.get("seed")
     seconds = (metrics.get("timing") or {}).get("total_s")
     cells = []

@@ -15,12 +15,13 @@ _TOP: dict[str, tuple[type, ...]] = {
     "utility": (list, type(None)), "attacks": (list, type(None)), "leakage": (list, dict, type(None)),
     "timing": (dict, type(None)), "client_failures": (list, type(None)), "client_metrics": (dict, type(None)),
     "privacy": (dict, type(None)), "training_diverged": (str, type(None)), "report_error": (str, type(None)),
-    "zeroth_order": (dict, bool, type(None)),
+    "zeroth_order": (dict, bool, type(None)), "threat_model": (dict, type(None)),
 }
 _ATTACK: dict[str, tuple[type, ...]] = {
     "attack": (str,), "attack_index": (int, type(None)), "round": (int, type(None)),
     "client": (int, str, type(None)), "failed": (str, type(None)), "oracle": (bool, type(None)),
     "metrics": (dict, type(None)), "stats": (dict, type(None)), "staleness": (int, type(None)),
+    "threat_model": (str, type(None)),  # the SoK letter (absent in files written before issue 14)
 }
 
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsim.outcomes import outcome_label
-from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, NUM_EXACT_KEY
 from fedsim.report.divergence import divergence_note
 from fedsim.report.manipulation import manipulation_markdown
 from fedsim.report.participation import participation_markdown
@@ -42,6 +41,7 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
            f"{_stale_count(history)}"]
           if fed.staleness is not None else []),
         f"- defenses: {', '.join(d.name for d in scenario.defenses) or 'none'}; seed {scenario.seed}",
+        _threat_line(scenario),
         f"- time: federation {timing.get('federation_s', 0):.1f} s, attacks {timing.get('attacks_s', 0):.1f} s",
         "",
         "## Utility",
@@ -82,27 +82,24 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     elif outcomes:
         lines += [
             "PSNR/SSIM: higher means the attack recovered more (more leakage). LPIPS: lower means more. "
-            "Reconstructions are matched one-to-one to the real batch before scoring; "
-            f"recovered {EXACT_LABEL}: the share (count) of the batch recovered above {EXACT_PSNR_DB:g} dB PSNR, "
-            "visually exact (a missing image is a miss).",
+            "Reconstructions are matched one-to-one to the real batch before scoring.",
             "",
-            f"| attack | round | client | PSNR mean (dB) | PSNR best | recovered {EXACT_LABEL} | SSIM mean "
-            "| LPIPS mean | label acc | time (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| attack | round | client | PSNR mean (dB) | PSNR best | SSIM mean | LPIPS mean | label acc | time (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for o in outcomes:
             m = o.metrics
-            name = o.attack + (" (oracle)" if o.oracle else "")
+            name = _named(o) + (" (oracle)" if o.oracle else "")
             lag = getattr(o, "staleness", 0)
             client = f"{o.partition_id} (update {lag} round{'s' * (lag != 1)} stale)" if lag > 0 else o.partition_id
             if o.failed:
-                row = f"| {name} | {o.round} | {client} | {outcome_label(o.failed)} | | | | | | {o.seconds:.1f} |"
+                row = f"| {name} | {o.round} | {client} | {outcome_label(o.failed)} | | | | | {o.seconds:.1f} |"
                 lines.append(row)
                 continue
             labels = "given" if getattr(o, "oracle_labels", False) else _fmt(m.get("label_acc"))
             lines.append(
                 f"| {name} | {o.round} | {client} | {_fmt(m.get('psnr_mean'))} | {_fmt(m.get('psnr_best'))} | "
-                f"{_exact(m)} | {_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {labels} | "
+                f"{_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {labels} | "
                 f"{o.seconds:.1f} |"
             )
         lines += _oracle_notes(outcomes)
@@ -112,15 +109,6 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
         lines += ["", f"![reconstructions]({images['reconstructions']})"]
     return "\n".join(lines) + "\n"
 
-
-
-def _exact(metrics: dict[str, Any]) -> str:
-    """``0.62 (40/64)``: the share and count of the batch recovered above 40 dB (``fedsim.recovery``); ``-`` when a
-    metrics.json written before it has no such key."""
-    share, count = metrics.get(FRAC_EXACT_KEY), metrics.get(NUM_EXACT_KEY)
-    if not isinstance(share, int | float):
-        return "-"
-    return f"{share:.2f} ({count}/{metrics.get('batch_size', '?')})" if isinstance(count, int) else f"{share:.2f}"
 
 def _oracle_notes(outcomes: Sequence[Any]) -> list[str]:
     """Why each oracle row is one, and what "given" labels mean (decided by the runner, not the attacks)."""
@@ -149,12 +137,30 @@ def _inversion_table(outcomes: Sequence[Any]) -> list[str]:
     for o in outcomes:
         m = o.metrics
         if o.failed or m.get("failed"):
-            lines.append(f"| {o.attack} | {o.round} | {outcome_label(o.failed or m.get('failed'))} | | | | "
+            lines.append(f"| {_named(o)} | {o.round} | {outcome_label(o.failed or m.get('failed'))} | | | | "
                          f"{o.seconds:.1f} |")
             continue
-        lines.append(f"| {o.attack} | {o.round} | {_fmt(m.get('mi_accuracy'))} | {_fmt(m.get('mi_top5'))} | "
+        lines.append(f"| {_named(o)} | {o.round} | {_fmt(m.get('mi_accuracy'))} | {_fmt(m.get('mi_top5'))} | "
                      f"{_fmt(m.get('knn_distance'))} | {_fmt(m.get('target_confidence'), 3)} | {o.seconds:.1f} |")
     return lines + [""]
+
+
+def _named(outcome: Any) -> str:
+    """``inverting_gradients [SoK B]``: the attack with the SoK letter it needed (``fedsim.threat_models``)."""
+    letter = getattr(outcome, "threat_model", "")
+    return f"{outcome.attack} [SoK {letter}]" if letter else outcome.attack
+
+
+def _threat_line(scenario: Scenario) -> str:
+    """``- threat model: server `honest_but_curious`; inverting_gradients needs B, granted C``: what each attack
+    needed and the strongest SoK letter the scenario granted it (docs/threat_models.md)."""
+    from fedsim.threat_models import THREAT_MODELS, threat_model_record
+
+    record = threat_model_record(scenario)
+    parts = [f"{a['attack']} needs {THREAT_MODELS[a['needed']].describe()}, granted {a['granted']}"
+             for a in record["attacks"]]
+    head = f"- threat model (SoK letters): server `{record['server_role']}`"
+    return head + (f"; {'; '.join(parts)}" if parts else "")
 
 
 def _slow_text(stale) -> str:  # noqa: ANN001 - a StalenessSpec

@@ -25,6 +25,7 @@ from fedsim.report.leakage import leakage_curve, leakage_plot
 from fedsim.report.page import esc, page
 from fedsim.report.summary import summary_markdown
 from fedsim.scenario import Scenario
+from fedsim.threat_models import threat_model_record
 
 
 def check_run_dir(out_dir: Path, overwrite: bool = False) -> None:
@@ -67,6 +68,7 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         "training_diverged": divergence_note(history),  # None, or the line summary.md and report.html show
         "leakage": curve,
         "attacks": [o.to_json() for o in outcomes],
+        "threat_model": threat_model_record(scenario),  # server.role; per attack the SoK letter needed and granted
         "timing": timing,
         **(extra or {}),
     }
