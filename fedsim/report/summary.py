@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsim.outcomes import outcome_label
+from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, NUM_EXACT_KEY
 from fedsim.report.divergence import divergence_note
 from fedsim.report.manipulation import manipulation_markdown
 from fedsim.report.participation import participation_markdown
@@ -82,10 +83,13 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     elif outcomes:
         lines += [
             "PSNR/SSIM: higher means the attack recovered more (more leakage). LPIPS: lower means more. "
-            "Reconstructions are matched one-to-one to the real batch before scoring.",
+            "Reconstructions are matched one-to-one to the real batch before scoring; "
+            f"recovered {EXACT_LABEL}: the share (count) of the batch recovered above {EXACT_PSNR_DB:g} dB PSNR, "
+            "visually exact (a missing image is a miss).",
             "",
-            "| attack | round | client | PSNR mean (dB) | PSNR best | SSIM mean | LPIPS mean | label acc | time (s) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| attack | round | client | PSNR mean (dB) | PSNR best | recovered {EXACT_LABEL} | SSIM mean "
+            "| LPIPS mean | label acc | time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for o in outcomes:
             m = o.metrics
@@ -93,13 +97,13 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
             lag = getattr(o, "staleness", 0)
             client = f"{o.partition_id} (update {lag} round{'s' * (lag != 1)} stale)" if lag > 0 else o.partition_id
             if o.failed:
-                row = f"| {name} | {o.round} | {client} | {outcome_label(o.failed)} | | | | | {o.seconds:.1f} |"
+                row = f"| {name} | {o.round} | {client} | {outcome_label(o.failed)} | | | | | | {o.seconds:.1f} |"
                 lines.append(row)
                 continue
             labels = "given" if getattr(o, "oracle_labels", False) else _fmt(m.get("label_acc"))
             lines.append(
                 f"| {name} | {o.round} | {client} | {_fmt(m.get('psnr_mean'))} | {_fmt(m.get('psnr_best'))} | "
-                f"{_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {labels} | "
+                f"{_exact(m)} | {_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {labels} | "
                 f"{o.seconds:.1f} |"
             )
         lines += _oracle_notes(outcomes)
@@ -108,6 +112,15 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     if "reconstructions" in images:
         lines += ["", f"![reconstructions]({images['reconstructions']})"]
     return "\n".join(lines) + "\n"
+
+
+def _exact(metrics: dict[str, Any]) -> str:
+    """``0.62 (40/64)``: the share and count of the batch recovered above 40 dB (``fedsim.recovery``); ``-`` when a
+    metrics.json written before it has no such key."""
+    share, count = metrics.get(FRAC_EXACT_KEY), metrics.get(NUM_EXACT_KEY)
+    if not isinstance(share, int | float):
+        return "-"
+    return f"{share:.2f} ({count}/{metrics.get('batch_size', '?')})" if isinstance(count, int) else f"{share:.2f}"
 
 
 def _oracle_notes(outcomes: Sequence[Any]) -> list[str]:
