@@ -1,7 +1,11 @@
 """Which attacks make the server malicious, and what validation refuses about them (no Flower import here).
 
 :mod:`fedsim.simulation.malicious` runs the manipulation; :func:`check_scenario` runs in
-:func:`fedsim.scenario.resolve_plugins`, so ``fedsim validate`` refuses what the federation could not run.
+:func:`fedsim.scenario.resolve_plugins`, so ``fedsim validate`` refuses what the federation could not run:
+two malicious attacks in one round (the server sends one model), ``federation.staleness`` (a slow client's old
+model would be manipulated and restored against another honest model), and a defense whose clients send gradient
+differences against the previous round's model (DIFF2: the difference of a manipulated and an honest model's
+gradients has no agreed-model meaning, and its client keeps the received model as the next reference).
 """
 
 from __future__ import annotations
@@ -34,8 +38,26 @@ def check_scenario(scenario: Scenario) -> None:
         if scenario.federation.staleness is not None:
             raise ScenarioError("federation.staleness", f"attacks[{i}] ({spec.name}) manipulates the model the "
                                 "server sends, which fedsim does not combine with stale clients: remove one")
+        differences = _difference_defense(scenario)
+        if differences is not None:
+            raise ScenarioError(f"defenses[{differences}]", f"{scenario.defenses[differences].name} sends gradient "
+                                f"differences against the model of the round before, which attacks[{i}] "
+                                f"({spec.name}) replaces by a manipulated one: remove one")
         for r in spec.target_rounds(rounds):
             if r in owner:
                 raise ScenarioError(f"attacks[{i}].rounds", f"round {r} is also manipulated by attacks[{owner[r]}]; "
                                     "the server sends one model per round: give them different rounds")
             owner[r] = i
+
+
+def _difference_defense(scenario: Scenario) -> int | None:
+    """Index of a defense whose clients send gradient differences (``Defense.message_reference``), or None."""
+    from defenses.base import Defense
+    from fedsim.plugins import defense_registry
+
+    registry = defense_registry()
+    for j, spec in enumerate(scenario.defenses):
+        cls = registry.get(spec.name) if spec.name in registry else None
+        if cls is not None and cls.message_reference is not Defense.message_reference:
+            return j
+    return None

@@ -65,6 +65,7 @@ class BlockAttack(_Base):
 
 
 class ScaleAttack(_Base):
+    matches_differences: ClassVar[bool] = True  # so only the federation's own refusal of DIFF2 applies
     def manipulate(self, view: ManipulationView) -> ServerModel:
         name = next(k for k, v in view.global_state.items() if v.dim() == 2)
         state = {k: (v * SCALE if k == name else v) for k, v in view.global_state.items()}
@@ -293,3 +294,15 @@ def test_inprocess_and_ray_agree_on_a_malicious_round(tiny_raw) -> None:
     assert local.capture.client_metrics == ray.capture.client_metrics
     assert local.capture.client_metrics[2][1]["model_check_flagged"] == 1.0
     assert next(h for h in local.history if h["round"] == 2)["manipulated_clients"] == 1
+
+
+def test_validation_refuses_stale_clients_and_gradient_differences(tiny_raw) -> None:
+    raw = scenario_raw(tiny_raw, protocol="fedavg", rounds=3)
+    raw["federation"].update(clients_per_round=2, staleness={"tau": 1, "slow_clients": [1], "schedule": "round_robin"})
+    with pytest.raises(ScenarioError, match=r"federation\.staleness.*attacks\[0\]"):
+        parse_scenario(raw)
+    raw = scenario_raw(tiny_raw, attack="test_scale_attack")
+    raw["defenses"] = [{"name": "diff2", "params": {"restart_period": 2, "c1": 1.0, "c2": 0.1,
+                                                     "target_epsilon": 8.0, "delta": 1e-5}}]
+    with pytest.raises(ScenarioError, match=r"defenses\[0\].*gradient differences.*attacks\[0\]"):
+        parse_scenario(raw)
