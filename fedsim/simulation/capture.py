@@ -19,6 +19,12 @@ config flagged; every record of the original message travels unchanged.
 Under ``federation.staleness`` a slow client is sent an older global model (:mod:`fedsim.simulation.staleness`):
 the proxy records, per client, the model that client's message carried (so a slow client's ``global_state`` is the
 ``w^{t-1-tau}`` it trained from and its update is taken against it) and the lag its config states (``staleness``).
+
+Under a malicious server (:mod:`fedsim.simulation.malicious`) the proxy hands the round's TRAIN messages to the
+:class:`~fedsim.simulation.malicious.Manipulator` first (the receivers' messages then carry the manipulated model
+and its architecture), records a receiver's update against the model it was sent (``global_state`` = the
+manipulated state, ``architecture`` = the changes), and only then, after capturing, restores each manipulated
+reply to an update of the agreed model, so every strategy and wrapper inside aggregates the agreed model.
 """
 
 from __future__ import annotations

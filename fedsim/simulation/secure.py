@@ -13,6 +13,12 @@ re-derives each aggregated client's batch from the same (seed, round, partition 
 defense-wrapped training job the client used (:func:`~fedsim.simulation.client_round.build_job`).
 Every client is asked to train every round (partial participation is refused at validation).
 
+A malicious server's round (:mod:`fedsim.simulation.malicious`) sends the manipulated model to EVERY client
+(``configure_fit``): SecAgg+ sums one flat vector layout, so every masked vector must have the manipulated model's
+layout (a client orders its vector by the received model's keys, :func:`~fedsim.simulation.malicious.sent_layout`).
+The unmasked aggregate is captured as it came (the manipulated layout, ``architecture`` set) and then restored to
+one of the agreed model before the server step.
+
 Failures follow :mod:`fedsim.simulation.participation`: a proxy Grid records every error reply of
 the protocol's four stages as a failure of that round's client; SecAgg+ aggregates the survivors
 (recovering the dropped clients' masks from their neighbours' shares), and a round it halts (too few
