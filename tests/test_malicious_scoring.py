@@ -185,3 +185,26 @@ def test_run_outputs_carry_the_fraction_beside_mean_psnr(tmp_path, tiny_raw):
     from fedsim.report.html import render_report
 
     assert "mean PSNR" in render_report(result.out_dir, tmp_path / "old.html").read_text()
+
+
+# ---------------------------------------------------------------- batches of 64 / 16 from the bundled sets
+
+
+@pytest.mark.parametrize(("dataset", "batch", "bins"), [("mnist-5k", 64, 256), ("cifar10-mini", 16, 64)])
+def test_one_client_gets_the_whole_batch_from_the_bundled_sets(tmp_path, dataset, batch, bins):
+    """docs/batches_at_scale.md: one client, FedSGD, batch 64 of mnist-5k's 4000 training digits and batch 16 of
+    cifar10-mini's 16 training images (20, the last 4 held out by test_fraction 0.2) reach the attack whole."""
+    import yaml
+
+    from fedsim.run import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    raw = yaml.safe_load(open("scenarios/attacks/robbing_the_fed.yaml"))
+    raw.update(device="cpu", backend={"kind": "inprocess"}, data={"dataset": dataset, "partition": {"kind": "iid"},
+                                                                   "test_fraction": 0.2})
+    raw["federation"].update(clients=1, local={"batch_size": batch, "lr": 0.1})
+    raw["attacks"][0]["params"]["bins"] = bins
+    outcome = json.loads((run_scenario(parse_scenario(raw), tmp_path / "run").out_dir / "metrics.json").read_text())
+    scored = outcome["attacks"][0]["metrics"]
+    assert scored["batch_size"] == batch and len(scored["psnr_per_image"]) == batch
+    assert scored[NUM_EXACT_KEY] == sum(p > EXACT_PSNR_DB for p in scored["psnr_per_image"])
