@@ -175,8 +175,9 @@ class RobbingTheFed(MaliciousAttack):
         if progress is not None:
             progress(0, 0)
         if keep.numel() == 0:
-            return Reconstruction.failure("no input fell alone in a bin (every non-empty bin mixes inputs or "
-                                          "leaves the pixel box)", **stats)
+            return Reconstruction.failure(f"no bin gave an image: {found.inputs.shape[0]} of {found.bins} bins "
+                                          "non-empty, every one outside the pixel box (inputs mixed with opposite "
+                                          "signs, or an update dominated by noise such as DP-SGD's)", **stats)
         return Reconstruction(images=images[keep], labels=None, stats=stats)
 
 
