@@ -127,6 +127,13 @@ def test_lpips_matrix_equals_lpips_of_every_pair():
         matrix = scorer.matrix(a, b)
         assert matrix.shape == (5, 4) and torch.allclose(matrix, pairs, atol=1e-5)
         assert float(matrix[2, 1]) < 1e-6
+        # scored with LPIPS matching and one image missing: each pair's LPIPS, one by one, the missing one vs gray
+        out = score_reconstruction(Reconstruction(images=b[:3], labels=None), _truth(a[:4]), match="lpips")
+        order = out["order"]
+        assert out["matched_by"] == "lpips" and sorted(order) == [-1, 0, 1, 2]
+        each = [float(scorer(b[j:j + 1] if j >= 0 else torch.full_like(a[i:i + 1], 0.5), a[i:i + 1]))
+                for i, j in enumerate(order)]
+        assert out["lpips_mean"] == pytest.approx(sum(each) / 4, abs=1e-5)
 
 
 # ---------------------------------------------------------------- the fraction in every output

@@ -62,7 +62,8 @@ def _aligned(recon: Tensor, truth: Tensor, order: np.ndarray) -> Tensor:
     return out
 
 
-def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool) -> Score:
+def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool, known_lpips: Tensor | None = None) -> Score:
+    """Mean and best of each per-pair metric; ``known_lpips`` (B,): the pairs' LPIPS when already computed."""
     per: dict[str, Tensor] = {
         "psnr": psnr_per_image(aligned, truth),
         "ssim": ssim_per_image(aligned, truth),
@@ -70,13 +71,25 @@ def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool) -> Score:
     }
     scorer = get_lpips() if lpips else None
     if scorer is not None:
-        per["lpips"] = scorer(aligned, truth)
+        per["lpips"] = known_lpips if known_lpips is not None else scorer(aligned, truth)
     out: Score = {}
     for name, values in per.items():
         higher_leaks = METRIC_DIRECTIONS[name].startswith("higher")
         out[f"{name}_mean"] = float(values.mean())
         out[f"{name}_best"] = float(values.max() if higher_leaks else values.min())
     out["psnr_per_image"] = [float(v) for v in per["psnr"]]
+    return out
+
+
+def _lpips_from_matrix(cost: np.ndarray, order: np.ndarray, truth: Tensor) -> Tensor:
+    """Per truth image, the LPIPS of its matched pair read from the LPIPS matching matrix (B_r, B_t); the
+    unmatched ones against the blind-guess gray, computed (so LPIPS features are not computed twice)."""
+    hit = order >= 0
+    out = torch.empty(len(order), dtype=torch.float32)
+    out[torch.as_tensor(hit)] = torch.as_tensor(cost[order[hit], np.nonzero(hit)[0]], dtype=torch.float32)
+    if not bool(hit.all()):
+        miss = torch.as_tensor(~hit)
+        out[miss] = get_lpips()(torch.full_like(truth[miss], BLIND_GUESS), truth[miss])
     return out
 
 
@@ -155,7 +168,8 @@ def score_reconstruction(
             mse = cost if matched_by == "mse" else mse_matrix(recon, true_images).numpy()
             exact = mse < 10.0 ** (-EXACT_PSNR_DB / 10.0)  # the pairs above EXACT_PSNR_DB
             order = assign(cost, prefer=exact)
-            out.update(_image_metrics(_aligned(recon, true_images, order), true_images, lpips))
+            known = _lpips_from_matrix(cost, order, true_images) if lpips and matched_by == "lpips" else None
+            out.update(_image_metrics(_aligned(recon, true_images, order), true_images, lpips, known))
             out.update(_exact_recoveries(out["psnr_per_image"], order))
             surplus = int(recon.shape[0]) - int(true_images.shape[0])
             if surplus > 0:
