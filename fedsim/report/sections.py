@@ -23,6 +23,9 @@ for 32&times;32 colour images: below ~15 dB a reconstruction is mostly noise or 
 the right mean colours already scores 10&ndash;15 dB), around 15&ndash;20 dB coarse shapes may appear,
 above ~20 dB the image is usually recognisable. PSNR depends on the image (smooth images score higher),
 rewards blur and punishes small shifts, so look at the galleries and SSIM too.</li>
+<li><b>share &gt; 40 dB</b> is the fraction of the real batch recovered above 40 dB PSNR, visually exact (an image
+the attack returned nothing for is a miss). Malicious-server attacks recover some images exactly and the rest
+not at all, so a high share beside a middling mean PSNR is their signature.</li>
 <li><b>SSIM</b> (0&ndash;1, higher = more structure recovered) and <b>LPIPS</b> (a learned perceptual
 distance, lower = more similar) measure the same thing differently; <b>label acc.</b> is the fraction of
 the batch's labels the attack recovered.</li>
