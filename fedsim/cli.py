@@ -169,8 +169,8 @@ def list_plugins() -> None:
     from fedsim.threat_models import threat_model
 
     table = Table(title="fedsim registries")
-    table.add_column("kind")
-    table.add_column("name")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", no_wrap=True)  # whole names: they are what a scenario types
     table.add_column("what it is")
     table.add_column("threat model (SoK)")
     table.add_column("assumes")

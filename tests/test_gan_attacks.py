@@ -334,7 +334,7 @@ def test_parameters_are_validated_with_their_field_path(tiny_raw) -> None:
            "attacks": [{"name": "gan_latent", "params": {"distance": "l2"}}]}
     with pytest.raises(ScenarioError, match=r"attacks\[0\].*local_hparams"):
         parse_scenario(raw)
-    raw["attacks"][0]["knowledge"] = {"local_hparams": True}
+    raw["attacks"][0]["knowledge"] = {"local_hparams": True, "auxiliary_data": True}  # SoK threat model D
     assert parse_scenario(raw).attacks[0].params["distance"] == "l2"
 
 
