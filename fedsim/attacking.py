@@ -93,8 +93,10 @@ def judge(metrics: dict[str, Any], grants: Sequence[str] = (), labels_given: boo
     metrics and the outcome says ``oracle_labels``.
     """
     reasons = list(grants)
-    surplus_by_count = (metrics.get("oracle_selection") and asked is not None
-                        and int(metrics.get("num_reconstructed", 0) or 0) <= asked)
+    returned = max(int(metrics.get("num_reconstructed", 0) or 0),  # images, or labels when more labels came back
+                   int(metrics.get("batch_size", 0) or 0) + int(metrics.get("surplus_labels", 0) or 0)
+                   if metrics.get("surplus_labels") else 0)
+    surplus_by_count = metrics.get("oracle_selection") and asked is not None and returned <= asked
     if surplus_by_count:  # the attack returned the count it was told; the real batch was smaller (DP-SGD)
         metrics = {k: v for k, v in metrics.items() if k != "oracle_selection"}
         metrics["count_mismatch"] = True

@@ -215,3 +215,12 @@ def test_one_client_gets_the_whole_batch_from_the_bundled_sets(tmp_path, dataset
     scored = outcome["attacks"][0]["metrics"]
     assert scored["batch_size"] == batch and len(scored["psnr_per_image"]) == batch
     assert scored[NUM_EXACT_KEY] == sum(p > EXACT_PSNR_DB for p in scored["psnr_per_image"])
+
+
+def test_surplus_labels_beyond_the_asked_count_are_oracle_like_surplus_images():
+    """A label-only attack returning more labels than the view asked for was scored by a selection too."""
+    truth = GroundTruth(round=1, partition_id=0, inputs=torch.rand(4, 1, 8, 8), labels=torch.tensor([0, 1, 2, 3]))
+    out = score_reconstruction(Reconstruction(images=None, labels=torch.tensor([0, 1, 2, 3, 4, 5])), truth)
+    assert out["label_acc"] == pytest.approx(4 / 6)
+    assert judge(dict(out), asked=4)[0] is True  # 6 labels for the 4 the view declared
+    assert judge(dict(out), asked=6)[0] is False  # the declared count itself (DP-SGD's expected batch)
