@@ -162,12 +162,11 @@ def _fish_vs_ig(cifar, width: int, iterations: int, seed: int = 0) -> tuple[floa
 @pytest.mark.slow
 def test_fishing_beats_honest_ig_on_the_same_batch(cifar) -> None:
     """CIFAR-10 batch of 16, convnet width 16, 1000 iterations each, IG with the labels known (its best case).
-    MARGIN: see benchmarks/malicious_vs_ig.py for the measured margin over 3 seeds; asserted conservatively."""
+    benchmarks/malicious_vs_ig.py measured the margin over 3 random batches: 2.7 +- 2.0 dB (4.9, 1.4, 1.7);
+    asserted: 1 dB, a conservative part of the smallest."""
     fished, base = _fish_vs_ig(cifar, width=16, iterations=1000)
-    assert fished >= base + MARGIN_SLOW, (fished, base)
-
-
-MARGIN_SLOW = 2.0
+    print(f"fished {fished:.2f} dB, IG best-matched {base:.2f} dB")
+    assert fished >= base + 1.0, (fished, base)  # measured here: 21.0 vs 16.4 dB
 
 
 # --- through the federation (fedsim run machinery, in-process backend, server.role: malicious) ----------------
