@@ -80,6 +80,8 @@ class TrapWeights(MaliciousAttack):
         active: float | None = Field(None, gt=0, lt=1, description="fraction of inputs each neuron should fire "
                                      "for (auxiliary calibration); default 1 / local.batch_size")
         scale: float = Field(1.3, gt=0, description="factor on the negative weights (data-free calibration)")
+        match_norm: bool = Field(True, description="rescale the layer to the honest layer's norm (a positive factor "
+                                 "changes neither which inputs fire a neuron nor the recovery)")
 
     @classmethod
     def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
@@ -133,10 +135,18 @@ class TrapWeights(MaliciousAttack):
             j0, p0 = _constant_pixel(view.auxiliary.reshape(view.auxiliary.shape[0], -1).float(), mu)
             # fire iff v.p - v.mu > tau; moving v_j0 by d moves v.p - v.mu by d (p0 - mu_j0): d = tau / (mu_j0 - p0)
             rows[:, j0] += tau / (mu[j0] - p0)
-            rows[-1] = 0.0  # the last neuron carries the stand-in pixel to the recovery: index and value + 1
-            rows[-1, j0] = p0 + 1.0
+            # the last neuron carries the stand-in pixel to the recovery, as a ratio (invariant to rescaling):
+            # (p0 + 2) at j0 and 1 at the next pixel
+            rows[-1] = 0.0
+            rows[-1, j0] = p0 + 2.0
+            rows[-1, (j0 + 1) % layer.in_features] = 1.0
             note += f"; pixel {j0} (value {p0:.3g}) stands in for the bias"
         state[f"{name}.weight"] = rows * sigma
+        if self.params.match_norm:
+            factor = float(layer.weight.detach().norm() / state[f"{name}.weight"].norm())
+            for key in (f"{name}.weight", f"{name}.bias"):
+                if key in state:
+                    state[key] = state[key] * factor
         return ServerModel(state=state, note=note)
 
     # -- the recovery -------------------------------------------------------------------------------------
@@ -211,7 +221,7 @@ def _stand_in(weight: Tensor, mu: Tensor, sigma: Tensor) -> tuple[int, float]:
     """The stand-in pixel ``j0`` and its normalized value ``kappa``, read back from the carrier (last) neuron."""
     carrier = weight[-1] / sigma
     j0 = int(carrier.abs().argmax())
-    p0 = float(carrier[j0]) - 1.0
+    p0 = float(carrier[j0] / carrier[(j0 + 1) % carrier.numel()]) - 2.0
     return j0, (p0 - float(mu[j0])) / float(sigma[j0])
 
 

@@ -91,6 +91,23 @@ def test_trap_weights_data_free_variant_is_exact_on_a_layer_with_bias(mnist) -> 
     assert bool((per_image > 60).all()), per_image
 
 
+def test_trap_weights_keep_the_honest_layer_norm(mnist) -> None:
+    """match_norm (default): the trap layer has the honest first layer's Frobenius norm (a weight-statistics check
+    sees a norm ratio of 1; measured through the federation: model_check ratio 1.00, not flagged), and the
+    recovery is still exact; without it the norm is ~70x the honest one (model_check flags it)."""
+    spec = ModelSpec(name="mlp", activation="relu")
+    x, y = mnist.train_x[:16], mnist.train_y[:16]
+    for match, check in ((True, lambda r: abs(r - 1) < 1e-4), (False, lambda r: r > 10)):
+        attack = TrapWeights(TrapWeights.Params(match_norm=match), Knowledge(auxiliary_data=True),
+                             Budget(iterations=1), CPU, 0)
+        honest, update = attacked(attack, spec, mnist, x, y, hyperparams={"batch_size": 16}, auxiliary=mnist.test_x)
+        key = "features.1.weight"
+        ratio = float(update.global_state[key].norm() / honest.global_state[key].norm())
+        assert check(ratio), (match, ratio)
+        rec = attack.reconstruct(update)
+        assert float((closest_psnr(rec.images, x) > 40).float().mean()) >= 0.75
+
+
 def test_trap_weights_letters_and_refusals(mnist) -> None:
     params = TrapWeights.Params
     assert TrapWeights.threat_model_for(params(), Knowledge()) == "G"
