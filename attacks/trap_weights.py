@@ -17,10 +17,14 @@ client's gradient of the mean loss gives ``dL/dW_i = delta_n x_n`` and ``dL/db_i
 ``x_n = (dL/dW_i) / (dL/db_i)`` exactly. A first layer without bias (``mlp``) has no ``dL/db_i``; with auxiliary
 data the server then uses a pixel the auxiliary images show constant (an MNIST corner is always 0) as the bias:
 its threshold is moved by that pixel's weight, and ``x_n = (dL/dW_i) * kappa / (dL/dW_i)[j0]`` with ``kappa`` the
-pixel's normalized value. A candidate is kept only if it is consistent with the gradient: every neuron it would
-activate has a non-zero gradient (a mixture of several inputs usually activates one no input did), and its pixels
-lie in [0, 1]. Equal candidates (one input caught by several neurons) are merged. FedSGD only: several local steps
-move the weights between the gradients.
+pixel's normalized value (the layer's last neuron carries ``j0`` and the pixel's value to the recovery, so the attack
+keeps no memory between the two calls). With ``match_norm`` the layer is rescaled to the honest layer's norm: a
+positive factor changes neither which inputs fire a neuron nor the recovered ratio.
+
+A candidate is kept only if it is consistent with the gradient: every neuron it would activate has a non-zero
+gradient (a mixture of several inputs usually activates one no input did), its pixels lie in [0, 1], and no
+candidate confirmed as a real input (caught by two or more neurons) also activates its neuron. Equal candidates are
+merged, the most often caught first. FedSGD only: several local steps move the weights between the gradients.
 """
 
 from __future__ import annotations
