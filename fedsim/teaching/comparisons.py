@@ -56,7 +56,7 @@ ATTACK_STUDIES: dict[str, Study] = {
 }
 
 DROPOUT_FIGURE = ROOT / "scenarios" / "tutorial" / "05_dropout_is_not_a_defense.yaml"
-GRIDS = ("benchmarks/grids/fast.yaml", "benchmarks/grids/full.yaml")
+GRIDS = ("benchmarks/grids/fast.yaml", "benchmarks/grids/full.yaml", "benchmarks/grids/malicious.yaml")
 
 
 def _rel(path: Path) -> str:
