@@ -65,6 +65,14 @@ def to_pixels(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
     return (x.detach() * sigma + mu).clamp(0, 1).cpu()
 
 
+def from_pixels(p: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """Pixel-space images (N, C, H, W) in [0, 1] to the model's normalized inputs ``(p - mu) / sigma`` (inverse
+    of :func:`to_pixels` inside the box); same device and dtype as ``p``."""
+    mu = torch.tensor(mean, dtype=p.dtype, device=p.device).view(1, -1, 1, 1)
+    sigma = torch.tensor(std, dtype=p.dtype, device=p.device).view(1, -1, 1, 1)
+    return (p - mu) / sigma
+
+
 def initial_inputs(kind: str, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     """A dummy batch drawn on the CPU from ``generator`` (so it is the same on every device)."""
     if kind == "randn":

@@ -45,10 +45,9 @@ from torch import Tensor
 
 from attacks.base import AttackParams, ProgressFn, register_attack
 from attacks.imprint_block import bin_differences, imprint_state
-from attacks.inverting_gradients import to_pixels
+from attacks.inverting_gradients import from_pixels, to_pixels
 from attacks.malicious import MaliciousAttack
 from attacks.victim import check_update
-from fedsim.data import normalize
 from fedsim.errors import ScenarioError
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import torch_generator
@@ -124,7 +123,7 @@ class RobbingTheFed(MaliciousAttack):
             return _quantiles(self.params.prior, 0.0, 1.0, levels), f"a unit {self.params.prior} prior"
         if view.auxiliary is None:
             raise ValueError("thresholds: auxiliary needs surrogate images (knowledge.auxiliary_data: true)")
-        aux = normalize(view.auxiliary.float(), view.task.mean, view.task.std).flatten(1).double()
+        aux = from_pixels(view.auxiliary.float(), view.task.mean, view.task.std).flatten(1).double()
         m = aux @ direction
         if m.numel() >= n:
             return torch.quantile(m, levels), f"{m.numel()} auxiliary images (empirical quantiles)"

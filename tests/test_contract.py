@@ -41,9 +41,9 @@ def test_reconstruct_takes_only_the_observed_update() -> None:
 def test_client_update_carries_no_client_data_fields() -> None:
     fields = {f.name for f in dataclasses.fields(ClientUpdate)}
     # reference_state is a global model the server itself sent (DIFF2's x_{r-1}), not client data; staleness is
-    # the lag of the model the server chose to send
+    # the lag of the model the server chose to send; architecture the changes a malicious server itself shipped
     assert fields == {"round", "partition_id", "task", "global_state", "update", "num_examples",
-                      "reference_state", "staleness", "hyperparams", "side_info", "defenses"}
+                      "reference_state", "staleness", "hyperparams", "side_info", "defenses", "architecture"}
 
 
 def test_knowledge_decides_what_the_view_holds(tiny_raw) -> None:
