@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from fedsim.errors import FedsimError
 from fedsim.outcomes import was_not_attacked
@@ -140,6 +141,22 @@ def _best_entry(entries: list[GalleryEntry]) -> GalleryEntry | None:
     return max(good, key=lambda e: e.metrics.get("psnr_mean", float("-inf")))
 
 
+def _outcome_failures(cells: Sequence[Any]) -> list[str]:
+    """Each distinct attack failure (metrics.json ``attacks[].failed``) of a row's ok cells: an outcome without
+    images (refused model, nothing recovered) is not in reconstructions.npz, so its reason comes from here."""
+    out: list[str] = []
+    for cell in cells:
+        try:
+            outcomes = load_metrics(cell.run_dir).get("attacks") or []
+        except ReportSourceError:
+            continue
+        for outcome in outcomes:
+            failed = outcome.get("failed")
+            if isinstance(failed, str) and failed not in out:
+                out.append(failed)
+    return out
+
+
 def _galleries_section(source: Source, rows: Sequence[LeaderRow], assets: Path) -> str:
     parts: list[str] = []
     if source.kind == "run":
@@ -162,8 +179,10 @@ def _galleries_section(source: Source, rows: Sequence[LeaderRow], assets: Path) 
                 f" \u00b7 repeat {cell.repeat}: the highest PSNR of {len(ok)} repeat(s) and their outcomes, a best case"
                 if entry else "")
             if entry is None:
-                parts.append(f'<div class="gallery"><h3>{esc(title)}</h3><p class="note">no images saved for this '
-                             "row (failed cells, or run directories without reconstructions.npz).</p></div>")
+                why = _outcome_failures(ok)  # e.g. a client that refused the malicious server's model
+                note = ("no images: " + "; ".join(why) if why else
+                        "no images saved for this row (failed cells, or run directories without reconstructions.npz)")
+                parts.append(f'<div class="gallery"><h3>{esc(title)}</h3><p class="note">{esc(note)}.</p></div>')
             else:
                 parts.append(_gallery(entry, title, assets, i))
     intro = ("Top: the client's real images; below: the attack's reconstruction matched to each (the matching "
