@@ -2,7 +2,10 @@
 
 :mod:`fedsim.simulation.malicious` runs the manipulation; :func:`check_scenario` runs in
 :func:`fedsim.scenario.resolve_plugins`, so ``fedsim validate`` refuses what the federation could not run:
-two malicious attacks in one round (the server sends one model), ``federation.staleness`` (a slow client's old
+an attack that manipulates the model (has ``manipulate``) when ``server.role`` is not ``malicious``, or whose
+needed SoK letter (``threat_model_for`` with its params) is not a manipulator's (F-H: a plug-in that manipulates
+must say so, or its outcomes would be filed under an eavesdropper's letter), two malicious attacks in one round
+(the server sends one model), ``federation.staleness`` (a slow client's old
 model would be manipulated and restored against another honest model), and a defense whose clients send gradient
 differences against the previous round's model (DIFF2: the difference of a manipulated and an honest model's
 gradients has no agreed-model meaning, and its client keeps the received model as the next reference).
@@ -31,10 +34,21 @@ def malicious_attacks(scenario: Scenario) -> list[tuple[int, AttackSpec, Any]]:
 
 def check_scenario(scenario: Scenario) -> None:
     """Refuse what the federation cannot run with a malicious server (module doc). Raises ScenarioError."""
+    from fedsim.threat_models import THREAT_MODELS, needed_letter
+
     attacks = malicious_attacks(scenario)
     rounds = scenario.federation.rounds
     owner: dict[int, int] = {}
     for i, spec, _ in attacks:
+        if scenario.server.role != "malicious":
+            raise ScenarioError("server.role", f"{scenario.server.role!r}: attacks[{i}] ({spec.name}) changes the "
+                                "model the server sends, which only a malicious server does: set server.role: "
+                                "malicious or remove the attack")
+        letter = needed_letter(spec)
+        if not THREAT_MODELS[letter].malicious:
+            raise ScenarioError(f"attacks[{i}].name", f"{spec.name} changes the model the server sends but declares "
+                                f"threat model {THREAT_MODELS[letter].describe()} for these params, an eavesdropper's: "
+                                "its threat_model_for must return a manipulator's letter (F, G or H)")
         if scenario.federation.staleness is not None:
             raise ScenarioError("federation.staleness", f"attacks[{i}] ({spec.name}) manipulates the model the "
                                 "server sends, which fedsim does not combine with stale clients: remove one")

@@ -306,3 +306,32 @@ def test_validation_refuses_stale_clients_and_gradient_differences(tiny_raw) -> 
                                                      "target_epsilon": 8.0, "delta": 1e-5}}]
     with pytest.raises(ScenarioError, match=r"defenses\[0\].*gradient differences.*attacks\[0\]"):
         parse_scenario(raw)
+
+
+class EavesdropperLetter(ScaleAttack):
+    """A plug-in bug: it manipulates, yet its threat_model_for says B (an informed eavesdropper)."""
+
+    threat_model: ClassVar[str] = "B"
+
+
+def test_only_a_malicious_server_manipulates(tiny_raw) -> None:
+    ATTACKS.add("test_b_manipulator", EavesdropperLetter)
+    try:
+        raw = scenario_raw(tiny_raw, attack="test_b_manipulator")
+        with pytest.raises(ScenarioError, match=r"attacks\[0\]\.name.*B \(Informed Eavesdropper\)"):
+            parse_scenario(raw)  # malicious role, but the plug-in files its manipulation under an eavesdropper
+        raw["server"] = {"role": "honest_but_curious"}
+        with pytest.raises(ScenarioError, match=r"server\.role.*attacks\[0\] \(test_b_manipulator\)"):
+            parse_scenario(raw)  # the letter check alone lets B through an honest server
+    finally:
+        ATTACKS._items.pop("test_b_manipulator", None)
+    # past validation (a scenario changed after parsing), an honest server still sends no manipulated model
+    scenario = parse_scenario(scenario_raw(tiny_raw, attack="test_scale_attack"))
+    honest = scenario.model_copy(update={"server": scenario.server.model_copy(update={"role": "honest_but_curious"})})
+    outcome = run_federation(honest)
+    assert all("manipulated_clients" not in h for h in outcome.history)
+    assert all(u.architecture == () for u in outcome.capture.updates)
+    start = setup_for(scenario).build_model().state_dict()
+    for u in outcome.capture.updates:  # every client got the honest model
+        for k, v in start.items():
+            assert torch.equal(u.global_state[k], v)

@@ -28,7 +28,9 @@ of that round, before training), ``sent_test_accuracy`` (the model actually sent
 round's model only: the cost over the run (the honest replies lost to a manipulated model) is a comparison with the
 same scenario under an honest server, which the benchmark and tutorial make.
 
-Validation (:func:`fedsim.malicious_rules.check_scenario`): one manipulation per round (two malicious attacks may
+Only a malicious server manipulates: the server builds a :class:`Manipulator` only when ``server.role`` is
+``malicious``, and validation (:func:`fedsim.malicious_rules.check_scenario`) refuses a manipulating attack under
+any other role, or one whose needed letter is not F-H; one manipulation per round (two malicious attacks may
 not share a round: the server sends one model) and none with ``federation.staleness`` (a slow client's old model
 would have to be manipulated and restored against another honest model).
 """
@@ -81,6 +83,8 @@ class Manipulator:
     """The malicious server's side of the federation, shared by both server paths (module doc)."""
 
     def __init__(self, scenario: Scenario) -> None:
+        if scenario.server.role != "malicious":  # validation refuses this first (fedsim.malicious_rules)
+            raise SimulationError(f"server.role is {scenario.server.role!r}: only a malicious server manipulates")
         self.scenario = scenario
         self.setup = setup_for(scenario)
         fed = scenario.federation

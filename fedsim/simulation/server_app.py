@@ -105,7 +105,9 @@ class RoundRows:
         # round -> what gi_conversion did that round (its estimates of client data, switches), scored here
         self.estimates: Callable[[int], Any] | None = None
         # a malicious server's manipulations (fedsim.simulation.malicious): their accuracy cost goes in the row
-        self.manipulator = Manipulator(scenario) if malicious_attacks(scenario) else None
+        # (only a malicious server manipulates: validation refuses a manipulating attack under any other role)
+        malicious = scenario.server.role == "malicious" and bool(malicious_attacks(scenario))
+        self.manipulator = Manipulator(scenario) if malicious else None
 
     def __call__(self, server_round: int, global_state: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]:
         """Append (and return) round ``server_round``'s row; ``global_state()`` gives the global model after it."""
