@@ -33,7 +33,7 @@ from fedsim.simulation.capture import AGGREGATE_ID, RELEASED_MODEL_ID, CapturedU
 from fedsim.simulation.federation import attacks_model, released_rounds
 from fedsim.simulation.setup import setup_for
 from fedsim.threat import ClientUpdate, Reconstruction, ReleasedModel, TaskInfo, frozen_tensors
-from fedsim.threat_models import needed_letter
+from fedsim.threat_models import exercised_letter, needed_letter
 
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]  # (label, total) -> progress fn
 
@@ -54,7 +54,11 @@ class AttackOutcome:
     oracle_reasons: tuple[str, ...] = ()  # which: "dropout masks", "selection: ..."
     oracle_labels: bool = False  # the runner handed the true labels (knowledge.labels: known)
     staleness: int = 0  # rounds the model the attacked client trained from lagged (federation.staleness; 0: fresh)
-    threat_model: str = ""  # the SoK letter the attack needed with its params and knowledge (fedsim.threat_models)
+    # the SoK letter exercised: the one the attack needed with its params and knowledge (fedsim.threat_models), or,
+    # on an update answering a model another attack manipulated, that together with the manipulator's letter
+    threat_model: str = ""
+    # (index, name) of the malicious attack that built the model this update answers, when not this attack; None
+    manipulated_by: tuple[int, str] | None = None
     reconstruction: torch.Tensor | None = field(default=None, repr=False)
     truth: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)  # the attack's labels (MI: target classes)
@@ -66,6 +70,8 @@ class AttackOutcome:
             "oracle": self.oracle, "oracle_reasons": list(self.oracle_reasons), "oracle_labels": self.oracle_labels,
             "metrics": self.metrics, "stats": self.stats, "staleness": self.staleness,
             "threat_model": self.threat_model,
+            **({} if self.manipulated_by is None else  # absent: the honest model (and in files before it existed)
+               {"manipulated_by": {"attack_index": self.manipulated_by[0], "attack": self.manipulated_by[1]}}),
         }
 
 
@@ -287,7 +293,26 @@ def run_attacks(
                 attack=spec.name, attack_index=index, round=cap.round, partition_id=cap.partition_id,
                 metrics=metrics, stats=dict(rec.stats), seconds=seconds, failed=rec.failed, oracle=oracle,
                 oracle_reasons=reasons, oracle_labels=given, reconstruction=rec.images, truth=cap.truth.inputs,
-                labels=rec.labels, staleness=cap.staleness,
+                labels=rec.labels, staleness=cap.staleness, manipulated_by=_manipulator(scenario, index, cap),
             ))
-    letters = [needed_letter(spec) for spec in scenario.attacks]
-    return [replace(o, threat_model=letters[o.attack_index]) for o in outcomes]
+    return [_filed(scenario, o) for o in outcomes]
+
+
+def _manipulator(scenario: Scenario, index: int, captured: CapturedUpdate) -> tuple[int, str] | None:
+    """``(i, name)`` of attacks[i] when the update attack ``index`` reads answers a model that ANOTHER attack of the
+    scenario manipulated (``captured.manipulated_by``, set by the malicious server's path: the targeted client, every
+    client under ``to_all``, the SecAgg+ aggregate); None otherwise (the honest model, or the attack's own)."""
+    by = captured.manipulated_by
+    if by is None or by == index:
+        return None
+    return by, scenario.attacks[by].name
+
+
+def _filed(scenario: Scenario, outcome: AttackOutcome) -> AttackOutcome:
+    """The outcome with the SoK letter it exercised: the attack's own (:func:`needed_letter`), raised to include the
+    manipulator's (:func:`exercised_letter`) when it attacked a manipulated model. The runner decides this, never
+    the attack: an honest attack reading a fished or imprinted update leaks what an F/G server would."""
+    letter = needed_letter(scenario.attacks[outcome.attack_index])
+    if outcome.manipulated_by is not None:
+        letter = exercised_letter(letter, needed_letter(scenario.attacks[outcome.manipulated_by[0]]))
+    return replace(outcome, threat_model=letter)

@@ -148,6 +148,29 @@ def refusal(scenario: Scenario, index: int, spec: AttackSpec, needed: str) -> tu
                   f"this scenario has {current!r} here: set {grant} to grant it")
 
 
+def exercised_letter(own: str, manipulator: str) -> str:
+    """The SoK letter an attack needing ``own`` exercises when the update it reads answers a model that an attack
+    needing ``manipulator`` built: the letter of both capability sets together (``exercised_letter("B", "F") ==
+    "F"``, ``("D", "F") -> "G"``, ``("F", "F") -> "F"``), the least capable letter holding their union. When no
+    letter holds it (an E attack's client data distribution on a manipulated model: no manipulator letter has it),
+    ``"<manipulator>+<own>"`` (``"F+E"``), so the outcome is never filed under the weaker of the two. Raises
+    ``KeyError`` for a letter outside A-H."""
+    union = THREAT_MODELS[own].capabilities | THREAT_MODELS[manipulator].capabilities
+    fitting = [tm for tm in THREAT_MODELS.values() if union <= tm.capabilities]
+    if not fitting:
+        return f"{manipulator}+{own}"
+    return min(fitting, key=lambda tm: (len(tm.capabilities), tm.letter)).letter
+
+
+def sok_tag(letter: str | None, manipulated_by: str | None = None) -> str:
+    """How reports name an outcome's threat model after the attack: ``" [SoK B]"``, or ``" [SoK F: on the model
+    manipulated by fishing]"`` when the update it attacked answers a model another attack (``manipulated_by``, its
+    name) manipulated; "" without a letter (metrics.json written before issue 14)."""
+    if not letter:
+        return ""
+    return f" [SoK {letter}" + (f": on the model manipulated by {manipulated_by}]" if manipulated_by else "]")
+
+
 def needed_letter(spec: AttackSpec) -> str:
     """The SoK letter attack ``spec`` needs: its registered class's ``threat_model_for(params, knowledge)``.
     Raises ``KeyError`` for an unregistered attack name (validation refuses those first)."""

@@ -9,6 +9,7 @@ FedSGD step written out), never read from the code under test.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, ClassVar
 
 import pytest
@@ -335,3 +336,43 @@ def test_only_a_malicious_server_manipulates(tiny_raw) -> None:
     for u in outcome.capture.updates:  # every client got the honest model
         for k, v in start.items():
             assert torch.equal(u.global_state[k], v)
+
+
+class ScaleAllAttack(ScaleAttack):
+    def manipulate(self, view: ManipulationView) -> ServerModel:
+        return dataclasses.replace(super().manipulate(view), to_all=True)
+
+
+@pytest.mark.parametrize("case", ["targeted", "to_all", "secagg"])
+def test_an_attack_on_a_manipulated_update_is_filed_under_the_manipulators_letter(tiny_raw, tmp_path, case) -> None:
+    """The honest IG (SoK B) reading an update that answers the scaled model leaks what an F server would: every
+    output files it under F and names the manipulator; IG on an honest client's update stays B."""
+    import json
+
+    from fedsim.run import run_scenario
+
+    ATTACKS.add("test_scale_all", ScaleAllAttack)
+    try:
+        raw = scenario_raw(tiny_raw, attack="test_scale_all" if case == "to_all" else "test_scale_attack")
+        if case == "secagg":
+            raw["defenses"] = [{"name": "secagg", "params": {"num_shares": 3, "reconstruction_threshold": 2}}]
+        result = run_scenario(parse_scenario(raw), tmp_path / "run")
+    finally:
+        ATTACKS._items.pop("test_scale_all", None)
+    ig = {o.partition_id: o for o in result.outcomes if o.attack == "inverting_gradients"}
+    manipulated = {-1} if case == "secagg" else {0, 1, 2, 3} if case == "to_all" else {1}
+    assert set(ig) == ({-1} if case == "secagg" else {0, 1, 2, 3})
+    for pid, o in ig.items():
+        assert (o.threat_model, o.manipulated_by) == (("F", (0, raw["attacks"][0]["name"])) if pid in manipulated
+                                                      else ("B", None)), pid
+    records = [a for a in json.loads((tmp_path / "run" / "metrics.json").read_text())["attacks"]
+               if a["attack"] == "inverting_gradients"]
+    for a in records:
+        if a["client"] in manipulated:
+            assert a["threat_model"] == "F" and a["manipulated_by"] == {"attack_index": 0,
+                                                                        "attack": raw["attacks"][0]["name"]}
+        else:
+            assert a["threat_model"] == "B" and "manipulated_by" not in a
+    tag = f"inverting_gradients [SoK F: on the model manipulated by {raw['attacks'][0]['name']}]"
+    assert tag in (tmp_path / "run" / "summary.md").read_text()
+    assert tag in (tmp_path / "run" / "report.html").read_text()

@@ -143,6 +143,21 @@ def defense_label(scenario: dict[str, Any] | None) -> str:
     return "+".join(str(d.get("name")) for d in defenses if isinstance(d, dict)) or "none"
 
 
+def _sok(outcomes: Any) -> str:
+    """The SoK tag of one attack's outcomes (``fedsim.threat_models.sok_tag``): the letter they exercised (absent in
+    metrics.json files before issue 14), the strongest when they differ (an outcome on a model another attack
+    manipulated is filed under that attack's letter too, and says by whom)."""
+    from fedsim.threat_models import sok_tag
+
+    mine = list(outcomes)
+    letters = [str(o["threat_model"]) for o in mine if o.get("threat_model")]
+    by = sorted({str((o.get("manipulated_by") or {}).get("attack")) for o in mine if o.get("manipulated_by")})
+    # a manipulated outcome's letter holds every capability of the same attack's honest one: it comes first
+    letter = next((str(o["threat_model"]) for o in mine if o.get("manipulated_by") and o.get("threat_model")),
+                  letters[0] if letters else "")
+    return sok_tag(letter, ", ".join(by) or None)
+
+
 def load_run(path: Path) -> Source:
     """A single run directory: one cell per attack of the scenario (or one utility-only cell)."""
     metrics = load_metrics(path)
@@ -153,9 +168,8 @@ def load_run(path: Path) -> Source:
     for o in outcomes:  # an attack is labelled oracle when the runner marked any of its outcomes so
         index = int(o.get("attack_index", 0))
         oracle = any(p.get("oracle") for p in outcomes if int(p.get("attack_index", 0)) == index)
-        letter = o.get("threat_model")  # the SoK letter it needed (absent in metrics.json files before issue 14)
         attacks.setdefault(index, str(o.get("attack")) + (" (oracle)" if oracle else "")
-                           + (f" [SoK {letter}]" if letter else ""))
+                           + _sok(p for p in outcomes if int(p.get("attack_index", 0)) == index))
     seed = metrics.get("seed")
     seconds = (metrics.get("timing") or {}).get("total_s")
     cells = []

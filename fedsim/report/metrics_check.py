@@ -22,6 +22,7 @@ _ATTACK: dict[str, tuple[type, ...]] = {
     "client": (int, str, type(None)), "failed": (str, type(None)), "oracle": (bool, type(None)),
     "metrics": (dict, type(None)), "stats": (dict, type(None)), "staleness": (int, type(None)),
     "threat_model": (str, type(None)),  # the SoK letter (absent in files written before issue 14)
+    "manipulated_by": (dict, type(None)),  # {"attack_index", "attack"}: absent on an honest model's update
 }
 
 

@@ -159,9 +159,12 @@ def _inversion_table(outcomes: Sequence[Any]) -> list[str]:
 
 
 def _named(outcome: Any) -> str:
-    """``inverting_gradients [SoK B]``: the attack with the SoK letter it needed (``fedsim.threat_models``)."""
-    letter = getattr(outcome, "threat_model", "")
-    return f"{outcome.attack} [SoK {letter}]" if letter else outcome.attack
+    """``inverting_gradients [SoK B]``: the attack with the SoK letter it exercised (``fedsim.threat_models``), and
+    ``[SoK F: on the model manipulated by fishing]`` when it attacked a model another attack manipulated."""
+    from fedsim.threat_models import sok_tag
+
+    by = getattr(outcome, "manipulated_by", None)
+    return outcome.attack + sok_tag(getattr(outcome, "threat_model", ""), by[1] if by else None)
 
 
 def _threat_line(scenario: Scenario) -> str:

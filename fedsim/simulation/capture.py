@@ -67,6 +67,9 @@ class CapturedUpdate:
     staleness: int = 0
     # the architecture changes a malicious server shipped with global_state (ServerModel.architecture); () if none
     architecture: tuple[dict, ...] = ()
+    # the index (attacks[i]) of the malicious attack whose manipulate built global_state; None: the honest model.
+    # Set by the malicious server's path, so the runner files any attack on this update under its letter too
+    manipulated_by: int | None = None
 
 
 @dataclass
@@ -246,4 +249,5 @@ class CapturingGrid(ProxyGrid):
             num_examples=int(reply.content[keys.METRICS][keys.NUM_EXAMPLES]), truth=truth,
             reference_state=None if reference is None else {k: v.clone() for k, v in reference.items()},
             staleness=staleness, architecture=() if manipulation is None else manipulation.architecture,
+            manipulated_by=None if manipulation is None else manipulation.attack_index,
         ))

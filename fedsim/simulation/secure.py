@@ -166,10 +166,11 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
     def _record(self, rnd: int, aggregate: list[np.ndarray], pids: list[int], declared: int) -> None:
         setup = setup_for(self.scenario)
         global_state = self._state(self.current)
-        names, trainable, architecture = self.names, _trainable(self.scenario), ()
+        names, trainable, architecture, manipulated_by = self.names, _trainable(self.scenario), (), None
         sent = None if self.manipulator is None else self.manipulator.sent.get(rnd)
         if sent is not None:  # what the clients were sent: the manipulated model, in its layout
             global_state, names, architecture = dict(sent.state), list(sent.layout), sent.architecture
+            manipulated_by = sent.attack_index
             trainable = {n for n, _ in apply_architecture(setup.build_model(), architecture).named_parameters()}
         # SecAgg+ dequantizes to float64: back to the model's dtypes
         agg = {k: torch.from_numpy(np.array(v)).to(global_state[k].dtype)
@@ -192,7 +193,8 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
                                   "were taken against, was not kept")
             reference = self._state(self.previous[1])
         self.outcome.capture.updates.append(CapturedUpdate(rnd, AGGREGATE_ID, global_state, update, declared, truth,
-                                                           reference_state=reference, architecture=architecture))
+                                                           reference_state=reference, architecture=architecture,
+                                                           manipulated_by=manipulated_by))
 
 
 def _trainable(scenario: Scenario) -> set[str]:
