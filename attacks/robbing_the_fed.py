@@ -26,7 +26,8 @@ image against a gray guess (:mod:`fedsim.metrics.leakage`). No labels (the block
 * FedAvg (several local SGD steps): the update of each row is ``-lr`` times the sum of its gradients over the
   steps, so the same ratio gives ``sum_k s_n^k x_n / sum_k s_n^k = x_n`` as long as the input stays in its bin;
   the steps move the rows (``dW`` is added to them), which shifts bins by ``lr * |dW|`` - small with the small
-  ``scale``/``gain`` defaults. An optimizer with per-coordinate scaling (Adam) breaks the ratio.
+  ``scale``/``gain`` defaults. SGD momentum keeps a positive sum; an optimizer with per-coordinate scaling (Adam)
+  or weight decay breaks the ratio, and validation refuses both (``federation.local.optimizer`` / ``weight_decay``).
 * SecAgg (``to_all: true``, every sampled client gets the block): the aggregate is a weighted sum of the clients'
   updates, each example's ``s_n`` only gains its client's weight, so every input alone in its bin across ALL
   clients is recovered from the aggregate (quantization noise adds ~1e-6 per entry: ``gain`` keeps the block's
@@ -46,6 +47,7 @@ from torch import Tensor
 from attacks.base import AttackParams, ProgressFn, register_attack
 from attacks.imprint_block import bin_differences, imprint_state
 from attacks.inverting_gradients import from_pixels, to_pixels
+from attacks.local_sgd import sum_of_gradients_problem
 from attacks.malicious import MaliciousAttack
 from attacks.victim import check_update
 from fedsim.errors import ScenarioError
@@ -102,11 +104,19 @@ class RobbingTheFed(MaliciousAttack):
         return "G" if getattr(params, "thresholds", "auxiliary") == "auxiliary" else "F"
 
     @classmethod
+    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
+        """Also refuse local training that breaks the bin ratio (Adam, weight decay: :mod:`attacks.local_sgd`)."""
+        super().check_scenario(scenario, spec)
+        problem = sum_of_gradients_problem(scenario, spec.name, scale=False)
+        if problem is not None:
+            raise problem
+
+    @classmethod
     def check_model(cls, scenario: Scenario, spec: AttackSpec, facts: ModelFacts) -> None:
         """Refuse a task whose input is not an image (C, H, W): the recovered inputs are scored as images."""
         super().check_model(scenario, spec, facts)
         if len(tuple(facts.task.input_shape)) != 3:
-            raise ScenarioError("name", f"{spec.name} recovers images (C, H, W); this task's input is "
+            raise ScenarioError("data.dataset", f"{spec.name} recovers images (C, H, W); this task's input is "
                                 f"{tuple(facts.task.input_shape)}")
 
     def _direction(self, view: ManipulationView, features: int) -> Tensor:
@@ -168,15 +178,15 @@ class RobbingTheFed(MaliciousAttack):
         tol = self.params.box_tolerance
         inside = ((raw >= -tol) & (raw <= 1 + tol)).flatten(1).all(dim=1)
         keep = torch.nonzero(inside).flatten()[: update.examples_to_reconstruct]
-        stats = {"bins": float(found.bins), "bins_with_inputs": float(found.inputs.shape[0]),
+        stats: dict[str, float | str] = {"bins": float(found.bins), "bins_with_inputs": float(found.inputs.shape[0]),
                  "rejected_outside_box": float((~inside).sum()), "recovered": float(keep.numel()),
                  "batch": float(update.examples_to_reconstruct), "seconds": time.perf_counter() - start}
         if progress is not None:
             progress(0, 0)
-        if keep.numel() == 0:
-            return Reconstruction.failure(f"no bin gave an image: {found.inputs.shape[0]} of {found.bins} bins "
-                                          "non-empty, every one outside the pixel box (inputs mixed with opposite "
-                                          "signs, or an update dominated by noise such as DP-SGD's)", **stats)
+        if keep.numel() == 0:  # ran, isolated nothing: a measured 0 of B (Reconstruction's rule), not a failure
+            stats["nothing_isolated"] = (
+                f"{found.bins} bins, none isolated an input: {found.inputs.shape[0]} non-empty, every one outside "
+                "the pixel box (inputs mixed with opposite signs, or an update dominated by noise such as DP-SGD's)")
         return Reconstruction(images=images[keep], labels=None, stats=stats)
 
 

@@ -98,7 +98,7 @@ class TrapWeights(MaliciousAttack):
         without auxiliary calibration (its recovery needs a constant pixel in place of the bias)."""
         found = first_linear(facts.model)
         if isinstance(found, str):
-            raise ScenarioError("name", f"trap_weights cannot attack this {facts.task.model.get('name')} model: "
+            raise ScenarioError("model.name", f"trap_weights cannot attack this {facts.task.model.get('name')} model: "
                                 f"{found}")
         params = cls.Params.model_validate(spec.params)
         if found[1].bias is None and params.calibrate != "auxiliary":
@@ -183,8 +183,11 @@ class TrapWeights(MaliciousAttack):
             g_b[-1] = 0.0  # the carrier neuron
         scale = g_b.abs().max()
         live = g_b.abs() > 1e-6 * scale if scale > 0 else torch.zeros_like(g_b, dtype=torch.bool)
-        if not bool(live.any()):
-            return Reconstruction.failure("no first-layer neuron has a gradient: no input activated a trap")
+        shape = tuple(int(s) for s in update.task.input_shape)
+        if not bool(live.any()):  # ran, isolated nothing: a measured 0 of B (Reconstruction's rule), not a failure
+            return Reconstruction(images=torch.empty(0, *shape), labels=None, stats={
+                "live_neurons": 0.0, "recovered": 0.0, "seconds": time.perf_counter() - start,
+                "nothing_isolated": f"{layer.out_features} neurons, none has a gradient: no input activated a trap"})
         if layer.bias is not None:
             x = g_w[live] / g_b[live, None]
         else:
@@ -197,11 +200,13 @@ class TrapWeights(MaliciousAttack):
         sources = torch.nonzero(live).flatten()[ok]
         distinct = _lone_inputs(pixels[ok].clamp(0, 1), fires[ok], sources)
         images = distinct[: max(int(update.num_examples), 0)]
-        stats = {"live_neurons": float(live.sum()), "candidates": float(ok.sum()), "distinct": float(distinct.shape[0]),
-                 "recovered": float(images.shape[0]), "seconds": time.perf_counter() - start}
-        if images.shape[0] == 0:
-            return Reconstruction.failure("no neuron was activated by a single input", **stats)
-        return Reconstruction(images=images.reshape(-1, *update.task.input_shape), labels=None, stats=stats)
+        stats: dict[str, float | str] = {"live_neurons": float(live.sum()), "candidates": float(ok.sum()),
+                                          "distinct": float(distinct.shape[0]), "recovered": float(images.shape[0]),
+                                          "seconds": time.perf_counter() - start}
+        if images.shape[0] == 0:  # ran, isolated nothing: a measured 0 of B, not a failure
+            stats["nothing_isolated"] = (f"{int(live.sum())} of {layer.out_features} neurons fired, none for a "
+                                         "single input")
+        return Reconstruction(images=images.reshape(images.shape[0], *shape), labels=None, stats=stats)
 
 
 def _channel_vectors(task, features: int) -> tuple[Tensor, Tensor]:

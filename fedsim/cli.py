@@ -19,7 +19,7 @@ from rich.table import Table
 from fedsim.bench.cli import bench
 from fedsim.errors import FedsimError
 from fedsim.priors.cli import prior_app
-from fedsim.recovery import EXACT_LABEL, NUM_EXACT_KEY
+from fedsim.recovery import EXACT_LABEL, exact_count
 from fedsim.report.cli import report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -113,7 +113,10 @@ def _print_result(result) -> None:  # noqa: ANN001
     failed = result.client_failures
     if failed:  # the policy of fedsim.simulation.participation: survivors aggregated, every failure recorded
         first = failed[0]
-        out(f"warning: {len(failed)} client failure(s) in {len({f['round'] for f in failed})} round(s); those rounds "
+        refused = [h["round"] for h in result.history if h.get("clients_refused") and not h.get("clients_aggregated")]
+        what = (f"in round(s) {', '.join(f'{r:.0f}' for r in refused)} every client refused the model (nothing "
+                "aggregated, the global model unchanged), other rounds" if refused else "those rounds")
+        out(f"warning: {len(failed)} client failure(s) in {len({f['round'] for f in failed})} round(s); {what} "
             f"aggregated the other clients (summary.md lists all); client {first['client']} in round "
             f"{first['round']}: {first['reason']}")
     for o in result.outcomes:
@@ -127,8 +130,8 @@ def _print_result(result) -> None:  # noqa: ANN001
         else:
             m = o.metrics
             labels = "labels given" if o.oracle_labels else f"label acc {m.get('label_acc', float('nan')):.2f}"
-            exact = (f" ({m[NUM_EXACT_KEY]}/{m.get('batch_size', '?')} {EXACT_LABEL})"
-                     if isinstance(m.get(NUM_EXACT_KEY), int) else "")
+            count = exact_count(m)  # the fraction's own denominator (batch + surplus images)
+            exact = f" ({count} {EXACT_LABEL})" if count else ""
             out(f"{tag}: PSNR {m.get('psnr_mean', float('nan')):.2f} dB{exact}, "
                 f"SSIM {m.get('ssim_mean', float('nan')):.3f}, {labels}  ({o.seconds:.1f} s)")
     t = result.timing

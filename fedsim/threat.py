@@ -209,13 +209,20 @@ def as_tensor_dict(values: Mapping[str, Any]) -> dict[str, Tensor]:
 class Reconstruction:
     """What an attack returns. Images are in pixel space [0, 1]; ``failed`` says why when it gave up.
 
+    Failed versus nothing recovered: ``failed`` (:meth:`failure`) is for an attack that could not run (no update,
+    an update or model it cannot read, a refused model, an exception). An attack that RAN and isolated no input
+    (Robbing the Fed's bins all mixtures or noise under DP-SGD, no trap neuron firing for a single input, the
+    fished class absent from the batch) returns a measured result: an empty ``images`` tensor (0, C, H, W), and
+    a plain-words reason in ``stats["nothing_isolated"]`` (e.g. "256 bins, none isolated an input"). The scorer
+    then records 0 of B above 40 dB with the blind-guess means, so a defense's effect shows as 0.00, not a blank.
+
     There is deliberately no ``oracle`` field: whether an outcome used ground truth is decided by the
     runner from what it handed the attack (``fedsim.attacking``), never claimed by the attack.
     """
 
     images: Tensor | None
     labels: Tensor | None
-    stats: Mapping[str, float] = field(default_factory=dict)  # e.g. gradient loss, iterations, seconds
+    stats: Mapping[str, float | str] = field(default_factory=dict)  # e.g. gradient loss, iterations, seconds
     failed: str | None = None
 
     @classmethod

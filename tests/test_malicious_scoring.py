@@ -224,3 +224,134 @@ def test_surplus_labels_beyond_the_asked_count_are_oracle_like_surplus_images():
     assert out["label_acc"] == pytest.approx(4 / 6)
     assert judge(dict(out), asked=4)[0] is True  # 6 labels for the 4 the view declared
     assert judge(dict(out), asked=6)[0] is False  # the declared count itself (DP-SGD's expected batch)
+
+
+# ---------------------------------------------------------------- best-of keys, shown counts, "ran, isolated nothing"
+
+
+def _near_gray(n: int, seed: int) -> torch.Tensor:
+    """Images close to the blind-guess gray (0.5 +- 0.05): the gray guess scores far above any noise image."""
+    g = torch.Generator().manual_seed(seed)
+    return 0.5 + 0.1 * (torch.rand(n, 3, 8, 8, generator=g) - 0.5)
+
+
+def test_best_keys_come_from_the_attacks_images_never_from_the_blind_guess():
+    """One noise image for a batch of 6: ``*_best`` is that image's score against its matched truth (brute force:
+    the truth of least MSE), not the gray guess's score for a missing truth (which is higher here)."""
+    x = _near_gray(6, seed=11)
+    noise = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(12))
+    out = score_reconstruction(Reconstruction(images=noise, labels=None), _truth(x), lpips=False)
+    mse = [float(np.mean((noise[0].numpy().astype(np.float64) - t.numpy()) ** 2)) for t in x]
+    j = int(np.argmin(mse))
+    gray = [_psnr(np.full((3, 8, 8), 0.5), t.numpy()) for i, t in enumerate(x) if i != j]
+    assert max(gray) > _psnr(noise[0].numpy(), x[j].numpy()) + 10  # the gray guess would win by far
+    assert out["psnr_best"] == pytest.approx(_psnr(noise[0].numpy(), x[j].numpy()), abs=1e-3)
+    assert out["mse_best"] == pytest.approx(mse[j], rel=1e-4)
+    assert out["psnr_mean"] == pytest.approx((_psnr(noise[0].numpy(), x[j].numpy()) + sum(gray)) / 6, abs=1e-3)
+
+
+def test_an_empty_reconstruction_is_a_measured_zero_with_blind_guess_means_and_no_best():
+    """An attack that ran and isolated nothing returns (0, C, H, W): 0 of B above 40 dB, every truth scored against
+    gray in the means, no ``*_best`` (no image was produced), not failed and not oracle."""
+    x = _near_gray(5, seed=13)
+    out = score_reconstruction(Reconstruction(images=torch.empty(0, 3, 8, 8), labels=None), _truth(x), lpips=False)
+    assert "failed" not in out and out["num_reconstructed"] == 0 and out["order"] == [-1] * 5
+    assert out[NUM_EXACT_KEY] == 0 and out[FRAC_EXACT_KEY] == 0.0
+    assert not [k for k in out if k.endswith("_best")]
+    gray = [_psnr(np.full((3, 8, 8), 0.5), t.numpy()) for t in x]
+    assert out["psnr_mean"] == pytest.approx(sum(gray) / 5, abs=1e-3)
+    oracle, reasons, _, _ = judge(dict(out), asked=5)
+    assert not oracle and reasons == ()
+
+
+def test_the_count_shown_beside_the_fraction_divides_to_it(tmp_path, capsys):
+    """16 exact + 4 surplus images: the fraction is 16/20, so every count beside it (summary.md, report.html's
+    gallery, the CLI line) says 16/(16+4), never 16/16 next to 0.80."""
+    from types import SimpleNamespace
+
+    from fedsim.cli import _print_result
+    from fedsim.report.gallery import GalleryEntry
+    from fedsim.report.html import _gallery
+    from fedsim.report.summary import _exact
+
+    x = _digits(16, seed=7)
+    extra = torch.cat([x.flip(0), torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(8))])
+    _, _, _, m = judge(score_reconstruction(Reconstruction(images=extra, labels=None), _truth(x), lpips=False),
+                       asked=16)
+    assert m[FRAC_EXACT_KEY] == pytest.approx(16 / 20)
+    pixels = (x.numpy() * 255).astype(np.uint8), (extra.numpy() * 255).astype(np.uint8)
+    entry = GalleryEntry(attack="a", round=1, client=0, truth=pixels[0], reconstruction=pixels[1],
+                         order=m["order"], psnr_per_image=m["psnr_per_image"], metrics=m)
+    outcome = SimpleNamespace(attack="a", oracle=True, round=1, partition_id=0, failed=None, metrics=m,
+                              oracle_labels=False, seconds=0.1)
+    _print_result(SimpleNamespace(history=[], client_failures=[], outcomes=[outcome], out_dir=None,
+                                  timing={"federation_s": 0.0, "attacks_s": 0.0}))
+    shown = {"summary.md": _exact(m), "report.html": _gallery(entry, "a", tmp_path, 0), "cli": capsys.readouterr().out}
+    for where, text in shown.items():
+        assert "16/(16+4)" in text and "16/16" not in text, (where, text)
+
+
+def test_dp_sgd_against_robbing_the_fed_is_a_measured_zero_not_a_failed_attack(tmp_path):
+    """Robbing the Fed under DP-SGD (sigma 1) through the federation: the attack ran, no bin isolated an input; the
+    outcome is 0 of 16 above 40 dB (not "failed"), its stats say why, summary.md shows 0.00 (0/16)."""
+    import yaml
+
+    from fedsim.run import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    raw = yaml.safe_load(open("scenarios/attacks/robbing_the_fed.yaml"))
+    raw.update(device="cpu", backend={"kind": "inprocess"},
+               defenses=[{"name": "dp_sgd", "params": {"noise_multiplier": 1.0, "max_grad_norm": 1.0,
+                                                        "poisson": False}}])
+    raw["federation"].update(clients=2, local={"batch_size": 16, "lr": 0.1})
+    result = run_scenario(parse_scenario(raw), tmp_path / "run")
+    (outcome,) = result.outcomes
+    assert outcome.failed is None, outcome.failed
+    m = outcome.metrics
+    assert m[NUM_EXACT_KEY] == 0 and m[FRAC_EXACT_KEY] == 0.0 and "psnr_best" not in m
+    assert "none isolated an input" in outcome.stats["nothing_isolated"]
+    truth = outcome.truth.numpy()
+    gray = [_psnr(np.full(t.shape, 0.5), t) for t in truth]
+    assert m["psnr_mean"] == pytest.approx(sum(gray) / len(gray), abs=1e-3)
+    metrics = json.loads((result.out_dir / "metrics.json").read_text())
+    assert metrics["attacks"][0]["failed"] is None and metrics.get("attacks_failed", 0) == 0
+    summary = (result.out_dir / "summary.md").read_text()
+    (row,) = [line for line in summary.splitlines() if line.startswith("| robbing_the_fed")]
+    assert "| 0.00 (0/16) |" in row and "failed" not in row, row
+    assert (result.out_dir / "report.html").is_file()
+
+
+def test_trap_weights_that_isolate_nothing_return_the_empty_reconstruction():
+    """Trap weights ran on the model they sent, but no neuron fired for a single input: (a) no first-layer neuron
+    has a gradient (zeroed update), (b) every neuron's ratio is noise outside the pixel box (the first layer's
+    gradient replaced by DP-like noise). Both are a measured 0 of 8 (an empty (0, 1, 28, 28) reconstruction whose
+    stats say why), scored 0/8, never a failed attack."""
+    import dataclasses
+
+    from helpers import make_update
+
+    from attacks.trap_weights import TrapWeights
+    from fedsim.data import load_dataset
+    from fedsim.models import build_model
+    from fedsim.scenario import Budget, DataSpec, Knowledge, ModelSpec
+    from fedsim.threat import ManipulationView
+
+    mnist = load_dataset(DataSpec(dataset="mnist-5k"))
+    x, y = mnist.train_x[:8], mnist.train_y[:8]
+    spec = ModelSpec(name="fc10", activation="relu")
+    attack = TrapWeights(TrapWeights.Params(calibrate="none"), Knowledge(), Budget(iterations=1),
+                         torch.device("cpu"), 0)
+    model = build_model(spec, mnist.input_shape, mnist.num_classes, seed=0)
+    honest = make_update(model, spec, x, y, mnist)
+    model.load_state_dict(dict(attack.manipulate(ManipulationView(1, honest.task, honest.global_state, (0,))).state))
+    update = make_update(model, spec, x, y, mnist)
+    first = next(k[: -len(".weight")] for k, v in update.update.items() if k.endswith(".weight") and v.ndim == 2)
+    g = torch.Generator().manual_seed(3)
+    for why, change in (("none has a gradient", torch.zeros_like),
+                        ("none for a single input", lambda t: torch.randn(t.shape, generator=g))):
+        grads = {**update.update, **{f"{first}.{p}": change(update.update[f"{first}.{p}"]) for p in ("weight", "bias")}}
+        rec = attack.reconstruct(dataclasses.replace(update, update=grads))
+        assert rec.failed is None and tuple(rec.images.shape) == (0, 1, 28, 28), (why, rec.failed)
+        assert why in rec.stats["nothing_isolated"]
+        out = score_reconstruction(rec, _truth(x), lpips=False)
+        assert "failed" not in out and out[NUM_EXACT_KEY] == 0 and out[FRAC_EXACT_KEY] == 0.0

@@ -6,7 +6,12 @@ batch (Hungarian, :mod:`fedsim.metrics.matching`), then scored per pair: MSE, PS
 
 Rules, so that numbers are never flattering by construction:
 - a truth image without a reconstruction (fewer images returned than the batch) is scored against
-  a uniform 0.5 gray image, the blind guess, and enters every mean;
+  a uniform 0.5 gray image, the blind guess, and enters every mean; the ``*_best`` values (the worst
+  case for the client) come from matched pairs only, images the attack produced: the scorer's gray
+  guess never sets one, and they are absent when the attack returned no image;
+- an attack that ran but isolated nothing returns an empty (0, C, H, W) reconstruction (the rule in
+  :class:`fedsim.threat.Reconstruction`): a measured result, scored 0/B above 40 dB with the
+  blind-guess means and no ``*_best``, not a failure;
 - exact recovery of a subset (what malicious-server attacks deliver: Fowl et al., ICLR 2022) is counted
   beside the means: ``num_psnr_above_40db`` true images whose matched reconstruction is above
   :data:`EXACT_PSNR_DB` (a missing one never counts) and ``frac_psnr_above_40db`` = that count over the
@@ -62,8 +67,10 @@ def _aligned(recon: Tensor, truth: Tensor, order: np.ndarray) -> Tensor:
     return out
 
 
-def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool, known_lpips: Tensor | None = None) -> Score:
-    """Mean and best of each per-pair metric; ``known_lpips`` (B,): the pairs' LPIPS when already computed."""
+def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool, known_lpips: Tensor | None = None,
+                   matched: Tensor | None = None) -> Score:
+    """Mean (over every truth image) and best (over the ``matched`` ones, (B,) bool, default all; no ``*_best``
+    when none is) of each per-pair metric; ``known_lpips`` (B,): the pairs' LPIPS when already computed."""
     per: dict[str, Tensor] = {
         "psnr": psnr_per_image(aligned, truth),
         "ssim": ssim_per_image(aligned, truth),
@@ -73,10 +80,12 @@ def _image_metrics(aligned: Tensor, truth: Tensor, lpips: bool, known_lpips: Ten
     if scorer is not None:
         per["lpips"] = known_lpips if known_lpips is not None else scorer(aligned, truth)
     out: Score = {}
+    hit = torch.ones(truth.shape[0], dtype=torch.bool) if matched is None else matched
     for name, values in per.items():
         higher_leaks = METRIC_DIRECTIONS[name].startswith("higher")
         out[f"{name}_mean"] = float(values.mean())
-        out[f"{name}_best"] = float(values.max() if higher_leaks else values.min())
+        if bool(hit.any()):  # best of the images the attack produced, never of a blind guess
+            out[f"{name}_best"] = float(values[hit].max() if higher_leaks else values[hit].min())
     out["psnr_per_image"] = [float(v) for v in per["psnr"]]
     return out
 
@@ -141,7 +150,8 @@ def score_reconstruction(
 ) -> Score:
     """Leakage metrics of one reconstruction (see the module docstring for the rules).
 
-    Keys: ``batch_size``; with images ``psnr_/ssim_/mse_/lpips_`` ``mean`` and ``best``, ``order``
+    Keys: ``batch_size``; with images ``psnr_/ssim_/mse_/lpips_`` ``mean`` and ``best`` (best: matched pairs
+    only, absent when no image came back), ``order``
     (per truth index the matched reconstruction index, -1 if none), ``psnr_per_image`` (truth order),
     ``num_psnr_above_40db`` and ``frac_psnr_above_40db`` (:data:`EXACT_PSNR_DB`; missing images count as misses),
     ``matched_by`` and ``num_reconstructed``; with labels ``label_acc`` and ``label_acc_matched``
@@ -169,7 +179,8 @@ def score_reconstruction(
             exact = mse < 10.0 ** (-EXACT_PSNR_DB / 10.0)  # the pairs above EXACT_PSNR_DB
             order = assign(cost, prefer=exact)
             known = _lpips_from_matrix(cost, order, true_images) if lpips and matched_by == "lpips" else None
-            out.update(_image_metrics(_aligned(recon, true_images, order), true_images, lpips, known))
+            out.update(_image_metrics(_aligned(recon, true_images, order), true_images, lpips, known,
+                                      torch.as_tensor(order >= 0)))
             out.update(_exact_recoveries(out["psnr_per_image"], order))
             surplus = int(recon.shape[0]) - int(true_images.shape[0])
             if surplus > 0:

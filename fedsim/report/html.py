@@ -20,7 +20,7 @@ from typing import Any
 from fedsim.errors import FedsimError
 from fedsim.outcomes import was_not_attacked
 from fedsim.outputs import REPORT_ASSETS, check_replaceable, fresh_partial, remove_owned
-from fedsim.recovery import EXACT_LABEL, NUM_EXACT_KEY
+from fedsim.recovery import EXACT_LABEL, exact_count
 from fedsim.report.divergence import divergence_note
 from fedsim.report.dp_frontier_section import dp_frontier_section
 from fedsim.report.figures import utility_curve
@@ -101,8 +101,8 @@ def _gallery(entry: GalleryEntry, title: str, assets: Path, index: int) -> str:
     psnr = entry.metrics.get("psnr_mean")
     detail = f"round {entry.round}" + (f", client {entry.client}" if entry.client >= 0 else "")
     detail += f", mean PSNR {num(psnr)} dB" if isinstance(psnr, int | float) else ""
-    exact, size = entry.metrics.get(NUM_EXACT_KEY), entry.metrics.get("batch_size")  # absent before issue 14
-    detail += f", {exact}/{size} {EXACT_LABEL}" if isinstance(exact, int) and isinstance(size, int) else ""
+    exact = exact_count(entry.metrics)  # over the fraction's denominator; None before issue 14
+    detail += f", {exact} {EXACT_LABEL}" if exact else ""
     if entry.truth is None:  # model inversion: the released model, scored by an independent classifier
         mi, classes = entry.metrics.get("mi_accuracy"), entry.metrics.get("classes")
         detail += f", MI accuracy {num(mi)}" if isinstance(mi, int | float) else ""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsim.outcomes import outcome_label
-from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, NUM_EXACT_KEY
+from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, exact_count
 from fedsim.report.divergence import divergence_note
 from fedsim.report.manipulation import manipulation_markdown
 from fedsim.report.participation import participation_markdown
@@ -115,12 +115,13 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
 
 
 def _exact(metrics: dict[str, Any]) -> str:
-    """``0.62 (40/64)``: the share and count of the batch recovered above 40 dB (``fedsim.recovery``); ``-`` when a
-    metrics.json written before it has no such key."""
-    share, count = metrics.get(FRAC_EXACT_KEY), metrics.get(NUM_EXACT_KEY)
+    """``0.62 (40/64)``: the share and count of the batch recovered above 40 dB (``fedsim.recovery``), the count over
+    the share's own denominator (:func:`exact_count`: batch + surplus images); ``-`` when a metrics.json written
+    before it has no such key."""
+    share, count = metrics.get(FRAC_EXACT_KEY), exact_count(metrics)
     if not isinstance(share, int | float):
         return "-"
-    return f"{share:.2f} ({count}/{metrics.get('batch_size', '?')})" if isinstance(count, int) else f"{share:.2f}"
+    return f"{share:.2f} ({count})" if count else f"{share:.2f}"
 
 
 def _oracle_notes(outcomes: Sequence[Any]) -> list[str]:
