@@ -19,6 +19,7 @@ from torch import Tensor
 
 import attacks
 from attacks.base import Attack, AttackParams
+from attacks.malicious import MaliciousAttack
 from attacks.victim import rebuild_model
 from fedsim.attacking import observe, run_attacks
 from fedsim.metrics import score_reconstruction
@@ -27,7 +28,7 @@ from fedsim.report.summary import summary_markdown
 from fedsim.scenario import parse_scenario
 from fedsim.simulation import run_federation
 from fedsim.simulation.setup import setup_for
-from fedsim.threat import GroundTruth, Reconstruction, ReleasedModel
+from fedsim.threat import GroundTruth, Reconstruction, ReleasedModel, ServerModel
 
 SIGMA, CLIP, BETA, MAX_NORM, LR, WEIGHT_DECAY = 0.7331, 2.345, 0.0271, 3.217, 0.0437, 0.00123
 DEFENSE_VALUES = (SIGMA, CLIP, BETA, MAX_NORM)
@@ -256,3 +257,57 @@ def test_surplus_from_the_declared_count_is_not_oracle() -> None:
     assert out["count_mismatch"] is True and "oracle_selection" not in out
     oracle, reasons, _, out = judge(dict(metrics), asked=3)
     assert oracle and any("selection" in r for r in reasons) and out["oracle_selection"] is True
+
+
+class _Recorder(MaliciousAttack):
+    """Records the ManipulationView the malicious server hands it, and sends the honest model unchanged."""
+
+    views: ClassVar[list[Any]] = []
+
+    @classmethod
+    def threat_model_for(cls, params: Any, knowledge: Any) -> str:
+        return "G" if knowledge.auxiliary_data else "F"
+
+    def manipulate(self, view: Any) -> ServerModel:
+        type(self).views.append(view)
+        return ServerModel(dict(view.global_state))
+
+    def reconstruct(self, update, progress=None) -> Reconstruction:  # noqa: ANN001
+        return Reconstruction.failure("test attack: records its view only")
+
+
+@pytest.mark.parametrize("knowledge", [{}, {"local_hparams": True}, {"local_hparams": True, "auxiliary_data": True}])
+def test_the_malicious_servers_view_carries_only_what_its_knowledge_grants(tiny_raw, knowledge) -> None:
+    """Through the real server path: surrogate data (the test split) and its labels only with auxiliary_data, the
+    local hyperparameters only with local_hparams. Knowledge {} cannot pass validation (F needs training details),
+    so that case changes the parsed scenario's knowledge, as a bug past validation would."""
+    from fedsim.scenario import Knowledge
+
+    attacks.ATTACKS.add("test_recorder", _Recorder)
+    _Recorder.views.clear()
+    try:
+        raw = copy.deepcopy(tiny_raw)
+        raw["server"] = {"role": "malicious"}
+        raw["federation"].update(rounds=1, local={"batch_size": 4, "lr": LR, "weight_decay": WEIGHT_DECAY})
+        raw["attacks"] = [{"name": "test_recorder", "rounds": [1], "clients": [1],
+                           "knowledge": {"local_hparams": True, **knowledge}}]
+        scenario = parse_scenario(raw)
+        if not knowledge:
+            spec = scenario.attacks[0].model_copy(update={"knowledge": Knowledge()})
+            scenario = scenario.model_copy(update={"attacks": [spec]})
+        run_federation(scenario)
+    finally:
+        attacks.ATTACKS._items.pop("test_recorder", None)
+    (view,) = _Recorder.views
+    data = setup_for(scenario).data
+    scalars, tensors, _ = _contents(view)
+    surrogate = bool(knowledge.get("auxiliary_data"))
+    assert (view.auxiliary is not None, view.auxiliary_labels is not None) == (surrogate, surrogate)
+    assert _has_tensor(tensors, data.test_x) == surrogate and _has_tensor(tensors, data.test_y) == surrogate
+    if surrogate:
+        assert torch.equal(view.auxiliary, data.test_x) and torch.equal(view.auxiliary_labels, data.test_y)
+    hparams = bool(knowledge.get("local_hparams"))
+    assert (dict(view.hyperparams) != {}) == hparams
+    assert _has_scalar(scalars, LR) == hparams and _has_scalar(scalars, WEIGHT_DECAY) == hparams
+    if hparams:
+        assert view.hyperparams["lr"] == LR and view.hyperparams["protocol"] == "fedsgd"
