@@ -134,6 +134,9 @@ def _print_result(result) -> None:  # noqa: ANN001
             exact = f" ({count} {EXACT_LABEL})" if count else ""
             out(f"{tag}: PSNR {m.get('psnr_mean', float('nan')):.2f} dB{exact}, "
                 f"SSIM {m.get('ssim_mean', float('nan')):.3f}, {labels}  ({o.seconds:.1f} s)")
+            why = (getattr(o, "stats", None) or {}).get("nothing_isolated")
+            if why:  # ran and isolated nothing: a measured 0, not a failure
+                out(f"  nothing recovered: {why}")
     t = result.timing
     out(f"time: federation {t['federation_s']:.1f} s, attacks {t['attacks_s']:.1f} s")
     if result.out_dir is not None:

@@ -125,12 +125,18 @@ def _exact(metrics: dict[str, Any]) -> str:
 
 
 def _oracle_notes(outcomes: Sequence[Any]) -> list[str]:
-    """Why each oracle row is one, and what "given" labels mean (decided by the runner, not the attacks)."""
+    """Why each oracle row is one, what "given" labels mean (decided by the runner, not the attacks), and why a row
+    that ran recovered nothing (the attack's ``stats["nothing_isolated"]``)."""
     notes = sorted({f"- {o.attack} (oracle, an upper bound that used ground truth): {'; '.join(o.oracle_reasons)}"
                     for o in outcomes if o.oracle and getattr(o, "oracle_reasons", ())})
     if any(getattr(o, "oracle_labels", False) for o in outcomes):
         notes.append("- label acc \"given\": the threat model handed the attack the true labels "
                      "(knowledge.labels: known), so no label accuracy is reported.")
+    for o in outcomes:  # an attack that ran and isolated nothing: a measured 0, not a failure (Reconstruction)
+        why = (getattr(o, "stats", None) or {}).get("nothing_isolated")
+        if why and not o.failed:
+            notes.append(f"- {o.attack} round {o.round} client {o.partition_id}: nothing recovered, a measured 0 "
+                         f"(the attack ran; not a failure): {why}")
     if any(o.metrics.get("count_mismatch") for o in outcomes if not o.failed):
         notes.append("- count mismatch: the attack reconstructed the count the client declared (under DP-SGD "
                      "the expected batch size) and the real batch was smaller; each surplus image is scored as "
