@@ -319,6 +319,7 @@ def test_dp_sgd_against_robbing_the_fed_is_a_measured_zero_not_a_failed_attack(t
     (row,) = [line for line in summary.splitlines() if line.startswith("| robbing_the_fed")]
     assert "| 0.00 (0/16) |" in row and "failed" not in row, row
     assert "nothing recovered" in summary and "none isolated an input" in summary
+    assert "none isolated an input" in (result.out_dir / "report.html").read_text()
     assert (result.out_dir / "report.html").is_file()
 
 

@@ -39,6 +39,7 @@ class GalleryEntry:
     labels: list[int] | None = None
     psnr_per_image: list[float] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    nothing_isolated: str | None = None  # the attack ran and isolated no input: why (its stats; a measured 0)
 
     def pairs(self, limit: int) -> list[tuple[np.ndarray | None, np.ndarray | None, float | None, int | None]]:
         """(truth, matched reconstruction, PSNR, target class) per column, at most ``limit`` columns."""
@@ -100,6 +101,7 @@ def save_reconstructions(outcomes: Sequence[Any], path: Path) -> bool:
             keep["classes"] = [int(c) for c in classes if isinstance(c, int)]
         meta.append({"attack": o.attack, "attack_index": o.attack_index, "round": o.round, "client": o.partition_id,
                      "oracle": bool(o.oracle), "failed": o.failed, "metrics": keep,
+                     "nothing_isolated": (getattr(o, "stats", None) or {}).get("nothing_isolated"),
                      "psnr_per_image": [float(v) for v in o.metrics.get("psnr_per_image") or []]})
     if not any(k.startswith(("truth_", "recon_")) for k in arrays):
         return False
@@ -125,6 +127,7 @@ def load_reconstructions(path: Path) -> list[GalleryEntry]:
             reconstruction=arrays.get(f"recon_{i}"), order=[] if order is None else [int(v) for v in order],
             labels=None if labels is None else [int(v) for v in labels],
             psnr_per_image=list(m.get("psnr_per_image") or []), metrics=dict(m.get("metrics") or {}),
+            nothing_isolated=m.get("nothing_isolated"),
         ))
     return entries
 
