@@ -29,9 +29,14 @@ def _verdict(history: Sequence[Mapping[str, Any]]) -> str | None:
     if not short:
         return f"Every one of the {len(rounds)} training round(s) aggregated all the clients it requested."
     worst = min(short, key=lambda h: h.get("clients_aggregated", 0))
+    refused = [h for h in short if h.get("clients_refused", 0) and h.get("clients_aggregated", 0) == 0]
+    which = ", ".join(f"{h['round']:.0f}" for h in refused)
+    note = (f" In {len(refused)} round(s) (round {which}) every client "
+            "refused the server's model (a client-side check): nothing was aggregated and the global model stayed "
+            "as it was." if refused else "")
     return (f"{len(short)} of {len(rounds)} training round(s) aggregated fewer clients than requested (fewest: "
             f"{worst.get('clients_aggregated', 0):.0f} of {worst['clients_requested']:.0f} in round "
-            f"{worst['round']:.0f}); the failed clients' updates are not in those rounds' aggregates.")
+            f"{worst['round']:.0f}); the failed clients' updates are not in those rounds' aggregates.{note}")
 
 
 def participation_markdown(history: Sequence[Mapping[str, Any]],

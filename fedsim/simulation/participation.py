@@ -11,10 +11,18 @@ The policy, the same on the plain Message-API path and under SecAgg+, and on eve
   from their neighbours' key shares (its dropout tolerance), so the aggregate is the survivors'
   weighted mean and its ground truth is the survivors' batches only. An attack aimed at a client
   that failed in that round is reported as failed with the client's reason.
-* **No progress: the run stops.** A round that aggregated no client update (every client failed, or
-  under SecAgg+ too few survived for the protocol's reconstruction threshold, which halts the round)
-  raises :class:`~fedsim.errors.NoProgressError` (one line with the client's reason; the CLI exits
-  2). Nothing after it could change the model, so the run writes nothing.
+* **Every client refused the model: the round is recorded, the run goes on.** A client-side check
+  (``Defense.inspect_model`` raising :class:`~fedsim.errors.ModelRefusedError`) refusing the model in
+  every sampled client is the defense working, not a crash: the round aggregates nothing (on the plain
+  path the strategy keeps the global model; under SecAgg+ the halted round leaves it as it was), its
+  row has ``clients_aggregated`` 0 and ``clients_refused`` = ``clients_requested``, the attack on it
+  fails with the refusal's reason, and later rounds run as usual. No update was aggregated, so no
+  central-DP release or DIFF2 estimate is affected either.
+* **No progress: the run stops.** A round that aggregated no client update for any other reason
+  (every client failed, or under SecAgg+ too few survived for the protocol's reconstruction
+  threshold, which halts the round) raises :class:`~fedsim.errors.NoProgressError` (one line with
+  the client's reason; the CLI exits 2). Nothing after it could change the model, so the run writes
+  nothing.
 * **Strategy wrappers need every client.** When a defense wraps the server strategy (central DP),
   the first failed client stops the run with :class:`~fedsim.errors.SimulationError`: the wrapper
   calibrates its noise to the number of clients sampled, and a mean over fewer clients has a larger
@@ -35,10 +43,16 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
-from fedsim.errors import NoProgressError, SimulationError
+from fedsim.errors import ModelRefusedError, NoProgressError, SimulationError
 
 log = logging.getLogger("fedsim")
 MAX_REASON = 300  # characters of a client's error reason kept in outputs
+REFUSED = f"{ModelRefusedError.__name__}:"  # how a refusal's reason starts (client_errors_mod's "<Type>: <message>")
+
+
+def is_refusal(reason: str) -> bool:
+    """Whether a client's one-line failure reason is a client-side check refusing the model (ModelRefusedError)."""
+    return str(reason).startswith(REFUSED)
 
 
 def one_line(reason: str) -> str:
@@ -87,13 +101,27 @@ class Participation:
     def failed_in(self, round_num: int) -> list[ClientFailure]:
         return sorted((f for f in self.failures if f.round == round_num), key=lambda f: f.partition_id)
 
+    def refused_in(self, round_num: int) -> list[ClientFailure]:
+        """The failures of round ``round_num`` that are a client-side check refusing the model."""
+        return [f for f in self.failed_in(round_num) if is_refusal(f.reason)]
+
+    def all_refused(self, round_num: int) -> bool:
+        """Whether round ``round_num`` aggregated nothing because every client it asked refused the model."""
+        requested = self.requested.get(round_num, 0)
+        return (bool(requested) and self.aggregated.get(round_num, 0) == 0
+                and len(self.refused_in(round_num)) == requested)
+
     def row(self, round_num: int) -> dict[str, float]:
-        """The history-row fields of a training round (empty for round 0, the initial evaluation)."""
+        """The history-row fields of a training round (empty for round 0, the initial evaluation);
+        ``clients_refused`` only when a client refused the model."""
         if round_num not in self.requested:
             return {}
-        return {"clients_requested": self.requested[round_num],
-                "clients_aggregated": self.aggregated.get(round_num, 0),
-                "clients_failed": len(self.failed_in(round_num))}
+        row = {"clients_requested": self.requested[round_num],
+               "clients_aggregated": self.aggregated.get(round_num, 0),
+               "clients_failed": len(self.failed_in(round_num))}
+        if refused := len(self.refused_in(round_num)):
+            row["clients_refused"] = refused
+        return row
 
     def check(self, round_num: int, needs_every_client: str | None = None, halted: str | None = None) -> None:
         """Apply the stopping rules of the module docstring to a finished round.
@@ -101,11 +129,15 @@ class Participation:
         ``needs_every_client``: why a defense needs every client (stop on any failure), e.g. "defense 'central_dp'
         wraps the server strategy, ..." (:func:`fedsim.simulation.server_app.needs_every_client`);
         ``halted``: why the protocol aggregated nothing, if it says (e.g. SecAgg+'s threshold).
-        Raises NoProgressError or SimulationError; returns when the run may go on.
+        Returns (the run goes on) when every client refused the model (``all_refused``). Raises NoProgressError or
+        SimulationError; returns when the run may go on.
         """
         failed = self.failed_in(round_num)
         requested = self.requested.get(round_num, 0)
         first = f"client {failed[0].partition_id}: {failed[0].reason}" if failed else ""
+        if self.all_refused(round_num):  # the defense worked: nothing aggregated, the model unchanged, go on
+            log.info("round %d: every client refused the model (%s); nothing aggregated", round_num, first)
+            return
         if requested and self.aggregated.get(round_num, 0) == 0:
             why = f"{len(failed)} of {requested} clients failed" + (f"; {halted}" if halted else "")
             raise NoProgressError(f"round {round_num}: no client update was aggregated ({why})"

@@ -176,11 +176,15 @@ def build_server_app(
             row = rows(server_round, arrays.to_torch_state_dict)
             return MetricRecord({k: v for k, v in row.items() if k != "round"})
 
+        initial = ArrayRecord(rows.model.state_dict())
         result = strategy.start(
-            grid=proxy, initial_arrays=ArrayRecord(rows.model.state_dict()), num_rounds=fed.rounds,
+            grid=proxy, initial_arrays=initial, num_rounds=fed.rounds,
             train_config=ConfigRecord(), evaluate_fn=evaluate_fn,
         )
-        outcome.final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else None
+        # Flower's Result keeps only aggregated arrays: when every round was refused by every client
+        # (fedsim.simulation.participation) it holds none, and the global model is still the initial one
+        final = result.arrays if result.arrays is not None and len(result.arrays) else initial
+        outcome.final_state = final.to_torch_state_dict()
         outcome.seconds = time.perf_counter() - rows.start
 
     return app

@@ -1,0 +1,106 @@
+"""A client-side check refusing the model in every sampled client is the defense working, not a crash.
+
+The round aggregates nothing, the global model stays as it was, later rounds run, and metrics.json, summary.md and
+report.html are all written (:mod:`fedsim.simulation.participation`), on the plain path and under SecAgg+. The
+manipulation here is a test-only plug-in (it scales the first weight matrix), so any statistics check refuses it;
+the expected global model is the agreed model built directly, not read from the federation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import ClassVar
+
+import pytest
+import torch
+
+from attacks import ATTACKS
+from attacks.malicious import MaliciousAttack
+from fedsim.scenario import parse_scenario
+from fedsim.simulation import run_federation
+from fedsim.simulation.setup import setup_for
+from fedsim.threat import ManipulationView, Reconstruction, ServerModel
+
+SCALE = 10.0
+
+
+class _ScaleAll(MaliciousAttack):
+    """Scales the first weight matrix of the model it sends (a weights-only manipulation)."""
+
+    threat_model: ClassVar[str] = "F"
+    matches_differences: ClassVar[bool] = True
+
+    def manipulate(self, view: ManipulationView) -> ServerModel:
+        name = next(k for k, v in view.global_state.items() if v.dim() == 2)
+        return ServerModel({k: (v * SCALE if k == name else v) for k, v in view.global_state.items()}, note="scaled")
+
+    def reconstruct(self, update, progress=None) -> Reconstruction:  # noqa: ANN001
+        return Reconstruction.failure("test attack: reconstruction not tested here")
+
+
+@pytest.fixture(autouse=True)
+def _plugin():
+    ATTACKS.add("test_refusal_scale", _ScaleAll)
+    yield
+    ATTACKS._items.pop("test_refusal_scale", None)
+
+
+def _raw(tiny_raw: dict, secagg: bool, rounds: int) -> dict:
+    raw = copy.deepcopy(tiny_raw)
+    raw["server"] = {"role": "malicious"}
+    raw["federation"]["rounds"] = rounds
+    raw["attacks"] = [{"name": "test_refusal_scale", "rounds": [1], "clients": "all",
+                       "knowledge": {"local_hparams": True}}]
+    raw["defenses"] = [{"name": "model_check", "params": {"action": "refuse"}}]
+    if secagg:
+        raw["defenses"].append({"name": "secagg", "params": {"num_shares": 3, "reconstruction_threshold": 2}})
+    return raw
+
+
+@pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
+def test_every_client_refusing_keeps_the_global_model(tiny_raw, secagg) -> None:
+    scenario = parse_scenario(_raw(tiny_raw, secagg, rounds=1))
+    agreed = setup_for(scenario).build_model().state_dict()  # the initial model, built here
+    outcome = run_federation(scenario)
+    row = next(h for h in outcome.history if h["round"] == 1)
+    assert (row["clients_requested"], row["clients_aggregated"], row["clients_refused"]) == (4, 0, 4)
+    assert outcome.final_state is not None and set(outcome.final_state) == set(agreed)
+    for k, v in agreed.items():  # the malicious server learned nothing: the model did not move
+        assert torch.equal(outcome.final_state[k], v), k
+
+
+@pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
+def test_a_refused_round_writes_every_output_and_later_rounds_run(tiny_raw, tmp_path, secagg) -> None:
+    from fedsim.run import run_scenario
+
+    result = run_scenario(parse_scenario(_raw(tiny_raw, secagg, rounds=2)), tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rows = {h["round"]: h for h in metrics["utility"]}
+    assert rows[1]["clients_aggregated"] == 0 and rows[1]["clients_refused"] == 4
+    assert rows[2]["clients_aggregated"] == 4 and "clients_refused" not in rows[2]
+    assert len(metrics["client_failures"]) == 4
+    assert all("ModelRefusedError" in f["reason"] for f in metrics["client_failures"])
+    assert result.outcomes  # one per client (plain) or the aggregate (SecAgg+): each failed with the refusal
+    assert all(o.failed and "ModelRefusedError" in o.failed for o in result.outcomes)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    report = (tmp_path / "run" / "report.html").read_text()
+    for text in (summary, report):
+        assert "every client refused the server" in text and "ModelRefusedError" in text
+
+
+def test_a_round_with_other_failures_still_stops(tiny_raw, monkeypatch) -> None:
+    """Only refusals are a deliberate outcome: a round where every client crashed still raises NoProgressError."""
+    from fedsim.errors import NoProgressError
+    from fedsim.simulation.participation import Participation
+
+    p = Participation()
+    p.requested[1], p.aggregated[1] = 2, 0
+    p.fail(1, 0, "ModelRefusedError: model_check: abnormal weights")
+    p.fail(1, 1, "RuntimeError: out of memory")
+    with pytest.raises(NoProgressError, match="round 1"):
+        p.check(1)
+    p.requested[2], p.aggregated[2] = 1, 0
+    p.fail(2, 0, "ModelRefusedError: model_check: abnormal weights")
+    p.check(2)  # every client refused: the run goes on
+    assert p.row(2) == {"clients_requested": 1, "clients_aggregated": 0, "clients_failed": 1, "clients_refused": 1}
