@@ -262,6 +262,9 @@ def test_an_empty_reconstruction_is_a_measured_zero_with_blind_guess_means_and_n
     assert out["psnr_mean"] == pytest.approx(sum(gray) / 5, abs=1e-3)
     oracle, reasons, _, _ = judge(dict(out), asked=5)
     assert not oracle and reasons == ()
+    with_lpips = score_reconstruction(Reconstruction(images=torch.empty(0, 3, 8, 8), labels=None), _truth(x),
+                                      lpips=True, match="lpips")  # the LPIPS matrix of 0 rows, too
+    assert "failed" not in with_lpips and not [k for k in with_lpips if k.endswith("_best")]
 
 
 def test_the_count_shown_beside_the_fraction_divides_to_it(tmp_path, capsys):
