@@ -20,13 +20,20 @@ Reported per client and round (``fedsim.<key>`` in the reply, ``client_metrics``
 abnormal tensor; -1 when none), ``model_check_norm_ratio`` (the largest norm change factor, >= 1),
 ``model_check_mean_shift`` (largest, in reference RMS units) and ``model_check_negative_shift`` (largest).
 
-What it should catch and miss (the measured numbers come from the issue-14 benchmark, not from here):
-an added imprint block (Robbing the Fed) is caught by (a) whatever its weights; weight-only manipulations (trap
-weights: first-layer rows with a shifted, mostly negative distribution; fishing: magnified class weights) can only
-be seen by (b), which catches them when the change is large against the thresholds and misses a manipulation
-that keeps each layer's norm, mean and sign balance (e.g. trap weights that only permute/rescale within the
-thresholds). Honest training also moves the statistics: the thresholds trade false flags for missed attacks,
-and comparing with the last accepted model (one round of honest drift) is tighter than with the initial model.
+What it catches and misses (measured, seed 0, default thresholds; scenarios/defenses/model_check.yaml and
+scenarios/attacks/trap_weights.yaml):
+
+* an added imprint block (Robbing the Fed) is refused by (a) whatever its weights: the client sends nothing;
+* fishing (magnified classifier rows, weights only) is flagged by (b) on the ConvNet of model_check.yaml: the
+  classifier's norm changes x3.25 (> ``max_norm_ratio`` 3.0) and its sign balance by 0.46;
+* trap weights with ``match_norm: true`` (their default: the trapped layer is rescaled to the honest layer's norm)
+  are MISSED: norm ratio 1.00, mean shift 0.03 RMS, negative-fraction shift 0.001, while the attack recovers 49 of
+  64 digits above 40 dB; with ``match_norm: false`` the layer's norm changes x69.6 and (b) flags it.
+
+So (b) sees a weights-only manipulation only when it moves a layer's norm, mean or sign balance past the
+thresholds; one that keeps them (a rescaled trap layer) passes. Honest training also moves the statistics: the
+thresholds trade false flags for missed attacks, and comparing with the last accepted model (one round of honest
+drift) is tighter than with the initial model.
 """
 
 from __future__ import annotations
