@@ -104,3 +104,34 @@ def test_a_round_with_other_failures_still_stops(tiny_raw, monkeypatch) -> None:
     p.fail(2, 0, "ModelRefusedError: model_check: abnormal weights")
     p.check(2)  # every client refused: the run goes on
     assert p.row(2) == {"clients_requested": 1, "clients_aggregated": 0, "clients_failed": 1, "clients_refused": 1}
+
+
+def test_a_not_attacked_target_is_an_ok_cell_never_a_failed_one(tiny_raw, tmp_path) -> None:
+    """QA finding 3: a target client that was not sampled ("not attacked", fedsim.outcomes) must count as not
+    attacked in every reader of outcomes (report cells, leaderboard, leakage curve), with the run's test accuracy."""
+    from fedsim.outcomes import was_not_attacked
+    from fedsim.report.leakage import leakage_curve
+    from fedsim.report.loading import load_run
+    from fedsim.report.tables import leaderboard
+    from fedsim.run import run_scenario
+
+    raw = copy.deepcopy(tiny_raw)
+    raw["federation"].update(rounds=1, clients_per_round=1)
+    raw["attacks"] = [{"name": "inverting_gradients", "rounds": [1], "clients": [0, 1, 2, 3],
+                      "budget": {"iterations": 1}}]
+    out = tmp_path / "run"
+    result = run_scenario(parse_scenario(raw), out)
+    skipped = [o for o in result.outcomes if was_not_attacked(o.failed)]
+    assert len(skipped) == 3  # one of 4 clients sampled
+    (curve_row,) = leakage_curve(result.outcomes)
+    assert curve_row["failed"] == 0 and curve_row["not_attacked"] == 3
+    # keep only the not-attacked outcomes: the run's one attack then has no update at all
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["attacks"] = [o for o in metrics["attacks"] if was_not_attacked(o.get("failed"))]
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    (cell,) = load_run(out).cells
+    assert cell.ok and cell.error is None
+    (row,) = leaderboard([cell])
+    assert (row.ok, row.failed, row.attacks_failed, row.not_attacked) == (1, 0, 0, 3)
+    want = [h for h in metrics["utility"] if "test_accuracy" in h][-1]["test_accuracy"]
+    assert cell.summary["test_accuracy"] == want

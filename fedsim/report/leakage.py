@@ -17,18 +17,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedsim.outcomes import was_not_attacked  # noqa: E402
+
 CURVE_METRICS = ("psnr_mean", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
 
 
 def leakage_curve(outcomes: Sequence[Any]) -> list[dict[str, Any]]:
-    """Rows {attack, attack_index, round, clients, failed, <metric>: mean over clients} sorted by round."""
+    """Rows {attack, attack_index, round, clients, failed, not_attacked (when any), <metric>: mean over clients}
+    sorted by round; ``failed`` counts attack failures only, never a target without an update (not attacked)."""
     groups: dict[tuple[int, str, int], list[Any]] = defaultdict(list)
     for o in outcomes:
         groups[(o.attack_index, o.attack, o.round)].append(o)
     rows = []
     for (index, name, rnd), members in sorted(groups.items()):
+        skipped = sum(1 for o in members if was_not_attacked(o.failed))  # no update to attack: not a failure
         row: dict[str, Any] = {"attack": name, "attack_index": index, "round": rnd, "clients": len(members),
-                               "failed": sum(1 for o in members if o.failed)}
+                               "failed": sum(1 for o in members if o.failed) - skipped}
+        if skipped:
+            row["not_attacked"] = skipped
         for key in CURVE_METRICS:
             values = [o.metrics[key] for o in members if not o.failed and isinstance(o.metrics.get(key), int | float)]
             if values:

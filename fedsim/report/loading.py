@@ -180,7 +180,10 @@ def load_run(path: Path) -> Source:
             raise ReportSourceError(f"{path / 'metrics.json'}: a field has an unexpected shape "
                                     f"({type(err).__name__}: {err})") from None
         mine = [o for o in metrics.get("attacks") or [] if o.get("attack_index") == index]
-        failed = bool(mine) and all(o.get("failed") for o in mine)  # a cell fails when every outcome failed
+        # a cell fails when every outcome that had an update to attack failed; a target without one ("not
+        # attacked": the client was not sampled) is no failure (fedsim.outcomes), so it never fails the cell
+        attacked = [o for o in mine if not was_not_attacked(o.get("failed"))]
+        failed = bool(attacked) and all(o.get("failed") for o in attacked)
         error = "; ".join(sorted({str(o["failed"]) for o in mine if o.get("failed")})) if failed else None
         cells.append(Cell(f"attack{index}" if index is not None else "run", name, defense, {}, 0, seed,
                           "failed" if failed else "ok", error, seconds, path, summary, index))
