@@ -97,10 +97,10 @@ class AnalyticFC(Attack):
         shape = tuple(facts.task.input_shape)
         found = first_linear(facts.model, shape)
         if isinstance(found, str):
-            raise ScenarioError("name", f"{spec.name} reads the input from a fully connected first layer with bias: "
-                                f"{found} (model {scenario.model.name}; use fc10)")
+            raise ScenarioError("model.name", f"{spec.name} reads the input from a fully connected first layer "
+                                f"with bias: {found} (model {scenario.model.name}; use fc10)")
         if len(shape) != 3:
-            raise ScenarioError("name", f"{spec.name} recovers images (C, H, W); this task's input is {shape}")
+            raise ScenarioError("data.dataset", f"{spec.name} recovers images (C, H, W); this task's input is {shape}")
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         """Batch 1: the input (least squares over the rows); batch B > 1: B far-apart row mixtures."""

@@ -27,6 +27,7 @@ from fedsim.isolation import seeded_method
 from fedsim.registry import Registry
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
 from fedsim.threat import ClientUpdate, ModelFacts, Reconstruction, ReleasedModel
+from fedsim.yaml_literal import yaml_repr
 
 ProgressFn = Callable[[int, int], None]  # (iterations done, iterations total)
 
@@ -127,15 +128,13 @@ class Attack(ABC):
         """Refuse a scenario whose protocol or threat model does not fit this attack."""
         protocol = scenario.federation.protocol
         if protocol not in cls.protocols:
-            raise ThreatModelError(
-                f"{spec.name} inverts {' or '.join(cls.protocols)} updates, but federation.protocol is {protocol!r}"
-            )
+            raise ScenarioError("federation.protocol", f"{spec.name} inverts {' or '.join(cls.protocols)} updates, "
+                                f"and this scenario has {protocol!r}")
         for key, wanted in cls.needs.items():
             granted = getattr(spec.knowledge, key)
             if granted != wanted:
-                raise ThreatModelError(
-                    f"{spec.name} needs knowledge.{key}: {wanted!r}, but the threat model grants {granted!r}"
-                )
+                raise ScenarioError(f"knowledge.{key}", f"{spec.name} needs {yaml_repr(wanted)}, but the threat "
+                                    f"model grants {yaml_repr(granted)}")
         if spec.knowledge.bn_stats == "client":
             raise ScenarioError("knowledge.bn_stats", "'client' (the client's own batch statistics) cannot be "
                                 "granted: no update carries them and the runner hands none over; use 'running' "
@@ -214,8 +213,8 @@ class ModelInversionAttack(Attack):
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
         super().check_scenario(scenario, spec)
         if "clients" in spec.model_fields_set:
-            raise ThreatModelError(f"{spec.name} inverts the released global model, not a client's update: "
-                                   "remove its 'clients' field")
+            raise ScenarioError("clients", f"{spec.name} inverts the released global model, not a client's update: "
+                                "remove its 'clients' field")
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         """Not applicable: a model-inversion attack never reads a client update."""

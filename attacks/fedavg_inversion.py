@@ -115,7 +115,8 @@ class FedAvgInversion(Attack):
         local = scenario.federation.local
         reason = unrollable({"optimizer": local.optimizer, "momentum": local.momentum, "lr": local.lr})
         if reason is not None:
-            raise ScenarioError("federation.local", f"{spec.name}: {reason}")
+            field = "optimizer" if local.optimizer != "sgd" else "momentum"
+            raise ScenarioError(f"federation.local.{field}", f"{spec.name}: {reason}")
         if spec.knowledge.defense and not any(d.name in cls.simulates_defenses for d in scenario.defenses):
             raise ScenarioError("knowledge.defense", f"true switches on {spec.name}'s defense-aware mode, which "
                                 f"models {', '.join(cls.simulates_defenses)} only, and the scenario has none; "

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from attacks.base import ProgressFn
 from attacks.label_recovery import LABEL_STRATEGIES, recover_labels
+from attacks.local_sgd import sum_of_gradients_problem
 from attacks.victim import UpdateMismatchError, check_update, target_gradient
 from fedsim.errors import ThreatModelError
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
@@ -117,6 +118,10 @@ def check_delta_scale(scenario: Scenario, spec: AttackSpec, distance: str) -> No
             f"{spec.name} with distance {distance!r} matches a FedAvg delta as -delta / (lr * steps): "
             "grant knowledge.local_hparams: true, or use distance: cosine"
         )
+    if distance != "cosine":  # the rescaling holds for plain SGD only (attacks.local_sgd)
+        problem = sum_of_gradients_problem(scenario, f"{spec.name} with distance {distance!r}", scale=True)
+        if problem is not None:
+            raise problem
 
 
 def delta_scale_letter(letter: str, distance: str, knowledge: Knowledge) -> str:

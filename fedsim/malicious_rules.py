@@ -5,7 +5,8 @@
 an attack that manipulates the model (has ``manipulate``) when ``server.role`` is not ``malicious``, or whose
 needed SoK letter (``threat_model_for`` with its params) is not a manipulator's (F-H: a plug-in that manipulates
 must say so, or its outcomes would be filed under an eavesdropper's letter), two malicious attacks in one round
-(the server sends one model), ``federation.staleness`` (a slow client's old
+(the server sends one model), ``to_all: false`` under secure aggregation (every sampled client gets the one
+model), ``federation.staleness`` (a slow client's old
 model would be manipulated and restored against another honest model), and a defense whose clients send gradient
 differences against the previous round's model (DIFF2: the difference of a manipulated and an honest model's
 gradients has no agreed-model meaning, and its client keeps the received model as the next reference).
@@ -57,10 +58,17 @@ def check_scenario(scenario: Scenario) -> None:
             raise ScenarioError(f"defenses[{differences}]", f"{scenario.defenses[differences].name} sends gradient "
                                 f"differences against the model of the round before, which attacks[{i}] "
                                 f"({spec.name}) replaces by a manipulated one: remove one")
+        secure = _secure_defense(scenario)
+        if secure is not None and spec.params.get("to_all", True) is False:
+            raise ScenarioError(f"attacks[{i}].params.to_all", f"false, but {scenario.defenses[secure].name} "
+                                "(secure aggregation) sends the server's one model to every sampled client: "
+                                "set true or remove it")
+        field = "every" if spec.every is not None else "rounds"  # the field the user set
         for r in spec.target_rounds(rounds):
             if r in owner:
-                raise ScenarioError(f"attacks[{i}].rounds", f"round {r} is also manipulated by attacks[{owner[r]}]; "
-                                    "the server sends one model per round: give them different rounds")
+                raise ScenarioError(f"attacks[{i}].{field}", f"round {r} is also manipulated by "
+                                    f"attacks[{owner[r]}]; the server sends one model per round: give them "
+                                    "different rounds")
             owner[r] = i
 
 
@@ -73,5 +81,17 @@ def _difference_defense(scenario: Scenario) -> int | None:
     for j, spec in enumerate(scenario.defenses):
         cls = registry.get(spec.name) if spec.name in registry else None
         if cls is not None and cls.message_reference is not Defense.message_reference:
+            return j
+    return None
+
+
+def _secure_defense(scenario: Scenario) -> int | None:
+    """Index of a defense that asks for secure aggregation (``secure_aggregation = True``), or None."""
+    from fedsim.plugins import defense_registry
+
+    registry = defense_registry()
+    for j, spec in enumerate(scenario.defenses):
+        cls = registry.get(spec.name) if spec.name in registry else None
+        if cls is not None and getattr(cls, "secure_aggregation", False):
             return j
     return None

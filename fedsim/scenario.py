@@ -63,6 +63,15 @@ class LocalTraining(_Strict):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 
+    @model_validator(mode="after")
+    def _check_one_of(self) -> LocalTraining:
+        """Refuse two fields of which one would silently win (steps over epochs; Adam has no momentum)."""
+        if {"steps", "epochs"} <= self.model_fields_set and self.steps is not None:
+            raise _PathError("steps", "give epochs or steps, not both (steps would override epochs)")
+        if self.optimizer == "adam" and self.momentum > 0:
+            raise _PathError("momentum", "is SGD's; optimizer adam would ignore it (set 0, or use optimizer: sgd)")
+        return self
+
 
 class FederationSpec(_Strict):
     clients: int = Field(10, ge=1)
@@ -193,6 +202,9 @@ class Scenario(_Strict):
     def _check_targets(self) -> Scenario:
         fed = self.federation
         for i, atk in enumerate(self.attacks):
+            if atk.every is not None and "rounds" in atk.model_fields_set:
+                raise _PathError(f"attacks[{i}].every", "give rounds or every, not both (every would override "
+                                 f"rounds {atk.rounds})")
             if atk.every is None and not atk.rounds:
                 raise _PathError(f"attacks[{i}].rounds", "an empty list attacks no round (give rounds or every)")
             for r in atk.rounds:
@@ -305,9 +317,15 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
 def plugin_error(where: str, spec: PluginSpec, err: FedsimError) -> ScenarioError:
     """``err`` from a plug-in's check of ``spec`` (at ``where``, e.g. ``attacks[0]``) as a ScenarioError: a path
     that starts with a field of the spec (``knowledge.bn_stats``, ``params.label_strategy``) is taken
-    relative to it; any other error is reported at ``where`` with its whole message."""
-    if isinstance(err, ScenarioError) and err.path.split(".")[0].split("[")[0] in type(spec).model_fields:
-        return ScenarioError(f"{where}.{err.path}", err.reason)
+    relative to it; a path that starts with another top-level scenario field (``model.name``,
+    ``federation.protocol``, ``federation.local.optimizer``) is the field to edit and is kept as it is; any other
+    error is reported at ``where`` with its whole message."""
+    if isinstance(err, ScenarioError):
+        head = err.path.split(".")[0].split("[")[0]
+        if head in type(spec).model_fields:
+            return ScenarioError(f"{where}.{err.path}", err.reason)
+        if head in Scenario.model_fields:
+            return ScenarioError(err.path, err.reason)
     return ScenarioError(where, str(err))
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedsim.yaml_literal import yaml_repr
+
 if TYPE_CHECKING:
     from fedsim.scenario import AttackSpec, Scenario
 
@@ -145,7 +147,7 @@ def refusal(scenario: Scenario, index: int, spec: AttackSpec, needed: str) -> tu
     current = scenario.server.role if path == "server.role" else getattr(spec.knowledge, path.rsplit(".", 1)[1])
     grant = " and ".join(f"{p.format(i=index)}: {v}" for p, v in fields)
     return path, (f"{spec.name} needs threat model {tm.describe()}, which requires {', '.join(missing)}; "
-                  f"this scenario has {current!r} here: set {grant} to grant it")
+                  f"this scenario has {yaml_repr(current)} here: set {grant} to grant it")
 
 
 def exercised_letter(own: str, manipulator: str) -> str:

@@ -48,3 +48,12 @@ def yaml_literal(*options: str) -> Any:
             return value
 
     return Annotated[Literal[options], BeforeValidator(back_to_option)]  # type: ignore[valid-type]
+
+
+def yaml_repr(value: Any) -> str:
+    """``value`` as a user would write it in a scenario YAML, for messages about a field's value: ``true`` /
+    ``false`` / ``null`` instead of Python's ``True`` / ``False`` / ``None``; anything else as its ``repr``
+    (``'fedavg'``, ``0.5``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value)

@@ -81,9 +81,9 @@ def test_attack_refuses_a_threat_model_that_does_not_grant_what_it_needs(tiny_ra
         tiny_raw["attacks"][0]["name"] = "needs_hparams_test"
         with pytest.raises(ScenarioError) as info:
             parse_scenario(tiny_raw)
-        assert info.value.path == "attacks[0]" and "fedavg" in info.value.reason
+        assert info.value.path == "federation.protocol" and "fedavg" in info.value.reason
         tiny_raw["federation"]["protocol"] = "fedavg"
-        with pytest.raises(ScenarioError, match="needs knowledge.local_hparams: True"):
+        with pytest.raises(ScenarioError, match=r"attacks\[0\]\.knowledge\.local_hparams: .*needs true"):
             parse_scenario(tiny_raw)
         tiny_raw["attacks"][0]["knowledge"] = {"local_hparams": True}
         parse_scenario(tiny_raw)

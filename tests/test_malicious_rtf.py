@@ -173,7 +173,7 @@ def test_analytic_fc_refuses_a_model_without_a_biased_linear_first_layer(model) 
     raw["model"] = {"name": model}
     with pytest.raises(ScenarioError) as info:
         parse_scenario(raw)
-    assert info.value.path == "attacks[0].name" and ("bias" in info.value.reason or "Conv2d" in info.value.reason)
+    assert info.value.path == "model.name" and ("bias" in info.value.reason or "Conv2d" in info.value.reason)
 
 
 def test_examples_validate_and_need_their_grants() -> None:

@@ -1,0 +1,117 @@
+"""Validation of the malicious-server attacks names the field to edit (QA findings 9, 10, 11 of issue 14).
+
+Kinds guarded: (a) an analytic attack that reads a FedAvg update as a sum of SGD gradients is refused when local
+training breaks that (Adam, weight decay) at the ``federation.local`` field; (b) two fields of which one would
+silently win are refused (``rounds`` with ``every``, ``epochs`` with ``steps``, Adam with momentum,
+``to_all: false`` under SecAgg+), and an overlap error names the field the user set; (c) a plug-in's refusal about
+the model, the dataset or the protocol points at ``model.name`` / ``data.dataset`` / ``federation.protocol``, and
+messages write YAML's ``true``/``false``."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsim.errors import ScenarioError
+from fedsim.scenario import parse_scenario
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios" / "attacks"
+
+
+def _raw(name: str) -> dict:
+    raw = yaml.safe_load((SCENARIOS / name).read_text())
+    raw["backend"] = {"kind": "inprocess"}
+    return raw
+
+
+def _refused(raw: dict) -> ScenarioError:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(raw)
+    return info.value
+
+
+def _fedavg(raw: dict, **local) -> dict:
+    raw = copy.deepcopy(raw)
+    raw["federation"]["protocol"] = "fedavg"
+    raw["federation"]["local"] = {**raw["federation"].get("local", {}), "steps": 2, **local}
+    raw["federation"]["local"].pop("epochs", None)
+    return raw
+
+
+@pytest.mark.parametrize(("local", "path"), [({"optimizer": "adam"}, "federation.local.optimizer"),
+                                             ({"weight_decay": 0.01}, "federation.local.weight_decay")])
+def test_robbing_the_fed_refuses_local_training_that_is_not_a_sum_of_gradients(local, path) -> None:
+    err = _refused(_fedavg(_raw("robbing_the_fed.yaml"), **local))
+    assert err.path == path and "sum of SGD gradients" in err.reason
+
+
+def test_robbing_the_fed_accepts_momentum_and_plain_fedavg_sgd() -> None:
+    parse_scenario(_fedavg(_raw("robbing_the_fed.yaml")))
+    parse_scenario(_fedavg(_raw("robbing_the_fed.yaml"), momentum=0.9))  # a positive sum keeps the bin ratio
+
+
+def test_rescaling_a_fedavg_delta_refuses_momentum() -> None:
+    """A scale-sensitive distance divides the delta by lr * steps: plain SGD only."""
+    raw = _fedavg(_raw("robbing_the_fed.yaml"), momentum=0.9)
+    raw["server"] = {"role": "honest_but_curious"}
+    raw["attacks"] = [{"name": "dlg", "params": {"distance": "l2"}, "budget": {"iterations": 1},
+                       "knowledge": {"local_hparams": True}}]
+    assert _refused(raw).path == "federation.local.momentum"
+
+
+def test_rounds_and_every_together_are_refused_at_every() -> None:
+    raw = _raw("robbing_the_fed.yaml")
+    raw["federation"]["rounds"] = 3
+    raw["attacks"][0].update(rounds=[2], every=1)
+    err = _refused(raw)
+    assert err.path == "attacks[0].every" and "not both" in err.reason
+    del raw["attacks"][0]["rounds"]
+    parse_scenario(raw)
+
+
+@pytest.mark.parametrize(("local", "path"), [({"epochs": 1, "steps": 2}, "federation.local.steps"),
+                                             ({"optimizer": "adam", "momentum": 0.9}, "federation.local.momentum")])
+def test_local_fields_one_of_which_would_win_are_refused(local, path) -> None:
+    raw = _raw("robbing_the_fed.yaml")
+    raw["federation"]["local"] = {**raw["federation"].get("local", {}), **local}
+    assert _refused(raw).path == path
+
+
+def test_overlapping_manipulated_rounds_name_the_field_the_user_set() -> None:
+    raw = _raw("robbing_the_fed.yaml")
+    raw["federation"]["rounds"] = 3
+    second = copy.deepcopy(raw["attacks"][0])
+    second.pop("rounds", None)
+    second["every"] = 2
+    raw["attacks"].append(second)
+    err = _refused(raw)
+    assert err.path == "attacks[1].every" and "round 1" in err.reason
+
+
+def test_to_all_false_under_secagg_is_refused() -> None:
+    raw = _raw("robbing_the_fed_secagg.yaml")
+    raw["attacks"][0]["params"]["to_all"] = False
+    assert _refused(raw).path == "attacks[0].params.to_all"
+
+
+@pytest.mark.parametrize(("name", "model"), [("analytic_fc.yaml", "convnet"), ("trap_weights.yaml", "convnet")])
+def test_model_refusals_point_at_model_name(name, model) -> None:
+    raw = _raw(name)
+    raw["model"] = {"name": model}
+    assert _refused(raw).path == "model.name"
+
+
+@pytest.mark.parametrize("name", ["analytic_fc.yaml", "trap_weights.yaml"])
+def test_protocol_refusal_points_at_federation_protocol(name) -> None:
+    err = _refused(_fedavg(_raw(name)))
+    assert err.path == "federation.protocol" and "fedsgd" in err.reason
+
+
+def test_threat_model_refusal_writes_yaml_booleans() -> None:
+    raw = _raw("robbing_the_fed.yaml")
+    raw["attacks"][0]["knowledge"]["auxiliary_data"] = False
+    err = _refused(raw)
+    assert "false" in err.reason and "False" not in err.reason, err
