@@ -20,7 +20,9 @@ Restoring (the federation continues on the agreed architecture): fedsgd keeps th
 (:func:`~fedsim.models.manipulation.agreed_part`); fedavg takes ``honest + (reply - sent)`` on the agreed keys, i.e.
 the client's local change applied to the honest model. The captured update keeps what the server really observed
 (``global_state`` = the manipulated state this client was sent, ``architecture`` = the changes), so the attack's
-``reconstruct`` reads the manipulation back from it.
+``reconstruct`` reads the manipulation back from it; ``manipulated_by`` = the manipulating attack's index, so
+the runner files any OTHER attack on that update under the manipulator's letter too
+(:func:`fedsim.threat_models.exercised_letter`).
 
 The manipulation's cost: each attacked round's history row records ``honest_test_accuracy`` (the honest global model
 of that round, before training), ``sent_test_accuracy`` (the model actually sent, with its architecture),
