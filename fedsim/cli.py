@@ -6,6 +6,7 @@ exit code 2, with nothing written; ``-v`` shows Flower/Ray logs.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -129,11 +130,13 @@ def _print_result(result) -> None:  # noqa: ANN001
                 f"{m.get('knn_distance') or float('nan'):.2f}  ({o.seconds:.1f} s)")
         else:
             m = o.metrics
-            labels = "labels given" if o.oracle_labels else f"label acc {m.get('label_acc', float('nan')):.2f}"
+            acc = m.get("label_acc")  # absent when the attack returns no labels (imprint, trap weights): say nothing
+            labels = (", labels given" if o.oracle_labels
+                      else f", label acc {acc:.2f}" if acc is not None and math.isfinite(acc) else "")
             count = exact_count(m)  # the fraction's own denominator (batch + surplus images)
             exact = f" ({count} {EXACT_LABEL})" if count else ""
             out(f"{tag}: PSNR {m.get('psnr_mean', float('nan')):.2f} dB{exact}, "
-                f"SSIM {m.get('ssim_mean', float('nan')):.3f}, {labels}  ({o.seconds:.1f} s)")
+                f"SSIM {m.get('ssim_mean', float('nan')):.3f}{labels}  ({o.seconds:.1f} s)")
             why = (getattr(o, "stats", None) or {}).get("nothing_isolated")
             if why:  # ran and isolated nothing: a measured 0, not a failure
                 out(f"  nothing recovered: {why}")

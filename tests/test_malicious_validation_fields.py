@@ -115,3 +115,23 @@ def test_threat_model_refusal_writes_yaml_booleans() -> None:
     raw["attacks"][0]["knowledge"]["auxiliary_data"] = False
     err = _refused(raw)
     assert "false" in err.reason and "False" not in err.reason, err
+
+
+def _printed(capsys, metrics: dict, oracle_labels: bool = False) -> str:
+    from types import SimpleNamespace
+
+    from fedsim.cli import _print_result
+
+    outcome = SimpleNamespace(attack="robbing_the_fed", oracle=False, round=1, partition_id=0, failed=None,
+                              metrics=metrics, oracle_labels=oracle_labels, seconds=0.1, stats={})
+    _print_result(SimpleNamespace(history=[], client_failures=[], outcomes=[outcome],
+                                  timing={"federation_s": 0.0, "attacks_s": 0.0}, out_dir=None))
+    return capsys.readouterr().out
+
+
+def test_stdout_says_nothing_about_labels_an_attack_did_not_return(capsys) -> None:
+    """Finding 14: an attack without labels printed 'label acc nan'."""
+    line = _printed(capsys, {"psnr_mean": 80.0, "ssim_mean": 0.9})
+    assert "nan" not in line and "label acc" not in line and "PSNR 80.00 dB" in line
+    assert "label acc 0.50" in _printed(capsys, {"psnr_mean": 20.0, "ssim_mean": 0.5, "label_acc": 0.5})
+    assert "labels given" in _printed(capsys, {"psnr_mean": 20.0, "ssim_mean": 0.5}, oracle_labels=True)
