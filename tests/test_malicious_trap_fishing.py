@@ -126,6 +126,18 @@ def test_trap_weights_letters_and_refusals(mnist) -> None:
 # --- fishing -----------------------------------------------------------------------------------------------
 
 
+# Margins in dB, measured with benchmarks/malicious_vs_ig.py and the tests below (convnet width 16, TV 0.05), every
+# PSNR against the TARGET image; "trivial" is the best of flat gray, the batch mean and the test-set mean on it.
+# 300 iterations, fishing over trivial (model seeds 0/1/2): class 5 +5.0/+3.7/+4.4, class 7 +2.6/+2.2/+1.7.
+MARGIN_TRIVIAL_300 = 1.0
+# 1000 iterations, fishing minus IG (labels known, same TV): class 5 +4.2/+2.3/+1.7, class 7 +3.7/+1.2/-0.4, i.e.
+# 2.1 +- 1.7 dB: fishing beats IG in 5 of 6 cases, NOT in every one. The slow test pins seed 0, class 5 (+4.2).
+MARGIN_IG_1000 = 2.0
+# The shipped fishing.yaml at 300 iterations through the federation (its own model seed 0): 16.9 dB on the target
+# image against the best trivial 12.7 dB (+4.2).
+MARGIN_FEDERATION = 2.0
+
+
 def fishing(target: int, iterations: int = 1, seed: int = 0) -> Fishing:
     return Fishing(Fishing.Params(target_class=target), Knowledge(), Budget(iterations=iterations, restarts=1),
                    CPU, seed)
@@ -151,39 +163,70 @@ def test_fishing_isolates_the_target_class_gradient(cifar) -> None:
     assert rec.labels.tolist() == [target] * int((y == target).sum())
 
 
-def test_fishing_fails_with_the_reason_when_the_class_is_absent(cifar) -> None:
+def test_fishing_returns_nothing_when_the_class_is_absent(cifar) -> None:
+    """The attack ran and isolated nothing: an empty (0, C, H, W) reconstruction, not a failure, and the reason."""
     x, y = cifar.train_x[:8], cifar.train_y[:8]
     absent = next(c for c in range(10) if c not in y.tolist())
     attack = fishing(absent)
     _, update = attacked(attack, ModelSpec(name="convnet", width=4), cifar, x, y)
     rec = attack.reconstruct(update)
-    assert rec.failed is not None and "not in the batch" in rec.failed
+    assert rec.failed is None
+    assert tuple(rec.images.shape) == (0, *x.shape[1:]) and len(rec.labels) == 0
+    assert rec.stats["class_count"] == 0 and "not in the batch" in rec.stats["nothing_isolated"]
 
 
-def _fish_vs_ig(cifar, width: int, iterations: int, seed: int = 0) -> tuple[float, float]:
-    """(fished image's PSNR to its closest true image, IG's best-matched PSNR) on the same batch of 16 and budget;
-    the target is a class the batch holds once (as a scenario author sets ``target_class``)."""
+def target_psnr(images: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over the target images of the PSNR (dB) of the reconstruction closest to each (pixel MSE); no image
+    (nothing isolated) scores the blind gray guess."""
+    if len(images) == 0:
+        images = torch.full_like(targets[:1], 0.5)
+    return float(closest_psnr(images, targets).mean())
+
+
+def trivial_psnr(x: torch.Tensor, targets: torch.Tensor, test_x: torch.Tensor) -> float:
+    """The best trivial attacker on the target images: flat gray, the batch's mean image or the test-set mean."""
+    guesses = (torch.full_like(x[:1], 0.5), x.mean(dim=0, keepdim=True), test_x.mean(dim=0, keepdim=True))
+    return max(target_psnr(g, targets) for g in guesses)
+
+
+def _fish_on_target(cifar, target: int, iterations: int, seed: int = 0, with_ig: bool = False):
+    """(fishing, IG or None, best trivial attacker), each the PSNR against the TARGET image(s): the batch's true
+    images of ``target``, found here from the dataset labels. Batch: cifar10-mini's 16 training images; convnet
+    width 16 (model seed ``seed``); IG on the honest update of the same batch, same budget and TV weight, labels
+    known (its best case; fishing reads its one label and the count off the bias gradient)."""
     x, y = cifar.train_x[:16], cifar.train_y[:16]
-    counts = torch.bincount(y, minlength=10)
-    target = int(torch.nonzero(counts == 1).flatten()[0])
-    spec = ModelSpec(name="convnet", width=width)
+    truth = x[y == target]
+    spec = ModelSpec(name="convnet", width=16)
     attack = fishing(target, iterations, seed)
-    honest, update = attacked(attack, spec, cifar, x, y)
-    fished = float(closest_psnr(x, attack.reconstruct(update).images).max())
-    ig = InvertingGradients(InvertingGradients.Params(), Knowledge(labels="known"),
-                            Budget(iterations=iterations, restarts=1), CPU, seed)
-    base = float(closest_psnr(ig.reconstruct(dataclasses.replace(honest)).images, x).max())
-    return fished, base
+    model = build_model(spec, cifar.input_shape, cifar.num_classes, seed=seed)
+    honest = make_update(model, spec, x, y, cifar)
+    model.load_state_dict(dict(attack.manipulate(ManipulationView(1, honest.task, honest.global_state, (0,))).state))
+    fished = target_psnr(attack.reconstruct(make_update(model, spec, x, y, cifar)).images, truth)
+    base = None
+    if with_ig:
+        ig = InvertingGradients(InvertingGradients.Params(tv=attack.params.tv), Knowledge(labels="known"),
+                                Budget(iterations=iterations, restarts=1), CPU, seed)
+        base = target_psnr(ig.reconstruct(dataclasses.replace(honest)).images, truth)
+    return fished, base, trivial_psnr(x, truth, cifar.test_x)
+
+
+@pytest.mark.parametrize("target", [5, 7])  # the two classes cifar10-mini's 16 training images hold once
+def test_fishing_beats_a_trivial_attacker_on_the_target_image(cifar, target) -> None:
+    """300 iterations (~4 s). MARGIN_TRIVIAL_300 below: measured and asserted margins over the best of gray, the
+    batch mean and the test-set mean, scored on the target image."""
+    fished, _, trivial = _fish_on_target(cifar, target, iterations=300)
+    print(f"target {target}: fished {fished:.2f} dB, best trivial {trivial:.2f} dB")
+    assert fished >= trivial + MARGIN_TRIVIAL_300, (fished, trivial)
 
 
 @pytest.mark.slow
-def test_fishing_beats_honest_ig_on_the_same_batch(cifar) -> None:
-    """CIFAR-10 batch of 16, convnet width 16, 1000 iterations each, IG with the labels known (its best case).
-    benchmarks/malicious_vs_ig.py measured the margin over 3 random batches: 2.7 +- 2.0 dB (4.9, 1.4, 1.7);
-    asserted: 1 dB, a conservative part of the smallest."""
-    fished, base = _fish_vs_ig(cifar, width=16, iterations=1000)
-    print(f"fished {fished:.2f} dB, IG best-matched {base:.2f} dB")
-    assert fished >= base + 1.0, (fished, base)  # measured here: 21.0 vs 16.4 dB
+def test_fishing_against_honest_ig_on_the_target_image(cifar) -> None:
+    """1000 iterations each (~70 s), target class 5, model seed 0. See SLOW_IG below for what is measured and
+    asserted (benchmarks/malicious_vs_ig.py gives the spread over seeds and targets)."""
+    fished, base, trivial = _fish_on_target(cifar, 5, iterations=1000, with_ig=True)
+    print(f"fished {fished:.2f} dB, IG {base:.2f} dB, best trivial {trivial:.2f} dB on the target image")
+    assert fished >= trivial + 3.0, (fished, trivial)
+    assert fished >= base + MARGIN_IG_1000, (fished, base)
 
 
 # --- through the federation (fedsim run machinery, in-process backend, server.role: malicious) ----------------
@@ -213,12 +256,20 @@ def test_trap_weights_through_the_federation(tmp_path) -> None:
 
 
 def test_fishing_through_the_federation(cifar, tmp_path) -> None:
-    """The shipped example at 300 iterations: one fished image, labelled with the target class, and the true image
-    closest to it IS the batch's one image of that class (found by pixel equality in the dataset, independently
-    of fedsim's scorer). Measured (seed 0): 15.6 dB to it."""
+    """The shipped example at 300 iterations: one fished image, labelled with the target class; the target image
+    (the truth's one image of class 5, found by pixel equality in the dataset, independently of fedsim's scorer) is
+    the true image closest to it, and the fished image beats the best trivial attacker on it (MARGIN_FEDERATION)."""
     outcome = _run_example("fishing.yaml", tmp_path, iterations=300)
     assert outcome.threat_model == "F" and outcome.reconstruction.shape[0] == 1
     assert outcome.labels.tolist() == [5] and outcome.stats["class_count"] == 1
+    flat = cifar.train_x.reshape(len(cifar.train_x), -1)
+    truth_labels = [int(cifar.train_y[(flat == t.reshape(1, -1)).all(dim=1)][0]) for t in outcome.truth]
+    is_target = torch.tensor(truth_labels) == 5
+    assert int(is_target.sum()) == 1
     nearest = int(closest_psnr(outcome.reconstruction, outcome.truth).argmax())  # truth index closest to it
-    same = (cifar.train_x.reshape(len(cifar.train_x), -1) == outcome.truth[nearest].reshape(1, -1)).all(dim=1)
-    assert int(cifar.train_y[same][0]) == 5
+    assert bool(is_target[nearest])
+    truth = outcome.truth[is_target]
+    fished = target_psnr(outcome.reconstruction, truth)
+    trivial = trivial_psnr(outcome.truth, truth, cifar.test_x)
+    print(f"fished {fished:.2f} dB, best trivial {trivial:.2f} dB on the target image")
+    assert fished >= trivial + MARGIN_FEDERATION, (fished, trivial)
