@@ -94,3 +94,17 @@ def check_bench_resources(grid: Any) -> None:
     check_init_args(grid.ray.init_args, "ray.init_args")
     if grid.ray.address is None:
         check_request(grid.resources.num_cpus, grid.resources.num_gpus, "resources", grid.ray.init_args, "cell")
+
+
+#: The most memory one client process may be estimated to need for a plug-in's own tensors (an attack's inserted
+#: layers, its recovery matrices); validation refuses a setting above it, with the estimate, at the field that sets it.
+MAX_PLUGIN_BYTES = 8 * 2**30
+
+
+def memory_problem(estimate_bytes: float, what: str) -> str | None:
+    """The reason to refuse a setting whose estimated memory ``estimate_bytes`` (``what``: how it was estimated)
+    exceeds :data:`MAX_PLUGIN_BYTES`, or None. The reason states the estimate and the limit in GiB."""
+    if estimate_bytes <= MAX_PLUGIN_BYTES:
+        return None
+    return (f"{what}: about {estimate_bytes / 2**30:.1f} GiB per client process (at most "
+            f"{MAX_PLUGIN_BYTES / 2**30:.0f} GiB)")

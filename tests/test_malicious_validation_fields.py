@@ -135,3 +135,23 @@ def test_stdout_says_nothing_about_labels_an_attack_did_not_return(capsys) -> No
     assert "nan" not in line and "label acc" not in line and "PSNR 80.00 dB" in line
     assert "label acc 0.50" in _printed(capsys, {"psnr_mean": 20.0, "ssim_mean": 0.5, "label_acc": 0.5})
     assert "labels given" in _printed(capsys, {"psnr_mean": 20.0, "ssim_mean": 0.5}, oracle_labels=True)
+
+
+@pytest.mark.parametrize(("bins", "refused"), [(1024, True), (256, False)])
+def test_imprint_bins_times_input_size_is_bounded_with_the_estimate(bins, refused) -> None:
+    """Finding 15: bins x d float32 matrices on 224x224 colour images (d = 150528): 1024 bins are about
+    16 copies x 4 bytes x 1024 x 150528 = 9.2 GiB per client, above the 8 GiB bound; 256 bins (2.3 GiB) pass."""
+    from types import SimpleNamespace
+
+    from attacks.robbing_the_fed import RobbingTheFed
+
+    scenario = parse_scenario(_raw("robbing_the_fed.yaml"))
+    spec = scenario.attacks[0].model_copy(update={"params": {**scenario.attacks[0].params, "bins": bins}})
+    facts = SimpleNamespace(task=SimpleNamespace(input_shape=(3, 224, 224)), model=None, examples={0: 64})
+    estimate = 16 * 4 * bins * 3 * 224 * 224 / 2**30
+    if not refused:
+        RobbingTheFed.check_model(scenario, spec, facts)
+        return
+    with pytest.raises(ScenarioError) as info:
+        RobbingTheFed.check_model(scenario, spec, facts)
+    assert info.value.path == "params.bins" and f"{estimate:.1f} GiB" in info.value.reason
