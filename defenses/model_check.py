@@ -34,6 +34,24 @@ So (b) sees a weights-only manipulation only when it moves a layer's norm, mean 
 thresholds; one that keeps them (a rescaled trap layer) passes. Honest training also moves the statistics: the
 thresholds trade false flags for missed attacks, and comparing with the last accepted model (one round of honest
 drift) is tighter than with the initial model.
+
+**False flags on honest training** (honest server, mnist-5k, ConvNet width 16, seed 0; the largest statistic over
+all rounds, against the initial model - what a client first sampled in a late round compares with - and against
+the previous round's model - a client sampled every round):
+
+=================================================  ===========================  ==========================
+run                                                vs initial (norm/mean/neg)   vs previous round
+=================================================  ===========================  ==========================
+fedsgd lr 0.1, batch 16, 4 clients, 20 rounds      x1.13 / 0.06 / 0.014         x1.02 / 0.01 / 0.007
+fedavg lr 0.1, 10 steps, 1 of 4 per round, 10 r.   x1.91 / 0.18 / 0.040         x1.17 / 0.07 / 0.015
+fedavg lr 0.5, 30 steps, 1 of 4 per round, 5 r.    x2.67 / 0.80 / 0.250         x1.84 / 0.62 / 0.201
+=================================================  ===========================  ==========================
+
+(the last diverges to 10 % accuracy in round 2: the worst honest drift measured). At the defaults (norm x3.0, mean
+1.0 RMS, negative fraction 0.3) none of these 35 honest rounds is flagged, against either base; fishing's classifier
+(x3.27, 0.46) still is. The reference is kept in float64 and a statistic must pass its threshold by more than a
+relative 1e-9, so one model gets one verdict whichever client checks it against the same reference (a float32
+reference used to flag a model at negative-fraction shift 0.2500000099 that others passed at 0.24999999999999994).
 """
 
 from __future__ import annotations
@@ -49,7 +67,10 @@ from torch import Tensor, nn
 from defenses.base import Defense, DefenseParams, UpdateContext, register_defense
 from fedsim.errors import ModelRefusedError
 
-STATE_KEY = "model_check/stats"  # (L, 3) tensor in the client's state: norm, mean, fraction negative per layer
+STATE_KEY = "model_check/stats"  # (L, 3) float64 tensor in the client's state: norm, mean, fraction negative per layer
+# a statistic is abnormal only past its threshold by more than this relative margin: float64 summation-order
+# rounding (1e-16) at a threshold's edge must not flip the verdict on one model between clients
+TOLERANCE = 1e-9
 
 
 class ModelCheckParams(DefenseParams):
@@ -60,8 +81,8 @@ class ModelCheckParams(DefenseParams):
                                   "factor (either way)")
     max_mean_shift: float = Field(1.0, gt=0, description="abnormal: a tensor's mean moved by more than this many "
                                   "reference RMS")
-    max_negative_shift: float = Field(0.25, gt=0, le=1, description="abnormal: a tensor's fraction of negative "
-                                      "entries moved by more than this")
+    max_negative_shift: float = Field(0.3, gt=0, le=1, description="abnormal: a tensor's fraction of negative "
+                                      "entries moved by more than this (honest training moved it up to 0.25)")
     include_biases: bool = Field(False, description="check 1-d parameters (biases) too, not only weight tensors")
 
 
@@ -129,14 +150,15 @@ class ModelCheck(Defense):
         reference = ctx.state.get(STATE_KEY)
         if not isinstance(reference, Tensor) or tuple(reference.shape) != tuple(now.shape):
             reference = weight_stats(agreed, names)  # first round: the agreed initial model
-        ref = reference.double()
+        ref = reference.double()  # stored in float64 (older float32 states are widened): one model, one verdict
         numel = torch.tensor([float(agreed.state_dict()[k].numel()) for k in names], dtype=torch.float64)
         tiny = 1e-12
-        ratio = torch.maximum(now[:, 0] / (ref[:, 0] + tiny), ref[:, 0] / (now[:, 0] + tiny))
-        mean_shift = (now[:, 1] - ref[:, 1]).abs() / (ref[:, 0] / numel.sqrt() + tiny)
+        # clamped, not offset, so an unchanged tensor has ratio exactly 1 and shifts exactly 0
+        ratio = torch.maximum(now[:, 0] / ref[:, 0].clamp_min(tiny), ref[:, 0] / now[:, 0].clamp_min(tiny))
+        mean_shift = (now[:, 1] - ref[:, 1]).abs() / (ref[:, 0] / numel.sqrt()).clamp_min(tiny)
         negative_shift = (now[:, 2] - ref[:, 2]).abs()
-        abnormal = ((ratio > p.max_norm_ratio) | (mean_shift > p.max_mean_shift)
-                    | (negative_shift > p.max_negative_shift))
+        abnormal = ((ratio > p.max_norm_ratio * (1 + TOLERANCE)) | (mean_shift > p.max_mean_shift * (1 + TOLERANCE))
+                    | (negative_shift > p.max_negative_shift * (1 + TOLERANCE)))
         layer = int(abnormal.nonzero()[0, 0]) if bool(abnormal.any()) else -1
         order = list(agreed.state_dict())
         metrics.update(
@@ -149,8 +171,8 @@ class ModelCheck(Defense):
             raise ModelRefusedError(
                 f"model_check: abnormal weights in {names[layer]} (norm x{float(ratio[layer]):.3g}, mean shift "
                 f"{float(mean_shift[layer]):.3g} RMS, negative-fraction shift {float(negative_shift[layer]):.3g})")
-        if layer < 0:  # only an accepted, normal model becomes the next reference
-            ctx.state[STATE_KEY] = now.float()
+        if layer < 0:  # only an accepted, normal model becomes the next reference (float64, as computed)
+            ctx.state[STATE_KEY] = now
         return metrics
 
 

@@ -135,3 +135,53 @@ def test_a_not_attacked_target_is_an_ok_cell_never_a_failed_one(tiny_raw, tmp_pa
     assert (row.ok, row.failed, row.attacks_failed, row.not_attacked) == (1, 0, 0, 3)
     want = [h for h in metrics["utility"] if "test_accuracy" in h][-1]["test_accuracy"]
     assert cell.summary["test_accuracy"] == want
+
+
+def _check(**params):  # noqa: ANN003, ANN202
+    from defenses.model_check import ModelCheck, ModelCheckParams
+
+    return ModelCheck(ModelCheckParams(**params), "model_check")
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(37, 13), torch.nn.ReLU(), torch.nn.Linear(13, 5))
+
+
+def test_model_check_gives_one_model_one_verdict(tiny_raw) -> None:
+    """QA finding 4: client A accepted the agreed model in round 1 (so it holds a stored reference); client B is
+    first sampled in round 2. Both compare the same round-2 model with the same (initial) statistics, so their
+    numbers and verdict must be identical - the stored reference must not be rounded to float32."""
+    from defenses.base import UpdateContext
+
+    check = _check(action="flag")
+    agreed = _mlp(0)
+    state_a: dict = {}
+    first = check.inspect_model(copy.deepcopy(agreed), agreed, (), UpdateContext(0, 1, 0, "fedsgd", 4, state=state_a))
+    # an unchanged model: exactly no change (closed form), not 0.9999999999997827
+    assert first["model_check_norm_ratio"] == 1.0 and first["model_check_mean_shift"] == 0.0
+    assert first["model_check_negative_shift"] == 0.0 and first["model_check_flagged"] == 0.0
+    received = _mlp(1)  # the round-2 model: another draw of the same architecture
+    a = check.inspect_model(received, agreed, (), UpdateContext(0, 2, 0, "fedsgd", 4, state=state_a))
+    b = check.inspect_model(received, agreed, (), UpdateContext(0, 2, 1, "fedsgd", 4, state={}))
+    assert a == b
+
+
+
+def test_a_model_check_flag_shows_in_summary_and_report(tiny_raw, tmp_path) -> None:
+    """QA finding 5: model_check's flag verdict (action: flag) must be in summary.md and report.html, not only in
+    metrics.json client_metrics: every client got the first weight matrix scaled x10, so every one flags it there."""
+    from fedsim.run import run_scenario
+
+    raw = _raw(tiny_raw, secagg=False, rounds=1)
+    raw["defenses"] = [{"name": "model_check", "params": {"action": "flag"}}]
+    scenario = parse_scenario(raw)
+    state = setup_for(scenario).build_model().state_dict()
+    layer = next(i for i, (k, v) in enumerate(state.items()) if v.dim() == 2)  # what _ScaleAll scales
+    run_scenario(scenario, tmp_path / "run")
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    report = (tmp_path / "run" / "report.html").read_text()
+    for text in (summary, report):
+        assert "flagged by client checks" in text and f"4 of 4 (model_check, layer {layer})" in text
+        assert "Client-side model check" in text and "4 of 4 client-round(s) checked flagged" in text
+    assert "norm_ratio 10" in summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedsim.report.client_checks import ClientMetrics, flag_cell, round_flags
 from fedsim.report.page import esc, table
 
 INTRO = ("The malicious server sent a manipulated model in these rounds; its test accuracy is beside the honest "
@@ -33,23 +34,35 @@ def _cells(h: Mapping[str, Any]) -> list[str]:
 
 
 HEAD = ("round", "clients sent it", "honest model accuracy", "sent model accuracy", "accuracy drop")
+FLAGGED = "flagged by client checks"  # the column added when clients ran a check (fedsim.report.client_checks)
 
 
-def manipulation_markdown(history: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The summary.md lines (none when no round was manipulated)."""
+def _table(history: Sequence[Mapping[str, Any]], client_metrics: ClientMetrics | None
+           ) -> tuple[tuple[str, ...], list[list[str]]]:
+    """Header and rows; with a client-side check, each round's flagged clients and layer ('2 of 4 (model_check,
+    layer 6)'), so a weights-only manipulation the check flags is visible beside its cost."""
     rows = manipulated_rounds(history)
-    if not rows:
+    if not round_flags(client_metrics):
+        return HEAD, [_cells(h) for h in rows]
+    return (*HEAD, FLAGGED), [[*_cells(h), flag_cell(client_metrics, int(h["round"]))] for h in rows]
+
+
+def manipulation_markdown(history: Sequence[Mapping[str, Any]],
+                          client_metrics: ClientMetrics | None = None) -> list[str]:
+    """The summary.md lines (none when no round was manipulated); ``client_metrics``: metrics.json's."""
+    if not manipulated_rounds(history):
         return []
-    lines = ["## Malicious server", "", INTRO, "", "| " + " | ".join(HEAD) + " |", "|---" * len(HEAD) + "|"]
-    lines += ["| " + " | ".join(_cells(h)) + " |" for h in rows]
+    head, rows = _table(history, client_metrics)
+    lines = ["## Malicious server", "", INTRO, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return [*lines, ""]
 
 
-def manipulation_section(history: Sequence[Mapping[str, Any]]) -> str:
+def manipulation_section(history: Sequence[Mapping[str, Any]], client_metrics: ClientMetrics | None = None) -> str:
     """The report.html section (empty when no round was manipulated)."""
-    rows = manipulated_rounds(history)
-    if not rows:
+    if not manipulated_rounds(history):
         return ""
-    body = f'<p class="note">{esc(INTRO)}</p>' + table([(t, False) for t in HEAD],
-                                                        [([esc(c) for c in _cells(h)], "") for h in rows])
+    head, rows = _table(history, client_metrics)
+    body = f'<p class="note">{esc(INTRO)}</p>' + table([(t, False) for t in head],
+                                                        [([esc(c) for c in cells], "") for cells in rows])
     return f'<section id="malicious-server"><h2>Malicious server</h2>{body}</section>'

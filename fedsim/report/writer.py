@@ -74,7 +74,7 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
     }
     (partial / "metrics.json").write_text(jsonio.dumps(metrics, indent=2), encoding="utf-8")
     summary = summary_markdown(scenario, history, outcomes, timing, images, (extra or {}).get("client_failures"),
-                               privacy=(extra or {}).get("privacy"))
+                               privacy=(extra or {}).get("privacy"), client_metrics=(extra or {}).get("client_metrics"))
     (partial / "summary.md").write_text(summary, encoding="utf-8")
     try:  # the same HTML report `fedsim report` writes; a drawing bug must not lose a finished run
         render_report(partial, name=out_dir.name)
