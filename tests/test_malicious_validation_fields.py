@@ -155,3 +155,20 @@ def test_imprint_bins_times_input_size_is_bounded_with_the_estimate(bins, refuse
     with pytest.raises(ScenarioError) as info:
         RobbingTheFed.check_model(scenario, spec, facts)
     assert info.value.path == "params.bins" and f"{estimate:.1f} GiB" in info.value.reason
+
+
+def test_leakage_curve_carries_the_share_above_40db_and_docs_name_the_cap() -> None:
+    """Finding 12: metrics.json's per-round leakage had psnr_mean (set by the 100 dB cap for exact attacks) but not
+    the share above 40 dB that the per-attack entries have; both readers must say exact images count as 100 dB."""
+    from types import SimpleNamespace
+
+    from fedsim.report.leakage import leakage_curve
+    from fedsim.report.sections import HOW_TO_READ
+
+    outcomes = [SimpleNamespace(attack="robbing_the_fed", attack_index=0, round=1, failed=None,
+                                metrics={"psnr_mean": 100.0 * f + 6.0 * (1 - f), "frac_psnr_above_40db": f})
+                for f in (0.75, 0.25)]
+    (row,) = leakage_curve(outcomes)
+    assert row["frac_psnr_above_40db"] == pytest.approx(0.5)
+    assert "100 dB" in HOW_TO_READ and "headline" in HOW_TO_READ
+    assert "100 dB" in (Path(__file__).resolve().parents[1] / "fedsim" / "report" / "summary.py").read_text()

@@ -18,8 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedsim.outcomes import was_not_attacked  # noqa: E402
+from fedsim.recovery import FRAC_EXACT_KEY  # noqa: E402
 
-CURVE_METRICS = ("psnr_mean", "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy", "knn_distance")
+CURVE_METRICS = ("psnr_mean", FRAC_EXACT_KEY, "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy",
+                 "knn_distance")  # frac: the share of exact images, the headline of analytic attacks
 
 
 def leakage_curve(outcomes: Sequence[Any]) -> list[dict[str, Any]]:

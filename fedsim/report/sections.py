@@ -25,7 +25,9 @@ above ~20 dB the image is usually recognisable. PSNR depends on the image (smoot
 rewards blur and punishes small shifts, so look at the galleries and SSIM too.</li>
 <li><b>share &gt; 40 dB</b> is the fraction of the real batch recovered above 40 dB PSNR, visually exact (an image
 the attack returned nothing for is a miss). Malicious-server attacks recover some images exactly and the rest
-not at all, so a high share beside a middling mean PSNR is their signature.</li>
+not at all, so a high share beside a middling mean PSNR is their signature. An exact image counts as 100 dB
+(PSNR is capped there, MSE 1e-10), so their mean PSNR mostly restates the share (100 dB times it, plus the misses'
+~5&ndash;15 dB): compare exact attacks by share &gt; 40 dB, the headline, not by mean PSNR.</li>
 <li><b>SSIM</b> (0&ndash;1, higher = more structure recovered) and <b>LPIPS</b> (a learned perceptual
 distance, lower = more similar) measure the same thing differently; <b>label acc.</b> is the fraction of
 the batch's labels the attack recovered.</li>
