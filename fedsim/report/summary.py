@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fedsim.outcomes import outcome_label
 from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, exact_count
-from fedsim.report.client_checks import client_checks_markdown
 from fedsim.report.divergence import divergence_note
 from fedsim.report.manipulation import manipulation_markdown
 from fedsim.report.participation import participation_markdown
@@ -23,10 +22,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], outcomes: Sequence[Any],
                      timing: dict[str, float], images: dict[str, str],
                      failures: Sequence[dict[str, Any]] | None = None,
-                     privacy: dict[str, Any] | None = None,
-                     client_metrics: Mapping[Any, Any] | None = None) -> str:
-    """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason});
-    ``client_metrics``: metrics.json's (round -> client -> metrics), for the client-side checks' flags."""
+                     privacy: dict[str, Any] | None = None) -> str:
+    """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason})."""
     if scenario.zeroth_order is not None:  # a black-box task: no data, model or NN attacks (fedsim.zo.summary)
         from fedsim.zo.summary import zo_summary_markdown
         return zo_summary_markdown(scenario, history, timing, failures)
@@ -74,8 +71,7 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     if "utility" in images:
         lines += ["", f"![utility]({images['utility']})"]
     lines += [""] + participation_markdown(history, failures)
-    lines += manipulation_markdown(history, client_metrics)  # a malicious server's rounds: cost, clients' flags
-    lines += client_checks_markdown(client_metrics)  # which clients flagged the model they received, and where
+    lines += manipulation_markdown(history)  # a malicious server's rounds: the sent model's accuracy cost
     lines += privacy_markdown(privacy)  # each epsilon from Opacus and from dp_accounting (RDP, PLD)
     lines += ["## Leakage", ""]
     inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]
@@ -89,7 +85,9 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
             "PSNR/SSIM: higher means the attack recovered more (more leakage). LPIPS: lower means more. "
             "Reconstructions are matched one-to-one to the real batch before scoring; "
             f"recovered {EXACT_LABEL}: the share (count) of the batch recovered above {EXACT_PSNR_DB:g} dB PSNR, "
-            "visually exact (a missing image is a miss).",
+            "visually exact (a missing image is a miss). An exact image counts as 100 dB (PSNR's cap), so for "
+            "attacks that recover images exactly (malicious server, analytic) the mean PSNR mostly restates that "
+            f"share: compare them by recovered {EXACT_LABEL}, the headline, not by mean PSNR.",
             "",
             f"| attack | round | client | PSNR mean (dB) | PSNR best | recovered {EXACT_LABEL} | SSIM mean "
             "| LPIPS mean | label acc | time (s) |",
