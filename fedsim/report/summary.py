@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedsim.outcomes import outcome_label
 from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, exact_count
+from fedsim.report.client_checks import client_checks_markdown
 from fedsim.report.divergence import divergence_note
 from fedsim.report.manipulation import manipulation_markdown
 from fedsim.report.participation import participation_markdown
@@ -22,8 +23,10 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], outcomes: Sequence[Any],
                      timing: dict[str, float], images: dict[str, str],
                      failures: Sequence[dict[str, Any]] | None = None,
-                     privacy: dict[str, Any] | None = None) -> str:
-    """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason})."""
+                     privacy: dict[str, Any] | None = None,
+                     client_metrics: Mapping[Any, Any] | None = None) -> str:
+    """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason});
+    ``client_metrics``: metrics.json's (round -> client -> metrics), for the client-side checks' flags."""
     if scenario.zeroth_order is not None:  # a black-box task: no data, model or NN attacks (fedsim.zo.summary)
         from fedsim.zo.summary import zo_summary_markdown
         return zo_summary_markdown(scenario, history, timing, failures)
@@ -71,7 +74,8 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     if "utility" in images:
         lines += ["", f"![utility]({images['utility']})"]
     lines += [""] + participation_markdown(history, failures)
-    lines += manipulation_markdown(history)  # a malicious server's rounds: the sent model's accuracy cost
+    lines += manipulation_markdown(history, client_metrics)  # a malicious server's rounds: cost, clients' flags
+    lines += client_checks_markdown(client_metrics)  # which clients flagged the model they received, and where
     lines += privacy_markdown(privacy)  # each epsilon from Opacus and from dp_accounting (RDP, PLD)
     lines += ["## Leakage", ""]
     inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]
