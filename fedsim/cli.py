@@ -175,26 +175,28 @@ def list_plugins() -> None:
     from fedsim.data import DATASETS
     from fedsim.models import MODELS
     from fedsim.plugins import attack_registry, defense_registry
-    from fedsim.threat_models import threat_model
+    from fedsim.threat_models import THREAT_MODELS, threat_model
 
     table = Table(title="fedsim registries")
     table.add_column("kind", no_wrap=True)
     table.add_column("name", no_wrap=True)  # whole names: they are what a scenario types
-    table.add_column("what it is")
-    table.add_column("threat model (SoK)")
-    table.add_column("assumes")
+    table.add_column("what it is", overflow="fold")
+    table.add_column("SoK", no_wrap=True)  # the letter; names in the legend below (a name would be cut at 80 columns)
+    table.add_column("assumes", overflow="fold")  # fold, never cut: it names the field to set
     for name in DATASETS:
         table.add_row("dataset", name, _dataset_summary(name), "", "")
     for name in MODELS:
         table.add_row("model", name, "", "", "")
     for name, cls in attack_registry().items():
-        table.add_row("attack", name, cls.summary, threat_model(cls.threat_model).describe(), "; ".join(cls.assumes))
+        table.add_row("attack", name, cls.summary, threat_model(cls.threat_model).letter, "; ".join(cls.assumes))
     for name, cls in defense_registry().items():
         table.add_row("defense", name, getattr(cls, "summary", ""), "", "")
     for row in _zeroth_order_rows():
         table.add_row(*row, "", "")
     console = Console()
     console.print(table)
+    console.print("SoK: the threat model an attack needs (its least letter; params and knowledge may raise it): "
+                  + ", ".join(f"{tm.letter} {tm.name}" for tm in THREAT_MODELS.values()) + ".", soft_wrap=False)
     console.print(_threat_model_table())
 
 
@@ -205,16 +207,16 @@ def _threat_model_table() -> Table:
     from fedsim.threat_models import BASIC, GRANTED_BY, THREAT_MODELS, UPDATES
 
     table = Table(title="SoK threat models (Carletti et al., USENIX Security 2025; docs/threat_models.md)")
-    table.add_column("letter")
-    table.add_column("name")
-    table.add_column("capabilities")
-    table.add_column("scenario fields that grant it")
-    table.add_column("applicability")
+    table.add_column("letter", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("capabilities", overflow="fold")
+    table.add_column("scenario fields that grant it", overflow="fold")  # one field a line, folded, never cut
+    table.add_column("applicability", no_wrap=True)
     for tm in THREAT_MODELS.values():
         caps = [c for c in (UPDATES, BASIC, *GRANTED_BY) if c in tm.capabilities]
         fields = dict.fromkeys(f"{GRANTED_BY[c][0].replace('attacks[{i}].', '')}: {GRANTED_BY[c][1]}"
                                for c in caps if c in GRANTED_BY)
-        table.add_row(tm.letter, tm.name, ", ".join(caps), ", ".join(fields) or "(always granted)",
+        table.add_row(tm.letter, tm.name, ", ".join(caps), "\n".join(fields) or "(always granted)",
                       "*" * tm.applicability)
     return table
 

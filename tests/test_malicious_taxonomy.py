@@ -231,7 +231,7 @@ def test_fedsim_list_shows_letters_and_the_table() -> None:
     result = CliRunner().invoke(app, ["list"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "│ gradinversion " in line)
-    assert "E (Statistical-Informed Eavesdropper)" in row
+    assert "│ E " in row and "E Statistical-Informed Eavesdropper" in result.output  # letter; name in the legend
     assert "Data-Enhanced Manipulator" in result.output and "server.role: malicious" in result.output
     defense = next(line for line in result.output.splitlines() if "│ dp_sgd " in line)
     assert "Eavesdropper" not in defense

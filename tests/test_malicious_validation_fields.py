@@ -172,3 +172,15 @@ def test_leakage_curve_carries_the_share_above_40db_and_docs_name_the_cap() -> N
     assert row["frac_psnr_above_40db"] == pytest.approx(0.5)
     assert "100 dB" in HOW_TO_READ and "headline" in HOW_TO_READ
     assert "100 dB" in (Path(__file__).resolve().parents[1] / "fedsim" / "report" / "summary.py").read_text()
+
+
+def test_fedsim_list_at_80_columns_cuts_no_name() -> None:
+    """Finding 16: at 80 columns the threat-model and field columns were cut with an ellipsis ('knowledge.loca…')."""
+    from typer.testing import CliRunner
+
+    from fedsim.cli import app
+
+    out = CliRunner().invoke(app, ["list"], env={"COLUMNS": "80"}).output
+    assert "…" not in out and "G Data-Enhanced Manipulator" in out
+    row = next(line for line in out.splitlines() if "│ robbing_the_fed " in line)
+    assert "│ G " in row
