@@ -146,3 +146,4 @@ def test_the_accuracy_cost_is_the_honest_and_the_sent_models_test_accuracy(tiny_
     assert row["honest_test_accuracy"] == pytest.approx(honest)
     assert row["sent_test_accuracy"] == pytest.approx(sent)
     assert row["sent_accuracy_drop"] == pytest.approx(honest - sent)
+    assert row["sent_test_examples"] == len(setup.data.test_y)  # the denominator the tables show when small

@@ -184,3 +184,14 @@ def test_fedsim_list_at_80_columns_cuts_no_name() -> None:
     assert "…" not in out and "G Data-Enhanced Manipulator" in out
     row = next(line for line in out.splitlines() if "│ robbing_the_fed " in line)
     assert "│ G " in row
+
+
+def test_accuracy_cost_on_a_tiny_test_split_says_n() -> None:
+    """Finding 13: cifar10-mini's 4 held-out images made the cost 0.500 -> 0.000 with no hint of the denominator."""
+    from fedsim.report.manipulation import manipulation_markdown, manipulation_section
+
+    row = {"round": 1.0, "manipulated_clients": 1.0, "honest_test_accuracy": 0.5, "sent_test_accuracy": 0.0,
+           "sent_accuracy_drop": 0.5, "sent_test_examples": 4.0}
+    assert "n = 4 test images" in "\n".join(manipulation_markdown([row]))
+    assert "n = 4 test images" in manipulation_section([row])
+    assert "test images" not in "\n".join(manipulation_markdown([{**row, "sent_test_examples": 1000.0}]))

@@ -189,8 +189,9 @@ class Manipulator:
 
     # -- the cost, for the round's history row -------------------------------------------------------------
     def row(self, rnd: int) -> dict[str, float]:
-        """``manipulated_clients`` and (classification) the honest and sent models' test accuracy and their
-        difference, for a round with a manipulation; {} otherwise."""
+        """``manipulated_clients`` and (classification) the honest and sent models' test accuracy, their
+        difference and ``sent_test_examples`` (how many test images both were scored on), for a round with a
+        manipulation; {} otherwise."""
         sent = self.sent.get(rnd)
         if sent is None:
             return {}
@@ -199,7 +200,8 @@ class Manipulator:
         manipulated = self._accuracy(rnd, sent.state, sent.architecture)
         if honest is not None and manipulated is not None:
             row.update(honest_test_accuracy=honest, sent_test_accuracy=manipulated,
-                       sent_accuracy_drop=honest - manipulated)
+                       sent_accuracy_drop=honest - manipulated,
+                       sent_test_examples=float(len(self.setup.data.test_y)))  # the accuracies' denominator
         return row
 
     def _accuracy(self, rnd: int, state: dict[str, Tensor], architecture: Sequence[dict]) -> float | None:
