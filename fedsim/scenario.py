@@ -86,6 +86,9 @@ class FederationSpec(_Strict):
     def _check_sampling(self) -> FederationSpec:
         if self.clients_per_round is not None and self.clients_per_round > self.clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) > clients ({self.clients})")
+        if self.server_lr is not None and self.protocol == "fedavg":  # would be silently ignored
+            raise _PathError("server_lr", "is FedSGD's server step size; fedavg averages the clients' models and "
+                                          "has none: remove it")
         stale = self.staleness
         if stale is not None:
             if self.protocol != "fedavg":

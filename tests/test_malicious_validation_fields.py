@@ -195,3 +195,9 @@ def test_accuracy_cost_on_a_tiny_test_split_says_n() -> None:
     assert "n = 4 test images" in "\n".join(manipulation_markdown([row]))
     assert "n = 4 test images" in manipulation_section([row])
     assert "test images" not in "\n".join(manipulation_markdown([{**row, "sent_test_examples": 1000.0}]))
+
+
+def test_server_lr_under_fedavg_is_refused_not_ignored() -> None:
+    raw = _fedavg(_raw("robbing_the_fed.yaml"))
+    raw["federation"]["server_lr"] = 0.5
+    assert _refused(raw).path == "federation.server_lr"
