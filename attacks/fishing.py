@@ -91,9 +91,9 @@ class Fishing(MaliciousAttack):
         """Refuse a model without a Linear classifier with bias, and a target class it does not have."""
         params = cls.Params.model_validate(spec.params)
         if classifier_layer(facts.model) is None:
-            raise ScenarioError("name", "fishing needs a Linear classifier with bias as the last layer")
+            raise ScenarioError("model.name", "fishing needs a Linear classifier with bias as the last layer")
         if facts.task.kind != "classification":
-            raise ScenarioError("name", "fishing needs a classification task")
+            raise ScenarioError("data.dataset", "fishing needs a classification task")
         if params.target_class is not None and params.target_class >= facts.task.num_classes:
             raise ScenarioError("params.target_class", f"{params.target_class} is not a class of this task "
                                 f"(0..{facts.task.num_classes - 1})")
