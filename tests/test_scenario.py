@@ -84,6 +84,7 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_attack_targets() -> None:
     raw = base()
     raw["attacks"][0].update(every=2, clients="all")
+    raw["attacks"][0].pop("rounds", None)  # rounds with every is refused (one would silently win)
     spec = parse_scenario(raw).attacks[0]
     assert spec.target_rounds(5) == [1, 3, 5]
     assert spec.target_clients(3) == [0, 1, 2]
