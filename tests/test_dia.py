@@ -168,7 +168,7 @@ def test_oracle_refuses_a_threat_model_without_oracle_masks() -> None:
     raw = {**SCENARIO, "attacks": [SCENARIO["attacks"][0], {"name": "dia_oracle"}]}
     with pytest.raises(ScenarioError) as info:
         parse_scenario(raw)
-    assert info.value.path == "attacks[1]" and "oracle_masks" in info.value.reason
+    assert info.value.path == "attacks[1].knowledge.oracle_masks" and "needs true" in info.value.reason
     raw = {**SCENARIO, "federation": {**SCENARIO["federation"], "protocol": "fedavg"}}
     with pytest.raises(ScenarioError, match="fedsgd"):
         parse_scenario(raw)

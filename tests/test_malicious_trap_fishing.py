@@ -113,7 +113,7 @@ def test_trap_weights_letters_and_refusals(mnist) -> None:
     assert TrapWeights.threat_model_for(params(), Knowledge()) == "G"
     assert TrapWeights.threat_model_for(params(calibrate="none"), Knowledge()) == "F"
     spec = AttackSpec(name="trap_weights", params={"calibrate": "none"})
-    for model_spec, path in ((ModelSpec(name="convnet"), "name"), (ModelSpec(name="fc10"), "name"),
+    for model_spec, path in ((ModelSpec(name="convnet"), "model.name"), (ModelSpec(name="fc10"), "model.name"),
                              (ModelSpec(name="mlp", activation="relu"), "params.calibrate")):
         honest = make_update(build_model(model_spec, mnist.input_shape, 10), model_spec, mnist.train_x[:1],
                              mnist.train_y[:1], mnist)
