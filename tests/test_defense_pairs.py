@@ -144,10 +144,12 @@ def test_every_attack_on_its_defaults_runs_or_is_refused(attack: str, protocol: 
     raw["attacks"] = [{"name": attack, "budget": {"iterations": 1}}]
     if runs_or_is_refused(raw) == "ran":
         return
-    # refused: it must be the attack's own precondition, never a broken base scenario
+    # refused: it must be the attack's own precondition, never a broken base scenario (the attack's refusal may
+    # name the scenario field to edit, e.g. model.name or federation.protocol)
     with pytest.raises(ScenarioError) as err:
         parse_scenario(raw)
-    assert err.value.path.startswith("attacks[0]"), str(err.value)
+    parse_scenario({**raw, "attacks": []})  # the base alone is sound
+    assert err.value.path.startswith(("attacks[0]", "model.", "federation.", "data.", "server.")), str(err.value)
 
 
 def test_the_base_scenario_and_its_round_are_sound() -> None:
