@@ -19,8 +19,8 @@ from fedsim.simulation.setup import setup_for
 
 # -- (8) validation names the YAML field -----------------------------------------------------------------------
 @pytest.mark.parametrize(("change", "path", "match"), [
-    (lambda r: r["federation"].update(protocol="fedavg"), "defenses[0]", "federation.protocol"),
-    (lambda r: r["federation"].update(clients_per_round=2), "defenses[0]", "federation.clients_per_round"),
+    (lambda r: r["federation"].update(protocol="fedavg"), "federation.protocol", "diff2"),  # the field to edit
+    (lambda r: r["federation"].update(clients_per_round=2), "federation.clients_per_round", "diff2"),
     (lambda r: r["defenses"][0]["params"].update(target_epsilon=3), "defenses[0].params.target_epsilon", "one of"),
     (lambda r: r["defenses"][0]["params"].update(sigma2=None), "defenses[0].params.sigma2", "restart_period 2"),
     (lambda r: r["defenses"][0]["params"].update(c1=None), "defenses[0].params.c1", "zero noise"),
