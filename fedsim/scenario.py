@@ -66,8 +66,9 @@ class LocalTraining(_Strict):
     @model_validator(mode="after")
     def _check_one_of(self) -> LocalTraining:
         """Refuse two fields of which one would silently win (steps over epochs; Adam has no momentum)."""
-        if {"steps", "epochs"} <= self.model_fields_set and self.steps is not None:
-            raise _PathError("steps", "give epochs or steps, not both (steps would override epochs)")
+        # by value, not by fields set: a dumped valid scenario (run folder's scenario.yaml) holds every field
+        if self.steps is not None and self.epochs != type(self).model_fields["epochs"].default:
+            raise _PathError("steps", f"give epochs or steps, not both (steps would override epochs {self.epochs})")
         if self.optimizer == "adam" and self.momentum > 0:
             raise _PathError("momentum", "is SGD's; optimizer adam would ignore it (set 0, or use optimizer: sgd)")
         return self
@@ -205,7 +206,7 @@ class Scenario(_Strict):
     def _check_targets(self) -> Scenario:
         fed = self.federation
         for i, atk in enumerate(self.attacks):
-            if atk.every is not None and "rounds" in atk.model_fields_set:
+            if atk.every is not None and atk.rounds != [1]:  # by value: a dumped valid scenario holds both fields
                 raise _PathError(f"attacks[{i}].every", "give rounds or every, not both (every would override "
                                  f"rounds {atk.rounds})")
             if atk.every is None and not atk.rounds:

@@ -69,15 +69,18 @@ def test_rounds_and_every_together_are_refused_at_every() -> None:
     err = _refused(raw)
     assert err.path == "attacks[0].every" and "not both" in err.reason
     del raw["attacks"][0]["rounds"]
-    parse_scenario(raw)
+    scenario = parse_scenario(raw)
+    parse_scenario(scenario.model_dump(mode="json"))  # a run folder's scenario.yaml (every field written) reloads
 
 
-@pytest.mark.parametrize(("local", "path"), [({"epochs": 1, "steps": 2}, "federation.local.steps"),
+@pytest.mark.parametrize(("local", "path"), [({"epochs": 2, "steps": 2}, "federation.local.steps"),
                                              ({"optimizer": "adam", "momentum": 0.9}, "federation.local.momentum")])
 def test_local_fields_one_of_which_would_win_are_refused(local, path) -> None:
     raw = _raw("robbing_the_fed.yaml")
     raw["federation"]["local"] = {**raw["federation"].get("local", {}), **local}
     assert _refused(raw).path == path
+    raw["federation"]["local"].pop(path.rsplit(".", 1)[1])
+    parse_scenario(parse_scenario(raw).model_dump(mode="json"))  # the dump of the valid one reloads
 
 
 def test_overlapping_manipulated_rounds_name_the_field_the_user_set() -> None:
