@@ -56,7 +56,7 @@ class ModelSpec(_Strict):
 
 class LocalTraining(_Strict):
     epochs: int = Field(1, ge=1)
-    steps: int | None = Field(None, ge=1, description="local steps; overrides epochs when set")
+    steps: int | None = Field(None, ge=1, description="local steps instead of epochs (give epochs or steps, not both)")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(0.1, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -155,7 +155,7 @@ class Budget(_Strict):
 
 class AttackSpec(PluginSpec):
     rounds: list[int] = Field(default_factory=lambda: [1], description="rounds (1-based) to attack")
-    every: int | None = Field(None, ge=1, description="attack every k-th round instead of 'rounds'")
+    every: int | None = Field(None, ge=1, description="attack every k-th round (give rounds or every, not both)")
     clients: list[int] | Literal["all"] = Field(default_factory=lambda: [0], description="partition ids")
     knowledge: Knowledge = Knowledge()
     budget: Budget = Budget()
