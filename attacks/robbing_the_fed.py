@@ -76,7 +76,8 @@ class RobbingTheFedParams(AttackParams):
     # recovers the same inputs at any setting; FedAvg's deltas need gain / scale near 10 (float32 deltas of the
     # rows lose what is below ulp(scale); larger steps move the bins); SecAgg's quantization (step ~4e-6) needs a
     # large gain (100, with scale 0.001 to keep the input's shift small).
-    to_all: bool = Field(False, description="send the block to every sampled client (needed through SecAgg)")
+    to_all: bool = Field(False, description="send the block to every sampled client (SecAgg+ always does: false "
+                         "is refused there)")
     empty_tolerance: float = Field(1e-5, gt=0, lt=1, description="a bin is empty below this share of the "
                                    "largest bias entry")
     box_tolerance: float = Field(0.05, ge=0, description="a recovered image may leave [0, 1] by this much")
