@@ -126,6 +126,8 @@ def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) 
     summary["attacks_failed"] = len(outcomes) - len(good) - skipped
     if skipped:  # targets without an update (not sampled): not attacked, never an attack failure
         summary["attacks_not_attacked"] = skipped
+        summary["not_attacked_reasons"] = sorted({str(o["failed"]) for o in outcomes
+                                                  if was_not_attacked(o.get("failed"))})
     if any(o.get("oracle") for o in outcomes):
         summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None

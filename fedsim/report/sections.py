@@ -216,6 +216,8 @@ def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
     skipped = sum(r.not_attacked for r in rows)
     note += (f" {skipped} targeted update(s) were not attacked (the client was not sampled in that round, or sent "
              "none): not failures, not in the means." if skipped else "")
+    why = sorted({w for r in rows for c in r.cells if c.ok for w in c.summary.get("not_attacked_reasons") or ()})
+    note += f" Why: {esc('; '.join(why[:5]))}{' ...' if len(why) > 5 else ''}." if why else ""
     return (f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">One row per attack &times; defense'
             f"{' &times; parameters' if with_params else ''}, mean &plusmn; std over ok repeats; sorted by PSNR, "
             f"then MI accuracy (most leaking first, highlighted). <i>failed</i> counts failed cells and failed "
