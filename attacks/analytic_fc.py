@@ -123,8 +123,9 @@ class AnalyticFC(Attack):
         except KeyError as err:
             return Reconstruction.failure(f"the update has no entry {err.args[0]!r}")
         rows = torch.nonzero(db.abs() > self.params.zero_tolerance * db.abs().max()).flatten()
-        if rows.numel() == 0:
-            return Reconstruction.failure("every bias gradient of the first layer is zero")
+        if rows.numel() == 0:  # it ran and isolated nothing: a measured zero, not a failure (Reconstruction's rule)
+            return Reconstruction(images=torch.empty(0, *shape), labels=None,
+                                  stats={"nothing_isolated": "every bias gradient of the first layer is zero"})
         batch = update.examples_to_reconstruct
         stacked = torch.cat([dw, db[:, None]], dim=1)
         rank = int(torch.linalg.matrix_rank(stacked / stacked.abs().max(), rtol=1e-6))

@@ -161,6 +161,22 @@ def test_analytic_fc_degrades_to_mixtures_at_batch_four() -> None:
     assert float(psnr.max()) < 25 and float(psnr.mean()) < _trivial_db(x) + 3
 
 
+def test_analytic_fc_that_isolates_nothing_returns_an_empty_reconstruction_not_a_failure() -> None:
+    """A zero first-layer bias gradient (nothing to divide by): the attack ran and recovered nothing, which the
+    scorer counts as 0 of the batch (Reconstruction's rule); a failure would drop it from every table."""
+    bundle, _, task, net = setup("mnist-5k", model="fc10")
+    x, y = bundle.train_x[:2], bundle.train_y[:2]
+    update = make_update(net, ModelSpec(name="fc10"), x, y, bundle)
+    first = next(k[: -len(".bias")] for k in update.update if k.endswith(".bias"))  # fc10's first Linear layer
+    zeroed = {k: torch.zeros_like(v) if k.startswith(first + ".") else v for k, v in update.update.items()}
+    update = ClientUpdate(update.round, update.partition_id, update.task, update.global_state, zeroed,
+                          update.num_examples)
+    attack = AnalyticFC(AnalyticFC.Params(), Knowledge(), Budget(iterations=0), torch.device("cpu"), 0)
+    rec = attack.reconstruct(update)
+    assert rec.failed is None and rec.images.shape == (0, *x.shape[1:]) and rec.labels is None
+    assert "zero" in rec.stats["nothing_isolated"]
+
+
 def _raw(name: str) -> dict:
     raw = yaml.safe_load((SCENARIOS / name).read_text())
     raw["backend"] = {"kind": "inprocess"}
