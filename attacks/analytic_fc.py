@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import to_pixels
-from attacks.victim import UpdateMismatchError, check_update, rebuild_model
+from attacks.victim import UpdateMismatchError, check_update, first_layer, rebuild_model
 from fedsim.errors import ScenarioError
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.threat import ClientUpdate, ModelFacts, Reconstruction
@@ -52,17 +52,17 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, n
     """``(name, layer)`` of the model's first module with parameters when it is a ``Linear`` with bias on the
     flattened input (``prod(input_shape)`` features), else why not (one line)."""
     features = math.prod(int(s) for s in input_shape)
-    for name, module in model.named_modules():
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue
-        if not isinstance(module, nn.Linear):
-            return f"the model's first layer with parameters ({name}) is a {type(module).__name__}, not a Linear"
-        if module.bias is None:
-            return f"the model's first Linear ({name}) has no bias"
-        if module.in_features != features:
-            return f"the model's first Linear ({name}) takes {module.in_features} features, not the {features} inputs"
-        return name, module
-    return "the model has no layer with parameters"
+    found = first_layer(model)
+    if found is None:
+        return "the model has no layer with parameters"
+    name, module = found[1][found[0]]
+    if not isinstance(module, nn.Linear):
+        return f"the model's first layer with parameters ({name}) is a {type(module).__name__}, not a Linear"
+    if module.bias is None:
+        return f"the model's first Linear ({name}) has no bias"
+    if module.in_features != features:
+        return f"the model's first Linear ({name}) takes {module.in_features} features, not the {features} inputs"
+    return name, module
 
 
 def spread_rows(candidates: Tensor, strength: Tensor, count: int) -> Tensor:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from attacks.base import AttackParams, ProgressFn, register_attack
 from attacks.malicious import MaliciousAttack
-from attacks.victim import check_update, rebuild_model
+from attacks.victim import check_update, first_layer, rebuild_model
 from fedsim.errors import ScenarioError
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import torch_generator
@@ -51,20 +51,21 @@ SAME_IMAGE_MSE = 1e-5  # two candidates closer than this (pixel MSE) are one inp
 def first_linear(model: nn.Module) -> tuple[str, nn.Linear] | str:
     """``(name, layer)`` of the model's first ``nn.Linear`` when nothing with parameters precedes it and a ReLU
     follows it (norm and dropout aside); else the reason, in words, that trap weights cannot use it."""
-    modules = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    for k, (name, module) in enumerate(modules):
-        if isinstance(module, nn.Linear):
-            nxt = [m for _, m in modules[k + 1:] if not isinstance(m, nn.Identity | nn.Dropout)
-                   and type(m).__name__ != "MaskDropout"]
-            if not nxt or not isinstance(nxt[0], nn.ReLU):
-                after = type(nxt[0]).__name__ if nxt else "nothing"
-                return (f"its first Linear layer is followed by {after}, not a ReLU (set model.activation: relu and "
-                        "model.norm: none)")
-            return name, module
-        if list(module.parameters(recurse=False)):
-            return (f"its first layer with weights is {type(module).__name__} ({name}), not a fully connected one: "
-                    "trap weights need a Linear first layer (model: mlp or fc10)")
-    return "it has no Linear layer"
+    found = first_layer(model)
+    if found is None:
+        return "it has no Linear layer"
+    k, modules = found
+    name, module = modules[k]
+    if not isinstance(module, nn.Linear):
+        return (f"its first layer with weights is {type(module).__name__} ({name}), not a fully connected one: "
+                "trap weights need a Linear first layer (model: mlp or fc10)")
+    nxt = [m for _, m in modules[k + 1:] if not isinstance(m, nn.Identity | nn.Dropout)
+           and type(m).__name__ != "MaskDropout"]
+    if not nxt or not isinstance(nxt[0], nn.ReLU):
+        after = type(nxt[0]).__name__ if nxt else "nothing"
+        return (f"its first Linear layer is followed by {after}, not a ReLU (set model.activation: relu and "
+                "model.norm: none)")
+    return name, module
 
 
 @register_attack("trap_weights")

@@ -141,3 +141,12 @@ def check_update(update: ClientUpdate | None) -> str | None:
     if update.num_examples < 1 or not math.isfinite(update.num_examples):
         return f"the update reports {update.num_examples} examples"
     return None
+
+
+def first_layer(model: nn.Module) -> tuple[int, list[tuple[str, nn.Module]]] | None:
+    """Where the model's input first meets weights: ``(k, leaves)`` with ``leaves`` the model's leaf modules
+    ``(name, module)`` in registration (forward) order and ``leaves[k]`` the first one holding parameters of its
+    own; None when no module holds any. The analytic attacks (``analytic_fc``, ``trap_weights``) check that layer."""
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    k = next((i for i, (_, m) in enumerate(leaves) if any(True for _ in m.parameters(recurse=False))), None)
+    return None if k is None else (k, leaves)
