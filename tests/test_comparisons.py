@@ -97,7 +97,7 @@ def test_the_figure_states_what_it_holds_equal() -> None:
     assert "tv 1e-05" in line and "lr 0.1" in line and "iterations 500" in line and "only in p" in line
 
 
-@pytest.mark.parametrize("grid", ["fast", "full", "malicious"])
+@pytest.mark.parametrize("grid", ["fast", pytest.param("full", marks=pytest.mark.slow), "malicious"])
 def test_grid_rows_differ_from_their_defense_free_cell_only_in_the_defense(grid: str) -> None:
     comparisons = grid_comparisons(ROOT / "benchmarks" / "grids" / f"{grid}.yaml")
     assert comparisons

@@ -71,6 +71,7 @@ def matched_psnr(bundle, idx: list[int]):
     return lambda images, _truth: psnr(Reconstruction(images, bundle.train_y[idx]), bundle, idx)
 
 
+@pytest.mark.slow  # ~37 s, the slowest default test: kept runnable with -m slow (suite budget)
 def test_bn_prior_beats_inverting_gradients_on_a_batchnorm_convnet(cifar) -> None:
     """Batch 2 (images 0 and 1: each image's flat mean colour scores 12.5 dB), ConvNet width 32 with
     BatchNorm, fedsgd,

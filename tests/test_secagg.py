@@ -59,6 +59,7 @@ def test_partial_participation_is_refused(tiny_raw) -> None:
         parse_scenario(tiny_raw)
 
 
+@pytest.mark.slow  # ~30 s; tutorial step 6 teaches the same lesson (slow); the default suite keeps the mechanism tests
 def test_secagg_lowers_inverting_gradients_psnr_on_real_images() -> None:
     """4 clients with 4 CIFAR-10 images each, batch 1, 1000 IG iterations: client 0's own gradient gives
     17.5 dB, 5.1 dB over its flat mean colour (12.35 dB); the 4-image aggregate under SecAgg+ 14.5 dB mean

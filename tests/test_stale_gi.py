@@ -275,6 +275,7 @@ def test_the_rule_runs_without_any_client_data(tiny_raw, monkeypatch) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # the staleness feature's default Ray test is tests/test_staleness.py's (suite budget)
 def test_gi_conversion_on_ray_gives_the_inprocess_numbers(tiny_raw) -> None:
     scenario = parse_scenario(gi_raw(tiny_raw, {"init": "gray", "tv": 0.1, "topk": 1.0}))  # the shipped repair
     local, ray = run_federation(scenario), run_federation(scenario, backend="ray")
