@@ -82,7 +82,8 @@ def test_exclude_leaves_out_pairs(tiny_raw) -> None:
     assert len(cells) == 2 * (2 + 4 + 2)
 
 
-@pytest.mark.parametrize(("name", "count"), [("fast", 20), pytest.param("full", 414, marks=pytest.mark.slow), ("malicious", 15)])
+@pytest.mark.parametrize(("name", "count"),
+                         [("fast", 20), pytest.param("full", 414, marks=pytest.mark.slow), ("malicious", 15)])
 def test_shipped_grids_validate(name: str, count: int) -> None:
     grid = load_grid(ROOT / "benchmarks" / "grids" / f"{name}.yaml")
     cells = expand_grid(grid)
