@@ -21,7 +21,7 @@ from attacks.victim import UpdateMismatchError, check_update, target_gradient
 from fedsim.errors import ThreatModelError
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
 from fedsim.threat import ClientUpdate
-from fedsim.threat_models import at_least
+from fedsim.threat_models import exercised_letter
 from fedsim.training import epoch_bounds
 
 PROGRESS_EVERY = 50
@@ -129,7 +129,7 @@ def delta_scale_letter(letter: str, distance: str, knowledge: Knowledge) -> str:
     when ``knowledge.local_hparams`` is granted and ``distance`` is scale sensitive, because it then rescales a FedAvg
     delta by the granted local learning rate and steps (:func:`matching_target`; :func:`check_delta_scale` refuses a
     FedAvg scenario that needs them and does not grant them); ``letter`` otherwise (cosine never reads them)."""
-    return at_least(letter, "C") if distance != "cosine" and knowledge.local_hparams else letter
+    return exercised_letter(letter, "C") if distance != "cosine" and knowledge.local_hparams else letter
 
 
 def ticker(progress: ProgressFn | None, per_run: int, total: int, offset: int) -> Callable[[int], None]:

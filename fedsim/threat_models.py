@@ -101,13 +101,6 @@ def threat_model(letter: str) -> ThreatModel:
     return THREAT_MODELS[letter]
 
 
-def at_least(letter: str, floor: str) -> str:
-    """``letter`` when it holds every capability of ``floor``, else ``floor``: the eavesdropper letter an attack
-    needs once it also uses ``floor``'s capabilities (``at_least("A", "C") == "C"``, ``at_least("E", "C") == "E"``).
-    Meant for the cumulative eavesdroppers A-E; raises ``KeyError`` for a letter outside A-H."""
-    return letter if THREAT_MODELS[floor].capabilities <= THREAT_MODELS[letter].capabilities else floor
-
-
 def granted_capabilities(scenario: Scenario, spec: AttackSpec) -> frozenset[str]:
     """The capabilities ``scenario`` grants the attack ``spec``: updates and basic knowledge always (the server
     built the model), training details with ``knowledge.local_hparams``, surrogate data with
@@ -151,12 +144,12 @@ def refusal(scenario: Scenario, index: int, spec: AttackSpec, needed: str) -> tu
 
 
 def exercised_letter(own: str, manipulator: str) -> str:
-    """The SoK letter an attack needing ``own`` exercises when the update it reads answers a model that an attack
-    needing ``manipulator`` built: the letter of both capability sets together (``exercised_letter("B", "F") ==
-    "F"``, ``("D", "F") -> "G"``, ``("F", "F") -> "F"``), the least capable letter holding their union. When no
-    letter holds it (an E attack's client data distribution on a manipulated model: no manipulator letter has it),
-    ``"<manipulator>+<own>"`` (``"F+E"``), so the outcome is never filed under the weaker of the two. Raises
-    ``KeyError`` for a letter outside A-H."""
+    """The least capable SoK letter holding the capabilities of both ``own`` and ``manipulator``: what an attack
+    needing ``own`` exercises when the update it reads answers a model an attack needing ``manipulator`` built
+    (``exercised_letter("B", "F") == "F"``, ``("D", "F") -> "G"``), or what an eavesdropper needing ``own`` needs once
+    it also uses a capability of ``manipulator`` (``("A", "C") -> "C"``, ``("E", "C") -> "E"``). When no letter holds
+    the union (an E attack's client data distribution on a manipulated model), ``"<manipulator>+<own>"`` (``"F+E"``),
+    so an outcome is never filed under the weaker of the two. Raises ``KeyError`` for a letter outside A-H."""
     union = THREAT_MODELS[own].capabilities | THREAT_MODELS[manipulator].capabilities
     fitting = [tm for tm in THREAT_MODELS.values() if union <= tm.capabilities]
     if not fitting:
