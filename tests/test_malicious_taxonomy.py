@@ -268,3 +268,17 @@ def test_letters_in_metrics_summary_and_report_and_old_files_still_render(tmp_pa
     assert "inverting_gradients" in html and "[SoK" not in html
     with pytest.raises(ValueError, match="threat_model"):
         check_metrics({"attacks": [{"attack": "x", "threat_model": 3}]}, out / "metrics.json")
+
+
+def test_a_scale_sensitive_distance_with_granted_hyperparameters_needs_training_details() -> None:
+    """DLG (paper letter A) rescales a FedAvg delta by the granted lr and steps under an L2 distance: it then uses
+    the SoK's 'training details' column, so it needs C; cosine never reads them; E already holds C's columns."""
+    from attacks.matching import delta_scale_letter
+    from fedsim.scenario import Knowledge
+
+    granted, not_granted = Knowledge(local_hparams=True), Knowledge()
+    assert delta_scale_letter("A", "l2", granted) == "C"
+    assert delta_scale_letter("B", "l1", granted) == "C"
+    assert delta_scale_letter("A", "cosine", granted) == "A"
+    assert delta_scale_letter("A", "l2", not_granted) == "A"
+    assert delta_scale_letter("E", "l2", granted) == "E"
