@@ -75,6 +75,9 @@ class Defense:
     #: released is then a post-processing of the mechanism's release). False, the safe default, for anything else:
     #: pruning or quantization can move two neighbouring messages much further apart than the bound.
     sensitivity_preserving: ClassVar[bool] = False
+    #: The defense gives sample-level DP inside the clients and takes ``audit:`` example canaries
+    #: (:mod:`fedsim.audit.canaries`): dp_sgd, dp_sat, dp_sam, diff2.
+    audits_examples: ClassVar[bool] = False
 
     def __init__(self, params: DefenseParams, name: str, scenario: Scenario | None = None) -> None:
         self.params = params

@@ -135,6 +135,7 @@ def best_alpha(z1: float, z2: float, restarts: int, differences: int, delta: flo
 @register_defense("diff2")
 class Diff2(Defense):
     Params = Diff2Params
+    audits_examples = True  # audit: example canaries (fedsim.audit)
     stage = 60  # after the update transforms (clipping, pruning: 50): the client's noise share is added last
     summary = "DIFF2-GD: DP gradient estimator from clipped per-sample gradient differences, periodic restarts"
     uniform_mean = True

@@ -286,6 +286,7 @@ class _ReducibleLoss(nn.Module):
 @register_defense("dp_sgd")
 class DPSGD(Defense):
     Params = DPSGDParams
+    audits_examples = True  # audit: example canaries (fedsim.audit)
     stage = 30
     summary = "sample-level DP-SGD (Opacus): per-example clipping + Gaussian noise, epsilon per client"
     #: the round's TrainingJob hooks (DP-SAT and DP-SAM subclass it)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fedsim.audit.spec import AuditSpec
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.outputs import check_name
 from fedsim.server_spec import ServerSpec
@@ -196,6 +197,7 @@ class Scenario(_Strict):
     attacks: list[AttackSpec] = Field(default_factory=list)
     output: OutputSpec = OutputSpec()
     zeroth_order: ZerothOrderSpec | None = Field(None, description="black-box task and method (fedsim.zo)")
+    audit: AuditSpec | None = Field(None, description="one-run empirical privacy audit (fedsim.audit)")
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,167 @@
+"""The canaries of one audited run: directions, in/out coins, who holds each, and the shifts the federation adds.
+
+A canary j is a unit vector c_j over the model's trainable parameters (flattened in ``named_parameters`` order),
+drawn from the scenario's seed, so every process (client actors, the server, the evaluator) rebuilds the same set
+from the scenario alone. Its coin ``included[j]`` (probability 1/2, Steinke et al. 2023) is ground truth: only the
+federation's canary hooks and the evaluator read it, never an attack.
+
+* ``example`` level (:meth:`CanarySet.example_shift`): canary j is a record of client ``j mod clients`` whose
+  loss is linear, so its per-example gradient is the constant ``C c_j`` (norm C: clipping leaves it as it is).
+  An included canary joins each Poisson batch of its client with the batch's rate q, like any record; it adds
+  ``C c_j`` to the clipped sum before the noise. DIFF2's replace-one neighbours use :meth:`CanarySet.signed_shift`
+  instead: every canary is present, as ``+C c_j`` (in) or ``-C c_j`` (out); its gradient differences are 0.
+* ``client`` level (:meth:`CanarySet.client_shift`): canary j is a client whose update is ``C c_j``; an included
+  one takes part in a round with the clients' rate q = K/N and adds ``C c_j / K`` to the mean of the K sampled
+  updates before the server's noise (the sum's sensitivity C that central DP's noise sigma C / K is calibrated to).
+
+:meth:`CanarySet.scores` is Andrew et al.'s statistic: the cosine between c_j and the released model's change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedsim.errors import ScenarioError
+from fedsim.scenario import Scenario
+from fedsim.seeding import numpy_rng, torch_generator
+
+CACHE_FLOATS = 30_000_000  # directions kept in memory up to this many floats (120 MB); regenerated beyond
+
+
+def audit_level(scenario: Scenario) -> str | None:
+    """``example`` or ``client`` for a scenario with an ``audit:`` block (``auto`` resolved), else None.
+
+    ``auto`` is ``example`` when a defense gives sample-level DP inside the clients (``Defense.audits_examples``:
+    dp_sgd, dp_sat, dp_sam, diff2), else ``client``.
+    """
+    spec = scenario.audit
+    if spec is None:
+        return None
+    if spec.level != "auto":
+        return spec.level
+    from fedsim.simulation.setup import setup_for
+
+    return "example" if any(getattr(d, "audits_examples", False) for d in setup_for(scenario).defenses) else "client"
+
+
+class CanarySet:
+    """The ``m`` canaries of ``scenario`` at ``level`` over the trainable parameters ``shapes`` (name -> shape)."""
+
+    def __init__(self, scenario: Scenario, level: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        if scenario.audit is None:
+            raise ScenarioError("audit", "the scenario has no audit block")
+        self.scenario, self.level = scenario, level
+        self.m = scenario.audit.canaries
+        self.names = list(shapes)
+        self.shapes = [tuple(s) for s in shapes.values()]
+        self.sizes = [int(np.prod(s)) if s else 1 for s in self.shapes]
+        self.dim = int(sum(self.sizes))
+        #: ground truth: canary j is in the run (+) or left out (-)
+        self.included = numpy_rng(scenario.seed, "audit", "coins").random(self.m) < 0.5
+        self._cache: dict[int, Tensor] = {}
+
+    # -- who holds what ---------------------------------------------------------------------------
+    def owner(self, j: int) -> int:
+        """Partition id holding example canary j (round robin over the clients)."""
+        return j % self.scenario.federation.clients
+
+    def of_client(self, pid: int) -> list[int]:
+        """Example canaries held by client ``pid`` (in and out)."""
+        return list(range(pid, self.m, self.scenario.federation.clients))
+
+    # -- directions -------------------------------------------------------------------------------
+    def direction(self, j: int) -> Tensor:
+        """c_j: a unit vector of ``dim`` float32 values, the same in every process."""
+        if j in self._cache:
+            return self._cache[j]
+        gen = torch_generator(self.scenario.seed, "audit", "direction", j)
+        vec = torch.randn(self.dim, generator=gen)
+        vec /= vec.norm()
+        if (len(self._cache) + 1) * self.dim <= CACHE_FLOATS:
+            self._cache[j] = vec
+        return vec
+
+    def combination(self, weights: Mapping[int, float]) -> Tensor | None:
+        """``sum_j w_j c_j`` over ``weights`` (canary -> weight), or None when it is empty."""
+        if not weights:
+            return None
+        out = torch.zeros(self.dim)
+        for j, w in weights.items():
+            out.add_(self.direction(j), alpha=float(w))
+        return out
+
+    def as_state(self, vec: Tensor) -> dict[str, Tensor]:
+        """A flat (dim,) vector as {parameter name: tensor of its shape}."""
+        parts = torch.split(vec, self.sizes)
+        return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def flatten(self, state: Mapping[str, Tensor]) -> Tensor:
+        """The trainable parameters of a state dict as one float32 (dim,) vector (the canaries' space)."""
+        return torch.cat([state[n].detach().reshape(-1).to("cpu", torch.float32) for n in self.names])
+
+    # -- what the federation adds -----------------------------------------------------------------
+    def example_shift(self, pid: int, server_round: int, step: int, q: float, norm: float) -> Tensor | None:
+        """What client ``pid``'s included example canaries add to the clipped gradient SUM of Poisson batch
+        ``step`` of ``server_round``: ``norm * sum c_j`` over those drawn into it (each with probability q,
+        from the seed). None when none is drawn."""
+        gen = numpy_rng(self.scenario.seed, "audit", "sample", server_round, pid, step)
+        mine = self.of_client(pid)
+        drawn = gen.random(len(mine)) < q
+        return self.combination({j: norm for j, d in zip(mine, drawn, strict=True) if d and self.included[j]})
+
+    def signed_shift(self, pid: int, norm: float) -> Tensor | None:
+        """Replace-one canaries (DIFF2): ``norm * sum_j s_j c_j`` over client ``pid``'s canaries, s_j = +1 when
+        included, -1 when not: every canary is a record of the client, in one of two versions."""
+        return self.combination({j: (norm if self.included[j] else -norm) for j in self.of_client(pid)})
+
+    def client_shift(self, server_round: int, q: float, norm: float, denominator: int) -> Tensor | None:
+        """What the included client canaries add to the server's mean of ``denominator`` updates in
+        ``server_round``: ``(norm / denominator) * sum c_j`` over those taking part (each with probability q)."""
+        gen = numpy_rng(self.scenario.seed, "audit", "clients", server_round)
+        part = gen.random(self.m) < q
+        return self.combination({j: norm / denominator for j in range(self.m) if part[j] and self.included[j]})
+
+    # -- what the evaluator reads -----------------------------------------------------------------
+    @cached_property
+    def movement_sign(self) -> float:
+        """+1 when a canary moves the model along +c_j (client canaries under fedavg add a model delta), -1
+        when it moves it against c_j (a gradient, stepped against: example canaries, client canaries under fedsgd)."""
+        fedavg = self.scenario.federation.protocol == "fedavg"
+        return 1.0 if self.level == "client" and fedavg else -1.0
+
+    def scores(self, initial: Mapping[str, Tensor], final: Mapping[str, Tensor]) -> np.ndarray:
+        """(m,) cosines between each c_j and the released model's change ``final - initial`` (signed so that an
+        included canary is expected to score higher): Andrew et al.'s statistic on the final model."""
+        change = self.movement_sign * (self.flatten(final) - self.flatten(initial))
+        norm = float(change.norm())
+        out = np.zeros(self.m)
+        if norm == 0:
+            return out
+        for j in range(self.m):
+            out[j] = float(self.direction(j) @ change) / norm
+        return out
+
+
+_SETS: dict[str, CanarySet | None] = {}
+
+
+def canaries_for(scenario: Scenario) -> CanarySet | None:
+    """The scenario's canaries (cached per process), or None without an ``audit:`` block."""
+    key = scenario.model_dump_json()
+    if key not in _SETS:
+        level = audit_level(scenario)
+        if level is None:
+            _SETS[key] = None
+        else:
+            from fedsim.simulation.setup import setup_for
+
+            model = setup_for(scenario).build_model()
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+            _SETS.clear()
+            _SETS[key] = CanarySet(scenario, level, shapes)
+    return _SETS[key]
