@@ -10,6 +10,7 @@ from typing import Any
 
 from fedsim.attack_checks import check_attack_preconditions
 from fedsim.attacking import AttackOutcome, ProgressFactory, run_attacks
+from fedsim.audit.scoring import audit_block
 from fedsim.privacy.summary import privacy_summary
 from fedsim.report.writer import check_run_dir, write_run_dir
 from fedsim.scenario import Scenario
@@ -27,6 +28,7 @@ class RunResult:
     client_metrics: dict[int, dict[int, dict[str, float]]]
     client_failures: list[dict[str, Any]] = field(default_factory=list)  # {round, client, reason} per failed client
     privacy: dict[str, Any] = field(default_factory=dict)  # fedsim.privacy.summary.privacy_summary (metrics.json)
+    audit: dict[str, Any] = field(default_factory=dict)  # fedsim.audit.scoring.audit_block; empty without audit:
 
 
 def default_out_dir(scenario: Scenario) -> Path:
@@ -75,12 +77,15 @@ def run_scenario(
         "total_s": round(time.perf_counter() - start, 3),
     }
     privacy = privacy_summary(outcome.history, outcome.capture.client_metrics)
+    audit = {} if scenario.audit is None else audit_block(scenario, setup.build_model().state_dict(),
+                                                          outcome.final_state, outcome.history, privacy)
     written = None
     if write:
         clients = {str(r): {str(p): m for p, m in per.items()} for r, per in outcome.capture.client_metrics.items()}
         written = write_run_dir(target, scenario, outcome.history, outcomes, timing,
                                 extra={"client_failures": failures, **({"client_metrics": clients} if clients else {}),
-                                       **({"privacy": privacy} if privacy else {})},
+                                       **({"privacy": privacy} if privacy else {}),
+                                       **({"audit": audit} if audit else {})},
                                 overwrite=overwrite)
     return RunResult(written, outcome.history, outcomes, timing, outcome.capture.client_metrics, failures,
-                     privacy=privacy)
+                     privacy=privacy, audit=audit)

@@ -1,0 +1,156 @@
+"""The ``audit`` block of ``metrics.json``: canary scores from the released models, beside the accountants' epsilon.
+
+:func:`audit_block` scores every canary of the run (:meth:`fedsim.audit.canaries.CanarySet.scores`: the cosine
+between c_j and ``final - initial`` global model, the models every DP path releases), splits the scores by the
+canaries' in/out coins (ground truth), and puts beside each other:
+
+* ``epsilon``: what the accountants promise for ONE canary's unit (one record of one client at ``example`` level,
+  the max over clients' epsilon; one client at ``client`` level), from the run's privacy block
+  (:mod:`fedsim.privacy.summary`): Opacus's figure and Google's dp_accounting RDP and PLD (two independent
+  implementations). DIFF2: the epsilon of what the server RELEASES (the audit observes released models). ``inf``
+  when the canaries' unit has no DP in this run (written ``"inf"``, :mod:`fedsim.jsonio`).
+* ``epsilon_lower_bound``: Steinke, Nasr, Jagielski (NeurIPS 2023)'s one-run lower bound at the accountant's delta
+  and ``audit.confidence`` (:func:`fedsim.audit.estimators.one_run_lower_bound`). Sound for any score.
+* ``epsilon_estimate``: Andrew et al. (ICLR 2024)'s Gaussian fit with its bootstrap interval
+  (:func:`fedsim.audit.estimators.gaussian_estimate`). An estimate, not a bound.
+* ``verdict``: ``violation`` when the lower bound exceeds the SMALLEST accountant epsilon (proof, at
+  ``confidence``, that the implementation leaks more than it accounts), else ``consistent``.
+
+The utility baseline fields (``baseline_test_accuracy``, ``accuracy_drop``) are null here; ``fedsim audit`` fills
+them from its run without canaries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedsim.audit.canaries import canaries_for
+from fedsim.scenario import Scenario
+
+OBSERVATION = "cosine between each canary and the released model's change (final - initial global model)"
+LOWER_BOUND_METHOD = "Steinke et al. 2023 one-run"
+ESTIMATE_METHOD = "Andrew et al. 2024 Gaussian fit"
+DEFAULT_DELTA = 1e-5  # the DP defenses' default delta: the audit's delta when the run has no DP at all
+ACCOUNTANTS = ("opacus", "dp_accounting_rdp", "dp_accounting_pld")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def accountant_epsilon(level: str, privacy: Mapping[str, Any]) -> tuple[str, dict[str, float | None], float | None]:
+    """(mechanism, {opacus, dp_accounting_rdp, dp_accounting_pld}, delta) for one canary's unit at ``level``.
+
+    ``example``: DIFF2's released epsilon, else the DP-SGD family's max over clients (``dp_sgd``, ``dp_sat`` or
+    ``dp_sam``); ``client``: central DP's. Every figure is ``inf`` and the mechanism ``none`` when the run gives
+    that unit no DP (delta None then). ``privacy`` is :func:`fedsim.privacy.summary.privacy_summary`'s block.
+    """
+    inf: dict[str, float | None] = dict.fromkeys(ACCOUNTANTS, math.inf)
+    if level == "example":
+        diff2, sample = privacy.get("diff2"), privacy.get("dp_sgd")
+        if diff2:
+            return "diff2", _figures(diff2, ""), _number(diff2.get("delta"))
+        if sample:
+            deltas = [_number(c.get("delta")) for c in (sample.get("clients") or {}).values()]
+            delta = min((d for d in deltas if d is not None), default=None)
+            return str(sample.get("method", "dp_sgd")), _figures(sample, "_max"), delta
+        return "none", inf, None
+    central = privacy.get("central_dp")
+    if central:
+        return "central_dp", _figures(central, ""), _number(central.get("delta"))
+    return "none", inf, None
+
+
+def _figures(block: Mapping[str, Any], suffix: str) -> dict[str, float | None]:
+    return {"opacus": _number(block.get(f"epsilon{suffix}")),
+            "dp_accounting_rdp": _number(block.get(f"epsilon_dp_accounting_rdp{suffix}")),
+            "dp_accounting_pld": _number(block.get(f"epsilon_dp_accounting_pld{suffix}"))}
+
+
+def smallest_epsilon(epsilon: Mapping[str, float | None]) -> float:
+    """The smallest accountant figure (the tightest claim, which a lower bound must not exceed); inf if none."""
+    return min((v for v in epsilon.values() if v is not None and not math.isnan(v)), default=math.inf)
+
+
+def last_accuracy(history: Sequence[Mapping[str, Any]]) -> float | None:
+    """``test_accuracy`` of the last evaluated history row (None: a regression, or no evaluation)."""
+    return next((_number(r["test_accuracy"]) for r in reversed(history) if "test_accuracy" in r), None)
+
+
+def secure_aggregation(scenario: Scenario) -> bool:
+    """Whether the server sees only a secure aggregate (a defense switching the federation to SecAgg+)."""
+    from fedsim.simulation.setup import setup_for
+
+    return any(getattr(d, "secure_aggregation", False) for d in setup_for(scenario).defenses)
+
+
+def canary_norm(scenario: Scenario, level: str) -> float:
+    """C, the norm of one canary's contribution: at ``example`` level the per-example clipping norm of the
+    sample-level DP defense (dp_sgd family: ``max_grad_norm``; diff2: ``c1``, 1.0 when unclipped), at ``client``
+    level ``audit.client_norm``, else central DP's (initial, under adaptive clipping) clipping norm, else 1.0."""
+    from fedsim.simulation.setup import setup_for
+
+    defenses = setup_for(scenario).defenses
+    if level == "example":
+        for d in defenses:
+            p = d.params
+            if getattr(d, "audits_examples", False):
+                return float(getattr(p, "max_grad_norm", None) or getattr(p, "c1", None) or 1.0)
+        return 1.0
+    if scenario.audit is not None and scenario.audit.client_norm is not None:
+        return float(scenario.audit.client_norm)
+    for d in defenses:
+        if d.name == "central_dp":
+            p = d.params
+            return float(p.initial_clipping_norm if p.clipping == "adaptive" else p.clipping_norm)
+    return 1.0
+
+
+def _get(result: Any, key: str) -> Any:
+    return result[key] if isinstance(result, Mapping) else getattr(result, key)
+
+
+def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], final_state: Mapping[str, torch.Tensor],
+                history: Sequence[Mapping[str, Any]], privacy: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``audit`` block of ``metrics.json`` for a run of ``scenario`` (which must have ``audit:``).
+
+    ``initial_state`` / ``final_state``: the global model before round 1 and after the last round (state dicts);
+    ``history``: the server's rows; ``privacy``: the run's privacy block. Schema: the module docstring and
+    ``/work/helper_rules.md``. Raises ``ValueError`` without an ``audit:`` block.
+    """
+    from fedsim.audit.estimators import gaussian_estimate, one_run_lower_bound
+
+    canaries = canaries_for(scenario)
+    if canaries is None or scenario.audit is None:
+        raise ValueError("audit_block needs a scenario with an audit: block")
+    spec = scenario.audit
+    scores = canaries.scores(initial_state, final_state)
+    included = canaries.included
+    scores_in, scores_out = scores[included], scores[~included]
+    mechanism, epsilon, delta = accountant_epsilon(canaries.level, privacy)
+    delta = DEFAULT_DELTA if delta is None else delta
+    bound = one_run_lower_bound(scores_in, scores_out, delta, spec.confidence)
+    estimate = gaussian_estimate(scores_in, scores_out, delta, spec.confidence)
+    lower = float(_get(bound, "epsilon"))
+    accuracy = last_accuracy(history)
+    return {
+        "level": canaries.level, "mechanism": mechanism, "secure_aggregation": secure_aggregation(scenario),
+        "canaries": canaries.m, "canaries_in": int(included.sum()),
+        "canary_norm": canary_norm(scenario, canaries.level),
+        "observation": OBSERVATION, "confidence": spec.confidence, "delta": delta,
+        "epsilon": epsilon,
+        "epsilon_lower_bound": {"value": lower, "method": LOWER_BOUND_METHOD,
+                                "guesses": int(_get(bound, "guesses")), "correct": int(_get(bound, "correct"))},
+        "epsilon_estimate": {"value": float(_get(estimate, "epsilon")),
+                             "ci": [float(_get(estimate, "ci_low")), float(_get(estimate, "ci_high"))],
+                             "method": ESTIMATE_METHOD},
+        "verdict": "violation" if lower > smallest_epsilon(epsilon) else "consistent",
+        "utility": {"test_accuracy": accuracy, "baseline_test_accuracy": None, "accuracy_drop": None},
+        "scores": {"in": [float(s) for s in scores_in], "out": [float(s) for s in scores_out]},
+    }
