@@ -21,6 +21,7 @@ from fedsim.errors import FedsimError
 from fedsim.outcomes import was_not_attacked
 from fedsim.outputs import REPORT_ASSETS, check_replaceable, fresh_partial, remove_owned
 from fedsim.recovery import EXACT_LABEL, exact_count
+from fedsim.report.audit import audit_section
 from fedsim.report.client_checks import client_checks_section
 from fedsim.report.divergence import divergence_note
 from fedsim.report.dp_frontier_section import dp_frontier_section
@@ -217,6 +218,7 @@ def _default_sections(source: Source, header: str, partial: Path, assets: Path) 
         metrics = load_metrics(source.path)  # a malicious server's rounds, and the clients' checks that flagged them
         participation += manipulation_section(metrics.get("utility") or [], metrics.get("client_metrics"))
         participation += client_checks_section(metrics)
+        participation += audit_section(metrics, partial)  # "Is epsilon real?": the one-run audit, when audited
     return [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
             _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
             _rounds_section(source, rows, partial), _galleries_section(source, rows, partial)]

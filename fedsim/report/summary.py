@@ -7,6 +7,7 @@ from typing import Any
 
 from fedsim.outcomes import outcome_label
 from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, exact_count
+from fedsim.report.audit import audit_markdown
 from fedsim.report.client_checks import client_checks_markdown
 from fedsim.report.divergence import divergence_note
 from fedsim.report.manipulation import manipulation_markdown
@@ -24,9 +25,11 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
                      timing: dict[str, float], images: dict[str, str],
                      failures: Sequence[dict[str, Any]] | None = None,
                      privacy: dict[str, Any] | None = None,
-                     client_metrics: Mapping[Any, Any] | None = None) -> str:
+                     client_metrics: Mapping[Any, Any] | None = None,
+                     audit: Mapping[str, Any] | None = None) -> str:
     """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason});
-    ``client_metrics``: metrics.json's (round -> client -> metrics), for the client-side checks' flags."""
+    ``client_metrics``: metrics.json's (round -> client -> metrics), for the client-side checks' flags;
+    ``audit``: metrics.json's one-run audit block (:mod:`fedsim.report.audit`), shown after the privacy section."""
     if scenario.zeroth_order is not None:  # a black-box task: no data, model or NN attacks (fedsim.zo.summary)
         from fedsim.zo.summary import zo_summary_markdown
         return zo_summary_markdown(scenario, history, timing, failures)
@@ -77,6 +80,7 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     lines += manipulation_markdown(history, client_metrics)  # a malicious server's rounds: cost, clients' flags
     lines += client_checks_markdown(client_metrics)  # which clients flagged the model they received, and where
     lines += privacy_markdown(privacy)  # each epsilon from Opacus and from dp_accounting (RDP, PLD)
+    lines += audit_markdown(audit, images.get("audit"))  # "Is epsilon real?": accountant vs empirical epsilon
     lines += ["## Leakage", ""]
     inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]
     outcomes = [o for o in outcomes if o not in inversions]

@@ -17,6 +17,8 @@ import yaml
 from fedsim import jsonio
 from fedsim.errors import FedsimError
 from fedsim.outputs import RUN, check_replaceable, fresh_partial, is_empty_dir, is_owned, remove_owned, write_atomic
+from fedsim.report.audit import FIGURE_NAME as AUDIT_FIGURE
+from fedsim.report.audit import audit_histogram
 from fedsim.report.divergence import divergence_note
 from fedsim.report.figures import reconstruction_grid, utility_curve
 from fedsim.report.gallery import save_reconstructions
@@ -73,8 +75,11 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         **(extra or {}),
     }
     (partial / "metrics.json").write_text(jsonio.dumps(metrics, indent=2), encoding="utf-8")
+    if audit_histogram((extra or {}).get("audit"), partial / AUDIT_FIGURE):  # in vs out canary cosines
+        images["audit"] = AUDIT_FIGURE
     summary = summary_markdown(scenario, history, outcomes, timing, images, (extra or {}).get("client_failures"),
-                               privacy=(extra or {}).get("privacy"), client_metrics=(extra or {}).get("client_metrics"))
+                               privacy=(extra or {}).get("privacy"), client_metrics=(extra or {}).get("client_metrics"),
+                               audit=(extra or {}).get("audit"))
     (partial / "summary.md").write_text(summary, encoding="utf-8")
     try:  # the same HTML report `fedsim report` writes; a drawing bug must not lose a finished run
         render_report(partial, name=out_dir.name)

@@ -1,0 +1,186 @@
+""""Is epsilon real? (one-run audit)": the ``audit`` block of ``metrics.json`` in summary.md, report.html and a figure.
+
+The block (:mod:`fedsim.audit.scoring`) holds the accountants' epsilon of one canary's unit beside the empirical
+lower bound (Steinke, Nasr, Jagielski, NeurIPS 2023) and the Gaussian-fit estimate with its confidence interval
+(Andrew et al., ICLR 2024). This module only words and draws it: every number shown is a copy from the block.
+Nothing is shown for a run without the block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written by CLIs, CI and Ray drivers
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedsim.report.page import esc, facts, figure  # noqa: E402
+
+TITLE = "Is epsilon real? (one-run audit)"
+FIGURE_NAME = "audit_scores.png"
+CONSISTENT = "the accountant's epsilon was not contradicted; the gap is the worst case vs this run"
+VIOLATION = "the implementation leaks more than its accountant claims: a bug"
+MECHANISMS = {
+    "dp_sgd": "DP-SGD (sample-level)", "dp_sat": "DP-SAT (sample-level)", "dp_sam": "DP-SAM (sample-level)",
+    "diff2": "DIFF2 (sample-level)", "central_dp": "central DP (client-level)", "none": "no DP mechanism",
+}
+
+
+def fmt_num(value: Any, digits: int = 3) -> str:
+    """A number as text: ``inf`` for an infinite epsilon (no noise: nothing is claimed), ``-`` when absent."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}f}"
+
+
+def audit_of(metrics: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The ``audit`` block of a metrics.json mapping, or None when the run was not audited."""
+    block = metrics.get("audit") if isinstance(metrics, Mapping) else None
+    return block if isinstance(block, Mapping) else None
+
+
+def smallest_epsilon(audit: Mapping[str, Any]) -> float | None:
+    """The smallest accountant epsilon of the block (what the verdict compares the lower bound with)."""
+    values = [v for v in (audit.get("epsilon") or {}).values()
+              if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)]
+    return min(values) if values else None
+
+
+def mechanism_text(audit: Mapping[str, Any]) -> str:
+    """``DP-SGD (sample-level) with example canaries, under secure aggregation``."""
+    mech = audit.get("mechanism")
+    text = MECHANISMS.get(mech, str(mech)) if isinstance(mech, str) else "?"
+    text += f" with {audit.get('level')} canaries"
+    return text + (", under secure aggregation" if audit.get("secure_aggregation") else "")
+
+
+def epsilon_text(audit: Mapping[str, Any]) -> str:
+    """``4.100 (Opacus), 4.120 (dp_accounting RDP), 3.500 (dp_accounting PLD) at delta 1e-05``."""
+    eps = audit.get("epsilon") or {}
+    return (f"{fmt_num(eps.get('opacus'))} (Opacus), {fmt_num(eps.get('dp_accounting_rdp'))} (dp_accounting RDP), "
+            f"{fmt_num(eps.get('dp_accounting_pld'))} (dp_accounting PLD) at delta {audit.get('delta')}")
+
+
+def lower_bound_text(audit: Mapping[str, Any]) -> str:
+    """``0.420 at 95% confidence (Steinke et al. 2023 one-run: 16 of 20 guesses correct)``."""
+    lb = audit.get("epsilon_lower_bound") or {}
+    conf = audit.get("confidence")
+    at = f"{conf:.0%}" if isinstance(conf, int | float) else "?"
+    return (f"{fmt_num(lb.get('value'))} at {at} confidence ({lb.get('method')}: {lb.get('correct')} of "
+            f"{lb.get('guesses')} guesses correct)")
+
+
+def estimate_text(audit: Mapping[str, Any]) -> str:
+    """``1.300 [0.600, 2.100] (Andrew et al. 2024 Gaussian fit; an estimate, not a bound)``."""
+    est = audit.get("epsilon_estimate") or {}
+    ci = est.get("ci") or [None, None]
+    lo, hi = (ci + [None, None])[:2] if isinstance(ci, list) else (None, None)
+    conf = audit.get("confidence")
+    at = f"{conf:.0%} " if isinstance(conf, int | float) else ""
+    return (f"{fmt_num(est.get('value'))} [{fmt_num(lo)}, {fmt_num(hi)}] ({at}CI; {est.get('method')}; an estimate, "
+            "not a bound)")
+
+
+def verdict_text(audit: Mapping[str, Any]) -> str:
+    """The verdict in plain words (``violation``: a bug; ``consistent``: not contradicted)."""
+    verdict = audit.get("verdict")
+    low = smallest_epsilon(audit)
+    if verdict == "violation":
+        return (f"VIOLATION: the lower bound {fmt_num((audit.get('epsilon_lower_bound') or {}).get('value'))} exceeds "
+                f"the smallest accountant epsilon {fmt_num(low)}: {VIOLATION}")
+    if verdict == "consistent":
+        if low is not None and math.isinf(low):
+            return ("consistent: no noise, so the accountant claims nothing (epsilon inf); the lower bound shows "
+                    "what the audit can detect")
+        return f"consistent: {CONSISTENT}"
+    return f"unknown verdict {verdict!r}"
+
+
+def utility_text(audit: Mapping[str, Any]) -> str:
+    """The canaries' cost in accuracy, or why it was not measured."""
+    u = audit.get("utility") or {}
+    acc, base, drop = u.get("test_accuracy"), u.get("baseline_test_accuracy"), u.get("accuracy_drop")
+    if not isinstance(base, int | float):
+        return (f"test accuracy {fmt_num(acc)} with the canaries; without them not measured (`fedsim run`, or "
+                "`fedsim audit --no-baseline`; `fedsim audit` runs the same scenario and seed without canaries)")
+    return (f"test accuracy {fmt_num(acc)} with the canaries, {fmt_num(base)} without (same scenario and seed): "
+            f"drop {fmt_num(drop)}")
+
+
+def audit_items(audit: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, plain text) rows shared by summary.md and report.html."""
+    return [
+        ("mechanism", f"{mechanism_text(audit)}; {audit.get('canaries')} canaries, {audit.get('canaries_in')} "
+                      f"included (each by a fair coin), canary norm {audit.get('canary_norm')}"),
+        ("accountant epsilon", epsilon_text(audit)),
+        ("empirical lower bound", lower_bound_text(audit)),
+        ("Gaussian estimate", estimate_text(audit)),
+        ("verdict", verdict_text(audit)),
+        ("observed", str(audit.get("observation") or "the released global models")),
+        ("canaries' cost", utility_text(audit)),
+    ]
+
+
+def audit_markdown(audit: Mapping[str, Any] | None, image: str | None = None) -> list[str]:
+    """The summary.md section (no lines without an audit block); ``image``: the histogram's file name."""
+    if not isinstance(audit, Mapping):
+        return []
+    lines = [f"## {TITLE}", ""]
+    lines += [f"- {label}: {text}" for label, text in audit_items(audit)]
+    if image:
+        lines += ["", f"![in vs out canary cosines]({image})"]
+    return [*lines, ""]
+
+
+def audit_histogram(audit: Mapping[str, Any] | None, path: Path) -> bool:
+    """Histogram of the included vs left-out canaries' cosines (Andrew et al.'s statistic); False without scores."""
+    scores = (audit or {}).get("scores") if isinstance(audit, Mapping) else None
+    if not isinstance(scores, Mapping):
+        return False
+    ins = [float(v) for v in scores.get("in") or [] if isinstance(v, int | float)]
+    outs = [float(v) for v in scores.get("out") or [] if isinstance(v, int | float)]
+    if not ins and not outs:
+        return False
+    both = ins + outs
+    lo, hi = min(both), max(both)
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(outs, bins=bins, alpha=0.6, color="tab:blue", label=f"left out ({len(outs)})")
+    ax.hist(ins, bins=bins, alpha=0.6, color="tab:red", label=f"included ({len(ins)})")
+    ax.set_xlabel("cosine(canary, released model change)")
+    ax.set_ylabel("canaries")
+    ax.set_title("Canary scores: included vs left out")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def audit_section(metrics: Mapping[str, Any] | None, assets: Path) -> str:
+    """The report.html section (empty string without an audit block); the histogram is drawn into ``assets``
+    (the report's folder of PNGs) from the block's scores and embedded."""
+    audit = audit_of(metrics)
+    if audit is None:
+        return ""
+    from fedsim.report.gallery import data_uri
+
+    target = Path(assets) / FIGURE_NAME
+    uri = data_uri(target.read_bytes()) if audit_histogram(audit, target) else None
+    bad = audit.get("verdict") == "violation"
+    rows = [(label, f'<span class="bad">{esc(text)}</span>' if bad and label == "verdict" else esc(text))
+            for label, text in audit_items(audit)]
+    intro = ("Canaries with random in/out coins were inserted into this same run, and the released models scored "
+             "against them. A lower bound above the accountant's epsilon would prove a bug; far below it is the "
+             "honest gap between the worst case the accountant covers and this run. The estimate is not a bound. "
+             "See docs/auditing.md.")
+    caption = ("Cosine between each canary's direction and the released model's change: included canaries (red) "
+               "against left-out ones (blue). The further apart, the more the run reveals which canaries it held.")
+    return (f'<section id="audit"><h2>{esc(TITLE)}</h2><p class="note">{esc(intro)}</p>{facts(rows)}'
+            f"{figure(uri, caption if uri else 'No canary scores to draw.', 'in vs out canary cosines')}</section>")
