@@ -35,6 +35,10 @@ One fresh Opacus wrapping per client per round:
 
 The curious server sees only the clipped, noised update: the capture records what the client sent.
 
+Under an ``audit:`` at the example level the client's included canaries join its Poisson batches with rate q and
+add ``C c_j`` (their constant gradient, norm C: clipping keeps it) to the clipped sum just before Opacus's noise
+(:func:`fedsim.audit.inject.attach_example_canaries`, on every grad_sample_mode; empty batches are steps too).
+
 DP-SAT and DP-SAM (:mod:`defenses.dp_sat`, :mod:`defenses.dp_sam`) are this defense with another
 round class: ``_PrivateRound``'s extension points (``before_forward``, ``after_privatize``,
 ``account_query``, ``on_round_end``) carry their perturbation and second query; sampling, accounting,
@@ -55,6 +59,7 @@ from torch import Tensor, nn
 
 from defenses.base import DEFENSES, Defense, DefenseParams, register_defense
 from defenses.per_sample import per_sample_problem
+from fedsim.audit.inject import attach_example_canaries
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.privacy.accounting import import_opacus, opacus_epsilon
 from fedsim.run_caches import per_run_cache
@@ -196,6 +201,9 @@ class _PrivateRound:
             self.after_privatize(optimizer)
 
         opt.attach_step_hook(on_privatized)
+        # audit: included example canaries join the clipped sum before the noise (fedsim.audit.inject)
+        attach_example_canaries(opt, self.defense.scenario, self.model, self.job.partition_id, self.job.round,
+                                self.q, self.p.max_grad_norm, self.defense.queries_per_step)
         if mode == "ghost":
             from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
