@@ -41,6 +41,12 @@ in the server's history (``diff2_*``): the RDP epsilon so far, the closed-form b
 z = sigma n_min P / 2 and the counts; ``fedsim.privacy.summary`` re-accounts the run with dp_accounting (RDP,
 PLD) and the exact Gaussian composition, and states epsilon against the curious server for the placement.
 
+**Audit** (``audit:`` example canaries, :mod:`fedsim.audit`): DIFF2's neighbours replace one record, so every canary
+of client p is one of its records, as ``+C1 c_j`` (included) or ``-C1 c_j`` (left out), a constant gradient: restart
+rounds add ``sum_j s_j C1 c_j / n_p`` to ``a_p`` before any noise (the local and distributed shares come after it,
+the central noise on the server); difference rounds add nothing (a constant gradient has zero differences). With
+``c1`` null (no clipping, zero noise only) the canaries have norm 1.0 (:meth:`Diff2ClientRound.canary_shift`).
+
 Validation (exit 2, with the YAML path): fedsgd only; full participation; ``distributed`` needs ``secagg``;
 exactly one of ``target_epsilon`` and explicit sigmas; ``c1``/``c2`` null (no clipping) only with zero noise; no
 other defense that changes training or the server strategy; no update transform before the noise that can move
@@ -70,6 +76,7 @@ from defenses.base import (
     register_defense,
 )
 from defenses.diff2_client import Diff2ClientRound, is_restart, step_norm
+from fedsim.audit.inject import canaries_at
 from fedsim.errors import IncompatibleDefenseError, ScenarioError, SimulationError
 from fedsim.privacy import diff2 as acct
 from fedsim.scenario import DefenseSpec, Scenario
@@ -264,7 +271,8 @@ class Diff2(Defense):
                 self._clip[key] = clip
 
         run = Diff2ClientRound(job, c1=p.c1, c2=p.c2, restart_period=p.restart_period, chunk_size=p.chunk_size,
-                               state_prefix=self.name, on_round=on_round)
+                               state_prefix=self.name, on_round=on_round,
+                               canaries=canaries_at(self.scenario, "example"))
         job.sample_batches = run.sample_batches
         job.loss_fn = run.loss_fn
         job.before_read_gradients = run.before_read_gradients

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from fedsim.audit.canaries import CanarySet
+from fedsim.audit.inject import shifted
 from fedsim.errors import SimulationError
 from fedsim.per_example import clip_per_example, step_norm
 from fedsim.training import LossFn, TrainingJob
@@ -89,8 +91,10 @@ class Diff2ClientRound:
     """
 
     def __init__(self, job: TrainingJob, *, c1: float | None, c2: float | None, restart_period: int,
-                 chunk_size: int, state_prefix: str, on_round: Callable[[float | None, float], None]) -> None:
+                 chunk_size: int, state_prefix: str, on_round: Callable[[float | None, float], None],
+                 canaries: CanarySet | None = None) -> None:
         self.job, self.model = job, job.model
+        self.canaries = canaries
         self.c1, self.c2, self.restart_period, self.chunk_size = c1, c2, restart_period, chunk_size
         self.prefix, self.on_round = state_prefix, on_round
         self.base_loss = job.loss_fn
@@ -122,6 +126,8 @@ class Diff2ClientRound:
             clip = None if self.c2 is None else self.c2 * dx
         message = clipped_mean_gradient(self.model, current, self.inputs, self.labels, self.base_loss, clip,
                                         self.chunk_size, reference)
+        if reference is None:  # audit: the replace-one canaries of a restart round (a difference round: none)
+            message = shifted(message, self.canary_shift(len(self.inputs)))
         for k in names:
             params[k].grad = message[k]
         if self.restart_period > 1:  # the next round may be a difference round: remember x_r
@@ -131,6 +137,23 @@ class Diff2ClientRound:
         self.on_round(clip, dx)
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def canary_shift(self, n: int) -> dict[str, Tensor] | None:
+        """What the audit's example canaries of this client add to a restart message ``a_p`` (name -> tensor), or
+        None without example canaries.
+
+        DIFF2's neighbours replace one record, so every canary of the client is a record of its partition, in
+        one of two versions: ``+C1 c_j`` (included) or ``-C1 c_j`` (left out), a linear loss whose per-example
+        gradient is that constant (norm C1: the clip leaves it as it is). The mean over the n records of the
+        partition gains ``s_j C1 c_j / n`` (:meth:`~fedsim.audit.canaries.CanarySet.signed_shift`). Added before
+        any noise: the local and distributed shares come after it (``transform_update``), the central noise on the
+        server. A constant gradient has zero differences, so difference rounds add nothing. ``c1`` null (no
+        clipping, zero noise only): the canaries have norm 1.0.
+        """
+        if self.canaries is None:
+            return None
+        shift = self.canaries.signed_shift(self.job.partition_id, 1.0 if self.c1 is None else self.c1)
+        return None if shift is None else {k: v / n for k, v in self.canaries.as_state(shift).items()}
+
     def _keep_inputs(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.inputs = args[0].detach()
 
