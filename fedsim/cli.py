@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedsim.audit.cli import audit
 from fedsim.bench.cli import bench
 from fedsim.errors import FedsimError
 from fedsim.priors.cli import prior_app
@@ -250,6 +251,9 @@ app.command("bench")(bench)
 
 
 app.command("report")(report)
+
+
+app.command("audit")(audit)
 
 
 def main() -> None:

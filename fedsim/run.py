@@ -10,6 +10,7 @@ from typing import Any
 
 from fedsim.attack_checks import check_attack_preconditions
 from fedsim.attacking import AttackOutcome, ProgressFactory, run_attacks
+from fedsim.audit.baseline import with_baseline
 from fedsim.audit.scoring import audit_block
 from fedsim.privacy.summary import privacy_summary
 from fedsim.report.writer import check_run_dir, write_run_dir
@@ -46,11 +47,14 @@ def run_scenario(
     attack_progress: ProgressFactory | None = None,
     backend: str | None = None,
     overwrite: bool = False,
+    audit_baseline: float | None = None,
 ) -> RunResult:
     """Run a validated scenario end to end; write the run directory unless ``write`` is False.
 
     ``overwrite`` lets an earlier fedsim run directory at ``out_dir`` be replaced; any other existing,
     non-empty ``out_dir`` is refused (:class:`~fedsim.errors.FedsimError`) before anything runs.
+    ``audit_baseline``: the test accuracy of the same scenario without canaries (``fedsim audit``), put in the
+    ``audit`` block (:func:`fedsim.audit.baseline.with_baseline`) before anything is written.
     """
     if scenario.federation.protocol == "zeroth_order":  # black-box task, no model: its own runner (fedsim.zo.run)
         from fedsim.zo.run import run_zo_scenario
@@ -79,6 +83,8 @@ def run_scenario(
     privacy = privacy_summary(outcome.history, outcome.capture.client_metrics)
     audit = {} if scenario.audit is None else audit_block(scenario, setup.build_model().state_dict(),
                                                           outcome.final_state, outcome.history, privacy)
+    if audit and audit_baseline is not None:
+        audit = with_baseline(audit, audit_baseline)
     written = None
     if write:
         clients = {str(r): {str(p): m for p, m in per.items()} for r, per in outcome.capture.client_metrics.items()}

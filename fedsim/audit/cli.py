@@ -1,0 +1,153 @@
+"""``fedsim audit SCENARIO``: is my epsilon real? One run with canaries, one without, one run directory.
+
+The command adds (or overrides) the scenario's ``audit:`` block from its options, validates the result like
+``fedsim validate`` (bad input: one line naming the YAML field, exit 2, nothing written), then
+
+1. unless ``--no-baseline`` / ``audit.baseline: false``: runs the same scenario and seed WITHOUT canaries and
+   without attacks (nothing written) for the test accuracy the canaries are compared with;
+2. runs the scenario with its canaries (:func:`fedsim.run.run_scenario`, which writes the ``audit`` block of
+   ``metrics.json``), passing the baseline accuracy, so the run directory (metrics.json, summary.md, report.html)
+   is written once, atomically, as ``fedsim run`` writes it;
+3. prints the accountants' epsilon beside the empirical lower bound and estimate (:mod:`fedsim.report.audit`).
+
+Registered on the typer app in :mod:`fedsim.cli`. docs/auditing.md explains what the numbers prove.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedsim.errors import FedsimError
+
+console = Console(stderr=True)
+EXIT_USER_ERROR = 2
+
+
+def audit_overrides(canaries: int | None, level: str | None, confidence: float | None,
+                    no_baseline: bool) -> list[str]:
+    """The ``--set``-style overrides of the ``audit:`` block that the command's options stand for."""
+    out = [f"audit.canaries={canaries}"] if canaries is not None else []
+    out += [f"audit.level={level}"] if level is not None else []
+    out += [f"audit.confidence={confidence}"] if confidence is not None else []
+    return out + (["audit.baseline=false"] if no_baseline else [])
+
+
+def load_audited(path: Path, overrides: list[str], audit_options: list[str]):  # noqa: ANN201 - a Scenario
+    """Read ``path``, apply ``overrides`` (``--set``, ``--backend``), add an ``audit:`` block when it has none,
+    apply ``audit_options`` and validate. Raises :class:`~fedsim.errors.ScenarioError` (one line, the field)."""
+    from fedsim.scenario import parse_scenario
+    from fedsim.yaml_input import apply_overrides, read_yaml
+
+    raw = read_yaml(path)
+    raw = apply_overrides(raw if raw is not None else {}, overrides)
+    if isinstance(raw, dict) and raw.get("audit") is None:
+        raw["audit"] = {}  # fedsim audit audits: the defaults of fedsim.audit.spec.AuditSpec
+    return parse_scenario(apply_overrides(raw, audit_options) if isinstance(raw, dict) else raw)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not console.is_terminal)
+
+
+def _on_round(progress: Progress, label: str, rounds: int):  # noqa: ANN202 - a RoundCallback
+    task = progress.add_task(label, total=rounds)
+
+    def on_round(rnd: int, row: dict[str, float]) -> None:
+        acc, loss = row.get("test_accuracy"), row.get("test_loss")
+        text = f"{label}: round {rnd}/{rounds}" + (f"  acc {acc:.3f}" if acc is not None else
+                                                   f"  loss {loss:.4g}" if loss is not None else "")
+        progress.update(task, completed=rnd, description=text)
+
+    return on_round
+
+
+def audit_table(audit: Mapping[str, Any]) -> Table:
+    """The closing table: mechanism, the three accountants' epsilon, lower bound, estimate [CI], verdict, accuracy."""
+    from fedsim.report.audit import MECHANISMS, fmt_num
+
+    eps, lb = audit.get("epsilon") or {}, audit.get("epsilon_lower_bound") or {}
+    est = audit.get("epsilon_estimate") or {}
+    ci = est.get("ci") or [None, None]
+    conf = audit.get("confidence")
+    u = audit.get("utility") or {}
+    table = Table(title="Is epsilon real? (one-run audit; docs/auditing.md)")
+    for head in ("mechanism", "eps Opacus", "eps RDP", "eps PLD", f"lower bound @{conf:.0%}" if isinstance(
+            conf, float) else "lower bound", "estimate [CI]", "verdict", "acc with / without canaries"):
+        table.add_column(head, overflow="fold")
+    mech = audit.get("mechanism")
+    table.add_row(
+        f"{MECHANISMS.get(mech, mech)}, {audit.get('level')} canaries" + (" + SecAgg" if audit.get(
+            "secure_aggregation") else ""),
+        fmt_num(eps.get("opacus")), fmt_num(eps.get("dp_accounting_rdp")), fmt_num(eps.get("dp_accounting_pld")),
+        f"{fmt_num(lb.get('value'))} ({lb.get('correct')}/{lb.get('guesses')} correct)",
+        f"{fmt_num(est.get('value'))} [{fmt_num(ci[0])}, {fmt_num(ci[1])}]",
+        str(audit.get("verdict")),
+        f"{fmt_num(u.get('test_accuracy'))} / {fmt_num(u.get('baseline_test_accuracy'))}")
+    return table
+
+
+def audit(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (its audit: block, if any, is the default)")],
+    canaries: Annotated[int | None, typer.Option("--canaries", help="canaries m (audit.canaries)")] = None,
+    level: Annotated[str | None, typer.Option("--level", help="auto, example or client (audit.level)")] = None,
+    confidence: Annotated[float | None, typer.Option("--confidence", help="confidence of the lower bound and the "
+                                                                          "interval (audit.confidence)")] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the run without canaries (their cost "
+                                                                    "in accuracy is then not reported)")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a field: key.path=value "
+                                                                 "(repeatable)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory (default: output.dir/NAME-TIME); must "
+                                                          "not exist or be empty")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier fedsim run directory at "
+                                                                "--out")] = False,
+    backend: Annotated[str | None, typer.Option(help="override backend.kind: ray or inprocess")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show Flower and Ray logs")] = False,
+) -> None:
+    """Is my epsilon real? Run the scenario with canaries (and once without), report accountant vs empirical eps."""
+    from fedsim.isolation import command_threads
+
+    command_threads((os.cpu_count() or 2) // 2)  # as fedsim run
+    from fedsim.audit.baseline import baseline_scenario
+    from fedsim.audit.scoring import last_accuracy
+    from fedsim.report.writer import check_run_dir
+    from fedsim.run import default_out_dir, run_scenario
+
+    overrides = list(set_ or []) + ([f"backend.kind={backend}"] if backend else [])
+    try:
+        spec = load_audited(scenario, overrides, audit_overrides(canaries, level, confidence, no_baseline))
+        target = out or default_out_dir(spec)
+        check_run_dir(target, overwrite)  # refuse now, not after two federations
+    except FedsimError as err:
+        _fail(err)
+    baseline: float | None = None
+    progress = _progress()
+    try:
+        with progress:
+            if spec.audit.baseline:
+                base = run_scenario(baseline_scenario(spec), write=False, verbose=verbose,
+                                    on_round=_on_round(progress, "baseline (no canaries)", spec.federation.rounds))
+                baseline = last_accuracy(base.history)
+            result = run_scenario(spec, target, verbose=verbose, overwrite=overwrite, audit_baseline=baseline,
+                                  on_round=_on_round(progress, "with canaries", spec.federation.rounds))
+    except FedsimError as err:
+        _fail(err)
+    block = getattr(result, "audit", None)
+    if block:
+        Console().print(audit_table(block))
+    t = result.timing
+    typer.echo(f"time: federation {t['federation_s']:.1f} s (with canaries), attacks {t['attacks_s']:.1f} s")
+    typer.echo(f"wrote {result.out_dir}")
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR))
