@@ -108,11 +108,27 @@ def _epsilon_after(p: CentralDPParams, scenario: Scenario, rounds: int) -> float
 
 
 class _SeededNoise:
-    """Mixin for Flower's DP wrappers: aggregate with NumPy's global generator seeded per round."""
+    """Mixin for Flower's DP wrappers: aggregate with NumPy's global generator seeded per round, and keep the
+    clipping norm the round's updates are clipped to (:meth:`round_clipping_norm`)."""
 
     fedsim_seed: int = 0
+    fedsim_round_norm: float | None = None
+
+    def round_clipping_norm(self) -> float:
+        """The clipping norm of the round being aggregated: the norm every update of the round was clipped to
+        (adaptive clipping: the norm before this round's update of it), i.e. the round's sensitivity C (the
+        uniform mean moves by at most C / K).
+
+        The audit's client canaries take it as their norm (``FedSimFedAvg.client_canary_norm``): a canary update
+        of this norm is the largest a real client could contribute. (Flower's adaptive wrappers draw the round's
+        noise with the norm they have just UPDATED, which may be below this one; an audit measures that as it is.)
+        """
+        if self.fedsim_round_norm is None:
+            return float(self.clipping_norm)  # type: ignore[attr-defined]
+        return self.fedsim_round_norm
 
     def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        self.fedsim_round_norm = float(self.clipping_norm)  # type: ignore[attr-defined]
         saved = np.random.get_state()
         np.random.seed(derive_seed(self.fedsim_seed, "central_dp", server_round) % 2**32)
         try:
@@ -212,6 +228,7 @@ class CentralDP(Defense):
                           target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
                           clipped_count_stddev=p.clipped_count_stddev)
         wrapped.fedsim_seed = self.scenario.seed
+        strategy.client_canary_norm = wrapped.round_clipping_norm  # audit: client canaries of this norm
         return wrapped
 
     def client_mods(self) -> list[Any]:

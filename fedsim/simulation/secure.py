@@ -19,6 +19,9 @@ layout (a client orders its vector by the received model's keys, :func:`~fedsim.
 The unmasked aggregate is captured as it came (the manipulated layout, ``architecture`` set) and then restored to
 one of the agreed model before the server step.
 
+Under an ``audit:`` at the client level the round's included canary clients are added to the unmasked aggregate
+(:func:`fedsim.audit.inject.client_canary_shift`), after the capture: an attack sees what the server received.
+
 Failures follow :mod:`fedsim.simulation.participation`: a proxy Grid records every error reply of
 the protocol's four stages as a failure of that round's client; SecAgg+ aggregates the survivors
 (recovering the dropped clients' masks from their neighbours' shares), and a round it halts (too few
@@ -45,6 +48,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.audit.inject import client_canary_shift, shifted
 from fedsim.errors import FedsimError, IncompatibleDefenseError
 from fedsim.models.manipulation import apply_architecture, encode
 from fedsim.scenario import Scenario
@@ -150,6 +154,12 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
             restored = self.manipulator.restore(sent, raw)
             aggregate = [restored[k].numpy() if k in restored else np.zeros_like(c) for k, c in
                          zip(self.names, self.current, strict=True)]
+            params = ndarrays_to_parameters(aggregate)
+        shift = client_canary_shift(self.scenario, server_round)
+        if shift is not None:  # audit: the round's included client canaries join the unmasked aggregate
+            state = shifted(self._state(aggregate), shift)
+            aggregate = [state[k].numpy().astype(a.dtype, copy=False) for k, a in zip(self.names, aggregate,
+                                                                                       strict=True)]
             params = ndarrays_to_parameters(aggregate)
         if fed.protocol == "fedsgd":  # the weighted mean of the messages (zero padding of buffers dropped)
             current = self._state(self.current)
