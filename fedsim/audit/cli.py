@@ -71,27 +71,37 @@ def _on_round(progress: Progress, label: str, rounds: int):  # noqa: ANN202 - a 
 
 
 def audit_table(audit: Mapping[str, Any]) -> Table:
-    """The closing table: mechanism, the three accountants' epsilon, lower bound, estimate [CI], verdict, accuracy."""
+    """The closing table, one quantity a row (readable at 80 columns): mechanism, the three accountants' epsilon,
+    the lower bound at its confidence, the estimate [CI], the verdict, the accuracy with and without canaries."""
     from fedsim.report.audit import MECHANISMS, fmt_num
 
     eps, lb = audit.get("epsilon") or {}, audit.get("epsilon_lower_bound") or {}
-    est = audit.get("epsilon_estimate") or {}
-    ci = est.get("ci") or [None, None]
+    est, u = audit.get("epsilon_estimate") or {}, audit.get("utility") or {}
+    ci = list(est.get("ci") or []) + [None, None]
     conf = audit.get("confidence")
-    u = audit.get("utility") or {}
-    table = Table(title="Is epsilon real? (one-run audit; docs/auditing.md)")
-    for head in ("mechanism", "eps Opacus", "eps RDP", "eps PLD", f"lower bound @{conf:.0%}" if isinstance(
-            conf, float) else "lower bound", "estimate [CI]", "verdict", "acc with / without canaries"):
-        table.add_column(head, overflow="fold")
     mech = audit.get("mechanism")
-    table.add_row(
-        f"{MECHANISMS.get(mech, mech)}, {audit.get('level')} canaries" + (" + SecAgg" if audit.get(
-            "secure_aggregation") else ""),
-        fmt_num(eps.get("opacus")), fmt_num(eps.get("dp_accounting_rdp")), fmt_num(eps.get("dp_accounting_pld")),
-        f"{fmt_num(lb.get('value'))} ({lb.get('correct')}/{lb.get('guesses')} correct)",
-        f"{fmt_num(est.get('value'))} [{fmt_num(ci[0])}, {fmt_num(ci[1])}]",
-        str(audit.get("verdict")),
-        f"{fmt_num(u.get('test_accuracy'))} / {fmt_num(u.get('baseline_test_accuracy'))}")
+    table = Table(title="Is epsilon real? (one-run audit; docs/auditing.md)", show_header=False)
+    table.add_column("", no_wrap=True)
+    table.add_column("", overflow="fold")
+    rows = [
+        ("mechanism", f"{MECHANISMS.get(mech, mech)}, {audit.get('level')} canaries"
+                      + (" + SecAgg" if audit.get("secure_aggregation") else "")
+                      + f" ({audit.get('canaries_in')} of {audit.get('canaries')} included)"),
+        ("eps Opacus", fmt_num(eps.get("opacus"))),
+        ("eps dp_accounting RDP", fmt_num(eps.get("dp_accounting_rdp"))),
+        ("eps dp_accounting PLD", fmt_num(eps.get("dp_accounting_pld"))),
+        (f"lower bound @ {conf:.0%}" if isinstance(conf, float) else "lower bound",
+         f"{fmt_num(lb.get('value'))} ({lb.get('correct')} of {lb.get('guesses')} guesses correct)"),
+        ("Gaussian estimate [CI]", f"{fmt_num(est.get('value'))} [{fmt_num(ci[0])}, {fmt_num(ci[1])}] "
+                                   "(an estimate, not a bound)"),
+        ("verdict", str(audit.get("verdict"))),
+        ("accuracy with canaries", fmt_num(u.get("test_accuracy"))),
+        ("accuracy without", fmt_num(u.get("baseline_test_accuracy")) + (
+            f" (drop {fmt_num(u.get('accuracy_drop'))})" if u.get("accuracy_drop") is not None else
+            " (not run: --no-baseline / audit.baseline false)" if u.get("baseline_test_accuracy") is None else "")),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
     return table
 
 
