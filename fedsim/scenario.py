@@ -289,13 +289,17 @@ def parse_scenario(raw: Any) -> Scenario:
         scenario = Scenario.model_validate(raw)
     except ValidationError as err:
         raise _first_error(err) from None
+    from fedsim.audit.checks import check_audit
+
     if scenario.federation.protocol == "zeroth_order" or scenario.zeroth_order is not None:
+        check_audit(scenario)  # an audit: block is refused here (no update for a canary to enter)
         from fedsim.zo.validate import check_zeroth_order  # its own rules; the checks below are for NN protocols
         return check_zeroth_order(scenario)
     resolve_plugins(scenario)
     from fedsim.simulation.staleness import check_staleness
 
     check_staleness(scenario)  # defenses that change the server's aggregation (the class is checked with the data)
+    check_audit(scenario)  # what the audit's canaries cannot run in (staleness, a malicious server, the wrong level)
     from fedsim.task_checks import check_task
 
     check_task(scenario)  # what the task kind rules out (a class partition of a regression, ...), no data needed
