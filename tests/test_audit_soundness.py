@@ -1,0 +1,201 @@
+"""Soundness and power of the one-run privacy audit (issue 15) on EVERY DP path fedsim ships.
+
+* Soundness: over >= 3 seeds per path, Steinke et al.'s empirical lower bound stays at or below the SMALLEST of
+  the accountants' epsilons (Opacus, dp_accounting RDP and PLD) at the stated confidence (verdict
+  ``consistent``). The bound is proven to hold with probability >= confidence for any correct implementation.
+* Power: with sigma = 0 (dp_sgd noise_multiplier 0, central_dp noise_multiplier 0) the bound is above
+  :data:`POWER_FLOOR`, the all-correct closed form logit((beta / |grid|)^(1/r)) for r = 0.4 m two-sided guesses
+  (computed here, not by the estimator), so the audit sees an unprotected canary.
+* Mutation, per path: the mechanism's noise scaled by 0.01 while the accountants still report the configured
+  sigma (the kind of calibration bug a weighted-average sensitivity was): the audit must say ``violation``. This is
+  what shows each soundness test above can fail.
+
+Tiny federations: the bundled digits (64 or 200 training examples), an MLP of 4426 weights, 2 rounds, 500 canaries,
+in-process backend. Canary norm C = 10 (dp_sgd family, diff2's C1) so that the canaries, not the few real examples,
+dominate the released model's change: the audit then measures the mechanism, as a tight audit should.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fedsim.audit.estimators import TWO_SIDED_FRACTIONS, guess_grid
+from fedsim.run import run_scenario
+from fedsim.scenario import parse_scenario
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+M = 500  # canaries
+CONFIDENCE = 0.95
+SEEDS = (1, 2, 3)
+BASE: dict[str, Any] = {
+    "name": "audit-soundness", "seed": 1, "device": "cpu",
+    "data": {"dataset": "digits", "partition": {"kind": "iid"}, "train_subset": 64},
+    "model": {"name": "mlp", "width": 2},
+    "federation": {"clients": 2, "rounds": 2, "protocol": "fedsgd", "local": {"batch_size": 32, "lr": 0.01}},
+    "backend": {"kind": "inprocess"}, "evaluation": {"every": 100}, "attacks": [],
+    "audit": {"canaries": M, "confidence": CONFIDENCE, "baseline": False},
+}
+SECAGG = {"name": "secagg", "params": {"num_shares": 3, "reconstruction_threshold": 2}}
+FEDAVG = {"protocol": "fedavg", "local": {"batch_size": 8, "lr": 0.01, "epochs": 1}}  # Poisson q = 1/4, 4 steps
+THREE = {"clients": 3}  # SecAgg+ needs num_shares (3) <= clients
+UNEQUAL = {"partition": {"kind": "dirichlet", "alpha": 0.5}, "train_subset": 200}  # 4 clients of unequal sizes
+CENTRAL_FED = {"clients": 4, "protocol": "fedavg", "local": {"batch_size": 8, "lr": 0.05, "epochs": 1}}
+
+
+def dp(name: str = "dp_sgd", sigma: float = 2.0, **params: Any) -> dict[str, Any]:
+    return {"name": name, "params": {"noise_multiplier": sigma, "max_grad_norm": 10.0, **params}}
+
+
+def central(sigma: float = 3.0, **params: Any) -> dict[str, Any]:
+    return {"name": "central_dp", "params": {"noise_multiplier": sigma, "clipping_norm": 1.0, **params}}
+
+
+def diff2(placement: str) -> dict[str, Any]:
+    return {"name": "diff2", "params": {"restart_period": 2, "c1": 10.0, "c2": 1.0, "sigma1": 0.1, "sigma2": 0.1,
+                                        "noise_placement": placement}}
+
+
+#: path -> (defenses, data overrides, federation overrides)
+PATHS: dict[str, tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]] = {
+    "dp_sgd-hooks": ([dp()], {}, {}),
+    "dp_sgd-ghost": ([dp(grad_sample_mode="ghost")], {}, {}),
+    "dp_sgd-poisson-fedavg": ([dp()], {}, FEDAVG),
+    "dp_sat": ([dp("dp_sat")], {}, FEDAVG),
+    "dp_sam": ([dp("dp_sam", sigma=3.0)], {}, FEDAVG),
+    "dp_sgd+secagg": ([dp(), SECAGG], {"train_subset": 96}, THREE),
+    "central_dp-server-fixed": ([central()], UNEQUAL, CENTRAL_FED),
+    "central_dp-client-fixed": ([central(side="client")], UNEQUAL, CENTRAL_FED),
+    "central_dp-adaptive": ([{"name": "central_dp", "params": {"noise_multiplier": 3.0, "clipping": "adaptive",
+                                                              "clipped_count_stddev": 2.0}}], UNEQUAL, CENTRAL_FED),
+    "diff2-central": ([diff2("central")], {}, {}),
+    "diff2-local": ([diff2("local")], {}, {}),
+    "diff2-distributed+secagg": ([diff2("distributed"), SECAGG], {"train_subset": 96}, THREE),
+}
+MECHANISM = {"dp_sat": "dp_sat", "dp_sam": "dp_sam", "central_dp": "central_dp", "diff2": "diff2"}
+
+
+def scenario_raw(path: str, seed: int) -> dict[str, Any]:
+    defenses, data, federation = PATHS[path]
+    raw = copy.deepcopy(BASE)
+    raw["seed"], raw["defenses"] = seed, copy.deepcopy(defenses)
+    raw["data"].update(copy.deepcopy(data))
+    raw["federation"].update(copy.deepcopy(federation))
+    return raw
+
+
+_HONEST: dict[str, dict[str, Any]] = {}
+
+
+def audit_of(raw: dict[str, Any], cache: bool = True) -> dict[str, Any]:
+    """The run's audit block (honest runs are shared by the tests: one federation per scenario)."""
+    key = json.dumps(raw, sort_keys=True)
+    if not cache:
+        return run_scenario(parse_scenario(raw), write=False).audit
+    if key not in _HONEST:
+        _HONEST[key] = run_scenario(parse_scenario(raw), write=False).audit
+    return _HONEST[key]
+
+
+def smallest(audit: dict[str, Any]) -> float:
+    return min(audit["epsilon"].values())
+
+
+def all_correct_bound(r: int, m: int, confidence: float) -> float:
+    """logit(beta^(1/r)), beta = (1 - confidence) / |grid|: Steinke et al.'s bound when all r guesses are right
+    at delta = 0 (P[Binomial(r, q) >= r] = q^r = beta), the Bonferroni split over the estimator's guess sets."""
+    beta = (1 - confidence) / len(guess_grid(m))
+    q = beta ** (1 / r)
+    return math.log(q / (1 - q))
+
+
+POWER_GUESSES = round(0.4 * M)  # a two-sided guess set of the grid (TWO_SIDED_FRACTIONS)
+assert 0.4 in TWO_SIDED_FRACTIONS
+POWER_FLOOR = all_correct_bound(POWER_GUESSES, M, CONFIDENCE)  # 3.58 for m = 500 at 95 %
+
+
+# -- soundness ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_lower_bound_never_exceeds_the_accountants_epsilon(path: str, seed: int) -> None:
+    audit = audit_of(scenario_raw(path, seed))
+    family = path.split("-")[0].split("+")[0]
+    assert audit["mechanism"] == MECHANISM.get(family, "dp_sgd")
+    assert audit["level"] == ("client" if family == "central_dp" else "example")
+    assert audit["secure_aggregation"] == ("secagg" in path)
+    eps = audit["epsilon"]
+    assert set(eps) == {"opacus", "dp_accounting_rdp", "dp_accounting_pld"}
+    assert all(0 < v < math.inf for v in eps.values()), eps
+    lower = audit["epsilon_lower_bound"]["value"]
+    assert 0 <= lower <= smallest(audit), (path, seed, eps, audit["epsilon_lower_bound"])
+    assert audit["verdict"] == "consistent"
+
+
+# -- power: no noise, the audit sees the canaries ------------------------------------------------------------
+NO_NOISE = {
+    "dp_sgd": ([dp(sigma=0.0)], {}, {}),
+    "central_dp": ([central(sigma=0.0)], UNEQUAL, CENTRAL_FED),
+}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("path", list(NO_NOISE))
+def test_without_noise_the_lower_bound_is_large(path: str, seed: int, monkeypatch) -> None:
+    monkeypatch.setitem(PATHS, path, NO_NOISE[path])
+    audit = audit_of(scenario_raw(path, seed), cache=False)
+    assert all(v == math.inf for v in audit["epsilon"].values())  # sigma = 0: the accountants say inf
+    assert audit["epsilon_lower_bound"]["value"] > POWER_FLOOR, audit["epsilon_lower_bound"]
+    assert audit["verdict"] == "consistent"  # nothing exceeds inf
+
+
+# -- mutation: noise far too small, the accountant unchanged -------------------------------------------------
+SHRINK = 0.01
+
+
+def shrink_opacus_noise(monkeypatch) -> None:
+    import opacus.optimizers.optimizer as plain
+    import opacus.optimizers.optimizer_fast_gradient_clipping as ghost
+
+    for module in (plain, ghost):  # each module holds its own name for the noise function
+        real = module._generate_noise
+        monkeypatch.setattr(module, "_generate_noise", lambda std, *a, _real=real, **k: _real(std * SHRINK, *a, **k))
+
+
+def shrink_flower_noise(monkeypatch) -> None:
+    import flwr.serverapp.strategy.dp_adaptive_clipping as adaptive
+    import flwr.serverapp.strategy.dp_fixed_clipping as fixed
+
+    for module in (fixed, adaptive):
+        real = module.add_gaussian_noise_inplace
+        monkeypatch.setattr(module, "add_gaussian_noise_inplace",
+                            lambda arrays, std, _real=real: _real(arrays, std * SHRINK))
+
+
+def shrink_diff2_noise(monkeypatch) -> None:
+    from defenses.diff2 import Diff2
+
+    real = Diff2.noise_std
+    monkeypatch.setattr(Diff2, "noise_std", lambda self, *a, **k: real(self, *a, **k) * SHRINK)
+
+
+def shrink_for(path: str) -> Callable[[Any], None]:
+    if path.startswith("central_dp"):
+        return shrink_flower_noise
+    return shrink_diff2_noise if path.startswith("diff2") else shrink_opacus_noise
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_noise_too_small_for_the_accounted_sigma_is_a_violation(path: str, monkeypatch) -> None:
+    """The audit catches a calibration bug on every path: 1 % of the noise, the same accountants' epsilon."""
+    honest = audit_of(scenario_raw(path, SEEDS[0]))
+    shrink_for(path)(monkeypatch)
+    broken = audit_of(scenario_raw(path, SEEDS[0]), cache=False)
+    assert broken["epsilon"] == honest["epsilon"]  # the accountants still report the configured sigma
+    assert broken["epsilon_lower_bound"]["value"] > smallest(broken), broken["epsilon_lower_bound"]
+    assert broken["verdict"] == "violation"
