@@ -63,6 +63,8 @@ class LocalTraining(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    augmentation: Literal["none", "flip_crop"] = Field(
+        "none", description="flip_crop: random crop (+ mirror on mirror-invariant datasets), fedsim/augment.py")
 
     @model_validator(mode="after")
     def _check_one_of(self) -> LocalTraining:
@@ -88,6 +90,9 @@ class FederationSpec(_Strict):
     def _check_sampling(self) -> FederationSpec:
         if self.clients_per_round is not None and self.clients_per_round > self.clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) > clients ({self.clients})")
+        if self.local.augmentation != "none" and self.protocol == "zeroth_order":  # would be silently ignored
+            raise _PathError("local.augmentation", "zeroth-order clients query the loss on their own data; "
+                                                   "they do not augment it (use augmentation: none)")
         if self.server_lr is not None and self.protocol == "fedavg":  # would be silently ignored
             raise _PathError("server_lr", "is FedSGD's server step size; fedavg averages the clients' models and "
                                           "has none: remove it")

@@ -9,7 +9,8 @@ task fedsim refuses, with the YAML field path:
   with PSNR/SSIM/LPIPS and label accuracy), the model-inversion attacks synthesize a class's images; none
   of them has a regression form in fedsim.
 
-On tabular inputs of any task, a model that cannot take a feature vector (the image models ``convnet``,
+On tabular inputs of any task, ``federation.local.augmentation`` other than ``none`` is refused (it flips and
+crops images), and a model that cannot take a feature vector (the image models ``convnet``,
 ``lenet``, ``resnet*``, ``vit``) is refused at ``model.name``; ``fc10`` and ``mlp`` take both.
 """
 
@@ -36,6 +37,10 @@ def check_task(scenario: Scenario) -> None:
                                               "regression task on feature vectors: fedsim has no attack on "
                                               "regression tasks (remove attacks)")
     if facts.inputs == "tabular":
+        augmentation = scenario.federation.local.augmentation
+        if augmentation != "none":
+            raise ScenarioError("federation.local.augmentation", f"{augmentation} flips and crops images, but "
+                                f"{name!r} holds feature vectors (use augmentation: none)")
         _check_vector_model(scenario, facts.features)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedsim.augment import Augmentation
 from fedsim.data import normalize
 from fedsim.errors import ScenarioError
 from fedsim.isolation import isolated_global_rngs
@@ -208,12 +209,22 @@ def local_update(
     partition_id: int,
     device: torch.device,
     record: bool = False,
+    augmentation: Augmentation | None = None,
 ) -> LocalResult:
     """Run one client's round on its partition (``inputs`` in pixel space [0, 1], or standardized features).
 
     ``job.model`` already holds the global weights. With ``record`` the dropout masks drawn during the
-    round are returned in ``extras`` (only the evaluator may read them).
+    round are returned in ``extras`` (only the evaluator may read them). ``augmentation``
+    (:mod:`fedsim.augment`) transforms each step's batch in pixel space before normalization (fedsgd: its
+    one batch, step 0); ``used_indices`` still name the un-augmented examples the evaluator scores against.
     """
+
+    def batch(idx: Tensor, step: int) -> Tensor:
+        x = inputs[idx].to(device)
+        if augmentation is not None:
+            x = augmentation.apply(x, seed=seed, round_num=round_num, partition_id=partition_id, step=step)
+        return normalize(x, mean, std)
+
     model = job.model
     batches = round_batches(job, inputs, local=local, protocol=protocol, seed=seed, round_num=round_num,
                             partition_id=partition_id)
@@ -226,7 +237,7 @@ def local_update(
         idx = batches[0]
         opt = job.make_optimizer(model, local)  # never stepped: fedsgd sends the gradient itself
         opt.zero_grad(set_to_none=True)
-        x = normalize(inputs[idx].to(device), mean, std)
+        x = batch(idx, 0)
         loss = job.loss_fn(model(x), labels[idx].to(device))
         loss.backward()
         if job.before_read_gradients is not None:
@@ -240,7 +251,7 @@ def local_update(
     else:
         opt = job.make_optimizer(model, local)
         for step, idx in enumerate(batches):
-            x = normalize(inputs[idx].to(device), mean, std)
+            x = batch(idx, step)
             opt.zero_grad(set_to_none=True)
             loss = job.loss_fn(model(x), labels[idx].to(device))
             loss.backward()

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from fedsim.augment import describe, scoring_note
 from fedsim.report.loading import Cell, Source, load_metrics, read_yaml
 from fedsim.report.page import esc, facts, num, table
 from fedsim.report.privacy import privacy_lines
@@ -85,6 +86,8 @@ def scenario_facts(scn: dict[str, Any]) -> list[tuple[str, str]]:
         ("federation", esc(f"{fed.get('clients')} clients, {fed.get('clients_per_round') or fed.get('clients')} per "
                            f"round, {fed.get('rounds')} round(s), {fed.get('protocol')}; local batch "
                            f"{local.get('batch_size')}, lr {local.get('lr')}, {steps}, {local.get('optimizer')}")),
+        *([("augmentation", esc(f"{describe(aug, str(data.get('dataset')))}; {scoring_note(aug)}"))]
+          if (aug := str(local.get("augmentation") or "none")) != "none" else []),
         ("backend", esc((scn.get("backend") or {}).get("kind"))),
         ("defenses", ", ".join(_plugin(d) for d in scn.get("defenses") or []) or "none"),
     ]

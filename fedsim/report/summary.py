@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedsim.augment import describe, scoring_note
 from fedsim.outcomes import outcome_label
 from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, exact_count
 from fedsim.report.audit import audit_markdown
@@ -47,6 +48,8 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
            f"(aggregation `{fed.staleness.aggregation}`, schedule `{fed.staleness.schedule}`); "
            f"{_stale_count(history)}"]
           if fed.staleness is not None else []),
+        *([f"- augmentation: {describe(fed.local.augmentation, scenario.data.dataset)}; "
+           f"{scoring_note(fed.local.augmentation)}"] if fed.local.augmentation != "none" else []),
         f"- defenses: {', '.join(d.name for d in scenario.defenses) or 'none'}; seed {scenario.seed}",
         _threat_line(scenario),
         f"- time: federation {timing.get('federation_s', 0):.1f} s, attacks {timing.get('attacks_s', 0):.1f} s",

@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor, nn
 
 from defenses.base import Defense, UpdateContext
+from fedsim.augment import augmentation_for
 from fedsim.models.manipulation import apply_architecture
 from fedsim.scenario import Scenario
 from fedsim.simulation import keys
@@ -132,6 +133,7 @@ def run_client_round(scenario: Scenario, partition_id: int, round_num: int, glob
         job, inputs, labels, local=fed.local, protocol=fed.protocol,
         mean=setup.task.mean, std=setup.task.std, seed=scenario.seed,
         round_num=round_num, partition_id=partition_id, device=setup.device, record=record,
+        augmentation=augmentation_for(fed.local.augmentation, scenario.data.dataset, tuple(inputs.shape[1:])),
     )
     state.clear()
     state.update(job.state)
