@@ -170,8 +170,10 @@ def one_run_lower_bound(scores_in: object, scores_out: object, delta: float, con
 
     ``scores_in``: (k,) scores of the included canaries; ``scores_out``: (m - k,) of the left-out ones (either may
     be empty; m >= 1). For each guess set of :func:`guess_grid` (m) the auditor's correct count v of r guesses gives
-    the largest eps with p-value (:func:`one_run_p_value`) <= (1 - confidence) / |grid|; the bound is the largest
-    of these (0 when none is rejected), reported with that set's r and v. The most it can reach is
+    the largest eps below which every p-value (:func:`one_run_p_value`) is <= (1 - confidence) / |grid| (the first
+    crossing, found on a 64-point scan then brentq; the p-value was increasing in eps in every case checked, where
+    this is the largest eps with p-value <= the level); the bound is the largest of these (0 when none is
+    rejected), reported with that set's r and v. The most it can reach is
     logit(((1 - confidence) / |grid|)^(1/m)) at delta = 0 (every canary guessed right). Holds for any mechanism that
     is (eps, delta)-DP in each canary's coin, with probability >= ``confidence`` over the coins and the run.
     Raises ValueError for non-finite scores, m = 0, delta outside [0, 1) or confidence outside (0, 1).
