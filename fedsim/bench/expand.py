@@ -2,7 +2,8 @@
 
 Order (deterministic): repeat, then attack entry, then defense entry (pairs named in ``exclude``
 left out), then the cross product of the sweep axes that apply to that (attack, defense) pair, in
-the grid's key order (the last key varies fastest). Repeat r of every
+the grid's key order (the last key varies fastest); with ``design: one_at_a_time`` instead the centre
+(every axis at its first value) and then, axis by axis, each other value with the rest at the centre. Repeat r of every
 cell uses the seed ``derive_seed(base seed, "bench-repeat", r)``, so cells of the same repeat share
 their data partition, model initialisation and client sampling: defenses are compared on paired runs.
 
@@ -128,6 +129,14 @@ class _CellBuilder:
         return ScenarioError(f"base.{err.path}" if err.path else "base", err.reason + suffix)
 
 
+def _combos(sizes: list[int], design: str) -> list[tuple[int, ...]]:
+    """Index tuples of the sweep points: the cross product, or the centre (all 0) and one axis at a time."""
+    if design == "product":
+        return list(itertools.product(*(range(n) for n in sizes)))
+    centre = tuple(0 for _ in sizes)
+    return [centre] + [centre[:a] + (j,) + centre[a + 1:] for a, n in enumerate(sizes) for j in range(1, n)]
+
+
 def expand_grid(grid: Grid) -> list[Cell]:
     """Every cell of the grid in a deterministic order, each scenario validated (ScenarioError otherwise)."""
     cells: list[Cell] = []
@@ -140,11 +149,12 @@ def expand_grid(grid: Grid) -> list[Cell]:
                 if any(rule.matches(attack, entry.label) for rule in grid.exclude):
                     continue
                 axes = [(k, a) for k, a in grid.sweep.items() if a.applies(attack, entry.label)]
-                for combo in itertools.product(*(range(len(a.values)) for _, a in axes)):
+                for combo in _combos([len(a.values) for _, a in axes], grid.design):
                     builder = _CellBuilder(grid, ai, di)
                     params: dict[str, Any] = {}
                     for (key, axis), j in zip(axes, combo, strict=True):
-                        builder.set(key, axis.values[j], f"sweep.{key}[{j}]")
+                        for path, value, grid_path in axis.assignments(key, j):
+                            builder.set(path, value, grid_path)
                         params[key] = axis.values[j]
                     builder.raw["seed"] = seed
                     builder.raw["backend"] = {"kind": "inprocess"}

@@ -18,6 +18,11 @@ exclude:                          # (attack, defense) label pairs not to run, e.
 sweep:                            # dotted scenario path -> values (the cross product is run)
   federation.local.batch_size: [1, 4]
   defenses.0.params.noise_multiplier: {values: [0.5, 1.0], defenses: [dp_sgd]}   # scoped to a label
+  model_state:                    # a NAMED axis: each value is a label for several paths set together
+    bundles: {untrained: {attacks.0.rounds: [1], federation.rounds: 1},
+              trained: {attacks.0.rounds: [5], federation.rounds: 5}}
+design: product                   # or one_at_a_time: each axis's FIRST value is the centre; the centre
+                                  # cell plus every other value of one axis with the rest at the centre
 repeats: 2                        # seeds derived per repeat (fedsim.seeding.derive_seed)
 resources: {num_cpus: 1, num_gpus: 0}                  # per cell
 ray: {address: null, init_args: {}}                     # null: a local Ray; 'auto' / 'ray://...': a cluster
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -96,16 +101,31 @@ class DefenseEntry(_Strict):
 
 
 class SweepAxis(_Strict):
-    """Values of one dotted scenario path, optionally only in cells of some defense/attack labels."""
+    """Values of one dotted scenario path, optionally only in cells of some defense/attack labels.
+
+    With ``bundles`` (label -> {dotted path: value}) the axis's key is only its name: each value is a
+    label, and the cell sets every path of that label's bundle (e.g. a model state that sets both the
+    attacked round and the number of rounds); ``values`` are then the labels, in the bundles' order.
+    """
 
     values: list[Any] = Field(min_length=1)
+    bundles: dict[str, dict[str, Any]] | None = Field(None, description="label -> paths set together")
     defenses: list[str] | None = Field(None, description="defense labels this axis applies to (default: all)")
     attacks: list[str] | None = Field(None, description="attack labels this axis applies to (default: all)")
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("bundles"), dict) and "values" not in value:
+            return {**value, "values": list(value["bundles"])}
         return {"values": value} if isinstance(value, list) else value
+
+    def assignments(self, key: str, index: int) -> list[tuple[str, Any, str]]:
+        """``(scenario path, value, grid path)`` that value ``index`` of axis ``key`` sets in a cell."""
+        value = self.values[index]
+        if self.bundles is None:
+            return [(key, value, f"sweep.{key}[{index}]")]
+        return [(path, v, f"sweep.{key}.bundles.{value}.{path}") for path, v in self.bundles[str(value)].items()]
 
     def applies(self, attack: str, defense: str) -> bool:
         return (self.defenses is None or defense in self.defenses) and (self.attacks is None or attack in self.attacks)
@@ -142,6 +162,8 @@ class Grid(_Strict):
                                          min_length=1)
     sweep: dict[str, SweepAxis] = Field(default_factory=dict)
     exclude: list[Exclude] = Field(default_factory=list, description="pairs not to run (e.g. incompatible)")
+    design: Literal["product", "one_at_a_time"] = Field(
+        "product", description="one_at_a_time: the centre (every axis's first value) plus one axis changed at a time")
     repeats: int = Field(1, ge=1)
     resources: Resources = Resources()
     ray: RaySpec = RaySpec()
@@ -155,7 +177,20 @@ class Grid(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Grid:
         _check_paths(self.overrides, "overrides")
-        _check_paths(self.sweep, "sweep")
+        _check_paths({k: v for k, v in self.sweep.items() if v.bundles is None}, "sweep")
+        for key, axis in self.sweep.items():
+            if axis.bundles is None:
+                continue
+            if "." in key or key.split("[")[0] in FORBIDDEN_PATHS:
+                raise _PathError(f"sweep.{key}", "a bundles axis is named by a plain word (its bundles hold the paths)")
+            for k, value in enumerate(axis.values):
+                if value not in axis.bundles:
+                    raise _PathError(f"sweep.{key}.values[{k}]", f"no bundle {value!r} (bundles: "
+                                                                 f"{', '.join(axis.bundles)})")
+            for label, paths in axis.bundles.items():
+                if not paths:
+                    raise _PathError(f"sweep.{key}.bundles.{label}", "an empty bundle sets nothing")
+                _check_paths(paths, f"sweep.{key}.bundles.{label}")
         base_attacks = self.base.get("attacks") or []
         labels: list[str] = []
         for i, entry in enumerate(self.attacks):

@@ -33,6 +33,7 @@ from fedsim.report.loading import ReportSourceError, Source, load_metrics, load_
 from fedsim.report.manipulation import manipulation_section
 from fedsim.report.page import esc, figure, is_fedsim_report, num, page
 from fedsim.report.participation import participation_section
+from fedsim.report.realistic import realistic_section
 from fedsim.report.rounds import bench_rounds_plot
 from fedsim.report.sections import HOW_TO_READ, bench_header, leaderboard_section, run_header
 from fedsim.report.stale_gi import stale_gi_section
@@ -221,6 +222,7 @@ def _default_sections(source: Source, header: str, partial: Path, assets: Path) 
         participation += audit_section(metrics, partial)  # "Is epsilon real?": the one-run audit, when audited
     return [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
             _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
+            realistic_section(source, partial),
             _rounds_section(source, rows, partial), _galleries_section(source, rows, partial)]
 
 
