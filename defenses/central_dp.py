@@ -10,6 +10,8 @@ would be sigma / (K max_k n_k / n) (sigma 0.70 instead of 1 for 10 Dirichlet(0.5
 the reported epsilon would understate the loss. The run's privacy block says ``aggregation: uniform``.
 Adaptive clipping moves C towards the ``target_clipped_quantile`` of update norms with a noisy count
 (Flower raises sigma for the update so that both releases compose to the ``noise_multiplier`` asked for).
+Its noise uses the norm the round's updates were clipped to; Flower 1.42 noises with the norm it has just
+updated, below that one when most updates were clipped (:class:`_RoundNormNoise`).
 Wrappers: ``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping`` from
 ``flwr.serverapp.strategy``; ``side: client`` adds Flower's ``fixedclipping_mod`` /
 ``adaptiveclipping_mod`` to the ClientApp. FedAvg only: the wrappers clip ``reply - current``, which is
@@ -120,8 +122,8 @@ class _SeededNoise:
         uniform mean moves by at most C / K).
 
         The audit's client canaries take it as their norm (``FedSimFedAvg.client_canary_norm``): a canary update
-        of this norm is the largest a real client could contribute. (Flower's adaptive wrappers draw the round's
-        noise with the norm they have just UPDATED, which may be below this one; an audit measures that as it is.)
+        of this norm is the largest a real client could contribute; the adaptive wrappers' noise uses it too
+        (:class:`_RoundNormNoise`).
         """
         if self.fedsim_round_norm is None:
             return float(self.clipping_norm)  # type: ignore[attr-defined]
@@ -145,11 +147,30 @@ class ClientSideFixed(_SeededNoise, DifferentialPrivacyClientSideFixedClipping):
     pass
 
 
-class ServerSideAdaptive(_SeededNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+class _RoundNormNoise(_SeededNoise):
+    """Adaptive clipping noised with the norm the round's updates were clipped to.
+
+    Andrew et al. (NeurIPS 2021, Alg. 1) clip round t's updates to C_t, add N(0, (sigma C_t / K)^2) to their mean,
+    and only then move the norm to C_{t+1}. Flower 1.42's adaptive wrappers (``dp_adaptive_clipping.py``) update
+    the norm first and draw the noise with C_{t+1}: when more than the target quantile was clipped, C_{t+1} < C_t
+    (about 0.9 C_t at the defaults) and the noise is sigma C_{t+1} / K against a sensitivity of C_t / K, a noise
+    multiplier below the one accounted. Here the noise uses C_t; the norm update is Flower's.
+    """
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: Any) -> Any:
+        updated = self.clipping_norm  # type: ignore[attr-defined]
+        self.clipping_norm = self.round_clipping_norm()
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[misc]
+        finally:
+            self.clipping_norm = updated
+
+
+class ServerSideAdaptive(_RoundNormNoise, DifferentialPrivacyServerSideAdaptiveClipping):
     pass
 
 
-class ClientSideAdaptive(_SeededNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+class ClientSideAdaptive(_RoundNormNoise, DifferentialPrivacyClientSideAdaptiveClipping):
     pass
 
 

@@ -172,3 +172,22 @@ def test_invalid_combinations_are_refused_at_the_defense_path(fedavg_raw, change
     with pytest.raises(ScenarioError, match=match) as err:
         parse_scenario(with_cdp(fedavg_raw, **params))
     assert err.value.path == "defenses[0]"
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_adaptive_clipping_noise_uses_the_norm_the_round_was_clipped_to(unequal_raw, side) -> None:
+    """Andrew et al. (NeurIPS 2021, Alg. 1): round t's noise is sigma_update * C_t / K with C_t the norm the
+    updates were clipped to, and the norm moves afterwards. Every raw update (norms > 0.2) exceeds the initial
+    C = 0.1, so the clipped fraction is ~1 and the norm then falls to ~0.1 exp(-0.2 * 0.5) = 0.0905: noising with
+    the updated norm (Flower 1.42's order) gives a std 9.5 % low. sigma_update comes from the paper's Thm. 1,
+    (z^-2 - (2 sigma_b)^-2)^-1/2 with z = 0.3 and sigma_b = K / 20 = 0.2, not from Flower."""
+    z, k, c0 = 0.3, 4, 0.1
+    sigma_update = (z ** -2 - (2 * k / 20) ** -2) ** -0.5
+    scenario = parse_scenario(with_cdp(unequal_raw, side=side, clipping="adaptive", noise_multiplier=z,
+                                       initial_clipping_norm=c0))
+    outcome = run_federation(scenario)
+    caps = outcome.capture.updates
+    # every update is clipped in round 1 (side client: the server captures it clipped, at norm C)
+    assert all(flat(c.update).norm().item() > c0 - 1e-6 for c in caps)
+    noise = flat(outcome.final_state) - flat(fedavg_of(caps, [clip(c.update, c0) for c in caps]))
+    assert noise.std().item() == pytest.approx(sigma_update * c0 / k, rel=0.04)  # 4426 weights: ~1.1 % error
