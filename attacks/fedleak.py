@@ -203,13 +203,12 @@ class FedLeak(Attack):
     @classmethod
     def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
         """B, C when the L1 term rescales a FedAvg delta by granted local hyperparameters."""
-        return delta_scale_letter(cls.threat_model, "cosine" if params.distance == "cosine" else "l1", knowledge)
+        return delta_scale_letter(cls.threat_model, params.distance, knowledge)
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
         super().check_scenario(scenario, spec)
-        distance = cls.Params.model_validate(spec.params).distance
-        check_delta_scale(scenario, spec, "cosine" if distance == "cosine" else "l1")
+        check_delta_scale(scenario, spec, cls.Params.model_validate(spec.params).distance)
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
@@ -238,38 +237,39 @@ class FedLeak(Attack):
 
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
         total = budget.iterations * budget.restarts
-        book: RestartBook[Tensor] = RestartBook()
+        book: RestartBook[tuple[Tensor, int]] = RestartBook()
         for restart in range(budget.restarts):
             if book.time_is_up(deadline):
                 break
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, "fedleak-generator", restart))
-                gen = PriorGenerator(shape, p.width, p.latent)  # type: ignore[arg-type]
+                gen = PriorGenerator((shape[0], shape[1], shape[2]), p.width, p.latent)
             gen = gen.to(self.device).train()
             z = torch.randn((num, p.latent), generator=torch_generator(self.seed, "fedleak-z", restart)).to(self.device)
             on_step = ticker(progress, budget.iterations, total, restart * budget.iterations)
             try:
-                stopped = self._optimize(gen, z, loss_fn, deadline, on_step)
+                steps, stopped = self._optimize(gen, z, loss_fn, deadline, on_step)
                 with torch.no_grad():
                     pixels = gen(z)
                 score = loss_fn(pixels, False).item() if stopped != NON_FINITE else math.nan
             except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
                 return Reconstruction.failure(f"optimization failed: {err}")
-            book.record(restart, pixels.detach(), score, stopped)
+            book.record(restart, (pixels.detach(), steps), score, stopped)
             if book.timed_out:
                 break
         seconds = time.perf_counter() - start
         if book.best is None:
             return book.failure(seconds)
-        images = median_filter(book.best, p.median).clamp(0, 1).cpu()
+        best, steps = book.best
+        images = median_filter(best, p.median).clamp(0, 1).cpu()
         kept = sum(float(m.sum()) for m in masks) / max(sum(m.numel() for m in masks), 1)
-        stats = {**book.stats(), "iterations": float(budget.iterations), "matched_share": kept, "seconds": seconds}
+        stats = {**book.stats(), "iterations": float(steps), "matched_share": kept, "seconds": seconds}
         return Reconstruction(images=images, labels=labels.cpu(), stats=stats)
 
     def _optimize(self, gen: PriorGenerator, z: Tensor, loss_fn: Callable[[Tensor], Tensor], deadline: float | None,
-                  on_step: Callable[[int], None]) -> str | None:
-        """Signed AdamW with the look-ahead on ``gen``'s weights (module docstring); returns why it stopped early
-        (:data:`attacks.restarts.TIME_LIMIT`, :data:`~attacks.restarts.NON_FINITE`) or None."""
+                  on_step: Callable[[int], None]) -> tuple[int, str | None]:
+        """Signed AdamW with the look-ahead on ``gen``'s weights (module docstring); returns the steps taken and why
+        it stopped early (:data:`attacks.restarts.TIME_LIMIT`, :data:`~attacks.restarts.NON_FINITE`) or None."""
         p, iterations = self.params, self.budget.iterations
         weights = [w for w in gen.parameters() if w.requires_grad]
         opt = torch.optim.AdamW(weights, lr=p.lr, weight_decay=p.weight_decay)
@@ -288,16 +288,16 @@ class FedLeak(Attack):
 
         for i in range(iterations):
             if past(deadline):
-                return TIME_LIMIT
+                return i, TIME_LIMIT
             s0 = signed_gradient()
             if s0 is None:
-                return NON_FINITE
+                return i, NON_FINITE
             if p.lookahead > 0:
                 saved = [w.detach().clone() for w in weights]
                 step(s0)
                 s1 = signed_gradient()
                 if s1 is None:
-                    return NON_FINITE
+                    return i, NON_FINITE
                 with torch.no_grad():
                     for w, old in zip(weights, saved, strict=True):
                         w.copy_(old)
@@ -305,4 +305,4 @@ class FedLeak(Attack):
             step(s0)
             sched.step()
             on_step(i + 1)
-        return None
+        return iterations, None

@@ -147,7 +147,7 @@ def test_the_look_ahead_step_is_the_released_codes() -> None:
     gen = _Pixels()
     attack = fedleak(iterations=25, weight_decay=0.01, lr=0.01)
     ticks: list[int] = []
-    assert attack._optimize(gen, torch.zeros(1), loss_fn, None, ticks.append) is None
+    assert attack._optimize(gen, torch.zeros(1), loss_fn, None, ticks.append) == (25, None)
     torch.testing.assert_close(gen.w.detach(), reference[0])
     assert ticks == list(range(1, 26))
     plain = _Pixels()  # lookahead 0: plain signed AdamW, which ends elsewhere
@@ -158,17 +158,19 @@ def test_the_look_ahead_step_is_the_released_codes() -> None:
 # -- reconstruction -----------------------------------------------------------------------------------------------
 
 def test_reconstructs_a_batch_with_a_margin_over_a_trivial_attacker(cifar) -> None:
-    """FedSGD, batch 2 (images 0 and 1), untrained ConvNet (width 32), labels inferred, 100 iterations (~10 s).
-    Trivial guesses through the same one-to-one matched PSNR: each image's own mean colour 12.5 dB (the best of
-    helpers.trivial_guesses: batch mean colour, grey, uniform noise score less). Measured: see the assertion."""
+    """FedSGD, batch 2 (images 0 and 1), untrained ConvNet (width 32), labels inferred, generator width 16, 60
+    iterations. Trivial guesses through the same one-to-one matched PSNR (helpers.trivial_guesses): each image's
+    own mean colour 12.5 dB (the best), the batch's mean colour 11.8, grey 11.9, uniform noise 8.2. Measured 16.2 dB
+    (100 iterations: 15.9; generator width 32: 15.3 / 15.4 dB at 60 / 100; Inverting Gradients at equal iterations
+    12.2 / 14.0 dB), so the 2.5 dB margin leaves about 1 dB of headroom."""
     idx = [0, 1]
     truth = cifar.train_x[idx]
-    rec = fedleak(iterations=100).reconstruct(convnet_update(cifar, idx))
+    rec = fedleak(iterations=60, width=16).reconstruct(convnet_update(cifar, idx))
     assert rec.failed is None
     assert rec.images.shape == truth.shape and 0 <= rec.images.min() and rec.images.max() <= 1
     assert sorted(rec.labels.tolist()) == sorted(cifar.train_y[idx].tolist())  # inferred, not given
     assert 0.45 <= rec.stats["matched_share"] <= 0.55  # the median keeps about half of every tensor
-    assert_beats_trivial(matched(rec.images, truth), truth, 2.0, metric=matched)
+    assert_beats_trivial(matched(rec.images, truth), truth, 2.5, metric=matched)
 
 
 def test_same_seed_same_images_and_progress(cifar) -> None:
@@ -204,12 +206,17 @@ def test_registered_with_its_letter_and_fedavg_scale_rule(tiny_raw) -> None:
     tiny_raw["federation"]["protocol"] = "fedavg"
     with pytest.raises(ScenarioError) as err:  # the L1 term needs -delta / (lr * steps)
         parse_scenario(tiny_raw)
-    assert err.value.path == "attacks[0].knowledge.local_hparams" or "local_hparams" in err.value.reason
+    assert err.value.path == "attacks[0]" and "grant knowledge.local_hparams: true" in err.value.reason
     tiny_raw["attacks"][0]["params"] = {"distance": "cosine"}
     assert needed_letter(parse_scenario(tiny_raw).attacks[0]) == "B"
     tiny_raw["attacks"][0]["params"] = {}
     tiny_raw["attacks"][0]["knowledge"] = {"local_hparams": True}
     assert needed_letter(parse_scenario(tiny_raw).attacks[0]) == "C"
+    tiny_raw["federation"]["local"]["momentum"] = 0.9  # a rescaled sum of SGD gradients no more
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(tiny_raw)
+    assert err.value.path == "federation.local.momentum"
+    tiny_raw["federation"]["local"]["momentum"] = 0.0
     for bad in ({"keep": 0.0}, {"keep": 1.5}, {"lookahead": 1.0}, {"nope": 1}):
         tiny_raw["attacks"][0]["params"] = bad
         with pytest.raises(ScenarioError):
