@@ -115,9 +115,36 @@ def all_correct_bound(r: int, m: int, confidence: float) -> float:
     return math.log(q / (1 - q))
 
 
+def binomial_tail(r: int, v: int, eps: float) -> float:
+    """P[Binomial(r, e^eps / (1 + e^eps)) >= v], summed exactly term by term (log space, math.fsum)."""
+    log_q, log_p = -math.log1p(math.exp(-eps)), -math.log1p(math.exp(eps))  # log q, log (1 - q)
+    return math.fsum(math.exp(math.lgamma(r + 1) - math.lgamma(k + 1) - math.lgamma(r - k + 1) + k * log_q
+                              + (r - k) * log_p) for k in range(v, r + 1))
+
+
+GUESS_SETS = 12  # 6 one-sided + 6 two-sided guess sets, all distinct at m = 500: the Bonferroni split
+SIGNIFICANCE = (1 - CONFIDENCE) / GUESS_SETS
+
+
+def check_the_bound_is_corrected(bound: dict[str, Any]) -> None:
+    """The reported bound is no larger than what r guesses with v right reject at the Bonferroni-split
+    significance WITHOUT the delta term (which only lowers it): P[Binomial(r, q(eps)) >= v] <= significance
+    at eps = the bound, computed here independently of the estimator. Catches a bound reported at the wrong
+    confidence, without the split over guess sets, or from the wrong tail."""
+    if bound["value"] > 0:
+        tail = binomial_tail(bound["guesses"], bound["correct"], bound["value"])
+        assert tail <= SIGNIFICANCE * (1 + 1e-6), (bound, tail, SIGNIFICANCE)
+
+
 POWER_GUESSES = round(0.4 * M)  # a two-sided guess set of the grid (TWO_SIDED_FRACTIONS)
 assert 0.4 in TWO_SIDED_FRACTIONS
 POWER_FLOOR = all_correct_bound(POWER_GUESSES, M, CONFIDENCE)  # 3.58 for m = 500 at 95 %
+CEILING = all_correct_bound(M, M, CONFIDENCE)  # 4.51: every canary guessed right, the most m canaries can show
+
+
+def test_the_guess_grid_is_the_stated_one() -> None:
+    assert len(guess_grid(M)) == GUESS_SETS
+    assert POWER_FLOOR == pytest.approx(3.583, abs=1e-3) and CEILING == pytest.approx(4.508, abs=1e-3)
 
 
 # -- soundness ------------------------------------------------------------------------------------------------
@@ -134,6 +161,7 @@ def test_lower_bound_never_exceeds_the_accountants_epsilon(path: str, seed: int)
     assert all(0 < v < math.inf for v in eps.values()), eps
     lower = audit["epsilon_lower_bound"]["value"]
     assert 0 <= lower <= smallest(audit), (path, seed, eps, audit["epsilon_lower_bound"])
+    check_the_bound_is_corrected(audit["epsilon_lower_bound"])
     assert audit["verdict"] == "consistent"
 
 
@@ -150,7 +178,9 @@ def test_without_noise_the_lower_bound_is_large(path: str, seed: int, monkeypatc
     monkeypatch.setitem(PATHS, path, NO_NOISE[path])
     audit = audit_of(scenario_raw(path, seed), cache=False)
     assert all(v == math.inf for v in audit["epsilon"].values())  # sigma = 0: the accountants say inf
-    assert audit["epsilon_lower_bound"]["value"] > POWER_FLOOR, audit["epsilon_lower_bound"]
+    assert POWER_FLOOR < audit["epsilon_lower_bound"]["value"] <= CEILING, audit["epsilon_lower_bound"]
+    check_the_bound_is_corrected(audit["epsilon_lower_bound"])
+    assert audit["epsilon_estimate"]["value"] > 10  # Andrew et al.'s Gaussian fit: far from any DP run here
     assert audit["verdict"] == "consistent"  # nothing exceeds inf
 
 
@@ -199,3 +229,28 @@ def test_noise_too_small_for_the_accounted_sigma_is_a_violation(path: str, monke
     assert broken["epsilon"] == honest["epsilon"]  # the accountants still report the configured sigma
     assert broken["epsilon_lower_bound"]["value"] > smallest(broken), broken["epsilon_lower_bound"]
     assert broken["verdict"] == "violation"
+    check_the_bound_is_corrected(broken["epsilon_lower_bound"])
+
+
+# -- the block in metrics.json ---------------------------------------------------------------------------------
+SCHEMA = {"level", "mechanism", "secure_aggregation", "canaries", "canaries_in", "canary_norm", "observation",
+          "confidence", "delta", "epsilon", "epsilon_lower_bound", "epsilon_estimate", "verdict", "utility", "scores"}
+
+
+def test_metrics_json_carries_the_audit_block_in_strict_json_and_nothing_without_audit(tmp_path) -> None:
+    from fedsim.jsonio import strict_loads
+
+    raw = scenario_raw("dp_sgd-hooks", SEEDS[0])
+    raw["defenses"][0]["params"]["noise_multiplier"] = 0.0  # epsilon inf: written as the string "inf"
+    result = run_scenario(parse_scenario(raw), tmp_path / "audited")
+    block = strict_loads((tmp_path / "audited" / "metrics.json").read_text())["audit"]
+    assert set(block) == SCHEMA
+    assert block["epsilon"] == {"opacus": "inf", "dp_accounting_rdp": "inf", "dp_accounting_pld": "inf"}
+    assert (block["canaries"], block["canary_norm"], block["delta"]) == (M, 10.0, 1e-5)
+    assert block["canaries_in"] == len(block["scores"]["in"]) == M - len(block["scores"]["out"])
+    assert block["utility"]["baseline_test_accuracy"] is None and block["utility"]["accuracy_drop"] is None
+    assert block["utility"]["test_accuracy"] == result.history[-1]["test_accuracy"]
+    assert result.audit["epsilon_lower_bound"] == block["epsilon_lower_bound"]
+    del raw["audit"]
+    plain = run_scenario(parse_scenario(raw), tmp_path / "plain")
+    assert plain.audit == {} and "audit" not in strict_loads((tmp_path / "plain" / "metrics.json").read_text())
