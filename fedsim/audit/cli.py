@@ -150,12 +150,24 @@ def audit(
                                   on_round=_on_round(progress, "with canaries", spec.federation.rounds))
     except FedsimError as err:
         _fail(err)
+    _print_attacks(result.outcomes)
     block = getattr(result, "audit", None)
     if block:
         Console().print(audit_table(block))
     t = result.timing
     typer.echo(f"time: federation {t['federation_s']:.1f} s (with canaries), attacks {t['attacks_s']:.1f} s")
     typer.echo(f"wrote {result.out_dir}")
+
+
+def _print_attacks(outcomes: list[Any]) -> None:
+    """One line per attack outcome of the audited run (its PSNR, or why it has none)."""
+    from fedsim.outcomes import outcome_label
+
+    for o in outcomes:
+        tag = f"{o.attack} round {o.round} client {o.partition_id}"
+        psnr = o.metrics.get("psnr_mean")
+        typer.echo(f"{tag}: {outcome_label(o.failed)}" if o.failed else
+                   f"{tag}: PSNR {psnr:.2f} dB" if isinstance(psnr, int | float) else f"{tag}: done")
 
 
 def _fail(err: Exception) -> None:
