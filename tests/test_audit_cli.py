@@ -174,3 +174,12 @@ def test_report_section_escapes_and_words_a_violation(tmp_path: Path) -> None:
     html = audit_section({"audit": block}, tmp_path)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert VIOLATION.replace("'", "&#x27;") in html and 'class="bad"' in html
+
+
+def test_the_canaries_cost_is_worded_for_every_case() -> None:
+    from fedsim.report.audit import utility_text
+
+    both = utility_text({"utility": {"test_accuracy": 0.5, "baseline_test_accuracy": 0.625, "accuracy_drop": 0.125}})
+    assert "0.500 with the canaries, 0.625 without" in both and "drop 0.125" in both
+    assert "without them not measured" in utility_text({"utility": {"test_accuracy": 0.5}})
+    assert "no accuracy" in utility_text({"utility": {"test_accuracy": None}})

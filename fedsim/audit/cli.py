@@ -16,7 +16,7 @@ Registered on the typer app in :mod:`fedsim.cli`. docs/auditing.md explains what
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -98,6 +98,7 @@ def audit_table(audit: Mapping[str, Any]) -> Table:
         ("accuracy with canaries", fmt_num(u.get("test_accuracy"))),
         ("accuracy without", fmt_num(u.get("baseline_test_accuracy")) + (
             f" (drop {fmt_num(u.get('accuracy_drop'))})" if u.get("accuracy_drop") is not None else
+            " (the task has no accuracy)" if u.get("test_accuracy") is None else
             " (not run: --no-baseline / audit.baseline false)" if u.get("baseline_test_accuracy") is None else "")),
     ]
     for label, value in rows:
@@ -146,8 +147,13 @@ def audit(
                 base = run_scenario(baseline_scenario(spec), write=False, verbose=verbose,
                                     on_round=_on_round(progress, "baseline (no canaries)", spec.federation.rounds))
                 baseline = last_accuracy(base.history)
+            def attack_progress(label: str, total: int) -> Callable[[int, int], None]:
+                task = progress.add_task(label, total=max(total, 1))
+                return lambda done, tot: progress.update(task, completed=done, total=max(tot, 1))
+
             result = run_scenario(spec, target, verbose=verbose, overwrite=overwrite, audit_baseline=baseline,
-                                  on_round=_on_round(progress, "with canaries", spec.federation.rounds))
+                                  on_round=_on_round(progress, "with canaries", spec.federation.rounds),
+                                  attack_progress=attack_progress)
     except FedsimError as err:
         _fail(err)
     _print_attacks(result.outcomes)

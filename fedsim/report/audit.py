@@ -106,6 +106,8 @@ def utility_text(audit: Mapping[str, Any]) -> str:
     """The canaries' cost in accuracy, or why it was not measured."""
     u = audit.get("utility") or {}
     acc, base, drop = u.get("test_accuracy"), u.get("baseline_test_accuracy"), u.get("accuracy_drop")
+    if not isinstance(acc, int | float):
+        return "not measured: the task has no accuracy (a regression: see the test loss under Utility)"
     if not isinstance(base, int | float):
         return (f"test accuracy {fmt_num(acc)} with the canaries; without them not measured (`fedsim run`, or "
                 "`fedsim audit --no-baseline`; `fedsim audit` runs the same scenario and seed without canaries)")
