@@ -205,13 +205,15 @@ def realistic_plot(source: Source, axes: Sequence[str], path: Path) -> bool:
     fig, panels = plt.subplots(1, len(axes), figsize=(3.6 * len(axes), 3.6), squeeze=False)
     drawn = False
     colours = plt.get_cmap("tab10")
+    attacks = list(dict.fromkeys(c.attack for c in source.cells))  # one colour and marker per attack in every panel
     for ax, key in zip(panels[0], axes, strict=True):
         values = [str(v) for v in display_order(axis_values(source, key))]
         trivial: list[float] = []
-        for i, (attack, points) in enumerate(axis_points(source, key, axes).items()):
+        for attack, points in axis_points(source, key, axes).items():
             xs = [j for j, v in enumerate(values) if v in points and points[v].psnr is not None]
             if not xs:
                 continue
+            i = attacks.index(attack)
             ax.plot(xs, [points[values[j]].psnr for j in xs], marker=MARKERS[i % len(MARKERS)],
                     color=colours(i % 10), label=attack)
             trivial += [points[values[j]].trivial_psnr for j in xs if points[values[j]].trivial_psnr is not None]
@@ -222,7 +224,12 @@ def realistic_plot(source: Source, axes: Sequence[str], path: Path) -> bool:
         ax.set_xlabel(AXES[key][0])
         ax.grid(alpha=0.3)
     panels[0][0].set_ylabel("mean PSNR, dB (higher = more leakage)")
-    handles, labels = panels[0][0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}
+    for ax in panels[0]:  # every attack once, whichever panels it appears in (dia has no epochs axis)
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    labels = [k for k in legend if k != "own mean colour"] + [k for k in legend if k == "own mean colour"]
+    handles = [legend[k] for k in labels]
     if drawn:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.1, 1, 1))
