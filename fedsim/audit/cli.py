@@ -147,6 +147,7 @@ def audit(
                 base = run_scenario(baseline_scenario(spec), write=False, verbose=verbose,
                                     on_round=_on_round(progress, "baseline (no canaries)", spec.federation.rounds))
                 baseline = last_accuracy(base.history)
+
             def attack_progress(label: str, total: int) -> Callable[[int, int], None]:
                 task = progress.add_task(label, total=max(total, 1))
                 return lambda done, tot: progress.update(task, completed=done, total=max(tot, 1))
