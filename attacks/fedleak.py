@@ -29,13 +29,16 @@ gradient-norm penalty (Zhao, Zhang, Hu, ICML 2022) [fedsim's reading, uncertain]
 **Image parameterization** [code]. The images are the output of an *untrained* convolutional generator (a deep
 image prior: no training data), ``x = sigmoid(G_w(z))`` with one fixed ``z ~ N(0, I_128)`` per image, and the
 generator's weights ``w`` are optimized: a 4x4 transposed convolution, then blocks of two (spectral-normalized 3x3
-convolution, BatchNorm, LeakyReLU 0.1) with nearest 2x upsampling between them, up to the image size, a 1x1 convolution
-to the channels. AdamW (lr 0.01, weight decay 0.01) on the sign of the gradient, cosine annealing to 0 over
+convolution, BatchNorm, LeakyReLU 0.1) with nearest 2x upsampling between them, up to the image size (the code's
+smallest output is 32 pixels; fedsim stops at the first size that covers the image), a 1x1 convolution to the
+channels. AdamW (lr 0.01, weight decay 0.01) on the sign of the gradient, cosine annealing to 0 over
 ``iterations + 1`` steps, TV weight 1e-5 on the pixel-space images, and a 5x5 median filter on the final images. The
 code's generator is 256 channels wide and runs 10,000 iterations on a GPU; fedsim's default ``width`` is 32 [fedsim:
 CPU budget], channel halving at 64 and 128 pixels as in the code. For a size that is not a power of two times 4 the
 generator draws the next larger one and resizes bilinearly (as the 224-pixel adaptation in that repository does).
 
+**The released example** runs it on an untrained ResNet-18 whose ReLUs are replaced by sigmoids, one FedSGD gradient
+of 16 ImageNet images at 128 pixels, with the true labels; the paper's own settings could not be read.
 **Labels** [fedsim]. The released code is handed the true labels (its inference line is commented out); fedsim uses
 the granted labels (``knowledge.labels: known``) or infers them from the update (``label_strategy``).
 **Restarts** [fedsim]. The code keeps, per image, the restart with the best PSNR *against the ground truth*; fedsim
