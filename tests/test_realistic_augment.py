@@ -178,3 +178,22 @@ def test_validate_refuses_it_in_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and "federation.local.augmentation" in lines[0] and "Traceback" not in lines[0]
+
+
+@pytest.mark.ray
+def test_ray_and_inprocess_augment_identically() -> None:
+    """Same scenario and seed, both backends: identical augmented updates (fedavg, 2 epochs) and history."""
+    from fedsim.simulation import run_federation
+
+    scenario = parse_scenario(raw(**{"federation.protocol": "fedavg", "federation.local.epochs": 2,
+                                     "federation.rounds": 2,
+                                     "attacks": [{"name": "inverting_gradients", "rounds": [2], "clients": [0, 3],
+                                                  "budget": {"iterations": 1}}]}))
+    local = run_federation(scenario, backend="inprocess")
+    ray = run_federation(scenario, backend="ray")
+    assert [(h["round"], h.get("train_loss")) for h in ray.history] == [
+        (h["round"], h.get("train_loss")) for h in local.history]
+    assert [(u.round, u.partition_id) for u in ray.capture.updates] == [(2, 0), (2, 3)]
+    for a, b in zip(local.capture.updates, ray.capture.updates, strict=True):
+        assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
+        assert torch.equal(a.truth.inputs, b.truth.inputs)
