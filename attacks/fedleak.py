@@ -34,8 +34,11 @@ smallest output is 32 pixels; fedsim stops at the first size that covers the ima
 channels. AdamW (lr 0.01, weight decay 0.01) on the sign of the gradient, cosine annealing to 0 over
 ``iterations + 1`` steps, TV weight 1e-5 on the pixel-space images, and a 5x5 median filter on the final images. The
 code's generator is 256 channels wide and runs 10,000 iterations on a GPU; fedsim's default ``width`` is 32 [fedsim:
-CPU budget], channel halving at 64 and 128 pixels as in the code. For a size that is not a power of two times 4 the
-generator draws the next larger one and resizes bilinearly (as the 224-pixel adaptation in that repository does).
+CPU budget]. The code filters its 128-pixel images; fedsim's ``median: auto`` filters images of at least 32 pixels
+only [fedsim]: a 5x5 window spans most of an 8x8 digit (measured on a batch of 8 digits, one FedAvg step, MLP, 200
+iterations: 10.2 dB filtered, 26.8 dB unfiltered; on 2 CIFAR images the filter gained 0.3 dB). Channels halve at 64
+and 128 pixels as in the code. For a size that is not a power of two times 4 the generator draws the next larger one
+and resizes bilinearly (as the 224-pixel adaptation in that repository does).
 
 **The released example** runs it on an untrained ResNet-18 whose ReLUs are replaced by sigmoids, one FedSGD gradient
 of 16 ImageNet images at 128 pixels, with the true labels; the paper's own settings could not be read.
@@ -54,7 +57,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +85,17 @@ from fedsim.errors import FedsimError
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
+
+#: ``median: auto`` filters (5x5, the released code's) only images whose smaller side has at least this many pixels.
+MEDIAN_MIN_SIZE = 32
+
+
+def median_size(median: int | str, shape: Sequence[int]) -> int:
+    """The median filter's window for ``params.median`` on images of ``shape`` (C, H, W): ``auto`` is 5 when
+    ``min(H, W) >= MEDIAN_MIN_SIZE``, else 0 (module docstring); an int is used as given."""
+    if median == "auto":
+        return 5 if min(shape[-2:]) >= MEDIAN_MIN_SIZE else 0
+    return int(median)
 
 
 def partial_threshold(target: Tensor, keep: float) -> Tensor:
@@ -200,7 +214,9 @@ class FedLeak(Attack):
         tv: float = Field(1e-5, ge=0, description="weight of the mean-form total variation of the pixel images")
         width: int = Field(32, ge=4, le=512, description="generator channels (released code: 256)")
         latent: int = Field(128, ge=1, le=1024, description="length of each image's fixed code z")
-        median: int = Field(5, ge=0, le=15, description="median filter size on the final images (0/1: none)")
+        median: Literal["auto"] | Annotated[int, Field(ge=0, le=15)] = Field(
+            "auto", description="median filter size on the final images (0/1: none); auto: the code's 5 on images of "
+            f"at least {MEDIAN_MIN_SIZE} pixels, none on smaller ones")
         label_strategy: LabelStrategy = Field("auto", description="label inference when labels are not known")
 
     @classmethod
@@ -264,7 +280,7 @@ class FedLeak(Attack):
         if book.best is None:
             return book.failure(seconds)
         best, steps = book.best
-        images = median_filter(best, p.median).clamp(0, 1).cpu()
+        images = median_filter(best, median_size(p.median, shape)).clamp(0, 1).cpu()
         kept = sum(float(m.sum()) for m in masks) / max(sum(m.numel() for m in masks), 1)
         stats = {**book.stats(), "iterations": float(steps), "matched_share": kept, "seconds": seconds}
         return Reconstruction(images=images, labels=labels.cpu(), stats=stats)
