@@ -240,7 +240,7 @@ def test_registered_with_its_letter_and_fedavg_scale_rule(tiny_raw) -> None:
         parse_scenario(tiny_raw)
     assert err.value.path == "federation.local.momentum"
     tiny_raw["federation"]["local"]["momentum"] = 0.0
-    for bad in ({"keep": 0.0}, {"keep": 1.5}, {"lookahead": 1.0}, {"nope": 1}):
+    for bad in ({"keep": 0.0}, {"keep": 1.5}, {"lookahead": 1.0}, {"median": "big"}, {"median": 16}, {"nope": 1}):
         tiny_raw["attacks"][0]["params"] = bad
         with pytest.raises(ScenarioError):
             parse_scenario(tiny_raw)
