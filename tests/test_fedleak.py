@@ -9,6 +9,7 @@ transcription of the released code's loop, never from the functions under test.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +295,24 @@ def test_fedavg_several_local_steps_against_inverting_gradients(cifar) -> None:
                             torch.device("cpu"), 1).reconstruct(upd)
     assert leak.failed is None and ig.failed is None
     assert matched(leak.images, truth) >= matched(ig.images, truth) + 0.75
+
+
+# -- DIFF2's gradient differences ---------------------------------------------------------------------------------
+
+def test_matches_a_diff2_gradient_difference_through_the_federation(tmp_path) -> None:
+    """scenarios/attacks/diff2_inversion.yaml (DIFF2-GD without noise, 3 digits per client, MLP) with fedleak
+    (cosine term, 80 iterations) on client 0's restart (round 1) and difference (round 2) messages: the dummy
+    message is the gradient DIFFERENCE (gradient_distance on the victim model, attacks.differences). PSNR recomputed
+    here (Hungarian-matched): measured 28.8 / 18.1 dB (150 iterations: 30.9 / 22.8; 300: 33.5 / 24.5, Inverting
+    Gradients at 300 with its default TV: 27.4 / 20.4 dB); the best trivial guess 8.3 dB."""
+    from fedsim.run import run_scenario
+    from fedsim.scenario import load_scenario
+
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "attacks" / "diff2_inversion.yaml"
+    scenario = load_scenario(path, ["attacks.0.name=fedleak", "attacks.0.params={distance: cosine}",
+                                    "attacks.0.budget.iterations=80"])
+    outcomes = run_scenario(scenario, tmp_path / "run").outcomes
+    assert [o.round for o in outcomes] == [1, 2]
+    for outcome in outcomes:
+        assert outcome.failed is None
+        assert_beats_trivial(matched(outcome.reconstruction, outcome.truth), outcome.truth, 7.0, metric=matched)
