@@ -265,7 +265,7 @@ def fedavg_round(bundle, idx: list[int], local: LocalTraining, seed: int = 0, wi
     return upd, x[res.used_indices]
 
 
-@pytest.mark.slow  # 1.5-2 min on this shared 2-core machine
+@pytest.mark.slow  # 30 s alone, up to 2 min on this shared 2-core machine under load
 def test_fedavg_several_local_steps_against_inverting_gradients(cifar) -> None:
     """FedAvg, 4 images, 2 epochs of batches of 2 (4 local SGD steps at lr 0.1, fedsim's client code), untrained
     ConvNet width 16, labels inferred, local hyperparameters granted (FedLeak's L1 term rescales -delta; IG's cosine
