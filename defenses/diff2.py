@@ -42,10 +42,12 @@ z = sigma n_min P / 2 and the counts; ``fedsim.privacy.summary`` re-accounts the
 PLD) and the exact Gaussian composition, and states epsilon against the curious server for the placement.
 
 **Audit** (``audit:`` example canaries, :mod:`fedsim.audit`): DIFF2's neighbours replace one record, so every canary
-of client p is one of its records, as ``+C1 c_j`` (included) or ``-C1 c_j`` (left out), a constant gradient: restart
-rounds add ``sum_j s_j C1 c_j / n_p`` to ``a_p`` before any noise (the local and distributed shares come after it,
-the central noise on the server); difference rounds add nothing (a constant gradient has zero differences). With
-``c1`` null (no clipping, zero noise only) the canaries have norm 1.0 (:meth:`Diff2ClientRound.canary_shift`).
+of client p is one of its records, with the constant gradient ``+10 C1 c_j`` (included) or ``-10 C1 c_j`` (left
+out): restart rounds append these to the real records' per-example gradients BEFORE the clip to C1, so DIFF2's own
+clipping brings each to C1 and ``a_p`` gains ``sum_j s_j C1 c_j / n_p`` before any noise (the local and distributed
+shares come after it, the central noise on the server); difference rounds add nothing (a constant gradient has zero
+differences, so the clip to C2 dx is not exercised). With ``c1`` null (no clipping, zero noise only) the canaries
+have norm 1.0 (:meth:`Diff2ClientRound.canary_rows`).
 
 Validation (exit 2, with the YAML path): fedsgd only; full participation; ``distributed`` needs ``secagg``;
 exactly one of ``target_epsilon`` and explicit sigmas; ``c1``/``c2`` null (no clipping) only with zero noise; no

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.audit.canaries import CanarySet
-from fedsim.audit.inject import shifted
+from fedsim.audit.canaries import EXAMPLE_NORM_FACTOR, CanarySet
 from fedsim.errors import SimulationError
 from fedsim.per_example import clip_per_example, step_norm
 from fedsim.training import LossFn, TrainingJob
@@ -44,9 +43,14 @@ def is_restart(server_round: int, restart_period: int) -> bool:
 
 def clipped_mean_gradient(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, labels: Tensor,
                           loss_fn: LossFn, clip: float | None, chunk_size: int,
-                          reference: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+                          reference: Mapping[str, Tensor] | None = None,
+                          extra: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """``(1/n) sum_i clip_C(g_i)`` with ``g_i = grad l(params; z_i)`` (minus ``grad l(reference; z_i)`` when a
     reference model is given); ``clip`` None: no clipping.
+
+    ``extra``: name -> (k, *param shape) per-example gradients of k more records whose gradient is known (the
+    audit's canaries), clipped by the same clip as the real ones and added to the sum; the mean still divides by
+    n, the partition's real count (a canary replaces a record in DIFF2's neighbouring relation).
 
     ``model``: the architecture (its buffers are used, its parameters are not); ``params`` / ``reference``: name ->
     tensor of every trainable parameter; ``inputs`` (n, ...) already normalized, ``labels`` (n, ...);
@@ -67,12 +71,19 @@ def clipped_mean_gradient(model: nn.Module, params: Mapping[str, Tensor], inputs
     ref = None if reference is None else {k: v.detach().to(params[k].device, params[k].dtype)
                                           for k, v in reference.items()}
     total = {k: torch.zeros_like(v) for k, v in params.items()}
-    for start in range(0, n, chunk_size):
-        x, y = inputs[start:start + chunk_size], labels[start:start + chunk_size]
-        grads = per_sample(params, x, y)
-        if ref is not None:
-            at_ref = per_sample(ref, x, y)
-            grads = {k: g - at_ref[k] for k, g in grads.items()}
+    chunks: list[dict[str, Tensor] | None] = [None] * len(range(0, n, chunk_size))  # None: computed here
+    if extra is not None:
+        chunks.append({k: extra[k].detach().to(v.device, v.dtype) for k, v in params.items()})
+    for i, known in enumerate(chunks):
+        if known is None:
+            start = i * chunk_size
+            x, y = inputs[start:start + chunk_size], labels[start:start + chunk_size]
+            grads = per_sample(params, x, y)
+            if ref is not None:
+                at_ref = per_sample(ref, x, y)
+                grads = {k: g - at_ref[k] for k, g in grads.items()}
+        else:
+            grads = known
         if clip is not None:
             grads = clip_per_example(grads, clip)
         for k, g in grads.items():
@@ -124,10 +135,11 @@ class Diff2ClientRound:
             reference = self._previous(rnd, names)
             dx = step_norm(current, reference, names)
             clip = None if self.c2 is None else self.c2 * dx
+        # audit: the replace-one canaries join a restart round's per-example gradients before the clip to C1 (a
+        # difference round: none, a constant gradient has zero differences)
+        extra = self.canary_rows() if reference is None else None
         message = clipped_mean_gradient(self.model, current, self.inputs, self.labels, self.base_loss, clip,
-                                        self.chunk_size, reference)
-        if reference is None:  # audit: the replace-one canaries of a restart round (a difference round: none)
-            message = shifted(message, self.canary_shift(len(self.inputs)))
+                                        self.chunk_size, reference, extra)
         for k in names:
             params[k].grad = message[k]
         if self.restart_period > 1:  # the next round may be a difference round: remember x_r
@@ -137,22 +149,25 @@ class Diff2ClientRound:
         self.on_round(clip, dx)
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def canary_shift(self, n: int) -> dict[str, Tensor] | None:
-        """What the audit's example canaries of this client add to a restart message ``a_p`` (name -> tensor), or
+    def canary_rows(self) -> dict[str, Tensor] | None:
+        """The per-example gradients of this client's audit canaries in a restart round (name -> (k, *shape)), or
         None without example canaries.
 
         DIFF2's neighbours replace one record, so every canary of the client is a record of its partition, in
-        one of two versions: ``+C1 c_j`` (included) or ``-C1 c_j`` (left out), a linear loss whose per-example
-        gradient is that constant (norm C1: the clip leaves it as it is). The mean over the n records of the
-        partition gains ``s_j C1 c_j / n`` (:meth:`~fedsim.audit.canaries.CanarySet.signed_shift`). Added before
-        any noise: the local and distributed shares come after it (``transform_update``), the central noise on the
-        server. A constant gradient has zero differences, so difference rounds add nothing. ``c1`` null (no
-        clipping, zero noise only): the canaries have norm 1.0.
+        one of two versions: gradient ``+F C1 c_j`` (included) or ``-F C1 c_j`` (left out), a linear loss whose
+        per-example gradient is that constant, of norm F C1 ABOVE the clip (F =
+        :data:`~fedsim.audit.canaries.EXAMPLE_NORM_FACTOR`, :meth:`~fedsim.audit.canaries.CanarySet.signed_rows`).
+        They join the real records' per-example gradients before ``clip_C1``, so DIFF2's own clipping brings each
+        to C1 and the mean over the n records of the partition gains ``s_j C1 c_j / n``. Before any noise: the
+        local and distributed shares come after it (``transform_update``), the central noise on the server. A
+        constant gradient has zero differences, so difference rounds add nothing (their clip to C2 dx is not
+        exercised). ``c1`` null (no clipping, zero noise only): rows of norm 1.0, left as they are.
         """
         if self.canaries is None:
             return None
-        shift = self.canaries.signed_shift(self.job.partition_id, 1.0 if self.c1 is None else self.c1)
-        return None if shift is None else {k: v / n for k, v in self.canaries.as_state(shift).items()}
+        norm = 1.0 if self.c1 is None else EXAMPLE_NORM_FACTOR * self.c1
+        rows = self.canaries.signed_rows(self.job.partition_id, norm)
+        return None if rows is None else self.canaries.as_rows(rows)
 
     def _keep_inputs(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.inputs = args[0].detach()

@@ -35,9 +35,12 @@ One fresh Opacus wrapping per client per round:
 
 The curious server sees only the clipped, noised update: the capture records what the client sent.
 
-Under an ``audit:`` at the example level the client's included canaries join its Poisson batches with rate q and
-add ``C c_j`` (their constant gradient, norm C: clipping keeps it) to the clipped sum just before Opacus's noise
-(:func:`fedsim.audit.inject.attach_example_canaries`, on every grad_sample_mode; empty batches are steps too).
+Under an ``audit:`` at the example level the client's included canaries join its batches with the accounted rate q
+(drawn from the seed, not by the sampler; empty batches are steps too) as records whose constant per-example
+gradient has norm 10 C: ``hooks``, ``functorch`` and ``ew`` append it to ``p.grad_sample`` before Opacus clips, so
+the optimizer's own clipping must bring it to C; ghost clipping has no per-example gradients, so there ``C c_j`` is
+added to the clipped sum before the noise and the clipping is not audited
+(:func:`fedsim.audit.inject.attach_example_canaries`).
 
 DP-SAT and DP-SAM (:mod:`defenses.dp_sat`, :mod:`defenses.dp_sam`) are this defense with another
 round class: ``_PrivateRound``'s extension points (``before_forward``, ``after_privatize``,
@@ -201,9 +204,10 @@ class _PrivateRound:
             self.after_privatize(optimizer)
 
         opt.attach_step_hook(on_privatized)
-        # audit: included example canaries join the clipped sum before the noise (fedsim.audit.inject)
+        # audit: included example canaries join the per-example gradients before the clipping (ghost: the
+        # clipped sum before the noise; fedsim.audit.inject)
         attach_example_canaries(opt, self.defense.scenario, self.model, self.job.partition_id, self.job.round,
-                                self.q, self.p.max_grad_norm, self.defense.queries_per_step)
+                                self.q, self.p.max_grad_norm, self.defense.queries_per_step, mode != "ghost")
         if mode == "ghost":
             from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 

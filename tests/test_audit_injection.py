@@ -105,14 +105,14 @@ def test_every_batch_is_a_step_and_dp_sams_two_queries_share_its_draw(monkeypatc
     from defenses.dp_sgd import poisson_batches
 
     calls: list[tuple[int, int, int]] = []
-    original = CanarySet.example_shift
+    original = CanarySet.example_drawn
 
-    def spy(self, pid, server_round, step, q, norm):  # noqa: ANN001, ANN202
+    def spy(self, pid, server_round, step, q):  # noqa: ANN001, ANN202
         calls.append((pid, server_round, step))
-        assert (q, norm) == (1 / N_P, 0.7)
-        return original(self, pid, server_round, step, q, norm)
+        assert q == 1 / N_P
+        return original(self, pid, server_round, step, q)
 
-    monkeypatch.setattr(CanarySet, "example_shift", spy)
+    monkeypatch.setattr(CanarySet, "example_drawn", spy)
     raw = raw_with([{"name": name, "params": {"noise_multiplier": 0.5, "max_grad_norm": 0.7}}], "fedavg",
                    batch_size=1, steps=3)
     run_federation(parse_scenario({**raw, "audit": {"canaries": M}}))
@@ -150,13 +150,13 @@ def test_diff2_difference_rounds_add_no_canary(monkeypatch) -> None:
     from defenses.diff2_client import Diff2ClientRound
 
     rounds: list[int] = []
-    original = Diff2ClientRound.canary_shift
+    original = Diff2ClientRound.canary_rows
 
-    def spy(self, n):  # noqa: ANN001, ANN202
+    def spy(self):  # noqa: ANN001, ANN202
         rounds.append(self.job.round)
-        return original(self, n)
+        return original(self)
 
-    monkeypatch.setattr(Diff2ClientRound, "canary_shift", spy)
+    monkeypatch.setattr(Diff2ClientRound, "canary_rows", spy)
     raw = raw_with([{"name": "diff2", "params": {"restart_period": 2, "sigma1": 0.0, "sigma2": 0.0}}])
     raw["federation"]["rounds"] = 2
     run_federation(parse_scenario({**raw, "audit": {"canaries": M}}))

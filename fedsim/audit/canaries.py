@@ -5,11 +5,18 @@ drawn from the scenario's seed, so every process (client actors, the server, the
 from the scenario alone. Its coin ``included[j]`` (probability 1/2, Steinke et al. 2023) is ground truth: only the
 federation's canary hooks and the evaluator read it, never an attack.
 
-* ``example`` level (:meth:`CanarySet.example_shift`): canary j is a record of client ``j mod clients`` whose
-  loss is linear, so its per-example gradient is the constant ``C c_j`` (norm C: clipping leaves it as it is).
-  An included canary joins each Poisson batch of its client with the batch's rate q, like any record; it adds
-  ``C c_j`` to the clipped sum before the noise. DIFF2's replace-one neighbours use :meth:`CanarySet.signed_shift`
-  instead: every canary is present, as ``+C c_j`` (in) or ``-C c_j`` (out); its gradient differences are 0.
+* ``example`` level: canary j is a record of client ``j mod clients`` whose loss is linear, so its per-example
+  gradient is a constant along c_j whatever the model. An included canary joins each batch of its client with the
+  batch's ACCOUNTED rate q, drawn from the seed (:meth:`CanarySet.example_drawn`), not by the real batch sampler:
+  the audit takes the sampler's Poisson rate as given. Its gradient enters as a per-example gradient of norm
+  ``EXAMPLE_NORM_FACTOR x C`` (:meth:`CanarySet.example_rows`), ABOVE the clipping norm C, appended to the real
+  records' per-example gradients before the mechanism clips them, so the mechanism's own clipping must bring it
+  down to C: a clip that does not clip, or a clip norm other than the accounted C, moves the model by more than
+  the accountant assumes, and the audit can see it. Ghost clipping has no per-example gradients to append to: its
+  canaries (:meth:`CanarySet.example_shift`, ``C c_j`` each) join the clipped sum after the clipping, which they
+  therefore do not exercise (``canaries_clipped_by_mechanism: false`` in the audit block). DIFF2's replace-one
+  neighbours use :meth:`CanarySet.signed_rows` instead: every canary is present, with gradient ``+F C1 c_j`` (in)
+  or ``-F C1 c_j`` (out) before DIFF2's clip to C1; its gradient differences are 0.
 * ``client`` level (:meth:`CanarySet.client_shift`): canary j is a client whose update is ``C c_j``; an included
   one takes part in a round with the clients' rate q = K/N and adds ``C c_j / K`` to the mean of the K sampled
   updates before the server's noise (the sum's sensitivity C that central DP's noise sigma C / K is calibrated to).
@@ -31,6 +38,8 @@ from fedsim.scenario import Scenario
 from fedsim.seeding import numpy_rng, torch_generator
 
 CACHE_FLOATS = 30_000_000  # directions kept in memory up to this many floats (120 MB); regenerated beyond
+#: an example canary's per-example gradient has norm EXAMPLE_NORM_FACTOR x C before the mechanism clips it to C
+EXAMPLE_NORM_FACTOR = 10.0
 
 
 def audit_level(scenario: Scenario) -> str | None:
@@ -100,23 +109,51 @@ class CanarySet:
         parts = torch.split(vec, self.sizes)
         return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
+    def as_rows(self, rows: Tensor) -> dict[str, Tensor]:
+        """(k, dim) rows as {parameter name: (k, *its shape)}: per-example gradients in Opacus's layout."""
+        parts = torch.split(rows, self.sizes, dim=1)
+        return {n: p.reshape(len(rows), *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
     def flatten(self, state: Mapping[str, Tensor]) -> Tensor:
         """The trainable parameters of a state dict as one float32 (dim,) vector (the canaries' space)."""
         return torch.cat([state[n].detach().reshape(-1).to("cpu", torch.float32) for n in self.names])
 
     # -- what the federation adds -----------------------------------------------------------------
-    def example_shift(self, pid: int, server_round: int, step: int, q: float, norm: float) -> Tensor | None:
-        """What client ``pid``'s included example canaries add to the clipped gradient SUM of Poisson batch
-        ``step`` of ``server_round``: ``norm * sum c_j`` over those drawn into it (each with probability q,
-        from the seed). None when none is drawn."""
+    def example_drawn(self, pid: int, server_round: int, step: int, q: float) -> list[int]:
+        """Client ``pid``'s INCLUDED example canaries drawn into batch ``step`` of ``server_round``: each of its
+        canaries with probability q (the accounted sampling rate), from the seed labels
+        ``(seed, "audit", "sample", server_round, pid, step)``."""
         gen = numpy_rng(self.scenario.seed, "audit", "sample", server_round, pid, step)
         mine = self.of_client(pid)
         drawn = gen.random(len(mine)) < q
-        return self.combination({j: norm for j, d in zip(mine, drawn, strict=True) if d and self.included[j]})
+        return [j for j, d in zip(mine, drawn, strict=True) if d and self.included[j]]
+
+    def rows(self, weights: Mapping[int, float]) -> Tensor | None:
+        """``(k, dim)``: row i is ``w_i c_{j_i}`` over ``weights`` (canary -> weight, in order), or None if empty."""
+        if not weights:
+            return None
+        return torch.stack([self.direction(j) * float(w) for j, w in weights.items()])
+
+    def example_rows(self, pid: int, server_round: int, step: int, q: float, norm: float) -> Tensor | None:
+        """The per-example gradients of client ``pid``'s canaries in batch ``step`` of ``server_round``: (k, dim),
+        row ``norm c_j`` for each canary of :meth:`example_drawn`; None when none is drawn. The caller passes
+        ``norm = EXAMPLE_NORM_FACTOR x C`` and appends the rows to the real records' per-example gradients
+        before the mechanism's clipping."""
+        return self.rows({j: norm for j in self.example_drawn(pid, server_round, step, q)})
+
+    def example_shift(self, pid: int, server_round: int, step: int, q: float, norm: float) -> Tensor | None:
+        """What the same canaries add to a clipped gradient SUM when the clipping cannot be reached (ghost
+        clipping): ``norm * sum c_j`` over :meth:`example_drawn`, ``norm`` = C. None when none is drawn."""
+        return self.combination({j: norm for j in self.example_drawn(pid, server_round, step, q)})
+
+    def signed_rows(self, pid: int, norm: float) -> Tensor | None:
+        """Replace-one canaries (DIFF2): (k, dim) per-example gradients ``s_j norm c_j`` over client ``pid``'s
+        canaries, s_j = +1 when included, -1 when not: every canary is a record of the client, in one of two
+        versions. None when the client holds none."""
+        return self.rows({j: (norm if self.included[j] else -norm) for j in self.of_client(pid)})
 
     def signed_shift(self, pid: int, norm: float) -> Tensor | None:
-        """Replace-one canaries (DIFF2): ``norm * sum_j s_j c_j`` over client ``pid``'s canaries, s_j = +1 when
-        included, -1 when not: every canary is a record of the client, in one of two versions."""
+        """The sum of :meth:`signed_rows` (what they add after a clip to ``norm``): ``norm * sum_j s_j c_j``."""
         return self.combination({j: (norm if self.included[j] else -norm) for j in self.of_client(pid)})
 
     def client_shift(self, server_round: int, q: float, norm: float, denominator: int) -> Tensor | None:
