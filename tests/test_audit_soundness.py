@@ -234,7 +234,8 @@ def test_noise_too_small_for_the_accounted_sigma_is_a_violation(path: str, monke
 
 # -- the block in metrics.json ---------------------------------------------------------------------------------
 SCHEMA = {"level", "mechanism", "secure_aggregation", "canaries", "canaries_in", "canary_norm", "observation",
-          "confidence", "delta", "epsilon", "epsilon_lower_bound", "epsilon_estimate", "verdict", "utility", "scores"}
+          "confidence", "delta", "epsilon", "epsilon_lower_bound", "epsilon_estimate", "verdict", "utility", "scores",
+          "canaries_clipped_by_mechanism"}
 
 
 def test_metrics_json_carries_the_audit_block_in_strict_json_and_nothing_without_audit(tmp_path) -> None:

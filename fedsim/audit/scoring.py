@@ -13,6 +13,10 @@ canaries' in/out coins (ground truth), and puts beside each other:
   and ``audit.confidence`` (:func:`fedsim.audit.estimators.one_run_lower_bound`). Sound for any score.
 * ``epsilon_estimate``: Andrew et al. (ICLR 2024)'s Gaussian fit with its bootstrap interval
   (:func:`fedsim.audit.estimators.gaussian_estimate`). An estimate, not a bound.
+* ``canaries_clipped_by_mechanism``: whether the example canaries' per-example gradients (norm 10 C) went through
+  the mechanism's own clipping (dp_sgd family under hooks, functorch, ew; DIFF2 with c1): true, a clip that does
+  not clip is visible; false under ghost clipping, whose canaries join after the clip, which the audit then does
+  not exercise; null at the client level (:func:`fedsim.audit.inject.canaries_clipped_by_mechanism`).
 * ``verdict``: ``violation`` when the lower bound exceeds the SMALLEST accountant epsilon (proof, at
   ``confidence``, that the implementation leaks more than it accounts), else ``consistent``.
 
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 
 from fedsim.audit.canaries import canaries_for
+from fedsim.audit.inject import canaries_clipped_by_mechanism
 from fedsim.scenario import Scenario
 
 OBSERVATION = "cosine between each canary and the released model's change (final - initial global model)"
@@ -143,6 +148,7 @@ def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], f
         "level": canaries.level, "mechanism": mechanism, "secure_aggregation": secure_aggregation(scenario),
         "canaries": canaries.m, "canaries_in": int(included.sum()),
         "canary_norm": canary_norm(scenario, canaries.level),
+        "canaries_clipped_by_mechanism": canaries_clipped_by_mechanism(scenario),
         "observation": OBSERVATION, "confidence": spec.confidence, "delta": delta,
         "epsilon": epsilon,
         "epsilon_lower_bound": {"value": lower, "method": LOWER_BOUND_METHOD,

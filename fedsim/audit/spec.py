@@ -10,8 +10,9 @@ confidence interval (Andrew et al.), printed beside the accountants' epsilon (:m
 :mod:`fedsim.audit.estimators`).
 
 ``level``: ``example`` canaries are records inside the clients' sample-level DP (dp_sgd, dp_sat, dp_sam, diff2): a
-record whose loss is linear, so its gradient is the constant ``C c_j`` (C the clipping norm, c_j a unit direction)
-whatever the model; ``client`` canaries are whole clients whose model update is ``C c_j`` (central DP, secure
+record whose loss is linear, so its gradient is the constant ``10 C c_j`` whatever the model (c_j a unit direction),
+which the mechanism's own per-example clipping brings to C, the clipping norm (ghost clipping: added as ``C c_j``
+after the clip); ``client`` canaries are whole clients whose model update is ``C c_j`` (central DP, secure
 aggregation, or no DP at all). ``auto`` picks ``example`` under a sample-level DP defense, else ``client``.
 """
 

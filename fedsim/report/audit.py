@@ -53,10 +53,17 @@ def smallest_epsilon(audit: Mapping[str, Any]) -> float | None:
 
 
 def mechanism_text(audit: Mapping[str, Any]) -> str:
-    """``DP-SGD (sample-level) with example canaries, under secure aggregation``."""
+    """``DP-SGD (sample-level) with example canaries (...), under secure aggregation``: the parenthesis says
+    whether the canaries went through the mechanism's clipping (``canaries_clipped_by_mechanism``)."""
     mech = audit.get("mechanism")
     text = MECHANISMS.get(mech, str(mech)) if isinstance(mech, str) else "?"
     text += f" with {audit.get('level')} canaries"
+    clipped = audit.get("canaries_clipped_by_mechanism")
+    if clipped is True:
+        text += " (their per-example gradients, 10x the clipping norm, go through the mechanism's own clipping)"
+    elif clipped is False:
+        text += (" (added AFTER the clipping: ghost clipping forms no per-example gradients, so this audit does not "
+                 "test the clip)")
     return text + (", under secure aggregation" if audit.get("secure_aggregation") else "")
 
 
