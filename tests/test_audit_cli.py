@@ -185,6 +185,33 @@ def test_the_canaries_cost_is_worded_for_every_case() -> None:
     assert "no accuracy" in utility_text({"utility": {"test_accuracy": None}})
 
 
+def test_every_figure_says_whether_it_is_a_bound_or_an_estimate() -> None:
+    """summary.md / report.html rows and the CLI table label the lower bound a bound and both estimates not bounds,
+    and say in one line that only the bound can prove anything."""
+    from rich.console import Console
+
+    from fedsim.audit.cli import audit_table
+    from fedsim.report.audit import READING, audit_markdown
+
+    block = {"level": "client", "mechanism": "central_dp", "canaries": 20, "canaries_in": 9, "confidence": 0.95,
+             "delta": 1e-5, "epsilon": {"opacus": 2.0, "dp_accounting_rdp": 2.1, "dp_accounting_pld": 1.9},
+             "epsilon_lower_bound": {"value": 0.2, "guesses": 5, "correct": 4, "method": "m"},
+             "epsilon_estimate": {"value": 1.1, "ci": [0.5, 1.6], "method": "pooled"},
+             "epsilon_estimate_two_variance": {"value": 4.2, "ci": [1.4, 7.8], "method": "two"},
+             "verdict": "consistent", "utility": {"test_accuracy": 0.5}}
+    lines = audit_markdown(block)
+    assert any(line.startswith("- empirical lower bound (a bound): 0.200") for line in lines)
+    assert any(line.startswith("- estimate (not a bound): 1.100 [0.500, 1.600]") for line in lines)
+    assert any(line.startswith("- two-variance estimate (not a bound, biased up): 4.200") for line in lines)
+    assert f"- how to read: {READING}" in lines and "only the lower bound proves anything" in READING
+    console = Console(width=200, record=True)
+    console.print(audit_table(block))
+    text = console.export_text()
+    assert "BOUND: lower bound @ 95%" in text and "1.100 [0.500, 1.600] (pooled Gaussian fit; not a bound)" in text
+    assert "4.200 [1.400, 7.800] (Andrew et al.; not a bound, biased up)" in text
+    assert "Only the lower bound proves anything" in text
+
+
 @pytest.mark.slow
 def test_step11_teaches_its_lesson(tmp_path: Path) -> None:
     """Tutorial step 11 as shipped and scenarios/audit/no_noise.yaml (docs/tutorial.md quotes both, seed 0): with

@@ -165,6 +165,51 @@ def test_lower_bound_never_exceeds_the_accountants_epsilon(path: str, seed: int)
     assert audit["verdict"] == "consistent"
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_pooled_estimate_interval_starts_at_or_below_the_accountants_epsilon(path: str, seed: int) -> None:
+    """The headline estimate (pooled Gaussian fit, mu-GDP) is not a bound, but on a correct implementation its
+    interval's lower end must not sit above the accountant's epsilon. The two-variance fit it replaced put its
+    point estimate above the smallest accountant epsilon on 8 of these 36 runs at bd20b7b (central_dp-server-fixed
+    seed 1: 4.24 [1.46, 7.86] vs 1.87)."""
+    from fedsim.audit.gaussian_fit import POOLED_METHOD
+
+    audit = audit_of(scenario_raw(path, seed))
+    est = audit["epsilon_estimate"]
+    assert est["method"] == POOLED_METHOD
+    assert est["ci"][0] <= est["value"] <= est["ci"][1]
+    assert est["ci"][0] <= smallest(audit), (path, seed, est, audit["epsilon"])
+    assert audit["epsilon_estimate_two_variance"]["note"].startswith("biased upward")
+
+
+def test_canary_norm_is_the_norm_the_canaries_are_clipped_to() -> None:
+    """Example level: the per-example clipping norm; central DP fixed: its clipping_norm; ADAPTIVE: each round's
+    C_t, said in words (before: the initial norm, which only round 1's canaries have)."""
+    from fedsim.audit.scoring import canary_norm
+
+    def norm(path: str) -> float | str:
+        raw = scenario_raw(path, SEEDS[0])
+        return canary_norm(parse_scenario(raw), "client" if path.startswith("central") else "example")
+
+    assert norm("dp_sgd-hooks") == 10.0 and norm("diff2-central") == 10.0
+    assert norm("central_dp-server-fixed") == 1.0
+    adaptive = norm("central_dp-adaptive")
+    assert isinstance(adaptive, str) and adaptive.startswith("per round: the round's adaptive clipping norm C_t")
+
+
+def test_example_level_epsilon_is_paired_with_the_largest_client_delta() -> None:
+    """Client i is (eps_i, delta_i)-DP, so all are (max eps, max delta)-DP; the smallest delta would pair the largest
+    epsilon with a delta some client does not reach (before: min delta)."""
+    from fedsim.audit.scoring import accountant_epsilon
+
+    privacy = {"dp_sgd": {"method": "dp_sgd", "epsilon_max": 3.0, "epsilon_dp_accounting_rdp_max": 3.1,
+                          "epsilon_dp_accounting_pld_max": 2.9,
+                          "clients": {"0": {"delta": 1e-5}, "1": {"delta": 1e-3}, "2": {"delta": None}}}}
+    mechanism, eps, delta = accountant_epsilon("example", privacy)
+    assert (mechanism, delta) == ("dp_sgd", 1e-3)
+    assert eps == {"opacus": 3.0, "dp_accounting_rdp": 3.1, "dp_accounting_pld": 2.9}
+
+
 # -- power: no noise, the audit sees the canaries ------------------------------------------------------------
 NO_NOISE = {
     "dp_sgd": ([dp(sigma=0.0)], {}, {}),
@@ -234,8 +279,8 @@ def test_noise_too_small_for_the_accounted_sigma_is_a_violation(path: str, monke
 
 # -- the block in metrics.json ---------------------------------------------------------------------------------
 SCHEMA = {"level", "mechanism", "secure_aggregation", "canaries", "canaries_in", "canary_norm", "observation",
-          "confidence", "delta", "epsilon", "epsilon_lower_bound", "epsilon_estimate", "verdict", "utility", "scores",
-          "canaries_clipped_by_mechanism"}
+          "confidence", "delta", "epsilon", "epsilon_lower_bound", "epsilon_estimate", "epsilon_estimate_two_variance",
+          "verdict", "utility", "scores", "canaries_clipped_by_mechanism"}
 
 
 def test_metrics_json_carries_the_audit_block_in_strict_json_and_nothing_without_audit(tmp_path) -> None:

@@ -72,15 +72,22 @@ def _on_round(progress: Progress, label: str, rounds: int):  # noqa: ANN202 - a 
 
 def audit_table(audit: Mapping[str, Any]) -> Table:
     """The closing table, one quantity a row (readable at 80 columns): mechanism, the three accountants' epsilon,
-    the lower bound at its confidence, the estimate [CI], the verdict, the accuracy with and without canaries."""
-    from fedsim.report.audit import MECHANISMS, fmt_num
+    the lower bound at its confidence (a bound), the two estimates [CI] (not bounds), the verdict, the accuracy with
+    and without canaries; its caption says what a bound and an estimate can prove."""
+    from fedsim.report.audit import MECHANISMS, READING, fmt_num
 
     eps, lb = audit.get("epsilon") or {}, audit.get("epsilon_lower_bound") or {}
     est, u = audit.get("epsilon_estimate") or {}, audit.get("utility") or {}
-    ci = list(est.get("ci") or []) + [None, None]
+    two = audit.get("epsilon_estimate_two_variance") or {}
+
+    def with_ci(block: Mapping[str, Any], note: str) -> str:
+        ci = list(block.get("ci") or []) + [None, None]
+        return f"{fmt_num(block.get('value'))} [{fmt_num(ci[0])}, {fmt_num(ci[1])}] ({note})"
+
     conf = audit.get("confidence")
     mech = audit.get("mechanism")
-    table = Table(title="Is epsilon real? (one-run audit; docs/auditing.md)", show_header=False)
+    table = Table(title="Is epsilon real? (one-run audit; docs/auditing.md)", show_header=False,
+                  caption=READING[0].upper() + READING[1:] + ".")
     table.add_column("", no_wrap=True)
     table.add_column("", overflow="fold")
     rows = [
@@ -90,10 +97,10 @@ def audit_table(audit: Mapping[str, Any]) -> Table:
         ("eps Opacus", fmt_num(eps.get("opacus"))),
         ("eps dp_accounting RDP", fmt_num(eps.get("dp_accounting_rdp"))),
         ("eps dp_accounting PLD", fmt_num(eps.get("dp_accounting_pld"))),
-        (f"lower bound @ {conf:.0%}" if isinstance(conf, float) else "lower bound",
+        (f"BOUND: lower bound @ {conf:.0%}" if isinstance(conf, float) else "BOUND: lower bound",
          f"{fmt_num(lb.get('value'))} ({lb.get('correct')} of {lb.get('guesses')} guesses correct)"),
-        ("Gaussian estimate [CI]", f"{fmt_num(est.get('value'))} [{fmt_num(ci[0])}, {fmt_num(ci[1])}] "
-                                   "(an estimate, not a bound)"),
+        ("estimate [CI]", with_ci(est, "pooled Gaussian fit; not a bound")),
+        *([("2-variance estimate [CI]", with_ci(two, "Andrew et al.; not a bound, biased up"))] if two else []),
         ("verdict", str(audit.get("verdict"))),
         ("accuracy with canaries", fmt_num(u.get("test_accuracy"))),
         ("accuracy without", fmt_num(u.get("baseline_test_accuracy")) + (

@@ -11,8 +11,11 @@ canaries' in/out coins (ground truth), and puts beside each other:
   when the canaries' unit has no DP in this run (written ``"inf"``, :mod:`fedsim.jsonio`).
 * ``epsilon_lower_bound``: Steinke, Nasr, Jagielski (NeurIPS 2023)'s one-run lower bound at the accountant's delta
   and ``audit.confidence`` (:func:`fedsim.audit.estimators.one_run_lower_bound`). Sound for any score.
-* ``epsilon_estimate``: Andrew et al. (ICLR 2024)'s Gaussian fit with its bootstrap interval
-  (:func:`fedsim.audit.estimators.gaussian_estimate`). An estimate, not a bound.
+* ``epsilon_estimate``: the equal-variance (pooled) Gaussian fit of the scores converted with the mu-GDP closed
+  form, with its bootstrap interval (:func:`fedsim.audit.gaussian_fit.pooled_gaussian_estimate`). An ESTIMATE, not
+  a bound: above the accountant's epsilon it proves nothing.
+* ``epsilon_estimate_two_variance``: Andrew et al. (ICLR 2024)'s two-variance fit
+  (:func:`fedsim.audit.gaussian_fit.gaussian_estimate`), biased upward at small delta (its ``note``).
 * ``canaries_clipped_by_mechanism``: whether the example canaries' per-example gradients (norm 10 C) went through
   the mechanism's own clipping (dp_sgd family under hooks, functorch, ew; DIFF2 with c1): true, a clip that does
   not clip is visible; false under ghost clipping, whose canaries join after the clip, which the audit then does
@@ -38,7 +41,8 @@ from fedsim.scenario import Scenario
 
 OBSERVATION = "cosine between each canary and the released model's change (final - initial global model)"
 LOWER_BOUND_METHOD = "Steinke et al. 2023 one-run"
-ESTIMATE_METHOD = "Andrew et al. 2024 Gaussian fit"
+TWO_VARIANCE_NOTE = ("biased upward at small delta: sampling noise in the two fitted sds alone inflates it "
+                     "(an honest run can show it above the accountant's epsilon); epsilon_estimate is the headline")
 DEFAULT_DELTA = 1e-5  # the DP defenses' default delta: the audit's delta when the run has no DP at all
 ACCOUNTANTS = ("opacus", "dp_accounting_rdp", "dp_accounting_pld")
 
@@ -55,6 +59,10 @@ def accountant_epsilon(level: str, privacy: Mapping[str, Any]) -> tuple[str, dic
     ``example``: DIFF2's released epsilon, else the DP-SGD family's max over clients (``dp_sgd``, ``dp_sat`` or
     ``dp_sam``); ``client``: central DP's. Every figure is ``inf`` and the mechanism ``none`` when the run gives
     that unit no DP (delta None then). ``privacy`` is :func:`fedsim.privacy.summary.privacy_summary`'s block.
+
+    Example level, DP-SGD family: client i is (eps_i, delta_i)-DP, so every client is (max eps, max delta)-DP; the
+    pair is the largest epsilon with the LARGEST delta (with the smallest delta the pair would be invalid whenever
+    the clients' deltas differ: a client's epsilon at a smaller delta than its own is larger than eps_i).
     """
     inf: dict[str, float | None] = dict.fromkeys(ACCOUNTANTS, math.inf)
     if level == "example":
@@ -63,7 +71,7 @@ def accountant_epsilon(level: str, privacy: Mapping[str, Any]) -> tuple[str, dic
             return "diff2", _figures(diff2, ""), _number(diff2.get("delta"))
         if sample:
             deltas = [_number(c.get("delta")) for c in (sample.get("clients") or {}).values()]
-            delta = min((d for d in deltas if d is not None), default=None)
+            delta = max((d for d in deltas if d is not None), default=None)
             return str(sample.get("method", "dp_sgd")), _figures(sample, "_max"), delta
         return "none", inf, None
     central = privacy.get("central_dp")
@@ -95,10 +103,19 @@ def secure_aggregation(scenario: Scenario) -> bool:
     return any(getattr(d, "secure_aggregation", False) for d in setup_for(scenario).defenses)
 
 
-def canary_norm(scenario: Scenario, level: str) -> float:
-    """C, the norm of one canary's contribution: at ``example`` level the per-example clipping norm of the
-    sample-level DP defense (dp_sgd family: ``max_grad_norm``; diff2: ``c1``, 1.0 when unclipped), at ``client``
-    level ``audit.client_norm``, else central DP's (initial, under adaptive clipping) clipping norm, else 1.0."""
+ADAPTIVE_NORM = "per round: the round's adaptive clipping norm C_t (initial {initial:g})"
+
+
+def canary_norm(scenario: Scenario, level: str) -> float | str:
+    """C, the norm of one canary's contribution once the mechanism has clipped it (the sensitivity the accountant
+    assumes; the canaries' raw gradients / updates are larger, so that the mechanism's own clip must act:
+    :mod:`fedsim.audit.inject`, :mod:`fedsim.audit.client_canaries`). ``example`` level: the per-example clipping
+    norm of the sample-level DP defense (dp_sgd family: ``max_grad_norm``; diff2: ``c1``, 1.0 when unclipped).
+    ``client`` level under central DP: its fixed ``clipping_norm`` (``audit.client_norm`` when that is smaller:
+    nothing to clip then); under its ADAPTIVE clipping the canaries of round t are clipped to that round's norm
+    C_t (``defenses.central_dp``'s ``round_clipping_norm``), which changes every round: the text
+    :data:`ADAPTIVE_NORM` (with the initial norm) says so instead of one number. Without central DP:
+    ``audit.client_norm``, else 1.0."""
     from fedsim.simulation.setup import setup_for
 
     defenses = setup_for(scenario).defenses
@@ -108,17 +125,23 @@ def canary_norm(scenario: Scenario, level: str) -> float:
             if getattr(d, "audits_examples", False):
                 return float(getattr(p, "max_grad_norm", None) or getattr(p, "c1", None) or 1.0)
         return 1.0
-    if scenario.audit is not None and scenario.audit.client_norm is not None:
-        return float(scenario.audit.client_norm)
+    raw = scenario.audit.client_norm if scenario.audit is not None else None
     for d in defenses:
         if d.name == "central_dp":
             p = d.params
-            return float(p.initial_clipping_norm if p.clipping == "adaptive" else p.clipping_norm)
-    return 1.0
+            if p.clipping == "adaptive":
+                return ADAPTIVE_NORM.format(initial=p.initial_clipping_norm)
+            return float(min(p.clipping_norm, raw) if raw is not None else p.clipping_norm)
+    return float(raw) if raw is not None else 1.0
 
 
 def _get(result: Any, key: str) -> Any:
     return result[key] if isinstance(result, Mapping) else getattr(result, key)
+
+
+def _estimate(est: Any) -> dict[str, Any]:
+    return {"value": float(_get(est, "epsilon")), "ci": [float(_get(est, "ci_low")), float(_get(est, "ci_high"))],
+            "method": str(_get(est, "method"))}
 
 
 def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], final_state: Mapping[str, torch.Tensor],
@@ -129,7 +152,8 @@ def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], f
     ``history``: the server's rows; ``privacy``: the run's privacy block. Schema: the module docstring and
     ``/work/helper_rules.md``. Raises ``ValueError`` without an ``audit:`` block.
     """
-    from fedsim.audit.estimators import gaussian_estimate, one_run_lower_bound
+    from fedsim.audit.estimators import one_run_lower_bound
+    from fedsim.audit.gaussian_fit import gaussian_estimate, pooled_gaussian_estimate
 
     canaries = canaries_for(scenario)
     if canaries is None or scenario.audit is None:
@@ -141,7 +165,8 @@ def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], f
     mechanism, epsilon, delta = accountant_epsilon(canaries.level, privacy)
     delta = DEFAULT_DELTA if delta is None else delta
     bound = one_run_lower_bound(scores_in, scores_out, delta, spec.confidence)
-    estimate = gaussian_estimate(scores_in, scores_out, delta, spec.confidence)
+    estimate = pooled_gaussian_estimate(scores_in, scores_out, delta, spec.confidence)
+    two = gaussian_estimate(scores_in, scores_out, delta, spec.confidence)
     lower = float(_get(bound, "epsilon"))
     accuracy = last_accuracy(history)
     return {
@@ -153,9 +178,8 @@ def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], f
         "epsilon": epsilon,
         "epsilon_lower_bound": {"value": lower, "method": LOWER_BOUND_METHOD,
                                 "guesses": int(_get(bound, "guesses")), "correct": int(_get(bound, "correct"))},
-        "epsilon_estimate": {"value": float(_get(estimate, "epsilon")),
-                             "ci": [float(_get(estimate, "ci_low")), float(_get(estimate, "ci_high"))],
-                             "method": ESTIMATE_METHOD},
+        "epsilon_estimate": _estimate(estimate),
+        "epsilon_estimate_two_variance": {**_estimate(two), "note": TWO_VARIANCE_NOTE},
         "verdict": "violation" if lower > smallest_epsilon(epsilon) else "consistent",
         "utility": {"test_accuracy": accuracy, "baseline_test_accuracy": None, "accuracy_drop": None},
         "scores": {"in": [float(s) for s in scores_in], "out": [float(s) for s in scores_out]},
