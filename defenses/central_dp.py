@@ -121,9 +121,9 @@ class _SeededNoise:
         (adaptive clipping: the norm before this round's update of it), i.e. the round's sensitivity C (the
         uniform mean moves by at most C / K).
 
-        The audit's client canaries take it as their norm (``FedSimFedAvg.client_canary_norm``): a canary update
-        of this norm is the largest a real client could contribute; the adaptive wrappers' noise uses it too
-        (:class:`_RoundNormNoise`).
+        The adaptive wrappers' noise uses it (:class:`_RoundNormNoise`). (The audit's client canaries send updates
+        of 10 x the ``clipping_norm`` of the round, read when it is configured, and are clipped here like any
+        client: :mod:`fedsim.audit.client_canaries`.)
         """
         if self.fedsim_round_norm is None:
             return float(self.clipping_norm)  # type: ignore[attr-defined]
@@ -249,7 +249,6 @@ class CentralDP(Defense):
                           target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
                           clipped_count_stddev=p.clipped_count_stddev)
         wrapped.fedsim_seed = self.scenario.seed
-        strategy.client_canary_norm = wrapped.round_clipping_norm  # audit: client canaries of this norm
         return wrapped
 
     def client_mods(self) -> list[Any]:

@@ -175,31 +175,13 @@ def client_sum(canaries: CanarySet, k: int, norm: float) -> torch.Tensor:
     return total * norm / k
 
 
-CDP_CASES = [
-    {"side": "server", "clipping": "fixed", "clipping_norm": 0.1},
-    {"side": "client", "clipping": "fixed", "clipping_norm": 0.1},
-    {"side": "server", "clipping": "adaptive", "initial_clipping_norm": 0.1},  # the wrapper updates C before
-    {"side": "client", "clipping": "adaptive", "initial_clipping_norm": 0.1},  # the mean: round 1 clipped at 0.1
-]
-
-
-@pytest.mark.parametrize("params", CDP_CASES)
-def test_client_canaries_join_central_dps_mean_of_clipped_updates(params) -> None:
-    """fedavg, K = 2 of 4 clients, sigma 0: the released model gains (C / K) sum c_j with C the norm the round's
-    updates were clipped to."""
-    raw = raw_with([{"name": "central_dp", "params": {"noise_multiplier": 0.0, **params}}], "fedavg", steps=2)
-    raw["federation"]["clients_per_round"] = 2
-    change, canaries = moved(raw, {})
-    assert canaries.level == "client"
-    check(change, client_sum(canaries, 2, 0.1))
-
-
-@pytest.mark.parametrize(("secure", "protocol", "norm"), [
-    (False, "fedsgd", 0.3), (False, "fedsgd", None), (True, "fedsgd", 0.3), (True, "fedavg", 0.3)])
-def test_client_canaries_join_the_mean_without_dp_and_under_secagg(secure, protocol, norm) -> None:
-    """No DP: C = audit.client_norm (default 1.0); fedsgd steps -lr (C / K) sum c_j, fedavg moves +(C / K) sum c_j;
-    under SecAgg+ the canaries join the unmasked aggregate."""
-    raw = raw_with([SECAGG] if secure else [], protocol, **({"steps": 1} if protocol == "fedavg" else {}))
+# Central DP and the plain path without DP: the canaries are client replies through the server's clipping and
+# weighting, tested in tests/test_audit_client_canaries.py. Under SecAgg+ they join the unmasked aggregate.
+@pytest.mark.parametrize(("protocol", "norm"), [("fedsgd", 0.3), ("fedsgd", None), ("fedavg", 0.3)])
+def test_client_canaries_join_the_unmasked_aggregate_under_secagg(protocol, norm) -> None:
+    """SecAgg+ (no client-level DP there): C = audit.client_norm (default 1.0); fedsgd steps -lr (C / K) sum c_j,
+    fedavg moves +(C / K) sum c_j."""
+    raw = raw_with([SECAGG], protocol, **({"steps": 1} if protocol == "fedavg" else {}))
     change, canaries = moved(raw, {} if norm is None else {"client_norm": norm})
     expected = client_sum(canaries, P, 1.0 if norm is None else norm)
     check(change, -LR * expected if protocol == "fedsgd" else expected)

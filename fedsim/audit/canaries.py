@@ -17,9 +17,10 @@ federation's canary hooks and the evaluator read it, never an attack.
   therefore do not exercise (``canaries_clipped_by_mechanism: false`` in the audit block). DIFF2's replace-one
   neighbours use :meth:`CanarySet.signed_rows` instead: every canary is present, with gradient ``+F C1 c_j`` (in)
   or ``-F C1 c_j`` (out) before DIFF2's clip to C1; its gradient differences are 0.
-* ``client`` level (:meth:`CanarySet.client_shift`): canary j is a client whose update is ``C c_j``; an included
-  one takes part in a round with the clients' rate q = K/N and adds ``C c_j / K`` to the mean of the K sampled
-  updates before the server's noise (the sum's sensitivity C that central DP's noise sigma C / K is calibrated to).
+* ``client`` level (:mod:`fedsim.audit.client_canaries`): canary j is an honest client whose update is
+  ``norm c_j``, norm = 10 x the round's clipping norm (``audit.client_norm`` overrides); an included one takes part
+  in a round with the clients' rate q = K/N and its reply joins the real replies BEFORE the server's clipping,
+  weighting and noise, so it is clipped to C and weighted like any client (1 / (K + k) of the uniform mean).
 
 :meth:`CanarySet.scores` is Andrew et al.'s statistic: the cosine between c_j and the released model's change.
 """
@@ -155,13 +156,6 @@ class CanarySet:
     def signed_shift(self, pid: int, norm: float) -> Tensor | None:
         """The sum of :meth:`signed_rows` (what they add after a clip to ``norm``): ``norm * sum_j s_j c_j``."""
         return self.combination({j: (norm if self.included[j] else -norm) for j in self.of_client(pid)})
-
-    def client_shift(self, server_round: int, q: float, norm: float, denominator: int) -> Tensor | None:
-        """What the included client canaries add to the server's mean of ``denominator`` updates in
-        ``server_round``: ``(norm / denominator) * sum c_j`` over those taking part (each with probability q)."""
-        gen = numpy_rng(self.scenario.seed, "audit", "clients", server_round)
-        part = gen.random(self.m) < q
-        return self.combination({j: norm / denominator for j in range(self.m) if part[j] and self.included[j]})
 
     # -- what the evaluator reads -----------------------------------------------------------------
     @cached_property

@@ -13,7 +13,7 @@ canaries cannot run in correctly:
 * ``level: client`` under a sample-level DP defense: its accountant bounds one example's influence, not one
   client's, so an empirical client-level epsilon has no accountant epsilon to be compared with;
 * ``client_norm`` where it would be ignored: at the example level (the canaries' norm is the defense's clipping
-  norm) and under central_dp (its clipping norm, the sensitivity its noise is calibrated to, is the norm).
+  norm). Under central_dp it is the canaries' update norm BEFORE the clipping (default 10 x the clipping norm).
 """
 
 from __future__ import annotations
@@ -59,6 +59,3 @@ def check_audit(scenario: Scenario) -> None:
     if spec.client_norm is not None and level == "example":
         raise ScenarioError("audit.client_norm", "applies to client canaries only: example canaries have the "
                                                  "defense's clipping norm")
-    if spec.client_norm is not None and any(name == "central_dp" for name, _ in kinds):
-        raise ScenarioError("audit.client_norm", "under central_dp the client canaries have its clipping norm (the "
-                                                 "sensitivity its noise is calibrated to): remove client_norm")

@@ -16,15 +16,12 @@ scenario and seed insert the same canaries on any backend (in-process or Ray) an
   (:func:`canaries_clipped_by_mechanism`).
 * Example canaries in DIFF2 (replace-one neighbours) are appended by ``defenses.diff2_client`` to the restart
   round's per-example gradients before its clip to C1 (:meth:`~fedsim.audit.canaries.CanarySet.signed_rows`).
-* Client canaries (:func:`client_canary_shift`): what the included canary clients add to the server's mean of
-  the K sampled updates (fedavg: the mean model; fedsgd: the mean gradient), on the plain strategy
-  (:class:`fedsim.simulation.strategies.FedSimFedAvg`, inside a central-DP wrapper: after its clipping, before its
-  noise) and on the SecAgg+ path (the unmasked aggregate).
+* Client canaries are client replies added to the server's aggregation: :mod:`fedsim.audit.client_canaries`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -130,41 +127,4 @@ def append_rows(params: list[Tensor], names: Mapping[int, str], rows: Mapping[st
             p.grad_sample = torch.cat([held, row])
 
 
-def client_canary_norm(scenario: Scenario, clipping_norm: Callable[[], float] | None) -> float:
-    """C of the client canaries: the clipping norm of the round (``clipping_norm``, set by a defense that clips the
-    clients' updates, e.g. central_dp), else ``audit.client_norm``, else 1.0."""
-    if clipping_norm is not None:
-        return float(clipping_norm())
-    spec = scenario.audit
-    return float(spec.client_norm) if spec is not None and spec.client_norm is not None else 1.0
-
-
-def client_canary_shift(scenario: Scenario, server_round: int,
-                        clipping_norm: Callable[[], float] | None = None) -> dict[str, Tensor] | None:
-    """What the included client canaries taking part in ``server_round`` add to the server's mean of the K
-    sampled updates: ``(C / K) sum c_j`` (parameter name -> float32 CPU tensor), each canary taking part with the
-    clients' rate q = K / N; None when the scenario is not audited at the client level or none takes part.
-
-    K = ``federation.sampled_per_round`` (the mean's denominator; central DP's noise sigma C / K is calibrated to
-    it), C = :func:`client_canary_norm`.
-    """
-    canaries = canaries_at(scenario, "client")
-    if canaries is None:
-        return None
-    fed = scenario.federation
-    k = fed.sampled_per_round
-    shift = canaries.client_shift(server_round, k / fed.clients, client_canary_norm(scenario, clipping_norm), k)
-    return None if shift is None else canaries.as_state(shift)
-
-
-def shifted(state: Mapping[str, Tensor], shift: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    """``state`` with ``shift`` added to the entries it names (each cast to the entry's dtype and device)."""
-    out = dict(state)
-    for k, v in (shift or {}).items():
-        if k in out:
-            out[k] = out[k] + v.to(out[k].device, out[k].dtype).view_as(out[k])
-    return out
-
-
-__all__ = ["append_rows", "attach_example_canaries", "canaries_at", "canaries_clipped_by_mechanism",
-           "client_canary_norm", "client_canary_shift", "shifted"]
+__all__ = ["append_rows", "attach_example_canaries", "canaries_at", "canaries_clipped_by_mechanism"]

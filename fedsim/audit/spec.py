@@ -12,8 +12,10 @@ confidence interval (Andrew et al.), printed beside the accountants' epsilon (:m
 ``level``: ``example`` canaries are records inside the clients' sample-level DP (dp_sgd, dp_sat, dp_sam, diff2): a
 record whose loss is linear, so its gradient is the constant ``10 C c_j`` whatever the model (c_j a unit direction),
 which the mechanism's own per-example clipping brings to C, the clipping norm (ghost clipping: added as ``C c_j``
-after the clip); ``client`` canaries are whole clients whose model update is ``C c_j`` (central DP, secure
-aggregation, or no DP at all). ``auto`` picks ``example`` under a sample-level DP defense, else ``client``.
+after the clip); ``client`` canaries are honest clients whose model update is ``10 C c_j`` (C the round's clipping
+norm; 1.0 without one), replies that the server clips, weighs and noises like any other (central DP, secure
+aggregation, or no DP at all: :mod:`fedsim.audit.client_canaries`). ``auto`` picks ``example`` under a
+sample-level DP defense, else ``client``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class AuditSpec(_Strict):
         "auto", description="example: records in sample-level DP clients; client: canary clients")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence of the lower bound and the interval")
     client_norm: float | None = Field(
-        None, gt=0, description="client canaries: norm of their update (default: central_dp's clipping_norm, "
-        "else 1.0)")
+        None, gt=0, description="client canaries: norm of their update before any clipping (default: 10 x "
+        "central_dp's clipping norm of the round, else 1.0)")
     baseline: bool = Field(True, description="fedsim audit also runs the scenario without canaries, to report "
                            "their effect on utility")

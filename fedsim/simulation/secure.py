@@ -20,7 +20,9 @@ The unmasked aggregate is captured as it came (the manipulated layout, ``archite
 one of the agreed model before the server step.
 
 Under an ``audit:`` at the client level the round's included canary clients are added to the unmasked aggregate
-(:func:`fedsim.audit.inject.client_canary_shift`), after the capture: an attack sees what the server received.
+(:func:`fedsim.audit.client_canaries.client_canary_shift`), after the capture: an attack sees what the server
+received. Each adds ``(C / K) c_j``, as one more client of weight 1 / K, not a reply through the aggregation as on
+the plain path: there is no client-level DP under SecAgg+, so no clipping or DP weighting for it to go through.
 
 Failures follow :mod:`fedsim.simulation.participation`: a proxy Grid records every error reply of
 the protocol's four stages as a failure of that round's client; SecAgg+ aggregates the survivors
@@ -48,7 +50,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.audit.inject import client_canary_shift, shifted
+from fedsim.audit.client_canaries import client_canary_shift, shifted
 from fedsim.errors import FedsimError, IncompatibleDefenseError
 from fedsim.models.manipulation import apply_architecture, encode
 from fedsim.scenario import Scenario

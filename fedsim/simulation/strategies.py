@@ -8,7 +8,7 @@ set of *partition ids* drawn from (seed, round), mapped to whatever node holds e
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,7 +17,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedsim.audit.inject import client_canary_shift, shifted
 from fedsim.scenario import Scenario
 from fedsim.simulation import keys
 from fedsim.simulation.setup import setup_for
@@ -71,9 +70,8 @@ class FedSimFedAvg(FedAvg):
     The mean is weighted by the clients' ``num-examples`` unless :attr:`uniform_weights` is set (central
     DP sets it: its noise is calibrated to the unweighted mean, McMahan et al., ICLR 2018); a round whose
     weights sum to zero is averaged uniformly instead of dividing by zero. Under an ``audit:`` at the client
-    level the round's included canary clients add ``(C / K) sum c_j`` to that mean (fedavg: the mean model;
-    fedsgd: the mean gradient, before the server step): this is the INNER strategy, so Flower's central-DP
-    wrapper clips the real replies before it and adds its noise after it (:mod:`fedsim.audit.inject`).
+    level the canary clients' replies arrive among the real ones (:mod:`fedsim.audit.client_canaries`, the
+    outermost wrapper) and are averaged like them.
     """
 
     def __init__(self, scenario: Scenario, node_of_partition: dict[int, int]) -> None:
@@ -85,9 +83,6 @@ class FedSimFedAvg(FedAvg):
         self.uniform_weights = uniform_mean(scenario)  # central DP's wrapper sets it too
         self.server_memory: dict[str, dict[str, Any]] = {}  # per defense: its server_update state for this run
         self.stale = StaleModels(scenario) if scenario.federation.staleness is not None else None
-        #: audit: the clipping norm of the round, set by a defense that clips the updates before this mean (central
-        #: DP's wrapper); the client canaries' norm (:func:`fedsim.audit.inject.client_canary_norm`)
-        self.client_canary_norm: Callable[[], float] | None = None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -111,9 +106,6 @@ class FedSimFedAvg(FedAvg):
             record["metrics"] = MetricRecord({**dict(m), WEIGHT_KEY: w})
             reweighted.append(record)
         mean = aggregate_arrayrecords(reweighted, WEIGHT_KEY)
-        shift = client_canary_shift(self.scenario, server_round, self.client_canary_norm)
-        if shift is not None:  # audit: the included client canaries of this round join the mean (fedsim.audit)
-            mean = ArrayRecord(shifted(mean.to_torch_state_dict(), shift))
         return mean, self.train_metrics_aggr_fn(reweighted, WEIGHT_KEY)
 
     def summary(self) -> None:  # Flower logs this at INFO; fedsim's report says it instead
