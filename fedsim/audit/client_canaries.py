@@ -53,6 +53,7 @@ from flwr.supercore.differential_privacy import CLIENTS_DISCREPANCY_WARNING
 from torch import Tensor
 
 from fedsim.audit.canaries import CanarySet, canaries_for
+from fedsim.errors import SimulationError
 from fedsim.scenario import Scenario
 from fedsim.seeding import numpy_rng
 from fedsim.simulation import keys
@@ -171,7 +172,8 @@ class CanaryClients(Strategy):
 
     def canary_reply(self, j: int, template: Message, weight_key: str, declared: int) -> Message:
         """Canary j's reply to this round's instruction, through the client mods (module doc): ``template`` is a
-        real reply (its array names and dtypes, its metric names), ``declared`` the canary's ``weight_key``."""
+        real reply (its array names and dtypes, its metric names), ``declared`` the canary's ``weight_key``.
+        Raises SimulationError when a mod turns it into an error reply."""
         assert self.instruction is not None
         shipped = template.content[keys.ARRAYS].to_torch_state_dict()
         update = self.canaries.as_state(self.canaries.direction(j) * self.norm)
@@ -190,7 +192,10 @@ class CanaryClients(Strategy):
         app = reduce(lambda inner, mod: (lambda m, c, _mod=mod, _in=inner: _mod(m, c, _in)), reversed(self.mods),
                      train)
         msg = Message(RecordDict(dict(self.instruction.items())), dst_node_id=0, message_type=MessageType.TRAIN)
-        return app(msg, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        reply = app(msg, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        if reply.has_error():  # a DP wrapper would silently skip the whole round's aggregation: say why instead
+            raise SimulationError(f"audit: client canary {j}'s reply failed in the client mods: {reply.error.reason}")
+        return reply
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

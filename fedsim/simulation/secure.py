@@ -50,7 +50,6 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.audit.client_canaries import client_canary_shift, shifted
 from fedsim.errors import FedsimError, IncompatibleDefenseError
 from fedsim.models.manipulation import apply_architecture, encode
 from fedsim.scenario import Scenario
@@ -157,6 +156,8 @@ class _CapturingLegacyFedAvg(LegacyFedAvg):
             aggregate = [restored[k].numpy() if k in restored else np.zeros_like(c) for k, c in
                          zip(self.names, self.current, strict=True)]
             params = ndarrays_to_parameters(aggregate)
+        from fedsim.audit.client_canaries import client_canary_shift, shifted  # lazily: it imports fedsim.simulation
+
         shift = client_canary_shift(self.scenario, server_round)
         if shift is not None:  # audit: the round's included client canaries join the unmasked aggregate
             state = shifted(self._state(aggregate), shift)

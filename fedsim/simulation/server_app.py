@@ -16,7 +16,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.audit.client_canaries import wrap_with_client_canaries
 from fedsim.errors import SimulationError
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
@@ -170,7 +169,10 @@ def build_server_app(
             rows.estimates = strategy.stale.take_round
         for defense in setup.defenses:
             strategy = defense.wrap_strategy(strategy)
-        # audit: the client canaries' replies join the real ones, outside every defense's wrapper (fedsim.audit)
+        # audit: the client canaries' replies join the real ones, outside every defense's wrapper (fedsim.audit;
+        # imported here: it reads fedsim.simulation.keys, whose package imports this module)
+        from fedsim.audit.client_canaries import wrap_with_client_canaries
+
         strategy = wrap_with_client_canaries(strategy, scenario, setup.defenses)
         proxy = CapturingGrid(grid, outcome.capture, partition_of_node, needs_every_client(setup.defenses),
                               message_references(setup.defenses), rows.manipulator)
