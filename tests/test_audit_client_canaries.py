@@ -89,6 +89,22 @@ def test_released_model_is_the_uniform_mean_of_clipped_real_and_canary_replies(p
     assert (audited - old).norm() > 0.1 * (old - real).norm()
 
 
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_the_noise_stays_sigma_c_over_k_with_canaries_in_the_round(side) -> None:
+    """Noise 0.5: the released model minus the noise-free closed form above is the noise alone, whose std must be
+    sigma C / K = 0.025 (K = num_sampled_clients), not sigma C / (K + k) = 0.0038: the canaries change the mean's
+    denominator, not the noise (1706 weights: the std is known to ~2 %)."""
+    raw = copy.deepcopy(BASE)
+    raw["defenses"] = [{"name": "central_dp", "params": {"noise_multiplier": 0.0, "side": side,
+                                                         "clipping_norm": 0.1}}]
+    real, _, canaries = released_changes(raw)
+    raw["defenses"][0]["params"]["noise_multiplier"] = 0.5
+    _, noisy, _ = released_changes(raw)
+    joined = takers(SEED, M, K / P)
+    mean = (K * real + 0.1 * sum(canaries.direction(j).double() for j in joined)) / (K + len(joined))
+    assert float((noisy - mean).std()) == pytest.approx(0.5 * 0.1 / K, rel=0.06)
+
+
 @pytest.mark.parametrize("protocol", ["fedavg", "fedsgd"])
 def test_without_dp_canaries_weigh_as_their_declared_examples(protocol) -> None:
     """No clipping wrapper: norm ``audit.client_norm`` (default 1.0), and the plain num-examples-weighted mean: each
