@@ -8,7 +8,10 @@ Kinds guarded here:
 * ``design: one_at_a_time`` runs the centre and each other value of one axis alone: its cells are counted by hand
   (1 + sum(len - 1)), never by the expansion under test;
 * every cell of the fast grid validates (what ``fedsim validate`` checks: parse_scenario on each cell), and each
-  cell sets exactly the values its params name.
+  cell sets exactly the values its params name;
+* the study's design: at B1 and B8 a client holds more digits than one batch (several steps per epoch, so "local
+  epochs" are not repeated full-batch steps), the trained model is pretrained by the whole federation (the attacked
+  client a <= 10 % share) for >= 10 rounds, and the FedLeak row runs FedLeak's own distance (l1_cosine).
 """
 
 from __future__ import annotations
@@ -100,7 +103,10 @@ def fast_cells() -> list[Any]:
 def test_every_fast_cell_validates_and_sets_what_its_params_say(fast_cells: list[Any]) -> None:
     grid = load_grid(ROOT / "benchmarks" / "grids" / "realistic_fast.yaml")
     labels = [grid.attack_label(i) for i in range(len(grid.attacks))]
-    assert {"inverting_gradients", "gradinversion", "fedavg_inversion", "gifd", "dia"} <= set(labels)
+    assert {"inverting_gradients", "gradinversion", "fedavg_inversion", "gifd", "dia", "fedleak"} <= set(labels)
+    fedleak = next(c for c in fast_cells if c.attack == "fedleak").scenario["attacks"][0]
+    assert (fedleak.get("params") or {}).get("distance", "l1_cosine") == "l1_cosine"  # FedLeak as published, not
+    assert fedleak["knowledge"]["local_hparams"]  # the cosine-only ablation: its L1 term needs the granted recipe
     sizes = {k: len(a.values) for k, a in grid.sweep.items()}
     expected = sum(1 + sum(n - 1 for k, n in sizes.items() if grid.sweep[k].applies(label, "none"))
                    for label in labels)
@@ -110,7 +116,12 @@ def test_every_fast_cell_validates_and_sets_what_its_params_say(fast_cells: list
         fed, p = cell.scenario["federation"], cell.params
         batch = int(p["batch"][1:])
         assert fed["local"]["batch_size"] == batch
-        assert cell.scenario["data"]["train_subset"] == batch * fed["clients"]  # each client holds one batch
+        held = cell.scenario["data"]["train_subset"] // fed["clients"]  # iid: each client's digits
+        assert held == max(16, batch)  # 16 digits, cut into 16 / B steps where B < 16; B digits (one step) beyond
+        if batch <= 8:  # the centre (B8) and B1: several SGD steps per epoch on other images, never one batch
+            assert held // batch >= 2
+        if p["model_state"] == "trained":  # pretrained by the whole federation: the attacked client a small share
+            assert fed["rounds"] - 1 >= 10 and 1 / fed["clients"] <= 0.1 and not fed.get("clients_per_round")
         assert fed["local"]["augmentation"] == p["federation.local.augmentation"]
         attacked = cell.scenario["attacks"][0]["rounds"]
         assert attacked == ([1] if p["model_state"] == "untrained" else [fed["rounds"]]) and fed["rounds"] >= 1

@@ -86,7 +86,7 @@ def test_tables_hold_the_centre_and_one_axis_averaged_over_repeats(tmp_path: Pat
     ig = next(line for line in epochs.splitlines() if line.startswith("| ig "))
     assert "21.0 dB" in ig and "12.0 dB" in ig and "| falls |" in ig  # (20 + 22) / 2 at the centre; 99 left out
     assert "0.50" in ig  # the share above trivial of the centre's one stored repeat
-    batch = md.split("### Leakage vs batch")[1].split("###")[0]
+    batch = md.split("### Leakage vs local batch size")[1].split("###")[0]
     assert "| flat |" in next(line for line in batch.splitlines() if line.startswith("| ig "))  # +0.2 dB
     assert "failed (1/1)" in next(line for line in batch.splitlines() if line.startswith("| dia "))
     state = md.split("### Leakage vs model state")[1]

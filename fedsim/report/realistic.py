@@ -11,7 +11,10 @@ to its last value in reading order beyond :data:`FLAT_DB`).
 Leakage per cell: mean PSNR (dB), mean LPIPS (lower = closer), label accuracy, and the *share above trivial*: the
 fraction of the client's images whose reconstruction PSNR beats the image's own flat mean colour (the best constant
 image, which needs the truth: stronger than any blind attacker), read from the cell's reconstructions.npz (at most
-64 true images, as stored) and metrics.json's per-image PSNR. Repeats are averaged.
+64 true images, as stored) and metrics.json's per-image PSNR. The augmentation table adds the *best-shift PSNR*
+(the reconstruction against every crop the augmentation could have made of the true image, so a shift alone costs
+nothing) and the model-state table the test accuracy of the model the attack inverted
+(:mod:`fedsim.report.realistic_metrics`). Repeats are averaged.
 """
 
 from __future__ import annotations
@@ -34,15 +37,18 @@ from fedsim.report.frontier import MARKERS  # noqa: E402
 from fedsim.report.gallery import data_uri  # noqa: E402
 from fedsim.report.loading import Cell, Source  # noqa: E402
 from fedsim.report.page import esc, figure, table  # noqa: E402
+from fedsim.report.realistic_metrics import attacked_model_accuracy, best_shift_psnr  # noqa: E402
 
 #: sweep key -> (title, what the literature expects as the value grows; None: no stated direction)
 AXES: dict[str, tuple[str, str | None]] = {
     "federation.local.epochs": ("local epochs", "falls"),
-    "batch": ("batch (= client's images)", "falls"),
+    "batch": ("local batch size", "falls"),
     "model_state": ("model state", "falls"),
     "federation.local.augmentation": ("augmentation", None),
 }
 FLAT_DB = 0.5  # a PSNR change within +-0.5 dB is "flat"
+AUGMENTATION = "federation.local.augmentation"  # its table adds the best-shift PSNR
+MODEL_STATE = "model_state"  # its table adds the attacked model's test accuracy
 FIGURE_NAME = "realistic.png"
 
 
@@ -58,6 +64,8 @@ class Leak:
     accuracy: float | None
     cells: int
     failed: int
+    psnr_shift: float | None = None  # best-shift PSNR (fedsim.report.realistic_metrics)
+    attacked_accuracy: float | None = None  # test accuracy of the model the attack inverted
 
 
 def realistic_axes(cells: Sequence[Cell]) -> list[str]:
@@ -107,14 +115,19 @@ def trivial_share(run_dir: Path | None, metrics: dict[str, Any]) -> tuple[float 
     return float((got > base).mean()), float(base.mean())
 
 
-def _outcome(cell: Cell) -> dict[str, Any]:
-    """The cell's (single) attack outcome metrics from its metrics.json; {} when unreadable or failed."""
+def _metrics_json(cell: Cell) -> dict[str, Any]:
+    """The cell's metrics.json; {} when absent or unreadable."""
     if cell.run_dir is None or not (cell.run_dir / "metrics.json").is_file():
         return {}
     try:
         data = json.loads((cell.run_dir / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _outcome(data: dict[str, Any]) -> dict[str, Any]:
+    """The (single) attack outcome's metrics of a cell's metrics.json; {} when it failed or is absent."""
     attacks = [a for a in data.get("attacks") or [] if not a.get("failed")]
     return dict(attacks[0].get("metrics") or {}) if attacks else {}
 
@@ -127,13 +140,16 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def point(cells: Sequence[Cell]) -> Leak:
     """Leakage of one (attack, setting) point over its cells."""
     ok = [c for c in cells if c.ok]
-    shares = [trivial_share(c.run_dir, _outcome(c)) for c in ok]
+    data = [_metrics_json(c) for c in ok]
+    shares = [trivial_share(c.run_dir, _outcome(d)) for c, d in zip(ok, data, strict=True)]
     return Leak(psnr=_mean([c.summary.get("psnr_mean") for c in ok]),
                 lpips=_mean([c.summary.get("lpips_mean") for c in ok]),
                 label_acc=_mean([c.summary.get("label_acc") for c in ok]),
                 above_trivial=_mean([s for s, _ in shares]), trivial_psnr=_mean([b for _, b in shares]),
                 accuracy=_mean([c.summary.get("test_accuracy") for c in ok]),
-                cells=len(cells), failed=len(cells) - len(ok))
+                cells=len(cells), failed=len(cells) - len(ok),
+                psnr_shift=_mean([best_shift_psnr(c.run_dir) for c in ok]),
+                attacked_accuracy=_mean([attacked_model_accuracy(d) for d in data]))
 
 
 def axis_points(source: Source, key: str, axes: Sequence[str]) -> dict[str, dict[str, Leak]]:
@@ -152,9 +168,11 @@ def axis_points(source: Source, key: str, axes: Sequence[str]) -> dict[str, dict
     return out
 
 
-def direction(points: dict[str, Leak], values: Sequence[Any]) -> str:
-    """'falls' / 'rises' / 'flat' from the first to the last measured value (mean PSNR), or 'n/a'."""
-    measured = [points[str(v)].psnr for v in values if str(v) in points and points[str(v)].psnr is not None]
+def direction(points: dict[str, Leak], values: Sequence[Any], field: str = "psnr") -> str:
+    """'falls' / 'rises' / 'flat' from the first to the last measured value of ``field`` (mean PSNR, or
+    ``psnr_shift``), or 'n/a'."""
+    measured = [getattr(points[str(v)], field) for v in values
+                if str(v) in points and getattr(points[str(v)], field) is not None]
     if len(measured) < 2:
         return "n/a"
     change = measured[-1] - measured[0]
@@ -174,13 +192,27 @@ def cell_text(leak: Leak) -> str:
 
 
 def axis_rows(source: Source, key: str, axes: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (attack, one text per value, direction, expected) of the axis's table."""
+    """Header and rows (attack, one text per value, [extra columns,] direction(s), expected) of the axis's table.
+
+    Extra columns: the augmentation axis's best-shift PSNR per value and its direction; the model-state axis's test
+    accuracy of the attacked model per value."""
     values = display_order(axis_values(source, key))
-    head = ["attack", *[str(v) for v in values], "direction (PSNR)", "Du et al."]
+    extra: list[str] = []
+    if key == AUGMENTATION:
+        extra = [f"best-shift PSNR {v}" for v in values]
+    elif key == MODEL_STATE:
+        extra = [f"test acc. {v}" for v in values]
+    head = ["attack", *[str(v) for v in values], *extra, "direction (PSNR)",
+            *(["direction (best-shift PSNR)"] if key == AUGMENTATION else []), "Du et al."]
     rows = []
     for attack, points in axis_points(source, key, axes).items():
         texts = [cell_text(points[str(v)]) if str(v) in points else "-" for v in values]
-        rows.append([attack, *texts, direction(points, values), AXES[key][1] or "(no stated direction)"])
+        if key == AUGMENTATION:
+            texts += [f"{_fmt(points[str(v)].psnr_shift, 1)} dB" if str(v) in points else "-" for v in values]
+        elif key == MODEL_STATE:
+            texts += [_fmt(points[str(v)].attacked_accuracy) if str(v) in points else "-" for v in values]
+        dirs = [direction(points, values)] + ([direction(points, values, "psnr_shift")] if key == AUGMENTATION else [])
+        rows.append([attack, *texts, *dirs, AXES[key][1] or "(no stated direction)"])
     return head, rows
 
 
@@ -190,7 +222,10 @@ def realistic_markdown(source: Source) -> str:
     if len(axes) < 2:
         return ""
     lines = ["Each entry: mean PSNR / mean LPIPS / label accuracy / share of images above their own mean colour "
-             "(trivial baseline); every other axis at its centre value (the grid's first).", ""]
+             "(trivial baseline); every other axis at its centre value (the grid's first). Augmentation: "
+             "best-shift PSNR = the reconstruction against the best of every crop (and mirror, where the dataset "
+             "flips) the augmentation could have made of the true image. Model state: test acc. = the test "
+             "accuracy of the global model the attack inverted.", ""]
     for key in axes:
         head, rows = axis_rows(source, key, axes)
         lines += [f"### Leakage vs {AXES[key][0]}", "", "| " + " | ".join(head) + " |",
@@ -251,7 +286,7 @@ def realistic_section(source: Source, assets: Path) -> str:
     for key in axes:
         head, rows = axis_rows(source, key, axes)
         parts.append(f"<h3>Leakage vs {esc(AXES[key][0])}</h3>"
-                     + table([(h, i == 0 or i >= len(head) - 2) for i, h in enumerate(head)],
+                     + table([(h, i == 0 or h.startswith("direction") or h == "Du et al.") for i, h in enumerate(head)],
                              [([esc(x) for x in r], "") for r in rows]))
     note = ("Each entry: mean PSNR / mean LPIPS / label accuracy / share of the client's images whose reconstruction "
             "beats the image's own flat mean colour (a trivial attacker that even knows the truth's colour). Every "
@@ -259,7 +294,10 @@ def realistic_section(source: Source, assets: Path) -> str:
             f"from the axis's first to its last value (flat within &plusmn;{FLAT_DB} dB); <i>Du et al.</i>: what "
             "'SoK: On Gradient Leakage in Federated Learning' (USENIX Security 2025) reports. Attacks are compared "
             "within a row (same budget and seed), not across rows. Reconstructions are scored against the client's "
-            "un-augmented images.")
+            "un-augmented images; the augmentation table adds the <i>best-shift PSNR</i>: the reconstruction against "
+            "the best of every crop (and mirror, where the dataset flips) the augmentation could have made of the "
+            "true image, computed alike for every cell, so that a pure shift costs nothing. The model-state table "
+            "adds the test accuracy of the global model the attack inverted.")
     caption = ("Mean PSNR against each axis (the others at their centre), one line per attack; dashed grey: the "
                "mean PSNR of the images' own mean colour.")
     return (f'<section id="realistic"><h2>Does the attack survive real training?</h2><p class="note">{note}</p>'
