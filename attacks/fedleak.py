@@ -61,7 +61,7 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -218,6 +218,14 @@ class FedLeak(Attack):
             "auto", description="median filter size on the final images (0/1: none); auto: the code's 5 on images of "
             f"at least {MEDIAN_MIN_SIZE} pixels, none on smaller ones")
         label_strategy: LabelStrategy = Field("auto", description="label inference when labels are not known")
+
+        @field_validator("median", mode="before")
+        @classmethod
+        def _median_form(cls, value: object) -> object:
+            """One reason naming both accepted forms (pydantic's union error names only the first)."""
+            if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 15):
+                return value
+            raise ValueError(f"'auto' or an integer 0-15 (the filter window; 0/1: none), not {value!r}")
 
     @classmethod
     def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:

@@ -244,8 +244,9 @@ _TYPE_TAGS = frozenset({"int", "float", "str", "bool", "none", "bytes", "list", 
 
 def _union_tag(part: Any) -> bool:
     """Is ``part`` of an error location pydantic's tag of a union member (``literal['all']``, ``list[int]``,
-    ``float``) rather than a field name?"""
-    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("function-"))
+    ``float``, ``constrained-int`` for ``Annotated[int, Field(ge=0)]``) rather than a field name?"""
+    tagged = isinstance(part, str) and part.startswith(("function-", "constrained-"))
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or tagged)
 
 
 def _union_error(errors: list[Any]) -> tuple[str, str] | None:
@@ -290,6 +291,10 @@ def parse_scenario(raw: Any) -> Scenario:
     scenario can run on its data (:func:`fedsim.preflight.check_runnable`: what validates must run)."""
     if not isinstance(raw, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping")
+    grid_keys = [k for k in ("base", "sweep", "exclude", "repeats", "design") if k in raw]
+    if grid_keys:  # a scenario has none of these top-level keys; fedsim.bench.grid.Grid has them all
+        raise ScenarioError("", f"this is a bench grid (top-level {', '.join(grid_keys)}), not a scenario: run it "
+                                "with `fedsim bench GRID.yaml` (`--dry-run` checks every cell and runs nothing)")
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as err:

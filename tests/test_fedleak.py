@@ -247,6 +247,19 @@ def test_registered_with_its_letter_and_fedavg_scale_rule(tiny_raw) -> None:
             parse_scenario(tiny_raw)
 
 
+@pytest.mark.parametrize("value", ["abc", 16, -1, True, 2.5])
+def test_fedleak_median_names_auto_and_the_range(tiny_raw, value: object) -> None:
+    """One line at the YAML path naming both accepted forms (pydantic's union error named only 'auto')."""
+    raw = dict(tiny_raw)  # a fresh copy per test (the fixture)
+    raw["attacks"] = [{"name": "fedleak", "params": {"median": value}}]
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(raw)
+    assert err.value.path == "attacks[0].params.median", err.value
+    assert "'auto'" in err.value.reason and "0-15" in err.value.reason and repr(value) in err.value.reason
+    raw["attacks"][0]["params"]["median"] = 3
+    parse_scenario(raw)
+
+
 # -- FedAvg with several local steps against Inverting Gradients ---------------------------------------------------
 
 def fedavg_round(bundle, idx: list[int], local: LocalTraining, seed: int = 0, width: int = 16):

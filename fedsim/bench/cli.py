@@ -61,6 +61,8 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a grid field: key.path=value "
                                                                  "(e.g. repeats=1, base.federation.rounds=2)")] = None,
     retry_failed: Annotated[bool, typer.Option(help="rerun the cells recorded as failed")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="expand and validate every cell, then stop: nothing "
+                                                            "is run or written")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show Flower and Ray logs")] = False,
 ) -> None:
     """Run an attack x defense grid; finished cells are kept and skipped on a rerun."""
@@ -69,7 +71,7 @@ def bench(
 
     command_threads(1)  # the driver only schedules; each cell sets its own threads (resources.num_cpus)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from fedsim.bench.expand import expand_grid
+    from fedsim.bench.expand import expand_grid, shadowed_overrides
     from fedsim.bench.grid import load_grid
     from fedsim.bench.runner import BenchProgress, run_bench
 
@@ -77,9 +79,19 @@ def bench(
     try:
         spec = load_grid(grid, overrides)
         cells = expand_grid(spec)
+        ignored, partly = shadowed_overrides(cells, list(set_ or []))
+        if ignored:  # a --set the grid replaces in every cell would be silently without effect
+            raise ignored[0]
     except FedsimError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None
+    for line in partly:
+        console.print(line, highlight=False, soft_wrap=True)
+    if dry_run:
+        typer.echo(f"{grid}: ok ({spec.name}: {len(cells)} cells validated, {len(spec.attacks)} attack(s) x "
+                   f"{len(spec.defenses)} defense entr{'y' if len(spec.defenses) == 1 else 'ies'}, "
+                   f"{spec.repeats} repeat(s)); dry run: nothing run or written")
+        return
     out_dir = out or default_bench_dir(spec.name)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not console.is_terminal)

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ class Cell:
     repeat: int
     seed: int
     scenario: dict[str, Any] = field(repr=False)
+    #: (scenario dotted path, grid path) of everything the grid set over its base in this cell
+    set_by: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
 
 def cell_id(attack: str, defense: str, params: dict[str, Any], repeat: int) -> str:
@@ -90,13 +93,22 @@ class _CellBuilder:
     def __init__(self, grid: Grid, attack_index: int, defense_index: int) -> None:
         self.grid, self.ai, self.di = grid, attack_index, defense_index
         self.sources: list[tuple[str, str]] = []  # (scenario dotted path, grid path)
+        self.replaced: list[tuple[str, str]] = []  # base subtrees a grid entry replaced (not error addresses)
         self.raw = copy.deepcopy(grid.base)
         self._apply(grid.overrides, "overrides.{}")
+        spec = grid.attacks[attack_index].spec
+        if spec is not None:
+            if (self.raw.get("attacks") or [{}])[0].get("name") != spec["name"]:
+                self.replaced.append(("attacks.0.params", f"attacks[{attack_index}]"))
+            self.replaced += [(f"attacks.0.{leaf}", f"attacks[{attack_index}]") for leaf in _leaves(spec)]
+        self.replaced += [(f"attacks.{k}", f"attacks[{attack_index}]")  # a cell runs ONE attack
+                          for k in range(1, len(self.raw.get("attacks") or []))]
         self.raw["attacks"] = [_attack_spec(grid, attack_index, self.raw)]
         self._apply(grid.attacks[attack_index].overrides, f"attacks[{attack_index}].overrides.{{}}")
         entry = grid.defenses[defense_index]
         if entry.defenses is not None:
             self.raw["defenses"] = copy.deepcopy(entry.defenses)
+            self.replaced.append(("defenses", f"defenses[{defense_index}]"))
         self._apply(entry.overrides, f"defenses[{defense_index}].overrides.{{}}")
 
     def _apply(self, values: dict[str, Any], grid_path: str) -> None:
@@ -127,6 +139,39 @@ class _CellBuilder:
         if path.startswith("defenses") and self.grid.defenses[self.di].defenses is not None:
             return ScenarioError(f"defenses[{self.di}].{err.path}", err.reason + suffix)
         return ScenarioError(f"base.{err.path}" if err.path else "base", err.reason + suffix)
+
+
+def _leaves(mapping: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the non-mapping values of a nested mapping."""
+    out: list[str] = []
+    for key, value in mapping.items():
+        out += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"]
+    return out
+
+
+def shadowed_overrides(cells: list[Cell], overrides: list[str]) -> tuple[list[ScenarioError], list[str]]:
+    """The ``--set base.PATH=...`` that the grid sets again in cells (a sweep axis, an entry's overrides, defenses or
+    attack spec, the grid's overrides): (errors for those that EVERY cell replaces, so the override has no effect at
+    all; one-line warnings for those that only some cells replace)."""
+    errors: list[ScenarioError] = []
+    warnings: list[str] = []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        head, _, rest = key.partition(".")
+        if head != "base" or not rest:
+            continue
+        path = _normal(rest)
+        hits = [next((g for q, g in c.set_by if path == q or path.startswith(q + ".")), None) for c in cells]
+        setters = sorted({re.sub(r"\[\d+\]$", "", g) for g in hits if g is not None})  # axis, not its values
+        if not setters:
+            continue
+        what = f"the grid sets {path} again ({', '.join(setters[:3])}{', ...' if len(setters) > 3 else ''})"
+        if all(g is not None for g in hits):
+            errors.append(ScenarioError(key, f"--set has no effect: {what} in every cell; change that instead"))
+        else:
+            warnings.append(f"warning: --set {key}: {what} in {sum(g is not None for g in hits)} of {len(cells)} "
+                            "cells; only the others use the override")
+    return errors, warnings
 
 
 def _combos(sizes: list[int], design: str) -> list[tuple[int, ...]]:
@@ -166,7 +211,8 @@ def expand_grid(grid: Grid) -> list[Cell]:
                     except ScenarioError as err:
                         raise builder.blame(err, where) from None
                     cells.append(Cell(cell_id(attack, defense, params, repeat), attack, defense, params, repeat,
-                                      seed, scenario.model_dump(mode="json")))
+                                      seed, scenario.model_dump(mode="json"),
+                                      tuple(builder.sources + builder.replaced)))
     seen: dict[str, Cell] = {}
     for cell in cells:
         if cell.cell_id in seen:  # e.g. a sweep listing the same value twice
