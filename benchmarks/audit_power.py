@@ -15,7 +15,7 @@ per run (federation + audit).
         [--settings dp_sgd central_dp] [--jobs N]
 
 Cost: one run takes ~1 s (dp_sgd) and ~8-15 s (central_dp: 100 clients, up to 1000 canary replies a round) on a
-CPU core. The default grid (m = 500, the four scales, 5 seeds, both settings) took 2-3 minutes on 2 shared cores
+CPU core. The default grid (m = 500, the four scales, 5 seeds, both settings) took 90 s on 2 shared cores
 with ``--jobs 2``; docs/auditing.md's table (``--canaries 500 2000 --scales 1 0.5 0.25 0.1 0.01``) 6.6 minutes.
 """
 
