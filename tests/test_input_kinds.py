@@ -1,6 +1,7 @@
 """Input that used to be accepted silently or refused with a misleading line (issue 15 QA):
 
-* a bench grid given to a scenario command (validate / run / audit): one line saying it is a grid, exit 2;
+* a bench grid given to a scenario command (validate / run / audit): one line saying it is a grid, exit 2; a
+  scenario given to ``fedsim bench``: one line saying it is a scenario;
 * ``fedsim bench --dry-run``: every cell expanded and validated, nothing run or written;
 * a ``--set base.PATH`` the grid sets again in every cell: refused at that path, exit 2;
   in only some cells: one warning line;
@@ -58,6 +59,15 @@ def test_a_grid_given_to_a_scenario_command_says_use_bench(tmp_path: Path, tiny_
     line = one_line(result.output)
     assert "bench grid" in line and "fedsim bench" in line and "base" in line and "sweep" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_scenario_given_to_bench_says_use_run(tmp_path: Path, tiny_raw) -> None:
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", str(write(tmp_path, tiny_raw, "s.yaml")), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    line = one_line(result.output)
+    assert "is a scenario" in line and "fedsim run" in line, line
+    assert not out.exists()
 
 
 def test_the_shipped_grids_are_told_apart_from_scenarios() -> None:

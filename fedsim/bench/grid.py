@@ -254,6 +254,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         raw = {}
     if not isinstance(raw, dict):
         raise ScenarioError("", f"{path} must hold a YAML mapping (a grid)")
+    scenario_keys = [k for k in ("data", "model", "federation", "backend") if k in raw]
+    if "base" not in raw and scenario_keys:  # a grid holds these only inside base:
+        raise ScenarioError("", f"{path} is a scenario (top-level {', '.join(scenario_keys)}), not a bench grid "
+                                "(base:, attacks:, defenses:, sweep:): run it with `fedsim run`")
     raw = copy.deepcopy(raw)
     raw.setdefault("name", path.stem)
     base = raw.get("base")
