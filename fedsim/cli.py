@@ -141,6 +141,10 @@ def _print_result(result) -> None:  # noqa: ANN001
             why = (getattr(o, "stats", None) or {}).get("nothing_isolated")
             if why:  # ran and isolated nothing: a measured 0, not a failure
                 out(f"  nothing recovered: {why}")
+    if getattr(result, "audit", None):  # an audit: block: the bound vs the accountant (summary.md has the rest)
+        from fedsim.report.audit import audit_line
+
+        out(audit_line(result.audit))
     t = result.timing
     out(f"time: federation {t['federation_s']:.1f} s, attacks {t['attacks_s']:.1f} s")
     if result.out_dir is not None:

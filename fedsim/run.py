@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,13 +48,14 @@ def run_scenario(
     attack_progress: ProgressFactory | None = None,
     backend: str | None = None,
     overwrite: bool = False,
-    audit_baseline: float | None = None,
+    audit_baseline: Mapping[str, float | None] | None = None,
 ) -> RunResult:
     """Run a validated scenario end to end; write the run directory unless ``write`` is False.
 
     ``overwrite`` lets an earlier fedsim run directory at ``out_dir`` be replaced; any other existing,
     non-empty ``out_dir`` is refused (:class:`~fedsim.errors.FedsimError`) before anything runs.
-    ``audit_baseline``: the test accuracy of the same scenario without canaries (``fedsim audit``), put in the
+    ``audit_baseline``: the test accuracy and loss of the same scenario without canaries (``fedsim audit``,
+    :func:`fedsim.audit.baseline.baseline_utility`), put in the
     ``audit`` block (:func:`fedsim.audit.baseline.with_baseline`) before anything is written.
     """
     if scenario.federation.protocol == "zeroth_order":  # black-box task, no model: its own runner (fedsim.zo.run)

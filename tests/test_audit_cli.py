@@ -207,7 +207,7 @@ def test_every_figure_says_whether_it_is_a_bound_or_an_estimate() -> None:
     console = Console(width=200, record=True)
     console.print(audit_table(block))
     text = console.export_text()
-    assert "BOUND: lower bound @ 95%" in text and "1.100 [0.500, 1.600] (pooled Gaussian fit; not a bound)" in text
+    assert "lower bound @ 95%" in text and "1.100 [0.500, 1.600] (pooled Gaussian fit; not a bound)" in text
     assert "4.200 [1.400, 7.800] (Andrew et al.; not a bound, biased up)" in text
     assert "Only the lower bound proves anything" in text
 

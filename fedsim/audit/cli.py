@@ -4,10 +4,10 @@ The command adds (or overrides) the scenario's ``audit:`` block from its options
 ``fedsim validate`` (bad input: one line naming the YAML field, exit 2, nothing written), then
 
 1. unless ``--no-baseline`` / ``audit.baseline: false``: runs the same scenario and seed WITHOUT canaries and
-   without attacks (nothing written) for the test accuracy the canaries are compared with;
+   without attacks (nothing written) for the test accuracy and loss the canaries are compared with;
 2. runs the scenario with its canaries (:func:`fedsim.run.run_scenario`, which writes the ``audit`` block of
-   ``metrics.json``), passing the baseline accuracy, so the run directory (metrics.json, summary.md, report.html)
-   is written once, atomically, as ``fedsim run`` writes it;
+   ``metrics.json``), passing the baseline accuracy and loss, so the run directory (metrics.json, summary.md,
+   report.html) is written once, atomically, as ``fedsim run`` writes it;
 3. prints the accountants' epsilon beside the empirical lower bound and estimate (:mod:`fedsim.report.audit`).
 
 Registered on the typer app in :mod:`fedsim.cli`. docs/auditing.md explains what the numbers prove.
@@ -74,7 +74,7 @@ def audit_table(audit: Mapping[str, Any]) -> Table:
     """The closing table, one quantity a row (readable at 80 columns): mechanism, the three accountants' epsilon,
     the lower bound at its confidence (a bound), the two estimates [CI] (not bounds), the verdict, the accuracy with
     and without canaries; its caption says what a bound and an estimate can prove."""
-    from fedsim.report.audit import MECHANISMS, READING, fmt_num
+    from fedsim.report.audit import MECHANISMS, READING, accuracy_near_chance, chance_note, fmt_num, loss_name
 
     eps, lb = audit.get("epsilon") or {}, audit.get("epsilon_lower_bound") or {}
     est, u = audit.get("epsilon_estimate") or {}, audit.get("utility") or {}
@@ -86,6 +86,7 @@ def audit_table(audit: Mapping[str, Any]) -> Table:
 
     conf = audit.get("confidence")
     mech = audit.get("mechanism")
+    unrun = "--no-baseline / audit.baseline false"
     table = Table(title="Is epsilon real? (one-run audit; docs/auditing.md)", show_header=False,
                   caption=READING[0].upper() + READING[1:] + ".")
     table.add_column("", no_wrap=True)
@@ -97,16 +98,21 @@ def audit_table(audit: Mapping[str, Any]) -> Table:
         ("eps Opacus", fmt_num(eps.get("opacus"))),
         ("eps dp_accounting RDP", fmt_num(eps.get("dp_accounting_rdp"))),
         ("eps dp_accounting PLD", fmt_num(eps.get("dp_accounting_pld"))),
-        (f"BOUND: lower bound @ {conf:.0%}" if isinstance(conf, float) else "BOUND: lower bound",
-         f"{fmt_num(lb.get('value'))} ({lb.get('correct')} of {lb.get('guesses')} guesses correct)"),
+        (f"lower bound @ {conf:.0%}" if isinstance(conf, float) else "lower bound",
+         f"{fmt_num(lb.get('value'))} ({lb.get('correct')} of {lb.get('guesses')} guesses correct; a bound)"),
         ("estimate [CI]", with_ci(est, "pooled Gaussian fit; not a bound")),
         *([("2-variance estimate [CI]", with_ci(two, "Andrew et al.; not a bound, biased up"))] if two else []),
         ("verdict", str(audit.get("verdict"))),
-        ("accuracy with canaries", fmt_num(u.get("test_accuracy"))),
-        ("accuracy without", fmt_num(u.get("baseline_test_accuracy")) + (
-            f" (drop {fmt_num(u.get('accuracy_drop'))})" if u.get("accuracy_drop") is not None else
-            " (the task has no accuracy)" if u.get("test_accuracy") is None else
-            " (not run: --no-baseline / audit.baseline false)" if u.get("baseline_test_accuracy") is None else "")),
+        *([("accuracy with canaries", fmt_num(u.get("test_accuracy"))),
+           ("accuracy without", fmt_num(u.get("baseline_test_accuracy")) + (
+               f" (both {chance_note(u)})" if accuracy_near_chance(u) and u.get("accuracy_drop") is not None else
+               f" (drop {fmt_num(u.get('accuracy_drop'))})" if u.get("accuracy_drop") is not None else
+               f" (not run: {unrun})"))] if u.get("test_accuracy") is not None else []),
+        (f"{loss_name(u)} with canaries", fmt_num(u.get("test_loss"), 4)
+         + (" (the task has no accuracy)" if u.get("test_accuracy") is None else "")),
+        (f"{loss_name(u)} without", fmt_num(u.get("baseline_test_loss"), 4) + (
+            f" (increase {fmt_num(u.get('loss_increase'), 4)})" if u.get("loss_increase") is not None else
+            f" (not run: {unrun})" if u.get("baseline_test_loss") is None else "")),
     ]
     for label, value in rows:
         table.add_row(label, value)
@@ -120,7 +126,7 @@ def audit(
     confidence: Annotated[float | None, typer.Option("--confidence", help="confidence of the lower bound and the "
                                                                           "interval (audit.confidence)")] = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the run without canaries (their cost "
-                                                                    "in accuracy is then not reported)")] = False,
+                                                                    "in accuracy and loss is not reported)")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a field: key.path=value "
                                                                  "(repeatable)")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run directory (default: output.dir/NAME-TIME); must "
@@ -134,8 +140,7 @@ def audit(
     from fedsim.isolation import command_threads
 
     command_threads((os.cpu_count() or 2) // 2)  # as fedsim run
-    from fedsim.audit.baseline import baseline_scenario
-    from fedsim.audit.scoring import last_accuracy
+    from fedsim.audit.baseline import baseline_scenario, baseline_utility
     from fedsim.report.writer import check_run_dir
     from fedsim.run import default_out_dir, run_scenario
 
@@ -146,14 +151,14 @@ def audit(
         check_run_dir(target, overwrite)  # refuse now, not after two federations
     except FedsimError as err:
         _fail(err)
-    baseline: float | None = None
+    baseline: dict[str, float | None] | None = None
     progress = _progress()
     try:
         with progress:
             if spec.audit.baseline:
                 base = run_scenario(baseline_scenario(spec), write=False, verbose=verbose,
                                     on_round=_on_round(progress, "baseline (no canaries)", spec.federation.rounds))
-                baseline = last_accuracy(base.history)
+                baseline = baseline_utility(base.history)
 
             def attack_progress(label: str, total: int) -> Callable[[int, int], None]:
                 task = progress.add_task(label, total=max(total, 1))

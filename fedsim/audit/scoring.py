@@ -23,8 +23,11 @@ canaries' in/out coins (ground truth), and puts beside each other:
 * ``verdict``: ``violation`` when the lower bound exceeds the SMALLEST accountant epsilon (proof, at
   ``confidence``, that the implementation leaks more than it accounts), else ``consistent``.
 
-The utility baseline fields (``baseline_test_accuracy``, ``accuracy_drop``) are null here; ``fedsim audit`` fills
-them from its run without canaries.
+``utility``: the last evaluated round's ``test_accuracy`` (null for a regression) and ``test_loss`` (the task's
+loss on the test set: MSE for a regression, cross-entropy for a classification) with the canaries, and
+``chance_accuracy`` (1 / classes; null for a regression), beside the run without canaries: ``baseline_test_accuracy``,
+``accuracy_drop`` (baseline - with), ``baseline_test_loss``, ``loss_increase`` (with - baseline). The baseline
+fields are null here; ``fedsim audit`` fills them from its run without canaries (:mod:`fedsim.audit.baseline`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,19 @@ def smallest_epsilon(epsilon: Mapping[str, float | None]) -> float:
 def last_accuracy(history: Sequence[Mapping[str, Any]]) -> float | None:
     """``test_accuracy`` of the last evaluated history row (None: a regression, or no evaluation)."""
     return next((_number(r["test_accuracy"]) for r in reversed(history) if "test_accuracy" in r), None)
+
+
+def last_loss(history: Sequence[Mapping[str, Any]]) -> float | None:
+    """``test_loss`` of the last evaluated history row (MSE for a regression; None without evaluation)."""
+    return next((_number(r["test_loss"]) for r in reversed(history) if "test_loss" in r), None)
+
+
+def chance_accuracy(scenario: Scenario) -> float | None:
+    """1 / number of classes: the accuracy of a uniform guess (None for a regression task, which has no classes)."""
+    from fedsim.simulation.setup import setup_for
+
+    classes = setup_for(scenario).data.num_classes
+    return 1.0 / classes if classes else None
 
 
 def secure_aggregation(scenario: Scenario) -> bool:
@@ -168,7 +184,6 @@ def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], f
     estimate = pooled_gaussian_estimate(scores_in, scores_out, delta, spec.confidence)
     two = gaussian_estimate(scores_in, scores_out, delta, spec.confidence)
     lower = float(_get(bound, "epsilon"))
-    accuracy = last_accuracy(history)
     return {
         "level": canaries.level, "mechanism": mechanism, "secure_aggregation": secure_aggregation(scenario),
         "canaries": canaries.m, "canaries_in": int(included.sum()),
@@ -181,6 +196,8 @@ def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], f
         "epsilon_estimate": _estimate(estimate),
         "epsilon_estimate_two_variance": {**_estimate(two), "note": TWO_VARIANCE_NOTE},
         "verdict": "violation" if lower > smallest_epsilon(epsilon) else "consistent",
-        "utility": {"test_accuracy": accuracy, "baseline_test_accuracy": None, "accuracy_drop": None},
+        "utility": {"test_accuracy": last_accuracy(history), "baseline_test_accuracy": None, "accuracy_drop": None,
+                    "chance_accuracy": chance_accuracy(scenario), "test_loss": last_loss(history),
+                    "baseline_test_loss": None, "loss_increase": None},
         "scores": {"in": [float(s) for s in scores_in], "out": [float(s) for s in scores_out]},
     }

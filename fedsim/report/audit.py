@@ -64,10 +64,11 @@ def mechanism_text(audit: Mapping[str, Any]) -> str:
     text += f" with {audit.get('level')} canaries"
     clipped = audit.get("canaries_clipped_by_mechanism")
     if clipped is True:
-        text += " (their per-example gradients, 10x the clipping norm, go through the mechanism's own clipping)"
+        text += (" (their per-example gradients, of norm 10x the clipping norm, go through the mechanism's own "
+                 "clipping)")
     elif clipped is False:
-        text += (" (added AFTER the clipping: ghost clipping forms no per-example gradients, so this audit does not "
-                 "test the clip)")
+        text += (" (added AFTER the clipping, at the clipping norm: ghost clipping forms no per-example gradients, so "
+                 "this audit does not test the clip)")
     return text + (", under secure aggregation" if audit.get("secure_aggregation") else "")
 
 
@@ -113,24 +114,80 @@ def verdict_text(audit: Mapping[str, Any]) -> str:
     return f"unknown verdict {verdict!r}"
 
 
+NEAR_CHANCE = 1.5  # accuracies below this many times the uniform guess's: the model has not learned
+
+
+def accuracy_near_chance(utility: Mapping[str, Any]) -> bool:
+    """True when every measured accuracy (with the canaries, and without them when run) is below
+    :data:`NEAR_CHANCE` x ``chance_accuracy`` (1 / classes): the model has not learned, so a difference between the
+    two is noise and says nothing about the canaries' cost."""
+    chance = utility.get("chance_accuracy")
+    accs = [utility.get(k) for k in ("test_accuracy", "baseline_test_accuracy")]
+    known = [a for a in accs if isinstance(a, int | float) and not isinstance(a, bool)]
+    return (isinstance(chance, int | float) and isinstance(accs[0], int | float)
+            and all(a < NEAR_CHANCE * chance for a in known))
+
+
+def chance_note(utility: Mapping[str, Any]) -> str:
+    """``below 1.5x chance (0.100): the model has not learned, so the accuracy comparison says nothing``."""
+    return (f"below {NEAR_CHANCE:g}x chance ({fmt_num(utility.get('chance_accuracy'))}): the model has not learned, "
+            "so the accuracy comparison is uninformative")
+
+
+def loss_name(utility: Mapping[str, Any]) -> str:
+    """``test MSE`` for a regression (no accuracy), else ``test loss (cross-entropy)``."""
+    return "test MSE" if utility.get("test_accuracy") is None else "test loss (cross-entropy)"
+
+
+def loss_text(utility: Mapping[str, Any]) -> str:
+    """``test MSE 0.0400 with the canaries, 0.0360 without: increase 0.0040`` (or why the baseline is absent)."""
+    loss, base, up = utility.get("test_loss"), utility.get("baseline_test_loss"), utility.get("loss_increase")
+    name = loss_name(utility)
+    if not isinstance(loss, int | float):
+        return f"{name} not evaluated"
+    if not isinstance(base, int | float):
+        return f"{name} {loss:.4g} with the canaries; without them not measured"
+    return f"{name} {loss:.4g} with the canaries, {base:.4g} without: increase {fmt_num(up, 4)}"
+
+
 def utility_text(audit: Mapping[str, Any]) -> str:
-    """The canaries' cost in accuracy, or why it was not measured."""
+    """The canaries' cost in accuracy (uninformative near chance) and in test loss (every task), or why it was not
+    measured."""
     u = audit.get("utility") or {}
     acc, base, drop = u.get("test_accuracy"), u.get("baseline_test_accuracy"), u.get("accuracy_drop")
+    loss = loss_text(u)
+    unrun = ("(`fedsim run`, or `fedsim audit --no-baseline`; `fedsim audit` runs the same scenario and seed without "
+             "canaries)")
     if not isinstance(acc, int | float):
-        return "not measured: the task has no accuracy (a regression: see the test loss under Utility)"
+        if not isinstance(u.get("baseline_test_loss"), int | float):
+            return f"{loss} {unrun}; the task has no accuracy"
+        return f"{loss} (same scenario and seed); the task has no accuracy"
+    near = f" ({chance_note(u)})" if accuracy_near_chance(u) else ""
     if not isinstance(base, int | float):
-        return (f"test accuracy {fmt_num(acc)} with the canaries; without them not measured (`fedsim run`, or "
-                "`fedsim audit --no-baseline`; `fedsim audit` runs the same scenario and seed without canaries)")
+        return f"test accuracy {fmt_num(acc)} with the canaries{near}; without them not measured {unrun}; {loss}"
+    what = f"both {chance_note(u)}" if near else f"drop {fmt_num(drop)}"
     return (f"test accuracy {fmt_num(acc)} with the canaries, {fmt_num(base)} without (same scenario and seed): "
-            f"drop {fmt_num(drop)}")
+            f"{what}; {loss}")
+
+
+def audit_line(audit: Mapping[str, Any]) -> str:
+    """One console line for ``fedsim run``: the lower bound at its confidence vs the smallest accountant epsilon,
+    and the verdict (``audit: lower bound 0.000 at 95% confidence (60 of 100 guesses correct) vs smallest
+    accountant epsilon 8.078: consistent``)."""
+    lb = audit.get("epsilon_lower_bound") or {}
+    conf = audit.get("confidence")
+    at = f"{conf:.0%}" if isinstance(conf, int | float) else "?"
+    return (f"audit ({audit.get('level')} canaries): lower bound {fmt_num(lb.get('value'))} at {at} confidence "
+            f"({lb.get('correct')} of {lb.get('guesses')} guesses correct) vs smallest accountant epsilon "
+            f"{fmt_num(smallest_epsilon(audit))}: {audit.get('verdict')} (summary.md: 'Is epsilon real?')")
 
 
 def audit_items(audit: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(label, plain text) rows shared by summary.md and report.html."""
     return [
         ("mechanism", f"{mechanism_text(audit)}; {audit.get('canaries')} canaries, {audit.get('canaries_in')} "
-                      f"included (each by a fair coin), canary norm {audit.get('canary_norm')}"),
+                      f"included (each by a fair coin); each canary's norm once clipped, the accounted sensitivity C: "
+                      f"{audit.get('canary_norm')}"),
         ("accountant epsilon", epsilon_text(audit)),
         ("empirical lower bound (a bound)", lower_bound_text(audit)),
         ("estimate (not a bound)", estimate_text(audit)),
