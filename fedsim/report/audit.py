@@ -135,8 +135,8 @@ def chance_note(utility: Mapping[str, Any]) -> str:
 
 
 def loss_name(utility: Mapping[str, Any]) -> str:
-    """``test MSE`` for a regression (no accuracy), else ``test loss (cross-entropy)``."""
-    return "test MSE" if utility.get("test_accuracy") is None else "test loss (cross-entropy)"
+    """``test MSE`` for a regression (no accuracy), else ``test loss`` (a classification's cross-entropy)."""
+    return "test MSE" if utility.get("test_accuracy") is None else "test loss"
 
 
 def loss_text(utility: Mapping[str, Any]) -> str:
@@ -179,7 +179,7 @@ def audit_line(audit: Mapping[str, Any]) -> str:
     at = f"{conf:.0%}" if isinstance(conf, int | float) else "?"
     return (f"audit ({audit.get('level')} canaries): lower bound {fmt_num(lb.get('value'))} at {at} confidence "
             f"({lb.get('correct')} of {lb.get('guesses')} guesses correct) vs smallest accountant epsilon "
-            f"{fmt_num(smallest_epsilon(audit))}: {audit.get('verdict')} (summary.md: 'Is epsilon real?')")
+            f"{fmt_num(smallest_epsilon(audit))}: {audit.get('verdict')}")
 
 
 def audit_items(audit: Mapping[str, Any]) -> list[tuple[str, str]]:
