@@ -66,7 +66,7 @@ def test_a_regression_audit_reports_the_test_mse_with_and_without_canaries(tmp_p
     assert u["test_loss"] == [h["test_loss"] for h in metrics["utility"] if "test_loss" in h][-1]
     assert u["loss_increase"] == pytest.approx(u["test_loss"] - u["baseline_test_loss"], abs=1e-12)
     summary = (out / "summary.md").read_text()
-    assert f"test MSE {u['test_loss']:.4g} with the canaries, {u['baseline_test_loss']:.4g} without" in summary
+    assert f"test MSE {u['test_loss']:.4f} with the canaries, {u['baseline_test_loss']:.4f} without" in summary
     assert "test MSE without" in result.output and f"{u['baseline_test_loss']:.4f}" in result.output
 
 

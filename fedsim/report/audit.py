@@ -139,15 +139,16 @@ def loss_name(utility: Mapping[str, Any]) -> str:
     return "test MSE" if utility.get("test_accuracy") is None else "test loss"
 
 
-def loss_text(utility: Mapping[str, Any]) -> str:
-    """``test MSE 0.0400 with the canaries, 0.0360 without: increase 0.0040`` (or why the baseline is absent)."""
+def loss_text(utility: Mapping[str, Any], same: str = "") -> str:
+    """``test MSE 0.0400 with the canaries, 0.0360 without{same}: increase 0.0040`` (or why the baseline is
+    absent)."""
     loss, base, up = utility.get("test_loss"), utility.get("baseline_test_loss"), utility.get("loss_increase")
     name = loss_name(utility)
     if not isinstance(loss, int | float):
         return f"{name} not evaluated"
     if not isinstance(base, int | float):
-        return f"{name} {loss:.4g} with the canaries; without them not measured"
-    return f"{name} {loss:.4g} with the canaries, {base:.4g} without: increase {fmt_num(up, 4)}"
+        return f"{name} {fmt_num(loss, 4)} with the canaries; without them not measured"
+    return f"{name} {fmt_num(loss, 4)} with the canaries, {fmt_num(base, 4)} without{same}: increase {fmt_num(up, 4)}"
 
 
 def utility_text(audit: Mapping[str, Any]) -> str:
@@ -161,7 +162,7 @@ def utility_text(audit: Mapping[str, Any]) -> str:
     if not isinstance(acc, int | float):
         if not isinstance(u.get("baseline_test_loss"), int | float):
             return f"{loss} {unrun}; the task has no accuracy"
-        return f"{loss} (same scenario and seed); the task has no accuracy"
+        return f"{loss_text(u, ' (same scenario and seed)')}; the task has no accuracy"
     near = f" ({chance_note(u)})" if accuracy_near_chance(u) else ""
     if not isinstance(base, int | float):
         return f"test accuracy {fmt_num(acc)} with the canaries{near}; without them not measured {unrun}; {loss}"
