@@ -217,7 +217,7 @@ def test_step11_teaches_its_lesson(tmp_path: Path) -> None:
     """Tutorial step 11 as shipped and scenarios/audit/no_noise.yaml (docs/tutorial.md quotes both, seed 0): with
     sigma 1 the bound stays below every accountant's epsilon (measured 0.00 vs 9.09 / 9.10 / 8.08) and the canaries
     cost accuracy (0.394 -> 0.325); with sigma 0 the audit has power: the bound is above 2 (measured 2.64; 100
-    canaries can show at most 2.87) and the estimate above 10 (47.8)."""
+    canaries can show at most 2.87) and the pooled estimate above 10 (33.5)."""
     out = tmp_path / "tut11"
     result = runner.invoke(app, ["audit", str(ROOT / "scenarios" / "tutorial" / "11_is_my_epsilon_real.yaml"),
                                  "--out", str(out)])
