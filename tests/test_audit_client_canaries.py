@@ -177,6 +177,7 @@ def one_percent_noise(monkeypatch) -> None:
     monkeypatch.setattr(fixed, "add_gaussian_noise_inplace", lambda arrays, std: real(arrays, std * 0.01))
 
 
+@pytest.mark.slow  # test_audit_soundness runs honest central DP (both sides, adaptive) over 3 seeds by default
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_honest_central_dp_is_consistent(seed: int) -> None:
     block = honest(seed)
@@ -196,6 +197,7 @@ def test_weighting_clipping_or_noise_bugs_are_a_violation(mutation, monkeypatch)
     assert broken["verdict"] == "violation"
 
 
+@pytest.mark.slow  # ~28 s; test_audit_injection keeps the default run's audited Ray-vs-in-process check
 @pytest.mark.ray
 def test_client_canaries_give_identical_models_in_process_and_on_ray() -> None:
     """The canary replies are made in the server's strategy, from the seed: the same released model on both

@@ -180,6 +180,7 @@ def test_validate_refuses_it_in_one_line_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1 and "federation.local.augmentation" in lines[0] and "Traceback" not in lines[0]
 
 
+@pytest.mark.slow  # ~19-34 s; seeding by (seed, round, partition, step) is checked in-process by the fast tests
 @pytest.mark.ray
 def test_ray_and_inprocess_augment_identically() -> None:
     """Same scenario and seed, both backends: identical augmented updates (fedavg, 2 epochs) and history."""
