@@ -19,6 +19,7 @@ from fedsim.outputs import check_name
 from fedsim.server_spec import ServerSpec
 from fedsim.spec_base import _PathError, _Strict
 from fedsim.staleness_spec import STALE_AGGREGATIONS, StalenessSpec  # noqa: F401  (also public here)
+from fedsim.validation_errors import _first_error, format_loc  # noqa: F401  (also public here)
 from fedsim.yaml_input import apply_overrides, read_yaml, set_dotted  # noqa: F401  (also public here)
 from fedsim.zo.spec import ZerothOrderSpec
 
@@ -226,64 +227,6 @@ class Scenario(_Strict):
                     if not 0 <= c < fed.clients:
                         raise _PathError(f"attacks[{i}].clients", f"client {c} is outside 0..{fed.clients - 1}")
         return self
-
-
-def format_loc(loc: tuple[Any, ...]) -> str:
-    """('attacks', 0, 'budget', 'iterations') -> 'attacks[0].budget.iterations'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "none", "bytes", "list", "dict", "set", "tuple"})
-
-
-def _union_tag(part: Any) -> bool:
-    """Is ``part`` of an error location pydantic's tag of a union member (``literal['all']``, ``list[int]``,
-    ``float``, ``constrained-int`` for ``Annotated[int, Field(ge=0)]``) rather than a field name?"""
-    tagged = isinstance(part, str) and part.startswith(("function-", "constrained-"))
-    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or tagged)
-
-
-def _union_error(errors: list[Any]) -> tuple[str, str] | None:
-    """A union field's errors (one per member, each located under the member's tag) as one path (the field's) and
-    one reason naming every accepted form; None when the first error is not in a union."""
-    loc = tuple(errors[0]["loc"])
-    cut = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
-    if cut is None:
-        return None
-    forms: list[str] = []
-    for e in errors:
-        eloc = tuple(e["loc"])
-        if eloc[:cut] != loc[:cut] or len(eloc) <= cut or not _union_tag(eloc[cut]):
-            continue
-        msg = str(e["msg"]).removeprefix("Value error, ").removeprefix("Input should be ").split(",")[0]
-        where = format_loc(("x", *eloc[cut + 1 :]))[1:]
-        form = f"{msg} (at {where.lstrip('.')})" if where else msg
-        if form not in forms:
-            forms.append(form)
-    return format_loc(loc[:cut]), "Input should be " + " or ".join(forms)
-
-
-def _first_error(err: ValidationError) -> ScenarioError:
-    union = _union_error(err.errors())
-    if union is not None:
-        return ScenarioError(*union)
-    first = err.errors()[0]
-    path, reason = format_loc(tuple(first["loc"])), first["msg"]
-    if reason.startswith("Value error, "):
-        reason = reason[len("Value error, ") :]
-    if "|" in reason and isinstance(first.get("ctx", {}).get("error"), _PathError):
-        sub, reason = reason.split("|", 1)
-        path = f"{path}.{sub}" if path else sub  # relative to the model whose validator raised it
-    if first["type"] == "extra_forbidden":
-        reason = "unknown field"
-    more = len(err.errors()) - 1
-    return ScenarioError(path, reason + (f" (and {more} more problem{'s' * (more > 1)})" if more else ""))
 
 
 def parse_scenario(raw: Any) -> Scenario:
