@@ -43,6 +43,9 @@ ATTACK_STUDIES: dict[str, Study] = {
     "scenarios/tutorial/03_fedavg_local_steps.yaml": Study(("name", "knowledge.local_hparams")),
     "scenarios/tutorial/05_dropout_is_not_a_defense.yaml": Study(("name", "knowledge.oracle_masks")),
     "scenarios/attacks/fedavg_inversion.yaml": Study(("name", "knowledge.local_hparams")),
+    # leakage over the rounds of a real training run: FedAvg inversion (replays the granted local recipe) beside IG
+    "scenarios/tutorial/12_real_training.yaml": Study(("name", "knowledge.local_hparams")),
+    "scenarios/protocols/leakage_over_rounds.yaml": Study(("name", "knowledge.local_hparams")),
     "scenarios/attacks/gradinversion.yaml": Study(
         ("name", "knowledge.bn_stats"),
         {"params.lr": "GradInversion steps unsigned Adam, IG signed Adam: the step sizes are different quantities"},
