@@ -187,6 +187,8 @@ def test_client_canaries_join_the_unmasked_aggregate_under_secagg(protocol, norm
     check(change, -LR * expected if protocol == "fedsgd" else expected)
 
 
+# ~28 s: the canaries' draws are seeded by (seed, round, client, step); backend equality: tests/test_ray_backend.py
+@pytest.mark.slow
 @pytest.mark.ray
 def test_audited_runs_give_identical_models_in_process_and_on_ray() -> None:
     """Example canaries drawn in Ray's client actors and client-side noise: the same final model as in-process."""

@@ -129,7 +129,8 @@ def test_batched_equals_sequential_up_to_float32_rounding_unsigned(cifar, name, 
     assert seq.stats["batched"] == 0.0 and bat.stats["batched"] == 1.0 and torch.equal(seq.labels, bat.labels)
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~18 s since issue 15 (suite time); the float32-equality tests stay in the default run
+@pytest.mark.parametrize("seed", [0, 3])
 def test_batched_equals_sequential_in_quality_with_signed_adam(cifar, seed) -> None:
     """Default params, convnet width 32, a real image, 4 trials x 100 signed steps. ``sign()`` turns
     rounding into +-lr pixel steps, so trials drift apart; the claim is equal *quality*, and how much

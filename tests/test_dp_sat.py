@@ -321,6 +321,7 @@ def test_the_persisted_direction_survives_the_secagg_client_path(tiny_raw) -> No
                                                                      nan_ok=True)  # nan: an empty batch
 
 
+@pytest.mark.slow  # ~20 s; backend equality stays in the default run (tests/test_ray_backend.py)
 @pytest.mark.ray
 def test_the_persisted_direction_gives_the_same_numbers_on_ray(tiny_raw) -> None:
     """The tensor state (g~ kept in each Ray node's Context) gives round 2 exactly the in-process updates."""

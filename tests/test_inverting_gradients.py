@@ -45,7 +45,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / F.mse_loss(a, b).item())
 
 
-@pytest.mark.parametrize(("index", "margin"), [(0, 3.0), (1, 5.0)])
+@pytest.mark.parametrize(("index", "margin"), [(0, 3.0), pytest.param(1, 5.0, marks=pytest.mark.slow)])  # 1: -m slow
 def test_reconstructs_a_cifar_image_from_an_untrained_convnet(cifar, index, margin) -> None:
     """Default params, 600 iterations, batch 1, fedsgd, untrained convnet (width 32, no norm).
 

@@ -205,6 +205,7 @@ def test_staleness_refuses_fedsgd_and_server_side_defenses(tiny_raw) -> None:
 
 
 
+@pytest.mark.slow  # ~16 s; backend equality stays in the default run (tests/test_ray_backend.py)
 @pytest.mark.ray
 def test_staleness_on_ray_gives_the_inprocess_numbers(tiny_raw) -> None:
     scenario = parse_scenario(stale_raw(tiny_raw, "dc_asgd"))
