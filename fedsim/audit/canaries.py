@@ -153,10 +153,6 @@ class CanarySet:
         versions. None when the client holds none."""
         return self.rows({j: (norm if self.included[j] else -norm) for j in self.of_client(pid)})
 
-    def signed_shift(self, pid: int, norm: float) -> Tensor | None:
-        """The sum of :meth:`signed_rows` (what they add after a clip to ``norm``): ``norm * sum_j s_j c_j``."""
-        return self.combination({j: (norm if self.included[j] else -norm) for j in self.of_client(pid)})
-
     # -- what the evaluator reads -----------------------------------------------------------------
     @cached_property
     def movement_sign(self) -> float:

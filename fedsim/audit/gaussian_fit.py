@@ -212,6 +212,16 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     return float(_gdp_epsilons(np.array(mu), delta))
 
 
+def _checked(scores_in: object, scores_out: object, delta: float, confidence: float,
+             bootstrap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both fits' inputs as (k,) and (m - k,) arrays, or ValueError naming what is wrong."""
+    s_in, s_out = as_scores(scores_in, "scores_in", 2), as_scores(scores_out, "scores_out", 2)
+    check_levels(delta, confidence, delta_positive=True)
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap: {bootstrap} must be >= 0")
+    return s_in, s_out
+
+
 def pooled_gaussian_estimate(scores_in: object, scores_out: object, delta: float, confidence: float,
                              bootstrap: int = 1000, seed: int = 0) -> GaussianEstimate:
     """The equal-variance (pooled) Gaussian-fit epsilon ESTIMATE (not a bound) from the canaries' scores.
@@ -224,10 +234,7 @@ def pooled_gaussian_estimate(scores_in: object, scores_out: object, delta: float
     Raises ValueError naming ``scores_in`` / ``scores_out`` when one has fewer than 2 scores or a non-finite one,
     and for delta outside (0, 1), confidence outside (0, 1) or bootstrap < 0.
     """
-    s_in, s_out = as_scores(scores_in, "scores_in", 2), as_scores(scores_out, "scores_out", 2)
-    check_levels(delta, confidence, delta_positive=True)
-    if bootstrap < 0:
-        raise ValueError(f"bootstrap: {bootstrap} must be >= 0")
+    s_in, s_out = _checked(scores_in, scores_out, delta, confidence, bootstrap)
     mu = float(_pooled_mu(s_in, s_out))
     eps = float(_gdp_epsilons(np.array(mu), delta))
     lo, hi = (_interval(_gdp_epsilons(_pooled_mu(*_resample(s_in, s_out, bootstrap, seed)), delta), confidence)
@@ -251,10 +258,7 @@ def gaussian_estimate(scores_in: object, scores_out: object, delta: float, confi
     Raises ValueError naming ``scores_in`` / ``scores_out`` when one has fewer than 2 scores or a non-finite one,
     and for delta outside (0, 1), confidence outside (0, 1) or bootstrap < 0.
     """
-    s_in, s_out = as_scores(scores_in, "scores_in", 2), as_scores(scores_out, "scores_out", 2)
-    check_levels(delta, confidence, delta_positive=True)
-    if bootstrap < 0:
-        raise ValueError(f"bootstrap: {bootstrap} must be >= 0")
+    s_in, s_out = _checked(scores_in, scores_out, delta, confidence, bootstrap)
     sd_in, sd_out = float(s_in.std(ddof=1)), float(s_out.std(ddof=1))
     eps = gaussian_pair_epsilon(float(s_out.mean()), sd_out, float(s_in.mean()), sd_in, delta)
     lo = hi = eps
