@@ -39,9 +39,8 @@ from torch import Tensor, nn
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
 from attacks.matching import (
+    DeltaScaled,
     LabelStrategy,
-    check_delta_scale,
-    delta_scale_letter,
     examples_to_reconstruct,
     labels_for,
     matching_target,
@@ -52,7 +51,6 @@ from attacks.objectives import OBJECTIVES, Distance
 from attacks.restarts import RestartBook
 from attacks.victim import victim_model
 from fedsim.errors import FedsimError
-from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 
@@ -148,7 +146,7 @@ class DLGParams(AttackParams):
 
 
 @register_attack("dlg")
-class DeepLeakage(Attack):
+class DeepLeakage(DeltaScaled, Attack):
     """DLG: joint L-BFGS over dummy images and soft labels, squared-L2 gradient distance.
 
     FedAvg updates are matched as ``-delta / (lr * E)`` (exact for one local step), which needs the
@@ -164,16 +162,6 @@ class DeepLeakage(Attack):
     #: Optimize soft labels with the images (DLG) or fix them from the update first (iDLG).
     joint_labels: ClassVar[bool] = True
 
-    @classmethod
-    def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
-        """A (the SoK's letter for DLG and iDLG), C when an L2/L1 distance rescales a FedAvg delta by the granted
-        local hyperparameters (:func:`attacks.matching.delta_scale_letter`)."""
-        return delta_scale_letter(cls.threat_model, params.distance, knowledge)
-
-    @classmethod
-    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
-        super().check_scenario(scenario, spec)
-        check_delta_scale(scenario, spec, cls.Params.model_validate(spec.params).distance)
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()

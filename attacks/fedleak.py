@@ -68,9 +68,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 from attacks.base import Attack, AttackParams, ProgressFn, register_attack
 from attacks.inverting_gradients import from_pixels, gradient_distance
 from attacks.matching import (
+    DeltaScaled,
     LabelStrategy,
-    check_delta_scale,
-    delta_scale_letter,
     examples_to_reconstruct,
     labels_for,
     matching_target,
@@ -82,7 +81,6 @@ from attacks.regularizers import total_variation
 from attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook, past
 from attacks.victim import victim_model
 from fedsim.errors import FedsimError
-from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 
@@ -190,7 +188,7 @@ def median_filter(x: Tensor, k: int) -> Tensor:
 
 
 @register_attack("fedleak")
-class FedLeak(Attack):
+class FedLeak(DeltaScaled, Attack):
     """Partial gradient matching with a look-ahead gradient regularization over an untrained generator's images."""
 
     summary = "FedLeak (Fan et al. 2025): partial gradient matching + look-ahead gradient regularization"
@@ -227,15 +225,6 @@ class FedLeak(Attack):
                 return value
             raise ValueError(f"'auto' or an integer 0-15 (the filter window; 0/1: none), not {value!r}")
 
-    @classmethod
-    def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
-        """B, C when the L1 term rescales a FedAvg delta by granted local hyperparameters."""
-        return delta_scale_letter(cls.threat_model, params.distance, knowledge)
-
-    @classmethod
-    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
-        super().check_scenario(scenario, spec)
-        check_delta_scale(scenario, spec, cls.Params.model_validate(spec.params).distance)
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()

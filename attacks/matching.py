@@ -132,6 +132,24 @@ def delta_scale_letter(letter: str, distance: str, knowledge: Knowledge) -> str:
     return exercised_letter(letter, "C") if distance != "cosine" and knowledge.local_hparams else letter
 
 
+class DeltaScaled:
+    """Mixin for a gradient-matching attack whose ``params.distance`` may rescale a FedAvg delta: its SoK letter is
+    :func:`delta_scale_letter` of its paper letter, and validation runs :func:`check_delta_scale`. List it before
+    ``Attack`` (``class DLG(DeltaScaled, Attack)``)."""
+
+    threat_model: str
+    Params: Any
+
+    @classmethod
+    def threat_model_for(cls, params: Any, knowledge: Knowledge) -> str:
+        return delta_scale_letter(cls.threat_model, params.distance, knowledge)
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
+        super().check_scenario(scenario, spec)  # type: ignore[misc]
+        check_delta_scale(scenario, spec, cls.Params.model_validate(spec.params).distance)
+
+
 def ticker(progress: ProgressFn | None, per_run: int, total: int, offset: int) -> Callable[[int], None]:
     """``on_step(i)`` for run-local step ``i`` (1-based) reporting ``offset + i`` of ``total`` every
     :data:`PROGRESS_EVERY` steps and at the end of the run."""
