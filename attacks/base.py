@@ -58,6 +58,9 @@ class Attack(ABC):
     Params: ClassVar[type[AttackParams]] = AttackParams
     #: Protocols whose updates this attack can invert.
     protocols: ClassVar[tuple[str, ...]] = ("fedsgd", "fedavg")
+    #: Input kinds (``fedsim.data.catalog.InputKind``) whose data this attack reconstructs: images by default;
+    #: text attacks declare ``("tokens",)``. Validation refuses an attack on a dataset of another kind.
+    inputs: ClassVar[tuple[str, ...]] = ("image",)
     #: Knowledge the attack cannot run without, e.g. {"local_hparams": True, "labels": "known"}.
     needs: ClassVar[dict[str, Any]] = {}
     #: One line for `fedsim list` and reports.

@@ -59,7 +59,8 @@ def apply_model_transforms(model: nn.Module, transforms: Sequence[Mapping[str, A
 def rebuild_model(task: TaskInfo, state: Mapping[str, Tensor], what: str = "global state") -> nn.Module:
     """The task's architecture with the model-shaping defenses' transforms applied and ``state`` loaded
     (on CPU, train mode). Raises :class:`UpdateMismatchError` when the state does not fit."""
-    model = build_model(ModelSpec(**dict(task.model)), task.input_shape, task.num_classes)
+    model = build_model(ModelSpec(**dict(task.model)), task.input_shape, task.num_classes,
+                        vocab_size=task.vocab_size)
     model = apply_model_transforms(model, task.model_transforms)
     try:
         model.load_state_dict(dict(state), strict=True)

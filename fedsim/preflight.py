@@ -99,7 +99,7 @@ def _transformed_model(scenario: Scenario, setup) -> nn.Module:  # noqa: ANN001
     from fedsim.seeding import derive_seed
 
     model = build_model(scenario.model, setup.data.input_shape, setup.data.output_dim,
-                        seed=derive_seed(scenario.seed, "model-init"))
+                        seed=derive_seed(scenario.seed, "model-init"), vocab_size=setup.data.vocab_size)
     for index, defense in _defenses_with_index(scenario, setup):
         try:
             model = defense.transform_model(model)
@@ -110,11 +110,16 @@ def _transformed_model(scenario: Scenario, setup) -> nn.Module:  # noqa: ANN001
     return model
 
 
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """int64 token ids for a text model (``vocab_size`` attribute), float32 pixels or features otherwise."""
+    return torch.long if getattr(model, "vocab_size", 0) else torch.float32
+
+
 def _check_forward(scenario: Scenario, model: nn.Module, shape: tuple[int, ...]) -> None:
     """A train-mode forward pass on two zero examples must work (the RNG is left as it was)."""
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model.train()(torch.zeros((2, *shape)))
+            model.train()(torch.zeros((2, *shape), dtype=_input_dtype(model)))
     except (RuntimeError, ValueError, IndexError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ScenarioError("model.name", f"{scenario.model.name} cannot run on the "

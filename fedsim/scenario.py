@@ -34,7 +34,8 @@ def path_component(value: str) -> str:
 
 
 class PartitionSpec(_Strict):
-    kind: Literal["iid", "dirichlet", "shards"] = "iid"
+    kind: Literal["iid", "dirichlet", "shards", "by_source"] = Field(
+        "iid", description="by_source: each client holds whole sources (a text dataset's books), dealt round-robin")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)")
     shards_per_client: int = Field(2, ge=1, description="classes per client for 'shards'")
 
@@ -46,6 +47,17 @@ class DataSpec(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held out when the dataset has no test split")
     train_subset: int | None = Field(None, ge=1, description="use only the first N training examples")
     partition: PartitionSpec = PartitionSpec()
+    seq_len: int | None = Field(None, ge=2, le=512,
+                                description="text datasets only: tokens per example (None: the dataset's default)")
+
+
+class PretrainSpec(_Strict):
+    """Public pretraining before private federated fine-tuning (Li et al., ICLR 2022's setting): the initial global
+    model is trained on the text dataset's PUBLIC part (disjoint from every client's data), cached on disk."""
+
+    steps: int = Field(1500, ge=1, description="optimizer steps on the public part")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(32, ge=1)
 
 
 class ModelSpec(_Strict):
@@ -54,6 +66,10 @@ class ModelSpec(_Strict):
     norm: Literal["none", "batch", "group"] = "none"
     dropout: float = Field(0.0, ge=0, lt=1)
     activation: Literal["relu", "sigmoid", "gelu", "tanh"] | None = None
+    depth: int | None = Field(None, ge=1, le=24, description="text models only: transformer blocks (None: 2)")
+    pretrain: PretrainSpec | None = Field(
+        None, description="text models only: start the federation from a model pretrained on the dataset's public "
+                          "part (fedsim/text/pretrain.py); None: from random weights")
 
 
 class LocalTraining(_Strict):

@@ -54,8 +54,8 @@ class TaskInfo:
     """Public facts about the learning task: the server built the model, so it knows all of this."""
 
     dataset: str
-    input_shape: tuple[int, ...]  # (C, H, W) of an image, or (d,) of a tabular feature vector
-    num_classes: int  # 0 for a regression task (see ``kind``)
+    input_shape: tuple[int, ...]  # (C, H, W) of an image, (d,) of a tabular feature vector, (T,) of a token sequence
+    num_classes: int  # 0 for a regression task (see ``kind``); the vocabulary for language_modeling
     mean: tuple[float, ...]
     std: tuple[float, ...]
     model: Mapping[str, Any]
@@ -68,8 +68,18 @@ class TaskInfo:
     # clipping norm, MID's beta) reach an attack through ``ClientUpdate.defenses`` alone, when
     # ``knowledge.defense`` grants them.
     model_transforms: tuple[Mapping[str, Any], ...] = ()
-    # "classification" (labels are class indices) or "regression" (real targets, one model output)
+    # "classification" (labels are class indices), "regression" (real targets, one model output) or
+    # "language_modeling" (text: the labels are the token ids themselves, the model predicts token t+1 from 0..t)
     kind: str = "classification"
+    # Text tasks: the vocabulary size (token ids are < vocab_size; 0 for images and tables) and the tokenizer's
+    # name (fedsim.text.tokenizer.load_tokenizer). Public: the server built the model and ships the tokenizer.
+    vocab_size: int = 0
+    tokenizer: str = ""
+
+    @property
+    def is_text(self) -> bool:
+        """Whether inputs are token ids (B, T) (``input_shape`` = (T,)) rather than pixels or features."""
+        return self.vocab_size > 0
 
     @property
     def output_dim(self) -> int:
@@ -196,8 +206,8 @@ class GroundTruth:
 
     round: int
     partition_id: int
-    inputs: Tensor  # pixel space [0, 1], shape (B, C, H, W)
-    labels: Tensor  # (B,)
+    inputs: Tensor  # pixel space [0, 1], shape (B, C, H, W); text: token ids, int64 (B, T)
+    labels: Tensor  # (B,); language_modeling: the token ids (B, T)
     extras: Mapping[str, Tensor] = field(default_factory=dict)  # dropout masks, update noise, ...
 
 
@@ -207,7 +217,8 @@ def as_tensor_dict(values: Mapping[str, Any]) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """What an attack returns. Images are in pixel space [0, 1]; ``failed`` says why when it gave up.
+    """What an attack returns. Images are in pixel space [0, 1] (text: ``tokens`` / ``token_set``); ``failed``
+    says why when it gave up.
 
     Failed versus nothing recovered: ``failed`` (:meth:`failure`) is for an attack that could not run (no update,
     an update or model it cannot read, a refused model, an exception). An attack that RAN and isolated no input
@@ -224,6 +235,11 @@ class Reconstruction:
     labels: Tensor | None
     stats: Mapping[str, float | str] = field(default_factory=dict)  # e.g. gradient loss, iterations, seconds
     failed: str | None = None
+    # Text attacks (``images`` stays None): the recovered sequences as token ids, int64 (K, T), -1 where the attack
+    # could not fill a position; and/or the SET of token ids it found used, int64 (M,) sorted distinct (an attack
+    # that recovers which tokens were used but not their order, e.g. from the embedding gradient, fills only this).
+    tokens: Tensor | None = None
+    token_set: Tensor | None = None
 
     @classmethod
     def failure(cls, reason: str, **stats: float) -> Reconstruction:

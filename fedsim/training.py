@@ -46,9 +46,32 @@ def mse_loss(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tenso
     raise ValueError(f"unknown reduction {reduction!r} (none, mean or sum)")
 
 
+def lm_loss(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of a causal language model (nats per predicted token).
+
+    ``outputs`` (N, T, V) logits, position t predicting token t+1; ``targets`` (N, T) int64 token ids (the
+    input sequence itself). Each example's loss is the mean over its T-1 predictions; ``reduction`` as in
+    ``F.cross_entropy``: ``"none"`` gives (N,) (what DP-SGD's per-example clipping needs), ``"sum"`` their sum,
+    ``"mean"`` their mean (= the mean over every predicted token, since all examples have T tokens).
+    Perplexity is ``exp`` of the mean.
+    """
+    n, t, v = outputs.shape
+    per_token = F.cross_entropy(outputs[:, :-1].reshape(-1, v), targets[:, 1:].reshape(-1), reduction="none")
+    per_example = per_token.view(n, t - 1).mean(dim=1)
+    if reduction == "none":
+        return per_example
+    if reduction == "sum":
+        return per_example.sum()
+    if reduction == "mean":
+        return per_example.mean()
+    raise ValueError(f"unknown reduction {reduction!r} (none, mean or sum)")
+
+
 def task_loss(task: str) -> LossFn:
     """The training loss of a task kind: cross-entropy for ``classification``, :func:`mse_loss` for
-    ``regression``. Both take ``reduction=``."""
+    ``regression``, :func:`lm_loss` for ``language_modeling``. All take ``reduction=``."""
+    if task == "language_modeling":
+        return lm_loss
     if task == "regression":
         return mse_loss
     if task == "classification":
@@ -313,7 +336,9 @@ def evaluate(
     """``(loss, accuracy)`` of ``model`` (eval mode) on a test set in the data's stored space.
 
     Classification: mean cross-entropy and top-1 accuracy. Regression: mean squared error
-    (:func:`mse_loss`, the training loss) and ``None``: a regression has no accuracy.
+    (:func:`mse_loss`, the training loss) and ``None``: a regression has no accuracy. Language modeling: mean
+    next-token cross-entropy in nats (perplexity = ``exp(loss)``) and next-token top-1 accuracy over every
+    predicted token.
     """
     model.to(device).eval()
     loss_fn = task_loss(task)
@@ -325,7 +350,11 @@ def evaluate(
         total_loss += loss_fn(outputs, y, reduction="sum").item()
         if task == "classification":
             correct += int((outputs.argmax(1) == y).sum())
+        elif task == "language_modeling":
+            correct += int((outputs[:, :-1].argmax(-1) == y[:, 1:]).sum())
     n = max(len(inputs), 1)
+    if task == "language_modeling":
+        return total_loss / n, correct / max(len(inputs) * (inputs.shape[1] - 1), 1) if len(inputs) else 0.0
     return total_loss / n, (correct / n if task == "classification" else None)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from fedsim.errors import ScenarioError
-from fedsim.models import MODELS
+from fedsim.models import MODELS, TEXT_MODELS
 from fedsim.plugins import attack_registry, defense_registry
 from fedsim.run import run_scenario
 from fedsim.scenario import parse_scenario
@@ -59,6 +59,8 @@ NAMES = defense_registry().names()
 pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
               pytest.mark.filterwarnings("ignore:Optimal order is the")]
 COMBOS = [(n,) for n in NAMES] + list(itertools.combinations_with_replacement(NAMES, 2))
+
+IMAGE_MODELS = [m for m in MODELS.names() if m not in TEXT_MODELS]
 
 
 def _raw(protocol: str, defenses: list[tuple[str, dict[str, Any]]], model: dict | None = None) -> dict:
@@ -111,7 +113,7 @@ CASES = [(name, i, p) for name, settings in SETTINGS.items() for i, p in enumera
 def test_every_setting_on_every_model_default_subset(name: str, index: int, params: dict) -> None:
     """Each setting that changes the model or the training, on every registered model, norms and
     protocols rotating deterministically (the slow test below crosses all of them)."""
-    for j, model in enumerate(MODELS.names()):
+    for j, model in enumerate(IMAGE_MODELS):
         norm = ("none", "batch", "group")[(index + j) % 3]
         protocol = PROTOCOLS[(index + j) % 2]
         runs_or_is_refused(_raw(protocol, [(name, params)], {"name": model, "width": 4, "norm": norm}))
@@ -130,7 +132,7 @@ def test_every_setting_pair_runs_or_is_refused_exhaustive(protocol: str) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", MODELS.names())
+@pytest.mark.parametrize("model", IMAGE_MODELS)
 def test_every_setting_on_every_model_exhaustive(model: str) -> None:
     for protocol, norm in itertools.product(PROTOCOLS, ("none", "batch", "group")):
         for setting in [None, *_all_settings()]:

@@ -10,6 +10,7 @@ from torch import nn
 from fedsim.errors import ScenarioError
 from fedsim.models import (
     MODELS,
+    TEXT_MODELS,
     MaskDropout,
     build_model,
     dropout_layers,
@@ -20,7 +21,7 @@ from fedsim.models import (
 )
 from fedsim.scenario import ModelSpec
 
-ALL = MODELS.names()
+ALL = [n for n in MODELS.names() if n not in TEXT_MODELS]  # image/vector models (text: test_text_models)
 # Narrow ResNets keep the double-backward tests fast on a shared CPU.
 SMALL_WIDTH = {"resnet18": 8, "resnet20": 4, "convnet": 8, "mlp": 4}
 

@@ -8,6 +8,13 @@ Tabular datasets (:mod:`fedsim.data.tabular`) hold feature vectors, float32 (N, 
 standardized, with mean 0 and std 1 per feature (so normalization is the identity). A bundle's
 ``task`` says what its labels are: class indices (``classification``, int64 (N,)) or real targets
 (``regression``, float32 (N,), one model output).
+
+Text datasets (:mod:`fedsim.data.text`) hold TOKEN IDS, int64 (N, T): every example is exactly T tokens of
+the dataset's tokenizer (``tokenizer``, a name :func:`fedsim.text.tokenizer.load_tokenizer` resolves), ids in
+``[0, vocab_size)``; ``mean``/``std`` are () (normalization is the identity on token ids). Their labels are
+class indices (N,) for ``classification`` (e.g. a verse's genre) or, for ``language_modeling``, the token
+ids themselves (N, T): the model predicts token t+1 from tokens 0..t. ``groups`` (N,) int64 names each
+example's source (a book), which ``partition.kind: by_source`` deals out; ``source_names`` names them.
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ import torch
 
 from fedsim.errors import ScenarioError
 
-TaskKind = Literal["classification", "regression"]
-TASK_KINDS: tuple[TaskKind, ...] = ("classification", "regression")
+TaskKind = Literal["classification", "regression", "language_modeling"]
+TASK_KINDS: tuple[TaskKind, ...] = ("classification", "regression", "language_modeling")
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,10 +53,24 @@ class DatasetBundle:
     std: tuple[float, ...]
     attribution: str
     task: TaskKind = "classification"
+    vocab_size: int = 0  # text: the tokenizer's vocabulary (token ids are < vocab_size); 0 for images and tables
+    tokenizer: str = ""  # text: the tokenizer's name (fedsim.text.tokenizer.load_tokenizer)
+    groups: torch.Tensor | None = None  # (N_train,) int64 source id of each TRAIN example (partition by_source)
+    source_names: tuple[str, ...] = ()  # name of each source id (e.g. the book)
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the inputs are token ids (N, T) rather than pixels or features."""
+        return self.vocab_size > 0
 
     def __post_init__(self) -> None:
         if self.task not in TASK_KINDS:
             raise ValueError(f"{self.name}: task must be one of {TASK_KINDS}, got {self.task!r}")
+        if self.is_text:
+            self._check_text()
+            return
+        if self.task == "language_modeling":
+            raise ValueError(f"{self.name}: a language_modeling task needs token inputs (vocab_size > 0)")
         label = (torch.int64, "int64") if self.task == "classification" else (torch.float32, "float32")
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
             if x.dtype != torch.float32 or x.dim() not in (2, 4):
@@ -66,9 +87,28 @@ class DatasetBundle:
         if (self.task == "regression") != (self.num_classes == 0):
             raise ValueError(f"{self.name}: num_classes must be 0 exactly for a regression task")
 
+    def _check_text(self) -> None:
+        if self.mean or self.std:
+            raise ValueError(f"{self.name}: token inputs take no mean/std (got {self.mean}, {self.std})")
+        if (self.task == "regression") or (self.num_classes < 1):
+            raise ValueError(f"{self.name}: a text task is classification or language_modeling with num_classes >= 1")
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.dtype != torch.int64 or x.dim() != 2:
+                raise ValueError(f"{self.name}: {split}_x must be int64 token ids (N, T), got {x.dtype} "
+                                 f"{tuple(x.shape)}")
+            if len(x) and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
+                raise ValueError(f"{self.name}: {split}_x holds token ids outside [0, {self.vocab_size})")
+            want = tuple(x.shape) if self.task == "language_modeling" else (x.shape[0],)
+            if y.dtype != torch.int64 or tuple(y.shape) != want:
+                raise ValueError(f"{self.name}: {split}_y must be int64 of shape {want} for a {self.task} task")
+        if self.train_x.shape[1:] != self.test_x.shape[1:] and self.test_x.shape[0] > 0:
+            raise ValueError(f"{self.name}: train and test sequences differ in length")
+        if self.groups is not None and tuple(self.groups.shape) != (self.train_x.shape[0],):
+            raise ValueError(f"{self.name}: groups must be (N_train,) = ({self.train_x.shape[0]},)")
+
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of one image, or (d,) of one feature vector."""
+        """(C, H, W) of one image, (d,) of one feature vector, or (T,) of one token sequence (:attr:`is_text`)."""
         return tuple(int(d) for d in self.train_x.shape[1:])
 
     @property
@@ -85,7 +125,8 @@ class DatasetBundle:
 
         Copies, so that the full training tensor (e.g. 188 MB for MNIST) can be freed.
         """
-        return replace(self, train_x=self.train_x[:n].clone(), train_y=self.train_y[:n].clone())
+        groups = None if self.groups is None else self.groups[:n].clone()
+        return replace(self, train_x=self.train_x[:n].clone(), train_y=self.train_y[:n].clone(), groups=groups)
 
 
 def to_unit_float(pixels: np.ndarray | torch.Tensor, max_value: float = 255.0) -> torch.Tensor:

@@ -26,19 +26,21 @@ DatasetLoader = Callable[["DataSpec"], "DatasetBundle"]
 
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
-InputKind = Literal["image", "tabular"]
+InputKind = Literal["image", "tabular", "tokens"]
 
 
 @dataclass(frozen=True)
 class DatasetFacts:
     """What a dataset is, known without loading it: the task and the kind of inputs.
 
-    ``inputs``: ``image`` ((C, H, W) pixels) or ``tabular`` ((d,) standardized features, ``features`` = d).
+    ``inputs``: ``image`` ((C, H, W) pixels), ``tabular`` ((d,) standardized features, ``features`` = d) or
+    ``tokens`` ((T,) token ids of a text dataset; ``seq_len`` = the default T, ``data.seq_len`` overrides it).
     """
 
     task: TaskKind = "classification"
     inputs: InputKind = "image"
     features: int | None = None
+    seq_len: int | None = None  # tokens: the default sequence length
 
 
 FACTS: dict[str, DatasetFacts] = {}

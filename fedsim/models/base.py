@@ -11,10 +11,19 @@ from fedsim.errors import ScenarioError
 from fedsim.registry import Registry
 from fedsim.scenario import ModelSpec
 
-InputShape = tuple[int, ...]  # (C, H, W) of an image, or (d,) of a feature vector (models that flatten)
-ModelBuilder = Callable[[ModelSpec, InputShape, int], nn.Module]  # (spec, input shape, outputs) -> model
+InputShape = tuple[int, ...]  # (C, H, W) of an image, (d,) of a feature vector, (T,) of a token sequence
+# (spec, input shape, outputs) -> model; a text model's builder also takes ``vocab_size=`` (keyword)
+ModelBuilder = Callable[..., nn.Module]
 
 MODELS: Registry[ModelBuilder] = Registry("model")
+
+TEXT_MODELS: dict[str, str] = {}  # text model name -> the task kind it is built for
+
+
+def declare_text_model(name: str, task: str) -> None:
+    """Declare ``name`` a text model (token inputs (T,), built with ``vocab_size=``) for ``task``
+    (``language_modeling``: outputs one logit per vocabulary token and position; ``classification``)."""
+    TEXT_MODELS[name] = task
 
 
 def activation_of(spec: ModelSpec, default: str) -> str:

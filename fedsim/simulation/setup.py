@@ -31,8 +31,10 @@ class FederationSetup:
 
     @cached_property
     def partitions(self) -> list[np.ndarray]:
+        by_source = self.scenario.data.partition.kind == "by_source"
+        keys = self.data.groups if by_source else self.data.train_y
         return partition_indices(
-            self.data.train_y.numpy(),
+            keys.numpy(),
             self.scenario.federation.clients,
             self.scenario.data.partition,
             derive_seed(self.scenario.seed, "partition"),
@@ -62,6 +64,8 @@ class FederationSetup:
             # defenses that reshaped the model (MID, dropout): attacks rebuild the same architecture
             model_transforms=self.model_transforms,
             kind=d.task,
+            vocab_size=d.vocab_size,
+            tokenizer=d.tokenizer,
         )
 
     @cached_property
@@ -72,8 +76,7 @@ class FederationSetup:
         the model as it was, e.g. DP-SGD on a model without BatchNorm, is not even named)."""
         from defenses.base import Defense
 
-        model = build_model(self.scenario.model, self.data.input_shape, self.data.output_dim,
-                            seed=derive_seed(self.scenario.seed, "model-init"))
+        model = self._initial_model()
         out = []
         for defense in self.defenses:
             if type(defense).transform_model is Defense.transform_model:
@@ -86,12 +89,20 @@ class FederationSetup:
 
     def build_model(self) -> nn.Module:
         """The scenario's model with the initial global weights, after model-transforming defenses."""
-        model = build_model(
-            self.scenario.model, self.data.input_shape, self.data.output_dim,
-            seed=derive_seed(self.scenario.seed, "model-init"),
-        )
+        model = self._initial_model()
         for defense in self.defenses:
             model = defense.transform_model(model)
+        return model
+
+    def _initial_model(self) -> nn.Module:
+        """The architecture with its initial weights: seeded random, or (``model.pretrain``, text models) the
+        weights pretrained on the dataset's public part (:func:`fedsim.text.pretrain.pretrained_state`)."""
+        model = build_model(self.scenario.model, self.data.input_shape, self.data.output_dim,
+                            seed=derive_seed(self.scenario.seed, "model-init"), vocab_size=self.data.vocab_size)
+        if self.scenario.model.pretrain is not None:
+            from fedsim.text.pretrain import pretrained_state
+
+            model.load_state_dict(pretrained_state(self.scenario, model))
         return model
 
     def client_data(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
