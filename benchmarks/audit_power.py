@@ -123,7 +123,8 @@ def main() -> None:
             lbs = [b["epsilon_lower_bound"]["value"] for b in blocks]
             flagged = sum(b["verdict"] == "violation" for b in blocks)
             eps = min(blocks[0]["epsilon"].values())
-            est = statistics.median(b["epsilon_estimate"]["value"] for b in blocks)
+            values = [b["epsilon_estimate"]["value"] for b in blocks if b["epsilon_estimate"]["value"] is not None]
+            est = statistics.median(values) if values else float("nan")
             print(f"| {setting} | {eps:.2f} | {m} | {scale:g} | {flagged}/{len(blocks)} | "
                   f"{statistics.median(lbs):.2f} [{min(lbs):.2f}, {max(lbs):.2f}] | {est:.2f} | "
                   f"{statistics.mean(seconds):.1f} |", flush=True)

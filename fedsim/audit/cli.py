@@ -81,6 +81,8 @@ def audit_table(audit: Mapping[str, Any]) -> Table:
     two = audit.get("epsilon_estimate_two_variance") or {}
 
     def with_ci(block: Mapping[str, Any], note: str) -> str:
+        if block.get("not_estimated"):
+            return f"not estimated: {block['not_estimated']}"
         ci = list(block.get("ci") or []) + [None, None]
         return f"{fmt_num(block.get('value'))} [{fmt_num(ci[0])}, {fmt_num(ci[1])}] ({note})"
 

@@ -160,6 +160,19 @@ def _estimate(est: Any) -> dict[str, Any]:
             "method": str(_get(est, "method"))}
 
 
+def estimate_or_reason(fit: Any, scores_in: Any, scores_out: Any, delta: float, confidence: float,
+                       method: str) -> dict[str, Any]:
+    """``_estimate(fit(...))``, or, when a Gaussian fit is impossible (fewer than 2 canaries drawn in, or out: the
+    coins are Bernoulli(1/2), so this happens with probability about m * 2^(1-m)), ``value`` None, ``ci`` [None,
+    None] and ``not_estimated`` saying why: the run's other numbers (the bound, the accountants) still stand."""
+    n_in, n_out = len(scores_in), len(scores_out)
+    if min(n_in, n_out) < 2:
+        return {"value": None, "ci": [None, None], "method": method,
+                "not_estimated": f"a Gaussian fit needs at least 2 canaries on each side; {n_in} were drawn in, "
+                                 f"{n_out} out"}
+    return _estimate(fit(scores_in, scores_out, delta, confidence))
+
+
 def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], final_state: Mapping[str, torch.Tensor],
                 history: Sequence[Mapping[str, Any]], privacy: Mapping[str, Any]) -> dict[str, Any]:
     """The ``audit`` block of ``metrics.json`` for a run of ``scenario`` (which must have ``audit:``).
@@ -181,8 +194,11 @@ def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], f
     mechanism, epsilon, delta = accountant_epsilon(canaries.level, privacy)
     delta = DEFAULT_DELTA if delta is None else delta
     bound = one_run_lower_bound(scores_in, scores_out, delta, spec.confidence)
-    estimate = pooled_gaussian_estimate(scores_in, scores_out, delta, spec.confidence)
-    two = gaussian_estimate(scores_in, scores_out, delta, spec.confidence)
+    from fedsim.audit.gaussian_fit import GAUSSIAN_METHOD, POOLED_METHOD
+
+    estimate = estimate_or_reason(pooled_gaussian_estimate, scores_in, scores_out, delta, spec.confidence,
+                                  POOLED_METHOD)
+    two = estimate_or_reason(gaussian_estimate, scores_in, scores_out, delta, spec.confidence, GAUSSIAN_METHOD)
     lower = float(_get(bound, "epsilon"))
     return {
         "level": canaries.level, "mechanism": mechanism, "secure_aggregation": secure_aggregation(scenario),
@@ -193,8 +209,8 @@ def audit_block(scenario: Scenario, initial_state: Mapping[str, torch.Tensor], f
         "epsilon": epsilon,
         "epsilon_lower_bound": {"value": lower, "method": LOWER_BOUND_METHOD,
                                 "guesses": int(_get(bound, "guesses")), "correct": int(_get(bound, "correct"))},
-        "epsilon_estimate": _estimate(estimate),
-        "epsilon_estimate_two_variance": {**_estimate(two), "note": TWO_VARIANCE_NOTE},
+        "epsilon_estimate": estimate,
+        "epsilon_estimate_two_variance": {**two, "note": TWO_VARIANCE_NOTE},
         "verdict": "violation" if lower > smallest_epsilon(epsilon) else "consistent",
         "utility": {"test_accuracy": last_accuracy(history), "baseline_test_accuracy": None, "accuracy_drop": None,
                     "chance_accuracy": chance_accuracy(scenario), "test_loss": last_loss(history),

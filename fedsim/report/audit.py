@@ -91,6 +91,8 @@ def lower_bound_text(audit: Mapping[str, Any]) -> str:
 def estimate_text(audit: Mapping[str, Any], key: str = "epsilon_estimate") -> str:
     """``1.300 [0.600, 2.100] (95% CI; <method>; an estimate, not a bound)`` for the block's ``key`` estimate."""
     est = audit.get(key) or {}
+    if est.get("not_estimated"):
+        return f"not estimated: {est['not_estimated']}"
     ci = est.get("ci") or [None, None]
     lo, hi = (ci + [None, None])[:2] if isinstance(ci, list) else (None, None)
     conf = audit.get("confidence")
