@@ -51,11 +51,14 @@ class TokenEmbedding(nn.Module):
         self.drop = _dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        t = x.shape[1]
+        b, t = x.shape[:2]
         if t > self.pos.num_embeddings:
             raise ValueError(f"sequence of {t} tokens, the model takes at most {self.pos.num_embeddings}")
         tokens = x @ self.tok.weight if x.is_floating_point() else self.tok(x)
-        positions = self.pos(torch.arange(t, device=tokens.device))
+        # (B, T) position ids, not (T,): Opacus reads the embedding's input batch-first, so a shared (T,) index
+        # would give per-sample gradients of T "examples" (hooks, functorch) or none at all (ExpandedWeights);
+        # contiguous (repeat, not expand): Opacus's ghost norm of an Embedding views its input
+        positions = self.pos(torch.arange(t, device=tokens.device).repeat(b, 1))
         return self.drop(tokens + positions)
 
 
