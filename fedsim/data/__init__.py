@@ -7,13 +7,14 @@
 ``mnist-mini``, ``fashion-mnist-mini``, ``cifar10-mini``, ``cifar100-mini``; always offline), the full
 torchvision ones (``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``), ``imagefolder`` for your own
 images, and two tabular regression tasks from scikit-learn (``diabetes``, offline;
-``california-housing``, downloaded). :func:`facts_of` tells a dataset's task and input kind without
+``california-housing``, downloaded), and text as token ids (N, T) (:mod:`fedsim.data.text`: ``kjv``, ``kjv-genre``
+bundled; ``wikitext-2`` downloaded). :func:`facts_of` tells a dataset's task and input kind without
 loading it.
 """
 
 from __future__ import annotations
 
-from fedsim.data import bundled, imagefolder, tabular, torchvision_sets  # noqa: F401  (register the loaders)
+from fedsim.data import bundled, imagefolder, tabular, text, torchvision_sets  # noqa: F401  (register the loaders)
 from fedsim.data.bundle import TASK_KINDS, DatasetBundle, TaskKind
 from fedsim.data.catalog import DATASETS, DatasetFacts, DatasetLoader, facts_of
 from fedsim.data.partition import partition_indices
@@ -45,8 +46,8 @@ def load_dataset(spec: DataSpec) -> DatasetBundle:
     """
     bundle = DATASETS.get(spec.dataset)(spec)
     facts = facts_of(spec.dataset)
-    tabular_inputs = len(bundle.input_shape) == 1
-    if bundle.task != facts.task or tabular_inputs != (facts.inputs == "tabular"):
+    inputs = "tokens" if bundle.is_text else "tabular" if len(bundle.input_shape) == 1 else "image"
+    if bundle.task != facts.task or inputs != facts.inputs:
         raise ValueError(f"dataset {spec.dataset!r} loaded a {bundle.task} task on {bundle.input_shape} inputs, "
                          f"but declares {facts} (fedsim.data.catalog.declare_facts)")
     if spec.train_subset is not None:
