@@ -29,7 +29,7 @@ from fedsim.training import min_train_batch
 def per_sample_problem(model: nn.Module, input_shape: tuple[int, ...], mode: str,
                        prepare_module: Callable[..., Any]) -> str | None:
     """Why DP-SGD with ``grad_sample_mode`` ``mode`` cannot train ``model`` (already transformed for
-    Opacus) on inputs of ``input_shape`` (C, H, W), or None. ``prepare_module`` is Opacus's
+    Opacus) on inputs of ``input_shape`` (C, H, W), (d,) or (T,) token ids, or None. ``prepare_module`` is Opacus's
     ``opacus.grad_sample.utils.prepare_module`` (imported by the caller). The global RNG and ``model``
     are left untouched (the probe runs on a copy)."""
     if min_train_batch(model, input_shape) > 1:
@@ -44,8 +44,12 @@ def per_sample_problem(model: nn.Module, input_shape: tuple[int, ...], mode: str
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             wrapped = prepare_module(probe, mode, wrap_model=mode == "ew", batch_first=True, loss_reduction="mean")
-            logits = wrapped(torch.zeros((2, *input_shape))) if mode == "ew" else probe(torch.zeros((2, *input_shape)))
-            F.cross_entropy(logits, torch.zeros(2, dtype=torch.long)).backward()
+            x = _zeros(probe, input_shape)
+            logits = wrapped(x) if mode == "ew" else probe(x)
+            # any scalar of the outputs exercises the per-example machinery: cross-entropy for (2, classes),
+            # the mean for a language model's (2, T, V) logits
+            loss = F.cross_entropy(logits, torch.zeros(2, dtype=torch.long)) if logits.dim() == 2 else logits.mean()
+            loss.backward()
     except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         return (f"params.grad_sample_mode: Opacus {mode!r} cannot compute per-example gradients of this model "
@@ -54,3 +58,10 @@ def per_sample_problem(model: nn.Module, input_shape: tuple[int, ...], mode: str
         if wrapped is not None and hasattr(wrapped, "cleanup"):
             wrapped.cleanup()
     return None
+
+
+def _zeros(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """Two zero examples of what the model trains on: int64 token ids (2, T) for a text model (a ``vocab_size``
+    attribute; a float (2, T) would be read as a relaxed (B, T, V) input), float32 pixels or features otherwise."""
+    dtype = torch.long if getattr(model, "vocab_size", 0) else torch.float32
+    return torch.zeros((2, *input_shape), dtype=dtype)

@@ -33,6 +33,9 @@ class FederationSetup:
     def partitions(self) -> list[np.ndarray]:
         by_source = self.scenario.data.partition.kind == "by_source"
         keys = self.data.groups if by_source else self.data.train_y
+        if keys is not None and keys.dim() > 1:  # language modeling: labels are (N, T) token ids, one key per
+            # example is needed; the example's source stands for its "class" (dirichlet/shards skew the sources)
+            keys = self.data.groups if self.data.groups is not None else torch.zeros(len(keys), dtype=torch.long)
         return partition_indices(
             keys.numpy(),
             self.scenario.federation.clients,
