@@ -62,6 +62,14 @@ class AttackOutcome:
     reconstruction: torch.Tensor | None = field(default=None, repr=False)
     truth: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)  # the attack's labels (MI: target classes)
+    # Text attacks (the report shows recovered sentences beside the originals; decode with
+    # fedsim.text.tokenizer.decode(task.tokenizer, ids)): ``tokens`` the recovered sequences, int64 (K, T), -1 where
+    # unfilled, in the attack's order (metrics["order"][i] is the row matched to true sequence i, -1: none);
+    # ``truth_tokens`` the client's true token ids, int64 (B, T); ``token_set`` the recovered distinct ids (M,) of a
+    # bag-only attack. ``reconstruction`` and ``truth`` (images) stay None for text.
+    tokens: torch.Tensor | None = field(default=None, repr=False)
+    truth_tokens: torch.Tensor | None = field(default=None, repr=False)
+    token_set: torch.Tensor | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -289,13 +297,23 @@ def run_attacks(
             oracle, reasons, given, metrics = judge(score_reconstruction(rec, cap.truth), oracle_grants(spec.knowledge),
                                                     labels_given="labels" in view.side_info,
                                                     asked=view.examples_to_reconstruct)
+            text = task.is_text
             outcomes.append(AttackOutcome(
                 attack=spec.name, attack_index=index, round=cap.round, partition_id=cap.partition_id,
                 metrics=metrics, stats=dict(rec.stats), seconds=seconds, failed=rec.failed, oracle=oracle,
-                oracle_reasons=reasons, oracle_labels=given, reconstruction=rec.images, truth=cap.truth.inputs,
-                labels=rec.labels, staleness=cap.staleness, manipulated_by=_manipulator(scenario, index, cap),
+                oracle_reasons=reasons, oracle_labels=given, reconstruction=rec.images,
+                truth=None if text else cap.truth.inputs, labels=rec.labels, staleness=cap.staleness,
+                manipulated_by=_manipulator(scenario, index, cap), tokens=_ids(rec.tokens),
+                truth_tokens=_ids(cap.truth.inputs) if text else None, token_set=_ids(rec.token_set),
             ))
     return [_filed(scenario, o) for o in outcomes]
+
+
+def _ids(value: torch.Tensor | None) -> torch.Tensor | None:
+    """Token ids as a detached int64 CPU copy (None stays None; a malformed value is kept as the attack gave it)."""
+    if not isinstance(value, torch.Tensor) or value.is_floating_point():
+        return value
+    return value.detach().to("cpu", torch.int64).clone()
 
 
 def _manipulator(scenario: Scenario, index: int, captured: CapturedUpdate) -> tuple[int, str] | None:

@@ -27,6 +27,11 @@ Rules, so that numbers are never flattering by construction:
   ``label_acc`` is divided by the number of labels returned instead of the batch size;
 - a failed attack, or images of another shape than the truth, yield ``{"failed": reason, ...}``
   with no image metrics; this function never raises on attack output.
+
+Text (token ids, :mod:`fedsim.metrics.text`): when the truth is integer token ids (B, T) or the attack returned
+``tokens`` / ``token_set``, the text scorer applies the same rules (one-to-one matching on 1 - ROUGE-L, missing
+sequences as the empty blind guess, surplus as oracle selection paid for); labels (a text classifier's) are then
+scored under its matching.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from fedsim.metrics.image import mse_per_image, psnr_per_image, ssim_per_image, 
 from fedsim.metrics.labels import label_accuracy
 from fedsim.metrics.lpips import get_lpips
 from fedsim.metrics.matching import MatchCost, assign, cost_matrix, mse_matrix
+from fedsim.metrics.text import TEXT_METRIC_DIRECTIONS, score_text
 from fedsim.recovery import EXACT_PSNR_DB, FRAC_EXACT_KEY, NUM_EXACT_KEY
 from fedsim.threat import GroundTruth, Reconstruction
 
@@ -52,6 +58,7 @@ METRIC_DIRECTIONS: dict[str, str] = {
     "label_acc": "higher leaks more",
     "label_acc_matched": "higher leaks more",
     FRAC_EXACT_KEY: "higher leaks more",
+    **TEXT_METRIC_DIRECTIONS,  # rouge1/2/L, exact_seq_rate, token(_set)_precision/recall
 }
 """How to read each metric: which direction means the reconstruction reveals more of the data."""
 
@@ -145,6 +152,34 @@ def _shape_problem(images: Tensor, truth: Tensor) -> str | None:
     return None
 
 
+def is_text(rec: Reconstruction, truth: GroundTruth) -> bool:
+    """Whether to score as text: the truth is integer token ids (B, T), or the attack returned tokens."""
+    inputs = truth.inputs
+    ids = isinstance(inputs, Tensor) and inputs.ndim == 2 and not inputs.is_floating_point()
+    return ids or rec.tokens is not None or rec.token_set is not None
+
+
+def _score_text(rec: Reconstruction, truth: GroundTruth) -> Score:
+    """:func:`fedsim.metrics.text.score_text` of the reconstruction, plus a classifier's labels under its matching
+    (``label_acc`` and ``label_acc_matched``; a language model's labels are the tokens themselves: not scored)."""
+    b = int(truth.inputs.shape[0]) if truth.inputs.ndim else 0
+    if rec.failed:
+        return {"failed": str(rec.failed), "batch_size": b}
+    if rec.images is not None or (rec.tokens is None and rec.token_set is None and rec.labels is None):
+        why = "images" if rec.images is not None else "no tokens"
+        return {"failed": f"the attack returned {why}, and the client's data are token sequences", "batch_size": b}
+    out = score_text(rec.tokens, rec.token_set, truth.inputs) if rec.tokens is not None or \
+        rec.token_set is not None else {"batch_size": b}  # labels only: scored positionally below
+    labels = truth.labels
+    if "failed" not in out and rec.labels is not None and isinstance(labels, Tensor) and labels.ndim == 1:
+        order = np.asarray(out["order"]) if "order" in out else None
+        try:
+            out.update(_label_metrics(rec.labels, labels, order))
+        except ValueError as exc:
+            out["label_error"] = str(exc)
+    return out
+
+
 def score_reconstruction(
     rec: Reconstruction, truth: GroundTruth, lpips: bool = True, match: MatchCost = "mse"
 ) -> Score:
@@ -157,10 +192,13 @@ def score_reconstruction(
     ``matched_by`` and ``num_reconstructed``; with labels ``label_acc`` and ``label_acc_matched``
     (positional when there are no images). ``lpips_*`` only when LPIPS is available and wanted.
     ``match`` is the matching cost: "mse" (default, independent of LPIPS availability) or "lpips"
-    (breaching's choice; falls back to "mse" when unavailable).
+    (breaching's choice; falls back to "mse" when unavailable). Text (:func:`is_text`): the keys of
+    :func:`fedsim.metrics.text.score_text`, plus ``label_acc*`` for a classifier's labels.
     """
     if match not in ("mse", "lpips"):
         raise ValueError(f"unknown matching cost {match!r}; use 'mse' or 'lpips'")
+    if is_text(rec, truth):
+        return _score_text(rec, truth)
     true_images = to_unit_range(truth.inputs)
     out: Score = {"batch_size": int(true_images.shape[0])}
     if rec.failed:
