@@ -26,6 +26,9 @@ def check_task(scenario: Scenario) -> None:
 
     name = scenario.data.dataset
     facts = facts_of(name)
+    from fedsim.data.text_checks import check_text_data
+
+    check_text_data(scenario, facts)  # data.seq_len, by_source, class partitions of an LM, model.pretrain
     if facts.task == "regression":
         kind = scenario.data.partition.kind
         if kind != "iid":

@@ -1,8 +1,10 @@
-"""Split the training set among clients: iid, Dirichlet label skew, or pathological shards.
+"""Split the training set among clients: iid, Dirichlet label skew, pathological shards, or whole sources.
 
 Dirichlet and shards use flwr-datasets' partitioners (the reference implementations the FL
 literature compares against) on an in-memory ``datasets.Dataset`` holding only the labels, so they
-work offline. The same (labels, num_partitions, spec, seed) always gives the same partitions.
+work offline. ``by_source`` (text datasets: each client holds whole books) is fedsim's own, in numpy; its
+``labels`` argument is then the examples' source ids (``DatasetBundle.groups``), not their classes. The same
+(labels, num_partitions, spec, seed) always gives the same partitions.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ def partition_indices(
     """One sorted int64 array of train-set indices per client (``num_partitions`` of them).
 
     ``iid`` and ``dirichlet`` cover every index exactly once and give every client at least one
-    example. ``shards`` gives each client ``spec.shards_per_client`` classes (the first one assigned
-    round-robin, so every class is used when there are at least as many clients as classes); with
-    fewer clients than classes some classes are left out, as in flwr-datasets.
+    example. ``by_source`` (``labels`` = source ids) covers every index exactly once, each source whole on one
+    client, and refuses more clients than sources. ``shards`` gives each client ``spec.shards_per_client``
+    classes (the first one assigned round-robin, so every class is used when there are at least as many clients
+    as classes); with fewer clients than classes some classes are left out, as in flwr-datasets.
     """
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     y = y.astype(np.int64).ravel()
@@ -47,6 +50,8 @@ def partition_indices(
         parts = _dirichlet(y, num_partitions, spec.alpha, part_seed)
     elif spec.kind == "shards":
         parts = _shards(y, num_partitions, spec.shards_per_client, part_seed)
+    elif spec.kind == "by_source":
+        parts = _by_source(y, num_partitions, part_seed)
     else:  # pragma: no cover - PartitionSpec.kind is a Literal
         raise ScenarioError("data.partition.kind", f"unknown partition kind {spec.kind!r}")
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
@@ -62,6 +67,21 @@ def _iid(n: int, k: int, seed: int) -> list[np.ndarray]:
     """
     perm = np.random.default_rng(seed).permutation(n)
     return np.array_split(perm, k)
+
+
+def _by_source(sources: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Whole sources per client: the distinct source ids in a seeded random order, dealt round-robin (client
+    ``i`` gets the sources at positions i, i + k, i + 2k, ...), so client sizes follow the sources' sizes.
+
+    Raises ScenarioError at ``federation.clients`` when there are more clients than sources.
+    """
+    distinct = np.unique(sources)
+    if k > len(distinct):
+        raise ScenarioError("federation.clients", f"{k} clients but the training set has only {len(distinct)} "
+                            "sources to deal out whole (data.partition.kind: by_source): use at most "
+                            f"{len(distinct)} clients or kind: iid")
+    order = np.random.default_rng(seed).permutation(distinct)
+    return [np.flatnonzero(np.isin(sources, order[i::k])) for i in range(k)]
 
 
 def _label_dataset(y: np.ndarray) -> Any:

@@ -200,7 +200,7 @@ def public_sequences(spec: DataSpec, seq_len: int) -> torch.Tensor:
     """
     part = PUBLIC_PARTS.get(spec.dataset)
     if part is None:
-        raise ScenarioError("model.pretrain", _no_public(spec.dataset))
+        raise ScenarioError("model.pretrain", no_public_part(spec.dataset))
     x = part(spec, seq_len)
     if len(x) == 0:
         raise ScenarioError("data.seq_len", f"no public {spec.dataset!r} sequence has {seq_len} tokens")
@@ -212,11 +212,12 @@ def public_examples(spec: DataSpec, seq_len: int) -> Examples:
     :func:`fedsim.data.sources.client_examples` via :func:`fedsim.data.sources.overlap`)."""
     part = PUBLIC_EXAMPLES.get(spec.dataset)
     if part is None:
-        raise ScenarioError("model.pretrain", _no_public(spec.dataset))
+        raise ScenarioError("model.pretrain", no_public_part(spec.dataset))
     return part(spec, seq_len)
 
 
-def _no_public(dataset: str) -> str:
+def no_public_part(dataset: str) -> str:
+    """The one-line reason why ``dataset`` cannot be pretrained on (no public part)."""
     return (f"dataset {dataset!r} has no public part to pretrain on (datasets with one: "
             f"{', '.join(sorted(PUBLIC_PARTS))}); remove model.pretrain or change data.dataset")
 
