@@ -78,6 +78,11 @@ class Defense:
     #: The defense gives sample-level DP inside the clients and takes ``audit:`` example canaries
     #: (:mod:`fedsim.audit.canaries`): dp_sgd, dp_sat, dp_sam, diff2.
     audits_examples: ClassVar[bool] = False
+    #: Input kinds (``fedsim.data.catalog.InputKind``) this defense can run on: all by default; validation refuses
+    #: it at ``defenses[i]`` on a dataset of another kind, giving :attr:`inputs_reason` (e.g. Soteria's scores are
+    #: derivatives with respect to a continuous input, which token ids are not).
+    inputs: ClassVar[tuple[str, ...]] = ("image", "tabular", "tokens")
+    inputs_reason: ClassVar[str] = ""
 
     def __init__(self, params: DefenseParams, name: str, scenario: Scenario | None = None) -> None:
         self.params = params

@@ -124,6 +124,9 @@ class Soteria(Defense):
     Params = SoteriaParams
     stage = 50  # it perturbs what is sent, like the other update perturbations
     summary = "prunes the classifier-gradient columns of the fc-input features most revealing of x"
+    inputs = ("image", "tabular")
+    inputs_reason = ("its feature scores are derivatives of the representation with respect to the input, and "
+                     "token ids have none")
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: DefenseSpec) -> None:

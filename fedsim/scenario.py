@@ -318,6 +318,7 @@ def resolve_plugins(scenario: Scenario) -> None:
     from fedsim.data import DATASETS
     from fedsim.models import MODELS
     from fedsim.plugins import attack_registry, defense_registry
+    from fedsim.task_checks import check_input_kind
 
     if scenario.data.dataset not in DATASETS:
         known = ", ".join(DATASETS)
@@ -344,6 +345,7 @@ def resolve_plugins(scenario: Scenario) -> None:
                 raise ScenarioError(f"{group}[{i}].budget.iterations",
                                     f"{spec.budget.iterations}: {spec.name} optimizes, so it needs at least "
                                     f"{least} (0 iterations could only end in a failed outcome)")
+            check_input_kind(scenario, group, i, plugin)  # "cannot work on this kind of data" comes first
             check = getattr(plugin, "check_scenario", None)
             if check is not None:
                 try:

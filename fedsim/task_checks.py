@@ -9,12 +9,21 @@ task fedsim refuses, with the YAML field path:
   with PSNR/SSIM/LPIPS and label accuracy), the model-inversion attacks synthesize a class's images; none
   of them has a regression form in fedsim.
 
-On tabular inputs of any task, ``federation.local.augmentation`` other than ``none`` is refused (it flips and
-crops images), and a model that cannot take a feature vector (the image models ``convnet``,
-``lenet``, ``resnet*``, ``vit``) is refused at ``model.name``; ``fc10`` and ``mlp`` take both.
+On tabular inputs of any task, a model that cannot take a feature vector (the image models ``convnet``,
+``lenet``, ``resnet*``, ``vit``) is refused at ``model.name``; ``fc10`` and ``mlp`` take both. On any input that
+is not an image (feature vectors, token sequences), ``federation.local.augmentation`` other than ``none`` is
+refused (it flips and crops images). On token sequences, staleness's ``gi_conversion`` (gradient inversion into
+images) is refused, and on a language-modeling task (labels = next tokens, no classes) ``slow_class`` and
+``evaluation.class_accuracy`` are.
+
+Every plug-in declares the input kinds it works on (``Attack.inputs``: images by default, ``("tokens",)`` for
+the text attacks; ``Defense.inputs``: all kinds by default, Soteria not tokens): :func:`check_input_kind` refuses
+one at ``attacks[i]`` / ``defenses[i]`` when the dataset's kind (:func:`fedsim.data.facts_of`) is not among them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fedsim.errors import ScenarioError
 from fedsim.scenario import Scenario
@@ -39,12 +48,65 @@ def check_task(scenario: Scenario) -> None:
             raise ScenarioError("attacks[0]", f"{attack} reconstructs images and class labels, but {name!r} is a "
                                               "regression task on feature vectors: fedsim has no attack on "
                                               "regression tasks (remove attacks)")
+    augmentation = scenario.federation.local.augmentation
+    if facts.inputs != "image" and augmentation != "none":
+        raise ScenarioError("federation.local.augmentation", f"{augmentation} flips and crops images, but "
+                            f"{name!r} holds {_HOLDS[facts.inputs]} (use augmentation: none)")
     if facts.inputs == "tabular":
-        augmentation = scenario.federation.local.augmentation
-        if augmentation != "none":
-            raise ScenarioError("federation.local.augmentation", f"{augmentation} flips and crops images, but "
-                                f"{name!r} holds feature vectors (use augmentation: none)")
         _check_vector_model(scenario, facts.features)
+    if facts.inputs == "tokens":
+        _check_text(scenario, facts.task)
+
+
+def _check_text(scenario: Scenario, task: str) -> None:
+    """What a token dataset rules out (module doc): gradient inversion into images, and classes of an LM task."""
+    name = scenario.data.dataset
+    stale = scenario.federation.staleness
+    if stale is not None and stale.aggregation == "gi_conversion":
+        raise ScenarioError("federation.staleness.aggregation", f"gi_conversion turns stale updates into images by "
+                            f"gradient inversion, but {name!r} holds token sequences (use direct, downweight or "
+                            "dc_asgd)")
+    if task != "language_modeling":
+        return
+    no_classes = f"{name!r} is a language-modeling task: its labels are the next tokens, not classes"
+    if stale is not None and stale.slow_class is not None:
+        raise ScenarioError("federation.staleness.slow_class", f"{no_classes} (name the slow clients with "
+                                                               "slow_clients)")
+    if scenario.evaluation.class_accuracy:
+        raise ScenarioError("evaluation.class_accuracy", f"{no_classes} (remove class_accuracy)")
+
+
+#: What a dataset of each input kind holds, and what a plug-in of that kind works on, in words.
+_HOLDS = {"image": "images", "tabular": "feature vectors", "tokens": "token sequences"}
+
+
+def check_input_kind(scenario: Scenario, group: str, index: int, plugin: Any) -> None:
+    """Refuse ``plugin`` (the class of ``scenario.<group>[index]``, group ``attacks`` or ``defenses``) when the
+    dataset's input kind is not among its declared ``inputs`` (module doc): one line at ``<group>[index]`` that
+    names what it works on, what the dataset holds, and the registered plug-ins that work on that kind."""
+    from fedsim.data import facts_of
+    from fedsim.plugins import attack_registry, defense_registry
+
+    name = scenario.data.dataset
+    kind = facts_of(name).inputs
+    accepted = tuple(getattr(plugin, "inputs", ()))
+    if kind in accepted:
+        return
+    spec = getattr(scenario, group)[index]
+    registry = attack_registry() if group == "attacks" else defense_registry()
+    others = sorted(n for n in registry if kind in getattr(registry.get(n), "inputs", ()))
+    works = " and ".join(_HOLDS.get(k, k) for k in accepted) or "no input kind"
+    verb = "reconstructs" if group == "attacks" else "works on"
+    why = getattr(plugin, "inputs_reason", "")
+    holds = _HOLDS.get(kind, kind) + (" of a regression task" if facts_of(name).task == "regression" else "")
+    if group == "defenses":
+        alternatives = "remove it"
+    elif others:
+        alternatives = f"{'text' if kind == 'tokens' else _HOLDS.get(kind, kind)} attacks: {', '.join(others)}"
+    else:
+        alternatives = f"no attack in fedsim reconstructs {_HOLDS.get(kind, kind)}: remove it"
+    raise ScenarioError(f"{group}[{index}]", f"{spec.name} {verb} {works}{f' ({why})' if why else ''}, but {name!r} "
+                                             f"holds {holds} ({alternatives})")
 
 
 def _check_vector_model(scenario: Scenario, features: int | None) -> None:
