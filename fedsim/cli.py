@@ -227,12 +227,17 @@ def _threat_model_table() -> Table:
 
 
 def _dataset_summary(name: str) -> str:
-    """'image classification', 'tabular regression (8 features)', plus the zeroth-order tasks that use it."""
+    """'image classification', 'tabular regression (8 features)', 'text language_modeling (token ids, ...)', plus
+    the zeroth-order tasks that use it."""
     from fedsim.data import facts_of
     from fedsim.zo.tasks import adversarial, metric
 
     facts = facts_of(name)
     text = f"{facts.inputs} {facts.task}" + (f" ({facts.features} features)" if facts.features else "")
+    if facts.inputs == "tokens":
+        from fedsim.data.text import describe_text_dataset
+
+        text = describe_text_dataset(name)
     zo = [t for t, mod in (("metric", metric), ("adversarial", adversarial)) if name in mod.DATASETS_OK]
     return text + (f"; zeroth-order task {' / '.join(zo)}" if zo else "")
 

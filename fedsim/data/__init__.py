@@ -14,7 +14,7 @@ loading it.
 
 from __future__ import annotations
 
-from fedsim.data import bundled, imagefolder, tabular, text, torchvision_sets  # noqa: F401  (register the loaders)
+from fedsim.data import bundled, imagefolder, tabular, text, torchvision_sets, wikitext  # noqa: F401  (registers)
 from fedsim.data.bundle import TASK_KINDS, DatasetBundle, TaskKind
 from fedsim.data.catalog import DATASETS, DatasetFacts, DatasetLoader, facts_of
 from fedsim.data.partition import partition_indices

@@ -222,6 +222,22 @@ def no_public_part(dataset: str) -> str:
             f"{', '.join(sorted(PUBLIC_PARTS))}); remove model.pretrain or change data.dataset")
 
 
+TOKENIZER_OF: dict[str, str] = {"kjv": TOKENIZER, "kjv-genre": TOKENIZER}  # each text dataset's tokenizer
+PARTS: dict[str, str] = {  # how each text dataset's examples are made, for `fedsim list`
+    "kjv": "New Testament verses, 27 books",
+    "kjv-genre": f"New Testament verses, {len(GENRES)} genres, 27 books",
+}
+
+
+def describe_text_dataset(name: str) -> str:
+    """One line for ``fedsim list``: task, token ids of length T (default), vocabulary, what the examples are."""
+    facts = facts_of(name)
+    tokenizer = TOKENIZER_OF.get(name, TOKENIZER)
+    public = "; public part for model.pretrain" if has_public_part(name) else ""
+    return (f"text {facts.task} (token ids, data.seq_len {facts.seq_len} by default, vocab {vocab_size(tokenizer)} "
+            f"of {tokenizer}; {PARTS.get(name, 'downloaded')}{public})")
+
+
 @dataclass(frozen=True)
 class VerseSource:
     """:class:`~fedsim.data.sources.Source` of the KJV datasets: train/test position p is a verse position."""
