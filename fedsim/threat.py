@@ -140,10 +140,12 @@ class ClientUpdate:
         """How many examples an attack reconstructs from this view: as many as the labels the threat
         model granted (``knowledge.labels: known`` reveals the batch anyway), else the declared
         ``num_examples``. Under DP-SGD with Poisson sampling that is the client's EXPECTED count
-        (``defenses.dp_sgd``; fedsgd: the batch size), not the realised batch, which stays private."""
+        (``defenses.dp_sgd``; fedsgd: the batch size), not the realised batch, which stays private.
+        Labels of one row per example (a language model's (B, T) token targets) count their rows."""
         labels = self.side_info.get("labels")
         if labels is not None:
-            return int(torch.as_tensor(labels).numel())
+            labels = torch.as_tensor(labels)
+            return int(labels.shape[0]) if labels.dim() >= 2 else int(labels.numel())
         return int(self.num_examples)
 
 
