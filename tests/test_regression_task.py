@@ -280,6 +280,7 @@ def test_an_attack_without_the_refusal_only_fails(monkeypatch) -> None:
     import fedsim.task_checks
 
     monkeypatch.setattr(fedsim.task_checks, "check_task", lambda scenario: None)
+    monkeypatch.setattr(fedsim.task_checks, "check_input_kind", lambda *args: None)  # Attack.inputs: images
     raw = reg(**{"federation.rounds": 1, "federation.local.batch_size": 4,
                  "attacks": [{"name": "inverting_gradients", "budget": {"iterations": 2}}]})
     result = run_scenario(parse_scenario(raw), write=False)
