@@ -87,13 +87,19 @@ def run_scenario(
                                                           outcome.final_state, outcome.history, privacy)
     if audit and audit_baseline is not None:
         audit = with_baseline(audit, audit_baseline)
+    pretrained = {}
+    if scenario.model.pretrain is not None:  # text: the run started from a publicly pretrained model
+        from fedsim.text.pretrain import pretrain_record
+
+        pretrained = pretrain_record(scenario, setup.build_model())
     written = None
     if write:
         clients = {str(r): {str(p): m for p, m in per.items()} for r, per in outcome.capture.client_metrics.items()}
         written = write_run_dir(target, scenario, outcome.history, outcomes, timing,
                                 extra={"client_failures": failures, **({"client_metrics": clients} if clients else {}),
                                        **({"privacy": privacy} if privacy else {}),
-                                       **({"audit": audit} if audit else {})},
+                                       **({"audit": audit} if audit else {}),
+                                       **({"pretrain": pretrained} if pretrained else {})},
                                 overwrite=overwrite)
     return RunResult(written, outcome.history, outcomes, timing, outcome.capture.client_metrics, failures,
                      privacy=privacy, audit=audit)
