@@ -77,7 +77,9 @@ def run(
 
         def on_round(rnd: int, row: dict[str, float]) -> None:
             acc, loss, obj = row.get("test_accuracy"), row.get("test_loss"), row.get("zo_objective")
-            text = f"round {rnd}/{spec.federation.rounds}" + (f"  acc {acc:.3f}" if acc is not None else
+            ppl = row.get("test_perplexity")
+            text = f"round {rnd}/{spec.federation.rounds}" + (f"  ppl {ppl:.4g}" if ppl is not None else
+                                                             f"  acc {acc:.3f}" if acc is not None else
                                                              f"  loss {loss:.4g}" if loss is not None else
                                                              f"  objective {obj:.4g}" if obj is not None else "")
             progress.update(rounds, completed=rnd, description=text)
@@ -98,8 +100,12 @@ def _print_result(result) -> None:  # noqa: ANN001
     out = typer.echo
     evaluated = [h for h in result.history if "test_accuracy" in h]
     losses = [h for h in result.history if "test_loss" in h]  # a regression: test loss (MSE), no accuracy
+    perplexity = [h for h in result.history if "test_perplexity" in h]  # language modeling
+    if perplexity:
+        out(f"test perplexity: {perplexity[0]['test_perplexity']:.4g} -> {perplexity[-1]['test_perplexity']:.4g}")
     if evaluated:
-        out(f"test accuracy: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
+        what = "next-token accuracy" if perplexity else "test accuracy"
+        out(f"{what}: {evaluated[0]['test_accuracy']:.3f} -> {evaluated[-1]['test_accuracy']:.3f}")
     elif losses:
         out(f"test loss: {losses[0]['test_loss']:.4g} -> {losses[-1]['test_loss']:.4g}")
     objective = [h for h in result.history if "zo_objective" in h]  # zeroth_order: the global F, by the evaluator

@@ -82,3 +82,20 @@ def test_language_model_partitions_cover_each_sequence_once() -> None:
            "federation": {"clients": 3, "rounds": 1}}
     parts = setup_for(parse_scenario(raw)).partitions
     assert sorted(int(i) for p in parts for i in p) == list(range(N))
+
+
+def test_language_model_runs_report_perplexity(tmp_path) -> None:  # noqa: ANN001
+    """metrics.json, summary.md and the CLI's numbers: test perplexity = exp(test loss) beside next-token accuracy."""
+    import json
+    import math
+
+    raw = {"name": "text-lm", "seed": 0, "data": {"dataset": NAME}, "model": {"name": "gpt", "width": 32, "depth": 1},
+           "federation": {"clients": 2, "rounds": 1, "local": {"batch_size": 8}}, "backend": {"kind": "inprocess"}}
+    run_scenario(parse_scenario(raw), tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())["utility"]
+    evaluated = [r for r in rows if "test_loss" in r]
+    assert evaluated and all(math.isclose(r["test_perplexity"], math.exp(r["test_loss"]), rel_tol=1e-9)
+                             for r in evaluated)
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in evaluated)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert f"{evaluated[-1]['test_perplexity']:.4g}" in summary and "next-token accuracy" in summary

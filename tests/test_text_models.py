@@ -156,3 +156,19 @@ def test_ghost_clipping_gives_the_sum_of_clipped_per_example_gradients(name: str
             assert torch.allclose(p.grad, want[n], atol=1e-5, rtol=1e-4), n
     finally:
         hooks.cleanup()
+
+
+def test_evaluate_gives_the_mean_next_token_loss_and_accuracy() -> None:
+    """fedsim.training.evaluate on a language model: mean next-token CE (nats) and top-1 next-token accuracy over
+    all B*(T-1) predictions, against a hand computation."""
+    from fedsim.training import evaluate
+
+    x, _ = _batch("gpt")
+    model = _model("gpt").eval()
+    with torch.no_grad():
+        logits = model(x)[:, :-1]
+    nll = -torch.log_softmax(logits, -1).gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
+    acc = (logits.argmax(-1) == x[:, 1:]).float().mean()
+    loss, accuracy = evaluate(model, x, x, mean=(), std=(), batch_size=2, device="cpu", task="language_modeling")
+    assert math.isclose(loss, float(nll.mean()), rel_tol=1e-5)
+    assert math.isclose(accuracy, float(acc), rel_tol=1e-6)

@@ -136,6 +136,8 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
     losses = [h for h in history if isinstance(h.get("test_loss"), int | float)]
     if losses:  # a regression task's utility (no accuracy); absent keys: not measured
         summary["test_loss"] = float(losses[-1]["test_loss"])
+        if isinstance(losses[-1].get("test_perplexity"), int | float):  # language modeling
+            summary["test_perplexity"] = float(losses[-1]["test_perplexity"])
     if isinstance(timing.get("federation_s"), int | float):
         summary["federation_s"] = float(timing["federation_s"])  # training wall time, without the attacks
     summary.update(epsilon_fields(run_privacy(stored, history, clients)))

@@ -134,6 +134,8 @@ def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) 
     losses = [h for h in metrics.get("utility") or [] if isinstance(h.get("test_loss"), int | float)]
     if losses:  # a regression task's utility (no accuracy), as fedsim.bench.store.summarize_run records it
         summary["test_loss"] = float(losses[-1]["test_loss"])
+        if isinstance(losses[-1].get("test_perplexity"), int | float):  # language modeling
+            summary["test_perplexity"] = float(losses[-1]["test_perplexity"])
     summary.update(epsilon_summary(metrics))
     summary["rounds"] = max((int(h.get("round", 0)) for h in metrics.get("utility") or []), default=0)
     return summary

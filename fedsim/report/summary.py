@@ -59,7 +59,14 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     ]
     evaluated = [h for h in history if "test_accuracy" in h]
     losses = [h for h in history if "test_loss" in h]  # a regression task has a test loss (MSE) and no accuracy
-    if evaluated:
+    perplexity = [h for h in history if "test_perplexity" in h]  # language modeling: the headline utility
+    if perplexity:
+        first, last = perplexity[0], perplexity[-1]
+        lines.append(f"Test perplexity {first['test_perplexity']:.4g} (round {first['round']:.0f}) -> "
+                     f"{last['test_perplexity']:.4g} (round {last['round']:.0f}); test loss {last['test_loss']:.4g} "
+                     f"nats per token, next-token accuracy {first.get('test_accuracy', 0):.3f} -> "
+                     f"{last.get('test_accuracy', 0):.3f}.")
+    elif evaluated:
         first, last = evaluated[0], evaluated[-1]
         lines.append(f"Test accuracy {first['test_accuracy']:.3f} (round {first['round']:.0f}) -> "
                      f"{last['test_accuracy']:.3f} (round {last['round']:.0f}).")

@@ -38,6 +38,7 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("knn_distance", "kNN dist.", -1),
     ("test_accuracy", "test acc.", 0),
     ("test_loss", "test loss", 0),  # the utility of a regression task (no accuracy)
+    ("test_perplexity", "test ppl.", 0),  # language modeling: exp of the mean next-token cross-entropy
     ("epsilon", "\u03b5", 0),
     ("epsilon_vs_server", "\u03b5 vs server", 0),  # fedsim.privacy.summary.epsilon_vs_server (central DP: inf)
     ("epsilon_median", "\u03b5 median", 0),

@@ -7,6 +7,7 @@ written into a plain :class:`FederationOutcome` the caller passed in.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,7 +142,9 @@ class RoundRows:
                         batch_size=scenario.evaluation.batch_size, device=setup.device, task=data.task)[1]
             row["test_loss"] = loss  # cross-entropy, or a regression's mean squared error
             if acc is not None:  # a regression has no accuracy: the row has no test_accuracy key at all
-                row["test_accuracy"] = acc
+                row["test_accuracy"] = acc  # language modeling: next-token top-1 accuracy
+            if data.task == "language_modeling":  # exp of the mean next-token cross-entropy (nats)
+                row["test_perplexity"] = math.exp(min(loss, 700.0))
         for defense in setup.defenses:
             row.update(defense.server_round_metrics(server_round))
         outcome.history.append(row)
