@@ -211,6 +211,8 @@ class Diff2(Defense):
         mixes the examples, dropout draws randomness): probed on a copy with two zero examples."""
         import copy
 
+        from fedsim.models.base import zero_inputs
+
         probe = copy.deepcopy(model).train()
         params = {k: v.detach() for k, v in probe.named_parameters()}
         buffers = {k: v.detach() for k, v in probe.named_buffers()}
@@ -220,7 +222,7 @@ class Diff2(Defense):
 
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.func.vmap(torch.func.grad(out_sum), in_dims=(None, 0))(params, torch.zeros((2, *input_shape)))
+                torch.func.vmap(torch.func.grad(out_sum), in_dims=(None, 0))(params, zero_inputs(probe, input_shape))
         except (RuntimeError, ValueError, NotImplementedError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             changers = [f"defenses[{i}] ({d.name})" for i, d in enumerate(self.scenario.defenses if self.scenario

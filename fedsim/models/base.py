@@ -72,3 +72,11 @@ def flat_size(name: str, features: nn.Module, input_shape: InputShape) -> int:
     if out.numel() == 0:
         raise ScenarioError("model.name", f"{name} maps a {tuple(input_shape)} input to an empty feature map")
     return out[0].numel()
+
+
+def zero_inputs(model: nn.Module, input_shape: InputShape, n: int = 2) -> torch.Tensor:
+    """``n`` zero examples of what ``model`` trains on, for validation probes: int64 token ids (n, T) for a text
+    model (a ``vocab_size`` attribute; a float (n, T) would be read as a relaxed (n, T, V) input and fail), float32
+    pixels (n, C, H, W) or features (n, d) otherwise."""
+    dtype = torch.long if getattr(model, "vocab_size", 0) else torch.float32
+    return torch.zeros((n, *input_shape), dtype=dtype)
