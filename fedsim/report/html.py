@@ -38,6 +38,7 @@ from fedsim.report.rounds import bench_rounds_plot
 from fedsim.report.sections import HOW_TO_READ, bench_header, leaderboard_section, run_header
 from fedsim.report.stale_gi import stale_gi_section
 from fedsim.report.tables import LeaderRow, leaderboard, write_leaderboard_csv
+from fedsim.report.text import TEXT_FILE, load_text, text_section
 
 GALLERY_COLUMNS = 10
 RUN_GALLERIES = 12  # outcomes shown for a single run (all of them are in reconstructions.npz)
@@ -214,6 +215,7 @@ def _default_sections(source: Source, header: str, partial: Path, assets: Path) 
     rows = leaderboard(source.cells)
     write_leaderboard_csv(rows, partial / "leaderboard.csv")
     participation = participation_section(load_metrics(source.path)) if source.kind == "run" else ""
+    text = load_text(source.path / TEXT_FILE) if source.kind == "run" else None  # a text run: sentences, no images
     if source.kind == "run":  # a server that inverted stale updates: accuracy beside cost and leakage
         participation += stale_gi_section(load_metrics(source.path).get("utility") or [])
         metrics = load_metrics(source.path)  # a malicious server's rounds, and the clients' checks that flagged them
@@ -223,7 +225,8 @@ def _default_sections(source: Source, header: str, partial: Path, assets: Path) 
     return [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
             _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
             realistic_section(source, partial),
-            _rounds_section(source, rows, partial), _galleries_section(source, rows, partial)]
+            _rounds_section(source, rows, partial),
+            text_section(text) if text is not None else _galleries_section(source, rows, partial)]
 
 
 def render_report(source_dir: Path, out_html: Path | None = None, *, name: str | None = None) -> Path:

@@ -27,10 +27,13 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
                      failures: Sequence[dict[str, Any]] | None = None,
                      privacy: dict[str, Any] | None = None,
                      client_metrics: Mapping[Any, Any] | None = None,
-                     audit: Mapping[str, Any] | None = None) -> str:
+                     audit: Mapping[str, Any] | None = None,
+                     text: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The run's summary.md; ``failures``: the federation's failed clients ({round, client, reason});
     ``client_metrics``: metrics.json's (round -> client -> metrics), for the client-side checks' flags;
-    ``audit``: metrics.json's one-run audit block (:mod:`fedsim.report.audit`), shown after the privacy section."""
+    ``audit``: metrics.json's one-run audit block (:mod:`fedsim.report.audit`), shown after the privacy section;
+    ``text``: a text run's outcome records (:func:`fedsim.report.text.text_records`), shown as the leakage section
+    (recovered sentences beside the originals, ROUGE, token precision/recall) instead of the image table."""
     if scenario.zeroth_order is not None:  # a black-box task: no data, model or NN attacks (fedsim.zo.summary)
         from fedsim.zo.summary import zo_summary_markdown
         return zo_summary_markdown(scenario, history, timing, failures)
@@ -92,6 +95,10 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     lines += privacy_markdown(privacy)  # each epsilon from Opacus and from dp_accounting (RDP, PLD)
     lines += audit_markdown(audit, images.get("audit"))  # "Is epsilon real?": accountant vs empirical epsilon
     lines += ["## Leakage", ""]
+    if text is not None:  # a text run: sentences and text metrics, no PSNR (fedsim.report.text)
+        from fedsim.report.text import text_markdown
+
+        return "\n".join(lines + text_markdown(list(text))) + "\n"
     inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]
     outcomes = [o for o in outcomes if o not in inversions]
     if inversions:

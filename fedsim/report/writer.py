@@ -26,6 +26,7 @@ from fedsim.report.html import render_report
 from fedsim.report.leakage import leakage_curve, leakage_plot
 from fedsim.report.page import esc, page
 from fedsim.report.summary import summary_markdown
+from fedsim.report.text import TEXT_FILE, save_text, text_records
 from fedsim.scenario import Scenario
 from fedsim.threat_models import threat_model_record
 
@@ -62,6 +63,9 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
     curve = leakage_curve(outcomes)
     if leakage_plot(curve, history, partial / "leakage_rounds.png"):
         images["leakage_rounds"] = "leakage_rounds.png"
+    text = _text_records(scenario, outcomes)  # a text run: sentences beside the originals (fedsim.report.text)
+    if text is not None:
+        save_text(text, partial / TEXT_FILE)
     metrics = {
         "scenario": scenario.name,
         "seed": scenario.seed,
@@ -79,7 +83,7 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         images["audit"] = AUDIT_FIGURE
     summary = summary_markdown(scenario, history, outcomes, timing, images, (extra or {}).get("client_failures"),
                                privacy=(extra or {}).get("privacy"), client_metrics=(extra or {}).get("client_metrics"),
-                               audit=(extra or {}).get("audit"))
+                               audit=(extra or {}).get("audit"), text=text)
     (partial / "summary.md").write_text(summary, encoding="utf-8")
     try:  # the same HTML report `fedsim report` writes; a drawing bug must not lose a finished run
         render_report(partial, name=out_dir.name)
@@ -101,6 +105,19 @@ def write_run_dir(out_dir: Path, scenario: Scenario, history: Sequence[dict[str,
         raise ReportError(f"{failed}; the run finished and its results are in {out_dir} (metrics.json, summary.md); "
                           f"`fedsim report {out_dir}` draws the report again")
     return out_dir
+
+
+def _text_records(scenario: Scenario, outcomes: Sequence[Any]) -> list[dict[str, Any]] | None:
+    """The text outcomes' records (:func:`fedsim.report.text.text_records`) of a run on a token dataset, decoded with
+    its tokenizer; None for any other run. The sentences are kept only with ``output.save_images``."""
+    from fedsim.data import facts_of
+
+    if facts_of(scenario.data.dataset).inputs != "tokens":
+        return None
+    from fedsim.simulation.setup import setup_for
+
+    tokenizer = setup_for(scenario).data.tokenizer if outcomes else ""
+    return text_records(outcomes, tokenizer, sentences=scenario.output.save_images)
 
 
 REPORT_ERROR_LINE = "**Error: "  # how summary.md's report-failure line starts (cleared by a later redraw)
