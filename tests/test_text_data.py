@@ -276,3 +276,13 @@ def test_wikitext_saved_folder_is_chunked_per_article(tmp_path: Path) -> None:
         ids = tok.encode("".join(lines)).ids
         want = torch.tensor([ids[i:i + 4] for i in range(0, len(ids) - 3, 4)])
         assert torch.equal(b.train_x[b.groups == g], want)
+
+
+def test_list_describes_text_datasets() -> None:
+    from fedsim.cli import _dataset_summary
+
+    for name in ("kjv", "kjv-genre", "wikitext-2"):
+        line = _dataset_summary(name)
+        assert "token ids" in line and "seq_len 16" in line and "vocab 2048" in line, line
+    assert "public part" in _dataset_summary("kjv") and "public part" not in _dataset_summary("wikitext-2")
+    assert "5 genres" in _dataset_summary("kjv-genre") and "classification" in _dataset_summary("kjv-genre")
