@@ -286,3 +286,20 @@ def test_list_describes_text_datasets() -> None:
         assert "token ids" in line and "seq_len 16" in line and "vocab 2048" in line, line
     assert "public part" in _dataset_summary("kjv") and "public part" not in _dataset_summary("wikitext-2")
     assert "5 genres" in _dataset_summary("kjv-genre") and "classification" in _dataset_summary("kjv-genre")
+
+
+def test_build_script_reproduces_the_shipped_assets(tmp_path: Path) -> None:
+    """Parsing a `bible -l100000` dump and training the tokenizer on its Old Testament give the shipped bytes."""
+    from fedsim.data import build_text_assets as build
+
+    dump, book, chapter = [], "", 0
+    for b, c, v, t in ROWS:  # the dump's layout: "Book N" headers, then "  V text" lines
+        if (b, c) != (book, chapter):
+            dump += ["", f"{b} {c}", ""]
+            book, chapter = b, c
+        dump.append(f"  {v} {t}")
+    build.build(tmp_path, "\n".join(dump) + "\n")
+    for name in ("kjv.tsv.gz", "kjv-bpe-2048.json", "ATTRIBUTION.md"):
+        assert (tmp_path / name).read_bytes() == (ASSETS / name).read_bytes(), name
+    with pytest.raises(SystemExit, match="31101"):  # a verse missing is refused
+        build.parse_dump("\n".join(dump[:-1]) + "\n")
