@@ -20,6 +20,7 @@ from rich.table import Table
 from fedsim.audit.cli import audit
 from fedsim.bench.cli import bench
 from fedsim.errors import FedsimError
+from fedsim.metrics.text import text_line
 from fedsim.priors.cli import prior_app
 from fedsim.recovery import EXACT_LABEL, exact_count
 from fedsim.report.cli import report
@@ -135,6 +136,8 @@ def _print_result(result) -> None:  # noqa: ANN001
             m = o.metrics
             out(f"{o.attack} round {o.round} released model: MI accuracy {m['mi_accuracy']:.2f}, kNN distance "
                 f"{m.get('knn_distance') or float('nan'):.2f}  ({o.seconds:.1f} s)")
+        elif "token_set_recall" in o.metrics:  # text (fedsim.metrics.text): ROUGE on token ids, or a bag's P/R
+            out(f"{tag}: {text_line(o.metrics)}  ({o.seconds:.1f} s)")
         else:
             m = o.metrics
             acc = m.get("label_acc")  # absent when the attack returns no labels (imprint, trap weights): say nothing

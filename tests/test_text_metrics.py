@@ -188,3 +188,13 @@ def test_directions_and_trivial_attackers() -> None:
     guess = [6, 3, 5, 4]
     expected = sum(ngram_f(guess, t, 1) for t in truth.tolist()) / 2
     assert out["bag_baseline_rouge1_mean"] == pytest.approx(expected)
+
+
+def test_console_line_names_text_metrics_not_psnr() -> None:
+    """fedsim run printed 'PSNR nan dB, SSIM nan' for text outcomes; fedsim.cli now prints this line."""
+    from fedsim.metrics.text import text_line
+
+    truth = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    line = text_line(score_text(truth[:1], None, truth))
+    assert line.startswith("ROUGE-1/2/L 0.50/0.50/0.50") and "exact 1/2" in line and "PSNR" not in line
+    assert text_line(score_text(None, torch.tensor([1, 2]), truth)) == "bag P/R 1.00/0.25"

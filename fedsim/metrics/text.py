@@ -251,3 +251,16 @@ def score_text(tokens: Tensor | None, token_set: Tensor | None, truth: Tensor) -
     except Exception as exc:  # noqa: BLE001 - scoring must not take the run down with it
         return {"failed": f"scoring error: {type(exc).__name__}: {exc}", "batch_size": b}
     return out
+
+
+def text_line(metrics: Score) -> str:
+    """One line of a text outcome's metrics for the console: ROUGE-1/2/L and exact sequences (with the bag
+    baseline's ROUGE-L beside them) when sequences came back, the token set's precision/recall otherwise."""
+    bag = f"bag P/R {metrics.get('token_set_precision', 0.0):.2f}/{metrics.get('token_set_recall', 0.0):.2f}"
+    if "rougeL_mean" not in metrics:
+        return bag
+    oracle = " of the selected" if metrics.get("oracle_selection") else ""
+    return (f"ROUGE-1/2/L {metrics['rouge1_mean']:.2f}/{metrics['rouge2_mean']:.2f}/{metrics['rougeL_mean']:.2f} "
+            f"(bag baseline ROUGE-L {metrics.get('bag_baseline_rougeL_mean', float('nan')):.2f}), "
+            f"exact {metrics.get('num_exact_seq', 0)}/{metrics.get('batch_size', 0)}{oracle}, "
+            f"token recall {metrics.get('token_recall', 0.0):.2f}, {bag}")
