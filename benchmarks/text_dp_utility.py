@@ -10,7 +10,8 @@ clients: New Testament verses), the two scenarios ``scenarios/text/dp_finetune_p
 * with DP-SGD (ghost clipping) at each ``--epsilons`` target (per client, delta 1e-5, RDP): ``target_epsilon``
   makes ``defenses/dp_sgd.py`` solve sigma with Opacus's accountant over the planned rounds x local steps,
 
-and prints the test perplexity at round 0 (the starting model) and after the last round (exp of the mean next-token cross-entropy on held-out New Testament verses),
+and prints the test perplexity at round 0 (the starting model) and after the last round (exp of the mean
+next-token cross-entropy on held-out New Testament verses),
 the next-token accuracy and each client's accounted epsilon. Same seed, data, partition and hyper-parameters in
 every cell. The pretraining is cached (``fedsim/text/pretrain.py``): the first run pays it once.
 
@@ -70,9 +71,9 @@ def main() -> None:
     for epsilon, label in cells:
         for start in ("pretrained", "scratch"):
             table[(label, start)] = cell = run_cell(start, epsilon, args)
-            print(f"{label:>8} {start:>10}: test perplexity {cell['start']:8.2f} (round 0) -> {cell['perplexity']:8.2f}, "
-                  f"next-token accuracy "
-                  f"{cell['accuracy']:.3f}, client epsilon {cell['epsilon']:.2f}, {cell['seconds']:.0f} s", flush=True)
+            print(f"{label:>8} {start:>10}: test perplexity {cell['start']:8.2f} (round 0) -> "
+                  f"{cell['perplexity']:8.2f}, next-token accuracy {cell['accuracy']:.3f}, "
+                  f"client epsilon {cell['epsilon']:.2f}, {cell['seconds']:.0f} s", flush=True)
     print("\n| setting | from pretrained | from scratch |\n|---|---|---|")
     for _, label in cells:
         print(f"| {label} | {table[(label, 'pretrained')]['perplexity']:.2f} | "
