@@ -110,3 +110,26 @@ def test_registered_for_tokens_with_its_letters() -> None:
     assert TAG.threat_model_for(TAG.Params(distance="cosine"), Knowledge(local_hparams=True)) == "A"
     with pytest.raises(ValueError):
         TAG.Params(alpha=-1)
+
+
+def test_a_run_records_the_tokens_and_text_metrics(tmp_path) -> None:
+    """run_attacks puts the recovered and true token ids on the outcome (the report's sentences) and the text
+    metrics in metrics.json; ``truth``/``reconstruction`` (images) stay None, so no image code reads token ids."""
+    import json
+
+    from text_support import tiny_text
+
+    from fedsim.run import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    raw = tiny_text("gpt", attacks=[{"name": "tag", "rounds": [1], "clients": [0],
+                                     "budget": {"iterations": 30, "restarts": 1}}])
+    result = run_scenario(parse_scenario(raw), out_dir=tmp_path / "run")
+    (o,) = result.outcomes
+    assert o.failed is None and o.truth is None and o.reconstruction is None
+    assert o.tokens.shape == o.truth_tokens.shape == (2, 8) and o.truth_tokens.dtype == torch.int64
+    expected = score_text(o.tokens, None, o.truth_tokens)  # the outcome's metrics are these tensors' scores
+    assert o.metrics["rougeL_mean"] == pytest.approx(expected["rougeL_mean"])
+    filed = json.loads((result.out_dir / "metrics.json").read_text())
+    scored = next(a for a in filed["attacks"] if a["attack"] == "tag")["metrics"]
+    assert {"rouge1_mean", "rouge2_mean", "rougeL_mean", "exact_seq_rate", "token_recall"} <= set(scored)
