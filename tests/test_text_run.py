@@ -1,0 +1,78 @@
+"""The text quickstart end to end (issue 16): a smaller scenarios/text/quickstart.yaml runs in-process, its
+metrics.json carries the text metrics and the LM perplexity, summary.md and report.html show client 0's verses (as
+decoded from the client's own data, an independent path) beside the recovered ones; the same seed gives the same
+numbers twice; and (Ray, slow) the real Flower-on-Ray federation gives exactly the in-process numbers."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsim.run import run_scenario
+from fedsim.scenario import load_scenario
+from fedsim.simulation.setup import FederationSetup
+from fedsim.text.tokenizer import decode
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "scenarios" / "text" / "quickstart.yaml"
+SMALL = ["data.train_subset=200", "model.width=64", "federation.rounds=1", "federation.local.batch_size=2"]
+
+
+def small(*extra: str):
+    return load_scenario(QUICKSTART, [*SMALL, *extra])
+
+
+def numbers(result) -> tuple[list, list]:  # noqa: ANN001 - a RunResult
+    """Every number of a run but wall-clock times: utility rows and each outcome's metrics."""
+    def timeless(row: dict) -> dict:
+        return {k: v for k, v in row.items() if "seconds" not in k and not k.endswith("_s")}
+
+    return [timeless(h) for h in result.history], [timeless(o.metrics) for o in result.outcomes]
+
+
+def test_the_quickstart_writes_text_metrics_and_sentences(tmp_path: Path) -> None:
+    scenario = small()
+    out = run_scenario(scenario, out_dir=tmp_path / "run").out_dir
+    metrics = json.loads((out / "metrics.json").read_text())
+    by_name = {a["attack"]: a for a in metrics["attacks"]}
+    assert set(by_name) == {"token_set", "dager"} and not any(a["failed"] for a in by_name.values())
+    assert by_name["token_set"]["metrics"]["token_set_precision"] == 1.0
+    assert by_name["token_set"]["metrics"]["token_set_recall"] == 1.0
+    for key in ("rouge1_mean", "rouge2_mean", "rougeL_mean", "exact_seq_rate", "token_precision", "token_recall"):
+        assert key in by_name["dager"]["metrics"], key
+    rows = [h for h in metrics["utility"] if "test_perplexity" in h]
+    assert rows and rows[-1]["test_perplexity"] == pytest.approx(float(torch.tensor(rows[-1]["test_loss"]).exp()),
+                                                                  rel=1e-6)
+    # client 0's batch, decoded from the client's own data (not from the outputs): each verse is shown
+    x, _ = FederationSetup(scenario).client_data(0)
+    client_verses = {decode("kjv-bpe-2048", row) for row in x}
+    records = json.loads((out / "sentences.json").read_text())["outcomes"]
+    shown = ["".join(p["truth"]) for p in records[1]["pairs"]]
+    assert len(shown) == 2 and set(shown) <= client_verses
+    summary, page = (out / "summary.md").read_text(), (out / "report.html").read_text()
+    for verse in shown:
+        assert html.escape(verse) in page
+        assert verse.strip().split()[0] in summary
+    assert "Recovered text" in page and "test perplexity" in summary.lower()
+
+
+def test_the_same_seed_gives_the_same_numbers_twice() -> None:
+    a = run_scenario(small(), write=False)
+    b = run_scenario(small(), write=False)
+    assert numbers(a) == numbers(b) and numbers(a)[1][1]["rougeL_mean"] is not None
+    assert all(torch.equal(x.truth_tokens, y.truth_tokens) for x, y in zip(a.outcomes, b.outcomes, strict=True))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_and_inprocess_give_identical_text_numbers() -> None:
+    local = run_scenario(small(), write=False, backend="inprocess")
+    ray = run_scenario(small(), write=False, backend="ray")
+    assert numbers(ray) == numbers(local)
+    for x, y in zip(local.outcomes, ray.outcomes, strict=True):
+        assert torch.equal(x.truth_tokens, y.truth_tokens)
+        assert (x.tokens is None) == (y.tokens is None) and (x.tokens is None or torch.equal(x.tokens, y.tokens))
