@@ -198,3 +198,19 @@ def test_console_line_names_text_metrics_not_psnr() -> None:
     line = text_line(score_text(truth[:1], None, truth))
     assert line.startswith("ROUGE-1/2/L 0.50/0.50/0.50") and "exact 1/2" in line and "PSNR" not in line
     assert text_line(score_text(None, torch.tensor([1, 2]), truth)) == "bag P/R 1.00/0.25"
+
+
+def test_the_matching_cost_agrees_with_rouge_score_and_brute_force() -> None:
+    """The vectorised ROUGE-L used to match (fedsim.metrics.text.rouge_l_matrix) against rouge-score on every pair
+    and against the brute-force LCS, unfilled ids (-1) included."""
+    from fedsim.metrics.text import rouge_l_matrix
+
+    gen = torch.Generator().manual_seed(4)
+    rec = torch.randint(-1, 4, (6, 7), generator=gen)
+    truth = torch.randint(0, 4, (5, 7), generator=gen)
+    matrix = rouge_l_matrix(rec, truth)
+    for i in range(6):
+        filled = [t for t in rec[i].tolist() if t >= 0]
+        for j in range(5):
+            assert matrix[i, j] == pytest.approx(rouge_f(rec[i], truth[j])["rougeL"])
+            assert matrix[i, j] == pytest.approx(f_measure(brute_lcs(filled, truth[j].tolist()), len(filled), 7))

@@ -92,17 +92,23 @@ def rouge_f(recovered: Sequence[int] | Tensor, truth: Sequence[int] | Tensor) ->
     return {name: float(scores[name].fmeasure) for name in ROUGE_TYPES}
 
 
-def rouge_matrix(recovered: Tensor, truth: Tensor) -> np.ndarray:
-    """F-measures of every recovered (K, T) against every true (B, T) sequence: (K, B, 3), in :data:`ROUGE_TYPES`
-    order (rouge1, rouge2, rougeL)."""
-    rec = [id_string(r) for r in recovered]
-    tru = [id_string(t) for t in truth]
-    out = np.zeros((len(rec), len(tru), len(ROUGE_TYPES)))
-    for k, r in enumerate(rec):
-        for b, t in enumerate(tru):
-            scores = _scorer().score(t, r)
-            out[k, b] = [scores[name].fmeasure for name in ROUGE_TYPES]
-    return out
+def rouge_l_matrix(recovered: Tensor, truth: Tensor) -> np.ndarray:
+    """ROUGE-L F-measure of every recovered (K, T') against every true (B, T) sequence, (K, B): ``2 LCS / (m + n)``
+    with m the recovered sequence's filled (>= 0) ids and n = T (0 when nothing is shared), the LCS of all pairs at
+    once by the textbook dynamic programme on numpy arrays (the matching cost; at K = B = 128 calling rouge-score for
+    each pair took 14 s, this takes well under one). Reported values come from rouge-score (:func:`rouge_f`)."""
+    r, t = recovered.numpy(), truth.numpy()
+    (k, m), (b, n) = r.shape, t.shape
+    prev = np.zeros((k, b, n + 1), dtype=np.int64)
+    for i in range(m):
+        same = (r[:, i, None, None] == t[None, :, :]) & (r[:, i, None, None] >= 0)  # (K, B, n)
+        cur = np.zeros_like(prev)
+        for j in range(n):
+            cur[:, :, j + 1] = np.where(same[:, :, j], prev[:, :, j] + 1, np.maximum(prev[:, :, j + 1], cur[:, :, j]))
+        prev = cur
+    lcs = prev[:, :, n].astype(np.float64)
+    lengths = (r >= 0).sum(axis=1)[:, None] + n
+    return np.divide(2.0 * lcs, lengths, out=np.zeros_like(lcs), where=lengths > 0)
 
 
 def _multiset_pr(recovered: Sequence[int], truth: Sequence[int]) -> tuple[float, float]:
@@ -138,13 +144,14 @@ def _int_problem(value: Any, what: str, ndim: int) -> str | None:
 def _sequence_metrics(recovered: Tensor, truth: Tensor) -> Score:
     """ROUGE means/bests, exact sequences, token P/R and the matching of ``recovered`` (K, T) to ``truth`` (B, T)."""
     b, k = int(truth.shape[0]), int(recovered.shape[0])
-    matrix = rouge_matrix(recovered, truth)  # (K, B, 3)
     exact = (recovered[:, None, :] == truth[None, :, :]).all(dim=-1).numpy() if k and b else np.zeros((k, b), bool)
-    order = assign(1.0 - matrix[..., ROUGE_TYPES.index("rougeL")], prefer=exact)
+    order = assign(1.0 - rouge_l_matrix(recovered, truth), prefer=exact)
     hit = order >= 0
     blind = rouge_f([], truth[0].tolist()) if b else dict.fromkeys(ROUGE_TYPES, 0.0)  # the empty guess: 0
     per = np.array([[blind[name] for name in ROUGE_TYPES]] * b).reshape(b, len(ROUGE_TYPES))
-    per[hit] = matrix[order[hit], np.nonzero(hit)[0]]
+    for i in np.nonzero(hit)[0]:
+        scores = rouge_f(recovered[order[i]], truth[i])
+        per[i] = [scores[name] for name in ROUGE_TYPES]
     out: Score = {}
     for j, name in enumerate(ROUGE_TYPES):
         out[f"{name}_mean"] = float(per[:, j].mean()) if b else 0.0
