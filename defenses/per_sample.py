@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsim.models.base import zero_inputs
 from fedsim.training import min_train_batch
 
 
@@ -44,7 +45,7 @@ def per_sample_problem(model: nn.Module, input_shape: tuple[int, ...], mode: str
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             wrapped = prepare_module(probe, mode, wrap_model=mode == "ew", batch_first=True, loss_reduction="mean")
-            x = _zeros(probe, input_shape)
+            x = zero_inputs(probe, input_shape)
             logits = wrapped(x) if mode == "ew" else probe(x)
             # any scalar of the outputs exercises the per-example machinery: cross-entropy for (2, classes),
             # the mean for a language model's (2, T, V) logits
@@ -59,9 +60,3 @@ def per_sample_problem(model: nn.Module, input_shape: tuple[int, ...], mode: str
             wrapped.cleanup()
     return None
 
-
-def _zeros(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """Two zero examples of what the model trains on: int64 token ids (2, T) for a text model (a ``vocab_size``
-    attribute; a float (2, T) would be read as a relaxed (B, T, V) input), float32 pixels or features otherwise."""
-    dtype = torch.long if getattr(model, "vocab_size", 0) else torch.float32
-    return torch.zeros((2, *input_shape), dtype=dtype)

@@ -187,7 +187,8 @@ def min_train_batch(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             model.train()
-            model(torch.zeros((1, *input_shape), device=device))
+            model(torch.zeros((1, *input_shape), device=device,  # token ids for a text model
+                              dtype=torch.long if getattr(model, "vocab_size", 0) else torch.float32))
         return 1
     except (ValueError, RuntimeError):
         return 2

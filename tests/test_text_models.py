@@ -172,3 +172,13 @@ def test_evaluate_gives_the_mean_next_token_loss_and_accuracy() -> None:
     loss, accuracy = evaluate(model, x, x, mean=(), std=(), batch_size=2, device="cpu", task="language_modeling")
     assert math.isclose(loss, float(nll.mean()), rel_tol=1e-5)
     assert math.isclose(accuracy, float(acc), rel_tol=1e-6)
+
+
+def test_min_train_batch_probes_a_text_model_with_token_ids() -> None:
+    """The probe's zero example must be token ids: a float (1, T) is read as a relaxed (1, T, V) input and fails,
+    which would make a text model look untrainable on one example (DP-SGD refuses such models)."""
+    from fedsim.training import min_train_batch
+
+    model = _model("gpt")
+    model.unused_norm = nn.GroupNorm(1, WIDTH)  # a normalization module: the probe runs a forward pass
+    assert min_train_batch(model, (T,)) == 1
