@@ -140,6 +140,10 @@ def test_bn_prior_refused_under_fedsgd_and_in_round_one(tiny_raw) -> None:
 def test_client_batch_statistics_are_refused_for_every_attack(tiny_raw, name) -> None:
     """No runner channel carries the client's batch statistics, so granting them would grant nothing."""
     cls = attacks.ATTACKS.get(name)
+    if "image" not in cls.inputs:  # a text attack on images is refused for that first: give it text
+        from text_support import tiny_text
+
+        tiny_raw = tiny_text("gpt", attacks=tiny_raw["attacks"])
     tiny_raw["federation"]["protocol"] = cls.protocols[0]
     tiny_raw["attacks"][0].update(name=name, knowledge={**cls.needs, "bn_stats": "client"})
     _refused(tiny_raw, "attacks[0].knowledge.bn_stats", "client")
