@@ -20,7 +20,8 @@ proper subspace, and a candidate ``u`` lies in it (relative residual ~1e-7 in fl
    h_{b,T-2}^T`` in closed form, and least squares on the known ``h_{b,T-2}`` assigns each sequence its last token.
 4. **Encoder (bert, bidirectional).** The layer-2 input of a position depends on the whole sequence, so prefixes do
    not work. What is implemented (DAGER's encoder search is heuristic too; this one is fedsim's): coordinate descent
-   over the layer-1 candidate sets, ``encoder_restarts`` random starts; each sweep replaces one position at a time
+   over the layer-1 candidate sets from random starts (up to ``encoder_restarts`` per sequence, 2 B at a time,
+   until B sequences are accepted); each sweep replaces one position at a time
    by the candidate minimizing the mean layer-2 span residual over all positions; a converged sequence whose
    largest layer-2 residual is below ``span_tol`` is accepted (exact sequences pass; mixtures do not). At batch 1
    the candidate sets are singletons (without repeats) and recovery is exact; at B > 1 it may miss sequences.
@@ -185,29 +186,34 @@ class Dager(Attack):
         return assign.argmax(dim=0)
 
     def _encoder(self, model: nn.Module, basis: Tensor, cands: list[Tensor], batch: int) -> Tensor:
-        """Coordinate search over the per-position candidate sets (module docstring, step 4)."""
+        """Coordinate search over the per-position candidate sets (module docstring, step 4): up to
+        ``encoder_restarts * batch`` random starts, advanced ``2 * batch`` at a time as one batch, until ``batch``
+        distinct sequences pass the layer-2 acceptance test."""
         if any(len(c) == 0 for c in cands):
             return torch.empty(0, len(cands), dtype=torch.int64)
         gen = torch.Generator().manual_seed(self.seed)
-        found: dict[tuple[int, ...], None] = {}
-        for _ in range(self.params.encoder_restarts * batch):
-            seq = torch.stack([c[torch.randint(len(c), (1,), generator=gen)[0]] for c in cands])
-            for _sweep in range(self.params.encoder_sweeps):
-                changed = False
-                for p, cand in enumerate(cands):
-                    if len(cand) == 1:
-                        seq[p] = cand[0]
-                        continue
-                    trial = seq.repeat(len(cand), 1)
-                    trial[:, p] = cand
-                    best = cand[int(self._layer2_residual(model, basis, trial).mean(1).argmin())]
-                    changed |= bool(best != seq[p])
-                    seq[p] = best
-                if not changed:
-                    break
-            if float(self._layer2_residual(model, basis, seq[None]).max()) < self.params.span_tol:
-                found[tuple(seq.tolist())] = None
+        found = torch.empty(0, len(cands), dtype=torch.int64)
+        for _chunk in range(0, self.params.encoder_restarts * batch, 2 * batch):
+            seqs = self._descend(model, basis, cands, torch.stack(
+                [c[torch.randint(len(c), (2 * batch,), generator=gen)] for c in cands], dim=1))
+            accepted = seqs[self._layer2_residual(model, basis, seqs).amax(1) < self.params.span_tol]
+            found = torch.unique(torch.cat([found, accepted]), dim=0)
             if len(found) >= batch:
                 break
-        return torch.tensor(list(found), dtype=torch.int64).view(-1, len(cands))
+        return found
 
+    def _descend(self, model: nn.Module, basis: Tensor, cands: list[Tensor], seqs: Tensor) -> Tensor:
+        """Sweeps of coordinate descent on the mean layer-2 residual, every row of ``seqs`` (R, T) at once."""
+        for _sweep in range(self.params.encoder_sweeps):
+            before = seqs.clone()
+            for p, cand in enumerate(cands):
+                if len(cand) == 1:
+                    seqs[:, p] = cand[0]
+                    continue
+                trial = seqs.repeat_interleave(len(cand), 0)
+                trial[:, p] = cand.repeat(len(seqs))
+                score = self._layer2_residual(model, basis, trial).mean(1).view(len(seqs), len(cand))
+                seqs[:, p] = cand[score.argmin(1)]
+            if torch.equal(before, seqs):
+                break
+        return torch.unique(seqs, dim=0)
