@@ -20,6 +20,10 @@ on a batch of 2 and the set-up; else ``resource.getrusage``, an upper bound) ove
 steps; on CUDA ``torch.cuda.max_memory_allocated`` over the allocation before them. Time: the median of the
 measured steps after the first. It prints the sizes, each mode's numbers and the ratios to non-private.
 
+Measured here (2-core shared CPU, 1 thread, defaults: B 128, 0.93 M parameters, per-sample gradients alone
+452 MiB): peak memory growth non-private 140 MiB, ghost 167 MiB (1.19x), hooks 687 MiB (4.89x), functorch
+697 MiB (4.96x); step time 0.36 s, 0.86 s (2.4x), 1.69 s (4.7x), 3.47 s (9.7x).
+
     python benchmarks/ghost_memory.py [--batch 128] [--width 128] [--depth 2] [--vocab 2048] [--seq-len 16]
                                       [--steps 5] [--threads 1] [--device cpu]
 """

@@ -15,6 +15,19 @@ next-token cross-entropy on held-out New Testament verses),
 the next-token accuracy and each client's accounted epsilon. Same seed, data, partition and hyper-parameters in
 every cell. The pretraining is cached (``fedsim/text/pretrain.py``): the first run pays it once.
 
+Measured here (2-core shared CPU, OMP_NUM_THREADS=1, seed 0, about 8 min in all; gpt width 64, depth 2, 2,000 NT
+verses over 4 clients, fedavg 5 rounds x 10 local Adam steps lr 1e-3, Poisson batch 64 (q 0.128), C 1; pretraining
+800 steps on the OT), test perplexity round 0 -> round 5:
+
+    setting   from pretrained      from scratch
+    no DP     155.0 ->  94.7       2479 -> 392.3
+    eps 3     155.0 -> 149.2       2479 -> 2320
+    eps 8     155.0 -> 146.0       2479 -> 2209
+
+Private fine-tuning of the pretrained model beats private training from scratch by a factor of ~15 in perplexity
+at both epsilons (from scratch, DP-SGD at this data size barely leaves the uniform 2,048); what DP fine-tuning adds
+over the pretrained start is small here (155 -> 146 at epsilon 8): 50 noisy steps on 500 verses a client.
+
     python benchmarks/text_dp_utility.py [--epsilons 3,8] [--rounds 5] [--seed 0]
 """
 
