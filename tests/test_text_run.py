@@ -76,3 +76,17 @@ def test_ray_and_inprocess_give_identical_text_numbers() -> None:
     for x, y in zip(local.outcomes, ray.outcomes, strict=True):
         assert torch.equal(x.truth_tokens, y.truth_tokens)
         assert (x.tokens is None) == (y.tokens is None) and (x.tokens is None or torch.equal(x.tokens, y.tokens))
+
+
+@pytest.mark.slow
+def test_tutorial_step13_and_its_dp_run_teach_their_lesson() -> None:
+    """Step 13 as shipped (measured: bag P/R 1.00/1.00, dager 4/4 exact, bag baseline ROUGE-L 0.20) and
+    scenarios/text/dp_sgd.yaml (epsilon 8: bag P/R 0.00/0.00, dager 0/3), as quoted in docs/tutorial.md."""
+    plain = run_scenario(load_scenario(ROOT / "scenarios" / "tutorial" / "13_your_keyboards_gradient.yaml"),
+                         write=False)
+    bag, dager = (o.metrics for o in plain.outcomes)
+    assert bag["token_set_precision"] == bag["token_set_recall"] == 1.0
+    assert dager["exact_seq_rate"] == 1.0 and dager["rougeL_mean"] > dager["bag_baseline_rougeL_mean"] + 0.5
+    private = run_scenario(load_scenario(ROOT / "scenarios" / "text" / "dp_sgd.yaml"), write=False)
+    bag, dager = (o.metrics for o in private.outcomes)
+    assert bag["token_set_recall"] < 0.5 and dager.get("exact_seq_rate", 0.0) == 0.0

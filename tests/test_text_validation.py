@@ -128,3 +128,17 @@ def test_every_text_attack_validate_accepts_runs(name: str) -> None:
     raw["model"]["depth"] = 2  # DAGER reads two blocks
     result = run_scenario(parse_scenario(raw), write=False)
     assert len(result.outcomes) == 1 and result.outcomes[0].failed is None, result.outcomes
+
+
+@pytest.mark.parametrize("patch", [
+    {"federation.protocol": "fedavg", "federation.rounds": 3,
+     "federation.staleness": {"tau": 1, "slow_clients": [1], "aggregation": "dc_asgd"}},
+    {"defenses": [{"name": "dp_sgd", "params": {"noise_multiplier": 1.0, "grad_sample_mode": "ghost"}}],
+     "audit": {"level": "example"}},
+    {"defenses": [{"name": "central_dp", "params": {"noise_multiplier": 0.5}}], "federation.protocol": "fedavg",
+     "audit": {"level": "client"}},
+], ids=["staleness", "audit-example", "audit-client"])
+def test_staleness_and_audits_validate_and_run_on_text(patch: dict[str, Any]) -> None:
+    raw = patched(tiny_text("gpt"), {"federation.clients": 3, **patch})
+    result = run_scenario(parse_scenario(raw), write=False)
+    assert not result.client_failures and result.history
