@@ -67,6 +67,7 @@ def test_soteria_is_refused_on_text_at_its_entry() -> None:
     ("gpt", {"federation.protocol": "fedavg", "federation.staleness": {"tau": 1, "slow_class": 2}},
      "federation.staleness.slow_class"),
     ("gpt", {"evaluation.class_accuracy": [1]}, "evaluation.class_accuracy"),
+    ("bert", {"model.norm": "batch"}, "model.norm"),  # was silently ignored: a LayerNorm in every block
 ])
 def test_what_text_rules_out_is_refused_at_its_field(model: str, patch: dict[str, Any], path: str) -> None:
     err = refusal(patched(tiny_text(model), {"federation.rounds": 3, "federation.clients": 3, **patch}))

@@ -91,6 +91,9 @@ def _check_text(spec: ModelSpec, shape: tuple[int, ...], num_classes: int, vocab
                 raise ScenarioError(f"model.{field}", f"only text models ({', '.join(sorted(TEXT_MODELS))}) take "
                                                       f"{field}; {spec.name} would ignore it")
         return
+    if spec.norm != "none":  # every block has its LayerNorms; the option would be silently ignored
+        raise ScenarioError("model.norm", f"{spec.norm}: {spec.name} normalizes with a LayerNorm in every block and "
+                                          "takes no other norm (remove model.norm)")
     if len(shape) != 1 or shape[0] < 2:
         raise ScenarioError("model.name", f"{spec.name} needs (T,) token sequences with T >= 2, got {shape}")
     if TEXT_MODELS[spec.name] == "language_modeling" and num_classes != vocab_size:
