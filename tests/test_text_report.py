@@ -97,3 +97,24 @@ def test_no_sentences_are_written_without_save_images(tmp_path: Path) -> None:
     records = json.loads((out / "sentences.json").read_text())["outcomes"]
     assert records and not records[0]["pairs"] and records[0]["bag"] is None
     assert "not saved" in (out / "summary.md").read_text() and "not saved" in (out / "report.html").read_text()
+
+
+def test_a_bench_of_text_attacks_shows_each_rows_sentences(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedsim.cli import app
+    from fedsim.report.html import render_report
+
+    base = tiny_text("gpt")
+    base["model"]["depth"] = 2
+    grid = {"name": "textbench", "base": base, "attacks": ["token_set", "dager"], "defenses": ["none"]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", str(path), "--out", str(out), "--executor", "serial"])
+    assert result.exit_code == 0, result.output
+    page = render_report(out).read_text()
+    assert "token_set \u00b7" in page and "dager \u00b7" in page  # one text block per row
+    assert "recovered bag" in page and "<table class=\"text\">" in page  # token_set's bag, dager's pairs
+    assert "no images" not in page

@@ -38,7 +38,7 @@ from fedsim.report.rounds import bench_rounds_plot
 from fedsim.report.sections import HOW_TO_READ, bench_header, leaderboard_section, run_header
 from fedsim.report.stale_gi import stale_gi_section
 from fedsim.report.tables import LeaderRow, leaderboard, write_leaderboard_csv
-from fedsim.report.text import TEXT_FILE, load_text, text_section
+from fedsim.report.text import TEXT_FILE, bench_row_text, load_text, text_section
 
 GALLERY_COLUMNS = 10
 RUN_GALLERIES = 12  # outcomes shown for a single run (all of them are in reconstructions.npz)
@@ -184,6 +184,10 @@ def _galleries_section(source: Source, rows: Sequence[LeaderRow], assets: Path) 
             title = f"{row.attack} \u00b7 {setting_label(row)}" + (
                 f" \u00b7 repeat {cell.repeat}: the highest PSNR of {len(ok)} repeat(s) and their outcomes, a best case"
                 if entry else "")
+            text = bench_row_text(f"{row.attack} \u00b7 {setting_label(row)}", [c.run_dir for c in ok])
+            if entry is None and text is not None:  # a text attack's row: its sentences (fedsim.report.text)
+                parts.append(text)
+                continue
             if entry is None:
                 why = _outcome_failures(ok)  # e.g. a client that refused the malicious server's model
                 note = ("no images: " + "; ".join(why) if why else

@@ -248,6 +248,17 @@ def text_section(records: Sequence[dict[str, Any]] | None) -> str:
     """report.html's "Recovered text" section ("" when the run has no text records)."""
     if not records:
         return ""
+    return (f'<section id="text">{_STYLE}<h2>Recovered text</h2><p class="note">{html.escape(_INTRO)}</p>'
+            f"{text_outcomes_html(records)}</section>")
+
+
+_INTRO = ("Each of the client's sequences beside the recovered one matched to it for scoring; a highlighted token "
+          "equals the original at that position, \u25af marks a position the attack left unfilled. Bag-only attacks "
+          "(token_set) recover which tokens were used, not their order: green = used by the client, red = not.")
+
+
+def text_outcomes_html(records: Sequence[dict[str, Any]]) -> str:
+    """One block per record: its title and metrics, then its sentences, bag, or failure (escaped)."""
     parts = []
     for r in records:
         m = r.get("metrics") or {}
@@ -263,12 +274,18 @@ def text_section(records: Sequence[dict[str, Any]] | None) -> str:
                          "(output.save_images: false).</p></div>")
             continue
         parts.append(f'<div class="gallery">{head}{_html_pairs(r)}{_html_bag(r)}</div>')
-    intro = ("Each of the client's sequences beside the recovered one matched to it for scoring; a highlighted token "
-             "equals the original at that position, \u25af marks a position the attack left unfilled. Bag-only "
-             "attacks (token_set) recover which tokens were used, not their order: green = used by the client, red = "
-             "not.")
-    return (f'<section id="text">{_STYLE}<h2>Recovered text</h2><p class="note">{html.escape(intro)}</p>'
-            f"{''.join(parts)}</section>")
+    return "".join(parts)
+
+
+def bench_row_text(title: str, run_dirs: Sequence[Path]) -> str | None:
+    """A bench row's text block: the first of ``run_dirs`` (its ok cells) that kept a ``sentences.json`` (None when
+    none did: not a text row), under ``title`` with the repeat's run directory named (not a chosen best case)."""
+    for run_dir in run_dirs:
+        records = load_text(Path(run_dir) / TEXT_FILE)
+        if records:
+            return (f'<div class="gallery">{_STYLE}<h3>{html.escape(title)} <small>{html.escape(Path(run_dir).name)}'
+                    f"</small></h3>{text_outcomes_html(records)}</div>")
+    return None
 
 
 def _html_pairs(r: dict[str, Any]) -> str:
