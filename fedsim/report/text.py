@@ -252,7 +252,11 @@ def text_section(records: Sequence[dict[str, Any]] | None) -> str:
             f"{text_outcomes_html(records)}</section>")
 
 
-_INTRO = ("Each of the client's sequences beside the recovered one matched to it for scoring; a highlighted token "
+_INTRO = ("ROUGE-1/2/L: F-measure of token n-grams / longest common subsequence against the true sequence (1 = "
+          "recovered); exact seq.: the share of the batch recovered token for token; token P/R: recovered tokens that "
+          "are right / true tokens recovered; bag P/R: the set of token ids (order-free); baseline: a guess that knows "
+          "the true tokens but not their order. "
+          "Each of the client's sequences beside the recovered one matched to it for scoring; a highlighted token "
           "equals the original at that position, \u25af marks a position the attack left unfilled. Bag-only attacks "
           "(token_set) recover which tokens were used, not their order: green = used by the client, red = not.")
 
