@@ -136,7 +136,8 @@ class Dager(Attack):
                 if lm and len(seqs):
                     seqs = torch.cat([seqs, self._last_tokens(model, update, seqs, batch)[:, None]], dim=1)
             else:
-                seqs, partial = self._encoder(model, spans.bases[1], cands, batch), None
+                deadline = None if self.budget.time_limit_s is None else start + self.budget.time_limit_s
+                seqs, partial = self._encoder(model, spans.bases[1], cands, batch, deadline)
         if progress is not None:
             progress(0, 0)
         stats: dict[str, float | str] = {**sizes, "recovered": float(len(seqs)),
@@ -185,12 +186,13 @@ class Dager(Attack):
         assign = rest @ torch.linalg.pinv(h[:, -1])  # (V, K)
         return assign.argmax(dim=0)
 
-    def _encoder(self, model: nn.Module, basis: Tensor, cands: list[Tensor], batch: int) -> Tensor:
+    def _encoder(self, model: nn.Module, basis: Tensor, cands: list[Tensor], batch: int,
+                 deadline: float | None) -> tuple[Tensor, str | None]:
         """Coordinate search over the per-position candidate sets (module docstring, step 4): up to
         ``encoder_restarts * batch`` random starts, advanced ``2 * batch`` at a time as one batch, until ``batch``
-        distinct sequences pass the layer-2 acceptance test."""
+        distinct sequences pass the layer-2 acceptance test or ``deadline`` (``time.perf_counter``) passes."""
         if any(len(c) == 0 for c in cands):
-            return torch.empty(0, len(cands), dtype=torch.int64)
+            return torch.empty(0, len(cands), dtype=torch.int64), "a position has no layer-1 candidate"
         gen = torch.Generator().manual_seed(self.seed)
         found = torch.empty(0, len(cands), dtype=torch.int64)
         for _chunk in range(0, self.params.encoder_restarts * batch, 2 * batch):
@@ -200,7 +202,9 @@ class Dager(Attack):
             found = torch.unique(torch.cat([found, accepted]), dim=0)
             if len(found) >= batch:
                 break
-        return found
+            if deadline is not None and time.perf_counter() > deadline:
+                return found, f"budget.time_limit_s reached after {_chunk + 2 * batch} starts"
+        return found, None
 
     def _descend(self, model: nn.Module, basis: Tensor, cands: list[Tensor], seqs: Tensor) -> Tensor:
         """Sweeps of coordinate descent on the mean layer-2 residual, every row of ``seqs`` (R, T) at once."""
