@@ -23,7 +23,7 @@ proper subspace, and a candidate ``u`` lies in it (relative residual ~1e-7 in fl
    over the layer-1 candidate sets from random starts (up to ``encoder_restarts`` per sequence, 2 B at a time,
    until B sequences are accepted); each sweep replaces one position at a time
    by the candidate minimizing the mean layer-2 span residual over all positions; a converged sequence whose
-   largest layer-2 residual is below ``span_tol`` is accepted (exact sequences pass; mixtures do not). At batch 1
+   largest layer-2 residual is below the tolerance is accepted (exact sequences pass; mixtures do not). At batch 1
    the candidate sets are singletons (without repeats) and recovery is exact; at B > 1 it may miss sequences.
 
 Rank condition: N = B (T-1) tokens for gpt's LM loss (the last position has no q/k/v gradient), B T for bert, and
@@ -51,9 +51,9 @@ class DagerParams(AttackParams):
     """Options of DAGER."""
 
     span_tol: float = Field(1e-4, gt=0, lt=1, description="relative residual below which a vector lies in the "
-                            "gradient's span (float32 rounding gives ~1e-7, a random vector ~sqrt(1 - r/w))")
+                            "gradient's span (true tokens measured <= 5e-7 in float32, a random vector ~sqrt(1 - r/w))")
     rank_rtol: float | None = Field(None, gt=0, lt=1, description="singular values above this share of the largest "
-                                    "count in the rank; default width * float32 eps (torch's matrix_rank rule)")
+                                    "count in the rank; default 10 float32 eps (attacks.text_spans.FLOAT32_RTOL)")
     max_prefixes: int = Field(20000, ge=1, description="decoder: most prefixes kept per position (partial beyond)")
     encoder_restarts: int = Field(20, ge=1, description="encoder: random starts of the coordinate search per "
                                   "sequence of the batch")
@@ -61,15 +61,17 @@ class DagerParams(AttackParams):
 
 
 class _Spans:
-    """Bases of the q/k/v gradient row spaces of blocks 0 and 1."""
+    """Bases of the q/k/v gradient row spaces of blocks 0 and 1, and each block's span tolerance."""
 
-    def __init__(self, update: ClientUpdate, rtol: float | None) -> None:
+    def __init__(self, update: ClientUpdate, rtol: float | None, span_tol: float) -> None:
         self.bases: list[Tensor] = []
         self.ranks: list[int] = []
+        self.tols: list[float] = []
         for block in (0, 1):
             basis, _, rank = row_space(qkv_gradient(update.update, block), rtol)
             self.bases.append(basis)
             self.ranks.append(rank)
+            self.tols.append(span_tol)
 
     def truncate(self, rank: int) -> None:
         """Keep the ``rank`` leading directions of each basis."""
@@ -119,7 +121,7 @@ class Dager(Attack):
                 f"rank condition fails: {tokens_seen} tokens with a q/k/v gradient (batch {batch} x "
                 f"{seq_len - 1 if lm else seq_len} positions) >= width {width}; the span is the whole space", **sizes)
         try:
-            spans = _Spans(update, self.params.rank_rtol)
+            spans = _Spans(update, self.params.rank_rtol, self.params.span_tol)
         except KeyError as err:
             return Reconstruction.failure(f"the update has no entry {err.args[0]!r}", **sizes)
         sizes.update(rank_block0=float(spans.ranks[0]), rank_block1=float(spans.ranks[1]))
@@ -129,15 +131,16 @@ class Dager(Attack):
             spans.truncate(tokens_seen)
         positions = seq_len - 1 if lm else seq_len
         with torch.no_grad():
-            cands = [self._layer1(model, spans.bases[0], p) for p in range(positions)]
+            cands = [self._layer1(model, spans.bases[0], p, spans.tols[0]) for p in range(positions)]
             sizes["layer1_candidates"] = float(sum(len(c) for c in cands))
             if causal:
-                seqs, partial = self._decoder(model, spans.bases[1], cands)
+                seqs, partial = self._decoder(model, spans.bases[1], cands, spans.tols[1])
                 if lm and len(seqs):
                     seqs = torch.cat([seqs, self._last_tokens(model, update, seqs, batch)[:, None]], dim=1)
             else:
                 deadline = None if self.budget.time_limit_s is None else start + self.budget.time_limit_s
-                seqs, partial = self._encoder(model, spans.bases[1], cands, batch, deadline)
+                seqs, partial = self._encoder(model, spans.bases[1], cands, batch, deadline, spans.tols[1])
+        sizes.update(span_tol_block0=spans.tols[0], span_tol_block1=spans.tols[1])
         if progress is not None:
             progress(0, 0)
         stats: dict[str, float | str] = {**sizes, "recovered": float(len(seqs)),
@@ -147,17 +150,18 @@ class Dager(Attack):
         tokens = seqs if len(seqs) else torch.empty(0, seq_len, dtype=torch.int64)
         return Reconstruction(images=None, labels=None, tokens=tokens.to(torch.int64), stats=stats)
 
-    def _layer1(self, model: nn.Module, basis: Tensor, position: int) -> Tensor:
+    def _layer1(self, model: nn.Module, basis: Tensor, position: int, tol: float) -> Tensor:
         """Token ids v whose ``blocks[0].ln1(tok[v] + pos[position])`` lies in the block-0 span."""
         u = model.blocks[0].ln1(model.embed.tok.weight + model.embed.pos.weight[position])
-        return torch.nonzero(span_residual(u, basis) < self.params.span_tol).flatten()
+        return torch.nonzero(span_residual(u, basis) < tol).flatten()
 
     def _layer2_residual(self, model: nn.Module, basis: Tensor, seqs: Tensor) -> Tensor:
         """(K, L) layer-2 span residuals of every position of ``seqs`` (K, L)."""
         u = model.block_inputs(seqs, upto=1)[1]
         return span_residual(u.reshape(-1, u.shape[-1]), basis).view(seqs.shape)
 
-    def _decoder(self, model: nn.Module, basis: Tensor, cands: list[Tensor]) -> tuple[Tensor, str | None]:
+    def _decoder(self, model: nn.Module, basis: Tensor, cands: list[Tensor],
+                 tol: float) -> tuple[Tensor, str | None]:
         """Prefix search: (K, len(cands)) sequences whose every prefix passes the layer-2 test."""
         prefixes = torch.empty(1, 0, dtype=torch.int64)
         for p, cand in enumerate(cands):
@@ -167,7 +171,7 @@ class Dager(Attack):
             ext = torch.cat([prefixes.repeat_interleave(len(cand), 0), cand.repeat(len(prefixes))[:, None]], dim=1)
             if len(ext) == 0:
                 return ext, f"no candidate passed at position {p}"
-            keep = self._layer2_residual(model, basis, ext)[:, -1] < self.params.span_tol
+            keep = self._layer2_residual(model, basis, ext)[:, -1] < tol
             prefixes = ext[keep]
         return prefixes, None
 
@@ -187,7 +191,7 @@ class Dager(Attack):
         return assign.argmax(dim=0)
 
     def _encoder(self, model: nn.Module, basis: Tensor, cands: list[Tensor], batch: int,
-                 deadline: float | None) -> tuple[Tensor, str | None]:
+                 deadline: float | None, tol: float) -> tuple[Tensor, str | None]:
         """Coordinate search over the per-position candidate sets (module docstring, step 4): up to
         ``encoder_restarts * batch`` random starts, advanced ``2 * batch`` at a time as one batch, until ``batch``
         distinct sequences pass the layer-2 acceptance test or ``deadline`` (``time.perf_counter``) passes."""
@@ -198,7 +202,7 @@ class Dager(Attack):
         for _chunk in range(0, self.params.encoder_restarts * batch, 2 * batch):
             seqs = self._descend(model, basis, cands, torch.stack(
                 [c[torch.randint(len(c), (2 * batch,), generator=gen)] for c in cands], dim=1))
-            accepted = seqs[self._layer2_residual(model, basis, seqs).amax(1) < self.params.span_tol]
+            accepted = seqs[self._layer2_residual(model, basis, seqs).amax(1) < tol]
             found = torch.unique(torch.cat([found, accepted]), dim=0)
             if len(found) >= batch:
                 break

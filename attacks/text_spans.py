@@ -13,11 +13,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-
-def float_rtol(dtype: torch.dtype, size: int) -> float:
-    """``size * eps(dtype)``: the relative singular-value floor below which float rounding, not data, speaks
-    (``torch.linalg.matrix_rank``'s default tolerance, with ``size`` = the larger matrix dimension)."""
-    return size * torch.finfo(dtype).eps
+#: Default relative singular-value floor of :func:`row_space`: 10 float32 epsilons. A float32 gradient's rounding
+#: leaves its null directions at about 0.1-0.3 eps times the largest singular value (measured on fedsim's gpt and bert);
+#: data directions measured down to ~2e-5 (torch's ``matrix_rank`` rule, max(m, n) eps = 4.6e-5 for a (384, 128)
+#: stack, cut real ones).
+FLOAT32_RTOL = 10 * torch.finfo(torch.float32).eps
 
 
 def qkv_gradient(grads: Mapping[str, Tensor], block: int) -> Tensor:
@@ -35,12 +35,12 @@ def qkv_gradient(grads: Mapping[str, Tensor], block: int) -> Tensor:
 
 def row_space(g: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor, int]:
     """``(basis, singular values, rank)`` of the row space of ``g`` (m, w): ``basis`` (w, r) orthonormal columns, the
-    right singular vectors whose singular values exceed ``rtol`` times the largest (default
-    :func:`float_rtol` of float32, the dtype clients compute in, at ``max(m, w)``)."""
+    right singular vectors whose singular values exceed ``rtol`` times the largest (default :data:`FLOAT32_RTOL`:
+    clients compute in float32)."""
     _, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
     if s.numel() == 0 or float(s[0]) == 0.0:
         return vh[:0].T, s, 0
-    tol = float_rtol(torch.float32, max(g.shape)) if rtol is None else rtol
+    tol = FLOAT32_RTOL if rtol is None else rtol
     rank = int((s > tol * s[0]).sum())
     return vh[:rank].T.contiguous(), s, rank
 

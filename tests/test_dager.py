@@ -84,3 +84,22 @@ def test_fedavg_is_refused() -> None:
     assert Dager.protocols == ("fedsgd",) and Dager.inputs == ("tokens",)
     upd = text_update("gpt", [tokens(2)], VOCAB, width=WIDTH, protocol="fedavg")
     assert attack().reconstruct(upd).failed is not None
+
+
+def kjv_batch(batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, int]:
+    from fedsim.data import load_dataset
+    from fedsim.scenario import DataSpec
+
+    bundle = load_dataset(DataSpec(dataset="kjv", seq_len=seq_len))
+    pick = torch.randperm(len(bundle.train_x), generator=torch.Generator().manual_seed(seed))[:batch]
+    return bundle.train_x[pick], bundle.vocab_size
+
+
+def test_decoder_on_real_verses_near_the_rank_bound() -> None:
+    """8 KJV verses of 16 tokens: 120 tokens with a gradient at width 128. Real text repeats tokens (947 layer-1
+    candidates for 120 positions) and block 1's smallest data singular value is ~2e-5 of the largest: torch's
+    matrix_rank rule (max(m, n) eps = 4.6e-5) cut two real directions and no prefix survived position 8."""
+    x, vocab = kjv_batch(8, 16, seed=15)
+    rec = attack().reconstruct(text_update("gpt", [x], vocab, width=WIDTH))
+    assert rec.stats["tokens_in_gradient"] == 120 and rec.stats["layer1_candidates"] > 120
+    assert exact_rate(rec.tokens, x) >= 0.9
