@@ -120,6 +120,7 @@ def pretrain_public(spec: DataSpec) -> torch.Tensor:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # 30 s; backend equality stays in the default suite via test_ray_backend and the secagg pipeline
 def test_pretrained_dp_run_gives_the_same_numbers_on_both_backends() -> None:
     """A pretrained gpt fine-tuned with DP-SGD (ghost clipping): in-process and Ray runs agree exactly."""
     from fedsim.run import run_scenario
