@@ -165,6 +165,7 @@ class _PrivateRound:
         self.hooks = prepare_module(self.model, p.grad_sample_mode, wrap_model=p.grad_sample_mode == "ew",
                                     batch_first=True, loss_reduction="mean", **extra)
         self.dp_loss: Any = None
+        self.empty = False  # the current batch is empty: the noise-only step (_noise_only_forward)
 
     # -- TrainingJob hooks --------------------------------------------------------------------------
     def sample_batches(self, n: int, local: LocalTraining, protocol: str, gen: torch.Generator) -> list[Tensor]:
@@ -215,6 +216,8 @@ class _PrivateRound:
         return opt
 
     def loss_fn(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.empty:  # the noise-only step (_noise_only_forward): a zero gradient on every trainable parameter
+            return sum(((p * 0).sum() for p in self.model.parameters() if p.requires_grad), logits.new_zeros(()))
         return self.dp_loss(logits, labels) if self.dp_loss is not None else self.base_loss(logits, labels)
 
     def before_read_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -263,18 +266,26 @@ class _PrivateRound:
     def forward(self, x: Tensor) -> Tensor:
         self.before_forward(x)
         mode = self.p.grad_sample_mode
-        if x.shape[0] == 0 and mode != "ghost":
-            # Poisson drew an empty batch: per-sample machinery cannot run on it (functorch, ew fail),
-            # but it is still a DP step: empty per-sample gradients, so the optimizer adds noise only.
-            if mode != "ew":
-                self.hooks.disable_hooks()
-            for param in self.model.parameters():
-                param.grad_sample = param.new_zeros((0, *param.shape))
-            return self.model(x)
+        self.empty = x.shape[0] == 0
+        if self.empty:
+            return self._noise_only_forward(x)
         if mode == "ew":
             return self.hooks(x)
         self.hooks.enable_hooks()
         return self.model(x)
+
+    def _noise_only_forward(self, x: Tensor) -> Tensor:
+        """Poisson drew an empty batch, in any grad-sample mode: still a DP step (accounted), whose release is
+        N(0, sigma^2 C^2) divided by the expected batch size, as for any batch. Opacus's per-sample machinery
+        never runs on it (functorch and ew fail on 0 rows, ghost's embedding norm sampler cannot reshape 0
+        rows): its hooks are off, every parameter gets empty per-sample gradients (hooks, functorch, ew clip
+        and sum nothing) and :meth:`loss_fn` a zero loss, so ``p.grad`` is 0 (ghost sums ``p.grad``); the
+        optimizer's ``pre_step`` then adds only its noise and scales it like a non-empty batch."""
+        if self.p.grad_sample_mode != "ew":
+            self.hooks.disable_hooks()
+        for param in self.model.parameters():
+            param.grad_sample = param.new_zeros((0, *param.shape))
+        return self.model(x)  # ew: the bare model, not the ExpandedWeights wrapper
 
 
 class _ReducibleLoss(nn.Module):
