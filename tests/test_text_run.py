@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedsim.attacking import AttackOutcome
 from fedsim.run import run_scenario
 from fedsim.scenario import load_scenario
 from fedsim.simulation.setup import FederationSetup
@@ -88,5 +89,26 @@ def test_tutorial_step13_and_its_dp_run_teach_their_lesson() -> None:
     assert bag["token_set_precision"] == bag["token_set_recall"] == 1.0
     assert dager["exact_seq_rate"] == 1.0 and dager["rougeL_mean"] > dager["bag_baseline_rougeL_mean"] + 0.5
     private = run_scenario(load_scenario(ROOT / "scenarios" / "text" / "dp_sgd.yaml"), write=False)
-    bag, dager = (o.metrics for o in private.outcomes)
-    assert bag["token_set_recall"] < 0.5 and dager.get("exact_seq_rate", 0.0) == 0.0
+    bag, dager = private.outcomes
+    assert_collapsed(bag, "token_set_recall", 0.5)
+    assert_collapsed(dager, "exact_seq_rate", 0.0)
+
+
+def assert_collapsed(outcome: AttackOutcome, metric: str, at_most: float) -> None:
+    """A defense made ``outcome``'s attack fail to leak: it RAN (not failed, a score was computed) and scored at
+    most ``at_most``. A failed attack has no score (metrics ``{"failed": ...}``) and proves nothing about the
+    defense, so a ``metrics.get(metric, 0.0)`` collapse check would wrongly pass on it."""
+    assert outcome.failed is None, f"{outcome.attack} did not run: {outcome.failed}"
+    assert metric in outcome.metrics, f"{outcome.attack} has no {metric}: {sorted(outcome.metrics)}"
+    assert outcome.metrics[metric] <= at_most, (outcome.attack, metric, outcome.metrics[metric])
+
+
+def test_a_collapse_check_refuses_an_attack_that_did_not_run() -> None:
+    """The old DP check ``dager.get("exact_seq_rate", 0.0) == 0.0`` passed on a failed dager."""
+    failed = AttackOutcome("dager", 1, 1, 0, {"failed": "rank condition"}, {}, 0.0, failed="rank condition")
+    with pytest.raises(AssertionError, match="did not run"):
+        assert_collapsed(failed, "exact_seq_rate", 0.0)
+    no_score = AttackOutcome("dager", 1, 1, 0, {}, {}, 0.0)
+    with pytest.raises(AssertionError, match="has no exact_seq_rate"):
+        assert_collapsed(no_score, "exact_seq_rate", 0.0)
+    assert_collapsed(AttackOutcome("dager", 1, 1, 0, {"exact_seq_rate": 0.0}, {}, 0.0), "exact_seq_rate", 0.0)
