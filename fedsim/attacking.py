@@ -25,6 +25,7 @@ from fedsim.errors import FedsimError
 from fedsim.metrics import score_reconstruction
 from fedsim.metrics.evaluator import load_evaluator
 from fedsim.metrics.model_inversion import score_model_inversion
+from fedsim.metrics.text import dataset_public_ranking
 from fedsim.outcomes import NOT_ATTACKED
 from fedsim.plugins import attack_registry
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
@@ -294,7 +295,9 @@ def run_attacks(
             else:
                 rec = _reconstruct(attack, view, fn, seed)
             seconds = time.perf_counter() - start
-            oracle, reasons, given, metrics = judge(score_reconstruction(rec, cap.truth), oracle_grants(spec.knowledge),
+            public = dataset_public_ranking(scenario.data, cap.truth.inputs.shape[1]) if task.is_text else None
+            oracle, reasons, given, metrics = judge(score_reconstruction(rec, cap.truth, public_tokens=public),
+                                                    oracle_grants(spec.knowledge),
                                                     labels_given="labels" in view.side_info,
                                                     asked=view.examples_to_reconstruct)
             text = task.is_text

@@ -181,14 +181,17 @@ def audit(
 
 
 def _print_attacks(outcomes: list[Any]) -> None:
-    """One line per attack outcome of the audited run (its PSNR, or why it has none)."""
+    """One line per attack outcome of the audited run (its PSNR, a text attack's exact seq./ROUGE/bag P/R, or why
+    it has none)."""
+    from fedsim.headline import is_text_summary, text_summary_line
     from fedsim.outcomes import outcome_label
 
     for o in outcomes:
         tag = f"{o.attack} round {o.round} client {o.partition_id}"
         psnr = o.metrics.get("psnr_mean")
         typer.echo(f"{tag}: {outcome_label(o.failed)}" if o.failed else
-                   f"{tag}: PSNR {psnr:.2f} dB" if isinstance(psnr, int | float) else f"{tag}: done")
+                   f"{tag}: PSNR {psnr:.2f} dB" if isinstance(psnr, int | float) else
+                   f"{tag}: {text_summary_line(o.metrics)}" if is_text_summary(o.metrics) else f"{tag}: done")
 
 
 def _fail(err: Exception) -> None:

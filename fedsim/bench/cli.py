@@ -23,6 +23,7 @@ from rich.progress import (
 )
 
 from fedsim.errors import FedsimError
+from fedsim.headline import is_text_summary, text_summary_line
 from fedsim.recovery import EXACT_LABEL, FRAC_EXACT_KEY
 
 console = Console(stderr=True)
@@ -44,7 +45,9 @@ def _describe(record: dict) -> str:
     acc, loss = s.get("test_accuracy"), s.get("test_loss")  # a regression has a test loss and no accuracy
     utility = f", acc {acc:.3f}" if acc is not None else f", test loss {loss:.4g}" if loss is not None else ""
     diverged = s.get("training_diverged")  # a diverged cell's figures describe a broken model: say so on its line
-    return (f"{head}: PSNR {psnr:.2f} dB" if psnr is not None else f"{head}: no PSNR") + (
+    text = text_summary_line(s) if is_text_summary(s) else ""  # a text cell: exact seq., ROUGE, bag P/R + baseline
+    leak = f"PSNR {psnr:.2f} dB" if psnr is not None else text or "no leakage metric"
+    return f"{head}: {leak}" + (
         f", {exact:.0%} {EXACT_LABEL}" if isinstance(exact, int | float) else "") + utility + (
         f"  ({record['seconds']:.1f} s)") + (f"  DIVERGED: {diverged}" if diverged else "")
 

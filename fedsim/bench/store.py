@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from fedsim import jsonio
+from fedsim.headline import LEAKAGE_KEYS  # image, model-inversion and text keys (one registry)
 from fedsim.outcomes import was_not_attacked
 from fedsim.privacy.summary import epsilon_fields, run_privacy
-from fedsim.recovery import FRAC_EXACT_KEY
 from fedsim.report.divergence import divergence_note
 
 CELLS_FILE = "cells.jsonl"
-LEAKAGE_KEYS = ("psnr_mean", "psnr_best", FRAC_EXACT_KEY, "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy",
-                "knn_distance")  # FRAC_EXACT_KEY: absent from metrics.json written before issue 14, then left out
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:

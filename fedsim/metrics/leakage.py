@@ -36,6 +36,8 @@ scored under its matching.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -159,7 +161,7 @@ def is_text(rec: Reconstruction, truth: GroundTruth) -> bool:
     return ids or rec.tokens is not None or rec.token_set is not None
 
 
-def _score_text(rec: Reconstruction, truth: GroundTruth) -> Score:
+def _score_text(rec: Reconstruction, truth: GroundTruth, public: Sequence[int] | None = None) -> Score:
     """:func:`fedsim.metrics.text.score_text` of the reconstruction, plus a classifier's labels under its matching
     (``label_acc`` and ``label_acc_matched``; a language model's labels are the tokens themselves: not scored)."""
     b = int(truth.inputs.shape[0]) if truth.inputs.ndim else 0
@@ -168,7 +170,7 @@ def _score_text(rec: Reconstruction, truth: GroundTruth) -> Score:
     if rec.images is not None or (rec.tokens is None and rec.token_set is None and rec.labels is None):
         why = "images" if rec.images is not None else "no tokens"
         return {"failed": f"the attack returned {why}, and the client's data are token sequences", "batch_size": b}
-    out = score_text(rec.tokens, rec.token_set, truth.inputs) if rec.tokens is not None or \
+    out = score_text(rec.tokens, rec.token_set, truth.inputs, public) if rec.tokens is not None or \
         rec.token_set is not None else {"batch_size": b}  # labels only: scored positionally below
     labels = truth.labels
     if "failed" not in out and rec.labels is not None and isinstance(labels, Tensor) and labels.ndim == 1:
@@ -181,7 +183,8 @@ def _score_text(rec: Reconstruction, truth: GroundTruth) -> Score:
 
 
 def score_reconstruction(
-    rec: Reconstruction, truth: GroundTruth, lpips: bool = True, match: MatchCost = "mse"
+    rec: Reconstruction, truth: GroundTruth, lpips: bool = True, match: MatchCost = "mse",
+    public_tokens: Sequence[int] | None = None,
 ) -> Score:
     """Leakage metrics of one reconstruction (see the module docstring for the rules).
 
@@ -193,12 +196,14 @@ def score_reconstruction(
     (positional when there are no images). ``lpips_*`` only when LPIPS is available and wanted.
     ``match`` is the matching cost: "mse" (default, independent of LPIPS availability) or "lpips"
     (breaching's choice; falls back to "mse" when unavailable). Text (:func:`is_text`): the keys of
-    :func:`fedsim.metrics.text.score_text`, plus ``label_acc*`` for a classifier's labels.
+    :func:`fedsim.metrics.text.score_text`, plus ``label_acc*`` for a classifier's labels; ``public_tokens``:
+    the public corpus's ids by frequency (:func:`fedsim.metrics.text.public_ranking`) for the update-free
+    public-bag baseline (text only; None: no public corpus, no such baseline).
     """
     if match not in ("mse", "lpips"):
         raise ValueError(f"unknown matching cost {match!r}; use 'mse' or 'lpips'")
     if is_text(rec, truth):
-        return _score_text(rec, truth)
+        return _score_text(rec, truth, public_tokens)
     true_images = to_unit_range(truth.inputs)
     out: Score = {"batch_size": int(true_images.shape[0])}
     if rec.failed:

@@ -32,6 +32,11 @@ rules of :mod:`fedsim.metrics.leakage`, so text numbers are never flattering by 
   ROUGE-1 is 1, so ROUGE-2/L and exact sequences are what show recovered order). :func:`trivial_guesses` builds the
   other trivial attackers tests and reports compare with (uniform random ids, rows of a public corpus, its most
   frequent tokens).
+- **A trivial attacker that never saw the update** (``public_bag_baseline_token_set_precision/recall``, when the
+  dataset has a public corpus: :func:`fedsim.data.text.public_sequences`): the bag guessed as the public corpus's
+  M most frequent ids (:func:`public_ranking`), M = the number of distinct true ids (generous: it is told the bag's
+  size), scored like a token set. Bag P/R of an attack mean something only above it (on KJV at T 16 it is already
+  ~0.33 at batch 4).
 - Malformed output (not an integer (K, T) tensor, ids below -1, another T) yields ``{"failed": reason}``; this
   module never raises on attack output.
 """
@@ -48,7 +53,9 @@ import torch
 from rouge_score import rouge_scorer
 from torch import Tensor
 
+from fedsim.data.text import has_public_part, public_sequences
 from fedsim.metrics.matching import assign
+from fedsim.scenario import DataSpec
 
 Score = dict[str, Any]
 
@@ -208,6 +215,37 @@ def trivial_guesses(kind: Literal["uniform", "public_rows", "most_frequent"], co
     raise ValueError(f"unknown trivial attacker {kind!r} (uniform, public_rows, most_frequent)")
 
 
+def public_ranking(public: Tensor) -> list[int]:
+    """The distinct ids of a public corpus ``public`` (M, T) (any shape), most frequent first, ties: smaller id
+    first: the guesses of :func:`public_bag_baseline`, computed once per corpus."""
+    counts = Counter(int(i) for i in public.flatten().tolist() if int(i) >= 0)
+    return sorted(counts, key=lambda c: (-counts[c], c))
+
+
+_PUBLIC_RANKINGS: dict[tuple[str, int], tuple[int, ...] | None] = {}
+
+
+def dataset_public_ranking(spec: DataSpec, seq_len: int) -> tuple[int, ...] | None:
+    """:func:`public_ranking` of ``spec``'s public corpus at ``seq_len`` tokens (:func:`fedsim.data.text.
+    public_sequences`), cached per (data spec, T); None when the dataset has no public corpus (then no public-bag
+    baseline is scored)."""
+    key = (spec.model_dump_json(), int(seq_len))
+    if key not in _PUBLIC_RANKINGS:
+        found = has_public_part(spec.dataset)
+        _PUBLIC_RANKINGS[key] = tuple(public_ranking(public_sequences(spec, int(seq_len)))) if found else None
+    return _PUBLIC_RANKINGS[key]
+
+
+def public_bag_baseline(ranking: Sequence[int], truth: Tensor) -> Score:
+    """``public_bag_baseline_token_set_precision/recall``: :func:`token_set_pr` of the first M ids of ``ranking``
+    (:func:`public_ranking` of a public corpus; M = the number of distinct ids in ``truth`` (B, T)). It reads
+    nothing of the update, only the truth's bag SIZE (which makes it a generous baseline)."""
+    size = len({int(i) for i in truth.flatten().tolist()})
+    scores = token_set_pr(list(ranking[:size]), truth)
+    return {"public_bag_baseline_token_set_precision": scores["token_set_precision"],
+            "public_bag_baseline_token_set_recall": scores["token_set_recall"]}
+
+
 def _baseline(truth: Tensor) -> Score:
     """``bag_baseline_rouge{1,2,L}_mean``, ``bag_baseline_token_precision/recall``: every true sequence guessed as the
     batch's T most frequent ids (:func:`most_frequent_sequence`), scored like a reconstruction."""
@@ -217,7 +255,8 @@ def _baseline(truth: Tensor) -> Score:
                                                   "token_recall")}
 
 
-def score_text(tokens: Tensor | None, token_set: Tensor | None, truth: Tensor) -> Score:
+def score_text(tokens: Tensor | None, token_set: Tensor | None, truth: Tensor,
+               public: Sequence[int] | None = None) -> Score:
     """Text leakage metrics of recovered ``tokens`` (K, T) and/or ``token_set`` (M,) against ``truth`` (B, T) ids.
 
     Keys (rules in the module docstring): ``batch_size``; with ``tokens``: ``rouge1/rouge2/rougeL`` ``_mean``
@@ -225,7 +264,8 @@ def score_text(tokens: Tensor | None, token_set: Tensor | None, truth: Tensor) -
     ``exact_seq_rate``, ``token_precision``, ``token_recall``, ``rougeL_per_seq`` (truth order), ``order`` (per true
     sequence its matched recovered index, -1: none), ``matched_by``, ``num_reconstructed`` (K), with surplus
     ``oracle_selection``, ``surplus_sequences`` and ``*_selected``; always ``token_set_precision``,
-    ``token_set_recall``, ``num_token_set`` and the ``bag_baseline_*`` trivial attacker. Malformed input gives
+    ``token_set_recall``, ``num_token_set`` and the ``bag_baseline_*`` trivial attacker; with ``public`` (a public
+    corpus's :func:`public_ranking`) the update-free ``public_bag_baseline_*`` beside them. Malformed input gives
     ``{"failed": reason, "batch_size": B}``; never raises.
     """
     b = int(truth.shape[0]) if isinstance(truth, Tensor) and truth.ndim >= 1 else 0
@@ -255,6 +295,8 @@ def score_text(tokens: Tensor | None, token_set: Tensor | None, truth: Tensor) -
         out.update(token_set_pr(bag.detach().cpu().flatten(), truth))
         if b:
             out.update(_baseline(truth))
+            if public:
+                out.update(public_bag_baseline(public, truth))
     except Exception as exc:  # noqa: BLE001 - scoring must not take the run down with it
         return {"failed": f"scoring error: {type(exc).__name__}: {exc}", "batch_size": b}
     return out
@@ -262,8 +304,12 @@ def score_text(tokens: Tensor | None, token_set: Tensor | None, truth: Tensor) -
 
 def text_line(metrics: Score) -> str:
     """One line of a text outcome's metrics for the console: ROUGE-1/2/L and exact sequences (with the bag
-    baseline's ROUGE-L beside them) when sequences came back, the token set's precision/recall otherwise."""
+    baseline's ROUGE-L beside them) when sequences came back, and the token set's precision/recall (with the
+    public-bag baseline's beside them when scored)."""
     bag = f"bag P/R {metrics.get('token_set_precision', 0.0):.2f}/{metrics.get('token_set_recall', 0.0):.2f}"
+    if isinstance(metrics.get("public_bag_baseline_token_set_precision"), int | float):  # never saw the update
+        bag += (f" (public-bag baseline {metrics['public_bag_baseline_token_set_precision']:.2f}/"
+                f"{metrics['public_bag_baseline_token_set_recall']:.2f})")
     if "rougeL_mean" not in metrics:
         return bag
     oracle = " of the selected" if metrics.get("oracle_selection") else ""

@@ -20,7 +20,8 @@ module turns its cells into :class:`FrontierRow` s:
 * **utility**: final ``test_accuracy`` (or ``test_loss`` for a task without accuracy, lower is better),
   mean and sample std (n - 1) over repeats; **seconds**: the federation's wall time (``federation_s``,
   attacks excluded); **attack** / **psnr**: the attack with the highest mean PSNR over repeats (the
-  defender must assume the strongest), its mean and std.
+  defender must assume the strongest), its mean and std; for text attacks (no PSNR) the same on the first of
+  :data:`TEXT_LEAKAGE` the cells report (``leak_key`` names which: exact sequences, ROUGE-L, bag recall).
 * **diverged**: the repeats whose training diverged (the summary's ``training_diverged``, or a utility that is
   not finite), each named in ``note``; such a row is never on the Pareto front.
 * **matched**: whether the achieved epsilon is the target: not above it by more than the solver's tolerance
@@ -52,6 +53,9 @@ SOLVER_TOLERANCE = 0.01  # the noise solve's tolerance (Opacus epsilon_tolerance
 MATCH_TOLERANCE = 0.02  # below the target by more than 2 %: a more private point than asked, not the target
 REFERENCE_METHOD = "dp_sgd"  # wall-time ratios are against this method at the same target
 
+#: Text attacks' leakage in the frontier (no PSNR), the first each row's cells report: key -> short name.
+TEXT_LEAKAGE = {"exact_seq_rate": "exact seq.", "rougeL_mean": "ROUGE-L", "token_set_recall": "bag recall"}
+
 
 @dataclass
 class FrontierRow:
@@ -69,7 +73,8 @@ class FrontierRow:
     utility: Stat | None = None
     seconds: Stat | None = None
     attack: str | None = None
-    psnr: Stat | None = None
+    psnr: Stat | None = None  # the best attack's leakage: mean PSNR, or the text metric ``leak_key`` names
+    leak_key: str = "psnr_mean"
     repeats: int = 0
     failed: int = 0
     note: str = ""
@@ -198,8 +203,12 @@ def _build(method: str, target: float | None, cells: list[Cell], utility_key: st
     by_attack: dict[str, list[Cell]] = defaultdict(list)
     for c in ok:
         by_attack[c.attack].append(c)
-    psnr = {a: stat(_per_repeat(cs, "psnr_mean")) for a, cs in by_attack.items()}
-    psnr = {a: s for a, s in psnr.items() if s is not None}
+    for key in ("psnr_mean", *TEXT_LEAKAGE):  # image attacks by PSNR, text attacks by their headline
+        psnr = {a: stat(_per_repeat(cs, key)) for a, cs in by_attack.items()}
+        psnr = {a: s for a, s in psnr.items() if s is not None}
+        if psnr:
+            row.leak_key = key
+            break
     if psnr:
         row.attack = max(sorted(psnr), key=lambda a: psnr[a].mean)
         row.psnr = psnr[row.attack]
@@ -286,7 +295,9 @@ def row_cells(r: FrontierRow) -> list[str]:
             _fmt(r.epsilon, 3), _fmt(r.epsilon_rdp, 3), _fmt(r.epsilon_pld, 3), r.level or "-",
             _fmt(r.epsilon_vs_server, 3),
             _pm(r.utility, digits), _pm(r.seconds, 1), _fmt(r.time_ratio, 2) if r.time_ratio is not None else "-",
-            r.attack or "-", _pm(r.psnr, 2), str(r.repeats), "*" if r.pareto else "", r.note]
+            r.attack or "-", _pm(r.psnr, 2) + ("" if r.leak_key == "psnr_mean" or r.psnr is None else
+                                               f" ({TEXT_LEAKAGE[r.leak_key]})"),
+            str(r.repeats), "*" if r.pareto else "", r.note]
 
 
 def utility_title(rows: Sequence[FrontierRow]) -> str:
@@ -313,7 +324,7 @@ def write_frontier_csv(rows: Sequence[FrontierRow], path: Path) -> Path:
     head = ["method", "target_epsilon", "epsilon", "epsilon_dp_accounting_rdp", "epsilon_dp_accounting_pld",
             "epsilon_level", "epsilon_vs_server", "utility_key", "utility_mean", "utility_std", "federation_s_mean",
             "federation_s_std", "time_ratio", "best_attack", "psnr_mean", "psnr_std", "repeats", "failed", "pareto",
-            "note"]
+            "note", "leakage_key"]  # the metric in psnr_mean/psnr_std (a text attack's when not psnr_mean)
 
     def num(value: float | None) -> str:
         return "" if value is None else repr(value)
@@ -328,5 +339,5 @@ def write_frontier_csv(rows: Sequence[FrontierRow], path: Path) -> Path:
             writer.writerow([r.method, num(r.target), num(r.epsilon), num(r.epsilon_rdp), num(r.epsilon_pld),
                              r.level or "", num(r.epsilon_vs_server), r.utility_key, *pm(r.utility), *pm(r.seconds),
                              num(r.time_ratio), r.attack or "", *pm(r.psnr), r.repeats, r.failed, int(r.pareto),
-                             r.note])
+                             r.note, r.leak_key if r.psnr is not None else ""])
     return Path(path)

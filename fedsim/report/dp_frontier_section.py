@@ -21,6 +21,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from fedsim.report.dp_frontier import (  # noqa: E402
     COLUMNS,
+    TEXT_LEAKAGE,
     FrontierRow,
     frontier_rows,
     has_frontier,
@@ -86,7 +87,9 @@ def dp_frontier_plot(rows: Sequence[FrontierRow], path: Path) -> bool:
         ax.grid(alpha=0.3, which="both")
     ax_u.set_ylabel(utility_title(rows))
     ax_u.set_title("Utility at each privacy budget")
-    ax_p.set_ylabel("best attack's mean PSNR, dB (lower is better)")
+    keys = {r.leak_key for r in rows if r.psnr is not None}
+    ax_p.set_ylabel("best attack's mean PSNR, dB (lower is better)" if keys <= {"psnr_mean"} else
+                    f"best attack's {' / '.join(TEXT_LEAKAGE.get(k, k) for k in sorted(keys))} (lower is better)")
     ax_p.set_title("What the curious server reconstructs")
     ax_u.legend(fontsize=7.5, loc="best", frameon=False)
     fig.tight_layout()
@@ -110,7 +113,8 @@ def dp_frontier_section(source: Source, assets: Path, shown_dir: str) -> str:
                "cent so equal values stay visible), one line per DP method, mean over seeds, bars = std; dashed lines "
                "are client-level \u03b5 (central DP), not comparable with sample-level "
                "\u03b5 point for point; dotted horizontal lines are runs without DP. Right: the strongest attack's "
-               "mean PSNR at each point. A red cross: a seed of that point's training diverged (see its note).")
+               "mean PSNR at each point (text attacks: exact sequences, else ROUGE-L, else bag recall). "
+               "A red cross: a seed of that point's training diverged (see its note).")
     left = {"method", "level", "best attack", "note"}
     head = [(c, c in left) for c in COLUMNS]
     body = []

@@ -26,16 +26,16 @@ from fedsim.report.client_checks import client_checks_section
 from fedsim.report.divergence import divergence_note
 from fedsim.report.dp_frontier_section import dp_frontier_section
 from fedsim.report.figures import utility_curve
-from fedsim.report.frontier import frontier_plot, setting_label
+from fedsim.report.frontier import frontier_key, frontier_plot, setting_label
 from fedsim.report.gallery import GalleryEntry, data_uri, load_reconstructions, png_bytes, strip_png
-from fedsim.report.leakage import leakage_plot
+from fedsim.report.leakage import leakage_plot, plotted_key
 from fedsim.report.loading import ReportSourceError, Source, load_metrics, load_source, read_yaml
 from fedsim.report.manipulation import manipulation_section
 from fedsim.report.page import esc, figure, is_fedsim_report, num, page
 from fedsim.report.participation import participation_section
 from fedsim.report.realistic import realistic_section
 from fedsim.report.rounds import bench_rounds_plot
-from fedsim.report.sections import HOW_TO_READ, bench_header, leaderboard_section, run_header
+from fedsim.report.sections import bench_header, how_to_read, leaderboard_section, run_header
 from fedsim.report.stale_gi import stale_gi_section
 from fedsim.report.tables import LeaderRow, leaderboard, write_leaderboard_csv
 from fedsim.report.text import TEXT_FILE, bench_row_text, load_text, text_section
@@ -55,7 +55,12 @@ def _frontier_section(rows: Sequence[LeaderRow], assets: Path) -> str:
                "line links the defense settings that no other beats on both accuracy and worst-case PSNR (max "
                "over attacks); the dotted red line marks ~20 dB. Attacks without a PSNR (model inversion) are in the "
                "leaderboard only.")
-    empty = "No row has both a reconstruction PSNR and a test accuracy, so there is no frontier to draw."
+    chosen = frontier_key(rows)
+    if chosen is not None and chosen[0] != "psnr_mean":  # text attacks: ROUGE-L (or bag recall) instead of PSNR
+        caption = caption.replace("worst-case PSNR", f"worst-case {chosen[0]}").replace(
+            "; the dotted red line marks ~20 dB", "").replace("without a PSNR", "without it")
+    empty = ("No row has both a leakage metric (reconstruction PSNR, or text ROUGE-L / bag recall) and a test "
+             "accuracy, so there is no frontier to draw.")
     return (f'<section id="frontier"><h2>Privacy\u2013utility frontier</h2>'
             f"{figure(_uri(assets / 'frontier.png', made), caption if made else empty, 'privacy-utility frontier')}"
             "</section>")
@@ -72,7 +77,8 @@ def _copy_or(existing: Path, assets: Path, draw: Callable[[Path], bool]) -> bool
 def _rounds_section(source: Source, rows: Sequence[LeaderRow], assets: Path) -> str:
     if source.kind == "bench":
         made = bench_rounds_plot(rows, assets / "rounds.png")
-        caption = ("Left: each attack's mean PSNR per attacked round (first ok repeat of each leaderboard row). "
+        caption = ("Left: each attack's leakage per attacked round (first ok repeat of each leaderboard row): mean "
+                   "PSNR, or for text attacks mean ROUGE-L (bag recall for bag-only attacks). "
                    "Right: test accuracy of the global model per round, one line per defense setting.")
         body = figure(_uri(assets / "rounds.png", made), caption if made else "No cell has a run directory to read "
                       "rounds from.", "leakage and accuracy over rounds")
@@ -82,8 +88,10 @@ def _rounds_section(source: Source, rows: Sequence[LeaderRow], assets: Path) -> 
         leak = _copy_or(source.path / "leakage_rounds.png", assets,
                         lambda p: leakage_plot(metrics.get("leakage") or [], history, p))
         util = _copy_or(source.path / "utility.png", assets, lambda p: utility_curve(history, p))
+        shown = plotted_key(metrics.get("leakage") or [], min_points=2)
         leak_fig = figure(_uri(assets / "leakage_rounds.png", leak),
-                          "Mean PSNR of each attack per attacked round (grey dashed: test accuracy)." if leak else
+                          f"Mean {shown[1] if shown else 'leakage'} of each attack per attacked round (grey dashed: "
+                          "test accuracy)." if leak else
                           "Leakage over rounds needs attacks in at least two rounds (set the attack's rounds or "
                           "every: k); this run attacked one round, see the leaderboard.", "leakage over rounds")
         what = ("Test accuracy (and loss, red dashed) of the global model per round." if any(
@@ -226,7 +234,7 @@ def _default_sections(source: Source, header: str, partial: Path, assets: Path) 
         participation += manipulation_section(metrics.get("utility") or [], metrics.get("client_metrics"))
         participation += client_checks_section(metrics)
         participation += audit_section(metrics, partial)  # "Is epsilon real?": the one-run audit, when audited
-    return [header, participation, HOW_TO_READ, leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
+    return [header, participation, how_to_read(rows), leaderboard_section(rows, f"{assets.name}/leaderboard.csv"),
             _frontier_section(rows, partial), dp_frontier_section(source, partial, assets.name),
             realistic_section(source, partial),
             _rounds_section(source, rows, partial),

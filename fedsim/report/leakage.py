@@ -17,11 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedsim.headline import LEAKAGE_KEYS  # noqa: E402
 from fedsim.outcomes import was_not_attacked  # noqa: E402
-from fedsim.recovery import FRAC_EXACT_KEY  # noqa: E402
 
-CURVE_METRICS = ("psnr_mean", FRAC_EXACT_KEY, "ssim_mean", "lpips_mean", "label_acc", "mi_accuracy",
-                 "knn_distance")  # frac: the share of exact images, the headline of analytic attacks
+CURVE_METRICS = tuple(k for k in LEAKAGE_KEYS if k != "psnr_best")  # image, model-inversion and text (one registry)
 
 
 def leakage_curve(outcomes: Sequence[Any]) -> list[dict[str, Any]]:
@@ -45,9 +44,23 @@ def leakage_curve(outcomes: Sequence[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-#: What the left axis shows: PSNR of update attacks, else the accuracy of model inversion (``every: k`` on gmi).
+#: What the left axis shows: PSNR of image attacks, else ROUGE-L of text attacks that return sequences, else the
+#: bag recall of bag-only text attacks, else the accuracy of model inversion (``every: k`` on gmi); the first of
+#: these with a curve. Keys on a 0..1 scale get that axis.
 PLOTTED = (("psnr_mean", "PSNR", "reconstruction PSNR (dB)"),
+           ("rougeL_mean", "ROUGE-L", "recovered text: mean ROUGE-L (token ids)"),
+           ("token_set_recall", "bag recall", "recovered bag of tokens: recall"),
            ("mi_accuracy", "MI accuracy", "model-inversion accuracy"))
+UNIT_SCALE = frozenset({"rougeL_mean", "token_set_recall", "mi_accuracy"})
+
+
+def plotted_key(curve: Sequence[dict[str, Any]], min_points: int = 1) -> tuple[str, str, str] | None:
+    """``(key, short name, axis label)`` of the first :data:`PLOTTED` metric that some attack's curve has in at
+    least ``min_points`` rounds (None: none has)."""
+    for key, short, label in PLOTTED:
+        if any(len(rows) >= min_points for rows in _series(curve, key).values()):
+            return key, short, label
+    return None
 
 
 def _series(curve: Sequence[dict[str, Any]], key: str) -> dict[tuple[int, str], list[dict[str, Any]]]:
@@ -59,19 +72,19 @@ def _series(curve: Sequence[dict[str, Any]], key: str) -> dict[tuple[int, str], 
 
 
 def leakage_plot(curve: Sequence[dict[str, Any]], history: Sequence[dict[str, float]], path: Path) -> bool:
-    """Leakage of each attack per round (left axis: PSNR, or model-inversion accuracy when no update attack
-    has a curve) beside the global model's test accuracy (right axis)."""
-    candidates = [(key, short, label, _series(curve, key)) for key, short, label in PLOTTED]
-    chosen = [c for c in candidates if any(len(rows) >= 2 for rows in c[3].values())]
-    if not chosen:  # a curve needs at least two attacked rounds
+    """Leakage of each attack per round (left axis: the first of :data:`PLOTTED` with a curve: PSNR, text ROUGE-L or
+    bag recall, or model-inversion accuracy) beside the global model's test accuracy (right axis)."""
+    chosen = plotted_key(curve, min_points=2)
+    if chosen is None:  # a curve needs at least two attacked rounds
         return False
-    key, short, axis_label, series = chosen[0]
+    key, short, axis_label = chosen
+    series = _series(curve, key)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for (_, name), rows in sorted(series.items()):
         ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=f"{name} {short}")
     ax.set_xlabel("round")
     ax.set_ylabel(axis_label)
-    if key == "mi_accuracy":
+    if key in UNIT_SCALE:
         ax.set_ylim(0, 1.05)
     evaluated = [h for h in history if "test_accuracy" in h]
     if evaluated:

@@ -1,7 +1,8 @@
 """Leakage over rounds beside accuracy over rounds, for a benchmark (many cells, one line each).
 
 A single run reuses :func:`fedsim.report.leakage.leakage_plot` and :func:`fedsim.report.figures.utility_curve`;
-a benchmark draws, from each leaderboard row's first ok repeat, its attack's PSNR per attacked round
+a benchmark draws, from each leaderboard row's first ok repeat, its attack's PSNR (text: ROUGE-L, or bag recall for
+bag-only attacks; :func:`fedsim.report.leakage.plotted_key`) per attacked round
 (the ``leakage`` curve of its metrics.json) on the left and its model's test accuracy per round on the right.
 """
 
@@ -19,6 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsim.errors import FedsimError  # noqa: E402
 from fedsim.report.frontier import MARKERS, setting_label  # noqa: E402
+from fedsim.report.leakage import plotted_key  # noqa: E402
 from fedsim.report.loading import load_metrics  # noqa: E402
 from fedsim.report.tables import LeaderRow  # noqa: E402
 
@@ -26,9 +28,10 @@ MAX_LINES = 12  # beyond this a line plot is unreadable: the leaderboard has the
 
 
 def bench_rounds_plot(rows: Sequence[LeaderRow], path: Path) -> bool:
-    """Two panels (PSNR per round, test accuracy per round, or test loss for a regression cell, which has no
-    accuracy); False when no cell has a run directory."""
+    """Two panels (leakage per round: PSNR, or a text run's ROUGE-L / bag recall; test accuracy per round, or test
+    loss for a regression cell, which has no accuracy); False when no cell has a run directory."""
     leak_lines, acc_lines, seen_settings, keys = [], [], set(), set()
+    curves: list[tuple[str, str, list[dict]]] = []
     for row in rows:
         cell = next((c for c in row.cells if c.ok and c.run_dir is not None), None)
         if cell is None:
@@ -37,10 +40,8 @@ def bench_rounds_plot(rows: Sequence[LeaderRow], path: Path) -> bool:
             metrics = load_metrics(cell.run_dir)
         except FedsimError:
             continue
-        curve = [r for r in metrics.get("leakage") or [] if "psnr_mean" in r]
         setting = setting_label(row)
-        if curve and len(leak_lines) < MAX_LINES:
-            leak_lines.append((row.attack, setting, [r["round"] for r in curve], [r["psnr_mean"] for r in curve]))
+        curves.append((row.attack, setting, metrics.get("leakage") or []))
         history = metrics.get("utility") or []
         key = "test_accuracy" if any("test_accuracy" in h for h in history) else "test_loss"  # regression: loss
         evaluated = [h for h in history if key in h]
@@ -48,6 +49,12 @@ def bench_rounds_plot(rows: Sequence[LeaderRow], path: Path) -> bool:
             seen_settings.add(setting)
             acc_lines.append((setting, [h["round"] for h in evaluated], [h[key] for h in evaluated]))
             keys.add(key)
+    chosen = plotted_key([r for _, _, curve in curves for r in curve])  # PSNR, else text ROUGE-L / bag recall, ...
+    leak_key, axis_label = (chosen[0], chosen[2]) if chosen else ("psnr_mean", "reconstruction PSNR (dB)")
+    for attack, setting, curve in curves:
+        points = [r for r in curve if isinstance(r.get(leak_key), int | float)]
+        if points and len(leak_lines) < MAX_LINES:
+            leak_lines.append((attack, setting, [r["round"] for r in points], [r[leak_key] for r in points]))
     if not leak_lines and not acc_lines:
         return False
     settings = sorted({s for _, s, _, _ in leak_lines} | {s for s, _, _ in acc_lines})
@@ -60,7 +67,7 @@ def bench_rounds_plot(rows: Sequence[LeaderRow], path: Path) -> bool:
         left.plot(xs, ys, marker=marker[attack], color=colour[setting], label=f"{attack} / {setting}")
     left.set_title("Leakage over rounds")
     left.set_xlabel("round")
-    left.set_ylabel("reconstruction PSNR (dB)")
+    left.set_ylabel(axis_label)
     for setting, xs, ys in acc_lines:
         right.plot(xs, ys, marker=".", color=colour[setting], label=setting)
     what = "test accuracy" if keys == {"test_accuracy"} else "test loss" if keys == {"test_loss"} else (

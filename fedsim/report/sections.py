@@ -11,13 +11,14 @@ from typing import Any
 import yaml
 
 from fedsim.augment import describe, scoring_note
+from fedsim.headline import TEXT_RANK_KEYS, is_text_summary
 from fedsim.report.loading import Cell, Source, load_metrics, read_yaml
 from fedsim.report.page import esc, facts, num, table
 from fedsim.report.privacy import privacy_lines
-from fedsim.report.tables import LeaderRow, params_label, present_metrics
+from fedsim.report.tables import RANKED_BY, LeaderRow, params_label, present_metrics
 
-HOW_TO_READ = """
-<section id="how-to-read" class="howto"><h2>How to read this</h2><ul>
+_OPEN = '<section id="how-to-read" class="howto"><h2>How to read this</h2><ul>'
+_IMAGE_ITEMS = """
 <li><b>PSNR</b> (dB) compares each reconstruction with the real image it was matched to (one-to-one
 matching before scoring; a summed gradient carries no order). Higher means more leakage. A rough guide
 for 32&times;32 colour images: below ~15 dB a reconstruction is mostly noise or colour blobs (noise with
@@ -36,18 +37,40 @@ the batch's labels the attack recovered.</li>
 rather than an update: how often an independent evaluation classifier assigns the inverted images to
 their target class, and their distance in its feature space to the nearest held-out real image of that
 class (lower = more like real images of the class; these are class-level, not any client's own images).</li>
+"""
+_TEXT_ITEMS = """
+<li>Text attacks are scored on <b>token ids</b>, each recovered sequence matched one-to-one to a true one (exact
+pairs first). <b>exact seq.</b> is the share of the batch recovered token for token (the headline, which ranks
+text rows), <b>ROUGE-1/2/L</b> the F-measure of token n-grams / longest common subsequence (1 = recovered; a missing
+sequence counts 0), <b>token P/R</b> the recovered tokens that are right / the true tokens recovered (order-free,
+with repeats). Higher means more leakage for all of them.</li>
+<li><b>bag P/R</b> is the same on the SET of distinct token ids, the whole output of bag-only attacks
+(token_set). The <b>public-bag baseline</b> beside it is a trivial attacker that never saw the update: it guesses
+the public corpus's most frequent tokens, as many as the batch has distinct ones. Bag P/R near it means the attack
+learned nothing about which tokens the client typed; below it, less than a guess.</li>
+"""
+_COMMON_ITEMS = """
 <li><b>&epsilon;</b> is the differential-privacy budget the defense reports (lower = stronger guarantee):
 for central DP the client-level budget of the released model; for DP-SGD the largest per-client
 (sample-level) budget over the whole run, with the median and minimum over clients beside it.
 <b>&epsilon; dp-acc. RDP</b> recomputes it with Google's independent dp_accounting library (it should agree
 within 1 %), <b>&epsilon; dp-acc. PLD</b> with privacy-loss distributions (tighter than RDP).
-It bounds what <i>any</i> attack can learn; PSNR measures what <i>this</i> attack, with this budget, did.
-A low PSNR under small attack budgets is not proof of privacy, and central DP with a curious server
+It bounds what <i>any</i> attack can learn; a leakage metric measures what <i>this</i> attack, with this budget, did.
+A low leakage score under small attack budgets is not proof of privacy, and central DP with a curious server
 protects the released model, not the updates that server sees.</li>
 <li>&plusmn; is the sample standard deviation over repeats (blank with one repeat). Rows marked
 <span class="tag oracle">oracle</span> were handed ground truth: they are upper bounds, not threats.</li>
 </ul></section>
 """
+HOW_TO_READ = _OPEN + _IMAGE_ITEMS + _COMMON_ITEMS  # an image / model-inversion report
+
+
+def how_to_read(rows: Sequence[LeaderRow]) -> str:
+    """The "How to read this" section for the metrics the rows carry: image terms (PSNR, SSIM, ...), text terms
+    (exact sequences, ROUGE, bag P/R beside the public-bag baseline), or both for a mixed report."""
+    text = any(is_text_summary(c.summary) for r in rows for c in r.cells)
+    image = any(k in r.stats for r in rows for k in ("psnr_mean", "mi_accuracy")) or not text
+    return _OPEN + (_IMAGE_ITEMS if image else "") + (_TEXT_ITEMS if text else "") + _COMMON_ITEMS
 
 
 def _plugin(spec: dict[str, Any]) -> str:
@@ -196,7 +219,7 @@ def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
         failed = r.failed + r.attacks_failed
         cells += [f"{r.ok}/{len(r.cells)}", f'<span class="bad">{failed}</span>' if failed else "0"]
         cells += [_cell(r, key, 3 if key in ("ssim_mean", "lpips_mean") else 2) for key, _, _ in metrics]
-        leaks = "psnr_mean" in r.stats or "mi_accuracy" in r.stats
+        leaks = any(k in r.stats for k in ("psnr_mean", "mi_accuracy", *TEXT_RANK_KEYS))
         body.append((cells, "top" if i == 1 and leaks else ""))
     failures: list[Cell] = [c for r in rows for c in r.cells if not c.ok]
     fail_html = ""
@@ -222,7 +245,7 @@ def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
     why = sorted({w for r in rows for c in r.cells if c.ok for w in c.summary.get("not_attacked_reasons") or ()})
     note += f" Why: {esc('; '.join(why[:5]))}{' ...' if len(why) > 5 else ''}." if why else ""
     return (f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">One row per attack &times; defense'
-            f"{' &times; parameters' if with_params else ''}, mean &plusmn; std over ok repeats; sorted by PSNR, "
-            f"then MI accuracy (most leaking first, highlighted). <i>failed</i> counts failed cells and failed "
+            f"{' &times; parameters' if with_params else ''}, mean &plusmn; std over ok repeats; sorted by "
+            f"{RANKED_BY} (most leaking first, highlighted). <i>failed</i> counts failed cells and failed "
             f"attack runs.{note} "
             f"Also in <code>{esc(csv_name)}</code>.</p>{table(head, body)}{fail_html}</section>")

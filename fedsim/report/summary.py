@@ -98,7 +98,8 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     if text is not None:  # a text run: sentences and text metrics, no PSNR (fedsim.report.text)
         from fedsim.report.text import text_markdown
 
-        return "\n".join(lines + text_markdown(list(text))) + "\n"
+        curve = [f"![leakage over rounds]({images['leakage_rounds']})", ""] if "leakage_rounds" in images else []
+        return "\n".join(lines + curve + text_markdown(list(text))) + "\n"
     inversions = [o for o in outcomes if o.truth is None and ("mi_accuracy" in o.metrics or o.partition_id == -2)]
     outcomes = [o for o in outcomes if o not in inversions]
     if inversions:

@@ -4,7 +4,8 @@ Means and (sample, n-1) standard deviations are taken over the group's ``ok`` ce
 metric; failed cells are counted in ``failed`` and never silently dropped. Leakage metrics are those of
 the shared bench format (PSNR/SSIM/LPIPS after one-to-one matching, the share of the batch recovered above
 40 dB (``fedsim.recovery``; absent in cells written before it existed), label accuracy, and for model
-inversion ``mi_accuracy`` / ``knn_distance``), beside the final test accuracy and privacy budget epsilon
+inversion ``mi_accuracy`` / ``knn_distance``; for text the keys of ``fedsim.headline.TEXT_KEYS`` with the
+update-free public-bag baseline), beside the final test accuracy and privacy budget epsilon
 (``fedsim.privacy.summary.epsilon_fields``: Opacus's figure, the median and min over DP-SGD clients, and
 Google's dp_accounting RDP and PLD figures; the epsilon against the curious server by
 ``fedsim.privacy.summary.epsilon_vs_server``, shared with the DP frontier: inf for central DP and DIFF2's central
@@ -23,6 +24,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from fedsim.headline import IMAGE_RANK_KEYS, TEXT_RANK_KEYS
 from fedsim.privacy.summary import epsilon_vs_server
 from fedsim.recovery import EXACT_LABEL, FRAC_EXACT_KEY
 from fedsim.report.loading import Cell
@@ -36,6 +38,17 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("label_acc", "label acc.", +1),
     ("mi_accuracy", "MI acc.", +1),
     ("knn_distance", "kNN dist.", -1),
+    # text (fedsim.metrics.text; one registry: fedsim.headline.TEXT_KEYS), then the trivial public-bag attacker
+    ("exact_seq_rate", "exact seq.", +1),
+    ("rouge1_mean", "ROUGE-1", +1),
+    ("rouge2_mean", "ROUGE-2", +1),
+    ("rougeL_mean", "ROUGE-L", +1),
+    ("token_precision", "token P", +1),
+    ("token_recall", "token R", +1),
+    ("token_set_precision", "bag P", +1),
+    ("token_set_recall", "bag R", +1),
+    ("public_bag_baseline_token_set_precision", "public-bag baseline P", 0),  # never saw the update
+    ("public_bag_baseline_token_set_recall", "public-bag baseline R", 0),
     ("test_accuracy", "test acc.", 0),
     ("test_loss", "test loss", 0),  # the utility of a regression task (no accuracy)
     ("test_perplexity", "test ppl.", 0),  # language modeling: exp of the mean next-token cross-entropy
@@ -122,11 +135,18 @@ def _stat(values: list[float]) -> Stat | None:
     return Stat(mean(finite), stdev(finite) if len(finite) >= 2 else None, len(finite))
 
 
-def _leak_key(row: LeaderRow) -> tuple[float, float, float]:
-    """Most leaking first: by PSNR, then model-inversion accuracy; rows without leakage metrics last."""
-    psnr, mi = row.value("psnr_mean"), row.value("mi_accuracy")
-    has = 0.0 if psnr is not None or mi is not None else 1.0
-    return has, -(psnr if psnr is not None else -math.inf), -(mi if mi is not None else -math.inf)
+RANKED_BY = "PSNR, then MI accuracy; text rows by exact sequences, then ROUGE-L, then bag recall"
+
+
+def _leak_key(row: LeaderRow) -> tuple[float, ...]:
+    """Most leaking first: image/model-inversion rows by PSNR, then model-inversion accuracy; text rows by
+    :data:`fedsim.headline.TEXT_RANK_KEYS` (exact sequences, ROUGE-L, bag recall), a missing one ranking below any
+    value; image rows before text rows (their scales differ), rows without leakage metrics last."""
+    image = [row.value(k) for k in IMAGE_RANK_KEYS]
+    text = [row.value(k) for k in TEXT_RANK_KEYS]
+    group = 0.0 if any(v is not None for v in image) else 1.0 if any(v is not None for v in text) else 2.0
+    values = image if group == 0.0 else text
+    return group, *(-(v if v is not None else -math.inf) for v in values + [None] * (3 - len(values)))
 
 
 def _metric(cell: Cell, key: str) -> float | None:

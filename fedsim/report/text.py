@@ -29,6 +29,8 @@ UNFILLED = -1
 COLUMNS = (("rouge1_mean", "ROUGE-1", 3), ("rouge2_mean", "ROUGE-2", 3), ("rougeL_mean", "ROUGE-L", 3),
            ("exact_seq_rate", "exact seq.", 3), ("token_precision", "token P", 3), ("token_recall", "token R", 3),
            ("token_set_precision", "bag P", 3), ("token_set_recall", "bag R", 3),
+           ("public_bag_baseline_token_set_precision", "public-bag baseline P", 3),  # never saw the update
+           ("public_bag_baseline_token_set_recall", "public-bag baseline R", 3),
            ("bag_baseline_rouge1_mean", "baseline ROUGE-1", 3))
 
 
@@ -167,8 +169,10 @@ def text_markdown(records: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["Recovered text is matched one-to-one to the client's sequences before scoring (exact pairs first). "
              "ROUGE-1/2/L: F-measure of token n-grams / longest common subsequence (1 = the sequence recovered); "
              "exact seq.: share of the batch recovered token for token; token P/R: recovered tokens that are "
-             "right / true tokens recovered; bag P/R: the SET of token ids recovered (order-free); baseline: a "
-             "bag-of-tokens guess that knows the true tokens but not their order.", "",
+             "right / true tokens recovered; bag P/R: the SET of token ids recovered (order-free); public-bag "
+             "baseline P/R: a trivial attacker that never saw the update and guesses the public corpus's most "
+             "frequent tokens, as many as the batch has distinct ones (bag P/R mean something only above it); "
+             "baseline: a bag-of-tokens guess that knows the true tokens but not their order.", "",
              f"| attack | round | client | {head} | time (s) |", "|---" * (len(COLUMNS) + 4) + "|"]
     for r in records:
         if r.get("failed"):
@@ -254,7 +258,9 @@ def text_section(records: Sequence[dict[str, Any]] | None) -> str:
 
 _INTRO = ("ROUGE-1/2/L: F-measure of token n-grams / longest common subsequence against the true sequence (1 = "
           "recovered); exact seq.: the share of the batch recovered token for token; token P/R: recovered tokens that "
-          "are right / true tokens recovered; bag P/R: the set of token ids (order-free); baseline: a guess that knows "
+          "are right / true tokens recovered; bag P/R: the set of token ids (order-free); public-bag baseline P/R: a "
+          "trivial attacker that never saw the update, guessing the public corpus's most frequent tokens, as many as "
+          "the batch has distinct ones (bag P/R mean something only above it); baseline: a guess that knows "
           "the true tokens but not their order. "
           "Each of the client's sequences beside the recovered one matched to it for scoring; a highlighted token "
           "equals the original at that position, \u25af marks a position the attack left unfilled. Bag-only attacks "
