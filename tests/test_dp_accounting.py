@@ -78,6 +78,15 @@ def test_pld_of_a_tiny_sigma_stays_cheap() -> None:
     assert 0.8 * bound < dp_accounting_epsilon([(1e-3, 1.0, 1)], DELTA, "pld") <= bound
 
 
+@pytest.mark.parametrize("sigma", [1e-4, 1e-6])
+def test_pld_of_a_subsampled_tiny_sigma_is_bounded_not_an_overflow(sigma: float) -> None:
+    """q 4/214, 3 steps (scenarios/text/dp_sgd.yaml's client 0): the scaled PLD grid overflowed exp() (an
+    OverflowError ended the run in its privacy summary); RDP's epsilon is a valid upper bound on PLD's."""
+    history = [(sigma, 4 / 214, 3)]
+    eps = dp_accounting_epsilon(history, DELTA, "pld")
+    assert math.isfinite(eps) and 0 < eps <= reference(history) * 1.01
+
+
 def test_a_mixed_history_composes_every_step_and_edge_cases() -> None:
     history = [(1.0, 0.1, 5), (1.0, 0.1, 5), (2.0, 0.05, 20)]  # two entries of one kind, then another
     expected = reference([(1.0, 0.1, 10), (2.0, 0.05, 20)])
