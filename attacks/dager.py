@@ -26,6 +26,10 @@ proper subspace, and a candidate ``u`` lies in it (relative residual ~1e-7 in fl
    largest layer-2 residual is below the tolerance is accepted (exact sequences pass; mixtures do not). At batch 1
    the candidate sets are singletons (without repeats) and recovery is exact; at B > 1 it may miss sequences.
 
+Output: at most B sequences (``ClientUpdate.examples_to_reconstruct``). When more pass (steps 2 and 4 accept false
+sequences below the tolerance), the B with the lowest largest layer-2 residual are kept (``stats["surplus_dropped"]``);
+the ground truth never chooses.
+
 Rank condition: N = B (T-1) tokens for gpt's LM loss (the last position has no q/k/v gradient), B T for bert, and
 N < width; when it fails the attack fails with the sizes. A gradient of higher numerical rank than N (noise: DP-SGD)
 keeps its N leading singular directions (``stats["rank_truncated"]``); true tokens then lie off the noisy span and the
@@ -135,11 +139,13 @@ class Dager(Attack):
             sizes["layer1_candidates"] = float(sum(len(c) for c in cands))
             if causal:
                 seqs, partial = self._decoder(model, spans.bases[1], cands, spans.tols[1])
+                seqs = self._best(model, spans.bases[1], seqs, batch, sizes)
                 if lm and len(seqs):
                     seqs = torch.cat([seqs, self._last_tokens(model, update, seqs, batch)[:, None]], dim=1)
             else:
                 deadline = None if self.budget.time_limit_s is None else start + self.budget.time_limit_s
                 seqs, partial = self._encoder(model, spans.bases[1], cands, batch, deadline, spans.tols[1])
+                seqs = self._best(model, spans.bases[1], seqs, batch, sizes)
         sizes.update(span_tol_block0=spans.tols[0], span_tol_block1=spans.tols[1])
         if progress is not None:
             progress(0, 0)
@@ -154,6 +160,17 @@ class Dager(Attack):
         """Token ids v whose ``blocks[0].ln1(tok[v] + pos[position])`` lies in the block-0 span."""
         u = model.blocks[0].ln1(model.embed.tok.weight + model.embed.pos.weight[position])
         return torch.nonzero(span_residual(u, basis) < tol).flatten()
+
+    def _best(self, model: nn.Module, basis: Tensor, seqs: Tensor, batch: int, stats: dict) -> Tensor:
+        """At most ``batch`` (the view's ``examples_to_reconstruct``) of the accepted ``seqs`` (K, L): those with
+        the lowest largest layer-2 span residual (the attack's own acceptance score; never the ground truth), in
+        that order. More than ``batch`` pass when false sequences slip under the tolerance; returning them would
+        make the scorer pick among them with the truth (an oracle). ``stats["surplus_dropped"]`` counts the rest."""
+        if len(seqs) <= batch:
+            return seqs
+        worst = self._layer2_residual(model, basis, seqs).amax(1)
+        stats["surplus_dropped"] = float(len(seqs) - batch)
+        return seqs[torch.argsort(worst, stable=True)[:batch]]
 
     def _layer2_residual(self, model: nn.Module, basis: Tensor, seqs: Tensor) -> Tensor:
         """(K, L) layer-2 span residuals of every position of ``seqs`` (K, L)."""

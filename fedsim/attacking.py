@@ -93,6 +93,47 @@ def oracle_grants(knowledge: Knowledge) -> tuple[str, ...]:
     return ("dropout masks",) if knowledge.oracle_masks else ()
 
 
+def input_grants(view: ClientUpdate, inputs: torch.Tensor) -> tuple[str, ...]:
+    """The granted parts of ``view`` (``side_info``, ``hyperparams``, ``defenses``, searched through nested mappings
+    and sequences) that hold the client's ground-truth ``inputs`` (images (B, C, H, W), token ids (B, T), ...): a
+    tensor equal to them element for element (any shape or dtype), or, for token ids, to their next-token targets
+    or contexts (``inputs[:, 1:]``, ``inputs[:, :-1]``). One reason per such grant, e.g. ``side_info["labels"] holds
+    the client's inputs``; the runner passes them to :func:`judge` with :func:`oracle_grants`, so the outcome is an
+    oracle whatever the attack did with them. The second line of defence behind validation (which refuses
+    ``knowledge.labels: known`` on a language model, whose labels are its input text): a task kind added later whose
+    grants carry the inputs is labelled, never silently scored as an honest attack."""
+    if inputs.numel() == 0:
+        return ()
+    ref = inputs.detach().to("cpu")
+    forms = [ref]
+    if not ref.is_floating_point() and ref.dim() == 2 and ref.shape[1] > 1:
+        forms += [ref[:, 1:], ref[:, :-1]]
+    flat = [f.reshape(-1).double() for f in forms]
+
+    def holds(value: Any) -> bool:
+        if not isinstance(value, torch.Tensor):
+            return False
+        v = value.detach().to("cpu").reshape(-1)
+        return any(v.numel() == f.numel() and torch.equal(v.double(), f) for f in flat)
+
+    found: list[str] = []
+
+    def walk(value: Any, where: str) -> None:
+        if holds(value):
+            found.append(f"{where} holds the client's inputs")
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, f"{where}[{k!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+
+    walk(view.side_info, "side_info")
+    walk(view.hyperparams, "hyperparams")
+    walk(view.defenses, "defenses")
+    return tuple(found)
+
+
 def judge(metrics: dict[str, Any], grants: Sequence[str] = (), labels_given: bool = False,
           asked: int | None = None) -> tuple[bool, tuple[str, ...], bool, dict[str, Any]]:
     """The runner's verdict on one outcome: ``(oracle, reasons, oracle_labels, metrics)``.
@@ -295,9 +336,9 @@ def run_attacks(
             else:
                 rec = _reconstruct(attack, view, fn, seed)
             seconds = time.perf_counter() - start
+            grants = (*oracle_grants(spec.knowledge), *input_grants(view, cap.truth.inputs))
             public = dataset_public_ranking(scenario.data, cap.truth.inputs.shape[1]) if task.is_text else None
-            oracle, reasons, given, metrics = judge(score_reconstruction(rec, cap.truth, public_tokens=public),
-                                                    oracle_grants(spec.knowledge),
+            oracle, reasons, given, metrics = judge(score_reconstruction(rec, cap.truth, public_tokens=public), grants,
                                                     labels_given="labels" in view.side_info,
                                                     asked=view.examples_to_reconstruct)
             text = task.is_text

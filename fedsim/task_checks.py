@@ -14,7 +14,8 @@ On tabular inputs of any task, a model that cannot take a feature vector (the im
 is not an image (feature vectors, token sequences), ``federation.local.augmentation`` other than ``none`` is
 refused (it flips and crops images). On token sequences, staleness's ``gi_conversion`` (gradient inversion into
 images) is refused, and on a language-modeling task (labels = next tokens, no classes) ``slow_class`` and
-``evaluation.class_accuracy`` are.
+``evaluation.class_accuracy`` are, and so is ``attacks[i].knowledge.labels: known`` (the labels of a language model are
+its input token ids: granting them would hand the attack the client's text).
 
 Every plug-in declares the input kinds it works on (``Attack.inputs``: images by default, ``("tokens",)`` for
 the text attacks; ``Defense.inputs``: all kinds by default, Soteria not tokens): :func:`check_input_kind` refuses
@@ -59,7 +60,8 @@ def check_task(scenario: Scenario) -> None:
 
 
 def _check_text(scenario: Scenario, task: str) -> None:
-    """What a token dataset rules out (module doc): gradient inversion into images, and classes of an LM task."""
+    """What a token dataset rules out (module doc): gradient inversion into images, and an LM task's classes and
+    label grants (its labels are the inputs)."""
     name = scenario.data.dataset
     stale = scenario.federation.staleness
     if stale is not None and stale.aggregation == "gi_conversion":
@@ -68,6 +70,10 @@ def _check_text(scenario: Scenario, task: str) -> None:
                             "dc_asgd)")
     if task != "language_modeling":
         return
+    for i, spec in enumerate(scenario.attacks):
+        if spec.knowledge.labels == "known":  # the labels of a language model ARE its input text (GroundTruth.labels)
+            raise ScenarioError(f"attacks[{i}].knowledge.labels", f"known would hand {spec.name} the client's text: "
+                                f"the labels of a language model ({name!r}) are its input token ids (use infer)")
     no_classes = f"{name!r} is a language-modeling task: its labels are the next tokens, not classes"
     if stale is not None and stale.slow_class is not None:
         raise ScenarioError("federation.staleness.slow_class", f"{no_classes} (name the slow clients with "

@@ -19,7 +19,8 @@ always              ``round``, ``partition_id``, ``reference_state`` (a model th
                     *architectural* parameters, never e.g. DP-SGD's sigma or MID's beta), ``global_state``
                     (BatchNorm running statistics included: the server aggregated them), ``update``, ``num_examples``
 ``local_hparams``   ``hyperparams`` (lr, steps, batch size, optimizer, ...)
-``labels: known``   ``side_info["labels"]``
+``labels: known``   ``side_info["labels"]`` (refused on a language-modeling task, whose labels are its input text;
+                    a grant equal to the inputs makes the outcome oracle: ``fedsim.attacking.input_grants``)
 ``defense``         ``defenses`` (every defense's name and parameters)
 ``oracle_masks``    ``side_info["oracle_masks"]`` (ground truth: the runner labels the outcome oracle)
 ``bn_stats``        nothing: ``running`` lets an attack *use* the global model's running statistics

@@ -56,11 +56,18 @@ def dp_gradient(name: str, model: torch.nn.Module, x: torch.Tensor, sigma: float
 
 def text_update(name: str, batches: list[torch.Tensor], vocab: int, width: int = 128, depth: int = 2,
                 protocol: str = "fedsgd", lr: float = 0.1, optimizer: str = "sgd", momentum: float = 0.0,
-                weight_decay: float = 0.0, dp: tuple[float, float] | None = None) -> ClientUpdate:
-    """The update of a client holding ``batches`` (each (B, T) int64) on a seed-0 ``name`` model.
+                weight_decay: float = 0.0, dp: tuple[float, float] | None = None,
+                grant_labels: bool = False) -> ClientUpdate:
+    """The update of a client holding ``batches`` (each (B, T) int64) on a seed-0 ``name`` model, as the attacker's
+    view ``fedsim.attacking.observe`` builds under the default ``Knowledge()``: nothing granted (no ``side_info``,
+    ``hyperparams`` or ``defenses``), so a test cannot pass because the attack read the truth.
 
     fedsgd: the gradient of ``batches[0]`` (``dp=(sigma, clip)``: DP-SGD's noisy clipped mean); fedavg: the delta
-    after one local step per batch with ``optimizer``."""
+    after one local step per batch with ``optimizer``. ``grant_labels`` (bert only, as ``knowledge.labels: known``):
+    ``side_info["labels"]`` = the batch's classes; a gpt's labels are its input text, which validation refuses to
+    grant (fedsim.task_checks), so that raises ValueError."""
+    if grant_labels and name == "gpt":
+        raise ValueError("a language model's labels are its input tokens: validation refuses to grant them")
     seq_len = batches[0].shape[1]
     model, spec = text_model(name, seq_len, vocab, width, depth)
     model.train()
@@ -80,5 +87,5 @@ def text_update(name: str, batches: list[torch.Tensor], vocab: int, width: int =
     classes = vocab if name == "gpt" else CLASSES
     task = TaskInfo("synthetic-text", (seq_len,), classes, (), (), spec.model_dump(), protocol, kind=kind,
                     vocab_size=vocab)
-    return ClientUpdate(0, 0, task, state, update, len(batches[0]),
-                        side_info={"labels": labels_for(name, batches[0]).clone()})
+    side_info = {"labels": labels_for(name, batches[0]).clone()} if grant_labels else {}
+    return ClientUpdate(0, 0, task, state, update, len(batches[0]), side_info=side_info)
