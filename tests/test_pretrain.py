@@ -79,6 +79,21 @@ def test_cache_is_reused_and_a_foreign_file_is_left_alone(tmp_path, monkeypatch)
     assert any("not a fedsim cache file" in str(w.message) for w in caught)
 
 
+def test_a_changed_public_part_is_never_served_the_cached_model(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The cache key covers the public rows themselves: after a change of the data rule (e.g. the issue-16
+    de-duplication dropped public rows equal to private ones) the old model is not reused."""
+    import fedsim.data.text as text
+
+    scenario = _scenario(steps=5)
+    setup_for(scenario).build_model()
+    assert len(list((tmp_path / "pretrained").glob("*.pt"))) == 1
+    original = text.public_sequences
+    monkeypatch.setattr(text, "public_sequences", lambda spec, seq_len: original(spec, seq_len)[:-1])
+    monkeypatch.setattr(pretrain, "_LOADED", {})
+    setup_for(scenario).build_model()
+    assert len(list((tmp_path / "pretrained").glob("*.pt"))) == 2  # trained (and cached) anew
+
+
 def test_bert_pretrains_its_encoder_and_keeps_its_seeded_head() -> None:
     scenario = _scenario("bert", steps=5, dataset="kjv-genre")
     pretrained = setup_for(scenario).build_model()

@@ -79,6 +79,26 @@ def _kept_by_brute_force(start: int, stop: int, seq_len: int) -> list[int]:
     return [start + i for i, n in enumerate(_lengths(start, stop)) if n >= seq_len]
 
 
+@functools.cache
+def _first_ids(start: int, stop: int, seq_len: int) -> dict[int, tuple[int, ...]]:
+    """Verse position -> its first ``seq_len`` ids, for the verses of ROWS[start:stop] with >= ``seq_len``."""
+    enc = load_tokenizer(TOK).encode_batch([r[3] for r in ROWS[start:stop]])
+    return {start + i: tuple(e.ids[:seq_len]) for i, e in enumerate(enc) if len(e.ids) >= seq_len}
+
+
+def _split_by_brute_force(seq_len: int, fraction: float) -> tuple[set[int], list[int]]:
+    """(train positions, test positions): each book's last ceil(n * fraction) kept verses (books with >= 2), minus
+    every test verse whose first ``seq_len`` ids equal a train verse's (the documented de-duplication)."""
+    ids = _first_ids(NT_START, len(ROWS), seq_len)
+    tail: list[int] = []
+    for book in dict.fromkeys(r[0] for r in ROWS[NT_START:]):
+        mine = [i for i in ids if ROWS[i][0] == book]
+        tail += mine[len(mine) - math.ceil(len(mine) * fraction):] if len(mine) >= 2 else []
+    train = set(ids) - set(tail)
+    train_rows = {ids[i] for i in train}
+    return train, [i for i in tail if ids[i] not in train_rows]
+
+
 @pytest.mark.parametrize("seq_len", [16, 8])
 def test_kjv_examples_are_the_first_t_tokens_of_long_enough_nt_verses(seq_len: int) -> None:
     spec = DataSpec(dataset="kjv", seq_len=None if seq_len == 16 else seq_len)
@@ -88,12 +108,13 @@ def test_kjv_examples_are_the_first_t_tokens_of_long_enough_nt_verses(seq_len: i
         assert x.dtype == torch.int64 and x.shape[1] == seq_len and torch.equal(x, y)
         assert int(x.min()) >= 0 and int(x.max()) < 2048
     kept = _kept_by_brute_force(NT_START, len(ROWS), seq_len)
-    assert b.num_train + len(b.test_x) == len(kept)
-    if seq_len == 16:
-        assert len(kept) == 7636  # the number the module docstring states
+    want_train, want_test = _split_by_brute_force(seq_len, 0.2)
+    assert b.num_train == len(want_train) and len(b.test_x) == len(want_test)
+    if seq_len == 16:  # the numbers the module docstring states
+        assert len(kept) == 7636 and (b.num_train, len(b.test_x)) == (6097, 1536)
     train = examples_of("kjv", "train", spec=spec).indices
     test = examples_of("kjv", "test", spec=spec).indices
-    assert np.intersect1d(train, test).size == 0 and sorted([*train, *test]) == kept
+    assert set(train) == want_train and sorted(test) == sorted(want_test)
     # each example is the start of its own verse, and its group is that verse's book
     rows = _train_rows(spec)
     for i in range(0, b.num_train, 97):
@@ -112,9 +133,11 @@ def test_test_split_is_the_tail_of_every_book_and_train_order_spans_books() -> N
     b = load_dataset(spec)
     test_rows = examples_of("kjv", "test", spec=spec).indices
     kept = _kept_by_brute_force(NT_START, len(ROWS), 16)
+    _, deduplicated = _split_by_brute_force(16, 0.25)
     for book in dict.fromkeys(r[0] for r in ROWS[NT_START:]):
         mine = [i for i in kept if ROWS[i][0] == book]
         want = mine[len(mine) - math.ceil(len(mine) * 0.25):] if len(mine) >= 2 else []
+        want = [i for i in want if i in set(deduplicated)]  # minus test verses equal to a train row
         assert sorted(set(test_rows) & set(mine)) == want, book
     assert len(set(b.groups[:27].tolist())) == 27  # book-interleaved: the first 27 train examples are 27 books
     again = load_dataset(spec)
@@ -145,8 +168,9 @@ def test_kjv_genre_labels_each_verse_with_its_books_genre() -> None:
 def test_public_part_is_the_old_testament_and_disjoint_from_clients() -> None:
     spec = DataSpec(dataset="kjv")
     pub = public_sequences(spec, 16)
-    kept = _kept_by_brute_force(0, NT_START, 16)
-    assert pub.dtype == torch.int64 and tuple(pub.shape) == (len(kept), 16) == (22368, 16)
+    nt_rows = set(_first_ids(NT_START, len(ROWS), 16).values())
+    kept = [i for i, ids in _first_ids(0, NT_START, 16).items() if ids not in nt_rows]  # minus rows equal to NT's
+    assert pub.dtype == torch.int64 and tuple(pub.shape) == (len(kept), 16) == (22366, 16)
     tok = load_tokenizer(TOK)
     for j in range(0, len(kept), 501):
         assert torch.equal(pub[j], torch.tensor(tok.encode(ROWS[kept[j]][3]).ids[:16]))
@@ -303,3 +327,37 @@ def test_build_script_reproduces_the_shipped_assets(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes() == (ASSETS / name).read_bytes(), name
     with pytest.raises(SystemExit, match="31101"):  # a verse missing is refused
         build.parse_dump("\n".join(dump[:-1]) + "\n")
+
+
+@pytest.mark.parametrize("seq_len", [8, 12, 16])
+@pytest.mark.parametrize("name", ["kjv", "kjv-genre"])
+def test_no_t_token_row_is_in_two_parts(name: str, seq_len: int) -> None:
+    """Disjointness at the unit the model consumes (issue 16 review, finding 7): no T-token id row of the public
+    part equals a train or test row, and no test row equals a train row. Brute force over the rows as tuples
+    (on the undeduplicated verses: T 16: 2 train rows equal public rows, 3 test rows equal train rows; T 8: 70/41)."""
+    spec = DataSpec(dataset=name, seq_len=seq_len)
+    b = load_dataset(spec)
+    public = {tuple(r) for r in public_sequences(spec, seq_len).tolist()}
+    train = {tuple(r) for r in b.train_x.tolist()}
+    test = {tuple(r) for r in b.test_x.tolist()}
+    assert public and train and test
+    assert not public & train and not public & test and not test & train
+
+
+def test_wikitext_test_chunk_equal_to_a_train_chunk_is_dropped(tmp_path: Path) -> None:
+    """WikiText's train and test splits are different articles, but identical T-id chunks can occur in both
+    (here a test article repeats a train article): no test row may equal a train row (brute-force sets)."""
+    import datasets
+
+    train = [" = Alpha = \n", " The first article has several words in it , more than a few .\n"]
+    test = [" = Alpha = \n", " The first article has several words in it , more than a few .\n",
+            " = Gamma = \n", " A test article with enough words to make one chunk at least .\n"]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                               "test": datasets.Dataset.from_dict({"text": test})})
+    dd.save_to_disk(str(tmp_path / "wikitext-2-raw-v1"))
+    b = load_dataset(DataSpec(dataset="wikitext-2", root=str(tmp_path), seq_len=4))
+    train_rows = {tuple(r) for r in b.train_x.tolist()}
+    assert not train_rows & {tuple(r) for r in b.test_x.tolist()}
+    ids = load_tokenizer(TOK).encode("".join(test[2:])).ids  # the distinct article's chunks all stay
+    want = [tuple(ids[i:i + 4]) for i in range(0, len(ids) - 3, 4)]
+    assert [tuple(r) for r in b.test_x.tolist()][-len(want):] == want

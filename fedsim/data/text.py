@@ -12,13 +12,20 @@ Old Testament only). T is ``data.seq_len`` (default 16).
 
 **The rule for examples.** A verse becomes one example when it has at least T tokens: its FIRST T tokens (a
 shorter verse is dropped, nothing is padded or joined across verses). At T = 16, 7,636 of the 7,957 New Testament
-verses are kept (22,368 of the 23,145 Old Testament ones in the public part).
+verses are kept (22,368 of the 23,145 Old Testament ones, 22,366 of them in the public part: see below).
 
 **Train/test.** Within each book, the LAST ``ceil(n * test_fraction)`` kept verses are the test set (a book with
 fewer than two kept verses is train only), so both splits cover every book; no randomness at all. The train
 examples are ordered book-interleaved (1st kept verse of each book, then the 2nd, ...), so ``data.train_subset``
 (the first N) still spans the books. ``groups`` is each train example's book (0 = Matthew .. 26 = Revelation,
 ``source_names``) for ``partition.kind: by_source``.
+
+**No example in two parts.** The parts are disjoint as the model sees them, by T-token id row, not only by verse
+(many verses share their first T tokens; :mod:`fedsim.data.dedup`): a test verse whose row equals a train row is
+dropped from the test set, and an Old Testament verse whose row equals the row of any kept New Testament verse
+(train, test or dropped test) is dropped from the public part. Dropped at ``test_fraction`` 0.2: T = 16: 3 test
+rows (1,536 test, 6,097 train remain) and 2 public rows (22,366 remain); T = 12: 13 test, 6 public; T = 8: 48
+test, 149 public. Rows repeated WITHIN a part are kept (the same opening in two train verses is two examples).
 
 Datasets:
 
@@ -45,6 +52,7 @@ import torch
 from fedsim.data.build_text_assets import BOOKS, CORPUS_FILE, NUM_OT_BOOKS
 from fedsim.data.bundle import DatasetBundle, class_interleaved, num_test_examples
 from fedsim.data.catalog import DATASETS, DatasetFacts, declare_facts, facts_of
+from fedsim.data.dedup import rows_not_in
 from fedsim.data.sources import Examples, declare_source
 from fedsim.errors import ScenarioError
 from fedsim.text.tokenizer import ASSETS, encode_batch, vocab_size
@@ -134,6 +142,7 @@ def _split(seq_len: int, test_fraction: float) -> _Split:
     train = np.flatnonzero(~is_test)
     train = train[class_interleaved(book[train])]
     test = np.flatnonzero(is_test)
+    test = test[rows_not_in(x[test], x[train])]  # no test row equals a train row (module docstring)
     return _Split(rows[train], rows[test], x[train], x[test])
 
 
@@ -168,15 +177,24 @@ def load_kjv_genre(spec: DataSpec) -> DatasetBundle:
     return _bundle("kjv-genre", spec, genre=True)
 
 
+@lru_cache(maxsize=4)
+def _public(seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(verse positions (M,), ids (M, T)) of the public part: the kept Old Testament verses whose first T ids
+    equal those of no kept New Testament verse (module docstring)."""
+    rows, x = _kept(True, seq_len)
+    keep = rows_not_in(x, _kept(False, seq_len)[1])
+    return rows[keep], x[keep]
+
+
 def kjv_public_sequences(spec: DataSpec, seq_len: int) -> torch.Tensor:
-    """int64 (M, seq_len): the first ``seq_len`` tokens of every Old Testament verse with >= ``seq_len`` tokens,
-    in canonical order (M = 22,368 at T = 16)."""
-    return torch.from_numpy(_kept(True, seq_len)[1])
+    """int64 (M, seq_len): the first ``seq_len`` tokens of every Old Testament verse with >= ``seq_len`` tokens
+    whose row equals no New Testament example's, in canonical order (M = 22,366 at T = 16)."""
+    return torch.from_numpy(_public(seq_len)[1].copy())
 
 
 def kjv_public_examples(spec: DataSpec, seq_len: int) -> Examples:
     """The verse positions :func:`kjv_public_sequences` uses, as a :mod:`fedsim.data.sources` example set."""
-    rows = _kept(True, seq_len)[0]
+    rows = _public(seq_len)[0]
     return Examples(COLLECTION, "all", rows.astype(np.int64), f"Old Testament verses with >= {seq_len} tokens")
 
 

@@ -11,7 +11,8 @@ Examples: the text is tokenized with ``kjv-bpe-2048`` (byte-level, so any text e
 KJV, it spends more tokens per word on modern English) ARTICLE BY ARTICLE (an article starts at a ``" = Title = "``
 line), and each article's ids are cut into consecutive T-token examples (T = ``data.seq_len``, default 16; an
 article's last < T ids are dropped; no example crosses two articles). Train examples come from the ``train``
-split, test examples from the ``test`` split (``data.test_fraction`` does not apply), in article order.
+split, test examples from the ``test`` split (``data.test_fraction`` does not apply), in article order; a test
+chunk whose T ids equal a train chunk's is dropped (:mod:`fedsim.data.dedup`: no example in both parts).
 ``groups`` is the train example's article (``source_names`` its title), for ``partition.kind: by_source``.
 Tokenizing the ~2 M-word train split takes seconds. WikiText-2 has no public part (``model.pretrain`` is refused).
 """
@@ -28,6 +29,7 @@ import torch
 
 from fedsim.data.bundle import DatasetBundle
 from fedsim.data.catalog import DATASETS, DatasetFacts, declare_facts
+from fedsim.data.dedup import rows_not_in
 from fedsim.data.sources import Examples, declare_source
 from fedsim.data.text import DEFAULT_SEQ_LEN, PARTS, TOKENIZER, TOKENIZER_OF, seq_len_of
 from fedsim.data.torchvision_sets import data_root
@@ -115,6 +117,7 @@ def load_wikitext2(spec: DataSpec) -> DatasetBundle:
     titles, texts = articles(lines["train"])
     train_x, owner = chunks(texts, seq_len)
     test_x, _ = chunks(articles(lines["test"])[1], seq_len)
+    test_x = test_x[rows_not_in(test_x, train_x)]  # no test example equals a train example
     train, test = torch.from_numpy(train_x), torch.from_numpy(test_x)
     vocab = vocab_size(TOKENIZER)
     return DatasetBundle(name=NAME, train_x=train, train_y=train.clone(), test_x=test, test_y=test.clone(),
@@ -125,7 +128,8 @@ def load_wikitext2(spec: DataSpec) -> DatasetBundle:
 
 @dataclass(frozen=True)
 class _Chunks:
-    """Source of ``wikitext-2``: position p of a split is chunk p of that split (chunks depend on T)."""
+    """Source of ``wikitext-2``: position p of a split is chunk p of that split (chunks depend on T; the test
+    split counts only the chunks equal to no train chunk)."""
 
     def examples(self, dataset: str, split: str, start: int, stop: int | None, spec: DataSpec) -> Examples:
         what = f"{dataset} {split} examples {start}..{'end' if stop is None else stop - 1}"

@@ -16,7 +16,8 @@ Testament), so public and private text share no verse.
   seed. The last :data:`HELD_OUT_FRACTION` of the public sequences are held out and give ``heldout_perplexity``.
 * **cache**: ``$FEDSIM_CACHE_DIR/pretrained/<key>.pt`` (default ``~/.fedsim/cache``), ``key`` hashing the
   model spec (name, width, depth, activation, dropout), dataset, sequence length, tokenizer, vocabulary, pretrain
-  spec and :data:`FORMAT`. Written atomically, read with ``torch.load(weights_only=True)``; a file at that name
+  spec, :data:`FORMAT` and the public rows' bytes (so a changed public part, e.g. by de-duplication, is never
+  served an old model). Written atomically, read with ``torch.load(weights_only=True)``; a file at that name
   that fedsim did not write is left alone, an unwritable cache warns and the run goes on (uncached).
 
 Long pretraining prints its progress to stderr (``pretraining gpt on kjv's public part: step 300/1500, loss 4.21``).
@@ -54,10 +55,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSIM_CACHE_DIR") or "~/.fedsim/cache").expanduser() / "pretrained"
 
 
-def cache_key(scenario: Scenario, seq_len: int, tokenizer: str, vocab_size: int) -> str:
-    """Hash of everything the pretrained weights depend on (module docstring)."""
+def cache_key(scenario: Scenario, seq_len: int, tokenizer: str, vocab_size: int,
+              public: Tensor | None = None) -> str:
+    """Hash of everything the pretrained weights depend on (module docstring), including the public rows
+    themselves (``public`` (M, T) int64: a change of the data rule, e.g. its de-duplication, is a new model)."""
     spec, pre = scenario.model, scenario.model.pretrain
+    rows = None if public is None else hashlib.sha256(public.contiguous().numpy().tobytes()).hexdigest()
     what = {"model": {k: getattr(spec, k) for k in ("name", "width", "depth", "activation", "dropout", "norm")},
+            "public_rows": rows,
             "dataset": scenario.data.dataset, "seq_len": seq_len, "tokenizer": tokenizer, "vocab": vocab_size,
             "pretrain": None if pre is None else pre.model_dump(), "format": FORMAT, "seed": PRETRAIN_SEED,
             "mask": MASK_FRACTION, "held_out": [HELD_OUT_FRACTION, MAX_HELD_OUT]}
@@ -163,13 +168,13 @@ def _payload(scenario: Scenario, model: nn.Module) -> tuple[str, dict[str, Any]]
 
     data = load_dataset(scenario.data)
     seq_len = int(model.max_len)
-    key = cache_key(scenario, seq_len, data.tokenizer, data.vocab_size)
+    public = public_sequences(scenario.data, seq_len)
+    key = cache_key(scenario, seq_len, data.tokenizer, data.vocab_size, public)
     if key in _LOADED:
         return key, _LOADED[key]
     path = cache_dir() / f"{key}.pt"
     payload = _read(path) if path.is_file() else None
     if payload is None:
-        public = public_sequences(scenario.data, seq_len)
         fresh = build_model(scenario.model.model_copy(update={"pretrain": None}), (seq_len,),
                             int(model.head.out_features), seed=PRETRAIN_SEED, vocab_size=data.vocab_size)
         payload = _train(scenario, fresh, public, mask_id(data.tokenizer))
