@@ -103,7 +103,8 @@ class Dager(Attack):
     Params = DagerParams
     inputs: ClassVar[tuple[str, ...]] = ("tokens",)
     protocols: ClassVar[tuple[str, ...]] = ("fedsgd",)
-    summary = "DAGER (Petrov et al. 2024): exact text from attention-gradient span checks; needs B*T < width"
+    summary = ("DAGER (Petrov et al. 2024): exact text from attention-gradient span checks; needs B x T positions < "
+               "width (gpt: B x (T-1))")
     min_iterations: ClassVar[int] = 0
     threat_model: ClassVar[str] = "B"
     assumes: ClassVar[tuple[str, ...]] = ("the global model sent to the client (the server built it)",

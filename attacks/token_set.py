@@ -17,6 +17,9 @@ of a used token is nonzero unless its gradients cancel to the last bit. The reco
   for some t, so every token with a negative head-bias gradient (a positive fedavg delta: sign flipped) is used
   (precision stays exact, also over several local steps, momentum or Adam: positive combinations of gradients). A
   last-position token the model already predicts with total probability >= its count is missed (recall < 1 then).
+  Under fedavg with Adam the summed head-bias SIGN of a target-only token can flip (the per-coordinate
+  normalisation weighs the local steps unequally), so such a token may be missed: ``stats["not_exact"]`` says so
+  (also when the local optimizer is not granted and Adam cannot be ruled out); the mode is "exact" only otherwise.
 * **Noise (DP-SGD, a noisy update).** No row is zero. Assuming fewer than half the rows were used, every unused row
   is pure Gaussian noise of one scale s, so its norm is ``s * chi_w``: the attack estimates s from the median row
   norm and keeps the rows above the ``1 - alpha / V`` quantile of ``s * chi_w`` (a family-wise false-positive rate
@@ -60,6 +63,23 @@ def decay_cosine(delta: Tensor, weight: Tensor) -> float:
     """Median over rows of ``|cos(delta[v], weight[v])|``: near 1 when weight decay moved every row."""
     cos = (delta * weight).sum(1).abs() / (delta.norm(dim=1) * weight.norm(dim=1)).clamp_min(1e-300)
     return float(cos.median())
+
+
+def _head_caveat(model: torch.nn.Module, update: ClientUpdate) -> str | None:
+    """Why the set may not be exact in the noiseless case, or None when it is (module doc): a causal LM's
+    target-only tokens come from the head-bias SIGN, which fedavg with Adam can flip (its per-coordinate
+    normalisation weighs the local steps unequally); with the local optimizer not granted it cannot be ruled out."""
+    task = update.task
+    if not (getattr(model, "causal", False) and task.kind == "language_modeling") or task.protocol != "fedavg":
+        return None
+    optimizer = (update.hyperparams or {}).get("optimizer")
+    if optimizer == "adam":
+        return ("fedavg with Adam: a token that is only a next-token target is read from the head-bias sign, which "
+                "Adam's normalisation can flip, so it may be missed (recall < 1; precision stays exact)")
+    if optimizer is None:
+        return ("the local optimizer is not known (knowledge.local_hparams): under Adam a token that is only a "
+                "next-token target may be missed")
+    return None
 
 
 @register_attack("token_set")
@@ -113,7 +133,11 @@ class TokenSet(Attack):
                          threshold=threshold, noise_scale=scale)
         else:
             used = torch.nonzero(norms > 0).flatten()
-            stats.update(mode="exact: the nonzero rows", threshold=0.0)
+            caveat = _head_caveat(model, update)
+            stats.update(mode="exact: the nonzero rows" if caveat is None else f"the nonzero rows; {caveat}",
+                         threshold=0.0)
+            if caveat is not None:
+                stats["not_exact"] = caveat
             extra = self._head_targets(model, update)
             stats["from_head"] = float(len(set(extra.tolist()) - set(used.tolist())))
             used = torch.cat([used, extra])

@@ -194,15 +194,16 @@ def list_plugins() -> None:
     table = Table(title="fedsim registries")
     table.add_column("kind", no_wrap=True)
     table.add_column("name", no_wrap=True)  # whole names: they are what a scenario types
-    table.add_column("what it is", overflow="fold")
+    table.add_column("what it is", overflow="fold", min_width=20)  # wide enough for "language_modeling" whole
     table.add_column("SoK", no_wrap=True)  # the letter; names in the legend below (a name would be cut at 80 columns)
     table.add_column("assumes", overflow="fold")  # fold, never cut: it names the field to set
     for name in DATASETS:
         table.add_row("dataset", name, _dataset_summary(name), "", "")
     for name in MODELS:
-        table.add_row("model", name, "", "", "")
+        table.add_row("model", name, _model_summary(name), "", "")
     for name, cls in attack_registry().items():
-        table.add_row("attack", name, cls.summary, threat_model(cls.threat_model).letter, "; ".join(cls.assumes))
+        table.add_row("attack", name, f"{'/'.join(cls.inputs)}: {cls.summary}", threat_model(cls.threat_model).letter,
+                      "; ".join(cls.assumes))
     for name, cls in defense_registry().items():
         table.add_row("defense", name, getattr(cls, "summary", ""), "", "")
     for row in _zeroth_order_rows():
@@ -233,6 +234,20 @@ def _threat_model_table() -> Table:
         table.add_row(tm.letter, tm.name, ", ".join(caps), "\n".join(fields) or "(always granted)",
                       "*" * tm.applicability)
     return table
+
+
+def _model_summary(name: str) -> str:
+    """A text model's kind and the text datasets of its task (``fedsim.models.TEXT_MODELS``, the dataset facts),
+    e.g. 'text: causal LM (kjv, wikitext-2)'; "" for the others."""
+    from fedsim.data.catalog import FACTS
+    from fedsim.models import TEXT_MODELS
+
+    task = TEXT_MODELS.get(name)
+    if task is None:
+        return ""
+    kind = {"language_modeling": "causal LM", "classification": "encoder classifier"}.get(task, task)
+    datasets = sorted(d for d, f in FACTS.items() if f.inputs == "tokens" and f.task == task)
+    return f"text: {kind}" + (f" ({', '.join(datasets)})" if datasets else "")
 
 
 def _dataset_summary(name: str) -> str:

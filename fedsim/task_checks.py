@@ -12,7 +12,9 @@ task fedsim refuses, with the YAML field path:
 On tabular inputs of any task, a model that cannot take a feature vector (the image models ``convnet``,
 ``lenet``, ``resnet*``, ``vit``) is refused at ``model.name``; ``fc10`` and ``mlp`` take both. On any input that
 is not an image (feature vectors, token sequences), ``federation.local.augmentation`` other than ``none`` is
-refused (it flips and crops images). On token sequences, staleness's ``gi_conversion`` (gradient inversion into
+refused (it flips and crops images). On token sequences, a text model whose declared task
+(``fedsim.models.TEXT_MODELS``) is not the dataset's is refused at ``model.name`` (:func:`check_text_model_task`:
+``bert`` on ``kjv``, ``gpt`` on ``kjv-genre``), staleness's ``gi_conversion`` (gradient inversion into
 images) is refused, and on a language-modeling task (labels = next tokens, no classes) ``slow_class`` and
 ``evaluation.class_accuracy`` are, and so is ``attacks[i].knowledge.labels: known`` (the labels of a language model are
 its input token ids: granting them would hand the attack the client's text).
@@ -56,7 +58,32 @@ def check_task(scenario: Scenario) -> None:
     if facts.inputs == "tabular":
         _check_vector_model(scenario, facts.features)
     if facts.inputs == "tokens":
+        check_text_model_task(scenario, facts.task)
         _check_text(scenario, facts.task)
+
+
+#: A text model's declared task (``fedsim.models.TEXT_MODELS``) in words.
+_MODEL_IS = {"language_modeling": "a language model", "classification": "a classifier"}
+_TASK_IS = {"language_modeling": "a language-modeling task", "classification": "a classification task"}
+
+
+def check_text_model_task(scenario: Scenario, task: str) -> None:
+    """Refuse, at ``model.name``, a text model whose declared task (``fedsim.models.TEXT_MODELS``) is not the
+    token dataset's ``task`` (e.g. ``bert``, a classifier, on the language-modeling ``kjv``; ``gpt`` on
+    ``kjv-genre``): one line naming the models and the text datasets that fit. Any other model on tokens is
+    refused by :func:`fedsim.models.build_model` (not a text model)."""
+    from fedsim.data.catalog import FACTS
+    from fedsim.models import TEXT_MODELS
+
+    model, name = scenario.model.name, scenario.data.dataset
+    declared = TEXT_MODELS.get(model)
+    if declared is None or declared == task:
+        return
+    models = sorted(m for m, t in TEXT_MODELS.items() if t == task)
+    datasets = sorted(d for d, f in FACTS.items() if f.inputs == "tokens" and f.task == declared)
+    use = " or ".join(x for x in (", ".join(models), ", ".join(datasets)) if x)
+    raise ScenarioError("model.name", f"{model} is {_MODEL_IS.get(declared, declared)}; {name!r} is "
+                                      f"{_TASK_IS.get(task, task)} (use {use})")
 
 
 def _check_text(scenario: Scenario, task: str) -> None:

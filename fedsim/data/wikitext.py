@@ -70,8 +70,11 @@ def chunks(texts: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(rows, dtype=np.int64).reshape(len(rows), seq_len), np.asarray(owner, dtype=np.int64)
 
 
+FIELD = "data.dataset"  # the field an absent or unfetchable WikiText-2 is reported at
+
+
 def _missing(folder: Path) -> str:
-    return (f"dataset 'wikitext-2' not found in {folder}: set data.download: true (needs network) to fetch "
+    return (f"{FIELD}: dataset 'wikitext-2' not found in {folder}: set data.download: true (needs network) to fetch "
             f"Hugging Face's {HF_PATH} ({HF_CONFIG}) there, or copy that folder (written by datasets' "
             "save_to_disk) from a machine that has it; set data.root to use another folder, or use dataset: kjv "
             "(bundled, offline)")
@@ -86,8 +89,10 @@ def _download(folder: Path) -> None:
         dd.save_to_disk(str(folder))
     except Exception as err:  # noqa: BLE001  (network, hub and file errors all become one line)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataUnavailableError(f"dataset 'wikitext-2': downloading {HF_PATH} ({HF_CONFIG}) into {folder} "
-                                   f"failed ({first}). {_missing(folder)}") from None
+        raise DataUnavailableError(f"{FIELD}: dataset 'wikitext-2': downloading {HF_PATH} ({HF_CONFIG}) into "
+                                   f"{folder} failed: {first}; check the network, or put the saved dataset (datasets' "
+                                   f"save_to_disk) under data.root as {folder}, or use dataset: kjv (bundled, "
+                                   "offline)") from None
 
 
 def _read(folder: Path) -> dict[str, list[str]]:

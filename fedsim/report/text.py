@@ -4,12 +4,14 @@ A text run's outcomes carry token ids (:class:`fedsim.attacking.AttackOutcome`: 
 unfilled; ``truth_tokens`` (B, T); ``token_set`` (M,) for a bag-only attack) and the text metrics of
 :mod:`fedsim.metrics.text` (ROUGE-1/2/L F, exact-sequence rate, token precision/recall, token-set P/R, and the
 bag-of-tokens baseline). :func:`text_records` turns them into plain records, decoded one string per token with
-:func:`fedsim.text.tokenizer.decode_tokens`, which the run directory keeps as ``sentences.json`` (only with
-``output.save_images``: the sentences are the client's private data, like the reconstruction images) and which
+:func:`fedsim.text.tokenizer.decode_tokens`, which the run directory keeps as ``sentences.json`` (by default;
+``output.save_images: false`` turns it off: the sentences are the client's private data, like the reconstruction
+images) and which
 :func:`text_markdown` and :func:`text_section` render. Each recovered sequence is shown beside the true sequence it
 was matched to for scoring (``metrics["order"]``); a token equal to the truth at the same position is marked.
 Everything from a tokenizer or an attack is escaped where it enters markup (HTML, and Markdown's specials); a
-failed outcome shows its reason, never an empty row.
+failed outcome shows its reason, never an empty row; one that ran and recovered nothing (no sequence, no token)
+shows the client's sequences with "nothing recovered" and the reason its stats give (:func:`nothing_reason`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ COLUMNS = (("rouge1_mean", "ROUGE-1", 3), ("rouge2_mean", "ROUGE-2", 3), ("rouge
            ("token_set_precision", "bag P", 3), ("token_set_recall", "bag R", 3),
            ("public_bag_baseline_token_set_precision", "public-bag baseline P", 3),  # never saw the update
            ("public_bag_baseline_token_set_recall", "public-bag baseline R", 3),
-           ("bag_baseline_rouge1_mean", "baseline ROUGE-1", 3))
+           ("bag_baseline_rouge1_mean", "baseline ROUGE-1", 3),  # fedsim.metrics.text's bag_baseline_*
+           ("bag_baseline_rougeL_mean", "baseline ROUGE-L", 3))  # the one stdout and docs/text.md compare with
 
 
 def token_strings(tokenizer: str, ids: Sequence[int]) -> list[str]:
@@ -81,6 +84,8 @@ def text_records(outcomes: Sequence[Any], tokenizer: str, sentences: bool = True
         if sentences and truth is not None and not o.failed:
             record["pairs"] = _pairs(truth, _rows(getattr(o, "tokens", None)), o.metrics.get("order"), tokenizer)
             found = _flat(getattr(o, "token_set", None))
+            if not _rows(getattr(o, "tokens", None)) and not found:  # ran, and returned no sequence and no token
+                record["nothing_recovered"] = nothing_reason(getattr(o, "stats", None) or {})
             if found is not None:
                 true_set = {i for row in truth for i in row}
                 ids = sorted(set(found))
@@ -88,6 +93,13 @@ def text_records(outcomes: Sequence[Any], tokenizer: str, sentences: bool = True
                                  "missed": token_strings(tokenizer, sorted(true_set - set(ids)))}
         out.append(record)
     return out
+
+
+def nothing_reason(stats: dict[str, Any]) -> str:
+    """Why an attack that ran recovered nothing, in one line: its stats' text entries (e.g. DAGER's ``partial``
+    and ``rank_truncated``), or a plain statement when it gave none."""
+    why = [str(v) for v in stats.values() if isinstance(v, str) and v.strip()]
+    return "; ".join(why) or "the attack returned no sequence and no token (it gave no reason)"
 
 
 def _pairs(truth: list[list[int]], recovered: list[list[int]] | None, order: Any,
@@ -172,7 +184,8 @@ def text_markdown(records: Sequence[dict[str, Any]]) -> list[str]:
              "right / true tokens recovered; bag P/R: the SET of token ids recovered (order-free); public-bag "
              "baseline P/R: a trivial attacker that never saw the update and guesses the public corpus's most "
              "frequent tokens, as many as the batch has distinct ones (bag P/R mean something only above it); "
-             "baseline: a bag-of-tokens guess that knows the true tokens but not their order.", "",
+             "baseline ROUGE-1/L: every sequence guessed as the batch's T most frequent tokens (knows the tokens and "
+             "their counts, not their order); ROUGE-L above it is recovered order.", "",
              f"| attack | round | client | {head} | time (s) |", "|---" * (len(COLUMNS) + 4) + "|"]
     for r in records:
         if r.get("failed"):
@@ -197,12 +210,16 @@ def text_markdown(records: Sequence[dict[str, Any]]) -> list[str]:
 def _md_pairs(r: dict[str, Any]) -> list[str]:
     lines = []
     pairs = r.get("pairs") or []
-    if all(p["recovered"] is None for p in pairs):  # a bag-only attack (token_set): no sequence to show
+    nothing = r.get("nothing_recovered")
+    if nothing is not None:
+        lines += [f"**Nothing recovered:** {md_escape(str(nothing))}", ""]
+    elif all(p["recovered"] is None for p in pairs):  # a bag-only attack (token_set): no sequence to show
         return lines
     for i, p in enumerate(pairs[:SHOWN_MD]):
         lines.append(f"- {i}. original: {md_tokens(p['truth'])}")
         if p["recovered"] is None:
-            lines.append("  recovered: (none matched to it)")
+            lines.append("  recovered: (nothing recovered)" if nothing is not None else
+                         "  recovered: (none matched to it)")
         else:
             lines.append(f"  recovered: {md_tokens(p['recovered'], p['match'])} "
                          f"({sum(p['match'])}/{len(p['match'])} tokens in place, in bold)")
@@ -260,8 +277,9 @@ _INTRO = ("ROUGE-1/2/L: F-measure of token n-grams / longest common subsequence 
           "recovered); exact seq.: the share of the batch recovered token for token; token P/R: recovered tokens that "
           "are right / true tokens recovered; bag P/R: the set of token ids (order-free); public-bag baseline P/R: a "
           "trivial attacker that never saw the update, guessing the public corpus's most frequent tokens, as many as "
-          "the batch has distinct ones (bag P/R mean something only above it); baseline: a guess that knows "
-          "the true tokens but not their order. "
+          "the batch has distinct ones (bag P/R mean something only above it); baseline ROUGE-1/L: every sequence "
+          "guessed as the batch's T most frequent tokens (knows the tokens and their counts, not their order); ROUGE-L "
+          "above it is recovered order. "
           "Each of the client's sequences beside the recovered one matched to it for scoring; a highlighted token "
           "equals the original at that position, \u25af marks a position the attack left unfilled. Bag-only attacks "
           "(token_set) recover which tokens were used, not their order: green = used by the client, red = not.")
@@ -300,16 +318,19 @@ def bench_row_text(title: str, run_dirs: Sequence[Path]) -> str | None:
 
 def _html_pairs(r: dict[str, Any]) -> str:
     pairs = r.get("pairs") or []
-    if not pairs or all(p["recovered"] is None for p in pairs):
+    nothing = r.get("nothing_recovered")
+    why = "" if nothing is None else f'<p class="bad">nothing recovered: {html.escape(str(nothing))}</p>'
+    if nothing is None and (not pairs or all(p["recovered"] is None for p in pairs)):
         return ""
+    none = "nothing recovered" if nothing is not None else "none matched to it"
     rows = []
     for i, p in enumerate(pairs[:SHOWN_HTML]):
-        rec = ('<span class="note">none matched to it</span>' if p["recovered"] is None else
+        rec = (f'<span class="note">{none}</span>' if p["recovered"] is None else
                html_tokens(p["recovered"], p["match"]) + f' <small>{sum(p["match"])}/{len(p["match"])}</small>')
         rows.append(f"<tr><td>{i}</td><td>{html_tokens(p['truth'])}</td><td>{rec}</td></tr>")
     more = (f'<p class="note">first {SHOWN_HTML} of {len(pairs)} sequences shown (all in {TEXT_FILE}).</p>'
             if len(pairs) > SHOWN_HTML else "")
-    return (f'<table class="text"><thead><tr><th>#</th><th>original</th><th>recovered</th></tr></thead>'
+    return (f'{why}<table class="text"><thead><tr><th>#</th><th>original</th><th>recovered</th></tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>{more}")
 
 
