@@ -111,6 +111,8 @@ def _check_text(scenario: Scenario, task: str) -> None:
 
 #: What a dataset of each input kind holds, and what a plug-in of that kind works on, in words.
 _HOLDS = {"image": "images", "tabular": "feature vectors", "tokens": "token sequences"}
+#: The input kind as an adjective ("image attacks", "text attacks").
+_KIND_WORD = {"image": "image", "tabular": "tabular", "tokens": "text"}
 
 
 def check_input_kind(scenario: Scenario, group: str, index: int, plugin: Any) -> None:
@@ -135,7 +137,7 @@ def check_input_kind(scenario: Scenario, group: str, index: int, plugin: Any) ->
     if group == "defenses":
         alternatives = "remove it"
     elif others:
-        alternatives = f"{'text' if kind == 'tokens' else _HOLDS.get(kind, kind)} attacks: {', '.join(others)}"
+        alternatives = f"{_KIND_WORD.get(kind, kind)} attacks: {', '.join(others)}"
     else:
         alternatives = f"no attack in fedsim reconstructs {_HOLDS.get(kind, kind)}: remove it"
     raise ScenarioError(f"{group}[{index}]", f"{spec.name} {verb} {works}{f' ({why})' if why else ''}, but {name!r} "

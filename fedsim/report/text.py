@@ -228,6 +228,12 @@ def _md_pairs(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def bag_token(token: str) -> str:
+    """A token of a bag listing, its spaces visible (``" the"`` -> ``"\u2423the"``), so ``th`` and `` the`` and the
+    space token itself read apart, the same in summary.md and report.html."""
+    return token.replace(" ", "\u2423") or "\u25af"
+
+
 def _md_bag(r: dict[str, Any]) -> list[str]:
     bag = r.get("bag")
     if not bag:
@@ -235,7 +241,7 @@ def _md_bag(r: dict[str, Any]) -> list[str]:
     wrong = [t for t, h in zip(bag["recovered"], bag["hit"], strict=True) if not h]
 
     def listed(tokens: Sequence[str]) -> str:
-        return " \u00b7 ".join(md_escape(t.strip() or repr(t)) for t in tokens) or "none"
+        return " \u00b7 ".join(md_escape(bag_token(t)) for t in tokens) or "none"
 
     lines = [f"Recovered bag of tokens: {len(bag['recovered'])} ({sum(bag['hit'])} used by the client, "
                  f"{len(wrong)} not); {len(bag['missed'])} of the client's tokens missed.",
@@ -338,9 +344,10 @@ def _html_bag(r: dict[str, Any]) -> str:
     bag = r.get("bag")
     if not bag:
         return ""
-    chips = " ".join(f"<mark>{html.escape(t)}</mark>" if hit else f'<span class="wrong">{html.escape(t)}</span>'
+    chips = " ".join(f"<mark>{html.escape(bag_token(t))}</mark>" if hit else
+                     f'<span class="wrong">{html.escape(bag_token(t))}</span>'
                      for t, hit in zip(bag["recovered"], bag["hit"], strict=True))
-    missed = " ".join(html.escape(t) for t in bag["missed"])
+    missed = " ".join(html.escape(bag_token(t)) for t in bag["missed"])
     return (f'<p>recovered bag ({len(bag["recovered"])} tokens, {sum(bag["hit"])} used by the client): '
             f'<span class="tokens">{chips or "none"}</span></p>'
             + (f'<p class="note">missed ({len(bag["missed"])}): <span class="tokens">{missed}</span></p>'

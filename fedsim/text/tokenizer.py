@@ -95,11 +95,38 @@ def decode_tokens(name: str, ids: Iterable[int] | torch.Tensor) -> list[str]:
     """One display string per id, in order (for highlighting matched tokens): the token's text with its leading
     space (``" the"``), ``"[MASK]"`` for a special token, ``""`` for ``-1`` (unfilled). For ASCII text
     ``"".join(decode_tokens(name, ids)) == decode(name, ids)``; a token holding part of a multi-byte character
-    shows U+FFFD on its own."""
+    shows its bytes, escaped (``"\\xe2"``), not U+FFFD."""
     tok = load_tokenizer(name)
     flat = _ids(ids)
     _check_range(name, [i for i in flat if i != UNFILLED], tok.get_vocab_size(with_added_tokens=True))
-    return ["" if i == UNFILLED else tok.decode([i], skip_special_tokens=False) for i in flat]
+    return ["" if i == UNFILLED else _shown(tok, i) for i in flat]
+
+
+def _shown(tok: tokenizers.Tokenizer, i: int) -> str:
+    """Token ``i`` decoded alone; a byte-level token that is part of a multi-byte character (decoded alone it
+    would be U+FFFD) as its bytes, the incomplete ones escaped (``"\\xe2\\x80"``)."""
+    text = tok.decode([i], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text
+    piece = tok.id_to_token(i) or ""
+    decoder = _byte_decoder()
+    if not piece or any(c not in decoder for c in piece):
+        return text  # not a byte-level piece: keep the tokenizer's own text
+    return bytes(decoder[c] for c in piece).decode("utf-8", errors="backslashreplace")
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted (Radford et al. 2019; ``tokenizers``' ByteLevel): char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def _check_range(name: str, ids: list[int], size: int) -> None:
