@@ -159,7 +159,7 @@ class Dager(Attack):
             else:
                 deadline = None if self.budget.time_limit_s is None else start + self.budget.time_limit_s
                 tol = float("inf") if self.params.adaptive else spans.tols[1]  # adaptive: _best ranks them all
-                seqs, partial = self._encoder(model, spans.bases[1], cands, batch, deadline, tol)
+                seqs, partial = self._encoder(model, spans.bases[1], cands, batch, deadline, tol, progress)
                 seqs = self._best(model, spans.bases[1], seqs, batch, sizes)
         sizes.update(span_tol_block0=spans.tols[0], span_tol_block1=spans.tols[1])
         if progress is not None:
@@ -230,19 +230,24 @@ class Dager(Attack):
         return assign.argmax(dim=0)
 
     def _encoder(self, model: nn.Module, basis: Tensor, cands: list[Tensor], batch: int,
-                 deadline: float | None, tol: float) -> tuple[Tensor, str | None]:
+                 deadline: float | None, tol: float, progress: ProgressFn | None = None) -> tuple[Tensor, str | None]:
         """Coordinate search over the per-position candidate sets (module docstring, step 4): up to
         ``encoder_restarts * batch`` random starts, advanced ``2 * batch`` at a time as one batch, until ``batch``
-        distinct sequences pass the layer-2 acceptance test or ``deadline`` (``time.perf_counter``) passes."""
+        distinct sequences pass the layer-2 acceptance test or ``deadline`` (``time.perf_counter``) passes.
+        ``progress(starts done, starts at most)`` after each chunk: near the rank bound on real text this search can
+        take minutes (bert, batch 7: about 4 min on a 2-core CPU), and the user sees it advance."""
         if any(len(c) == 0 for c in cands):
             return torch.empty(0, len(cands), dtype=torch.int64), "a position has no layer-1 candidate"
         gen = torch.Generator().manual_seed(self.seed)
         found = torch.empty(0, len(cands), dtype=torch.int64)
-        for _chunk in range(0, self.params.encoder_restarts * batch, 2 * batch):
+        total = self.params.encoder_restarts * batch
+        for _chunk in range(0, total, 2 * batch):
             seqs = self._descend(model, basis, cands, torch.stack(
                 [c[torch.randint(len(c), (2 * batch,), generator=gen)] for c in cands], dim=1))
             accepted = seqs[self._layer2_residual(model, basis, seqs).amax(1) < tol]
             found = torch.unique(torch.cat([found, accepted]), dim=0)
+            if progress is not None:
+                progress(min(_chunk + 2 * batch, total), total)
             if len(found) >= batch:
                 break
             if deadline is not None and time.perf_counter() > deadline:

@@ -63,6 +63,18 @@ def test_encoder(batch, floor) -> None:
     assert exact_rate(rec.tokens, x) >= floor
 
 
+def test_encoder_search_reports_progress() -> None:
+    """The encoder's coordinate search can take minutes near the rank bound: it must show it advances (QA: bert at
+    batch 7 ran 4 min with no output)."""
+    calls: list[tuple[int, int]] = []
+    x = tokens(2)
+    rec = attack().reconstruct(text_update("bert", [x], VOCAB, width=WIDTH), lambda done, total: calls.append(
+        (done, total)))
+    assert rec.failed is None
+    steps = [c for c in calls if c[1] > 0]
+    assert steps and all(0 < d <= t for d, t in steps) and steps == sorted(steps)
+
+
 @pytest.mark.parametrize("model", ["gpt", "bert"])
 def test_dp_noise_collapses_recovery(model) -> None:
     """DP-SGD (sigma 1, clip 1): the gradient has full rank; the attack keeps the leading directions and no true
