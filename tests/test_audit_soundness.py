@@ -173,8 +173,7 @@ def test_lower_bound_never_exceeds_the_accountants_epsilon(path: str, seed: int)
     assert audit["verdict"] == "consistent"
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize(("path", "seed"), PATH_SEEDS)  # the same runs (and slow marks) as the bound's test
 def test_pooled_estimate_interval_starts_at_or_below_the_accountants_epsilon(path: str, seed: int) -> None:
     """The headline estimate (pooled Gaussian fit, mu-GDP) is not a bound, but on a correct implementation its
     interval's lower end must not sit above the accountant's epsilon. The two-variance fit it replaced put its

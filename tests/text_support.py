@@ -9,6 +9,7 @@ import torch
 
 from fedsim.data.bundle import DatasetBundle
 from fedsim.data.catalog import DATASETS, DatasetFacts, declare_facts
+from fedsim.data.sources import NativeSplits, declare_source
 from fedsim.scenario import DataSpec
 
 VOCAB = 40
@@ -38,6 +39,9 @@ if "tiny-text" not in DATASETS:
     DATASETS.register("tiny-text-cls")(lambda spec: _bundle(spec, "classification"))
     declare_facts("tiny-text", DatasetFacts(task="language_modeling", inputs="tokens", seq_len=SEQ_LEN))
     declare_facts("tiny-text-cls", DatasetFacts(task="classification", inputs="tokens", seq_len=SEQ_LEN))
+    # train and test are separate seeded draws: the collection's own splits (every dataset declares a source)
+    declare_source("tiny-text", NativeSplits("tiny-text-random"))
+    declare_source("tiny-text-cls", NativeSplits("tiny-text-random"))
 
 
 def tiny_text(model: str = "gpt", **extra: object) -> dict:

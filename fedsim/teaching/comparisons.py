@@ -56,6 +56,11 @@ ATTACK_STUDIES: dict[str, Study] = {
          "params.lr": "Adam on pixels (IG, signed) vs on a latent or feature (GAN attacks): different quantities"},
     ),
     "scenarios/attacks/model_inversion.yaml": Study(("name",)),
+    # text: the bag of tokens (token_set) beside the exact sequences (dager) from the same gradient
+    "scenarios/text/quickstart.yaml": Study(("name",)),
+    "scenarios/text/dp_sgd.yaml": Study(("name",)),
+    "scenarios/text/bert_classifier.yaml": Study(("name",)),
+    "scenarios/tutorial/13_your_keyboards_gradient.yaml": Study(("name",)),
 }
 
 DROPOUT_FIGURE = ROOT / "scenarios" / "tutorial" / "05_dropout_is_not_a_defense.yaml"
