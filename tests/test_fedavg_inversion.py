@@ -91,6 +91,7 @@ def test_recovers_images_from_several_local_steps_better_than_plain_ig(cifar) ->
     assert unrolled >= psnr(attack(InvertingGradients).reconstruct(upd), truth) + 2.0
 
 
+@pytest.mark.slow  # ~11 s; the label-order search's default path runs in the test above
 def test_half_batches_try_other_label_orders(cifar) -> None:
     """Two images, one each in two local steps: which label came first is unknown once labels are
     inferred (sorted by class). Restart 0 assumes the sorted order, restart 1 the other one.

@@ -234,8 +234,11 @@ def baseline_psnr() -> float:
     ("spec", "measured", "min_drop"),
     [
         ({"name": "laplace_noise", "params": {"scale": 0.1}}, 10.35, 4.0),
-        ({"name": "pruning", "params": {"percent": 99}}, 10.32, 4.0),  # GIFD's 20% leaves 16.73 dB
-        ({"name": "quantization", "params": {"bits": 2}}, 9.84, 4.0),  # 8 bits leaves 15.76 dB
+        # ~10 s each: with -m slow (their update transforms are checked fast in test_defense_pairs and below)
+        pytest.param({"name": "pruning", "params": {"percent": 99}}, 10.32, 4.0,  # GIFD's 20% leaves 16.73 dB
+                     marks=pytest.mark.slow),
+        pytest.param({"name": "quantization", "params": {"bits": 2}}, 9.84, 4.0,  # 8 bits leaves 15.76 dB
+                     marks=pytest.mark.slow),
         ({"name": "soteria", "params": {}}, 11.04, 4.0),  # default 10% of the fc-input features
     ],
     ids=lambda v: v["name"] if isinstance(v, dict) else str(v),
@@ -247,6 +250,7 @@ def test_defense_lowers_inverting_gradients_psnr(baseline_psnr: float, spec: dic
     assert psnr < guess + 1.0  # no better than the flat guess (measured 1.3-2.5 dB below it)
 
 
+@pytest.mark.slow  # ~9 s; clipping's own effect on the update is checked fast above
 def test_clipping_alone_does_not_stop_cosine_gradient_matching(baseline_psnr: float) -> None:
     """Clipping one update rescales it; IG's cosine distance is scale invariant, so PSNR is unchanged
     (17.47 vs 17.62 dB, rounding apart): clipping protects only with noise (DP) or in aggregation."""

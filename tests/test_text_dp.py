@@ -14,6 +14,7 @@ import torch
 
 from fedsim.data.bundle import DatasetBundle
 from fedsim.data.catalog import DATASETS, DatasetFacts, declare_facts
+from fedsim.data.sources import NativeSplits, declare_source
 from fedsim.run import run_scenario
 from fedsim.scenario import parse_scenario
 
@@ -40,6 +41,7 @@ for _name, _task in ((NAME, "language_modeling"), (NAME + "-cls", "classificatio
     if _name not in DATASETS:
         DATASETS.add(_name, lambda spec, _task=_task: _tiny(spec, _task))
     declare_facts(_name, DatasetFacts(task=_task, inputs="tokens", seq_len=T))
+    declare_source(_name, NativeSplits("tiny-text-dp-random"))  # every registered dataset declares its source
 
 
 def _run(model: str, protocol: str, mode: str):  # noqa: ANN202
