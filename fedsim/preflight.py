@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import DataUnavailableError, FedsimError, ScenarioError
+from fedsim.models.base import zero_inputs
 from fedsim.scenario import Scenario
 
 _SKIPPED: dict[str, str] = {}  # scenario JSON -> why the data checks were skipped (at most a few entries)
@@ -110,16 +111,11 @@ def _transformed_model(scenario: Scenario, setup) -> nn.Module:  # noqa: ANN001
     return model
 
 
-def _input_dtype(model: nn.Module) -> torch.dtype:
-    """int64 token ids for a text model (``vocab_size`` attribute), float32 pixels or features otherwise."""
-    return torch.long if getattr(model, "vocab_size", 0) else torch.float32
-
-
 def _check_forward(scenario: Scenario, model: nn.Module, shape: tuple[int, ...]) -> None:
     """A train-mode forward pass on two zero examples must work (the RNG is left as it was)."""
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model.train()(torch.zeros((2, *shape), dtype=_input_dtype(model)))
+            model.train()(zero_inputs(model, shape))
     except (RuntimeError, ValueError, IndexError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ScenarioError("model.name", f"{scenario.model.name} cannot run on the "

@@ -26,6 +26,18 @@ from fedsim.seeding import derive_seed, torch_generator
 LossFn = Callable[..., Tensor]  # (outputs, labels, reduction="mean") -> loss, like F.cross_entropy
 
 
+def reduce_examples(per_example: Tensor, reduction: str) -> Tensor:
+    """Per-example losses (N,) reduced as ``F.cross_entropy``'s ``reduction``: ``"none"`` (N,), ``"sum"``,
+    ``"mean"`` (NaN on an empty batch). Raises ValueError for another reduction."""
+    if reduction == "none":
+        return per_example
+    if reduction == "sum":
+        return per_example.sum()
+    if reduction == "mean":
+        return per_example.mean()
+    raise ValueError(f"unknown reduction {reduction!r} (none, mean or sum)")
+
+
 def mse_loss(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Squared error of a regression: ``mean_i mean_j (outputs[i, j] - targets[i, j])^2``, no 1/2 factor
     (``torch.nn.MSELoss`` of DIFF2's authors).
@@ -37,13 +49,7 @@ def mse_loss(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tenso
     """
     per_element = F.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape), reduction="none")
     per_example = per_element if per_element.dim() == 1 else per_element.flatten(1).mean(dim=1)
-    if reduction == "none":
-        return per_example
-    if reduction == "sum":
-        return per_example.sum()
-    if reduction == "mean":
-        return per_example.mean()
-    raise ValueError(f"unknown reduction {reduction!r} (none, mean or sum)")
+    return reduce_examples(per_example, reduction)
 
 
 def lm_loss(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
@@ -58,13 +64,7 @@ def lm_loss(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor
     n, t, v = outputs.shape
     per_token = F.cross_entropy(outputs[:, :-1].reshape(-1, v), targets[:, 1:].reshape(-1), reduction="none")
     per_example = per_token.view(n, t - 1).mean(dim=1)
-    if reduction == "none":
-        return per_example
-    if reduction == "sum":
-        return per_example.sum()
-    if reduction == "mean":
-        return per_example.mean()
-    raise ValueError(f"unknown reduction {reduction!r} (none, mean or sum)")
+    return reduce_examples(per_example, reduction)
 
 
 def task_loss(task: str) -> LossFn:
