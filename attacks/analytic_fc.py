@@ -33,9 +33,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.inverting_gradients import to_pixels
-from attacks.victim import UpdateMismatchError, check_update, first_layer, rebuild_model
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.inverting_gradients import to_pixels
+from fedsim.attacks.victim import UpdateMismatchError, check_update, first_layer, rebuild_model
 from fedsim.errors import ScenarioError
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.threat import ClientUpdate, ModelFacts, Reconstruction

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from attacks.differences import DIFFERENCE_DEFENSES, difference_defense, difference_rounds
-from attacks.label_recovery import classifier_input, label_rule_problem
+from fedsim.attacks.differences import DIFFERENCE_DEFENSES, difference_defense, difference_rounds
+from fedsim.attacks.label_recovery import classifier_input, label_rule_problem
 from fedsim.errors import ScenarioError, ThreatModelError
 from fedsim.isolation import seeded_method
 from fedsim.registry import Registry
@@ -66,7 +66,7 @@ class Attack(ABC):
     #: One line for `fedsim list` and reports.
     summary: ClassVar[str] = ""
     #: Whether ``knowledge.defense`` switches on a defense-aware mode (modelling the listed defenses'
-    #: deterministic parts, :mod:`attacks.defense_aware`); such a mode is refused when no defense of the
+    #: deterministic parts, :mod:`fedsim.attacks.defense_aware`); such a mode is refused when no defense of the
     #: scenario has anything to model.
     models_defenses: ClassVar[bool] = False
     #: The fewest ``budget.iterations`` a scenario may give it (validation refuses fewer); an attack that
@@ -75,9 +75,9 @@ class Attack(ABC):
     #: What the attack reads: "update" (a captured client update, ``reconstruct``) or "model" (the
     #: released global model, ``invert``; see :class:`ModelInversionAttack`).
     target: ClassVar[str] = "update"
-    #: Whether every dummy message it matches is computed from the model :func:`attacks.victim.victim_model`
-    #: rebuilt, through :func:`attacks.inverting_gradients.gradient_distance` or
-    #: :func:`attacks.batched.parameter_gradient` (:mod:`attacks.differences`), so it matches DIFF2's
+    #: Whether every dummy message it matches is computed from the model :func:`fedsim.attacks.victim.victim_model`
+    #: rebuilt, through :func:`fedsim.attacks.inverting_gradients.gradient_distance` or
+    #: :func:`fedsim.attacks.batched.parameter_gradient` (:mod:`fedsim.attacks.differences`), so it matches DIFF2's
     #: gradient differences as differences. An update attack that does not (analytic rules, unrolled local
     #: training, dropout masks) is refused in a DIFF2 scenario and fails on a difference update.
     matches_differences: ClassVar[bool] = False
@@ -145,7 +145,7 @@ class Attack(ABC):
         if cls.target == "update" and difference_defense(scenario) is not None:
             cls._check_differences(scenario, spec)
         if spec.knowledge.defense and cls.models_defenses:
-            from attacks.defense_aware import unmodelable
+            from fedsim.attacks.defense_aware import unmodelable
 
             also = (*cls.simulates_defenses, *(DIFFERENCE_DEFENSES if cls.matches_differences else ()))
             why = unmodelable(scenario, also)
@@ -157,7 +157,7 @@ class Attack(ABC):
     def _check_differences(cls, scenario: Scenario, spec: AttackSpec) -> None:
         """Refuse a DIFF2 scenario this attack cannot attack: one that does not match differences
         (:attr:`matches_differences`), or label inference on a targeted difference round (the labels
-        cancel from a difference's last layer, :data:`attacks.label_recovery.DIFFERENCE_LABELS`)."""
+        cancel from a difference's last layer, :data:`fedsim.attacks.label_recovery.DIFFERENCE_LABELS`)."""
         name = difference_defense(scenario).name
         if not cls.matches_differences:
             raise ThreatModelError(f"{spec.name} cannot match the gradient differences {name} clients send (it "
@@ -177,7 +177,8 @@ class Attack(ABC):
         :class:`ScenarioError` with a path relative to the attack spec, e.g. ``params.label_strategy``).
 
         The default checks ``params.label_strategy`` when labels are inferred
-        (:func:`attacks.label_recovery.label_rule_problem`, on :func:`~attacks.label_recovery.classifier_input`
+        (:func:`fedsim.attacks.label_recovery.label_rule_problem`, on
+        :func:`~fedsim.attacks.label_recovery.classifier_input`
         of ``facts.model``); subclasses extend it.
         """
         strategy = getattr(cls.Params.model_validate(spec.params), "label_strategy", None)

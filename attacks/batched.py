@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
-from attacks.differences import functional_message, message_of
+from fedsim.attacks.differences import functional_message, message_of
 
 Stopped = Literal["time limit", "non-finite loss"] | None
 
@@ -82,8 +82,8 @@ def parameter_gradient(model: nn.Module) -> Callable[[Tensor, Tensor], list[Tens
     Written with ``torch.func`` (``functional_call`` + ``grad``), so it composes with ``vmap`` over
     trials and with an outer ``grad`` over ``x`` (double backward). For a plain update it is the
     gradient of the mean cross-entropy, the loss a FedSGD client differentiates; when the model carries
-    a DIFF2 message (:func:`attacks.differences.message_of`: a reference model, per-sample clipping) it
-    is that gradient difference (:func:`attacks.differences.functional_message`). The model's current
+    a DIFF2 message (:func:`fedsim.attacks.differences.message_of`: a reference model, per-sample clipping) it
+    is that gradient difference (:func:`fedsim.attacks.differences.functional_message`). The model's current
     parameters and mode are captured.
     """
     return functional_message(stateless_model(model), message_of(model))

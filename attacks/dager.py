@@ -2,8 +2,10 @@
 "DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS 2024). SoK threat model B. FedSGD only.
 
 The q/k/v Linears of block ``i`` read the LayerNorm outputs ``u`` of every token of the batch, so their stacked weight
-gradient (:func:`attacks.text_spans.qkv_gradient`, (3w, w)) has its row space inside ``span{u}`` and rank at most the
-number N of tokens with a gradient (:mod:`attacks.text_spans`). While ``N < w`` (the RANK CONDITION) that span is a
+gradient (:func:`fedsim.attacks.text_spans.qkv_gradient`, (3w, w)) has its row space inside ``span{u}`` and rank at
+most the
+number N of tokens with a gradient (:mod:`fedsim.attacks.text_spans`). While ``N < w`` (the RANK CONDITION) that span
+is a
 proper subspace, and a candidate ``u`` lies in it (relative residual ~1e-7 in float32) only if it was used:
 
 1. **Layer 1, per position.** For every position p and every token v, ``u = blocks[0].ln1(tok[v] + pos[p])``; the
@@ -54,9 +56,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.text_spans import qkv_gradient, row_space, span_residual
-from attacks.victim import UpdateMismatchError, attacker_mode, check_update, rebuild_model
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.text_spans import qkv_gradient, row_space, span_residual
+from fedsim.attacks.victim import UpdateMismatchError, attacker_mode, check_update, rebuild_model
 from fedsim.threat import ClientUpdate, Reconstruction
 
 
@@ -66,7 +68,8 @@ class DagerParams(AttackParams):
     span_tol: float = Field(1e-4, gt=0, lt=1, description="relative residual below which a vector lies in the "
                             "gradient's span (true tokens measured <= 5e-7 in float32, a random vector ~sqrt(1 - r/w))")
     rank_rtol: float | None = Field(None, gt=0, lt=1, description="singular values above this share of the largest "
-                                    "count in the rank; default 10 float32 eps (attacks.text_spans.FLOAT32_RTOL)")
+                                    "count in the rank; default 10 float32 eps "
+                                    "(fedsim.attacks.text_spans.FLOAT32_RTOL)")
     max_prefixes: int = Field(20000, ge=1, description="decoder: most prefixes kept per position (partial beyond)")
     encoder_restarts: int = Field(20, ge=1, description="encoder: random starts of the coordinate search per "
                                   "sequence of the batch")

@@ -5,7 +5,7 @@ When the threat model grants ``knowledge.defense``, the update lists public desc
 GIFD (``defense.py``, ported from GGL) applies the deterministic ones, clipping, pruning and the
 Soteria mask, to its own dummy gradient before the distance, so the dummy gradient is compared with
 the target on equal terms; noise is not modelled. Here every listed defense whose class implements
-:meth:`~defenses.base.Defense.attacker_transform` is rebuilt from its description and its transform
+:meth:`~fedsim.defenses.base.Defense.attacker_transform` is rebuilt from its description and its transform
 is applied, in order, to the dummy gradient; the others (noise, stochastic rounding, Soteria, whose
 mask depends on private data) are skipped and reported.
 
@@ -23,14 +23,14 @@ from typing import Any, overload
 
 from torch import Tensor
 
-from attacks.differences import DIFFERENCE_DEFENSES
+from fedsim.attacks.differences import DIFFERENCE_DEFENSES
 
 Description = Mapping[str, Any]
 
 
 def _build(description: Description) -> tuple[Any | None, str]:
     """The defense described (``None`` if it has nothing to model) and why it was skipped, if it was."""
-    from defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
+    from fedsim.defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
     from fedsim.scenario import DefenseSpec
 
     name = str(description.get("name", ""))
@@ -90,9 +90,9 @@ def unmodelable(scenario: Any, also: Sequence[str] = ()) -> str | None:
     ``attacker_transform``: e.g. pure noise), or ``None`` when at least one defense can be modelled.
 
     ``also``: defense names the attack models elsewhere, in its simulation of the client's message
-    (DIFF2's per-sample clipping in :mod:`attacks.differences`, DP-SAT's perturbed point in unrolling).
+    (DIFF2's per-sample clipping in :mod:`fedsim.attacks.differences`, DP-SAT's perturbed point in unrolling).
     """
-    from defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
+    from fedsim.defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
 
     names = [spec.name for spec in scenario.defenses]
     if not names:
@@ -110,12 +110,12 @@ def defense_transform(descriptions: Sequence[Description], names: Sequence[str] 
     ``descriptions`` is ``update.defenses`` (empty unless the threat model grants
     ``knowledge.defense``); ``names`` keys list inputs, e.g. ``[n for n, _ in model.named_parameters()]``.
     ``.defenses`` is empty when nothing is modelled here; a DIFF2 description is listed in ``.modeled``
-    but applied by the message itself (per-sample clipping, :func:`attacks.victim.message_spec`).
+    but applied by the message itself (per-sample clipping, :func:`fedsim.attacks.victim.message_spec`).
     Invalid parameters in a description raise ``ValueError`` (pydantic's validation error).
     """
     built, modeled, skipped = [], [], []
     for description in descriptions:
-        if description.get("name") in DIFFERENCE_DEFENSES:  # modelled in the message itself (attacks.differences)
+        if description.get("name") in DIFFERENCE_DEFENSES:  # modelled in the message (attacks.differences)
             modeled.append(str(description["name"]))
             continue
         defense, why = _build(description)

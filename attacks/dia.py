@@ -37,13 +37,13 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
-from attacks.label_recovery import LABEL_STRATEGIES
-from attacks.matching import examples_to_reconstruct, labels_for, unusable
-from attacks.objectives import cosine
-from attacks.regularizers import total_variation
-from attacks.victim import target_gradient, victim_model
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
+from fedsim.attacks.label_recovery import LABEL_STRATEGIES
+from fedsim.attacks.matching import examples_to_reconstruct, labels_for, unusable
+from fedsim.attacks.objectives import cosine
+from fedsim.attacks.regularizers import total_variation
+from fedsim.attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError
 from fedsim.models import dropout_layers, set_masks
 from fedsim.seeding import torch_generator

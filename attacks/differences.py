@@ -11,10 +11,10 @@ with ``clip_C(g) = g * min(1, C / |g|_2)`` per example (the norm over all parame
 models, so a curious server knows ``x_{r-1}`` (``ClientUpdate.reference_state``); the clip radii are the
 defense's parameters, known only when ``knowledge.defense`` is granted.
 
-:class:`MessageSpec` says how a client formed its message. :func:`attacks.victim.victim_model` builds it
+:class:`MessageSpec` says how a client formed its message. :func:`fedsim.attacks.victim.victim_model` builds it
 from the update and attaches it to the rebuilt model (:func:`with_message`), and every dummy message
 an attack computes from a dummy batch goes through :func:`functional_message` (via
-:func:`attacks.batched.parameter_gradient` and :func:`attacks.inverting_gradients.gradient_distance`),
+:func:`fedsim.attacks.batched.parameter_gradient` and :func:`fedsim.attacks.inverting_gradients.gradient_distance`),
 so every gradient-matching attack matches what the client really sent, never a difference as if it
 were a gradient. A plain spec is the mean cross-entropy gradient, exactly as before.
 
@@ -112,7 +112,7 @@ def functional_message(module: nn.Module, spec: MessageSpec) -> Callable[[Tensor
     * ``spec.clip``: per example (``vmap`` over the batch), the gradient (difference) clipped to
       ``spec.clip`` in L2 over all parameters, then the mean over the batch.
 
-    ``module`` must not update running statistics in place (see :func:`attacks.batched.stateless_model`).
+    ``module`` must not update running statistics in place (see :func:`fedsim.attacks.batched.stateless_model`).
     """
     params = {name: p.detach() for name, p in module.named_parameters()}
     buffers = dict(module.named_buffers())
@@ -154,22 +154,22 @@ def functional_message(module: nn.Module, spec: MessageSpec) -> Callable[[Tensor
 
 
 def _sends_differences(name: str) -> bool:
-    from defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
+    from fedsim.defenses import DEFENSES, Defense  # lazy: the defenses package imports every plug-in
 
     return name in DEFENSES and DEFENSES.get(name).message_reference is not Defense.message_reference
 
 
 def difference_defense(scenario: Any) -> Any | None:
     """The scenario's first defense spec whose clients send gradient differences in some rounds (its class
-    implements :meth:`defenses.base.Defense.message_reference`, as DIFF2 does), or ``None``."""
+    implements :meth:`fedsim.defenses.base.Defense.message_reference`, as DIFF2 does), or ``None``."""
     return next((spec for spec in scenario.defenses if _sends_differences(spec.name)), None)
 
 
 def difference_rounds(scenario: Any, rounds: Iterable[int]) -> list[int]:
     """Which of ``rounds`` (1-based) carry gradient differences: those the scenario's difference-sending
-    defenses say so of (:meth:`~defenses.base.Defense.message_reference`, the rule the capture records
+    defenses say so of (:meth:`~fedsim.defenses.base.Defense.message_reference`, the rule the capture records
     ``reference_state`` by; DIFF2: ``(round - 1) % restart_period != 0``)."""
-    from defenses import DEFENSES
+    from fedsim.defenses import DEFENSES
 
     built = [DEFENSES.get(spec.name).from_spec(spec, scenario) for spec in scenario.defenses
              if _sends_differences(spec.name)]

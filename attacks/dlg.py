@@ -9,7 +9,7 @@ with the soft-target cross-entropy, L-BFGS at lr 1 (``mit-han-lab/dlg``), inputs
 from N(0, 1) in normalized space, no image prior and no box. Recovered labels are
 ``argmax softmax(z')``. iDLG (Sec. 3 of Zhao et al.) observes that for a single example the true
 class is the only one with a negative last-layer gradient row sum, fixes the label from the update
-(:mod:`attacks.label_recovery`) and optimizes the image alone; with ``knowledge.labels: known`` both
+(:mod:`fedsim.attacks.label_recovery`) and optimizes the image alone; with ``knowledge.labels: known`` both
 variants use the granted labels.
 
 **Budget.** ``budget.iterations`` counts closure evaluations (one forward and one double backward
@@ -36,9 +36,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
-from attacks.matching import (
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
+from fedsim.attacks.matching import (
     DeltaScaled,
     LabelStrategy,
     examples_to_reconstruct,
@@ -47,9 +47,9 @@ from attacks.matching import (
     ticker,
     unusable,
 )
-from attacks.objectives import OBJECTIVES, Distance
-from attacks.restarts import RestartBook
-from attacks.victim import victim_model
+from fedsim.attacks.objectives import OBJECTIVES, Distance
+from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
@@ -59,7 +59,8 @@ def soft_gradient_distance(
     model: nn.Module, x: Tensor, targets: Tensor, target: list[Tensor], distance: Distance, create_graph: bool = True
 ) -> Tensor:
     """``D(m(x, targets), g*)``; ``targets`` are class indices (B,) or probabilities (B, K). The client's
-    message ``m`` (a gradient, or a DIFF2 difference) is :func:`attacks.inverting_gradients.gradient_distance`'s."""
+    message ``m`` (a gradient, or a DIFF2 difference) is
+    :func:`fedsim.attacks.inverting_gradients.gradient_distance`'s."""
     return gradient_distance(model, x, targets, target, distance, create_graph)
 
 
@@ -158,7 +159,7 @@ class DeepLeakage(DeltaScaled, Attack):
     threat_model = "A"  # the SoK's letter for Zhu et al. 2019 (C when it rescales a FedAvg delta: threat_model_for)
     assumes = ("the global model sent to the client (the server built it)",
                "the number of examples from the update's metadata")
-    matches_differences = True  # dummy messages via gradient_distance (attacks.differences)
+    matches_differences = True  # dummy messages via gradient_distance (fedsim.attacks.differences)
     #: Optimize soft labels with the images (DLG) or fix them from the update first (iDLG).
     joint_labels: ClassVar[bool] = True
 

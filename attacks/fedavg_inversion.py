@@ -2,7 +2,7 @@
 
 The client sends ``delta = theta_E - theta_0`` after E local SGD steps at learning rate ``lr`` on its
 n examples. The attacker, granted the local hyperparameters (``knowledge.local_hparams``), replays
-those steps on n dummy inputs (:func:`attacks.unrolling.unrolled_delta`) and minimizes
+those steps on n dummy inputs (:func:`fedsim.attacks.unrolling.unrolled_delta`) and minimizes
 
     D_cos(delta_hat(x), delta) + alpha_TV * TV(x)
 
@@ -11,7 +11,7 @@ experiments; ``FedAvgReconstructor`` in ``inversefed``) with Inverting Gradients
 on the sign of the input gradient, projection onto the pixel box, lr x0.1 at 3/8, 5/8 and 7/8 of
 the iterations. n is ``update.num_examples`` (the examples the client used in the round). Step i
 is assumed to use dummy slice ``i mod ceil(n / bs)``: the client's shuffling seed is unknown (see
-:mod:`attacks.unrolling`). The weight decay, if granted, is replayed too.
+:mod:`fedsim.attacks.unrolling`). The weight decay, if granted, is replayed too.
 
 Labels are granted or inferred from ``-delta``'s last layer; which labels met which local step is
 unknown, so restarts after the first try other label orders over the slices, and the restart with
@@ -22,7 +22,7 @@ hyperparameters say so fails. ``budget.iterations`` are Adam steps, each one unr
 **DP-SAT-aware** (``knowledge.defense`` and a ``dp_sat`` client, spec ``algorithms-more.md`` §10.2, §10.7):
 each simulated step's gradient is taken at ``theta_t + rho * g_{t-1} / |g_{t-1}|``, ``g_{t-1}`` the
 attacker's own previous simulated gradient (``variant: momentum``: along the last simulated update),
-the first step of the round unperturbed (:class:`attacks.unrolling.Sharpness`). With ``persist: true``
+the first step of the round unperturbed (:class:`fedsim.attacks.unrolling.Sharpness`). With ``persist: true``
 the client's first step is perturbed along its previous round's last direction, which the server never
 saw: that step stays unperturbed here, and the outcome says so (``stats["sharpness_first_step_unknown"]``).
 Noise and clipping are not modelled. A validation error refuses ``knowledge.defense`` without ``dp_sat``.
@@ -41,14 +41,14 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import Tensor
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.inverting_gradients import Trial, initial_inputs, optimize_inputs, pixel_box, to_pixels
-from attacks.matching import LabelStrategy, examples_to_reconstruct, labels_for, local_schedule, ticker, unusable
-from attacks.objectives import OBJECTIVES, Distance
-from attacks.regularizers import total_variation
-from attacks.restarts import RestartBook
-from attacks.unrolling import Sharpness, label_assignments, unrolled_delta
-from attacks.victim import target_gradient, victim_model
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.inverting_gradients import Trial, initial_inputs, optimize_inputs, pixel_box, to_pixels
+from fedsim.attacks.matching import LabelStrategy, examples_to_reconstruct, labels_for, local_schedule, ticker, unusable
+from fedsim.attacks.objectives import OBJECTIVES, Distance
+from fedsim.attacks.regularizers import total_variation
+from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.unrolling import Sharpness, label_assignments, unrolled_delta
+from fedsim.attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import torch_generator

@@ -45,10 +45,10 @@ of 16 ImageNet images at 128 pixels, with the true labels; the paper's own setti
 **Labels** [fedsim]. The released code is handed the true labels (its inference line is commented out); fedsim uses
 the granted labels (``knowledge.labels: known``) or infers them from the update (``label_strategy``).
 **Restarts** [fedsim]. The code keeps, per image, the restart with the best PSNR *against the ground truth*; fedsim
-ranks restarts by the final matching loss alone (:mod:`attacks.restarts`).
+ranks restarts by the final matching loss alone (:mod:`fedsim.attacks.restarts`).
 **FedAvg** [fedsim]. Nothing in the released code handles several local steps, and the paper's protocol could not
 be read. A FedAvg update is read as one gradient, as Inverting Gradients does: the cosine term is scale invariant;
-the L1 term needs ``-delta / (lr * steps)`` (:func:`attacks.matching.matching_target`), so a FedAvg scenario must
+the L1 term needs ``-delta / (lr * steps)`` (:func:`fedsim.attacks.matching.matching_target`), so a FedAvg scenario must
 grant ``knowledge.local_hparams`` (SoK letter C) unless ``distance: cosine``. Exact for one local step only.
 """
 
@@ -65,9 +65,9 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.inverting_gradients import from_pixels, gradient_distance
-from attacks.matching import (
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.inverting_gradients import from_pixels, gradient_distance
+from fedsim.attacks.matching import (
     DeltaScaled,
     LabelStrategy,
     examples_to_reconstruct,
@@ -76,10 +76,10 @@ from attacks.matching import (
     ticker,
     unusable,
 )
-from attacks.objectives import Distance
-from attacks.regularizers import total_variation
-from attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook, past
-from attacks.victim import victim_model
+from fedsim.attacks.objectives import Distance
+from fedsim.attacks.regularizers import total_variation
+from fedsim.attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook, past
+from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
@@ -117,7 +117,7 @@ def partial_masks(target: Sequence[Tensor], keep: float) -> list[Tensor]:
 def partial_distance(masks: Sequence[Tensor], l1: bool = True, eps: float = 1e-8) -> Distance:
     """FedLeak's distance over the masked entries (module docstring): per tensor the L1 mean (when ``l1``) plus
     ``1 - cosine`` of the masked gradients, summed over tensors. ``masks`` come from :func:`partial_masks` on the
-    same target; the result is a :data:`attacks.objectives.Distance` ``(dummy, target) -> scalar``."""
+    same target; the result is a :data:`fedsim.attacks.objectives.Distance` ``(dummy, target) -> scalar``."""
 
     def distance(dummy: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
         if len(dummy) != len(target) or len(dummy) != len(masks) or not dummy:
@@ -192,9 +192,10 @@ class FedLeak(DeltaScaled, Attack):
     """Partial gradient matching with a look-ahead gradient regularization over an untrained generator's images."""
 
     summary = "FedLeak (Fan et al. 2025): partial gradient matching + look-ahead gradient regularization"
-    matches_differences = True  # dummy messages via gradient_distance (attacks.differences)
+    matches_differences = True  # dummy messages via gradient_distance (fedsim.attacks.differences)
     #: As Inverting Gradients (the SoK's B): the model, the loss and the number of examples; C when the L1 term
-    #: rescales a FedAvg delta by the granted local hyperparameters (:func:`attacks.matching.delta_scale_letter`).
+    #: rescales a FedAvg delta by the granted local hyperparameters
+    #: (:func:`fedsim.attacks.matching.delta_scale_letter`).
     threat_model = "B"
     assumes = ("natural images are what an untrained convolutional generator draws easily (a deep image prior; "
                "no auxiliary data)",
@@ -285,7 +286,8 @@ class FedLeak(DeltaScaled, Attack):
     def _optimize(self, gen: PriorGenerator, z: Tensor, loss_fn: Callable[[Tensor], Tensor], deadline: float | None,
                   on_step: Callable[[int], None]) -> tuple[int, str | None]:
         """Signed AdamW with the look-ahead on ``gen``'s weights (module docstring); returns the steps taken and why
-        it stopped early (:data:`attacks.restarts.TIME_LIMIT`, :data:`~attacks.restarts.NON_FINITE`) or None."""
+        it stopped early (:data:`fedsim.attacks.restarts.TIME_LIMIT`, :data:`~fedsim.attacks.restarts.NON_FINITE`) or
+        None."""
         p, iterations = self.params, self.budget.iterations
         weights = [w for w in gen.parameters() if w.requires_grad]
         opt = torch.optim.AdamW(weights, lr=p.lr, weight_decay=p.weight_decay)

@@ -9,7 +9,8 @@ examples alone, a large batch reduced to the few examples of one class (gradient
 gradient of row ``c`` is ``mean_n (p_c - [y_n = c]) = -n_c / B``, so the count ``n_c`` is read off exactly.
 
 Recovery. The magnified gradient is inverted with the Inverting Gradients machinery
-(:func:`attacks.inverting_gradients.optimize_inputs`, :func:`~attacks.inverting_gradients.gradient_distance`,
+(:func:`fedsim.attacks.inverting_gradients.optimize_inputs`,
+:func:`~fedsim.attacks.inverting_gradients.gradient_distance`,
 cosine distance, TV prior, signed boxed Adam), for ``n_c`` dummy images labelled ``c``, matching every parameter
 except the non-target classifier rows (whose gradient ``p_k x`` still mixes the whole batch). With ``n_c = 1`` the
 fished image is a single-image inversion inside a batch of ``B``: since ``p_c ~ 0`` the magnified gradient is
@@ -36,8 +37,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import AttackParams, ProgressFn, register_attack
-from attacks.inverting_gradients import (
+from fedsim.attacks.base import AttackParams, ProgressFn, register_attack
+from fedsim.attacks.inverting_gradients import (
     PROGRESS_EVERY,
     gradient_distance,
     initial_inputs,
@@ -45,10 +46,10 @@ from attacks.inverting_gradients import (
     pixel_box,
     to_pixels,
 )
-from attacks.malicious import MaliciousAttack
-from attacks.objectives import OBJECTIVES
-from attacks.regularizers import total_variation
-from attacks.victim import check_update, rebuild_model, target_gradient, victim_model
+from fedsim.attacks.malicious import MaliciousAttack
+from fedsim.attacks.objectives import OBJECTIVES
+from fedsim.attacks.regularizers import total_variation
+from fedsim.attacks.victim import check_update, rebuild_model, target_gradient, victim_model
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import torch_generator

@@ -6,7 +6,7 @@ generator ``G`` trained on public data of the task's domain, so every candidate 
 
     min_z  D(grad_theta CE(f_theta(T(G(z))), y), g*) + lambda_z R(z) + alpha_TV TV(T(G(z))),
 
-with ``T`` the map to the task's normalised inputs (see :class:`attacks.gan_prior.AttackPrior`),
+with ``T`` the map to the task's normalised inputs (see :class:`fedsim.attacks.gan_prior.AttackPrior`),
 ``D`` the cosine (default; Geiping et al.'s scale-free distance) or the L2 distance (GGL), and
 ``R`` GGL's KL term on the latent's entries (or a norm term). GGL searches with CMA-ES; this plug-in
 uses Adam on ``z`` as GIAS does (gradients through a small generator are cheap), with GIFD's
@@ -24,18 +24,18 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from attacks.base import ProgressFn, register_attack
-from attacks.gan_prior import (
+from fedsim.attacks.base import ProgressFn, register_attack
+from fedsim.attacks.gan_prior import (
     LATENT_PRIORS,
     GanPriorAttack,
     GanPriorParams,
     Run,
     optimize_variable,
 )
-from attacks.inverting_gradients import to_pixels
-from attacks.matching import examples_to_reconstruct, ticker
-from attacks.objectives import OBJECTIVES
-from attacks.regularizers import total_variation
+from fedsim.attacks.inverting_gradients import to_pixels
+from fedsim.attacks.matching import examples_to_reconstruct, ticker
+from fedsim.attacks.objectives import OBJECTIVES
+from fedsim.attacks.regularizers import total_variation
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 

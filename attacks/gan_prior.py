@@ -1,4 +1,4 @@
-"""Pieces shared by the GAN-prior attacks (:mod:`attacks.gan_latent`, :mod:`attacks.gifd`).
+"""Pieces shared by the GAN-prior attacks (:mod:`fedsim.attacks.gan_latent`, :mod:`fedsim.attacks.gifd`).
 
 A generative prior replaces the pixel-space search of Inverting Gradients by a search over a
 generator's latent (GGL, Li et al., CVPR 2022; GIAS, Jeon et al., NeurIPS 2021) or its intermediate
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackParams
-from attacks.defense_aware import DefenseTransform, defense_transform
-from attacks.inverting_gradients import gradient_distance, pixel_box
-from attacks.matching import (
+from fedsim.attacks.base import Attack, AttackParams
+from fedsim.attacks.defense_aware import DefenseTransform, defense_transform
+from fedsim.attacks.inverting_gradients import gradient_distance, pixel_box
+from fedsim.attacks.matching import (
     LabelStrategy,
     check_delta_scale,
     examples_to_reconstruct,
@@ -38,8 +38,8 @@ from attacks.matching import (
     matching_target,
     unusable,
 )
-from attacks.objectives import Distance
-from attacks.victim import victim_model
+from fedsim.attacks.objectives import Distance
+from fedsim.attacks.victim import victim_model
 from fedsim.errors import DataUnavailableError, FedsimError
 from fedsim.priors import DCGANGenerator, PriorMeta, load_prior, resolve_prior_path
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
@@ -110,7 +110,7 @@ class GanPriorAttack(Attack):
     that an L2 distance on a FedAvg delta has the local hyperparameters it needs to rescale."""
 
     models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD)
-    matches_differences = True  # dummy messages via Victim.grad_loss -> gradient_distance (attacks.differences)
+    matches_differences = True  # dummy messages via Victim.grad_loss -> gradient_distance (fedsim.attacks.differences)
     #: The SoK's letter for the GAN-prior attacks (Jeon et al. 2021 GIAS, Li et al. 2022 GGL, Fang et al. 2023
     #: GIFD): the generator was trained on surrogate data, so the scenario must grant knowledge.auxiliary_data
     #: (and, D being cumulative, the training details of C: knowledge.local_hparams).
@@ -153,7 +153,7 @@ def load_attack_prior(params: GanPriorParams, task: TaskInfo, device: torch.devi
 
 
 def defense_for(knowledge: Knowledge, update: ClientUpdate, model: nn.Module) -> DefenseTransform | None:
-    """GIFD's defense-aware matching (see :mod:`attacks.defense_aware`): the deterministic part of the
+    """GIFD's defense-aware matching (see :mod:`fedsim.attacks.defense_aware`): the deterministic part of the
     listed defenses, applied to the dummy gradient; ``None`` unless ``knowledge.defense`` is granted."""
     if not knowledge.defense or not update.defenses:
         return None
@@ -173,7 +173,7 @@ class Victim:
     box: tuple[Tensor, Tensor]
 
     def grad_loss(self, x: Tensor, distance: Distance, create_graph: bool = True) -> Tensor:
-        """``D(T(grad_theta CE(f(x), y)), g*)`` (see :func:`attacks.inverting_gradients.gradient_distance`)."""
+        """``D(T(grad_theta CE(f(x), y)), g*)`` (see :func:`fedsim.attacks.inverting_gradients.gradient_distance`)."""
         return gradient_distance(self.model, x, self.labels, self.target, distance, create_graph, self.transform)
 
 

@@ -8,14 +8,14 @@ Per stage, with ``x = T(G_{k..}(h_k))`` the generated image mapped to the task's
 
     min_{h_k}  D_cos(T_def(grad_theta CE(f_theta(x), y)), g*) + alpha_TV TV(x) + alpha_n |x|_2 / (H W),
 
-by Adam with GIFD's per-step schedule (:func:`attacks.gan_prior.gifd_lr`); after every step the
+by Adam with GIFD's per-step schedule (:func:`fedsim.attacks.gan_prior.gifd_lr`); after every step the
 latent is rescaled to its initial norm (stage 0) or the feature is projected onto the L1 ball
-(stages >= 1; :func:`attacks.gan_prior.project_l1_around`). At each stage's end the image and its
+(stages >= 1; :func:`fedsim.attacks.gan_prior.project_l1_around`). At each stage's end the image and its
 gradient loss are recorded. The result is the recorded image with the lowest gradient loss over all
 stages and restarts (:func:`select_best`; the reference code's ``choose_optimal`` returns the last
 restart's image with the best restart's score, a bug not repeated here). With ``knowledge.defense``
 the deterministic part of the listed defenses (clipping, pruning) is applied to the dummy gradient
-(``T_def``, :mod:`attacks.defense_aware`), as GIFD's defense experiments do.
+(``T_def``, :mod:`fedsim.attacks.defense_aware`), as GIFD's defense experiments do.
 
 Budget: ``budget.iterations`` is the number of optimisation steps per restart, **over all stages**
 (split by ``stage_shares``, evenly by default), so GIFD and a latent-only search or Inverting
@@ -45,8 +45,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from attacks.base import ProgressFn, register_attack
-from attacks.gan_prior import (
+from fedsim.attacks.base import ProgressFn, register_attack
+from fedsim.attacks.gan_prior import (
     GanPriorAttack,
     GanPriorParams,
     Victim,
@@ -54,10 +54,10 @@ from attacks.gan_prior import (
     project_l1_around,
     spherical_projection,
 )
-from attacks.inverting_gradients import to_pixels
-from attacks.matching import examples_to_reconstruct, ticker
-from attacks.objectives import OBJECTIVES
-from attacks.regularizers import image_norm, total_variation
+from fedsim.attacks.inverting_gradients import to_pixels
+from fedsim.attacks.matching import examples_to_reconstruct, ticker
+from fedsim.attacks.objectives import OBJECTIVES
+from fedsim.attacks.regularizers import image_norm, total_variation
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 

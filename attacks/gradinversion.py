@@ -44,9 +44,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
-from attacks.matching import (
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.inverting_gradients import gradient_distance, initial_inputs, pixel_box, to_pixels
+from fedsim.attacks.matching import (
     LabelStrategy,
     check_delta_scale,
     delta_scale_letter,
@@ -56,9 +56,9 @@ from attacks.matching import (
     ticker,
     unusable,
 )
-from attacks.objectives import OBJECTIVES
-from attacks.regularizers import image_norm, total_variation
-from attacks.victim import victim_model
+from fedsim.attacks.objectives import OBJECTIVES
+from fedsim.attacks.regularizers import image_norm, total_variation
+from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import torch_generator
@@ -172,7 +172,7 @@ class GradInversion(Attack):
     """Gradient matching with BatchNorm-statistics and group-consistency priors (Yin et al., 2021)."""
 
     summary = "GradInversion (Yin et al. 2021): gradient matching + BN-statistics and group-consistency priors"
-    matches_differences = True  # dummy messages via gradient_distance (attacks.differences)
+    matches_differences = True  # dummy messages via gradient_distance (fedsim.attacks.differences)
     threat_model = "E"  # the SoK's letter for Yin et al. 2021: the BN statistics are the client data's distribution
     assumes = ("the global model's BatchNorm running statistics as the data's distribution (bn_stats: running; "
                "without them: B)",)

@@ -10,12 +10,12 @@ learning rate (x0.1 at 3/8, 5/8 and 7/8 of the iterations). Labels come from the
 single image, a count-aware method for batches) unless the threat model grants them. Restarts are
 ranked by their final gradient distance, never by ground truth.
 
-Restarts can run as one batched computation (``batched``; see :mod:`attacks.batched`): each keeps
+Restarts can run as one batched computation (``batched``; see :mod:`fedsim.attacks.batched`): each keeps
 its own init, Adam state and schedule, and the result equals the sequential run's up to float
 rounding (which the signed step can amplify into single-pixel drift, not into a quality change).
 When the threat model grants ``knowledge.defense``, the deterministic part of the listed defenses
 (clipping, pruning, ...) is applied to the dummy gradient before the distance, as GIFD does
-(see :mod:`attacks.defense_aware`).
+(see :mod:`fedsim.attacks.defense_aware`).
 
 The optimizer core, :func:`optimize_inputs`, and :func:`gradient_distance` are reusable by other
 gradient-matching attacks; the class only wires the threat-model inputs, restarts and budget.
@@ -33,16 +33,16 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.batched import BatchingUnsupported, matching_loss, optimize_trials, parameter_gradient
-from attacks.defense_aware import DefenseTransform, defense_transform
-from attacks.differences import message_of
-from attacks.label_recovery import LABEL_STRATEGIES
-from attacks.matching import delta_scale_letter, examples_to_reconstruct, labels_for, unusable
-from attacks.objectives import OBJECTIVES, Distance
-from attacks.regularizers import total_variation
-from attacks.restarts import RestartBook
-from attacks.victim import target_gradient, victim_model
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.batched import BatchingUnsupported, matching_loss, optimize_trials, parameter_gradient
+from fedsim.attacks.defense_aware import DefenseTransform, defense_transform
+from fedsim.attacks.differences import message_of
+from fedsim.attacks.label_recovery import LABEL_STRATEGIES
+from fedsim.attacks.matching import delta_scale_letter, examples_to_reconstruct, labels_for, unusable
+from fedsim.attacks.objectives import OBJECTIVES, Distance
+from fedsim.attacks.regularizers import total_variation
+from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError
 from fedsim.scenario import Knowledge
 from fedsim.seeding import torch_generator
@@ -96,10 +96,10 @@ def gradient_distance(
     """``D(T(m(x, y)), g*)``: the client's message for the dummy batch against ``target``.
 
     ``m`` is the mean cross-entropy's parameter gradient, or, when ``model`` carries a DIFF2 message
-    (:func:`attacks.victim.victim_model` attaches it, see :mod:`attacks.differences`), the gradient
+    (:func:`fedsim.attacks.victim.victim_model` attaches it, see :mod:`fedsim.attacks.differences`), the gradient
     difference against the reference model and/or the per-sample clipping the attacker models.
     ``y`` are class indices (B,) or probabilities (B, K). ``transform`` (``T``, e.g. a defense-aware
-    attacker's model of clipping or pruning, see :func:`attacks.defense_aware.defense_transform`) maps
+    attacker's model of clipping or pruning, see :func:`fedsim.attacks.defense_aware.defense_transform`) maps
     the list of per-parameter tensors, in ``model.parameters()`` order, before the distance; it must be
     differentiable.
     """
@@ -179,7 +179,7 @@ class InvertingGradients(Attack):
 
     summary = "Inverting Gradients (Geiping et al. 2020): cosine gradient matching + TV, signed Adam"
     models_defenses = True  # knowledge.defense: apply the listed defenses' deterministic parts (GIFD-style)
-    matches_differences = True  # dummy messages via gradient_distance / matching_loss (attacks.differences)
+    matches_differences = True  # dummy messages via gradient_distance / matching_loss (fedsim.attacks.differences)
     threat_model = "B"  # the SoK's letter for Geiping et al. 2020 (C when it rescales a FedAvg delta)
     assumes = ("natural images are smooth (a total-variation prior)",
                "FedAvg: exact for one local step (cosine needs no learning rate)")
@@ -187,7 +187,7 @@ class InvertingGradients(Attack):
     @classmethod
     def threat_model_for(cls, params: AttackParams, knowledge: Knowledge) -> str:
         """B (the SoK's letter), C when an L2/L1 distance rescales a FedAvg delta by the granted local
-        hyperparameters (:func:`attacks.matching.delta_scale_letter`)."""
+        hyperparameters (:func:`fedsim.attacks.matching.delta_scale_letter`)."""
         return delta_scale_letter(cls.threat_model, params.distance, knowledge)
 
     class Params(AttackParams):

@@ -14,7 +14,7 @@ For FedAvg the update is a weight delta; ``-delta`` points along the summed loca
 signs carry the same information (exactly so for one local step).
 
 Preconditions (:func:`label_rule_problem`, checked at validation against the built model by
-:meth:`attacks.base.Attack.check_model`): ``idlg`` and ``yin`` read the weight rows, whose sign says
+:meth:`fedsim.attacks.base.Attack.check_model`): ``idlg`` and ``yin`` read the weight rows, whose sign says
 "in the batch" only when the classifier's input ``h`` is non-negative, and they return distinct
 classes, so a batch of more examples than classes defeats them; ``bias-corrected`` and ``auto`` read
 the bias gradient, which needs no sign of ``h``, but fall back to the weight rows when the classifier
@@ -301,7 +301,7 @@ def recover_labels(
 ) -> Tensor:
     """Infer ``num_labels`` (default ``update.num_examples``) labels from the update.
 
-    With ``model`` (the attacker's copy of the global model, see :func:`attacks.victim.victim_model`)
+    With ``model`` (the attacker's copy of the global model, see :func:`fedsim.attacks.victim.victim_model`)
     the count-aware strategies use its expected softmax (:func:`expected_probs`); without it they
     use the update alone. Returns a LongTensor (num_labels,) sorted by class. Raises ``ValueError``
     for an unknown strategy or an update without a classifier layer.

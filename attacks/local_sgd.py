@@ -1,7 +1,8 @@
 """The assumption "a FedAvg update is a sum of the client's plain SGD gradients", checked at validation.
 
 Analytic attacks (Robbing the Fed's bin ratios, Fowl et al. ICLR 2022, Sec. 3) and delta rescaling
-(``-delta / (lr * steps)``, :func:`attacks.matching.matching_target`) read a FedAvg weight delta as ``-lr`` times a
+(``-delta / (lr * steps)``, :func:`fedsim.attacks.matching.matching_target`) read a FedAvg weight delta as ``-lr``
+times a
 sum of gradients. Adam's per-coordinate scaling breaks that for any attack; weight decay adds ``lr * wd * w`` (the
 weights, not the data) to every step; momentum keeps a positive sum of gradients (fine for a ratio) but changes its
 scale (not fine for a rescaling). :func:`sum_of_gradients_problem` names the field to edit.

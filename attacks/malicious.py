@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import ClassVar
 
-from attacks.base import Attack
+from fedsim.attacks.base import Attack
 from fedsim.threat import ManipulationView, ServerModel
 
 

@@ -14,10 +14,10 @@ import torch
 from pydantic import AfterValidator
 from torch import Tensor, nn
 
-from attacks.base import ProgressFn
-from attacks.label_recovery import LABEL_STRATEGIES, recover_labels
-from attacks.local_sgd import sum_of_gradients_problem
-from attacks.victim import UpdateMismatchError, check_update, target_gradient
+from fedsim.attacks.base import ProgressFn
+from fedsim.attacks.label_recovery import LABEL_STRATEGIES, recover_labels
+from fedsim.attacks.local_sgd import sum_of_gradients_problem
+from fedsim.attacks.victim import UpdateMismatchError, check_update, target_gradient
 from fedsim.errors import ThreatModelError
 from fedsim.scenario import AttackSpec, Budget, Knowledge, Scenario
 from fedsim.threat import ClientUpdate
@@ -33,7 +33,7 @@ def _known_strategy(value: str) -> str:
     return value
 
 
-#: A ``label_strategy`` parameter, validated against :data:`attacks.label_recovery.LABEL_STRATEGIES`.
+#: A ``label_strategy`` parameter, validated against :data:`fedsim.attacks.label_recovery.LABEL_STRATEGIES`.
 LabelStrategy = Annotated[str, AfterValidator(_known_strategy)]
 
 
@@ -94,7 +94,7 @@ def local_schedule(hyperparams: Mapping[str, Any], num_examples: int, min_batch:
 
 
 def matching_target(update: ClientUpdate, model: nn.Module, *, rescale: bool) -> list[Tensor]:
-    """The gradient to match (see :func:`attacks.victim.target_gradient`).
+    """The gradient to match (see :func:`fedsim.attacks.victim.target_gradient`).
 
     With ``rescale`` a FedAvg update is turned into the *mean* local gradient ``-delta / (lr * E)``
     (exact for one plain-SGD step), which scale-sensitive distances (L2) need; it requires the
@@ -118,7 +118,7 @@ def check_delta_scale(scenario: Scenario, spec: AttackSpec, distance: str) -> No
             f"{spec.name} with distance {distance!r} matches a FedAvg delta as -delta / (lr * steps): "
             "grant knowledge.local_hparams: true, or use distance: cosine"
         )
-    if distance != "cosine":  # the rescaling holds for plain SGD only (attacks.local_sgd)
+    if distance != "cosine":  # the rescaling holds for plain SGD only (fedsim.attacks.local_sgd)
         problem = sum_of_gradients_problem(scenario, f"{spec.name} with distance {distance!r}", scale=True)
         if problem is not None:
             raise problem

@@ -35,7 +35,7 @@ averages the logits of ``forward_passes`` passes (in one batched call) in every 
 al., ICML 2018). The model is rebuilt like update attacks rebuild theirs (architecture from
 ``TaskInfo.model``, then ``TaskInfo.model_transforms``), in eval mode.
 
-Both reuse :mod:`attacks.gan_prior` (prior loading and the task-space map, spherical and L1-ball
+Both reuse :mod:`fedsim.attacks.gan_prior` (prior loading and the task-space map, spherical and L1-ball
 projections, the Adam runner).
 """
 
@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import AttackParams, ModelInversionAttack, ModelInversionParams, ProgressFn, register_attack
-from attacks.gan_prior import (
+from fedsim.attacks.base import AttackParams, ModelInversionAttack, ModelInversionParams, ProgressFn, register_attack
+from fedsim.attacks.gan_prior import (
     DEFAULT_PRIOR,
     AttackPrior,
     check_prior_disjoint,
@@ -61,8 +61,8 @@ from attacks.gan_prior import (
     project_l1_ball,
     spherical_projection,
 )
-from attacks.matching import ticker
-from attacks.victim import rebuild_model
+from fedsim.attacks.matching import ticker
+from fedsim.attacks.victim import rebuild_model
 from fedsim.errors import FedsimError
 from fedsim.scenario import AttackSpec, Scenario
 from fedsim.seeding import torch_generator

@@ -1,5 +1,6 @@
 """Robbing the Fed (Fowl, Geiping, Czaja, Goldblum, Goldstein; ICLR 2022): a malicious server inserts an imprint
-block (:mod:`attacks.imprint_block`) of ``bins`` rows in front of the agreed model and reads every input that falls
+block (:mod:`fedsim.attacks.imprint_block`) of ``bins`` rows in front of the agreed model and reads every input that
+falls
 alone in its bin back from the block's gradient, exactly, in closed form.
 
 **Manipulation** (:meth:`RobbingTheFed.manipulate`). One measurement ``u . x`` of the normalized, flattened input:
@@ -44,12 +45,12 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from attacks.base import AttackParams, ProgressFn, register_attack
-from attacks.imprint_block import bin_differences, imprint_state
-from attacks.inverting_gradients import from_pixels, to_pixels
-from attacks.local_sgd import sum_of_gradients_problem
-from attacks.malicious import MaliciousAttack
-from attacks.victim import check_update
+from fedsim.attacks.base import AttackParams, ProgressFn, register_attack
+from fedsim.attacks.imprint_block import bin_differences, imprint_state
+from fedsim.attacks.inverting_gradients import from_pixels, to_pixels
+from fedsim.attacks.local_sgd import sum_of_gradients_problem
+from fedsim.attacks.malicious import MaliciousAttack
+from fedsim.attacks.victim import check_update
 from fedsim.errors import ScenarioError
 from fedsim.resources import memory_problem
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
@@ -110,7 +111,8 @@ class RobbingTheFed(MaliciousAttack):
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
-        """Also refuse local training that breaks the bin ratio (Adam, weight decay: :mod:`attacks.local_sgd`)."""
+        """Also refuse local training that breaks the bin ratio (Adam, weight decay:
+        :mod:`fedsim.attacks.local_sgd`)."""
         super().check_scenario(scenario, spec)
         problem = sum_of_gradients_problem(scenario, spec.name, scale=False)
         if problem is not None:

@@ -1,7 +1,7 @@
 """TAG: Gradient Attack on Transformer-based Language Models (Deng, Wang, Li, Wang, Shang, Liu, Rajasekaran, Ding;
 Findings of EMNLP 2021).
 
-TAG is DLG (:mod:`attacks.dlg`) for transformers: it optimizes a dummy input so that its gradient matches the one
+TAG is DLG (:mod:`fedsim.attacks.dlg`) for transformers: it optimizes a dummy input so that its gradient matches the one
 the client sent, with the distance (Sec. 3 of the paper)
 
     D(g', g) = ||g' - g||_2^2 + alpha ||g' - g||_1,      alpha = 0.01,
@@ -16,11 +16,11 @@ The recovered tokens are ``argmax_v Z`` (K = B sequences, in no particular order
   predictions, which is :func:`fedsim.training.lm_loss` when the rows are one-hot. Soft targets (not argmax) keep
   the targets differentiable in Z, so the LM head's gradient, which carries the next tokens, steers Z too.
 - ``classification`` (bert): the labels are granted (``knowledge.labels: known``) or read from the classifier
-  bias's gradient (:mod:`attacks.label_recovery`, strategy ``auto`` from the update alone), then fixed, as iDLG.
+  bias's gradient (:mod:`fedsim.attacks.label_recovery`, strategy ``auto`` from the update alone), then fixed, as iDLG.
 
 Restarts (``budget.restarts``, from independent Z draws) are ranked by their final gradient distance only
-(:class:`attacks.restarts.RestartBook`). FedAvg updates are matched as ``-delta / (lr * steps)`` (exact for one
-local plain-SGD step; :func:`attacks.matching.matching_target`), which needs ``knowledge.local_hparams`` unless
+(:class:`fedsim.attacks.restarts.RestartBook`). FedAvg updates are matched as ``-delta / (lr * steps)`` (exact for one
+local plain-SGD step; :func:`fedsim.attacks.matching.matching_target`), which needs ``knowledge.local_hparams`` unless
 ``distance: cosine``. The paper's per-layer weighting of the L1 term is not specified precisely; like breaching's
 ``EuclideanTag`` reading it is optional here and off (uniform alpha).
 """
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.matching import DeltaScaled, examples_to_reconstruct, labels_for, matching_target, ticker, unusable
-from attacks.objectives import cosine, l1, l2
-from attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook
-from attacks.victim import victim_model
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.matching import DeltaScaled, examples_to_reconstruct, labels_for, matching_target, ticker, unusable
+from fedsim.attacks.objectives import cosine, l1, l2
+from fedsim.attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook
+from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction

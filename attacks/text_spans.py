@@ -1,4 +1,4 @@
-"""Linear-algebra pieces of the text attacks (:mod:`attacks.token_set`, :mod:`attacks.dager`).
+"""Linear-algebra pieces of the text attacks (:mod:`fedsim.attacks.token_set`, :mod:`fedsim.attacks.dager`).
 
 A Linear layer ``y = W u + b`` that reads vectors ``u_1..u_N`` has the weight gradient ``dL/dW = sum_n delta_n u_n^T``
 (out x in): every row of it is a combination of the ``u_n``, so its row space lies in ``span{u_n}`` and has rank at

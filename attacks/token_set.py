@@ -37,9 +37,9 @@ from pydantic import Field
 from scipy.stats import chi
 from torch import Tensor
 
-from attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from attacks.text_spans import token_embedding
-from attacks.victim import UpdateMismatchError, check_update, rebuild_model
+from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
+from fedsim.attacks.text_spans import token_embedding
+from fedsim.attacks.victim import UpdateMismatchError, check_update, rebuild_model
 from fedsim.threat import ClientUpdate, Reconstruction
 
 

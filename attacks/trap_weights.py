@@ -36,9 +36,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from attacks.base import AttackParams, ProgressFn, register_attack
-from attacks.malicious import MaliciousAttack
-from attacks.victim import check_update, first_layer, rebuild_model
+from fedsim.attacks.base import AttackParams, ProgressFn, register_attack
+from fedsim.attacks.malicious import MaliciousAttack
+from fedsim.attacks.victim import check_update, first_layer, rebuild_model
 from fedsim.errors import ScenarioError
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
 from fedsim.seeding import torch_generator

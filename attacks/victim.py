@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attacks.differences import MessageSpec, per_sample_clip, with_message
+from fedsim.attacks.differences import MessageSpec, per_sample_clip, with_message
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, dropout_layers
 from fedsim.per_example import step_norm
@@ -47,7 +47,7 @@ def attacker_mode(model: nn.Module) -> nn.Module:
 def apply_model_transforms(model: nn.Module, transforms: Sequence[Mapping[str, Any]]) -> nn.Module:
     """Apply, in order, the ``transform_model`` of the defenses the server applied when it built the
     model (``TaskInfo.model_transforms``: public name and parameters, e.g. MID's bottleneck head)."""
-    from defenses import DEFENSES  # lazy: the defenses package imports every plug-in
+    from fedsim.defenses import DEFENSES  # lazy: the defenses package imports every plug-in
 
     for description in transforms:
         params = {k: v for k, v in description.items() if k != "name"}
@@ -73,8 +73,8 @@ def victim_model(update: ClientUpdate, device: torch.device | str = "cpu") -> nn
     """Rebuild the global model of ``update`` on ``device``, load its state and set attacker mode.
 
     The model carries how the client formed its message (:func:`message_spec`), so every dummy message
-    computed from it (:func:`attacks.inverting_gradients.gradient_distance`,
-    :func:`attacks.batched.parameter_gradient`) is the gradient difference a DIFF2 client sent in a
+    computed from it (:func:`fedsim.attacks.inverting_gradients.gradient_distance`,
+    :func:`fedsim.attacks.batched.parameter_gradient`) is the gradient difference a DIFF2 client sent in a
     difference round, with DIFF2's per-sample clipping when ``knowledge.defense`` describes it.
     Raises :class:`UpdateMismatchError` when the state or the reference state does not fit the
     declared architecture, ``ValueError`` on a described clip radius that is not positive.
@@ -84,7 +84,7 @@ def victim_model(update: ClientUpdate, device: torch.device | str = "cpu") -> nn
 
 
 def message_spec(update: ClientUpdate, model: nn.Module) -> MessageSpec:
-    """How the client formed ``update`` (:class:`attacks.differences.MessageSpec`), for ``model`` (its
+    """How the client formed ``update`` (:class:`fedsim.attacks.differences.MessageSpec`), for ``model`` (its
     rebuilt global model): a difference against ``update.reference_state`` when the update carries one,
     per-sample clipping at the radius of the described DIFF2 defense (``c1`` in restart rounds,
     ``c2 * |x_r - x_{r-1}|`` over all parameters in difference rounds) when ``update.defenses`` lists it."""

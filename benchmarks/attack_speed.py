@@ -4,7 +4,7 @@ For each model (ConvNet width 32 and LeNet(Zhu) at 32x32, batch 1, untrained, fe
 one run, milliseconds per iteration of
 
 * ``single``: 1 trial, the sequential optimizer (``optimize_inputs``), as IG runs one restart;
-* ``batched(K)``: K trials as one vmapped computation (``attacks.batched.optimize_trials``);
+* ``batched(K)``: K trials as one vmapped computation (``fedsim.attacks.batched.optimize_trials``);
 * ``sequential(K)``: the same K trials one after another (K x ``optimize_inputs``);
 
 and the ratio batched(K)/single (target <= 2 on small models) and sequential(K)/batched(K) (the
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.batched import optimize_trials, parameter_gradient  # noqa: E402
-from attacks.inverting_gradients import gradient_distance, optimize_inputs, pixel_box  # noqa: E402
-from attacks.objectives import cosine  # noqa: E402
-from attacks.regularizers import total_variation  # noqa: E402
-from attacks.victim import attacker_mode  # noqa: E402
+from fedsim.attacks.batched import optimize_trials, parameter_gradient  # noqa: E402
+from fedsim.attacks.inverting_gradients import gradient_distance, optimize_inputs, pixel_box  # noqa: E402
+from fedsim.attacks.objectives import cosine  # noqa: E402
+from fedsim.attacks.regularizers import total_variation  # noqa: E402
+from fedsim.attacks.victim import attacker_mode  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 from fedsim.scenario import ModelSpec  # noqa: E402
 

@@ -17,7 +17,7 @@ both methods: the same accounting, so the comparison is at the same guarantee).
   (and final) train loss below DP-GD's.
 
 The loop here is fedsim's DIFF2 itself without Flower's messaging: the client message is
-``defenses.diff2_client``'s exact per-sample mean (vectorized over all clients at once) and the server step is
+``fedsim.defenses.diff2_client``'s exact per-sample mean (vectorized over all clients at once) and the server step is
 ``Diff2.server_update`` (estimator, seeded central noise, step). Before the grid it checks that the loop equals
 ``run_federation`` (6 rounds, T = 3, noisy) to 1e-5; a round through Flower costs ~0.25 s, this loop ~10 ms.
 
@@ -52,9 +52,9 @@ from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from defenses.diff2 import Diff2, Diff2Params  # noqa: E402
-from defenses.diff2_client import is_restart, step_norm  # noqa: E402
 from fedsim.data import normalize  # noqa: E402
+from fedsim.defenses.diff2 import Diff2, Diff2Params  # noqa: E402
+from fedsim.defenses.diff2_client import is_restart, step_norm  # noqa: E402
 from fedsim.privacy import diff2 as acct  # noqa: E402
 from fedsim.scenario import Scenario, parse_scenario  # noqa: E402
 from fedsim.simulation import run_federation  # noqa: E402

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from defenses.dp_sgd import DPSGD, DPSGDParams
+from fedsim.defenses.dp_sgd import DPSGD, DPSGDParams
 from fedsim.models import build_model
 from fedsim.scenario import LocalTraining, ModelSpec
 from fedsim.training import TrainingJob

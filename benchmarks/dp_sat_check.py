@@ -1,10 +1,10 @@
 """Does DP-SAT beat DP-SGD at the same sigma and epsilon inside a federation? (issue 12, "Done when")
 
-DP-SAT (Park et al., ICML 2023; ``defenses.dp_sat``) against DP-SGD (``defenses.dp_sgd``) on a fedsim
+DP-SAT (Park et al., ICML 2023; ``fedsim.defenses.dp_sat``) against DP-SGD (``fedsim.defenses.dp_sgd``) on a fedsim
 image task: the bundled scikit-learn digits (8x8, 1437 training / 360 test images), 4 IID clients,
 FedAvg with several local DP steps a round, SGD with momentum 0.9 as in the authors' code. Both
 solve the same sigma for ``--epsilon`` (same q, steps, accountant: the perturbation is
-post-processing), so "same sigma" and "same epsilon" are one comparison; DP-SAM (``defenses.dp_sam``)
+post-processing), so "same sigma" and "same epsilon" are one comparison; DP-SAM (``fedsim.defenses.dp_sam``)
 runs at the same target epsilon, which costs it sqrt(2) x the noise per query.
 
 rho is absolute in parameter space, so it is swept (spec 10.6: {0.005, 0.01, 0.03, 0.05, 0.1}) on the

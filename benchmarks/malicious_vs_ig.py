@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers import make_update  # noqa: E402
 
-from attacks.fishing import Fishing  # noqa: E402
-from attacks.inverting_gradients import InvertingGradients  # noqa: E402
-from attacks.trap_weights import TrapWeights  # noqa: E402
+from fedsim.attacks.fishing import Fishing  # noqa: E402
+from fedsim.attacks.inverting_gradients import InvertingGradients  # noqa: E402
+from fedsim.attacks.trap_weights import TrapWeights  # noqa: E402
 from fedsim.data import load_dataset  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 from fedsim.scenario import Budget, DataSpec, Knowledge, ModelSpec  # noqa: E402

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from defenses.dp_sgd import solve_noise_multiplier
+from fedsim.defenses.dp_sgd import solve_noise_multiplier
 from fedsim.privacy.accounting import dp_accounting_epsilon, opacus_epsilon
 from fedsim.run import run_scenario
 from fedsim.scenario import parse_scenario

@@ -57,8 +57,8 @@ from flwr.serverapp.strategy import (
 )
 from pydantic import Field
 
-from defenses.base import Defense, DefenseParams, register_defense
-from defenses.dp_sgd import solve_noise_multiplier
+from fedsim.defenses.base import Defense, DefenseParams, register_defense
+from fedsim.defenses.dp_sgd import solve_noise_multiplier
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.privacy.accounting import opacus_epsilon
 from fedsim.scenario import DefenseSpec, Scenario

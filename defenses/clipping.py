@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from defenses.base import Defense, DefenseParams, UpdateContext, register_defense
+from fedsim.defenses.base import Defense, DefenseParams, UpdateContext, register_defense
 
 EPS = 1e-6  # as GGL/GIFD: clip_coef = max_norm / (total_norm + 1e-6)
 

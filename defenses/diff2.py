@@ -4,7 +4,7 @@ Learning", ICML 2023; spec algorithms-more.md §9). Turns ``federation.protocol:
 
 Rounds are the paper's r = 0..R-1 (fedsim's server round r + 1); every client takes part in every round:
 
-* **clients** (:mod:`defenses.diff2_client`): restart rounds (r mod T == 0) send
+* **clients** (:mod:`fedsim.defenses.diff2_client`): restart rounds (r mod T == 0) send
   ``a_p = (1/n_p) sum_i clip_C1(grad l(x_r; z_i))`` over the WHOLE partition; difference rounds send
   ``b_p = (1/n_p) sum_i clip_{C2 dx_r}(grad l(x_r; z_i) - grad l(x_{r-1}; z_i))``, dx_r = ||x_r - x_{r-1}||;
 * **server** (:meth:`Diff2.server_update`, on both server paths): ``v_r = mean_p a_p`` (restart) or
@@ -52,7 +52,7 @@ have norm 1.0 (:meth:`Diff2ClientRound.canary_rows`).
 Validation (exit 2, with the YAML path): fedsgd only; full participation; ``distributed`` needs ``secagg``;
 exactly one of ``target_epsilon`` and explicit sigmas; ``c1``/``c2`` null (no clipping) only with zero noise; no
 other defense that changes training or the server strategy; no update transform before the noise that can move
-two neighbouring messages apart (pruning, quantization: :func:`defenses.base.check_transforms_before_noise`;
+two neighbouring messages apart (pruning, quantization: :func:`fedsim.defenses.base.check_transforms_before_noise`;
 clipping and data-independent noise may stay); a model whose per-example gradients ``torch.func``
 can take (no BatchNorm in training mode, no dropout). A client that fails stops the run (the estimator and the
 noise need every client's message every round).
@@ -69,7 +69,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from defenses.base import (
+from fedsim.audit.inject import canaries_at
+from fedsim.defenses.base import (
     DEFENSES,
     Defense,
     DefenseParams,
@@ -77,8 +78,7 @@ from defenses.base import (
     check_transforms_before_noise,
     register_defense,
 )
-from defenses.diff2_client import Diff2ClientRound, is_restart, step_norm
-from fedsim.audit.inject import canaries_at
+from fedsim.defenses.diff2_client import Diff2ClientRound, is_restart, step_norm
 from fedsim.errors import IncompatibleDefenseError, ScenarioError, SimulationError
 from fedsim.privacy import diff2 as acct
 from fedsim.scenario import DefenseSpec, Scenario

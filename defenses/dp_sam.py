@@ -5,7 +5,7 @@ Two private gradient queries on each Poisson batch B_t, both clipped and noised 
 
 1. ascent: ``g~_asc`` privatized at ``w_t``; ``e_t = rho * g~_asc / ||g~_asc||_2`` (global L2 norm);
 2. descent: ``g~_t`` privatized at ``w_t + e_t`` on the same batch; ``w_t`` restored exactly
-   (:class:`defenses.sharpness.Perturbation`) and the base optimizer steps with ``g~_t`` (fedsgd sends it).
+   (:class:`fedsim.defenses.sharpness.Perturbation`) and the base optimizer steps with ``g~_t`` (fedsgd sends it).
 
 Privacy. Each step releases two Gaussian queries of noise multiplier sigma on ONE Poisson sample.
 Gaussians compose exactly (mu = 1/sigma adds in quadrature), so the pair is one Gaussian of
@@ -31,9 +31,9 @@ from typing import Any
 from pydantic import Field
 from torch import Tensor
 
-from defenses.base import register_defense
-from defenses.dp_sgd import DPSGD, DPSGDParams, _PrivateRound
-from defenses.sharpness import Perturbation, flat
+from fedsim.defenses.base import register_defense
+from fedsim.defenses.dp_sgd import DPSGD, DPSGDParams, _PrivateRound
+from fedsim.defenses.sharpness import Perturbation, flat
 from fedsim.training import TrainingJob
 
 

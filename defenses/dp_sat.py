@@ -1,6 +1,6 @@
 """DP-SAT: differentially private sharpness-aware training (Park, Kim, Choi, Lee, ICML 2023, arXiv 2306.05651).
 
-DP-SGD (:mod:`defenses.dp_sgd`, same parameters, sampling, accountant and per-sample modes) whose
+DP-SGD (:mod:`fedsim.defenses.dp_sgd`, same parameters, sampling, accountant and per-sample modes) whose
 per-example gradients at logical step t are taken at a perturbed point (spec
 ``shared/reference/algorithms-more.md`` section 10.2):
 
@@ -19,7 +19,7 @@ per-example-gradient pass per step, as DP-SGD.
 
 How it sits on the DP-SGD round (``_PrivateRound`` extension points): ``e_t`` is applied before the
 step's first forward pass (ghost clipping's two backward passes then both run at ``w + e``), at most
-once per logical step (:class:`defenses.sharpness.Perturbation`); it is removed at the end of
+once per logical step (:class:`fedsim.defenses.sharpness.Perturbation`); it is removed at the end of
 ``pre_step`` (the accountant's step hook), i.e. before the base optimizer steps (fedavg) or the
 gradient is read (fedsgd), so fedsgd sends the privatized gradient at the perturbed point.
 
@@ -44,9 +44,9 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from defenses.base import register_defense
-from defenses.dp_sgd import DPSGD, DPSGDParams, _PrivateRound
-from defenses.sharpness import Perturbation, cosine, flat
+from fedsim.defenses.base import register_defense
+from fedsim.defenses.dp_sgd import DPSGD, DPSGDParams, _PrivateRound
+from fedsim.defenses.sharpness import Perturbation, cosine, flat
 from fedsim.errors import ScenarioError
 from fedsim.scenario import DefenseSpec, Scenario
 from fedsim.training import TrainingJob

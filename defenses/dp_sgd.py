@@ -42,7 +42,7 @@ the optimizer's own clipping must bring it to C; ghost clipping has no per-examp
 added to the clipped sum before the noise and the clipping is not audited
 (:func:`fedsim.audit.inject.attach_example_canaries`).
 
-DP-SAT and DP-SAM (:mod:`defenses.dp_sat`, :mod:`defenses.dp_sam`) are this defense with another
+DP-SAT and DP-SAM (:mod:`fedsim.defenses.dp_sat`, :mod:`fedsim.defenses.dp_sam`) are this defense with another
 round class: ``_PrivateRound``'s extension points (``before_forward``, ``after_privatize``,
 ``account_query``, ``on_round_end``) carry their perturbation and second query; sampling, accounting,
 the declared count and the per-sample modes stay here. At most one of the three per scenario.
@@ -60,9 +60,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from defenses.base import DEFENSES, Defense, DefenseParams, register_defense
-from defenses.per_sample import per_sample_problem
 from fedsim.audit.inject import attach_example_canaries
+from fedsim.defenses.base import DEFENSES, Defense, DefenseParams, register_defense
+from fedsim.defenses.per_sample import per_sample_problem
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.privacy.accounting import import_opacus, opacus_epsilon
 from fedsim.run_caches import per_run_cache
@@ -238,7 +238,7 @@ class _PrivateRound:
     def state_key(self) -> str:
         return f"{self.defense.name}/accountant-history"
 
-    # -- extension points of the DP-SGD family (defenses.dp_sat, defenses.dp_sam) ------------------
+    # -- extension points of the DP-SGD family (fedsim.defenses.dp_sat, fedsim.defenses.dp_sam) ------------------
     @property
     def accounted_sigma(self) -> float:
         """The noise multiplier of one accounted step (one Poisson batch): sigma / sqrt(queries per batch),
@@ -330,7 +330,8 @@ class DPSGD(Defense):
                                            "dp_sat, dp_sam): two wrappings of one model would add hooks twice")
 
     def check_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-        """Validation: refuse a model this setting cannot train (:func:`defenses.per_sample.per_sample_problem`)."""
+        """Validation: refuse a model this setting cannot train
+        (:func:`fedsim.defenses.per_sample.per_sample_problem`)."""
         import_opacus()
         from opacus.grad_sample.utils import prepare_module
 

@@ -9,7 +9,7 @@ masks jointly with the images. This plug-in exists to reproduce that finding.
 * every :class:`~fedsim.models.MaskDropout` the model already has (``model.dropout > 0``, e.g. after each
   hidden layer of the ``mlp``) gets probability ``p``;
 * a model without any gets one ``MaskDropout(p)`` in front of its classifier (the last ``nn.Linear``,
-  see :mod:`defenses.model_surgery`): the classifier becomes ``Sequential(dropout=..., linear=...)``,
+  see :mod:`fedsim.defenses.model_surgery`): the classifier becomes ``Sequential(dropout=..., linear=...)``,
   so its parameters are named ``<classifier>.linear.weight`` / ``.bias`` and the dropout layer
   ``<classifier>.dropout``.
 
@@ -26,8 +26,8 @@ from collections import OrderedDict
 from pydantic import Field
 from torch import nn
 
-from defenses.base import Defense, DefenseParams, register_defense
-from defenses.model_surgery import last_linear, replace_submodule
+from fedsim.defenses.base import Defense, DefenseParams, register_defense
+from fedsim.defenses.model_surgery import last_linear, replace_submodule
 from fedsim.models import MaskDropout, dropout_layers
 
 

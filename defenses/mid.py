@@ -3,7 +3,7 @@ to Model Inversion Attacks via Mutual Information Regularization"), i.e. a varia
 bottleneck (VIB; Alemi, Fischer, Dillon, Murphy; ICLR 2017) in front of the classifier.
 
 ``transform_model`` (stage 10) replaces the classifier, the model's last ``nn.Linear(d -> classes)``
-(see :mod:`defenses.model_surgery`), by :class:`VIBClassifier`: ``encoder = Linear(d -> 2K)`` with
+(see :mod:`fedsim.defenses.model_surgery`), by :class:`VIBClassifier`: ``encoder = Linear(d -> 2K)`` with
 K = d // 2 by default, ``mu`` = its first K outputs, ``sigma = softplus(s - 5)`` from the last K,
 ``z = mu + sigma * eps`` with ``eps ~ N(0, I)``, then ``decoder = Linear(K -> classes)``. As in the
 official code, z is sampled in train *and* eval mode: the released model is stochastic. ``eps`` comes
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from defenses.base import Defense, DefenseParams, register_defense
-from defenses.model_surgery import last_linear, replace_submodule, weight_seed
+from fedsim.defenses.base import Defense, DefenseParams, register_defense
+from fedsim.defenses.model_surgery import last_linear, replace_submodule, weight_seed
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.training import TrainingJob
 

@@ -64,7 +64,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from defenses.base import Defense, DefenseParams, UpdateContext, register_defense
+from fedsim.defenses.base import Defense, DefenseParams, UpdateContext, register_defense
 from fedsim.errors import ModelRefusedError
 
 STATE_KEY = "model_check/stats"  # (L, 3) float64 tensor in the client's state: norm, mean, fraction negative per layer

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from defenses.base import Defense, DefenseParams, UpdateContext, register_defense
+from fedsim.defenses.base import Defense, DefenseParams, UpdateContext, register_defense
 
 
 class PruningParams(DefenseParams):

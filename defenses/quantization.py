@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from defenses.base import Defense, DefenseParams, UpdateContext, register_defense
+from fedsim.defenses.base import Defense, DefenseParams, UpdateContext, register_defense
 from fedsim.seeding import torch_generator
 
 

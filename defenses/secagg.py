@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from defenses.base import Defense, DefenseParams, register_defense
+from fedsim.defenses.base import Defense, DefenseParams, register_defense
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.scenario import DefenseSpec, Scenario
 

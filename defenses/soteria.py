@@ -3,7 +3,7 @@ Tan, Chen, Li; CVPR 2021, "Soteria: Provable Defense Against Privacy Leakage in 
 from Representation Perspective"), as ported in GGL/GIFD ``defense.py``.
 
 Let ``r`` be the input of the model's classifier (its last ``nn.Linear``, see
-:mod:`defenses.model_surgery`) on the client's batch ``x``. For every feature i the client computes
+:mod:`fedsim.defenses.model_surgery`) on the client's batch ``x``. For every feature i the client computes
 ``score_i = sum_b ||d r_{b,i} / d x_b|| / |r_{b,i}|``; the features with the smallest scores are the
 ones whose removal perturbs the reconstruction most (the paper's bound uses ``||r_i|| / ||dr_i/dx||``),
 so their columns of the classifier's weight gradient ``dL/dW = delta r^T`` are set to zero.
@@ -35,9 +35,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from defenses.base import Defense, DefenseParams, register_defense
-from defenses.dp_sgd import is_opacus_defense
-from defenses.model_surgery import last_linear
+from fedsim.defenses.base import Defense, DefenseParams, register_defense
+from fedsim.defenses.dp_sgd import is_opacus_defense
+from fedsim.defenses.model_surgery import last_linear
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.scenario import DefenseSpec, Scenario
 from fedsim.training import TrainingJob

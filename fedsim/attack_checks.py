@@ -3,7 +3,7 @@
 Some attack options hold only for some models: iDLG's label rule needs a non-negative input to the
 final linear layer, GradInversion's BatchNorm prior needs BatchNorm layers. The model's name does
 not say (MID's bottleneck feeds a ReLU network's classifier a Gaussian sample; DP-SGD replaces
-BatchNorm by GroupNorm), so each attack's :meth:`attacks.base.Attack.check_model` reads the built
+BatchNorm by GroupNorm), so each attack's :meth:`fedsim.attacks.base.Attack.check_model` reads the built
 model itself, in a :class:`~fedsim.threat.ModelFacts`.
 
 :func:`check_attack_preconditions` runs at validation (``fedsim.scenario.parse_scenario``) and again

@@ -1,5 +1,5 @@
 """Image priors shared by the attacks and the server's own inversions (stale-update GI conversion): the core may
-not import an attack plug-in, so the one definition lives here and :mod:`attacks.regularizers` re-exports it."""
+not import an attack plug-in, so the one definition lives here and :mod:`fedsim.attacks.regularizers` re-exports it."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def check_scenario(scenario: Scenario) -> None:
 
 def _difference_defense(scenario: Scenario) -> int | None:
     """Index of a defense whose clients send gradient differences (``Defense.message_reference``), or None."""
-    from defenses.base import Defense
+    from fedsim.defenses.base import Defense
     from fedsim.plugins import defense_registry
 
     registry = defense_registry()

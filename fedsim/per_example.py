@@ -1,6 +1,6 @@
 """Per-example clipping of gradients held as a parameter dict, and the step length that sets DIFF2's clip
-radius, shared by the DIFF2 client (:mod:`defenses.diff2_client`) and the attacker's model of it
-(:mod:`attacks.differences`), so the clip the server models is the clip the client applied.
+radius, shared by the DIFF2 client (:mod:`fedsim.defenses.diff2_client`) and the attacker's model of it
+(:mod:`fedsim.attacks.differences`), so the clip the server models is the clip the client applied.
 """
 
 from __future__ import annotations

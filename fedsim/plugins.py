@@ -10,12 +10,12 @@ from typing import Any
 
 
 def attack_registry() -> Any:
-    import attacks
+    import fedsim.attacks as attacks
 
     return attacks.ATTACKS
 
 
 def defense_registry() -> Any:
-    import defenses
+    import fedsim.defenses as defenses
 
     return defenses.DEFENSES

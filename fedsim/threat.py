@@ -141,7 +141,7 @@ class ClientUpdate:
         """How many examples an attack reconstructs from this view: as many as the labels the threat
         model granted (``knowledge.labels: known`` reveals the batch anyway), else the declared
         ``num_examples``. Under DP-SGD with Poisson sampling that is the client's EXPECTED count
-        (``defenses.dp_sgd``; fedsgd: the batch size), not the realised batch, which stays private.
+        (``fedsim.defenses.dp_sgd``; fedsgd: the batch size), not the realised batch, which stays private.
         Labels of one row per example (a language model's (B, T) token targets) count their rows."""
         labels = self.side_info.get("labels")
         if labels is not None:

@@ -9,7 +9,7 @@ with ``torch.func.functional_call`` and ``create_graph=True``, so the predicted 
 differentiable function of the inputs (``inversefed``'s ``loss_steps``, breaching's unrolled
 ``GradientLoss``).
 
-Neutral math shared by the attacks (:mod:`attacks.unrolling`, :mod:`attacks.fedavg_inversion`) and the
+Neutral math shared by the attacks (:mod:`fedsim.attacks.unrolling`, :mod:`fedsim.attacks.fedavg_inversion`) and the
 server's own stale-update conversion (:mod:`fedsim.simulation.stale_gi`, spec ``algorithms-more.md`` §12.2):
 it lives in the core so that the core never imports a plug-in module. It reads no data.
 

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks.robbing_the_fed import RobbingTheFed
+from fedsim.attacks.robbing_the_fed import RobbingTheFed
 from fedsim.data import load_dataset, normalize
 from fedsim.models import build_model
 from fedsim.models.manipulation import apply_architecture

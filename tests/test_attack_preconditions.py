@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import attacks
-from attacks.label_recovery import recover_labels
-from attacks.victim import attacker_mode
+import fedsim.attacks as attacks
+from fedsim.attacks.label_recovery import recover_labels
+from fedsim.attacks.victim import attacker_mode
 from fedsim.errors import ScenarioError
 from fedsim.metrics import label_accuracy
 from fedsim.models import MaskDropout
@@ -71,7 +71,7 @@ def test_structure_not_name_decides(tiny_raw) -> None:
 
 
 def test_classifier_input_from_the_built_structure() -> None:
-    from attacks.label_recovery import classifier_input
+    from fedsim.attacks.label_recovery import classifier_input
 
     relu = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Flatten(), MaskDropout(0.5), nn.Linear(6, 3))
     tanh = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))

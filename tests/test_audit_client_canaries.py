@@ -151,7 +151,7 @@ def honest(seed: int) -> dict[str, Any]:
 
 def weighted_mean(monkeypatch) -> None:
     """Central DP's noise sigma C / K over a num-examples-weighted mean (the weighted-average calibration bug)."""
-    from defenses.central_dp import CentralDP
+    from fedsim.defenses.central_dp import CentralDP
 
     real = CentralDP.wrap_strategy
 

@@ -69,7 +69,7 @@ def opacus_clips_to(monkeypatch, radius: float) -> None:
 
 def diff2_clips_to(monkeypatch, radius: float) -> None:
     """DIFF2's client clips its per-example gradients to ``radius`` instead of C1 (noise and accountant keep C1)."""
-    import defenses.diff2_client as client
+    import fedsim.defenses.diff2_client as client
 
     real = client.clip_per_example
     monkeypatch.setattr(client, "clip_per_example", lambda grads, _r: real(grads, radius))

@@ -102,7 +102,7 @@ def test_example_canaries_join_the_clipped_sum_before_the_noise(name, params, pr
 def test_every_batch_is_a_step_and_dp_sams_two_queries_share_its_draw(monkeypatch, name) -> None:
     """fedavg, 3 Poisson batches at q = 1/20 (some empty): every client asks the canaries of steps 0, 1, 2 once per
     private query, in order (DP-SAM: twice per batch, the same step), including the empty batches."""
-    from defenses.dp_sgd import poisson_batches
+    from fedsim.defenses.dp_sgd import poisson_batches
 
     calls: list[tuple[int, int, int]] = []
     original = CanarySet.example_drawn
@@ -147,7 +147,7 @@ def test_diff2_restart_messages_carry_every_canary_signed(params, secure) -> Non
 
 def test_diff2_difference_rounds_add_no_canary(monkeypatch) -> None:
     """T = 2 over 2 rounds: only round 1 (the restart) asks for the canaries' shift, once per client."""
-    from defenses.diff2_client import Diff2ClientRound
+    from fedsim.defenses.diff2_client import Diff2ClientRound
 
     rounds: list[int] = []
     original = Diff2ClientRound.canary_rows

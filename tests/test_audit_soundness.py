@@ -260,7 +260,7 @@ def shrink_flower_noise(monkeypatch) -> None:
 
 
 def shrink_diff2_noise(monkeypatch) -> None:
-    from defenses.diff2 import Diff2
+    from fedsim.defenses.diff2 import Diff2
 
     real = Diff2.noise_std
     monkeypatch.setattr(Diff2, "noise_std", lambda self, *a, **k: real(self, *a, **k) * SHRINK)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from test_inverting_gradients import attack, convnet_update, make_update, psnr
 
-import attacks.inverting_gradients as ig
-from attacks.batched import BatchingUnsupported, optimize_trials, parameter_gradient
+import fedsim.attacks.inverting_gradients as ig
+from fedsim.attacks.batched import BatchingUnsupported, optimize_trials, parameter_gradient
 from fedsim.data import load_dataset
 from fedsim.models import build_model
 from fedsim.scenario import DataSpec, ModelSpec
@@ -67,15 +67,15 @@ def test_a_loss_vmap_cannot_batch_raises_batching_unsupported() -> None:
 
 
 def _tv_prior(x: torch.Tensor) -> torch.Tensor:
-    from attacks.regularizers import total_variation
+    from fedsim.attacks.regularizers import total_variation
 
     return 0.01 * total_variation(x)
 
 
 def _sequential_trial(net, goal, labels, bounds, start, options) -> torch.Tensor:  # noqa: ANN001
     """One IG trial run on its own (the sequential reference the batched trials are compared with)."""
-    from attacks.inverting_gradients import gradient_distance
-    from attacks.objectives import cosine
+    from fedsim.attacks.inverting_gradients import gradient_distance
+    from fedsim.attacks.objectives import cosine
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         return gradient_distance(net, x, labels, goal, cosine) + _tv_prior(x)
@@ -96,9 +96,9 @@ def test_batched_equals_sequential_up_to_float32_rounding_unsigned(cifar, name, 
     steps (Adam divides by sqrt(v), which amplifies rounding). Another trial's inputs or shared Adam
     moments move a trial by O(0.1-1).
     """
-    from attacks.inverting_gradients import pixel_box
-    from attacks.objectives import cosine
-    from attacks.victim import target_gradient, victim_model
+    from fedsim.attacks.inverting_gradients import pixel_box
+    from fedsim.attacks.objectives import cosine
+    from fedsim.attacks.victim import target_gradient, victim_model
 
     spec = ModelSpec(name=name, width=8, norm=norm)
     model = build_model(spec, cifar.input_shape, cifar.num_classes, seed=1)
@@ -137,9 +137,9 @@ def test_batched_equals_sequential_in_quality_with_signed_adam(cifar, seed) -> N
     quality rounding alone moves is measured, not assumed: the same sequential trials in float64. Each
     batched trial's PSNR is within twice the largest float32-vs-float64 PSNR change (plus 0.02 dB) of
     its sequential twin. Measured: batched vs sequential <= 0.03 dB at the attack level."""
-    from attacks.inverting_gradients import initial_inputs, pixel_box, to_pixels
-    from attacks.objectives import cosine
-    from attacks.victim import target_gradient, victim_model
+    from fedsim.attacks.inverting_gradients import initial_inputs, pixel_box, to_pixels
+    from fedsim.attacks.objectives import cosine
+    from fedsim.attacks.victim import target_gradient, victim_model
     from fedsim.seeding import torch_generator
 
     upd = convnet_update(cifar, [0], seed=seed)

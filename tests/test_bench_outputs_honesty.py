@@ -107,9 +107,9 @@ def test_epsilon_against_the_server_is_one_derivation_in_the_leaderboard_and_fro
 
 
 def test_every_bench_cell_solves_its_own_noise_so_its_time_does_not_depend_on_earlier_cells(tmp_path: Path) -> None:
-    from defenses.dp_sgd import solve_noise_multiplier
     from fedsim.bench.cell import run_cell
     from fedsim.bench.expand import Cell as GridCell
+    from fedsim.defenses.dp_sgd import solve_noise_multiplier
 
     solve_noise_multiplier(3.0, 1e-5, 0.5, 2, "rdp")  # an earlier cell's solve, cached in this process
     assert solve_noise_multiplier.cache_info().currsize >= 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defenses.central_dp import CentralDP, central_dp_epsilon
-from defenses.dp_sgd import import_opacus
+from fedsim.defenses.central_dp import CentralDP, central_dp_epsilon
+from fedsim.defenses.dp_sgd import import_opacus
 from fedsim.errors import ScenarioError
 from fedsim.scenario import parse_scenario
 from fedsim.simulation import run_federation

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import referenced_names
 
-import attacks
-from attacks.base import Attack, AttackParams
+import fedsim.attacks as attacks
 from fedsim.attacking import observe
+from fedsim.attacks.base import Attack, AttackParams
 from fedsim.errors import ScenarioError
 from fedsim.scenario import parse_scenario
 from fedsim.simulation import run_federation

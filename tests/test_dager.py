@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.dager import Dager
+from fedsim.attacks.dager import Dager
 from fedsim.scenario import Budget, Knowledge
 from tests.text_updates import text_update
 

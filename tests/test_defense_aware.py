@@ -13,11 +13,11 @@ import torch
 from helpers import trivial_score
 from test_inverting_gradients import convnet_update, psnr
 
-from attacks.defense_aware import defense_transform
-from attacks.inverting_gradients import InvertingGradients
-from defenses import DEFENSES, UpdateContext
-from defenses.pruning import prune_update
+from fedsim.attacks.defense_aware import defense_transform
+from fedsim.attacks.inverting_gradients import InvertingGradients
 from fedsim.data import load_dataset
+from fedsim.defenses import DEFENSES, UpdateContext
+from fedsim.defenses.pruning import prune_update
 from fedsim.scenario import Budget, DataSpec, DefenseSpec, Knowledge
 from fedsim.threat import ClientUpdate
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from helpers import assert_beats_trivial
 from torch import nn
 
-from attacks.dia import DropoutInversionAttack, DropoutOracle, mask_shapes
-from attacks.inverting_gradients import InvertingGradients
 from fedsim.attacking import observe
+from fedsim.attacks.dia import DropoutInversionAttack, DropoutOracle, mask_shapes
+from fedsim.attacks.inverting_gradients import InvertingGradients
 from fedsim.data import load_dataset, normalize
 from fedsim.errors import ScenarioError
 from fedsim.models import MaskDropout, build_model, dropout_layers, record_masks, recorded_masks, set_masks

@@ -26,7 +26,7 @@ from diff2_support import (
     scenario_raw,
 )
 
-from defenses.diff2_client import clipped_mean_gradient
+from fedsim.defenses.diff2_client import clipped_mean_gradient
 from fedsim.errors import ScenarioError
 from fedsim.scenario import parse_scenario
 from fedsim.seeding import torch_generator

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diff2_support import NOISY, captured, run, scenario_raw
 
-from defenses.diff2_client import MissedRoundError
+from fedsim.defenses.diff2_client import MissedRoundError
 from fedsim.errors import ScenarioError, SimulationError
 from fedsim.scenario import parse_scenario
 from fedsim.simulation import run_federation

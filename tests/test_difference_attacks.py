@@ -3,7 +3,7 @@
 Updates are hand-built here as a DIFF2 client builds them (spec ``algorithms-more.md`` §9.2): over the
 client's examples z_i, ``(1/n) sum_i clip_C(grad l(x_r; z_i) - grad l(x_{r-1}; z_i))``, with the
 brute-force reference computed by plain ``torch.autograd`` on two separately built models, one example
-at a time; the attacker's side goes through :func:`attacks.victim.victim_model` as every attack does.
+at a time; the attacker's side goes through :func:`fedsim.attacks.victim.victim_model` as every attack does.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from helpers import assert_beats_trivial, psnr_db
 from torch import nn
 
-from attacks.batched import matching_loss, parameter_gradient
-from attacks.dlg import ImprovedDeepLeakage
-from attacks.fedavg_inversion import FedAvgInversion, sharpness_of
-from attacks.inverting_gradients import InvertingGradients, gradient_distance
-from attacks.label_recovery import DIFFERENCE_LABELS, recover_labels
-from attacks.objectives import l2
-from attacks.unrolling import Sharpness, unrolled_delta
-from attacks.victim import UpdateMismatchError, victim_model
 from fedsim.attacking import observe
+from fedsim.attacks.batched import matching_loss, parameter_gradient
+from fedsim.attacks.dlg import ImprovedDeepLeakage
+from fedsim.attacks.fedavg_inversion import FedAvgInversion, sharpness_of
+from fedsim.attacks.inverting_gradients import InvertingGradients, gradient_distance
+from fedsim.attacks.label_recovery import DIFFERENCE_LABELS, recover_labels
+from fedsim.attacks.objectives import l2
+from fedsim.attacks.unrolling import Sharpness, unrolled_delta
+from fedsim.attacks.victim import UpdateMismatchError, victim_model
 from fedsim.data import load_dataset, normalize
 from fedsim.models import build_model
 from fedsim.scenario import Budget, DataSpec, Knowledge, ModelSpec, parse_scenario
@@ -212,7 +212,7 @@ def test_attacks_that_cannot_match_a_difference_fail_with_a_reason(digits) -> No
     rec = FedAvgInversion(FedAvgInversion.Params(), Knowledge(labels="known", local_hparams=True),
                           Budget(iterations=5), torch.device("cpu"), 0).reconstruct(fedavg)
     assert rec.failed and "cannot match a gradient difference" in rec.failed
-    from attacks.dia import DropoutInversionAttack
+    from fedsim.attacks.dia import DropoutInversionAttack
 
     dia = DropoutInversionAttack(DropoutInversionAttack.Params(), Knowledge(labels="known"), Budget(iterations=5),
                                  torch.device("cpu"), 0)
@@ -245,7 +245,7 @@ def dp_sat_scenario(raw: dict, variant: str, weight_decay: float, persist: bool 
 
 @pytest.mark.parametrize(("variant", "weight_decay"), [("sat", 0.0), ("sat", 0.1), ("momentum", 0.1)])
 def test_dp_sat_aware_unrolling_reproduces_a_real_dp_sat_client(tiny_raw, variant, weight_decay) -> None:
-    """The update a real dp_sat client sent (Opacus, defenses.dp_sat) against the attacker's unrolled
+    """The update a real dp_sat client sent (Opacus, fedsim.defenses.dp_sat) against the attacker's unrolled
     simulation on the client's true batch: DP-SAT-aware (the attacker's own previous simulated gradient, or
     update, as the direction) within 1e-5 relative (measured ~1e-7); unaware (plain SGD steps) off by more
     than 0.1 (measured 0.2-0.6); with weight decay the other variant's direction is off too (measured ~0.15),

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from helpers import BROKEN_UPDATES, assert_beats_trivial, broken_update, make_update
 
-import attacks
-import attacks.dlg as dlg
-from attacks.dlg import DeepLeakage, ImprovedDeepLeakage
-from attacks.matching import matching_target
-from attacks.victim import victim_model
+import fedsim.attacks as attacks
+import fedsim.attacks.dlg as dlg
+from fedsim.attacks.dlg import DeepLeakage, ImprovedDeepLeakage
+from fedsim.attacks.matching import matching_target
+from fedsim.attacks.victim import victim_model
 from fedsim.data import load_dataset
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model

@@ -171,7 +171,7 @@ def test_central_dp_epsilon_with_client_sampling_matches_dp_accounting(tmp_path,
 
 
 def test_central_dp_full_participation_matches_the_gaussian_closed_form(tiny_raw) -> None:
-    from defenses.central_dp import central_dp_epsilon
+    from fedsim.defenses.central_dp import central_dp_epsilon
 
     tiny_raw["federation"].update(rounds=3, protocol="fedavg")
     tiny_raw["defenses"] = [{"name": "central_dp", "params": {"noise_multiplier": 0.7}}]

@@ -2,7 +2,7 @@
 
 Poisson sampling draws an empty batch with probability (1 - q)^n (e^-4 per client-round at an expected batch
 of 4). Opacus's per-sample machinery cannot run on 0 rows in every mode (ghost clipping's embedding norm sampler
-raised "cannot reshape tensor of 0 elements" on gpt/bert, a client failure), so ``defenses.dp_sgd`` routes an
+raised "cannot reshape tensor of 0 elements" on gpt/bert, a client failure), so ``fedsim.defenses.dp_sgd`` routes an
 empty batch around it. Here the sampler is forced to draw nothing and the sent update must be exactly what the
 accountant assumes: N(0, (sigma C)^2) per coordinate divided by the expected batch size (closed form), and
 exactly 0 at sigma 0 (no gradient of any example leaks in).
@@ -17,7 +17,7 @@ import text_support  # noqa: F401  (registers tiny-text)
 import torch
 from conftest import TINY
 
-from defenses import dp_sgd
+from fedsim.defenses import dp_sgd
 from fedsim.scenario import parse_scenario
 from fedsim.simulation import run_federation
 

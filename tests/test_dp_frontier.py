@@ -267,7 +267,7 @@ def central_raw(**params: Any) -> dict:
 
 @pytest.mark.parametrize("target", [1.0, 8.0])
 def test_central_dp_target_epsilon_solves_sigma_for_the_planned_rounds(target: float) -> None:
-    from defenses.central_dp import CentralDP
+    from fedsim.defenses.central_dp import CentralDP
     from fedsim.privacy.accounting import dp_accounting_epsilon
     from fedsim.simulation.strategies import FedSimFedAvg
 

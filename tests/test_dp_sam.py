@@ -1,4 +1,4 @@
-"""DP-SAM (defenses.dp_sam): two private queries per step on one Poisson batch, accounted together.
+"""DP-SAM (fedsim.defenses.dp_sam): two private queries per step on one Poisson batch, accounted together.
 
 epsilon against Google's dp_accounting composing the event itself (a Poisson sample released through
 two Gaussians), and the update against the plain-torch loop of tests/test_dp_sat.py.

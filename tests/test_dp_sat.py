@@ -1,4 +1,4 @@
-"""DP-SAT (defenses.dp_sat, and DP-SAM's shared parts): the update against a plain-torch loop, the
+"""DP-SAT (fedsim.defenses.dp_sat, and DP-SAM's shared parts): the update against a plain-torch loop, the
 perturbation removed exactly once, persistence across rounds, epsilon, ghost mode (DP-SAM's accounting
 and its own loop: tests/test_dp_sam.py).
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from defenses.sharpness import Perturbation
 from fedsim.data import normalize
+from fedsim.defenses.sharpness import Perturbation
 from fedsim.errors import ScenarioError
 from fedsim.scenario import parse_scenario
 from fedsim.seeding import torch_generator

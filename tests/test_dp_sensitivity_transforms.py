@@ -18,8 +18,8 @@ import pytest
 import torch
 from diff2_support import scenario_raw
 
-from defenses.base import DEFENSES, Defense, UpdateContext
-from defenses.clipping import clip_update
+from fedsim.defenses.base import DEFENSES, Defense, UpdateContext
+from fedsim.defenses.clipping import clip_update
 from fedsim.errors import ScenarioError
 from fedsim.scenario import parse_scenario
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import assert_beats_trivial
 
-from defenses import dp_sgd
-from defenses.dp_sgd import expected_rounds, import_opacus, poisson_batches
+from fedsim.defenses import dp_sgd
+from fedsim.defenses.dp_sgd import expected_rounds, import_opacus, poisson_batches
 from fedsim.errors import ScenarioError
 from fedsim.run import run_scenario
 from fedsim.scenario import FederationSpec, parse_scenario
@@ -18,7 +18,7 @@ from fedsim.simulation import run_federation
 from fedsim.simulation.setup import setup_for
 
 MODES = ["hooks", "functorch", "ew", "ghost"]
-pytestmark = [  # expected (see defenses.dp_sgd.import_opacus); pytest re-arms filters per test
+pytestmark = [  # expected (see fedsim.defenses.dp_sgd.import_opacus); pytest re-arms filters per test
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
     pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning"),
 ]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attacks.victim import victim_model
-from defenses import DEFENSES
 from fedsim.attacking import observe
+from fedsim.attacks.victim import victim_model
 from fedsim.data import normalize
+from fedsim.defenses import DEFENSES
 from fedsim.models import MaskDropout, build_model, dropout_layers, set_masks
 from fedsim.run import run_scenario
 from fedsim.scenario import DefenseSpec, ModelSpec, parse_scenario

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import BROKEN_UPDATES, assert_beats_trivial, broken_update
 
-import attacks
-from attacks.fedavg_inversion import FedAvgInversion
-from attacks.inverting_gradients import InvertingGradients
-from attacks.unrolling import label_assignments, step_slices, unrolled_delta
-from attacks.victim import victim_model
+import fedsim.attacks as attacks
+from fedsim.attacks.fedavg_inversion import FedAvgInversion
+from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.attacks.unrolling import label_assignments, step_slices, unrolled_delta
+from fedsim.attacks.victim import victim_model
 from fedsim.data import load_dataset, normalize
 from fedsim.errors import ScenarioError
 from fedsim.metrics import score_reconstruction

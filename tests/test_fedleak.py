@@ -18,9 +18,9 @@ from helpers import BROKEN_UPDATES, assert_beats_trivial, broken_update, make_up
 from rtf_support import psnr_matched
 from torch import nn
 
-import attacks
-from attacks.fedleak import FedLeak, median_filter, median_size, partial_distance, partial_masks
-from attacks.inverting_gradients import InvertingGradients
+import fedsim.attacks as attacks
+from fedsim.attacks.fedleak import FedLeak, median_filter, median_size, partial_distance, partial_masks
+from fedsim.attacks.inverting_gradients import InvertingGradients
 from fedsim.data import load_dataset
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model
@@ -315,7 +315,8 @@ def test_fedavg_several_local_steps_against_inverting_gradients(cifar) -> None:
 def test_matches_a_diff2_gradient_difference_through_the_federation(tmp_path) -> None:
     """scenarios/attacks/diff2_inversion.yaml (DIFF2-GD without noise, 3 digits per client, MLP) with fedleak
     (cosine term, 80 iterations) on client 0's restart (round 1) and difference (round 2) messages: the dummy
-    message is the gradient DIFFERENCE (gradient_distance on the victim model, attacks.differences). PSNR recomputed
+    message is the gradient DIFFERENCE (gradient_distance on the victim model, fedsim.attacks.differences). PSNR
+    recomputed
     here (Hungarian-matched): measured 28.8 / 18.1 dB (150 iterations: 30.9 / 22.8; 300: 33.5 / 24.5, Inverting
     Gradients at 300 with its default TV: 27.4 / 20.4 dB); the best trivial guess 8.3 dB."""
     from fedsim.run import run_scenario

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from helpers import BROKEN_UPDATES, assert_beats_trivial, broken_update, make_update, trivial_score
 
-from attacks.gan_latent import GanLatent
-from attacks.gan_prior import (
+from fedsim.attacks.gan_latent import GanLatent
+from fedsim.attacks.gan_prior import (
     gifd_lr,
     latent_kl,
     load_attack_prior,
@@ -25,11 +25,11 @@ from attacks.gan_prior import (
     project_l1_ball,
     spherical_projection,
 )
-from attacks.gifd import GIFD, StageRecord, select_best, stage_steps
-from attacks.inverting_gradients import InvertingGradients, gradient_distance
-from attacks.objectives import cosine
-from defenses.pruning import prune_update
+from fedsim.attacks.gifd import GIFD, StageRecord, select_best, stage_steps
+from fedsim.attacks.inverting_gradients import InvertingGradients, gradient_distance
+from fedsim.attacks.objectives import cosine
 from fedsim.data import load_dataset, normalize
+from fedsim.defenses.pruning import prune_update
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model
 from fedsim.priors import resolve_prior_path
@@ -67,7 +67,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def grad_loss_of(images: torch.Tensor, update: ClientUpdate, bundle) -> float:
     """Cosine gradient loss of returned pixel images, recomputed from scratch by the test."""
-    from attacks.victim import target_gradient, victim_model
+    from fedsim.attacks.victim import target_gradient, victim_model
 
     model = victim_model(update)
     x = normalize(images, bundle.mean, bundle.std)
@@ -260,8 +260,8 @@ def test_defense_aware_gifd_models_pruning(mnist) -> None:
     pruned = prune_update(dict(update.update), 70.0)
     defended = ClientUpdate(update.round, update.partition_id, update.task, update.global_state, pruned,
                             update.num_examples, defenses=({"name": "pruning", "percent": 70.0},))
-    from attacks.defense_aware import defense_transform
-    from attacks.victim import target_gradient, victim_model
+    from fedsim.attacks.defense_aware import defense_transform
+    from fedsim.attacks.victim import target_gradient, victim_model
 
     model = victim_model(defended)
     modelled = defense_transform(defended.defenses, [n for n, _ in model.named_parameters()])

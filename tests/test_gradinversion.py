@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from helpers import BROKEN_UPDATES, assert_beats_trivial, broken_update
 from torch import nn
 
-import attacks
-import attacks.gradinversion as gi
-from attacks.gradinversion import GradInversion, GroupRun, optimize_group, warmup_cosine
-from attacks.inverting_gradients import InvertingGradients
+import fedsim.attacks as attacks
+import fedsim.attacks.gradinversion as gi
+from fedsim.attacks.gradinversion import GradInversion, GroupRun, optimize_group, warmup_cosine
+from fedsim.attacks.inverting_gradients import InvertingGradients
 from fedsim.data import load_dataset, normalize
 from fedsim.errors import ScenarioError
 from fedsim.metrics import score_reconstruction

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_beats_trivial, make_update
 
-import attacks
-import attacks.inverting_gradients as ig
-from attacks.inverting_gradients import InvertingGradients, Trial
-from attacks.victim import target_gradient, victim_model
+import fedsim.attacks as attacks
+import fedsim.attacks.inverting_gradients as ig
+from fedsim.attacks.inverting_gradients import InvertingGradients, Trial
+from fedsim.attacks.victim import target_gradient, victim_model
 from fedsim.data import load_dataset, normalize
 from fedsim.models import build_model
 from fedsim.scenario import Budget, DataSpec, Knowledge, ModelSpec

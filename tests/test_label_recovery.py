@@ -13,7 +13,7 @@ import helpers
 import pytest
 import torch
 
-from attacks.label_recovery import (
+from fedsim.attacks.label_recovery import (
     LABEL_STRATEGIES,
     LastLayer,
     bias_corrected,
@@ -21,7 +21,7 @@ from attacks.label_recovery import (
     last_layer_gradients,
     recover_labels,
 )
-from attacks.victim import victim_model
+from fedsim.attacks.victim import victim_model
 from fedsim.data import load_dataset
 from fedsim.models import build_model
 from fedsim.scenario import DataSpec, ModelSpec

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks import ATTACKS
-from attacks.malicious import MaliciousAttack
+from fedsim.attacks import ATTACKS
+from fedsim.attacks.malicious import MaliciousAttack
 from fedsim.data import normalize
 from fedsim.errors import ScenarioError
 from fedsim.models.manipulation import ARCHITECTURE_CHANGES

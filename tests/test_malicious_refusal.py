@@ -15,8 +15,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from attacks import ATTACKS
-from attacks.malicious import MaliciousAttack
+from fedsim.attacks import ATTACKS
+from fedsim.attacks.malicious import MaliciousAttack
 from fedsim.scenario import parse_scenario
 from fedsim.simulation import run_federation
 from fedsim.simulation.setup import setup_for
@@ -138,7 +138,7 @@ def test_a_not_attacked_target_is_an_ok_cell_never_a_failed_one(tiny_raw, tmp_pa
 
 
 def _check(**params):  # noqa: ANN003, ANN202
-    from defenses.model_check import ModelCheck, ModelCheckParams
+    from fedsim.defenses.model_check import ModelCheck, ModelCheckParams
 
     return ModelCheck(ModelCheckParams(**params), "model_check")
 
@@ -152,7 +152,7 @@ def test_model_check_gives_one_model_one_verdict(tiny_raw) -> None:
     """QA finding 4: client A accepted the agreed model in round 1 (so it holds a stored reference); client B is
     first sampled in round 2. Both compare the same round-2 model with the same (initial) statistics, so their
     numbers and verdict must be identical - the stored reference must not be rounded to float32."""
-    from defenses.base import UpdateContext
+    from fedsim.defenses.base import UpdateContext
 
     check = _check(action="flag")
     agreed = _mlp(0)

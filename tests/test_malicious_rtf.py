@@ -16,8 +16,8 @@ import yaml
 from helpers import make_update
 from rtf_support import client_model, client_update, observed, psnr_matched, rtf_attack, setup, view_for
 
-from attacks.analytic_fc import AnalyticFC
-from attacks.robbing_the_fed import RobbingTheFed
+from fedsim.attacks.analytic_fc import AnalyticFC
+from fedsim.attacks.robbing_the_fed import RobbingTheFed
 from fedsim.errors import ScenarioError
 from fedsim.models.manipulation import agreed_part
 from fedsim.scenario import Budget, Knowledge, ModelSpec, parse_scenario

@@ -335,7 +335,7 @@ def test_trap_weights_that_isolate_nothing_return_the_empty_reconstruction():
 
     from helpers import make_update
 
-    from attacks.trap_weights import TrapWeights
+    from fedsim.attacks.trap_weights import TrapWeights
     from fedsim.data import load_dataset
     from fedsim.models import build_model
     from fedsim.scenario import Budget, DataSpec, Knowledge, ModelSpec

@@ -23,7 +23,7 @@ from test_malicious_federation import (  # noqa: F401 - _plugins: the autouse fi
 )
 from torch import nn
 
-from attacks import ATTACKS
+from fedsim.attacks import ATTACKS
 from fedsim.data import normalize
 from fedsim.errors import ScenarioError
 from fedsim.scenario import parse_scenario

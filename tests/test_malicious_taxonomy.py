@@ -15,9 +15,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import attacks
-from attacks.base import Attack
-from attacks.malicious import MaliciousAttack
+import fedsim.attacks as attacks
+from fedsim.attacks.base import Attack
+from fedsim.attacks.malicious import MaliciousAttack
 from fedsim.cli import app
 from fedsim.errors import ScenarioError
 from fedsim.scenario import parse_scenario
@@ -273,7 +273,7 @@ def test_letters_in_metrics_summary_and_report_and_old_files_still_render(tmp_pa
 def test_a_scale_sensitive_distance_with_granted_hyperparameters_needs_training_details() -> None:
     """DLG (paper letter A) rescales a FedAvg delta by the granted lr and steps under an L2 distance: it then uses
     the SoK's 'training details' column, so it needs C; cosine never reads them; E already holds C's columns."""
-    from attacks.matching import delta_scale_letter
+    from fedsim.attacks.matching import delta_scale_letter
     from fedsim.scenario import Knowledge
 
     granted, not_granted = Knowledge(local_hparams=True), Knowledge()

@@ -14,9 +14,9 @@ import torch
 from helpers import make_update
 from rtf_support import psnr_matched
 
-from attacks.fishing import Fishing
-from attacks.inverting_gradients import InvertingGradients
-from attacks.trap_weights import TrapWeights
+from fedsim.attacks.fishing import Fishing
+from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.attacks.trap_weights import TrapWeights
 from fedsim.data import load_dataset
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model

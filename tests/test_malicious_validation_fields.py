@@ -146,7 +146,7 @@ def test_imprint_bins_times_input_size_is_bounded_with_the_estimate(bins, refuse
     16 copies x 4 bytes x 1024 x 150528 = 9.2 GiB per client, above the 8 GiB bound; 256 bins (2.3 GiB) pass."""
     from types import SimpleNamespace
 
-    from attacks.robbing_the_fed import RobbingTheFed
+    from fedsim.attacks.robbing_the_fed import RobbingTheFed
 
     scenario = parse_scenario(_raw("robbing_the_fed.yaml"))
     spec = scenario.attacks[0].model_copy(update={"params": {**scenario.attacks[0].params, "bins": bins}})

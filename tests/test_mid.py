@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defenses import DEFENSES
-from defenses.mid import VIBClassifier, kl_divergence, vib_layers
+from fedsim.defenses import DEFENSES
+from fedsim.defenses.mid import VIBClassifier, kl_divergence, vib_layers
 from fedsim.models import MODELS, TEXT_MODELS, build_model
 from fedsim.run import run_scenario
 from fedsim.scenario import DefenseSpec, ModelSpec, parse_scenario

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-import attacks
-from attacks.base import Attack, ModelInversionAttack
-from attacks.model_inversion import _Inversion, averaged_logits, is_stochastic, poincare_loss, released_network
+import fedsim.attacks as attacks
 from fedsim.attacking import RELEASED_MODEL_ID
+from fedsim.attacks.base import Attack, ModelInversionAttack
+from fedsim.attacks.model_inversion import _Inversion, averaged_logits, is_stochastic, poincare_loss, released_network
 from fedsim.data import load_dataset
 from fedsim.errors import ScenarioError
 from fedsim.metrics import evaluator as evaluator_mod

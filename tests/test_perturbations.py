@@ -14,10 +14,10 @@ import pytest
 import torch
 from helpers import trivial_score
 
-from defenses import DEFENSES, UpdateContext
-from defenses.clipping import global_norm
-from defenses.pruning import percentile
-from defenses.soteria import feature_scores, soteria_mask
+from fedsim.defenses import DEFENSES, UpdateContext
+from fedsim.defenses.clipping import global_norm
+from fedsim.defenses.pruning import percentile
+from fedsim.defenses.soteria import feature_scores, soteria_mask
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model
 from fedsim.run import run_scenario

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from defenses import DEFENSES, Defense, UpdateContext
+from fedsim.defenses import DEFENSES, Defense, UpdateContext
 from fedsim.scenario import DefenseSpec, parse_scenario
 from fedsim.simulation import run_federation
 from fedsim.simulation.capture import AGGREGATE_ID

@@ -148,7 +148,7 @@ def test_a_failing_client_fails_the_run_loudly(tiny_raw, monkeypatch) -> None:
 
 def test_training_hooks_report_metrics_and_keep_state_across_rounds(tiny_raw) -> None:
     """A defense's wrap_training can count rounds in per-client state and report it (as DP does with epsilon)."""
-    from defenses.base import DEFENSES, Defense
+    from fedsim.defenses.base import DEFENSES, Defense
 
     class RoundCounter(Defense):
         stage = 30
@@ -172,7 +172,7 @@ def test_training_hooks_report_metrics_and_keep_state_across_rounds(tiny_raw) ->
 
 
 def test_defenses_compose_by_stage_then_scenario_order(tiny_raw) -> None:
-    from defenses import build_defenses
+    from fedsim.defenses import build_defenses
 
     tiny_raw["defenses"] = [
         {"name": "gaussian_noise", "params": {"sigma": 0.01}},  # stage 50: the update

@@ -16,8 +16,8 @@ import pytest
 import torch
 from text_updates import text_update
 
-from attacks import ATTACKS
-from attacks.tag import TAG, soft_lm_loss
+from fedsim.attacks import ATTACKS
+from fedsim.attacks.tag import TAG, soft_lm_loss
 from fedsim.metrics.text import score_text, trivial_guesses
 from fedsim.scenario import Budget, Knowledge
 from fedsim.training import lm_loss

@@ -22,8 +22,8 @@ from text_support import tiny_text
 from text_updates import text_update
 from typer.testing import CliRunner
 
-from attacks.dager import Dager
 from fedsim.attacking import input_grants, judge, observe, oracle_grants
+from fedsim.attacks.dager import Dager
 from fedsim.cli import app
 from fedsim.errors import ScenarioError
 from fedsim.metrics import score_reconstruction

@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import Tensor
 
-import attacks
-from attacks.base import Attack, AttackParams
-from attacks.malicious import MaliciousAttack
-from attacks.victim import rebuild_model
+import fedsim.attacks as attacks
 from fedsim.attacking import observe, run_attacks
+from fedsim.attacks.base import Attack, AttackParams
+from fedsim.attacks.malicious import MaliciousAttack
+from fedsim.attacks.victim import rebuild_model
 from fedsim.metrics import score_reconstruction
 from fedsim.metrics.image import mse_per_image, psnr_per_image
 from fedsim.report.summary import summary_markdown

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from attacks.token_set import TokenSet
+from fedsim.attacks.token_set import TokenSet
 from fedsim.scenario import Budget, Knowledge
 from tests.text_updates import text_update
 

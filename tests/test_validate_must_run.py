@@ -289,8 +289,8 @@ def test_zero_iterations_is_refused_for_every_attack(attack: str) -> None:
 def test_the_fedavg_attacker_replays_the_merged_schedule() -> None:
     """The client's rule and the attacker's replay are one function (fedsim.training.epoch_bounds): on a
     BatchNorm victim whose client merged a lone example, fedavg_inversion replays the same steps."""
-    from attacks.matching import local_schedule
-    from attacks.unrolling import step_slices
+    from fedsim.attacks.matching import local_schedule
+    from fedsim.attacks.unrolling import step_slices
 
     assert local_schedule({"batch_size": 3, "epochs": 2, "lr": 0.1}, 4, min_batch=2) == (2, 3)
     assert local_schedule({"batch_size": 3, "epochs": 2, "lr": 0.1}, 4) == (4, 3)

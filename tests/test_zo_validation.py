@@ -83,9 +83,9 @@ def test_bare_off_means_off_in_a_file_and_in_set() -> None:
 
 
 def _models() -> list[type[BaseModel]]:
-    import attacks
-    import defenses
     import fedsim
+    import fedsim.attacks as attacks
+    import fedsim.defenses as defenses
 
     found: list[type[BaseModel]] = []
     for pkg in (fedsim, attacks, defenses):

@@ -3,7 +3,7 @@
 Every draw comes from :class:`~fedsim.audit.canaries.CanarySet`, seeded by the scenario alone, so the same
 scenario and seed insert the same canaries on any backend (in-process or Ray) and in any process.
 
-* Example canaries in Opacus's DP-SGD family (:func:`attach_example_canaries`, called by ``defenses.dp_sgd``'s
+* Example canaries in Opacus's DP-SGD family (:func:`attach_example_canaries`, called by ``fedsim.defenses.dp_sgd``'s
   round): the included canaries drawn into a batch (at the accounted rate q, from the seed, not by the real
   sampler) are records with a linear loss whose per-example gradient ``F C c_j`` has norm F C, F =
   :data:`~fedsim.audit.canaries.EXAMPLE_NORM_FACTOR` (10) times the clipping norm. Under the modes that
@@ -14,7 +14,7 @@ scenario and seed insert the same canaries on any backend (in-process or Ray) an
   (``DPOptimizerFastGradientClipping``) never forms per-example gradients: there the canaries add ``C c_j`` to
   ``p.summed_grad`` after the clipping, in ``add_noise``, and its clipping is NOT exercised by the audit
   (:func:`canaries_clipped_by_mechanism`).
-* Example canaries in DIFF2 (replace-one neighbours) are appended by ``defenses.diff2_client`` to the restart
+* Example canaries in DIFF2 (replace-one neighbours) are appended by ``fedsim.defenses.diff2_client`` to the restart
   round's per-example gradients before its clip to C1 (:meth:`~fedsim.audit.canaries.CanarySet.signed_rows`).
 * Client canaries are client replies added to the server's aggregation: :mod:`fedsim.audit.client_canaries`.
 """

@@ -129,7 +129,7 @@ def canary_norm(scenario: Scenario, level: str) -> float | str:
     norm of the sample-level DP defense (dp_sgd family: ``max_grad_norm``; diff2: ``c1``, 1.0 when unclipped).
     ``client`` level under central DP: its fixed ``clipping_norm`` (``audit.client_norm`` when that is smaller:
     nothing to clip then); under its ADAPTIVE clipping the canaries of round t are clipped to that round's norm
-    C_t (``defenses.central_dp``'s ``round_clipping_norm``), which changes every round: the text
+    C_t (``fedsim.defenses.central_dp``'s ``round_clipping_norm``), which changes every round: the text
     :data:`ADAPTIVE_NORM` (with the initial norm) says so instead of one number. Without central DP:
     ``audit.client_norm``, else 1.0."""
     from fedsim.simulation.setup import setup_for

@@ -127,7 +127,7 @@ def dp_sgd_summary(client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]]
     return out
 
 
-DIFF2_PLACEMENTS = ("central", "distributed", "local")  # defenses.diff2.PLACEMENTS: the rows carry the index
+DIFF2_PLACEMENTS = ("central", "distributed", "local")  # fedsim.defenses.diff2.PLACEMENTS: the rows carry the index
 DIFF2_AGAINST_SERVER = {  # (placement, SecAgg+): what the curious server sees, hence its epsilon
     ("central", False): "inf: the server adds the noise after averaging, so it sees every client's un-noised message",
     ("central", True): "inf: the server adds the noise after the SecAgg+ aggregation, so it sees the un-noised "

@@ -32,7 +32,7 @@ def partition_reply(msg: Message, context: Context) -> Message:
 def build_client_app(scenario: Scenario) -> ClientApp:
     """A ClientApp running ``scenario``'s local training (``scenario`` is small and pickles to Ray)."""
     app = ClientApp(mods=[client_errors_mod])
-    from defenses import build_defenses
+    from fedsim.defenses import build_defenses
 
     mods = [mod for defense in build_defenses(scenario) for mod in defense.client_mods()]
 

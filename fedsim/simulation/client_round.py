@@ -32,8 +32,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor, nn
 
-from defenses.base import Defense, UpdateContext
 from fedsim.augment import augmentation_for
+from fedsim.defenses.base import Defense, UpdateContext
 from fedsim.models.manipulation import apply_architecture
 from fedsim.scenario import Scenario
 from fedsim.simulation import keys

@@ -45,7 +45,7 @@ def rounds_to_release(scenario: Scenario) -> set[int]:
 
 def secure_aggregation(scenario: Scenario) -> Any | None:
     """The defense that asks for secure aggregation (``secure_aggregation = True``), if any."""
-    from defenses import DEFENSES
+    from fedsim.defenses import DEFENSES
 
     for spec in scenario.defenses:
         cls = DEFENSES.get(spec.name)

@@ -1,6 +1,6 @@
 """A malicious server inside the federation: the manipulated model it sends, and the agreed model it keeps.
 
-In each round a :class:`~attacks.malicious.MaliciousAttack` of the scenario targets (``attacks[i].rounds``), the
+In each round a :class:`~fedsim.attacks.malicious.MaliciousAttack` of the scenario targets (``attacks[i].rounds``), the
 server (``server.role: malicious``) builds a :class:`~fedsim.threat.ManipulationView` from the honest global model
 it holds and calls the attack's ``manipulate`` (an instance seeded by ``derive_seed(seed, "manipulate", i, round)``,
 under a forked torch RNG seeded alike, so both backends send the same model). The returned

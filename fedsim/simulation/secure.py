@@ -266,7 +266,7 @@ def _restated(record: logging.LogRecord) -> bool:
 
 def _refuse_dropped_hooks(setup: FederationSetup) -> None:
     """Server-side and mod hooks have no place on this path: refuse rather than silently drop them."""
-    from defenses.base import Defense
+    from fedsim.defenses.base import Defense
 
     for d in setup.defenses:
         if getattr(d, "secure_aggregation", False):

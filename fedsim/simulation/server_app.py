@@ -72,7 +72,7 @@ def needs_every_client(defenses: list) -> str | None:
     """Why the first failed client must stop the run (:mod:`fedsim.simulation.participation`), or None: a defense
     wraps the server strategy (its noise assumes every sampled client's update) or states its own reason
     (``Defense.every_client_reason``, e.g. DIFF2's estimator)."""
-    from defenses.base import Defense
+    from fedsim.defenses.base import Defense
 
     for d in defenses:
         if type(d).wrap_strategy is not Defense.wrap_strategy:
@@ -86,7 +86,7 @@ def needs_every_client(defenses: list) -> str | None:
 def message_references(defenses: list) -> Callable[[int], bool] | None:
     """``round -> bool``: whether the clients send gradient differences in that round (``Defense.message_reference``),
     or None when no defense makes them (the capture then keeps no previous model)."""
-    from defenses.base import Defense
+    from fedsim.defenses.base import Defense
 
     chosen = [d for d in defenses if type(d).message_reference is not Defense.message_reference]
     return (lambda rnd: any(d.message_reference(rnd) for d in chosen)) if chosen else None

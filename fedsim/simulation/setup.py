@@ -45,7 +45,7 @@ class FederationSetup:
 
     @cached_property
     def defenses(self) -> list:
-        from defenses import build_defenses
+        from fedsim.defenses import build_defenses
 
         return build_defenses(self.scenario)
 
@@ -77,7 +77,7 @@ class FederationSetup:
         modules or state layout), in the order applied: what every attack is told to rebuild the model,
         and nothing more (no defense parameter beyond ``Defense.model_params``; a transform that left
         the model as it was, e.g. DP-SGD on a model without BatchNorm, is not even named)."""
-        from defenses.base import Defense
+        from fedsim.defenses.base import Defense
 
         model = self._initial_model()
         out = []

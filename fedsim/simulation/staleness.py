@@ -149,8 +149,8 @@ def check_staleness(scenario: Scenario, num_classes: int | None = None) -> None:
     stale = scenario.federation.staleness
     if stale is None:
         return
-    from defenses import DEFENSES
-    from defenses.base import Defense
+    from fedsim.defenses import DEFENSES
+    from fedsim.defenses.base import Defense
 
     for i, spec in enumerate(scenario.defenses):
         cls = DEFENSES.get(spec.name)

@@ -47,7 +47,7 @@ def server_step(scenario: Scenario, server_round: int, current: dict[str, torch.
     ``memory[defense name]`` is that defense's dict for the run); otherwise ``current - lr * mean`` with
     lr = ``federation.server_lr`` or ``local.lr`` (buffers and anything not in the message stay as they are).
     """
-    from defenses.base import Defense
+    from fedsim.defenses.base import Defense
 
     for defense in setup_for(scenario).defenses:
         if type(defense).server_update is not Defense.server_update:

@@ -64,7 +64,7 @@ class GlobalSurrogate:
 @dataclass
 class ZORoundView:
     """What the honest-but-curious server saw in one round of a zeroth-order federation (spec §11.6): the attacks'
-    only input. Keys are partition ids. Under ``defenses.secagg`` the ``surrogates`` are the masked vectors as
+    only input. Keys are partition ids. Under ``fedsim.defenses.secagg`` the ``surrogates`` are the masked vectors as
     received (individually meaningless) and ``aggregate`` is their sum; otherwise ``aggregate`` is what the server
     computed from them. Ground truth (the objective itself) is never here."""
 
