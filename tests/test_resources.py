@@ -114,3 +114,15 @@ def test_an_argument_ray_init_does_not_take_is_refused_with_its_field() -> None:
     assert err.value.path == "backend.init_args.bogus_arg"
     raw["backend"]["init_args"] = {"include_dashboard": False, "_temp_dir": "/tmp/ray"}  # real and private keys
     parse_scenario(raw)
+
+
+@pytest.mark.parametrize(("kind", "cuda", "expected"), [
+    ("auto", True, "cuda"), ("auto", False, "cpu"), ("cpu", True, "cpu"), ("cuda", True, "cuda"),
+])
+def test_device_auto_picks_cuda_only_when_present(monkeypatch: pytest.MonkeyPatch, kind: str, cuda: bool,
+                                                  expected: str) -> None:
+    """Issue 17 item 8: ``device: auto`` is the GPU path when a GPU exists; ``cpu`` stays on the CPU."""
+    from fedsim.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolve_device(kind).type == expected
