@@ -29,10 +29,11 @@ so the caller can run the trials one after another instead.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,7 @@ from torch.func import grad_and_value, vmap
 from fedsim.attacks.differences import functional_message, message_of
 
 Stopped = Literal["time limit", "non-finite loss"] | None
+T = TypeVar("T")
 
 
 class BatchingUnsupported(RuntimeError):
@@ -115,6 +117,127 @@ def _freeze(x: Tensor, before: Tensor, active: Tensor) -> None:
     x.copy_(torch.where(keep, x, before))
 
 
+class BatchedTrials(Generic[T]):
+    """K trials as one vmapped computation, advanced rung by rung (a :class:`fedsim.attacks.schedule.Cohort`).
+
+    The state of :func:`optimize_trials` kept between calls: the stacked inputs, one Adam over them and the
+    step schedule (a function of the step index in ``iterations``, shared by all trials). ``advance(members,
+    until)`` with fewer members than are alive keeps only their rows: of the inputs and of Adam's moments
+    (elementwise, so every survivor goes on exactly as if nothing had been dropped). ``wrap(x, iterations,
+    stopped)`` builds a result; ``score(result)`` is its matching loss. Progress: ``progress(iterations spent
+    over all trials, planned)`` every ``every`` steps and at the last. Raises :class:`BatchingUnsupported`
+    when the first batched evaluation fails.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Tensor], Tensor],
+        x0: Tensor,
+        *,
+        iterations: int,
+        lr: float,
+        signed: bool = True,
+        box: tuple[Tensor, Tensor] | None = None,
+        decay: Literal["step", "none"] = "step",
+        deadline: float | None = None,
+        wrap: Callable[[Tensor, int, Stopped], T],
+        score: Callable[[T], float] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.step_fn = vmap(grad_and_value(loss_fn))
+        self.iterations, self.signed, self.box, self.deadline = iterations, signed, box, deadline
+        self.wrap, self.score_of, self.on_step = wrap, score, on_step
+        trials = x0.shape[0]
+        self.x = x0.detach().clone().requires_grad_(True)
+        self.opt = torch.optim.Adam([self.x], lr=lr)
+        milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay == "step" else []
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=milestones, gamma=0.1)
+        self.rows = list(range(trials))  # member of each row of x
+        self.done: list[int | None] = [None] * trials  # steps run, once a trial stopped or was dropped
+        self.stopped: list[Stopped] = [None] * trials
+        self.final: dict[int, Tensor] = {}
+        self.active = torch.ones(trials, dtype=torch.bool, device=self.x.device)
+        self.step, self._spent = 0, 0
+        self._scores: dict[int, tuple[int, float]] = {}
+
+    def _keep(self, members: Sequence[int]) -> None:
+        """Keep only the rows of ``members``: inputs, Adam moments and the active flags."""
+        index = [self.rows.index(m) for m in members]
+        for row, m in enumerate(self.rows):
+            if m not in members:
+                self.final[m] = self.x.detach()[row].clone()
+                if self.done[m] is None:
+                    self.done[m] = self.step
+        idx = torch.tensor(index, device=self.x.device)
+        x = self.x.detach()[idx].clone().requires_grad_(True)
+        state = self.opt.state.pop(self.x, {})
+        self.opt.param_groups[0]["params"] = [x]
+        if state:
+            self.opt.state[x] = {k: v if v.dim() == 0 else v[idx].clone() for k, v in state.items()}
+        self.x, self.rows, self.active = x, list(members), self.active[idx]
+
+    def advance(self, members: Sequence[int], until: int) -> bool:
+        """Run ``members`` (a subset of the alive ones, ascending) to step ``until``; False past the deadline."""
+        if list(members) != self.rows:
+            self._keep(members)
+        x = self.x
+        while self.step < min(until, self.iterations):
+            step = self.step
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                for k in self.active.nonzero().flatten().tolist():
+                    self.done[self.rows[k]], self.stopped[self.rows[k]] = step, "time limit"
+                return False
+            try:
+                gradient, loss = self.step_fn(x.detach())
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
+                if step == 0:
+                    raise BatchingUnsupported(f"{type(err).__name__}: {err}") from err
+                raise
+            finite = torch.isfinite(loss.detach())
+            for k in (self.active & ~finite).nonzero().flatten().tolist():
+                self.done[self.rows[k]], self.stopped[self.rows[k]] = step, "non-finite loss"
+            self.active = active = self.active & finite
+            if not bool(active.any()):
+                break
+            before = None if bool(active.all()) else x.detach().clone()
+            x.grad = gradient.sign() if self.signed else gradient
+            self.opt.step()
+            self.sched.step()
+            with torch.no_grad():
+                if self.box is not None:
+                    x.copy_(torch.maximum(torch.minimum(x, self.box[1]), self.box[0]))
+                if before is not None:
+                    _freeze(x, before, active)
+            self.step += 1
+            self._spent += len(self.rows)
+            if self.on_step is not None:
+                self.on_step(self.step, self._spent)
+        return True
+
+    def started(self, i: int) -> bool:
+        return True
+
+    def result(self, i: int) -> tuple[T, Stopped]:
+        x = self.final[i] if i in self.final else self.x.detach()[self.rows.index(i)]
+        done = self.done[i]
+        return self.wrap(x, self.step if done is None else done, self.stopped[i]), self.stopped[i]
+
+    def score(self, i: int) -> float:
+        if self.score_of is None:
+            raise ValueError("BatchedTrials was built without a score function")
+        cached = self._scores.get(i)
+        if cached is None or cached[0] != self.step:
+            result, stopped = self.result(i)
+            cached = self._scores[i] = (self.step, math.nan if stopped == "non-finite loss" else self.score_of(result))
+        return cached[1]
+
+    def drop(self, members: Sequence[int]) -> None:
+        """Nothing to do until the next :meth:`advance` keeps the survivors' rows."""
+
+    def spent(self) -> int:
+        return self._spent
+
+
 def optimize_trials(
     loss_fn: Callable[[Tensor], Tensor],
     x0: Tensor,
@@ -134,43 +257,12 @@ def optimize_trials(
     ``signed``, ``box`` (lower, upper; broadcast against one trial's inputs), ``decay`` ("step": lr x0.1
     at 3/8, 5/8, 7/8 of ``iterations``), ``deadline`` (a ``time.perf_counter()`` value: all trials stop)
     and ``on_step(i)`` (after step i, 1-based) behave as in ``optimize_inputs``. Raises
-    :class:`BatchingUnsupported` when the first batched evaluation fails.
+    :class:`BatchingUnsupported` when the first batched evaluation fails. (All K trials to the end: the
+    ``full`` schedule of :class:`BatchedTrials`.)
     """
-    step_fn = vmap(grad_and_value(loss_fn))
-    trials = x0.shape[0]
-    x = x0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay == "step" else []
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    done = [iterations] * trials
-    stopped: list[Stopped] = [None] * trials
-    active = torch.ones(trials, dtype=torch.bool, device=x.device)
-    for step in range(iterations):
-        if deadline is not None and time.perf_counter() > deadline:
-            for k in active.nonzero().flatten().tolist():
-                done[k], stopped[k] = step, "time limit"
-            break
-        try:
-            gradient, loss = step_fn(x.detach())
-        except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
-            if step == 0:
-                raise BatchingUnsupported(f"{type(err).__name__}: {err}") from err
-            raise
-        finite = torch.isfinite(loss.detach())
-        for k in (active & ~finite).nonzero().flatten().tolist():
-            done[k], stopped[k] = step, "non-finite loss"
-        active = active & finite
-        if not bool(active.any()):
-            break
-        before = None if bool(active.all()) else x.detach().clone()
-        x.grad = gradient.sign() if signed else gradient
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            if box is not None:
-                x.copy_(torch.maximum(torch.minimum(x, box[1]), box[0]))
-            if before is not None:
-                _freeze(x, before, active)
-        if on_step is not None:
-            on_step(step + 1)
-    return TrialsResult(x.detach(), tuple(done), tuple(stopped))
+    trials = BatchedTrials(loss_fn, x0, iterations=iterations, lr=lr, signed=signed, box=box, decay=decay,
+                           deadline=deadline, wrap=lambda x, n, s: (x, n, s),
+                           on_step=None if on_step is None else (lambda i, _spent: on_step(i)))
+    trials.advance(list(range(x0.shape[0])), iterations)
+    out = [trials.result(k)[0] for k in range(x0.shape[0])]
+    return TrialsResult(torch.stack([x for x, _, _ in out]), tuple(n for _, n, _ in out), tuple(s for _, _, s in out))

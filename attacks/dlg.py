@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -44,11 +44,21 @@ from fedsim.attacks.matching import (
     examples_to_reconstruct,
     labels_for,
     matching_target,
-    ticker,
     unusable,
 )
 from fedsim.attacks.objectives import OBJECTIVES, Distance
 from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.schedule import (
+    SCHEDULE_HELP,
+    OnStep,
+    ScheduleSpec,
+    Sequential,
+    Steps,
+    planned_iterations,
+    run_schedule,
+    run_to_end,
+    rungs,
+)
 from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError
 from fedsim.seeding import torch_generator
@@ -74,7 +84,7 @@ class LbfgsRun:
     stopped: Literal["time limit", "non-finite loss", "converged"] | None = None
 
 
-def lbfgs_inputs(
+def lbfgs_steps(
     loss_fn: Callable[[Tensor, Tensor | None], Tensor],
     x0: Tensor,
     logits0: Tensor | None,
@@ -87,13 +97,15 @@ def lbfgs_inputs(
     box: tuple[Tensor, Tensor] | None = None,
     deadline: float | None = None,
     on_eval: Callable[[int], None] | None = None,
-) -> LbfgsRun:
+) -> Steps[LbfgsRun]:
     """Minimize ``loss_fn(x, logits)`` over ``x`` (and ``logits`` unless ``None``) with L-BFGS.
 
     Runs ``LBFGS.step`` with ``max_iter`` iterations per call until ``evaluations`` closure calls
     (capped per call, so the count is exact without a line search; a strong-Wolfe search may add up
     to 25). Stops early on the deadline, on a NaN/inf loss or iterate, or at convergence (a call that
-    only evaluated the starting point). ``on_eval(n)`` runs after the n-th evaluation.
+    only evaluated the starting point). ``on_eval(n)`` runs after the n-th evaluation. Yields ``(evaluations,
+    LbfgsRun so far)`` after every ``LBFGS.step`` call and returns the final run (the restart protocol of
+    :mod:`fedsim.attacks.schedule`); :func:`lbfgs_inputs` runs it to the end.
     """
     x = x0.detach().clone().requires_grad_(True)
     logits = None if logits0 is None else logits0.detach().clone().requires_grad_(True)
@@ -131,7 +143,18 @@ def lbfgs_inputs(
         if count - before <= 1 and count < evaluations:
             stopped = "converged"
             break
+        yield count, LbfgsRun(x.detach(), None if logits is None else logits.detach(), count)
     return LbfgsRun(x.detach(), None if logits is None else logits.detach(), count, stopped)
+
+
+def lbfgs_inputs(
+    loss_fn: Callable[[Tensor, Tensor | None], Tensor],
+    x0: Tensor,
+    logits0: Tensor | None,
+    **options: Any,
+) -> LbfgsRun:
+    """:func:`lbfgs_steps` run to the end (same arguments)."""
+    return run_to_end(lbfgs_steps(loss_fn, x0, logits0, **options))
 
 
 class DLGParams(AttackParams):
@@ -144,6 +167,7 @@ class DLGParams(AttackParams):
     )
     boxed: bool = Field(False, description="project onto the pixel box after every step() call")
     init: Literal["randn", "rand", "zeros"] = "randn"
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
 
 
 @register_attack("dlg")
@@ -191,33 +215,33 @@ class DeepLeakage(DeltaScaled, Attack):
 
         box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        total = budget.iterations * budget.restarts
         book: RestartBook[LbfgsRun] = RestartBook()
-        for restart in range(budget.restarts):
-            if book.time_is_up(deadline):
-                break
+
+        def start_restart(restart: int, on_step: OnStep) -> Steps[LbfgsRun]:
             gen = torch_generator(self.seed, "dlg", restart)
             x0 = initial_inputs(p.init, (num, *update.task.input_shape), gen).to(self.device)
             z0 = torch.randn((num, k), generator=gen).to(self.device) if joint else None
-            try:
-                run = lbfgs_inputs(
-                    loss_fn, x0, z0, evaluations=budget.iterations, lr=p.lr, max_iter=p.max_iter,
-                    history_size=p.history_size, line_search=p.line_search, box=box, deadline=deadline,
-                    on_eval=ticker(progress, budget.iterations, total, restart * budget.iterations),
-                )
-                score = soft_gradient_distance(model, run.x, targets(run.logits), target, distance, False).item()
-            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
-                return Reconstruction.failure(f"optimization failed: {err}")
-            book.record(restart, run, score, run.stopped)
-            if book.timed_out:
-                break
+            return lbfgs_steps(loss_fn, x0, z0, evaluations=budget.iterations, lr=p.lr, max_iter=p.max_iter,
+                               history_size=p.history_size, line_search=p.line_search, box=box, deadline=deadline,
+                               on_eval=on_step)
+
+        def score(run: LbfgsRun) -> float:  # restarts are ranked by the gradient distance alone
+            return soft_gradient_distance(model, run.x, targets(run.logits), target, distance, False).item()
+
+        plan = rungs(p.schedule, budget.restarts, budget.iterations)
+        cohort = Sequential(start_restart, score, lambda run: run.stopped, iterations=budget.iterations,
+                            deadline=deadline, progress=progress, planned=planned_iterations(plan))
+        try:
+            schedule = run_schedule(p.schedule, cohort, budget.restarts, budget.iterations, book)
+        except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+            return Reconstruction.failure(f"optimization failed: {err}")
         seconds = time.perf_counter() - start
         if book.best is None:
             return book.failure(seconds, diverged="the loss became NaN/inf (L-BFGS diverged)")
         run = book.best
         labels = fixed if run.logits is None else run.logits.argmax(dim=-1)
-        stats = {**book.stats(), "iterations": float(run.evaluations), "converged": float(run.stopped == "converged"),
-                 "seconds": seconds}
+        stats = {**book.stats(), **schedule, "iterations": float(run.evaluations),
+                 "converged": float(run.stopped == "converged"), "seconds": seconds}
         return Reconstruction(to_pixels(run.x, update.task.mean, update.task.std), labels.cpu(), stats)
 
 

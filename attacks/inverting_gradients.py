@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from fedsim.attacks.batched import BatchingUnsupported, matching_loss, optimize_trials, parameter_gradient
+from fedsim.attacks.batched import BatchedTrials, BatchingUnsupported, matching_loss, parameter_gradient
 from fedsim.attacks.defense_aware import DefenseTransform, defense_transform
 from fedsim.attacks.differences import message_of
 from fedsim.attacks.label_recovery import LABEL_STRATEGIES
@@ -42,6 +42,16 @@ from fedsim.attacks.matching import delta_scale_letter, examples_to_reconstruct,
 from fedsim.attacks.objectives import OBJECTIVES, Distance
 from fedsim.attacks.regularizers import total_variation
 from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.schedule import (
+    SCHEDULE_HELP,
+    ScheduleSpec,
+    Sequential,
+    Steps,
+    planned_iterations,
+    run_schedule,
+    run_to_end,
+    rungs,
+)
 from fedsim.attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError
 from fedsim.scenario import Knowledge
@@ -125,6 +135,44 @@ class Trial:
     stopped: Literal["time limit", "non-finite loss"] | None = None
 
 
+def input_steps(
+    loss_fn: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    *,
+    iterations: int,
+    lr: float,
+    signed: bool = True,
+    box: tuple[Tensor, Tensor] | None = None,
+    decay: Literal["step", "none"] = "step",
+    deadline: float | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Steps[Trial]:
+    """:func:`optimize_inputs` one step at a time: yields ``(i, Trial so far)`` after step ``i`` and returns the
+    final :class:`Trial` (the restart protocol of :mod:`fedsim.attacks.schedule`). The step schedule is a
+    function of the step index in ``iterations``, however the steps are spread over calls."""
+    x = x0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay == "step" else []
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    for step in range(iterations):
+        if deadline is not None and time.perf_counter() > deadline:
+            return Trial(x.detach(), step, "time limit")
+        loss = loss_fn(x)
+        if not torch.isfinite(loss):
+            return Trial(x.detach(), step, "non-finite loss")
+        (grad,) = torch.autograd.grad(loss, [x])
+        x.grad = grad.sign() if signed else grad
+        opt.step()
+        sched.step()
+        if box is not None:
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, box[1]), box[0]))
+        if on_step is not None:
+            on_step(step + 1)
+        yield step + 1, Trial(x.detach(), step + 1)
+    return Trial(x.detach(), iterations)
+
+
 def optimize_inputs(
     loss_fn: Callable[[Tensor], Tensor],
     x0: Tensor,
@@ -145,26 +193,8 @@ def optimize_inputs(
     iterate, when ``time.perf_counter()`` passes ``deadline`` or the loss becomes NaN/inf.
     ``on_step(i)`` is called after step ``i`` (1-based).
     """
-    x = x0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay == "step" else []
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    for step in range(iterations):
-        if deadline is not None and time.perf_counter() > deadline:
-            return Trial(x.detach(), step, "time limit")
-        loss = loss_fn(x)
-        if not torch.isfinite(loss):
-            return Trial(x.detach(), step, "non-finite loss")
-        (grad,) = torch.autograd.grad(loss, [x])
-        x.grad = grad.sign() if signed else grad
-        opt.step()
-        sched.step()
-        if box is not None:
-            with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, box[1]), box[0]))
-        if on_step is not None:
-            on_step(step + 1)
-    return Trial(x.detach(), iterations)
+    return run_to_end(input_steps(loss_fn, x0, iterations=iterations, lr=lr, signed=signed, box=box, decay=decay,
+                                  deadline=deadline, on_step=on_step))
 
 
 @register_attack("inverting_gradients")
@@ -202,6 +232,7 @@ class InvertingGradients(Attack):
         batched: Literal["auto"] | bool = Field(
             "auto", description="run the restarts as one vmapped computation; auto: on accelerators only"
         )
+        schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
 
         @field_validator("label_strategy")
         @classmethod
@@ -246,7 +277,7 @@ class InvertingGradients(Attack):
         transform = defense if defense is not None and defense.defenses else None
         distance = OBJECTIVES[p.distance]
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        total, restarts = budget.iterations * budget.restarts, budget.restarts
+        restarts = budget.restarts
         options = {"iterations": budget.iterations, "lr": p.lr, "signed": p.signed, "decay": p.decay,
                    "box": pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None,
                    "deadline": deadline}
@@ -258,53 +289,46 @@ class InvertingGradients(Attack):
         def prior(x: Tensor) -> Tensor:
             return p.tv * total_variation(x)
 
-        def ticker(done: int, per_step: int = 1) -> Callable[[int], None]:
-            def on_step(i: int) -> None:
-                if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
-                    progress(done + i * per_step, total)
-            return on_step
-
-        trials: list[Trial] | None = None
-        if self._use_batched():
-            loss = matching_loss(model, labels, target, distance, transform, prior if p.tv > 0 else None)
-            x0 = torch.stack([init(restart) for restart in range(restarts)])
-            try:
-                out = optimize_trials(loss, x0, on_step=ticker(0, restarts), **options)
-                trials = [Trial(*trial) for trial in zip(out.x, out.iterations, out.stopped, strict=True)]
-            except BatchingUnsupported:
-                pass  # e.g. random draws or Python branches on values in the model: one restart at a time
-            except (RuntimeError, ValueError, IndexError) as err:
-                return Reconstruction.failure(f"optimization failed: {err}", batched=1.0)
-        batched, timed_out = trials is not None, False
-
         def loss_fn(x: Tensor) -> Tensor:
             loss = gradient_distance(model, x, labels, target, distance, transform=transform)
             return loss + prior(x) if p.tv > 0 else loss
 
-        if trials is None:
-            trials = []
-            for restart in range(restarts):
-                if deadline is not None and time.perf_counter() > deadline:
-                    timed_out = True
-                    break
-                try:
-                    trial = optimize_inputs(loss_fn, init(restart), on_step=ticker(restart * budget.iterations),
-                                            **options)
-                except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
-                    return Reconstruction.failure(f"optimization failed: {err}")
-                trials.append(trial)
-                if trial.stopped == "time limit":
-                    break
+        def score(trial: Trial) -> float:  # restarts are ranked by the gradient loss alone
+            return gradient_distance(model, trial.x, labels, target, distance, False, transform).item()
 
-        book: RestartBook[Trial] = RestartBook(timed_out=timed_out)
-        for restart, trial in enumerate(trials):  # ranked by the final gradient loss alone
-            score = gradient_distance(model, trial.x, labels, target, distance, False, transform).item()
-            book.record(restart, trial, score, trial.stopped)
+        planned = planned_iterations(rungs(p.schedule, restarts, budget.iterations))
+        book: RestartBook[Trial] = RestartBook()
+        schedule: dict[str, float] | None = None
+        if self._use_batched():
+            loss = matching_loss(model, labels, target, distance, transform, prior if p.tv > 0 else None)
+            x0 = torch.stack([init(restart) for restart in range(restarts)])
+
+            def on_step(i: int, spent: int) -> None:
+                if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
+                    progress(spent, planned)
+
+            trials = BatchedTrials(loss, x0, wrap=Trial, score=score, on_step=on_step, **options)
+            try:
+                schedule = run_schedule(p.schedule, trials, restarts, budget.iterations, book)
+            except BatchingUnsupported:
+                book = RestartBook()  # e.g. random draws or Python branches on values in the model: one at a time
+            except (RuntimeError, ValueError, IndexError) as err:
+                return Reconstruction.failure(f"optimization failed: {err}", batched=1.0)
+        batched = schedule is not None
+        if schedule is None:
+            cohort = Sequential(lambda i, on_step: input_steps(loss_fn, init(i), on_step=on_step, **options), score,
+                                lambda trial: trial.stopped, iterations=budget.iterations, deadline=deadline,
+                                progress=progress, planned=planned)
+            try:
+                schedule = run_schedule(p.schedule, cohort, restarts, budget.iterations, book)
+            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+                return Reconstruction.failure(f"optimization failed: {err}")
         seconds = time.perf_counter() - start
         if book.best is None:
             return book.failure(seconds, batched=float(batched))
         trial = book.best
-        stats = {**book.stats(), "iterations": float(trial.iterations), "batched": float(batched), "seconds": seconds}
+        stats = {**book.stats(), **schedule, "iterations": float(trial.iterations), "batched": float(batched),
+                 "seconds": seconds}
         if defense is not None:
             stats["defenses_modeled"] = float(len(defense.modeled))
             stats["defenses_skipped"] = float(len(defense.skipped))

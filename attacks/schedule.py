@@ -1,0 +1,230 @@
+"""Restart scheduling shared by every restart-based attack: ``full`` (every restart runs the whole budget) or
+``halving`` (successive halving; Jamieson & Talwalkar, AISTATS 2016; the bracket of Hyperband, Li et al., JMLR 2018).
+
+``halving`` runs all K restarts for a first rung of ``t_0 = first_rung * budget.iterations`` iterations, keeps the
+``ceil(n / eta)`` restarts with the lowest CURRENT matching loss (the attack's own gradient distance: the attacker has
+no ground truth to rank by, and the scorer a restart is ranked with never sees any), runs those to ``eta * t_0``, and
+so on, until ``min_keep`` restarts are left; they run to ``budget.iterations``. Rung j ends at
+``t_j = min(N, ceil(eta * t_{j-1}))`` with ``n_j = max(min_keep, ceil(n_{j-1} / eta))`` restarts alive, so the cost is
+``sum_j n_j (t_j - t_{j-1})`` iterations (:func:`planned_iterations`): for K = 8, eta 2 and first rung N / 16 that is
+1.75 N instead of 8 N. A survivor is continued, never restarted: its optimizer state and learning-rate schedule go on
+exactly as in an uninterrupted run (the schedules are functions of the step index in the full budget), so the best
+restart under ``halving`` is bitwise the run it would have been under ``full``.
+
+Every restart is an object the attack builds from a generator (:func:`steps` protocol): it yields
+``(iterations done, result so far)`` after every optimizer step and returns its final result; the runner advances it,
+scores it with the attack's matching loss, and drops the losers. The attack's :class:`~fedsim.attacks.restarts.
+RestartBook` receives every started restart (a pruned one with the score it was pruned at), so the bookkeeping
+(runs, failed restarts, time limit, the best restart by its matching loss) is the same for both kinds. ``full``
+runs restart 0 to the end, then restart 1, ..., exactly the loop the attacks ran before this module existed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Sequence
+from typing import Generic, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedsim.attacks.base import ProgressFn
+from fedsim.attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook, past
+
+T = TypeVar("T")
+PROGRESS_EVERY = 50
+#: ``(iterations done, the result if it stopped now)`` after each step; the generator returns the final result.
+Steps = Generator[tuple[int, T], None, T]
+OnStep = Callable[[int], None]
+#: The ``schedule`` field's description in every restart-based attack's params.
+SCHEDULE_HELP = ("restart schedule: {kind: full} runs every restart to budget.iterations; {kind: halving, eta: 2, "
+                 "first_rung: 0.0625, min_keep: 1} keeps the 1/eta restarts with the lowest matching loss per rung "
+                 "(successive halving, fedsim.attacks.schedule)")
+
+
+def run_to_end(steps: Steps[T]) -> T:
+    """Drive a restart's generator to its end and return its final result (one restart alone)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+class ScheduleSpec(BaseModel):
+    """``schedule`` of a restart-based attack's params: ``{kind: full}`` or ``{kind: halving, eta, first_rung,
+    min_keep}`` (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["full", "halving"] = Field("full", description="full: every restart runs budget.iterations; "
+                                             "halving: successive halving by the matching loss")
+    eta: float = Field(2.0, gt=1, description="halving: keep ceil(n / eta) restarts per rung; rungs grow eta-fold")
+    first_rung: float = Field(1 / 16, gt=0, le=1, description="halving: length of the first rung as a fraction "
+                              "of budget.iterations")
+    min_keep: int = Field(1, ge=1, description="halving: restarts that run to the end")
+
+
+def rungs(spec: ScheduleSpec, restarts: int, iterations: int) -> list[tuple[int, int]]:
+    """``[(restarts alive, iteration the rung ends at), ...]``; the last rung ends at ``iterations``.
+
+    ``full`` (or nothing to prune): one rung ``(restarts, iterations)``.
+    """
+    if spec.kind == "full" or restarts <= spec.min_keep:
+        return [(restarts, iterations)]
+    plan: list[tuple[int, int]] = []
+    alive, until = restarts, max(1, round(spec.first_rung * iterations))
+    while alive > spec.min_keep and until < iterations:
+        plan.append((alive, until))
+        alive, until = max(spec.min_keep, math.ceil(alive / spec.eta)), min(iterations, math.ceil(until * spec.eta))
+    plan.append((alive, iterations))
+    return plan
+
+
+def planned_iterations(plan: Sequence[tuple[int, int]]) -> int:
+    """``sum_j n_j (t_j - t_{j-1})``: the iterations a plan spends when no restart stops early."""
+    spent, before = 0, 0
+    for alive, until in plan:
+        spent, before = spent + alive * (until - before), until
+    return spent
+
+
+class Cohort(Protocol[T]):
+    """K restarts the runner advances, scores and prunes (:class:`Sequential`, or batched trials)."""
+
+    def advance(self, members: Sequence[int], until: int) -> bool:
+        """Run ``members`` (ascending) to iteration ``until``; False when the deadline stopped them."""
+
+    def started(self, i: int) -> bool: ...
+
+    def result(self, i: int) -> tuple[T, str | None]:
+        """Restart ``i``'s result so far (final when it stopped) and why it stopped early, if it did."""
+
+    def score(self, i: int) -> float:
+        """Restart ``i``'s current matching loss (NaN/inf when it diverged)."""
+
+    def drop(self, members: Sequence[int]) -> None:
+        """``members`` are pruned: they will not be advanced again."""
+
+    def spent(self) -> int:
+        """Iterations run so far, over all restarts."""
+
+
+class _Run(Generic[T]):
+    """One restart driven from its generator."""
+
+    def __init__(self, steps: Steps) -> None:
+        self.steps, self.done = steps, 0
+        self.current: T | None = None
+        self.final: T | None = None
+
+    def advance(self, until: int, total: int) -> None:
+        while self.final is None and (self.done < until or until >= total):
+            try:
+                self.done, self.current = next(self.steps)
+            except StopIteration as stop:
+                self.final = stop.value
+
+    @property
+    def result(self) -> T:
+        return self.final if self.final is not None else self.current  # type: ignore[return-value]
+
+
+class Sequential(Generic[T]):
+    """Restarts run one after another (each ``start(i, on_step)`` generator alone).
+
+    ``score(result)`` is the attack's matching loss of a result; ``stopped(result)`` why it stopped early.
+    Progress: ``progress(iterations spent, planned)`` every :data:`PROGRESS_EVERY` steps of a restart and at
+    its end, in the order the iterations run.
+    """
+
+    def __init__(self, start: Callable[[int, OnStep], Steps], score: Callable[[T], float],
+                 stopped: Callable[[T], str | None], *, iterations: int, deadline: float | None,
+                 progress: ProgressFn | None = None, planned: int = 0,
+                 around: Callable[[int], Callable[[], None]] | None = None) -> None:
+        self.start, self.score_of, self.stopped_of = start, score, stopped
+        self.iterations, self.deadline, self.progress, self.planned = iterations, deadline, progress, planned
+        self.around = around  # around(i)() -> undo: set up restart i's state on a shared model (DIA's masks)
+        self.runs: dict[int, _Run[T]] = {}
+        self._scores: dict[int, tuple[int, float]] = {}
+        self._origin = 0
+        self._spent = 0
+
+    def _on_step(self, step: int) -> None:
+        if self.progress is not None and (step % PROGRESS_EVERY == 0 or step == self.iterations):
+            self.progress(self._origin + step, self.planned)
+
+    def advance(self, members: Sequence[int], until: int) -> bool:
+        for i in members:
+            run = self.runs.get(i)
+            if run is None:
+                if past(self.deadline):
+                    return False
+                run = self.runs[i] = _Run(self.start(i, self._on_step))
+            before = run.done
+            self._origin = self._spent - before
+            undo = self.around(i) if self.around is not None else None
+            try:
+                run.advance(until, self.iterations)
+            finally:
+                if undo is not None:
+                    undo()
+            self._spent += run.done - before
+            if self.stopped_of(run.result) == TIME_LIMIT:
+                return False
+        return True
+
+    def started(self, i: int) -> bool:
+        return i in self.runs
+
+    def result(self, i: int) -> tuple[T, str | None]:
+        result = self.runs[i].result
+        return result, self.stopped_of(result)
+
+    def score(self, i: int) -> float:
+        run = self.runs[i]
+        cached = self._scores.get(i)
+        if cached is None or cached[0] != run.done:
+            result = run.result
+            cached = self._scores[i] = (run.done, math.nan if self.stopped_of(result) == NON_FINITE
+                                        else self.score_of(result))
+        return cached[1]
+
+    def drop(self, members: Sequence[int]) -> None:
+        for i in members:
+            self.runs[i].steps.close()
+
+    def spent(self) -> int:
+        return self._spent
+
+
+def run_schedule(spec: ScheduleSpec, cohort: Cohort[T], restarts: int, iterations: int,
+                 book: RestartBook[T]) -> dict[str, float]:
+    """Run ``restarts`` restarts of ``iterations`` under ``spec``; book every started one in ``book``.
+
+    Ranking at a rung uses ``cohort.score`` (the attack's matching loss) alone, NaN/inf last, ties by restart index.
+    Stops everything once the deadline is past (the book then says ``time_limited``). Returns the schedule's stats:
+    ``schedule_halving`` (0/1), ``rungs``, ``rung{j}_restarts`` and ``rung{j}_iterations`` (the iteration rung j
+    ends at), ``iterations_spent`` (over all restarts).
+    """
+    plan = rungs(spec, restarts, iterations)
+    alive, pruned = list(range(restarts)), {}
+    stats = {"schedule_halving": float(spec.kind == "halving"), "rungs": 0.0}
+    for j, (keep, until) in enumerate(plan):
+        if j > 0:
+            scores = {i: cohort.score(i) for i in alive}
+            ranked = sorted(alive, key=lambda i: (scores[i] if math.isfinite(scores[i]) else math.inf, i))
+            cut = ranked[keep:]
+            pruned.update({i: scores[i] for i in cut})
+            cohort.drop(cut)
+            alive = sorted(ranked[:keep])
+        stats.update({f"rung{j}_restarts": float(len(alive)), f"rung{j}_iterations": float(until),
+                      "rungs": float(j + 1)})
+        if not cohort.advance(alive, until):
+            book.timed_out = True
+            break
+    for i in range(restarts):
+        if cohort.started(i):
+            result, stopped = cohort.result(i)
+            book.record(i, result, pruned[i] if i in pruned else cohort.score(i), stopped)
+    stats["iterations_spent"] = float(cohort.spent())
+    return stats
