@@ -225,7 +225,7 @@ class DeepLeakage(DeltaScaled, Attack):
                                history_size=p.history_size, line_search=p.line_search, box=box, deadline=deadline,
                                on_eval=on_step)
 
-        def score(run: LbfgsRun) -> float:  # restarts are ranked by the gradient distance alone
+        def score(_restart: int, run: LbfgsRun) -> float:  # restarts are ranked by the gradient distance alone
             return soft_gradient_distance(model, run.x, targets(run.logits), target, distance, False).item()
 
         plan = rungs(p.schedule, budget.restarts, budget.iterations)

@@ -42,11 +42,21 @@ from pydantic import Field
 from torch import Tensor
 
 from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from fedsim.attacks.inverting_gradients import Trial, initial_inputs, optimize_inputs, pixel_box, to_pixels
-from fedsim.attacks.matching import LabelStrategy, examples_to_reconstruct, labels_for, local_schedule, ticker, unusable
+from fedsim.attacks.inverting_gradients import Trial, initial_inputs, input_steps, pixel_box, to_pixels
+from fedsim.attacks.matching import LabelStrategy, examples_to_reconstruct, labels_for, local_schedule, unusable
 from fedsim.attacks.objectives import OBJECTIVES, Distance
 from fedsim.attacks.regularizers import total_variation
 from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.schedule import (
+    SCHEDULE_HELP,
+    OnStep,
+    ScheduleSpec,
+    Sequential,
+    Steps,
+    planned_iterations,
+    run_schedule,
+    rungs,
+)
 from fedsim.attacks.unrolling import Sharpness, label_assignments, unrolled_delta
 from fedsim.attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError, ScenarioError
@@ -108,6 +118,7 @@ class FedAvgInversion(Attack):
         init: Literal["randn", "rand", "zeros"] = "randn"
         decay: Literal["step", "none"] = Field("step", description="lr x0.1 at 3/8, 5/8, 7/8")
         label_strategy: LabelStrategy = Field("auto", description="label inference when labels are not known")
+        schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
@@ -150,38 +161,38 @@ class FedAvgInversion(Attack):
 
         box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        total = budget.iterations * budget.restarts
         orders = label_assignments(labels, budget.restarts, batch_size, torch_generator(self.seed, "fedavg-labels"),
                                    min_batch)
         book: RestartBook[Trial] = RestartBook()
-        for restart in range(budget.restarts):
-            if book.time_is_up(deadline):
-                break
+
+        def start_restart(restart: int, on_step: OnStep) -> Steps[Trial]:
             gen = torch_generator(self.seed, "fedavg_inversion", restart)
             x0 = initial_inputs(p.init, (num, *update.task.input_shape), gen).to(self.device)
             order = orders[restart]
 
-            def loss_fn(x: Tensor, order: Tensor = order) -> Tensor:
+            def loss_fn(x: Tensor) -> Tensor:
                 loss = delta_loss(x, order)
                 return loss + p.tv * total_variation(x) if p.tv > 0 else loss
 
-            try:
-                trial = optimize_inputs(
-                    loss_fn, x0, iterations=budget.iterations, lr=p.lr, signed=p.signed, box=box, decay=p.decay,
-                    deadline=deadline, on_step=ticker(progress, budget.iterations, total, restart * budget.iterations),
-                )
-                score = delta_loss(trial.x, order).item()
-            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
-                return Reconstruction.failure(f"optimization failed: {err}")
-            book.record(restart, trial, score, trial.stopped)
-            if book.timed_out:
-                break
+            return input_steps(loss_fn, x0, iterations=budget.iterations, lr=p.lr, signed=p.signed, box=box,
+                               decay=p.decay, deadline=deadline, on_step=on_step)
+
+        def score(restart: int, trial: Trial) -> float:  # the delta distance alone, under the restart's label order
+            return delta_loss(trial.x, orders[restart]).item()
+
+        cohort = Sequential(start_restart, score, lambda trial: trial.stopped, iterations=budget.iterations,
+                            deadline=deadline, progress=progress,
+                            planned=planned_iterations(rungs(p.schedule, budget.restarts, budget.iterations)))
+        try:
+            schedule = run_schedule(p.schedule, cohort, budget.restarts, budget.iterations, book)
+        except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+            return Reconstruction.failure(f"optimization failed: {err}")
         seconds = time.perf_counter() - start
         if book.best is None:
             return book.failure(seconds)
         trial = book.best
         labels = orders[book.best_restart]
-        stats = {**book.stats(), "iterations": float(trial.iterations), "local_steps": float(steps),
+        stats = {**book.stats(), **schedule, "iterations": float(trial.iterations), "local_steps": float(steps),
                  "seconds": seconds}
         if sharpness is not None:
             stats.update(sharpness_rho=sharpness.rho, sharpness_first_step_unknown=float(first_unknown))

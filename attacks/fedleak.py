@@ -57,6 +57,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
@@ -73,12 +74,21 @@ from fedsim.attacks.matching import (
     examples_to_reconstruct,
     labels_for,
     matching_target,
-    ticker,
     unusable,
 )
 from fedsim.attacks.objectives import Distance
 from fedsim.attacks.regularizers import total_variation
 from fedsim.attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook, past
+from fedsim.attacks.schedule import (
+    SCHEDULE_HELP,
+    OnStep,
+    ScheduleSpec,
+    Sequential,
+    Steps,
+    planned_iterations,
+    run_schedule,
+    rungs,
+)
 from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError
 from fedsim.seeding import derive_seed, torch_generator
@@ -143,6 +153,18 @@ class _Block(nn.Sequential):
         super().__init__(spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1)), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1),
                          spectral_norm(nn.Conv2d(c_out, c_out, 3, padding=1)), nn.BatchNorm2d(c_out),
                          nn.LeakyReLU(0.1))
+
+
+@dataclass
+class Drawn:
+    """One restart's state: its generator and codes, the steps taken, why it stopped early, and the images it drew
+    when last scored (pixel space, (B, C, H, W))."""
+
+    gen: nn.Module
+    z: Tensor
+    steps: int
+    stopped: str | None = None
+    pixels: Tensor | None = None
 
 
 class PriorGenerator(nn.Module):
@@ -217,6 +239,7 @@ class FedLeak(DeltaScaled, Attack):
             "auto", description="median filter size on the final images (0/1: none); auto: the code's 5 on images of "
             f"at least {MEDIAN_MIN_SIZE} pixels, none on smaller ones")
         label_strategy: LabelStrategy = Field("auto", description="label inference when labels are not known")
+        schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
 
         @field_validator("median", mode="before")
         @classmethod
@@ -253,41 +276,47 @@ class FedLeak(DeltaScaled, Attack):
             return loss + p.tv * total_variation(pixels) if p.tv > 0 else loss
 
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        total = budget.iterations * budget.restarts
-        book: RestartBook[tuple[Tensor, int]] = RestartBook()
-        for restart in range(budget.restarts):
-            if book.time_is_up(deadline):
-                break
+        book: RestartBook[Drawn] = RestartBook()
+
+        def start_restart(restart: int, on_step: OnStep) -> Steps[Drawn]:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, "fedleak-generator", restart))
                 gen = PriorGenerator((shape[0], shape[1], shape[2]), p.width, p.latent)
             gen = gen.to(self.device).train()
             z = torch.randn((num, p.latent), generator=torch_generator(self.seed, "fedleak-z", restart)).to(self.device)
-            on_step = ticker(progress, budget.iterations, total, restart * budget.iterations)
-            try:
-                steps, stopped = self._optimize(gen, z, loss_fn, deadline, on_step)
-                with torch.no_grad():
-                    pixels = gen(z)
-                score = loss_fn(pixels, False).item() if stopped != NON_FINITE else math.nan
-            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
-                return Reconstruction.failure(f"optimization failed: {err}")
-            book.record(restart, (pixels.detach(), steps), score, stopped)
-            if book.timed_out:
-                break
+            return self._optimize(gen, z, loss_fn, deadline, on_step)
+
+        def score(_restart: int, drawn: Drawn) -> float:
+            """The matching loss of the images the generator draws now. The forward pass runs in train mode (as
+            the optimization's), whose spectral-norm power iteration and BatchNorm statistics update buffers:
+            they are put back, so a restart scored at a rung goes on exactly as if it had not been."""
+            saved = {k: v.clone() for k, v in drawn.gen.state_dict().items()}
+            with torch.no_grad():
+                drawn.pixels = drawn.gen(drawn.z).detach()
+            drawn.gen.load_state_dict(saved)
+            return loss_fn(drawn.pixels, False).item()
+
+        cohort = Sequential(start_restart, score, lambda drawn: drawn.stopped, iterations=budget.iterations,
+                            deadline=deadline, progress=progress,
+                            planned=planned_iterations(rungs(p.schedule, budget.restarts, budget.iterations)))
+        try:
+            schedule = run_schedule(p.schedule, cohort, budget.restarts, budget.iterations, book)
+        except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+            return Reconstruction.failure(f"optimization failed: {err}")
         seconds = time.perf_counter() - start
-        if book.best is None:
+        if book.best is None or book.best.pixels is None:
             return book.failure(seconds)
-        best, steps = book.best
+        best, steps = book.best.pixels, book.best.steps
         images = median_filter(best, median_size(p.median, shape)).clamp(0, 1).cpu()
         kept = sum(float(m.sum()) for m in masks) / max(sum(m.numel() for m in masks), 1)
-        stats = {**book.stats(), "iterations": float(steps), "matched_share": kept, "seconds": seconds}
+        stats = {**book.stats(), **schedule, "iterations": float(steps), "matched_share": kept, "seconds": seconds}
         return Reconstruction(images=images, labels=labels.cpu(), stats=stats)
 
     def _optimize(self, gen: PriorGenerator, z: Tensor, loss_fn: Callable[[Tensor], Tensor], deadline: float | None,
-                  on_step: Callable[[int], None]) -> tuple[int, str | None]:
-        """Signed AdamW with the look-ahead on ``gen``'s weights (module docstring); returns the steps taken and why
-        it stopped early (:data:`fedsim.attacks.restarts.TIME_LIMIT`, :data:`~fedsim.attacks.restarts.NON_FINITE`) or
-        None."""
+                  on_step: Callable[[int], None]) -> Steps[Drawn]:
+        """Signed AdamW with the look-ahead on ``gen``'s weights (module docstring), one step at a time (the restart
+        protocol of :mod:`fedsim.attacks.schedule`); the result says the steps taken and why it stopped early
+        (:data:`fedsim.attacks.restarts.TIME_LIMIT`, :data:`~fedsim.attacks.restarts.NON_FINITE`) or None."""
         p, iterations = self.params, self.budget.iterations
         weights = [w for w in gen.parameters() if w.requires_grad]
         opt = torch.optim.AdamW(weights, lr=p.lr, weight_decay=p.weight_decay)
@@ -306,16 +335,16 @@ class FedLeak(DeltaScaled, Attack):
 
         for i in range(iterations):
             if past(deadline):
-                return i, TIME_LIMIT
+                return Drawn(gen, z, i, TIME_LIMIT)
             s0 = signed_gradient()
             if s0 is None:
-                return i, NON_FINITE
+                return Drawn(gen, z, i, NON_FINITE)
             if p.lookahead > 0:
                 saved = [w.detach().clone() for w in weights]
                 step(s0)
                 s1 = signed_gradient()
                 if s1 is None:
-                    return i, NON_FINITE
+                    return Drawn(gen, z, i, NON_FINITE)
                 with torch.no_grad():
                     for w, old in zip(weights, saved, strict=True):
                         w.copy_(old)
@@ -323,4 +352,5 @@ class FedLeak(DeltaScaled, Attack):
             step(s0)
             sched.step()
             on_step(i + 1)
-        return iterations, None
+            yield i + 1, Drawn(gen, z, i + 1)
+        return Drawn(gen, z, iterations)

@@ -293,7 +293,7 @@ class InvertingGradients(Attack):
             loss = gradient_distance(model, x, labels, target, distance, transform=transform)
             return loss + prior(x) if p.tv > 0 else loss
 
-        def score(trial: Trial) -> float:  # restarts are ranked by the gradient loss alone
+        def score(_restart: int, trial: Trial) -> float:  # restarts are ranked by the gradient loss alone
             return gradient_distance(model, trial.x, labels, target, distance, False, transform).item()
 
         planned = planned_iterations(rungs(p.schedule, restarts, budget.iterations))
@@ -307,7 +307,8 @@ class InvertingGradients(Attack):
                 if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
                     progress(spent, planned)
 
-            trials = BatchedTrials(loss, x0, wrap=Trial, score=score, on_step=on_step, **options)
+            trials = BatchedTrials(loss, x0, wrap=Trial, score=lambda trial: score(-1, trial), on_step=on_step,
+                                   **options)
             try:
                 schedule = run_schedule(p.schedule, trials, restarts, budget.iterations, book)
             except BatchingUnsupported:

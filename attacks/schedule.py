@@ -132,12 +132,13 @@ class _Run(Generic[T]):
 class Sequential(Generic[T]):
     """Restarts run one after another (each ``start(i, on_step)`` generator alone).
 
-    ``score(result)`` is the attack's matching loss of a result; ``stopped(result)`` why it stopped early.
+    ``score(i, result)`` is the attack's matching loss of restart ``i``'s result; ``stopped(result)`` why it
+    stopped early.
     Progress: ``progress(iterations spent, planned)`` every :data:`PROGRESS_EVERY` steps of a restart and at
     its end, in the order the iterations run.
     """
 
-    def __init__(self, start: Callable[[int, OnStep], Steps], score: Callable[[T], float],
+    def __init__(self, start: Callable[[int, OnStep], Steps], score: Callable[[int, T], float],
                  stopped: Callable[[T], str | None], *, iterations: int, deadline: float | None,
                  progress: ProgressFn | None = None, planned: int = 0,
                  around: Callable[[int], Callable[[], None]] | None = None) -> None:
@@ -186,7 +187,7 @@ class Sequential(Generic[T]):
         if cached is None or cached[0] != run.done:
             result = run.result
             cached = self._scores[i] = (run.done, math.nan if self.stopped_of(result) == NON_FINITE
-                                        else self.score_of(result))
+                                        else self.score_of(i, result))
         return cached[1]
 
     def drop(self, members: Sequence[int]) -> None:

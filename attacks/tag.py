@@ -19,7 +19,8 @@ The recovered tokens are ``argmax_v Z`` (K = B sequences, in no particular order
   bias's gradient (:mod:`fedsim.attacks.label_recovery`, strategy ``auto`` from the update alone), then fixed, as iDLG.
 
 Restarts (``budget.restarts``, from independent Z draws) are ranked by their final gradient distance only
-(:class:`fedsim.attacks.restarts.RestartBook`). FedAvg updates are matched as ``-delta / (lr * steps)`` (exact for one
+(:class:`fedsim.attacks.restarts.RestartBook`), fully or by successive halving (``schedule``,
+:mod:`fedsim.attacks.schedule`). FedAvg updates are matched as ``-delta / (lr * steps)`` (exact for one
 local plain-SGD step; :func:`fedsim.attacks.matching.matching_target`), which needs ``knowledge.local_hparams`` unless
 ``distance: cosine``. The paper's per-layer weighting of the L1 term is not specified precisely; like breaching's
 ``EuclideanTag`` reading it is optional here and off (uniform alpha).
@@ -37,9 +38,19 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attack
-from fedsim.attacks.matching import DeltaScaled, examples_to_reconstruct, labels_for, matching_target, ticker, unusable
+from fedsim.attacks.matching import DeltaScaled, examples_to_reconstruct, labels_for, matching_target, unusable
 from fedsim.attacks.objectives import cosine, l1, l2
 from fedsim.attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook
+from fedsim.attacks.schedule import (
+    SCHEDULE_HELP,
+    OnStep,
+    ScheduleSpec,
+    Sequential,
+    Steps,
+    planned_iterations,
+    run_schedule,
+    rungs,
+)
 from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError
 from fedsim.seeding import torch_generator
@@ -74,6 +85,7 @@ class TAGParams(AttackParams):
         "tag", description="tag: ||g'-g||_2^2 + alpha ||g'-g||_1 (the paper); cosine: scale-free (FedAvg without lr)"
     )
     init_scale: float = Field(1.0, gt=0, description="standard deviation of the initial logits Z ~ N(0, s^2)")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
 
 
 @register_attack("tag")
@@ -103,7 +115,8 @@ class TAG(DeltaScaled, Attack):
 
         return loss_fn
 
-    def _optimize(self, loss_fn, z0: Tensor, deadline: float | None, on_step) -> Relaxed:  # noqa: ANN001
+    def _optimize(self, loss_fn, z0: Tensor, deadline: float | None, on_step) -> Steps[Relaxed]:  # noqa: ANN001
+        """Adam on the logits, one step at a time (the restart protocol of :mod:`fedsim.attacks.schedule`)."""
         z = z0.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=self.params.lr)
         for step in range(self.budget.iterations):
@@ -115,6 +128,7 @@ class TAG(DeltaScaled, Attack):
             (z.grad,) = torch.autograd.grad(loss, [z])
             opt.step()
             on_step(step + 1)
+            yield step + 1, Relaxed(z.detach(), step + 1)
         return Relaxed(z.detach(), self.budget.iterations)
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
@@ -139,27 +153,29 @@ class TAG(DeltaScaled, Attack):
         loss_fn = self._loss_fn(model, update, labels, target)
         budget = self.budget
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        total = budget.iterations * budget.restarts
         book: RestartBook[Relaxed] = RestartBook()
-        for restart in range(budget.restarts):
-            if book.time_is_up(deadline):
-                break
+
+        def start_restart(restart: int, on_step: OnStep) -> Steps[Relaxed]:
             gen = torch_generator(self.seed, "tag", restart)
             z0 = (self.params.init_scale * torch.randn((num, seq_len, vocab), generator=gen)).to(self.device)
-            try:
-                run = self._optimize(loss_fn, z0, deadline, ticker(progress, budget.iterations, total,
-                                                                   restart * budget.iterations))
-                score = loss_fn(run.logits, create_graph=False).item()
-            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
-                return Reconstruction.failure(f"optimization failed: {err}")
-            book.record(restart, run, score, run.stopped)
-            if book.timed_out:
-                break
+            return self._optimize(loss_fn, z0, deadline, on_step)
+
+        def score(_restart: int, run: Relaxed) -> float:  # the gradient distance alone
+            return loss_fn(run.logits, create_graph=False).item()
+
+        spec = self.params.schedule
+        cohort = Sequential(start_restart, score, lambda run: run.stopped, iterations=budget.iterations,
+                            deadline=deadline, progress=progress,
+                            planned=planned_iterations(rungs(spec, budget.restarts, budget.iterations)))
+        try:
+            schedule = run_schedule(spec, cohort, budget.restarts, budget.iterations, book)
+        except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+            return Reconstruction.failure(f"optimization failed: {err}")
         seconds = time.perf_counter() - start
         if book.best is None:
             return book.failure(seconds)
         run = book.best
-        stats = {**book.stats(), "iterations": float(run.iterations), "seconds": seconds}
+        stats = {**book.stats(), **schedule, "iterations": float(run.iterations), "seconds": seconds}
         tokens = run.logits.argmax(dim=-1).to("cpu", torch.int64)
         return Reconstruction(images=None, labels=None if labels is None else labels.cpu(), stats=stats,
                               tokens=tokens, token_set=None)
