@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.attack_checks import check_attack_preconditions
+from fedsim.attack_tasks import executor_for
 from fedsim.attacking import AttackOutcome, ProgressFactory, run_attacks
 from fedsim.audit.baseline import with_baseline
 from fedsim.audit.scoring import audit_block
@@ -76,12 +77,15 @@ def run_scenario(
     failures = [f.to_json() for f in outcome.capture.participation.failures]
     outcomes = run_attacks(scenario, outcome.capture.updates, setup.task, setup.device, descriptions,
                            attack_progress, released=outcome.released,
-                           failed_clients={(f["round"], f["client"]): f["reason"] for f in failures})
+                           failed_clients={(f["round"], f["client"]): f["reason"] for f in failures},
+                           executor=executor_for(scenario, backend, verbose))  # attack_execution: serial or ray
     timing = {
         "federation_s": round(federation_s, 3),
         "attacks_s": round(time.perf_counter() - start - federation_s, 3),
         "total_s": round(time.perf_counter() - start, 3),
     }
+    if outcome.capture.first_train_sent is not None:  # start-up: run_scenario's entry -> round 1's training sent
+        timing["startup_s"] = round(outcome.capture.first_train_sent - start, 3)
     privacy = privacy_summary(outcome.history, outcome.capture.client_metrics)
     audit = {} if scenario.audit is None else audit_block(scenario, setup.build_model().state_dict(),
                                                           outcome.final_state, outcome.history, privacy)

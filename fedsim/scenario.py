@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fedsim.attack_execution_spec import AttackExecution, AttackResources
 from fedsim.audit.spec import AuditSpec
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.outputs import check_name
@@ -182,6 +183,8 @@ class AttackSpec(PluginSpec):
     clients: list[int] | Literal["all"] = Field(default_factory=lambda: [0], description="partition ids")
     knowledge: Knowledge = Knowledge()
     budget: Budget = Budget()
+    resources: AttackResources = Field(AttackResources(), description="per Ray task of this attack "
+                                       "(attack_execution.mode: ray; fedsim.attack_execution_spec)")
 
     def target_rounds(self, num_rounds: int) -> list[int]:
         if self.every is not None:
@@ -217,6 +220,8 @@ class Scenario(_Strict):
     server: ServerSpec = ServerSpec()
     defenses: list[DefenseSpec] = Field(default_factory=list)
     attacks: list[AttackSpec] = Field(default_factory=list)
+    attack_execution: AttackExecution = Field(AttackExecution(), description="serial (default) or one Ray task "
+                                              "per attack job (fedsim.attack_execution_spec)")
     output: OutputSpec = OutputSpec()
     zeroth_order: ZerothOrderSpec | None = Field(None, description="black-box task and method (fedsim.zo)")
     audit: AuditSpec | None = Field(None, description="one-run empirical privacy audit (fedsim.audit)")
@@ -258,6 +263,9 @@ def parse_scenario(raw: Any) -> Scenario:
         scenario = Scenario.model_validate(raw)
     except ValidationError as err:
         raise _first_error(err) from None
+    from fedsim.attack_execution_spec import check_attack_execution
+
+    check_attack_execution(scenario)  # ray mode where it cannot run, resources Ray could never schedule
     from fedsim.audit.checks import check_audit
 
     if scenario.federation.protocol == "zeroth_order" or scenario.zeroth_order is not None:

@@ -21,7 +21,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import fedsim.attacking as attacking
+import fedsim.attack_tasks as attack_tasks
 from fedsim.run import run_scenario
 from fedsim.scenario import parse_scenario
 
@@ -46,13 +46,13 @@ def captured_attacks(tmp_path_factory) -> list[tuple[Any, Any]]:
     from conftest import TINY
 
     seen: list[tuple[Any, Any]] = []
-    original = attacking._reconstruct
+    original = attack_tasks._run_attack
 
-    def spy(attack: Any, view: Any, progress: Any, seed: int) -> Any:
+    def spy(attack: Any, view: Any, progress: Any) -> Any:
         seen.append((attack, view))
-        return original(attack, view, progress, seed)
+        return original(attack, view, progress)
 
-    attacking._reconstruct = spy
+    attack_tasks._run_attack = spy
     try:
         mid = [{"name": "mid", "params": {"beta": 0.01}}]
         run_scenario(_scenario(TINY, mid, [_spec("inverting_gradients"), _spec("dlg"), _spec("gradinversion")]),
@@ -61,7 +61,7 @@ def captured_attacks(tmp_path_factory) -> list[tuple[Any, Any]]:
                                protocol="fedavg"), write=False)
         run_scenario(_scenario(TINY, [{"name": "dropout", "params": {"p": 0.25}}], [_spec("dia")]), write=False)
     finally:
-        attacking._reconstruct = original
+        attack_tasks._run_attack = original
     assert [type(a).__name__ for a, _ in seen] == ["InvertingGradients", "DeepLeakage", "GradInversion",
                                                    "FedAvgInversion", "DropoutInversionAttack"]
     return seen

@@ -203,6 +203,7 @@ def expand_grid(grid: Grid) -> list[Cell]:
                         params[key] = axis.values[j]
                     builder.raw["seed"] = seed
                     builder.raw["backend"] = {"kind": "inprocess"}
+                    builder.raw["attack_execution"] = {"mode": "serial"}  # no Ray tasks nested in a cell's task
                     shown = {k.rsplit(".", 1)[-1]: v for k, v in params.items() if k.startswith("defenses.")}
                     defense = entry.label + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
                     where = f"{attack} x {defense}" + (f" {params}" if params else "") + f", repeat {repeat}"

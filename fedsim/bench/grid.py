@@ -47,7 +47,8 @@ from fedsim.errors import ScenarioError
 from fedsim.scenario import _first_error, _PathError, apply_overrides, path_component, read_yaml
 
 FORBIDDEN_PATHS = {"seed": "seeds come from 'repeats'", "backend": "cells always run on the in-process backend",
-                   "name": "the cell name is the base scenario's"}
+                   "name": "the cell name is the base scenario's",
+                   "attack_execution": "cells attack serially (the parallelism is across cells)"}
 
 
 class _Strict(BaseModel):

@@ -1,0 +1,79 @@
+"""Where a run's attack jobs execute: ``attack_execution`` (run level) and ``attacks[i].resources`` (per attack).
+
+```yaml
+attack_execution:
+  mode: serial            # serial (default): one job after another in the driver | ray: one Ray task per job
+  max_parallel: null      # ray only: jobs in flight at once (null: as many as Ray's CPUs fit)
+attacks:
+  - name: inverting_gradients
+    resources: {num_cpus: 1, num_gpus: 0}   # ray only: what one task of this attack reserves (fractional GPUs too)
+```
+
+A job is one attack on one captured update (or, for model inversion, on one released model). In ``ray`` mode the
+jobs run as Ray tasks on the Ray the federation uses: ``backend.kind: ray`` joins ``backend.address`` (or starts a
+local Ray with ``backend.init_args``); ``backend.kind: inprocess`` starts a local Ray for the attacks only. Each
+task runs with ``int(num_cpus)`` torch threads (at least 1); ``num_cpus: null`` (the default) takes the driver's
+torch thread count, so every number equals the serial path's (torch's thread count changes float summation order:
+:mod:`fedsim.isolation`). With an explicit ``num_cpus`` the numbers equal a serial run with that many threads
+(``fedsim run --threads N``). Validation refuses what could never run, with the field path (exit 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from fedsim.errors import ScenarioError
+from fedsim.spec_base import _Strict
+
+
+class AttackResources(_Strict):
+    """What one Ray task of an attack reserves (``attack_execution.mode: ray``); the serial path ignores it."""
+
+    num_cpus: float | None = Field(None, gt=0, description="Ray CPUs per task, also its torch threads (at least 1); "
+                                                            "null: the driver's torch threads")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per task; fractions share a GPU (0.25: four tasks)")
+
+
+class AttackExecution(_Strict):
+    """How a run executes its attack jobs: serially in the driver (default) or as Ray tasks."""
+
+    mode: Literal["serial", "ray"] = Field("serial", description="serial: in the driver, one after another; "
+                                                                 "ray: one Ray task per (attack, update)")
+    max_parallel: int | None = Field(None, ge=1, description="ray only: tasks in flight at once "
+                                                             "(null: as many as Ray's CPUs fit)")
+
+
+def check_attack_execution(scenario: Any) -> None:
+    """Refuse (:class:`ScenarioError` at the field) an ``attack_execution`` / ``attacks[i].resources`` that could
+    never run: ray mode without Ray installed or on the zeroth-order protocol (its attacks run inside its own
+    federation loop), ``max_parallel`` with serial mode (it would be ignored), a GPU share with ``device: cpu`` (the
+    attack would never use it), and, on a local Ray, more CPUs or GPUs per task than Ray will have."""
+    execution = scenario.attack_execution
+    if execution.mode == "serial":
+        if execution.max_parallel is not None:
+            raise ScenarioError("attack_execution.max_parallel", "only read with mode: ray (serial runs one job at "
+                                                                 "a time): remove it, or set mode: ray")
+        return
+    if scenario.federation.protocol == "zeroth_order":
+        raise ScenarioError("attack_execution.mode", "ray: zeroth-order attacks run inside the federation loop "
+                                                     "(fedsim.zo), not as separate jobs; use mode: serial")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ScenarioError("attack_execution.mode", "ray: Ray is not installed (pip install 'flwr[simulation]'); "
+                                                     "use mode: serial") from None
+    backend = scenario.backend
+    on_cluster = backend.kind == "ray" and backend.address is not None
+    init_args = dict(backend.init_args) if backend.kind == "ray" else {}
+    from fedsim.resources import check_request
+
+    for i, spec in enumerate(scenario.attacks):
+        res = spec.resources
+        where = f"attacks[{i}].resources"
+        if res.num_gpus > 0 and scenario.device == "cpu":
+            raise ScenarioError(f"{where}.num_gpus", f"{res.num_gpus:g}, but device is cpu: the attack would never "
+                                                     "use the GPU it reserves (set 0, or device: auto / cuda)")
+        if not on_cluster:  # a cluster's resources are not known before Ray connects
+            check_request(res.num_cpus or 1.0, res.num_gpus, where, init_args, "attack task")
