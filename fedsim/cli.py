@@ -20,7 +20,6 @@ from rich.table import Table
 from fedsim.audit.cli import audit
 from fedsim.bench.cli import bench
 from fedsim.errors import FedsimError
-from fedsim.metrics.text import text_line
 from fedsim.priors.cli import prior_app
 from fedsim.recovery import EXACT_LABEL, exact_count
 from fedsim.report.cli import report
@@ -113,6 +112,7 @@ def _print_result(result) -> None:  # noqa: ANN001
     if objective:
         out(f"global objective: {objective[0]['zo_objective']:.4g} -> {objective[-1]['zo_objective']:.4g} "
             f"({objective[-1]['zo_queries']:.0f} queries)")
+    from fedsim.metrics.text import text_line
     from fedsim.outcomes import outcome_label
     from fedsim.report.divergence import divergence_note
 

@@ -11,7 +11,6 @@ import math
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 PSNR_CAP_DB = 100.0
 """PSNR reported for (near-)identical images instead of +inf (MSE <= 1e-10 at data range 1)."""
@@ -71,6 +70,9 @@ def ssim_per_image(x: Tensor, y: Tensor) -> Tensor:
     Uses ``torchmetrics.functional.structural_similarity_index_measure`` (data range 1, k1=0.01,
     k2=0.03, reflect padding, no border crop) with the window from :func:`ssim_window`.
     """
+    # imported here: torchmetrics pulls torchvision, scipy and matplotlib (seconds) into every importer
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     x, y = _pair(x, y)
     k, sigma = ssim_window(x.shape[-2], x.shape[-1])
     out = structural_similarity_index_measure(

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from fedsim.metrics.image import to_unit_range
@@ -75,6 +74,8 @@ def assign(cost: np.ndarray, prefer: np.ndarray | None = None) -> np.ndarray:
             low, high = (float(raw[finite].min()), float(raw[finite].max())) if finite.any() else (0.0, 1.0)
             work = np.where(finite, (raw - low) / (high - low if high > low else 1.0), 1.0)  # NaN/inf: worst
             work = work + (min(work.shape) + 1.0) * ~prefer.astype(bool)
+        from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs ~1 s to import
+
         rows, cols = linear_sum_assignment(work)
         order[cols] = rows
     return order

@@ -46,16 +46,18 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from rouge_score import rouge_scorer
 from torch import Tensor
 
 from fedsim.data.text import has_public_part, public_sequences
 from fedsim.metrics.matching import assign
 from fedsim.scenario import DataSpec
+
+if TYPE_CHECKING:
+    from rouge_score import rouge_scorer
 
 Score = dict[str, Any]
 
@@ -84,6 +86,8 @@ class _IdTokenizer:
 
 @functools.cache
 def _scorer() -> rouge_scorer.RougeScorer:
+    from rouge_score import rouge_scorer  # imported on first use: it pulls nltk (about a second)
+
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False, tokenizer=_IdTokenizer())
 
 

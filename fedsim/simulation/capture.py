@@ -29,6 +29,7 @@ reply to an update of the agreed model, so every strategy and wrapper inside agg
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -83,9 +84,16 @@ class CaptureLog:
     participation: Participation = field(default_factory=Participation)
     # round -> how many clients were sent an older model than the current one (federation.staleness)
     stale: dict[int, int] = field(default_factory=dict)
+    # time.perf_counter() when the server first handed training messages (round 1's) to the backend
+    first_train_sent: float | None = None
 
     def wants(self, round_num: int, partition_id: int) -> bool:
         return (round_num, partition_id) in self.targets
+
+    def note_train_sent(self) -> None:
+        """Stamp the first hand-over of training messages (``fedsim run``'s ``timing.startup_s`` ends there)."""
+        if self.first_train_sent is None:
+            self.first_train_sent = time.perf_counter()
 
 
 def _unpack_truth(record, round_num: int, pid: int) -> GroundTruth:
@@ -191,6 +199,8 @@ class CapturingGrid(ProxyGrid):
             this_round = self.manipulator.sent[round_num].honest  # every client got the manipulated model
         if this_round is not None:
             self.sent = (round_num, this_round)
+        if round_num:
+            self.log.note_train_sent()
         replies = list(self.inner.send_and_receive(outgoing, timeout=timeout))
         if not round_num:  # no training message (e.g. an evaluation round): nothing to record
             return replies

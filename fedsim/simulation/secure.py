@@ -82,8 +82,10 @@ class _FailureGrid(ProxyGrid):
 
     def send_and_receive(self, messages, *, timeout: float | None = None):  # noqa: ANN001, ANN201 - Grid's
         messages = list(messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if train:
+            self.log.note_train_sent()  # round 1's first SecAgg+ stage: timing.startup_s ends here
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         if not train or not str(train[0].metadata.group_id).isdigit():
             return replies
         rnd = int(train[0].metadata.group_id)  # SecAgg+ tags each stage's messages with the round
