@@ -10,14 +10,14 @@ with ``T`` the map to the task's normalised inputs (see :class:`fedsim.attacks.g
 ``D`` the cosine (default; Geiping et al.'s scale-free distance) or the L2 distance (GGL), and
 ``R`` GGL's KL term on the latent's entries (or a norm term). GGL searches with CMA-ES; this plug-in
 uses Adam on ``z`` as GIAS does (gradients through a small generator are cheap), with GIFD's
-warm-up + cosine learning-rate schedule. Labels are inferred from the update (iDLG for one image,
+warm-up + cosine learning-rate schedule (``lr_schedule``). Labels are inferred from the update (iDLG for one image,
 count-aware for batches) unless the threat model grants them. Restarts draw fresh latents and are
-ranked by the final gradient distance alone, never by ground truth.
+ranked by the final gradient distance alone, never by ground truth; ``schedule`` runs them fully or by
+successive halving on that distance (:mod:`fedsim.attacks.schedule`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Literal
 
@@ -30,12 +30,14 @@ from fedsim.attacks.gan_prior import (
     GanPriorAttack,
     GanPriorParams,
     Run,
-    optimize_variable,
+    variable_steps,
 )
 from fedsim.attacks.inverting_gradients import to_pixels
-from fedsim.attacks.matching import examples_to_reconstruct, ticker
+from fedsim.attacks.matching import examples_to_reconstruct
 from fedsim.attacks.objectives import OBJECTIVES
 from fedsim.attacks.regularizers import total_variation
+from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.schedule import OnStep, Sequential, Steps, planned_iterations, run_schedule, rungs
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 
@@ -51,7 +53,7 @@ class GanLatent(GanPriorAttack):
         lr: float = Field(0.3, gt=0, description="peak Adam step size on the latent")
         latent_prior: Literal["kl", "norm"] = Field("kl", description="kl: GGL's KL term; norm: latent-norm term")
         latent_weight: float = Field(0.01, ge=0, description="weight of the latent prior")
-        schedule: Literal["gifd", "constant"] = Field("gifd", description="gifd: warm-up then cosine decay")
+        lr_schedule: Literal["gifd", "constant"] = Field("gifd", description="gifd: warm-up then cosine decay")
 
     def reconstruct(self, update: ClientUpdate, progress: ProgressFn | None = None) -> Reconstruction:
         start = time.perf_counter()
@@ -61,7 +63,7 @@ class GanLatent(GanPriorAttack):
             return victim
         distance, latent_prior, prior = OBJECTIVES[p.distance], LATENT_PRIORS[p.latent_prior], victim.prior
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        num, total = examples_to_reconstruct(update), budget.iterations * budget.restarts
+        num = examples_to_reconstruct(update)
 
         def loss_fn(z: torch.Tensor) -> torch.Tensor:
             x = prior.render(z)
@@ -70,44 +72,28 @@ class GanLatent(GanPriorAttack):
                 loss = loss + p.latent_weight * latent_prior(z)
             return loss + p.tv * total_variation(x) if p.tv > 0 else loss
 
-        runs: list[Run] = []
-        for restart in range(budget.restarts):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            z0 = prior.generator.sample_latent(num, torch_generator(self.seed, "gan_latent", restart))
-            try:
-                run = optimize_variable(loss_fn, z0.to(self.device), steps=budget.iterations, lr=p.lr,
-                                        schedule=p.schedule, deadline=deadline,
-                                        on_step=ticker(progress, budget.iterations, total, restart * budget.iterations))
-            except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
-                return Reconstruction.failure(f"optimization failed: {err}")
-            runs.append(run)
-            if run.stopped == "time limit":
-                break
+        book: RestartBook[Run] = RestartBook()
 
-        best: tuple[float, int, torch.Tensor] | None = None
-        failed = 0
-        for restart, run in enumerate(runs):  # ranked by the final gradient distance alone
-            x = prior.render(run.value)
-            score = victim.grad_loss(x, distance, create_graph=False).item()
-            if run.stopped == "non-finite loss" or not math.isfinite(score):
-                failed += 1
-            elif best is None or score < best[0]:
-                best = (score, restart, x.detach())
+        def start_restart(restart: int, on_step: OnStep) -> Steps[Run]:
+            z0 = prior.generator.sample_latent(num, torch_generator(self.seed, "gan_latent", restart))
+            return variable_steps(loss_fn, z0.to(self.device), steps=budget.iterations, lr=p.lr,
+                                  schedule=p.lr_schedule, deadline=deadline, on_step=on_step)
+
+        def score(_restart: int, run: Run) -> float:  # ranked by the gradient distance alone
+            return victim.grad_loss(prior.render(run.value), distance, create_graph=False).item()
+
+        cohort = Sequential(start_restart, score, lambda run: run.stopped, iterations=budget.iterations,
+                            deadline=deadline, progress=progress,
+                            planned=planned_iterations(rungs(p.schedule, budget.restarts, budget.iterations)))
+        try:
+            schedule = run_schedule(p.schedule, cohort, budget.restarts, budget.iterations, book)
+            x = None if book.best is None else prior.render(book.best.value).detach()
+        except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+            return Reconstruction.failure(f"optimization failed: {err}")
         seconds = time.perf_counter() - start
-        if best is None:
-            why = "the loss became NaN/inf" if failed else "the time limit hit before any step"
-            return Reconstruction.failure(f"no usable restart: {why}", seconds=seconds, restarts=float(len(runs)))
-        score, best_restart, x = best
-        stats = {
-            "grad_loss": score,
-            "iterations": float(runs[best_restart].steps),
-            "restarts": float(len(runs)),
-            "best_restart": float(best_restart),
-            "failed_restarts": float(failed),
-            "time_limited": float(any(run.stopped == "time limit" for run in runs)),
-            "seconds": seconds,
-        }
+        if book.best is None or x is None:
+            return book.failure(seconds)
+        stats = {**book.stats(), **schedule, "iterations": float(book.best.steps), "seconds": seconds}
         if victim.transform is not None:
             stats["defenses_modeled"] = float(len(victim.transform.defenses))
         return Reconstruction(images=to_pixels(x, update.task.mean, update.task.std),

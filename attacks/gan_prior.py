@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from fedsim.attacks.base import Attack, AttackParams
@@ -39,6 +39,7 @@ from fedsim.attacks.matching import (
     unusable,
 )
 from fedsim.attacks.objectives import Distance
+from fedsim.attacks.schedule import SCHEDULE_HELP, ScheduleSpec, Steps, run_to_end
 from fedsim.attacks.victim import victim_model
 from fedsim.errors import DataUnavailableError, FedsimError
 from fedsim.priors import DCGANGenerator, PriorMeta, load_prior, resolve_prior_path
@@ -58,6 +59,16 @@ class GanPriorParams(AttackParams):
     prior: str = Field(DEFAULT_PRIOR, description="shipped prior name or path of a `fedsim prior train` file")
     tv: float = Field(1e-4, ge=0, description="weight of the mean-form total variation of the generated image")
     label_strategy: LabelStrategy = Field("auto", description="label inference when labels are not known")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _restart_schedule(cls, value: object) -> object:
+        """``schedule`` is the restart schedule; gan_latent's learning-rate schedule is ``lr_schedule``."""
+        if value in ("gifd", "constant"):
+            raise ValueError(f"schedule is the restart schedule ({{kind: full|halving}}); the learning-rate schedule "
+                             f"{value!r} is params.lr_schedule")
+        return value
 
 
 @dataclass(frozen=True)
@@ -265,7 +276,7 @@ class Run:
     stopped: Literal["time limit", "non-finite loss"] | None = None
 
 
-def optimize_variable(
+def variable_steps(
     loss_fn: Callable[[Tensor], Tensor],
     v0: Tensor,
     *,
@@ -275,14 +286,9 @@ def optimize_variable(
     project: Callable[[Tensor], Tensor] | None = None,
     deadline: float | None = None,
     on_step: Callable[[int], None] | None = None,
-) -> Run:
-    """Minimise ``loss_fn(v)`` over ``v`` with (unsigned) Adam, as GIFD and GIAS do for a latent or feature.
-
-    ``schedule="gifd"`` sets the learning rate to :func:`gifd_lr` before every step; ``project``
-    maps the iterate back onto its feasible set after every step (spherical or L1-ball). A
-    non-finite loss or passing ``deadline`` (``time.perf_counter()``) stops the run and returns the
-    current iterate, with the reason in ``Run.stopped``. ``on_step(i)`` runs after step ``i`` (1-based).
-    """
+) -> Steps[Run]:
+    """:func:`optimize_variable` one step at a time: yields ``(i, Run so far)`` after step ``i`` and returns the
+    final :class:`Run` (the restart protocol of :mod:`fedsim.attacks.schedule`)."""
     v = v0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
     for step in range(steps):
@@ -302,4 +308,27 @@ def optimize_variable(
                 v.copy_(project(v))
         if on_step is not None:
             on_step(step + 1)
+        yield step + 1, Run(v.detach(), step + 1)
     return Run(v.detach(), steps)
+
+
+def optimize_variable(
+    loss_fn: Callable[[Tensor], Tensor],
+    v0: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    schedule: Literal["gifd", "constant"] = "gifd",
+    project: Callable[[Tensor], Tensor] | None = None,
+    deadline: float | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Run:
+    """Minimise ``loss_fn(v)`` over ``v`` with (unsigned) Adam, as GIFD and GIAS do for a latent or feature.
+
+    ``schedule="gifd"`` sets the learning rate to :func:`gifd_lr` before every step; ``project``
+    maps the iterate back onto its feasible set after every step (spherical or L1-ball). A
+    non-finite loss or passing ``deadline`` (``time.perf_counter()``) stops the run and returns the
+    current iterate, with the reason in ``Run.stopped``. ``on_step(i)`` runs after step ``i`` (1-based).
+    """
+    return run_to_end(variable_steps(loss_fn, v0, steps=steps, lr=lr, schedule=schedule, project=project,
+                                     deadline=deadline, on_step=on_step))

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -49,15 +49,18 @@ from fedsim.attacks.base import ProgressFn, register_attack
 from fedsim.attacks.gan_prior import (
     GanPriorAttack,
     GanPriorParams,
+    Run,
     Victim,
-    optimize_variable,
     project_l1_around,
     spherical_projection,
+    variable_steps,
 )
 from fedsim.attacks.inverting_gradients import to_pixels
-from fedsim.attacks.matching import examples_to_reconstruct, ticker
+from fedsim.attacks.matching import examples_to_reconstruct
 from fedsim.attacks.objectives import OBJECTIVES
 from fedsim.attacks.regularizers import image_norm, total_variation
+from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.schedule import OnStep, Sequential, Steps, planned_iterations, run_schedule, rungs
 from fedsim.seeding import torch_generator
 from fedsim.threat import ClientUpdate, Reconstruction
 
@@ -74,6 +77,38 @@ class StageRecord:
     grad_loss: float
     x: Tensor
     steps: int
+
+
+@dataclass
+class StageRun:
+    """One restart's stage sequence so far: the records of the stages it finished, the current stage's variable
+    (while one runs), the steps taken, why it stopped early, and the record of its current iterate when it was
+    last scored mid-stage (``pending``: the image a restart pruned there returns)."""
+
+    restart: int
+    records: tuple[StageRecord, ...] = ()
+    current: tuple[Tensor, int] | None = None
+    steps: int = 0
+    stopped: str | None = None
+    pending: StageRecord | None = None
+
+    def then(self, record: StageRecord, steps: int) -> StageRun:
+        """This run with ``record`` appended and no stage running."""
+        return StageRun(self.restart, (*self.records, record), None, steps)
+
+    @property
+    def all_records(self) -> list[StageRecord]:
+        return [*self.records, *([self.pending] if self.pending is not None and self.current is not None else [])]
+
+
+def _offset(steps: Steps[Run], offset: int, done: StageRun, stage: int) -> Generator[tuple[int, StageRun], None, Run]:
+    """A stage's steps as restart-local ``(offset + i, StageRun so far)``; returns the stage's :class:`Run`."""
+    while True:
+        try:
+            i, run = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield offset + i, StageRun(done.restart, done.records, (run.value, stage), offset + i)
 
 
 def select_best(records: Sequence[StageRecord]) -> StageRecord | None:
@@ -159,7 +194,7 @@ class GIFD(GanPriorAttack):
         steps, radii = plan
         distance, (h, w) = OBJECTIVES[p.distance], victim.prior.size
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        num, total = examples_to_reconstruct(update), budget.iterations * budget.restarts
+        num = examples_to_reconstruct(update)
 
         def loss_at(stage: int) -> Callable[[Tensor], Tensor]:
             def loss_fn(v: Tensor) -> Tensor:
@@ -170,14 +205,17 @@ class GIFD(GanPriorAttack):
                 return loss + p.norm * image_norm(x) / (h * w) if p.norm > 0 else loss
             return loss_fn
 
-        records: list[StageRecord] = []
-        stopped: set[str] = set()
-        for restart in range(budget.restarts):
-            if deadline is not None and time.perf_counter() > deadline:
-                stopped.add("time limit")
-                break
+        def image(v: Tensor, stage: int) -> tuple[Tensor, float]:
+            """The boxed image of stage ``stage``'s variable ``v`` and its gradient loss."""
+            with torch.no_grad():
+                x = torch.maximum(torch.minimum(victim.prior.render(v, stage), victim.box[1]), victim.box[0])
+            return x.detach(), victim.grad_loss(x, distance, create_graph=False).item()
+
+        def start_restart(restart: int, on_step: OnStep) -> Steps[StageRun]:
+            """The whole stage sequence of one restart, one step at a time (restart-local step counts)."""
+            done = StageRun(restart)
             v = gen.sample_latent(num, torch_generator(self.seed, "gifd", restart)).to(self.device)
-            offset = restart * budget.iterations
+            offset = 0
             for stage, n in enumerate(steps):
                 v0 = v
                 if stage == 0:
@@ -185,31 +223,49 @@ class GIFD(GanPriorAttack):
                     project = lambda u, norms=norms: spherical_projection(u, norms)  # noqa: E731
                 else:
                     project = lambda u, v0=v0, r=radii[stage - 1]: project_l1_around(u, v0, r)  # noqa: E731
-                try:
-                    run = optimize_variable(loss_at(stage), v0, steps=n, lr=p.lr, schedule="gifd", project=project,
-                                            deadline=deadline, on_step=ticker(progress, n, total, offset))
-                    with torch.no_grad():
-                        x = torch.maximum(torch.minimum(victim.prior.render(run.value, stage), victim.box[1]),
-                                          victim.box[0])
-                    score = victim.grad_loss(x, distance, create_graph=False).item()
-                except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
-                    return Reconstruction.failure(f"optimization failed: {err}")
+                run = yield from _offset(variable_steps(loss_at(stage), v0, steps=n, lr=p.lr, schedule="gifd",
+                                                        project=project, deadline=deadline,
+                                                        on_step=lambda i, o=offset: on_step(o + i)),
+                                         offset, done, stage)
+                x, score = image(run.value, stage)
                 offset += n
                 if run.stopped == "non-finite loss":
                     score = math.nan
-                records.append(StageRecord(restart, stage, score, x.detach(), run.steps))
+                done = done.then(StageRecord(restart, stage, score, x, run.steps), offset)
                 if run.stopped is not None:
-                    stopped.add(run.stopped)
-                    break
+                    return replace(done, stopped=run.stopped)
                 if stage + 1 < len(steps):
                     with torch.no_grad():
                         v = gen.forward_blocks(run.value, stage, stage + 1)  # h_{k+1} = block k(h_k)
-            if "time limit" in stopped:
-                break
-        return self._result(update, victim, records, stopped, time.perf_counter() - start)
+            return done
+
+        def score(restart: int, run: StageRun) -> float:
+            """Ranked by the gradient loss alone: of the best stage end, or, mid-stage, of the current iterate
+            (kept as a record, so a restart pruned there returns that image)."""
+            if run.current is not None:
+                value, stage = run.current
+                x, loss = image(value, stage)
+                run.pending = StageRecord(restart, stage, loss, x, run.steps)
+            best = select_best(run.all_records)
+            return math.nan if best is None else best.grad_loss
+
+        book: RestartBook[StageRun] = RestartBook()
+        cohort = Sequential(start_restart, score, lambda run: run.stopped, iterations=budget.iterations,
+                            deadline=deadline, progress=progress,
+                            planned=planned_iterations(rungs(p.schedule, budget.restarts, budget.iterations)))
+        try:
+            schedule = run_schedule(p.schedule, cohort, budget.restarts, budget.iterations, book)
+        except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
+            return Reconstruction.failure(f"optimization failed: {err}")
+        started = [cohort.result(i)[0] for i in range(budget.restarts) if cohort.started(i)]
+        records = [record for run in started for record in run.all_records]
+        stopped = {run.stopped for run in started if run.stopped is not None}
+        if book.timed_out:
+            stopped.add("time limit")
+        return self._result(update, victim, records, stopped, time.perf_counter() - start, schedule)
 
     def _result(self, update: ClientUpdate, victim: Victim, records: list[StageRecord], stopped: set[str],
-                seconds: float) -> Reconstruction:
+                seconds: float, schedule: dict[str, float]) -> Reconstruction:
         best = select_best(records)
         restarts = float(len({r.restart for r in records}))
         if best is None:
@@ -223,6 +279,7 @@ class GIFD(GanPriorAttack):
             "restarts": restarts,
             "failed_stages": float(sum(not math.isfinite(r.grad_loss) for r in records)),
             "time_limited": float("time limit" in stopped),
+            **schedule,
             "seconds": seconds,
         }
         for stage in sorted({r.stage for r in records}):  # each stage's best over restarts: where it helped
