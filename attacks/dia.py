@@ -43,6 +43,18 @@ from fedsim.attacks.label_recovery import LABEL_STRATEGIES
 from fedsim.attacks.matching import examples_to_reconstruct, labels_for, unusable
 from fedsim.attacks.objectives import cosine
 from fedsim.attacks.regularizers import total_variation
+from fedsim.attacks.restarts import NON_FINITE, RestartBook
+from fedsim.attacks.schedule import (
+    SCHEDULE_HELP,
+    OnStep,
+    ScheduleSpec,
+    Sequential,
+    Steps,
+    planned_iterations,
+    run_schedule,
+    run_to_end,
+    rungs,
+)
 from fedsim.attacks.victim import target_gradient, victim_model
 from fedsim.errors import FedsimError
 from fedsim.models import dropout_layers, set_masks
@@ -95,7 +107,7 @@ def mask_prior(masks: Mapping[str, Tensor], ps: Mapping[str, float]) -> Tensor:
     return sum(((1.0 - m.mean()) - ps[name]).abs() for name, m in masks.items())  # type: ignore[return-value]
 
 
-def optimize_inputs_and_masks(
+def input_and_mask_steps(
     loss_fn: LossFn,
     x0: Tensor,
     masks: dict[str, Tensor],
@@ -108,7 +120,7 @@ def optimize_inputs_and_masks(
     stop_below: float = 1e-5,
     deadline: float | None = None,
     on_step: Callable[[int], None] | None = None,
-) -> MaskedTrial:
+) -> Steps[MaskedTrial]:
     """Minimize ``loss_fn(x)`` over ``x`` and, in place, the leaf tensors in ``masks`` (DIA, Sec. 4).
 
     ``masks`` must already be imposed on the model (the loss reads them by reference); tensors that do
@@ -116,7 +128,8 @@ def optimize_inputs_and_masks(
     only; ``x`` projected onto ``box`` and masks onto [0, 1] after each step; ReduceLROnPlateau (x0.1,
     ``patience``) on the total loss. Stops when the total loss falls below ``stop_below``, when the
     gradient loss has not improved for ``stop_after`` steps, past ``deadline`` or on a NaN/inf loss.
-    Returns the iterate with the lowest gradient loss seen.
+    Returns the iterate with the lowest gradient loss seen; yields ``(i, that iterate so far)`` after step ``i``
+    (the restart protocol of :mod:`fedsim.attacks.schedule`; :func:`optimize_inputs_and_masks` runs it to the end).
     """
     x = x0.detach().clone().requires_grad_(True)
     free = [m for m in masks.values() if m.requires_grad]
@@ -155,11 +168,21 @@ def optimize_inputs_and_masks(
                 m.clamp_(0.0, 1.0)
         if on_step is not None:
             on_step(step + 1)
+        yield step + 1, MaskedTrial(best_x, best_masks, best_loss, step + 1)
     else:
         step = iterations
     if not best_masks:
         best_masks = {k: m.detach().clone() for k, m in masks.items()}
     return MaskedTrial(best_x, best_masks, best_loss, step, stopped)
+
+
+def optimize_inputs_and_masks(loss_fn: LossFn, x0: Tensor, masks: dict[str, Tensor], **options: Any) -> MaskedTrial:
+    """:func:`input_and_mask_steps` run to the end (same arguments)."""
+    return run_to_end(input_and_mask_steps(loss_fn, x0, masks, **options))
+
+
+class _MaskError(Exception):
+    """A restart's masks could not be built (the reason is the message)."""
 
 
 class _DIAParams(AttackParams):
@@ -170,6 +193,7 @@ class _DIAParams(AttackParams):
     early_stop: int | None = Field(None, ge=1, description="stop after N steps without improvement (4000/20k)")
     stop_below: float = Field(1e-5, ge=0, description="stop once the loss is below this")
     label_strategy: str = Field("auto", description="label inference when labels are not known")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
 
     @field_validator("label_strategy")
     @classmethod
@@ -213,57 +237,58 @@ class _MaskedInversion(Attack):
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
         patience = p.patience or max(10, iters * 800 // PAPER_ITERATIONS)
         stop_after = p.early_stop or max(50, iters * 4000 // PAPER_ITERATIONS)
-        best: MaskedTrial | None = None
-        best_restart, runs, timed_out = 0, 0, False
-        for restart in range(budget.restarts):
+        restart_masks: dict[int, dict[str, Tensor]] = {}
+
+        def start_restart(restart: int, on_step: OnStep) -> Steps[MaskedTrial]:
             gen = torch_generator(self.seed, "dia", restart)
             x0 = initial_inputs(p.init, (num, *update.task.input_shape), gen).to(self.device)
             try:
-                masks = self._masks(update, model, x0, restart)
+                masks = restart_masks[restart] = self._masks(update, model, x0, restart)
             except (KeyError, ValueError) as err:
-                return Reconstruction.failure(str(err).strip("'\""))
-            set_masks(model, masks)
+                raise _MaskError(str(err).strip("'\"")) from err
             trainable = any(m.requires_grad for m in masks.values())
             weight = float(getattr(p, "mask_prior", 0.0)) if trainable else 0.0
 
-            def loss_fn(x: Tensor, masks: dict[str, Tensor] = masks, weight: float = weight) -> tuple[Tensor, Tensor]:
+            def loss_fn(x: Tensor) -> tuple[Tensor, Tensor]:
                 grad_loss = gradient_distance(model, x, labels, target, cosine)
                 loss = grad_loss + p.tv * total_variation(x) if p.tv > 0 else grad_loss
                 return (loss + weight * mask_prior(masks, ps) if weight > 0 else loss), grad_loss
 
-            def on_step(i: int, done: int = restart * iters) -> None:
-                if progress is not None and (i % PROGRESS_EVERY == 0 or i == iters):
-                    progress(done + i, iters * budget.restarts)
+            return input_and_mask_steps(loss_fn, x0, masks, iterations=iters, lr=p.lr, box=box, patience=patience,
+                                        stop_after=stop_after, stop_below=p.stop_below, deadline=deadline,
+                                        on_step=on_step)
 
-            try:
-                trial = optimize_inputs_and_masks(
-                    loss_fn, x0, masks, iterations=iters, lr=p.lr, box=box, patience=patience,
-                    stop_after=stop_after, stop_below=p.stop_below, deadline=deadline, on_step=on_step,
-                )
-            except (RuntimeError, ValueError, IndexError) as err:
-                return Reconstruction.failure(f"optimization failed: {err}")
-            finally:
-                set_masks(model, None)
-            runs += 1
-            timed_out = trial.stopped == "time limit"
-            if progress is not None and trial.stopped in ("converged", "no improvement"):
-                progress((restart + 1) * iters, iters * budget.restarts)  # stopped early: this run is done
-            if math.isfinite(trial.grad_loss) and (best is None or trial.grad_loss < best.grad_loss):
-                best, best_restart = trial, restart
-            if timed_out:
-                break
+        def around(restart: int) -> Callable[[], None]:
+            """Impose restart ``restart``'s masks on the shared model while it steps; the undo takes them off."""
+            set_masks(model, restart_masks[restart])
+            return lambda: set_masks(model, None)
+
+        def stopped(trial: MaskedTrial) -> str | None:  # a run that diverged after a finite best keeps that best
+            return None if trial.stopped == NON_FINITE and math.isfinite(trial.grad_loss) else trial.stopped
+
+        book: RestartBook[MaskedTrial] = RestartBook()
+        cohort = Sequential(start_restart, lambda _restart, trial: trial.grad_loss, stopped, iterations=iters,
+                            deadline=deadline, progress=progress, around=around,
+                            planned=planned_iterations(rungs(p.schedule, budget.restarts, iters)))
+        try:
+            schedule = run_schedule(p.schedule, cohort, budget.restarts, iters, book)
+        except _MaskError as err:
+            return Reconstruction.failure(str(err))
+        except (RuntimeError, ValueError, IndexError) as err:
+            return Reconstruction.failure(f"optimization failed: {err}")
+        finally:
+            set_masks(model, None)
         seconds = time.perf_counter() - start
-        if best is None:
-            return Reconstruction.failure("no usable restart (time limit or NaN/inf loss)", seconds=seconds)
+        if book.best is None:
+            return book.failure(seconds)
+        best = book.best
         self.last_trial = best
         values = list(best.masks.values())
         stats = {
-            "grad_loss": best.grad_loss,
+            **book.stats(),
+            **schedule,
             "iterations": float(best.iterations),
-            "restarts": float(runs),
-            "best_restart": float(best_restart),
             "early_stopped": float(best.stopped in ("converged", "no improvement")),
-            "time_limited": float(timed_out),
             "dropout_layers": float(len(values)),
             "mask_keep_rate": float(sum(m.sum() for m in values) / sum(m.numel() for m in values)) if values else 1.0,
             "seconds": seconds,
