@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,11 +53,12 @@ from fedsim.attacks.matching import (
     examples_to_reconstruct,
     labels_for,
     matching_target,
-    ticker,
     unusable,
 )
 from fedsim.attacks.objectives import OBJECTIVES
 from fedsim.attacks.regularizers import image_norm, total_variation
+from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.schedule import PROGRESS_EVERY, SCHEDULE_HELP, ScheduleSpec, planned_iterations, run_schedule, rungs
 from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
@@ -117,6 +118,119 @@ class GroupRun:
     stopped: Literal["time limit", "non-finite loss"] | None = None
 
 
+class Group:
+    """A group of K seeds under one Adam (:func:`optimize_group`), advanced rung by rung: a
+    :class:`fedsim.attacks.schedule.Cohort` whose members are the seeds.
+
+    ``advance(members, until)`` with fewer members than are alive keeps only their rows (inputs and Adam's
+    moments, which are elementwise); the group mean is then taken over the survivors at its next refresh. The
+    learning-rate factor is a function of the step in ``iterations``. ``score(x_k)`` is a seed's matching loss;
+    ``on_step(step, spent)`` runs after every step (``spent``: seed-steps so far).
+    """
+
+    def __init__(
+        self,
+        seed_losses: Callable[[Tensor, Tensor | None], Tensor],
+        x0: Tensor,
+        *,
+        iterations: int,
+        lr: float,
+        warmup: int,
+        box: tuple[Tensor, Tensor] | None,
+        langevin: float,
+        group_start: int,
+        group_every: int,
+        generator: torch.Generator,
+        deadline: float | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        score: Callable[[Tensor], float] | None = None,
+    ) -> None:
+        self.seed_losses, self.iterations, self.lr, self.warmup, self.box = seed_losses, iterations, lr, warmup, box
+        self.langevin, self.group_start, self.group_every = langevin, group_start, group_every
+        self.generator, self.deadline, self.on_step, self.score_of = generator, deadline, on_step, score
+        self.x = x0.detach().clone().requires_grad_(True)
+        self.opt = torch.optim.Adam([self.x], lr=lr)
+        self.rows = list(range(len(x0)))
+        self.alive = torch.ones(len(x0), dtype=torch.bool)
+        self.anchor: Tensor | None = None
+        self.step, self._spent, self.stopped = 0, 0, None
+        self.final: dict[int, tuple[Tensor, bool]] = {}
+
+    def _keep(self, members: Sequence[int]) -> None:
+        index = [self.rows.index(m) for m in members]
+        for row, m in enumerate(self.rows):
+            if m not in members:
+                self.final[m] = (self.x.detach()[row].clone(), not bool(self.alive[row]))
+        idx = torch.tensor(index, device=self.x.device)
+        x = self.x.detach()[idx].clone().requires_grad_(True)
+        state = self.opt.state.pop(self.x, {})
+        self.opt.param_groups[0]["params"] = [x]
+        if state:
+            self.opt.state[x] = {k: v if v.dim() == 0 else v[idx].clone() for k, v in state.items()}
+        self.x, self.rows, self.alive = x, list(members), self.alive[torch.tensor(index)]
+
+    def advance(self, members: Sequence[int], until: int) -> bool:
+        """Run the seeds ``members`` (ascending) to step ``until``; False past the deadline."""
+        if list(members) != self.rows:
+            self._keep(members)
+        x, alive = self.x, self.alive
+        while self.stopped is None and self.step < min(until, self.iterations):
+            step = self.step
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                self.stopped = "time limit"
+                return False
+            if step >= self.group_start and (step - self.group_start) % self.group_every == 0:
+                self.anchor = x.detach()[alive.to(x.device)].mean(dim=0)
+            losses = self.seed_losses(x, self.anchor)
+            alive &= torch.isfinite(losses.detach()).cpu()
+            if not bool(alive.any()):
+                self.stopped = "non-finite loss"
+                break
+            (grad,) = torch.autograd.grad(losses[alive.to(losses.device)].sum(), [x])
+            factor = warmup_cosine(step, self.iterations, self.warmup)
+            if self.langevin > 0:
+                grad = grad + self.langevin * self.lr * factor * torch.randn(x.shape, generator=self.generator).to(
+                    x.device)
+            live = alive.view(-1, *[1] * (x.dim() - 1)).to(x.device)
+            x.grad = torch.where(live, grad, torch.zeros_like(grad))  # a frozen seed's gradient may be NaN
+            self.opt.param_groups[0]["lr"] = self.lr * factor
+            self.opt.step()
+            if self.box is not None:
+                with torch.no_grad():
+                    x.copy_(torch.maximum(torch.minimum(x, self.box[1]), self.box[0]))
+            self.step += 1
+            self._spent += len(self.rows)
+            if self.on_step is not None:
+                self.on_step(self.step, self._spent)
+        return True
+
+    def started(self, i: int) -> bool:
+        return True
+
+    def result(self, i: int) -> tuple[Tensor, str | None]:
+        x, dead = self.seed(i)
+        return x, "non-finite loss" if dead else self.stopped if self.stopped == "time limit" else None
+
+    def seed(self, i: int) -> tuple[Tensor, bool]:
+        """Seed ``i``'s inputs (B, C, H, W) and whether it turned non-finite."""
+        if i in self.final:
+            return self.final[i]
+        row = self.rows.index(i)
+        return self.x.detach()[row], not bool(self.alive[row])
+
+    def score(self, i: int) -> float:
+        x, dead = self.seed(i)
+        if dead or self.score_of is None:
+            return math.inf
+        return self.score_of(x)
+
+    def drop(self, members: Sequence[int]) -> None:
+        """Nothing to do until the next :meth:`advance` keeps the survivors' rows."""
+
+    def spent(self) -> int:
+        return self._spent
+
+
 def optimize_group(
     seed_losses: Callable[[Tensor, Tensor | None], Tensor],
     x0: Tensor,
@@ -136,35 +250,13 @@ def optimize_group(
 
     ``anchor`` is the detached group mean, first built at step ``group_start`` and refreshed every
     ``group_every`` steps (``None`` before). A seed whose loss turns NaN/inf is frozen and left out;
-    the run stops when none is left.
+    the run stops when none is left. (All K seeds to the end: the ``full`` schedule of :class:`Group`.)
     """
-    x = x0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    alive = torch.ones(len(x0), dtype=torch.bool)
-    anchor: Tensor | None = None
-    for step in range(iterations):
-        if deadline is not None and time.perf_counter() > deadline:
-            return GroupRun(x.detach(), step, ~alive, "time limit")
-        if step >= group_start and (step - group_start) % group_every == 0:
-            anchor = x.detach()[alive.to(x.device)].mean(dim=0)
-        losses = seed_losses(x, anchor)
-        alive &= torch.isfinite(losses.detach()).cpu()
-        if not bool(alive.any()):
-            return GroupRun(x.detach(), step, ~alive, "non-finite loss")
-        (grad,) = torch.autograd.grad(losses[alive.to(losses.device)].sum(), [x])
-        factor = warmup_cosine(step, iterations, warmup)
-        if langevin > 0:
-            grad = grad + langevin * lr * factor * torch.randn(x.shape, generator=generator).to(x.device)
-        live = alive.view(-1, *[1] * (x.dim() - 1)).to(x.device)
-        x.grad = torch.where(live, grad, torch.zeros_like(grad))  # a frozen seed's gradient may be NaN
-        opt.param_groups[0]["lr"] = lr * factor
-        opt.step()
-        if box is not None:
-            with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, box[1]), box[0]))
-        if on_step is not None:
-            on_step(step + 1)
-    return GroupRun(x.detach(), iterations, ~alive)
+    group = Group(seed_losses, x0, iterations=iterations, lr=lr, warmup=warmup, box=box, langevin=langevin,
+                  group_start=group_start, group_every=group_every, generator=generator, deadline=deadline,
+                  on_step=None if on_step is None else (lambda i, _spent: on_step(i)))
+    group.advance(list(range(len(x0))), iterations)
+    return GroupRun(group.x.detach(), group.step, ~group.alive, group.stopped)
 
 
 @register_attack("gradinversion")
@@ -202,6 +294,7 @@ class GradInversion(Attack):
         boxed: bool = True
         init: Literal["randn", "rand", "zeros"] = "randn"
         label_strategy: LabelStrategy = Field("auto", description="label inference; 'yin' is the paper's")
+        schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
 
     @classmethod
     def check_scenario(cls, scenario: Scenario, spec: AttackSpec) -> None:
@@ -267,31 +360,37 @@ class GradInversion(Attack):
         x0 = torch.stack([initial_inputs(p.init, (num, *update.task.input_shape), gen) for _ in range(k)])
         box = pixel_box(update.task.mean, update.task.std, self.device) if p.boxed else None
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
-        scaled = None if progress is None else (lambda done, total: progress(done * k, total * k))
-        try:
-            run = optimize_group(
-                seed_losses, x0.to(self.device), iterations=its, lr=p.lr, warmup=min(p.warmup, its // 10),
-                box=None if box is None else (box[0].unsqueeze(0), box[1].unsqueeze(0)), langevin=p.langevin,
-                group_start=round(p.group_start * its), group_every=max(1, round(p.group_every * its)),
-                generator=gen, deadline=deadline, on_step=ticker(scaled, its, its, 0),
-            )
+        planned = planned_iterations(rungs(p.schedule, k, its))
+
+        def on_step(i: int, spent: int) -> None:
+            if progress is not None and (i % PROGRESS_EVERY == 0 or i == its):
+                progress(spent, planned)
+
+        def score(xk: Tensor) -> float:  # the seeds are ranked by the gradient distance alone
+            value = gradient_distance(model, xk, labels, target, distance, create_graph=False).item()
             if prior is not None:
-                prior.remove()
-            scores = [math.inf if bool(dead) else
-                      gradient_distance(model, xk, labels, target, distance, create_graph=False).item()
-                      for xk, dead in zip(run.x, run.dead, strict=True)]
+                prior.collect()  # this forward's BN terms must not reach the next step's loss
+            return value
+
+        group = Group(seed_losses, x0.to(self.device), iterations=its, lr=p.lr, warmup=min(p.warmup, its // 10),
+                      box=None if box is None else (box[0].unsqueeze(0), box[1].unsqueeze(0)), langevin=p.langevin,
+                      group_start=round(p.group_start * its), group_every=max(1, round(p.group_every * its)),
+                      generator=gen, deadline=deadline, on_step=on_step, score=score)
+        book: RestartBook[Tensor] = RestartBook()
+        try:
+            schedule = run_schedule(p.schedule, group, k, its, book)
         except (RuntimeError, ValueError, IndexError) as err:  # shapes inside the model, memory, ...
             return Reconstruction.failure(f"optimization failed: {err}")
+        finally:
+            if prior is not None:
+                prior.remove()
         seconds = time.perf_counter() - start
-        best = min(range(k), key=lambda i: scores[i])
-        if not math.isfinite(scores[best]) or (run.iterations == 0 and run.stopped == "time limit"):
-            why = "the loss became NaN/inf" if run.stopped != "time limit" else "the time limit hit before any step"
+        if book.best is None or (group.step == 0 and group.stopped == "time limit"):
+            why = "the loss became NaN/inf" if group.stopped != "time limit" else "the time limit hit before any step"
             return Reconstruction.failure(f"no usable seed: {why}", seconds=seconds, restarts=float(k))
         stats = {
-            "grad_loss": scores[best], "iterations": float(run.iterations), "restarts": float(k),
-            "best_restart": float(best), "failed_restarts": float(run.dead.sum()),
-            "bn_layers": float(len(prior) if prior is not None else 0),
-            "time_limited": float(run.stopped == "time limit"), "seconds": seconds,
+            **book.stats(), **schedule, "iterations": float(group.step),
+            "bn_layers": float(len(prior) if prior is not None else 0), "seconds": seconds,
         }
-        images = to_pixels(run.x[best], update.task.mean, update.task.std)
+        images = to_pixels(book.best, update.task.mean, update.task.std)
         return Reconstruction(images=images, labels=labels.cpu(), stats=stats)
