@@ -35,7 +35,7 @@ from fedsim.metrics.model_inversion import score_model_inversion
 from fedsim.metrics.text import dataset_public_ranking
 from fedsim.outcomes import NOT_ATTACKED
 from fedsim.scenario import AttackSpec, Scenario
-from fedsim.seeding import derive_seed
+from fedsim.seeding import derive_seed, seed_torch
 from fedsim.simulation.capture import AGGREGATE_ID, RELEASED_MODEL_ID, CapturedUpdate
 from fedsim.simulation.federation import attacks_model, released_rounds
 from fedsim.simulation.setup import setup_for
@@ -191,7 +191,7 @@ def _score_model(scenario: Scenario, entry: _Planned, rec: Reconstruction, secon
             target.load_state_dict(dict(state))
             target.to(device).eval()
             with torch.random.fork_rng(devices=[]):  # the released model may be stochastic (MID)
-                torch.manual_seed(derive_seed(scenario.seed, "mi-score", index, rnd))
+                seed_torch(derive_seed(scenario.seed, "mi-score", index, rnd))
                 metrics = score_model_inversion(rec, evaluator, target)
             stats.update(evaluator_accuracy=evaluator.accuracy, evaluator_val_size=float(evaluator.num_val))
         except (FedsimError, ValueError, RuntimeError, OSError) as err:  # e.g. no usable test split, disk errors

@@ -21,7 +21,7 @@ from fedsim.errors import ScenarioError
 from fedsim.isolation import isolated_global_rngs
 from fedsim.models.layers import record_masks, recorded_masks
 from fedsim.scenario import LocalTraining
-from fedsim.seeding import derive_seed, torch_generator
+from fedsim.seeding import derive_seed, seed_torch, torch_generator
 
 LossFn = Callable[..., Tensor]  # (outputs, labels, reduction="mean") -> loss, like F.cross_entropy
 
@@ -252,7 +252,7 @@ def local_update(
     model = job.model
     batches = round_batches(job, inputs, local=local, protocol=protocol, seed=seed, round_num=round_num,
                             partition_id=partition_id)
-    torch.manual_seed(derive_seed(seed, "client-torch", round_num, partition_id))  # dropout masks
+    seed_torch(derive_seed(seed, "client-torch", round_num, partition_id))  # dropout masks
     model.to(device).train()
     record_masks(model, record)
     extras: dict[str, Tensor] = {}

@@ -44,7 +44,7 @@ from fedsim.data.sources import Examples, client_examples, examples_of, overlap
 from fedsim.errors import ScenarioError
 from fedsim.outputs import write_atomic
 from fedsim.scenario import DataSpec, Scenario
-from fedsim.seeding import torch_generator
+from fedsim.seeding import seed_torch, torch_generator
 
 ARCH = "evalcnn-v1"
 EVALUATOR_SEED = 0
@@ -168,7 +168,7 @@ def train_evaluator(x: Tensor, y: Tensor, num_classes: int, mean: tuple[float, .
                     epochs: int = EPOCHS) -> EvalCNN:
     """Train :class:`EvalCNN` on pixels ``x`` (CPU, deterministic given :data:`EVALUATOR_SEED`)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(EVALUATOR_SEED)
+        seed_torch(EVALUATOR_SEED)
         net = EvalCNN(x.shape[1], num_classes)
     gen = torch_generator(EVALUATOR_SEED, "evaluator-batches")
     opt = torch.optim.Adam(net.parameters(), lr=LR)

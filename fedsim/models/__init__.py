@@ -26,6 +26,7 @@ from fedsim.models.layers import (
     set_masks,
 )
 from fedsim.scenario import ModelSpec
+from fedsim.seeding import seed_torch
 
 import_submodules(__name__, __path__, skip=("base", "layers"))
 
@@ -72,7 +73,7 @@ def build_model(
     if seed is None:
         return builder(spec, shape, num_classes, **kwargs)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        seed_torch(seed)
         return builder(spec, shape, num_classes, **kwargs)
 
 

@@ -109,6 +109,8 @@ def _opacus(history: tuple[Step, ...], delta: float, accountant: str, poisson: b
     if trivial is not None:
         return trivial
     import_opacus()
+    if accountant == "rdp":
+        return _opacus_rdp(history, delta)
     from opacus.accountants import create_accountant
 
     with warnings.catch_warnings():  # GDP warns that it is experimental on every construction
@@ -117,6 +119,32 @@ def _opacus(history: tuple[Step, ...], delta: float, accountant: str, poisson: b
         acc.history = list(history)
         value = acc.get_epsilon(delta, poisson=poisson) if accountant == "gdp" else acc.get_epsilon(delta)
     return float(value)
+
+
+def _opacus_rdp(history: tuple[Step, ...], delta: float) -> float:
+    """Opacus's ``RDPAccountant(history).get_epsilon(delta)``, the same arithmetic with each step's RDP curve
+    computed once per (sigma, q) (:func:`_rdp_per_step`) instead of once per call: a run asks after every round,
+    and each curve is ~70 series sums (~0.1 s). Opacus sums ``compute_rdp(q, sigma, steps, alphas)``, i.e.
+    ``curve * steps``, over the history in order and converts with ``get_privacy_spent``; so does this."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    alphas = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum([_rdp_per_step(sigma, q) * steps for sigma, q, steps in history])
+    eps, _ = analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=256)
+def _rdp_per_step(sigma: float, q: float) -> Any:
+    """Opacus's RDP of one sampled Gaussian step at its default orders (``compute_rdp(q, sigma, 1, alphas)``),
+    as a read-only array (cached: callers must not change it)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    curve = analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    curve.setflags(write=False)
+    return curve
 
 
 def dp_event(history: Iterable[Sequence[float]]) -> Any:

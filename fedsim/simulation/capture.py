@@ -41,6 +41,7 @@ from flwr.serverapp import Grid
 from fedsim.errors import SimulationError
 from fedsim.simulation import keys
 from fedsim.simulation.participation import Participation
+from fedsim.simulation.records import to_state
 from fedsim.threat import GroundTruth
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class CaptureLog:
 
 
 def _unpack_truth(record, round_num: int, pid: int) -> GroundTruth:
-    arrays = record.to_torch_state_dict()
+    arrays = to_state(record)
     extras = {k[len("extra/"):]: v for k, v in arrays.items() if k.startswith("extra/")}
     return GroundTruth(round_num, pid, arrays["inputs"], arrays["labels"], extras)
 
@@ -179,12 +180,12 @@ class CapturingGrid(ProxyGrid):
                     self.log.stale[round_num] = self.log.stale.get(round_num, 0) + 1
                 manipulated = keys.ARCHITECTURE in config  # it carries a malicious server's model
                 if self.references is not None and this_round is None and not stale and not manipulated:
-                    this_round = {k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
+                    this_round = dict(to_state(msg.content[keys.ARRAYS]))  # to_state copies
                 if self.log.wants(round_num, pid):
                     flagged = ConfigRecord(dict(config))
                     flagged[keys.RECORD_TRUTH] = True
                     # the model THIS client was sent (w^{t-1-tau} for a slow one): its update is taken against it
-                    sent_state[pid] = {k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
+                    sent_state[pid] = dict(to_state(msg.content[keys.ARRAYS]))
                     lag[pid] = stale
                     content = RecordDict(dict(msg.content.items()))  # every record, the config flagged
                     content[keys.CONFIG] = flagged
@@ -248,7 +249,7 @@ class CapturingGrid(ProxyGrid):
 
     def _record(self, round_num: int, pid: int, reply: Message, global_state: dict, truth: GroundTruth,
                 reference: dict[str, torch.Tensor] | None = None, staleness: int = 0) -> None:
-        sent = reply.content[keys.ARRAYS].to_torch_state_dict()
+        sent = to_state(reply.content[keys.ARRAYS])
         if self.log.protocol == "fedavg":
             update = {k: v - global_state[k] for k, v in sent.items() if v.is_floating_point()}
         else:

@@ -13,7 +13,7 @@ reason (:func:`~fedsim.simulation.participation.client_errors_mod`).
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.models.manipulation import decode
@@ -21,6 +21,7 @@ from fedsim.scenario import Scenario
 from fedsim.simulation import keys
 from fedsim.simulation.client_round import load_state, run_client_round, save_state
 from fedsim.simulation.participation import client_errors_mod
+from fedsim.simulation.records import to_record, to_state
 
 
 def partition_reply(msg: Message, context: Context) -> Message:
@@ -42,12 +43,12 @@ def build_client_app(scenario: Scenario) -> ClientApp:
         record = bool(config.get(keys.RECORD_TRUTH, False))
         state = load_state(context)
         reply = run_client_round(scenario, int(context.node_config[keys.PARTITION_ID]),
-                                 int(config[keys.SERVER_ROUND]), msg.content[keys.ARRAYS].to_torch_state_dict(),
+                                 int(config[keys.SERVER_ROUND]), to_state(msg.content[keys.ARRAYS]),
                                  state, record=record, architecture=decode(str(config.get(keys.ARCHITECTURE, ""))))
         save_state(context, state)
-        content = RecordDict({keys.ARRAYS: ArrayRecord(reply.sent), keys.METRICS: MetricRecord(reply.metrics)})
+        content = RecordDict({keys.ARRAYS: to_record(reply.sent), keys.METRICS: MetricRecord(reply.metrics)})
         if reply.truth is not None:
-            content[keys.TRUTH] = ArrayRecord(reply.truth)
+            content[keys.TRUTH] = to_record(reply.truth)
         return Message(content, reply_to=msg)
 
     @app.query()

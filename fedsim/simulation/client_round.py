@@ -4,10 +4,11 @@ Both the Message-API ClientApp (:mod:`fedsim.simulation.client_app`) and the Sec
 (:mod:`fedsim.simulation.secure_client`) call :func:`run_client_round`, so a defense hook cannot be
 applied on one path and forgotten on the other. In order:
 
-1. build the model (model-transforming defenses included), apply the architecture changes a malicious server
-   shipped with it (``keys.ARCHITECTURE``, :mod:`fedsim.models.manipulation`), load the server's weights, and run
-   every defense's ``inspect_model`` on it before any training (its metrics go in the reply; a
-   ``ModelRefusedError`` becomes the error reply, i.e. the client's failure with that reason);
+1. build the model (model-transforming defenses included; or reuse this process's client module when no
+   defense transforms, wraps or inspects it: :meth:`FederationSetup.client_model`), apply the architecture
+   changes a malicious server shipped with it (``keys.ARCHITECTURE``, :mod:`fedsim.models.manipulation`), load
+   the server's weights, and run every defense's ``inspect_model`` on it before any training (its metrics go in
+   the reply; a ``ModelRefusedError`` becomes the error reply, i.e. the client's failure with that reason);
 2. a :class:`TrainingJob` with the client's persistent state, passed through every defense's
    ``wrap_training`` (DP-SGD, MID, Soteria, ...);
 3. :func:`local_update` on the client's partition;
@@ -123,8 +124,11 @@ def run_client_round(scenario: Scenario, partition_id: int, round_num: int, glob
     """
     setup = setup_for(scenario)
     fed = scenario.federation
-    model = apply_architecture(setup.build_model(), architecture)
-    model.load_state_dict(global_state)
+    if architecture:  # a malicious server's changes: a module of that shape, built for this round
+        model, reused = apply_architecture(setup.build_model(), architecture), False
+        model.load_state_dict(global_state)
+    else:
+        model, reused = setup.client_model(global_state)
     inputs, labels = setup.client_data(partition_id)
     inspected = inspect_model(setup, model, architecture, UpdateContext(
         scenario.seed, round_num, partition_id, fed.protocol, len(inputs), state=state))
@@ -150,7 +154,16 @@ def run_client_round(scenario: Scenario, partition_id: int, round_num: int, glob
         used = result.used_indices
         truth = {"inputs": inputs[used], "labels": labels[used]}
         truth.update({f"extra/{k}": v.detach().cpu() for k, v in result.extras.items()})
-    return ClientReply({k: v.detach().cpu() for k, v in sent.items()}, result.num_examples, metrics, truth)
+    # a reused module's weights change next round: what is sent must not be a view of them
+    shared = _storages(model) if reused else set()
+    out = {k: v.detach().cpu() for k, v in sent.items()}
+    out = {k: v.clone() if v.untyped_storage().data_ptr() in shared else v for k, v in out.items()}
+    return ClientReply(out, result.num_examples, metrics, truth)
+
+
+def _storages(model: nn.Module) -> set[int]:
+    """The memory addresses of ``model``'s parameters and buffers."""
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
 
 def load_state(context: Context) -> dict[str, str | Tensor]:

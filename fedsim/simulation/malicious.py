@@ -50,7 +50,7 @@ from fedsim.errors import SimulationError
 from fedsim.malicious_rules import malicious_attacks
 from fedsim.models.manipulation import agreed_part, apply_architecture, encode
 from fedsim.scenario import AttackSpec, Scenario
-from fedsim.seeding import derive_seed
+from fedsim.seeding import derive_seed, seed_torch
 from fedsim.simulation import keys
 from fedsim.simulation.setup import FederationSetup, setup_for
 from fedsim.threat import ManipulationView, ServerModel, frozen_tensors
@@ -110,7 +110,7 @@ class Manipulator:
         attack = cls.from_spec(spec, self.setup.device, seed)
         view = self._view(rnd, spec, honest, targets)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            seed_torch(seed)
             model = attack.manipulate(view)
         if not isinstance(model, ServerModel):
             raise SimulationError(f"attacks[{index}] ({spec.name}).manipulate returned {type(model).__name__}, "
@@ -211,6 +211,6 @@ class Manipulator:
         model = apply_architecture(setup.build_model(), architecture)
         model.load_state_dict(state)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.scenario.seed, "eval", rnd))
+            seed_torch(derive_seed(self.scenario.seed, "eval", rnd))
             return evaluate(model, data.test_x, data.test_y, mean=data.mean, std=data.std,
                             batch_size=self.scenario.evaluation.batch_size, device=setup.device, task=data.task)[1]

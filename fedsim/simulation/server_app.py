@@ -19,10 +19,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.errors import SimulationError
 from fedsim.scenario import Scenario
-from fedsim.seeding import derive_seed
+from fedsim.seeding import derive_seed, seed_torch
 from fedsim.simulation import keys
 from fedsim.simulation.capture import CaptureLog, CapturingGrid
 from fedsim.simulation.malicious import Manipulator, malicious_attacks
+from fedsim.simulation.records import to_record, to_state
 from fedsim.simulation.setup import setup_for
 from fedsim.simulation.stale_leakage import run_metrics
 from fedsim.simulation.strategies import build_strategy
@@ -132,7 +133,7 @@ class RoundRows:
             # Stochastic models (MID samples its bottleneck in eval mode too) evaluate under a seed
             # per round, in a forked RNG so no other draw shifts.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(scenario.seed, "eval", server_round))
+                seed_torch(derive_seed(scenario.seed, "eval", server_round))
                 loss, acc = evaluate(self.model, data.test_x, data.test_y, mean=data.mean, std=data.std,
                                      batch_size=scenario.evaluation.batch_size, device=setup.device, task=data.task)
                 for k in scenario.evaluation.class_accuracy:  # e.g. the slow clients' class (spec 12.1's headline)
@@ -181,10 +182,10 @@ def build_server_app(
                               message_references(setup.defenses), rows.manipulator)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            row = rows(server_round, arrays.to_torch_state_dict)
+            row = rows(server_round, lambda: to_state(arrays))
             return MetricRecord({k: v for k, v in row.items() if k != "round"})
 
-        initial = ArrayRecord(rows.model.state_dict())
+        initial = to_record(rows.model.state_dict())
         result = strategy.start(
             grid=proxy, initial_arrays=initial, num_rounds=fed.rounds,
             train_config=ConfigRecord(), evaluate_fn=evaluate_fn,
@@ -192,7 +193,7 @@ def build_server_app(
         # Flower's Result keeps only aggregated arrays: when every round was refused by every client
         # (fedsim.simulation.participation) it holds none, and the global model is still the initial one
         final = result.arrays if result.arrays is not None and len(result.arrays) else initial
-        outcome.final_state = final.to_torch_state_dict()
+        outcome.final_state = to_state(final)
         outcome.seconds = time.perf_counter() - rows.start
 
     return app

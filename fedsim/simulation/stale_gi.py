@@ -43,7 +43,7 @@ from fedsim.data.transforms import denormalize, normalize
 from fedsim.errors import ScenarioError
 from fedsim.image_priors import total_variation
 from fedsim.scenario import Scenario
-from fedsim.seeding import derive_seed, torch_generator
+from fedsim.seeding import derive_seed, seed_torch, torch_generator
 from fedsim.stale_gi_spec import GIConversion
 from fedsim.threat import TaskInfo
 from fedsim.training import epoch_bounds, min_train_batch
@@ -140,7 +140,7 @@ def predicted_delta(model: nn.Module, state: dict[str, Tensor], x: Tensor, logit
     model.load_state_dict(state)
     model.train()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(scenario.seed, "stale-gi-dropout"))
+        seed_torch(derive_seed(scenario.seed, "stale-gi-dropout"))
         return unrolled_delta(model, x, logits, lr=local.lr, steps=steps, batch_size=len(x),
                               weight_decay=local.weight_decay, loss_fn=soft_cross_entropy)
 

@@ -15,10 +15,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedsim.scenario import Scenario
 from fedsim.simulation import keys
+from fedsim.simulation.records import to_record, to_state, weighted_mean
 from fedsim.simulation.setup import setup_for
 from fedsim.simulation.stale_server import StaleModels
 from fedsim.simulation.staleness import round_partitions, sample_partitions
@@ -105,7 +105,7 @@ class FedSimFedAvg(FedAvg):
             record = RecordDict(dict(content.array_records))
             record["metrics"] = MetricRecord({**dict(m), WEIGHT_KEY: w})
             reweighted.append(record)
-        mean = aggregate_arrayrecords(reweighted, WEIGHT_KEY)
+        mean = weighted_mean(reweighted, WEIGHT_KEY)  # Flower's aggregate_arrayrecords, headers parsed once
         return mean, self.train_metrics_aggr_fn(reweighted, WEIGHT_KEY)
 
     def summary(self) -> None:  # Flower logs this at INFO; fedsim's report says it instead
@@ -137,9 +137,9 @@ class FedSGD(FedSimFedAvg):
         mean_grad, metrics = super().aggregate_train(server_round, replies)
         if mean_grad is None or self.current_arrays is None:
             return None, metrics
-        stepped = server_step(self.scenario, server_round, self.current_arrays.to_torch_state_dict(),
-                              mean_grad.to_torch_state_dict(), self.server_memory)
-        return ArrayRecord(stepped), metrics
+        stepped = server_step(self.scenario, server_round, to_state(self.current_arrays), to_state(mean_grad),
+                              self.server_memory)
+        return to_record(stepped), metrics
 
 
 def build_strategy(scenario: Scenario, node_of_partition: dict[int, int]) -> FedAvg:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from fedsim.outputs import write_atomic
 from fedsim.scenario import Scenario
+from fedsim.seeding import seed_torch
 
 FORMAT = 1
 PRETRAIN_SEED = 0
@@ -101,7 +102,7 @@ def _train(scenario: Scenario, model: nn.Module, public: Tensor, mask_token: int
     mlm_head = None
     if not model.causal:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(PRETRAIN_SEED + 1)
+            seed_torch(PRETRAIN_SEED + 1)
             mlm_head = nn.Linear(model.width, model.vocab_size)
     params = list(model.parameters()) + ([] if mlm_head is None else list(mlm_head.parameters()))
     opt = torch.optim.Adam(params, lr=pre.lr)
