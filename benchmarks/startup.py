@@ -1,6 +1,6 @@
 """Start-up cost: how long fresh processes take before fedsim does any real work.
 
-Each line is the best of ``--repeats`` fresh interpreters (wall time seen by this parent process, so it
+Each line is the best of ``--repeats`` fresh interpreters (wall and CPU time seen by this parent process, so it
 includes the interpreter's own start, about 20 ms):
 
 * ``python -c 'import torch'``: the floor every command that touches a model pays;
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,25 +60,30 @@ t_setup = time.perf_counter()
 def once():
     attack = InvertingGradients(InvertingGradients.Params(), Knowledge(labels="infer"),
                                 Budget(iterations=1, restarts=1), torch.device("cpu"), 0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     rec = attack.reconstruct(upd)
     assert rec.failed is None, rec.failed
-    return time.perf_counter() - start
-first = once()
-second = once()
+    return time.perf_counter() - start, time.process_time() - cpu
+(first, first_cpu), (second, second_cpu) = once(), once()
 print(json.dumps({"import_torch": t_torch - t0, "import_plugins": t_plugins - t_torch,
-                  "data_model_update": t_setup - t_plugins, "first": first, "second": second}))
+                  "data_model_update": t_setup - t_plugins, "first": first, "second": second,
+                  "first_cpu": first_cpu, "second_cpu": second_cpu}))
 """
 
 
-def _fresh(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Wall seconds of one fresh process and its stdout; raises on a non-zero exit."""
-    start = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _fresh(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Wall and CPU (user + system) seconds of one fresh process, and its stdout; raises on a non-zero exit."""
+    start, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    return wall, done.stdout
+    return wall, cpu, done.stdout
 
 
 def main() -> None:
@@ -97,22 +103,28 @@ def main() -> None:
         "import fedsim.attacks, fedsim.defenses": [py, "-c", "import fedsim.attacks, fedsim.defenses"],
     }
     best = dict.fromkeys(commands, float("inf"))
+    best_cpu = dict.fromkeys(commands, float("inf"))
     recon: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved, so load from other processes hits every command alike
         for name, cmd in commands.items():
-            best[name] = min(best[name], _fresh(cmd, env)[0])
-        wall, out = _fresh([py, "-c", RECONSTRUCT], env)
+            wall, cpu, _ = _fresh(cmd, env)
+            best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], cpu)
+        wall, _, out = _fresh([py, "-c", RECONSTRUCT], env)
         row = json.loads(out.strip().splitlines()[-1])
         if not recon or row["first"] < recon["first"]:
             recon = {**row, "wall": wall}
-    print(f"fresh-process wall time, best of {args.repeats} (s), {os.cpu_count()} cores, OMP_NUM_THREADS=1")
+    print(f"fresh processes, best of {args.repeats}, {os.cpu_count()} cores, OMP_NUM_THREADS=1 (CPU: user + system "
+          "of the process and its children; on a loaded machine it moves less than the wall time)")
+    print(f"  {'':<50s} {'wall s':>7s} {'CPU s':>7s}")
     for name, seconds in best.items():
-        print(f"  {name:<50s} {seconds:6.2f}")
+        print(f"  {name:<50s} {seconds:7.2f} {best_cpu[name]:7.2f}")
     print("  first IG reconstruct (ConvNet w32, 1 image, 1 iteration), one fresh process:")
     print(f"    import torch {recon['import_torch']:.2f} | import plug-ins {recon['import_plugins']:.2f} | "
           f"data+model+update {recon['data_model_update']:.2f}")
     print(f"    first reconstruct {recon['first']:.3f} | second {recon['second']:.3f} | "
           f"one-off set-up {recon['first'] - recon['second']:.3f} | process total {recon['wall']:.2f}")
+    print(f"    CPU s: first reconstruct {recon['first_cpu']:.3f} | second {recon['second_cpu']:.3f} (the first "
+          "torch.optim step imports torch._dynamo, unless something imported it before)")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,6 @@ from functools import cache
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.neural_network import MLPClassifier
-from sklearn.preprocessing import StandardScaler
 
 from fedsim.seeding import numpy_rng
 from fedsim.zo.api import FederatedObjective
@@ -86,6 +83,10 @@ def layout(num_classes: int) -> dict[str, tuple[int, int]]:
 @cache
 def trained_classifier(dataset: str) -> TrainedClassifier:
     """Train the task's classifier on ``dataset``'s first half (once per process; seed-independent)."""
+    from sklearn.exceptions import ConvergenceWarning  # scikit-learn: imported when a task first needs it (seconds)
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
     from fedsim.data.bundled import load_bundled
     from fedsim.scenario import DataSpec
 
