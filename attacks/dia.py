@@ -23,6 +23,9 @@ the upper bound DIA approaches. It reads them from ``side_info["oracle_masks"]``
 runner fills only when the threat model sets ``knowledge.oracle_masks: true``; the runner, having
 handed over ground truth, labels every outcome of that attack spec oracle. DIA itself never reads
 that channel.
+
+Restarts (``budget.restarts``) are ranked by their best gradient loss, never by ground truth, and scheduled by
+``schedule`` (:mod:`fedsim.attacks.schedule`): in full (default), or by successive halving on that loss.
 """
 
 from __future__ import annotations

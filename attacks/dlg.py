@@ -21,7 +21,9 @@ small that torch's defaults stop it after a few dozen evaluations, far from the 
 line search is the default; ``line_search: none`` is the original, which from 4 of 6 random starts
 ended at 4-6 dB (600 evaluations, CIFAR-100, U(-0.5, 0.5) LeNet) where the search reached 13-16 dB
 from all 6. L-BFGS can diverge to NaN: that restart fails; the attack fails only if every one does.
-Restarts are ranked by their final gradient distance, never by ground truth.
+Restarts are ranked by their final gradient distance, never by ground truth; ``schedule`` (``{kind: full}`` or
+``{kind: halving, ...}``, :mod:`fedsim.attacks.schedule`) runs them in full or by successive halving on that
+distance, rungs counted in closure evaluations.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ is assumed to use dummy slice ``i mod ceil(n / bs)``: the client's shuffling see
 
 Labels are granted or inferred from ``-delta``'s last layer; which labels met which local step is
 unknown, so restarts after the first try other label orders over the slices, and the restart with
-the smallest delta distance wins (never ground truth). Only plain SGD can be unrolled here:
+the smallest delta distance wins (never ground truth); ``schedule`` (:mod:`fedsim.attacks.schedule`) runs
+them in full or by successive halving on that distance. Only plain SGD can be unrolled here:
 a scenario whose clients use Adam or momentum is refused, and an update whose granted
 hyperparameters say so fails. ``budget.iterations`` are Adam steps, each one unrolled round.
 

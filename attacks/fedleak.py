@@ -45,7 +45,8 @@ of 16 ImageNet images at 128 pixels, with the true labels; the paper's own setti
 **Labels** [fedsim]. The released code is handed the true labels (its inference line is commented out); fedsim uses
 the granted labels (``knowledge.labels: known``) or infers them from the update (``label_strategy``).
 **Restarts** [fedsim]. The code keeps, per image, the restart with the best PSNR *against the ground truth*; fedsim
-ranks restarts by the final matching loss alone (:mod:`fedsim.attacks.restarts`).
+ranks restarts by the final matching loss alone (:mod:`fedsim.attacks.restarts`), in full or by
+successive halving on it (``schedule``, :mod:`fedsim.attacks.schedule`).
 **FedAvg** [fedsim]. Nothing in the released code handles several local steps, and the paper's protocol could not
 be read. A FedAvg update is read as one gradient, as Inverting Gradients does: the cosine term is scale invariant;
 the L1 term needs ``-delta / (lr * steps)`` (:func:`fedsim.attacks.matching.matching_target`), so a FedAvg scenario must

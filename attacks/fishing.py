@@ -9,15 +9,16 @@ examples alone, a large batch reduced to the few examples of one class (gradient
 gradient of row ``c`` is ``mean_n (p_c - [y_n = c]) = -n_c / B``, so the count ``n_c`` is read off exactly.
 
 Recovery. The magnified gradient is inverted with the Inverting Gradients machinery
-(:func:`fedsim.attacks.inverting_gradients.optimize_inputs`,
-:func:`~fedsim.attacks.inverting_gradients.gradient_distance`,
-cosine distance, TV prior, signed boxed Adam), for ``n_c`` dummy images labelled ``c``, matching every parameter
-except the non-target classifier rows (whose gradient ``p_k x`` still mixes the whole batch). With ``n_c = 1`` the
-fished image is a single-image inversion inside a batch of ``B``: since ``p_c ~ 0`` the magnified gradient is
-exactly ``1/B`` times the target example's own gradient (cosine 1 up to float error), and cosine matching ignores
-the ``1/B``. With ``n_c > 1`` it returns ``min(n_c, max_images)`` images, a joint batch-``n_c`` inversion of the
-class's examples (harder, as any multi-image inversion); with ``n_c = 0`` (the class is absent) it returns an
-empty reconstruction, ``stats["nothing_isolated"]`` saying why.
+(:func:`fedsim.attacks.inverting_gradients.input_steps`,
+:func:`~fedsim.attacks.inverting_gradients.gradient_distance`, cosine distance, TV prior, signed boxed Adam; restarts
+ranked by the masked gradient distance, in full or by successive halving: ``schedule``,
+:mod:`fedsim.attacks.schedule`), for ``n_c`` dummy images labelled ``c``, matching every parameter except the
+non-target classifier rows (whose gradient ``p_k x`` still mixes the whole batch). With ``n_c = 1`` the fished image
+is a single-image inversion inside a batch of ``B``: since ``p_c ~ 0`` the magnified gradient is exactly ``1/B`` times
+the target example's own gradient (cosine 1 up to float error), and cosine matching ignores the ``1/B``. With ``n_c >
+1`` it returns ``min(n_c, max_images)`` images, a joint batch-``n_c`` inversion of the class's examples (harder, as
+any multi-image inversion); with ``n_c = 0`` (the class is absent) it returns an empty reconstruction,
+``stats["nothing_isolated"]`` saying why.
 
 Measured (benchmarks/malicious_vs_ig.py, cifar10-mini, convnet width 16, 1000 iterations): see the benchmark's
 docstring for fishing against IG on the same batch and against a trivial attacker, each on the target image.
@@ -39,16 +40,27 @@ from torch import Tensor, nn
 
 from fedsim.attacks.base import AttackParams, ProgressFn, register_attack
 from fedsim.attacks.inverting_gradients import (
-    PROGRESS_EVERY,
+    Trial,
     gradient_distance,
     initial_inputs,
-    optimize_inputs,
+    input_steps,
     pixel_box,
     to_pixels,
 )
 from fedsim.attacks.malicious import MaliciousAttack
 from fedsim.attacks.objectives import OBJECTIVES
 from fedsim.attacks.regularizers import total_variation
+from fedsim.attacks.restarts import RestartBook
+from fedsim.attacks.schedule import (
+    SCHEDULE_HELP,
+    OnStep,
+    ScheduleSpec,
+    Sequential,
+    Steps,
+    planned_iterations,
+    run_schedule,
+    rungs,
+)
 from fedsim.attacks.victim import check_update, rebuild_model, target_gradient, victim_model
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Scenario
@@ -86,6 +98,7 @@ class Fishing(MaliciousAttack):
                           "of 0.001/0.01/0.05/0.1 on cifar10-mini)")
         init: Literal["randn", "rand", "zeros"] = Field("randn", description="dummy image start, in normalized "
                                                          "space (zeros: the dataset's mean colour)")
+        schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description=SCHEDULE_HELP)
 
     @classmethod
     def check_model(cls, scenario: Scenario, spec: AttackSpec, facts: ModelFacts) -> None:
@@ -163,30 +176,32 @@ class Fishing(MaliciousAttack):
         budget = self.budget
         deadline = None if budget.time_limit_s is None else start + budget.time_limit_s
         box = pixel_box(update.task.mean, update.task.std, self.device)
-        best: tuple[float, Tensor] | None = None
-        for restart in range(budget.restarts):
+        book: RestartBook[Trial] = RestartBook()
+
+        def start_restart(restart: int, on_step: OnStep) -> Steps[Trial]:
             x0 = initial_inputs(self.params.init, (num, *update.task.input_shape),
                                 torch_generator(self.seed, "fishing-ig", restart)).to(self.device)
+            return input_steps(loss_fn, x0, iterations=budget.iterations, lr=self.params.lr, box=box,
+                               deadline=deadline, on_step=on_step)
 
-            def on_step(i: int, done: int = restart * budget.iterations) -> None:
-                if progress is not None and (i % PROGRESS_EVERY == 0 or i == budget.iterations):
-                    progress(done + i, budget.iterations * budget.restarts)
+        def score(_restart: int, trial: Trial) -> float:  # the masked gradient distance alone
+            return float(gradient_distance(model, trial.x, labels, target, distance, False,
+                                           lambda g: _masked(g, masks)))
 
-            try:
-                trial = optimize_inputs(loss_fn, x0, iterations=budget.iterations, lr=self.params.lr, box=box,
-                                        deadline=deadline, on_step=on_step)
-            except (RuntimeError, ValueError, IndexError) as err:
-                return Reconstruction.failure(f"optimization failed: {err}")
-            score = float(gradient_distance(model, trial.x, labels, target, distance, False,
-                                            lambda g: _masked(g, masks)))
-            if best is None or score < best[0]:
-                best = (score, trial.x)
-            if trial.stopped == "time limit":
-                break
-        assert best is not None
-        stats = {"target_class": float(c), "class_count": float(count), "grad_loss": best[0],
-                 "seconds": time.perf_counter() - start}
-        return Reconstruction(images=to_pixels(best[1], update.task.mean, update.task.std), labels=labels.cpu(),
+        spec = self.params.schedule
+        cohort = Sequential(start_restart, score, lambda trial: trial.stopped, iterations=budget.iterations,
+                            deadline=deadline, progress=progress,
+                            planned=planned_iterations(rungs(spec, budget.restarts, budget.iterations)))
+        try:
+            schedule = run_schedule(spec, cohort, budget.restarts, budget.iterations, book)
+        except (RuntimeError, ValueError, IndexError) as err:
+            return Reconstruction.failure(f"optimization failed: {err}")
+        seconds = time.perf_counter() - start
+        if book.best is None:
+            return book.failure(seconds)
+        stats = {**book.stats(), **schedule, "target_class": float(c), "class_count": float(count),
+                 "seconds": seconds}
+        return Reconstruction(images=to_pixels(book.best.x, update.task.mean, update.task.std), labels=labels.cpu(),
                               stats=stats)
 
 

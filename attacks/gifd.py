@@ -20,7 +20,9 @@ the deterministic part of the listed defenses (clipping, pruning) is applied to 
 Budget: ``budget.iterations`` is the number of optimisation steps per restart, **over all stages**
 (split by ``stage_shares``, evenly by default), so GIFD and a latent-only search or Inverting
 Gradients with equal ``iterations`` cost about the same. ``budget.restarts`` repeats the whole
-stage sequence from fresh latents. Progress reports count steps over all stages and restarts.
+stage sequence from fresh latents; ``schedule`` (:mod:`fedsim.attacks.schedule`) runs the restarts in full or
+by successive halving on the gradient loss (rungs count steps over all stages; a restart pruned mid-stage
+returns its current image as a record). Progress reports count steps over all stages and restarts.
 
 Radii and step size: the paper's radii (1000 ... 8000) are for BigGAN/StyleGAN2 features of tens of
 thousands of entries, at lr 0.1 for 1000 steps a stage. fedsim's DCGAN has block inputs of 64x7x7,

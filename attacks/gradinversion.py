@@ -20,7 +20,9 @@ The paper's objective: over a group of K dummy batches ``x_k`` (normalized space
 
 Adam (unsigned) with a linear warm-up and cosine decay, optional Langevin noise
 ``langevin * lr_t * N(0, 1)`` added to the input gradient, projection onto the pixel box. The
-returned batch is the seed with the smallest gradient distance (never ground truth). Labels are
+returned batch is the seed with the smallest gradient distance (never ground truth). ``schedule: {kind:
+halving}`` (:mod:`fedsim.attacks.schedule`) prunes the group by that distance at each rung (the group mean is
+then over the survivors); ``full`` keeps all K to the end. Labels are
 granted or inferred from the update (Yin: the B smallest per-row minima, ``label_strategy: yin``;
 the default ``auto`` also handles repeated labels). ``budget.iterations`` are group steps; each step
 costs K forward/double-backward passes, as K sequential restarts would, and progress is reported

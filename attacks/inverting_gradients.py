@@ -8,7 +8,9 @@ with ``D`` the global cosine distance (eq. 4 of the paper), Adam on the *sign* o
 projection onto the pixel box ``[-mu/sigma, (1-mu)/sigma]`` after each step, and a step decay of the
 learning rate (x0.1 at 3/8, 5/8 and 7/8 of the iterations). Labels come from the update (iDLG for a
 single image, a count-aware method for batches) unless the threat model grants them. Restarts are
-ranked by their final gradient distance, never by ground truth.
+ranked by their final gradient distance, never by ground truth; ``schedule`` runs every restart in full
+(``{kind: full}``, the default) or by successive halving on that distance (``{kind: halving, eta, first_rung,
+min_keep}``, :mod:`fedsim.attacks.schedule`), batched rung by rung when ``batched``.
 
 Restarts can run as one batched computation (``batched``; see :mod:`fedsim.attacks.batched`): each keeps
 its own init, Adam state and schedule, and the result equals the sequential run's up to float

@@ -85,7 +85,7 @@ def test_batches_of_16_get_soft_labels_and_known_labels_are_used(cifar100) -> No
 
 def test_a_diverged_restart_is_skipped_and_all_diverged_is_a_failure(cifar100, monkeypatch) -> None:
     """L-BFGS can blow up to NaN: that restart fails, the others still count."""
-    real, calls = dlg.lbfgs_inputs, []
+    real, calls = dlg.lbfgs_steps, []
 
     def diverge_first(loss_fn, *args, **kw):
         calls.append(1)
@@ -93,11 +93,11 @@ def test_a_diverged_restart_is_skipped_and_all_diverged_is_a_failure(cifar100, m
             return real(lambda x, z: loss_fn(x, z) * float("nan"), *args, **kw)
         return real(loss_fn, *args, **kw)
 
-    monkeypatch.setattr(dlg, "lbfgs_inputs", diverge_first)
+    monkeypatch.setattr(dlg, "lbfgs_steps", diverge_first)
     upd = lenet_update(cifar100, [1])
     rec = attack(iterations=10, restarts=2).reconstruct(upd)
     assert rec.failed is None and rec.stats["failed_restarts"] == 1 and rec.stats["best_restart"] == 1
-    monkeypatch.setattr(dlg, "lbfgs_inputs", lambda f, *a, **kw: real(lambda x, z: f(x, z) * float("nan"), *a, **kw))
+    monkeypatch.setattr(dlg, "lbfgs_steps", lambda f, *a, **kw: real(lambda x, z: f(x, z) * float("nan"), *a, **kw))
     rec = attack(iterations=10, restarts=2).reconstruct(upd)
     assert rec.failed and "NaN" in rec.failed and rec.images is None
 

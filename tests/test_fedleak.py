@@ -21,6 +21,7 @@ from torch import nn
 import fedsim.attacks as attacks
 from fedsim.attacks.fedleak import FedLeak, median_filter, median_size, partial_distance, partial_masks
 from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.attacks.schedule import run_to_end
 from fedsim.data import load_dataset
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model
@@ -154,11 +155,12 @@ def test_the_look_ahead_step_is_the_released_codes() -> None:
     gen = _Pixels()
     attack = fedleak(iterations=25, weight_decay=0.01, lr=0.01)
     ticks: list[int] = []
-    assert attack._optimize(gen, torch.zeros(1), loss_fn, None, ticks.append) == (25, None)
+    run = run_to_end(attack._optimize(gen, torch.zeros(1), loss_fn, None, ticks.append))
+    assert (run.steps, run.stopped) == (25, None)
     torch.testing.assert_close(gen.w.detach(), reference[0])
     assert ticks == list(range(1, 26))
     plain = _Pixels()  # lookahead 0: plain signed AdamW, which ends elsewhere
-    fedleak(iterations=25, lookahead=0.0)._optimize(plain, torch.zeros(1), loss_fn, None, lambda i: None)
+    run_to_end(fedleak(iterations=25, lookahead=0.0)._optimize(plain, torch.zeros(1), loss_fn, None, lambda i: None))
     assert not torch.allclose(plain.w, reference[0])
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import fedsim.attacks as attacks
 import fedsim.attacks.gradinversion as gi
-from fedsim.attacks.gradinversion import GradInversion, GroupRun, optimize_group, warmup_cosine
+from fedsim.attacks.gradinversion import GradInversion, optimize_group, warmup_cosine
 from fedsim.attacks.inverting_gradients import InvertingGradients
 from fedsim.data import load_dataset, normalize
 from fedsim.errors import ScenarioError
@@ -99,13 +99,18 @@ def test_group_of_seeds_returns_the_one_with_the_lowest_gradient_loss(cifar, mon
     upd = bn_update(cifar, [0], width=4)
     truth = normalize(cifar.train_x[[0]], cifar.mean, cifar.std)
 
-    def fake(seed_losses, x0, **kw):
-        assert x0.shape == (3, 1, 3, 32, 32) and not torch.equal(x0[0], x0[1])
-        x = x0.clone()
-        x[1] = truth
-        return GroupRun(x, kw["iterations"], torch.zeros(3, dtype=torch.bool))
+    class Fake(gi.Group):  # the group's optimization replaced: seed 1 is the truth, nothing moves
+        def __init__(self, seed_losses, x0, **kw) -> None:
+            assert x0.shape == (3, 1, 3, 32, 32) and not torch.equal(x0[0], x0[1])
+            super().__init__(seed_losses, x0, **kw)
+            with torch.no_grad():
+                self.x[1] = truth
 
-    monkeypatch.setattr(gi, "optimize_group", fake)
+        def advance(self, members, until: int) -> bool:
+            self.step = until
+            return True
+
+    monkeypatch.setattr(gi, "Group", Fake)
     rec = attack(iterations=10, restarts=3).reconstruct(upd)
     assert rec.stats["best_restart"] == 1 and rec.stats["restarts"] == 3 and rec.stats["grad_loss"] < 1e-4
     assert torch.allclose(rec.images, cifar.train_x[[0]], atol=1e-5)

@@ -106,11 +106,12 @@ def test_restarts_are_ranked_by_gradient_loss_only(cifar, monkeypatch) -> None:
     truth = normalize(cifar.train_x[[0]], cifar.mean, cifar.std)
     calls = []
 
-    def fake(loss_fn, x0, **kw):
+    def fake(loss_fn, x0, **kw):  # a restart's steps (fedsim.attacks.schedule's protocol), ending at once
         calls.append(x0)
+        yield from ()
         return Trial(truth.clone() if len(calls) == 2 else x0, kw["iterations"])
 
-    monkeypatch.setattr(ig, "optimize_inputs", fake)
+    monkeypatch.setattr(ig, "input_steps", fake)
     rec = attack(iterations=10, restarts=3).reconstruct(upd)
     assert len(calls) == 3 and not torch.equal(calls[0], calls[1])  # each restart has its own init
     assert rec.stats["best_restart"] == 1 and rec.stats["restarts"] == 3
