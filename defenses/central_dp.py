@@ -64,6 +64,7 @@ from fedsim.privacy.accounting import opacus_epsilon
 from fedsim.scenario import DefenseSpec, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.simulation import keys
+from fedsim.simulation.records import flower_arrays_cached
 
 ADAPTIVE_ONLY = ("initial_clipping_norm", "target_clipped_quantile", "clip_norm_lr", "clipped_count_stddev")
 
@@ -134,7 +135,8 @@ class _SeededNoise:
         saved = np.random.get_state()
         np.random.seed(derive_seed(self.fedsim_seed, "central_dp", server_round) % 2**32)
         try:
-            return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+            with flower_arrays_cached():  # Flower's wrapper converts every reply's arrays twice: headers cached
+                return super().aggregate_train(server_round, replies)  # type: ignore[misc]
         finally:
             np.random.set_state(saved)
 
@@ -186,7 +188,8 @@ def _beside_truth(mod: Callable, msg: Message, ctx: Context, call_next: Callable
             del out.content[keys.TRUTH]
         return out
 
-    out = mod(msg, ctx, inner)
+    with flower_arrays_cached():  # the mod converts the update and the model: headers parsed once
+        out = mod(msg, ctx, inner)
     if "truth" in kept and not out.has_error():
         out.content[keys.TRUTH] = kept["truth"]
     return out

@@ -50,3 +50,20 @@ def test_weighted_mean_matches_flower_aggregation() -> None:
         a, b = ours[key], flowers[key]
         assert (a.dtype, a.shape, a.data) == (b.dtype, b.shape, b.data), key
     assert np.array_equal(ours["conv"].numpy(), flowers["conv"].numpy())
+
+
+def test_flower_arrays_cached_is_flowers_conversion_and_is_restored() -> None:
+    from flwr.app import Array
+
+    from fedsim.simulation.records import flower_arrays_cached
+
+    numpy_before, from_before = Array.__dict__["numpy"], Array.__dict__["from_numpy_ndarray"]
+    arrays = [v.numpy() for v in _states()[1].values()]
+    plain = [Array(a) for a in arrays]
+    with flower_arrays_cached():
+        cached = [Array(a) for a in arrays]
+        read = [b.numpy() for b in plain]
+    for a, p, c, r in zip(arrays, plain, cached, read, strict=True):
+        assert (p.dtype, p.shape, p.stype, p.data) == (c.dtype, c.shape, c.stype, c.data)
+        assert r.dtype == a.dtype and np.array_equal(r, a)
+    assert Array.__dict__["numpy"] is numpy_before and Array.__dict__["from_numpy_ndarray"] is from_before

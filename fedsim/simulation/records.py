@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -25,7 +26,7 @@ NUMPY_STYPE = "numpy.ndarray"  # flwr.app's SType.NUMPY
 _MAGIC = b"\x93NUMPY"
 
 
-def encode_array(array: np.ndarray) -> Array:
+def from_numpy(array: np.ndarray) -> Array:
     """``Array(array)`` (Flower's ``np.save`` bytes), with the header written once per (dtype, shape, order)."""
     fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)  # as np.save decides
     prefix = _header(array.dtype.str, tuple(array.shape), fortran, array)
@@ -53,18 +54,19 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """``ArrayRecord(state)`` for a torch state dict (tensors detached and moved to the CPU, as Flower does)."""
     record = ArrayRecord()
     for key, tensor in state.items():
-        record[key] = encode_array(tensor.detach().cpu().numpy())
+        record[key] = from_numpy(tensor.detach().cpu().numpy())
     return record
 
 
-def decode_array(array: Array) -> np.ndarray:
+def to_numpy(array: Array) -> np.ndarray:
     """``array.numpy()`` as a writable copy; the header parsed once per distinct header. Raises TypeError for a
     non-NumPy serialization, ValueError for bytes that are not ``.npy``."""
     if array.stype != NUMPY_STYPE:
         raise TypeError(f"Unsupported serialization type for numpy conversion: '{array.stype}'")
     data = array.data
     if data[:6] != _MAGIC or data[6] not in (1, 2):
-        return np.array(array.numpy())  # another .npy version: NumPy's reader, copied (writable)
+        # another .npy version: NumPy's own reader, copied (writable)
+        return np.array(np.load(io.BytesIO(data), allow_pickle=False))
     end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
     dtype, shape, fortran = _parse_header(data[:end])
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
@@ -84,7 +86,7 @@ def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
 
 def to_state(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     """``record.to_torch_state_dict()``: name -> CPU tensor, in the record's order."""
-    return OrderedDict((key, torch.from_numpy(decode_array(array))) for key, array in record.items())
+    return OrderedDict((key, torch.from_numpy(to_numpy(array))) for key, array in record.items())
 
 
 def weighted_mean(records: Sequence[RecordDict], weighting_metric_name: str) -> ArrayRecord:
@@ -98,10 +100,25 @@ def weighted_mean(records: Sequence[RecordDict], weighting_metric_name: str) -> 
         for item in record.array_records.values():
             for key, value in item.items():
                 if key not in out:
-                    out[key] = decode_array(value) * factor
+                    out[key] = to_numpy(value) * factor
                 else:
-                    out[key] += decode_array(value) * factor
+                    out[key] += to_numpy(value) * factor
     mean = ArrayRecord()
     for key, value in out.items():
-        mean[key] = encode_array(np.asarray(value))
+        mean[key] = from_numpy(np.asarray(value))
     return mean
+
+
+@contextmanager
+def flower_arrays_cached() -> Iterator[None]:
+    """Within the block, Flower's own ``Array.numpy()`` and ``Array(ndarray)`` use :func:`to_numpy` and
+    :func:`from_numpy` (same values, same bytes; headers cached), for Flower code fedsim calls but does not own,
+    e.g. the central-DP wrappers' clipping and noising (``flwr.serverapp.strategy.dp_*``), which convert every
+    reply's arrays twice per round. Restored on exit; nested blocks are fine."""
+    saved = Array.__dict__["numpy"], Array.__dict__["from_numpy_ndarray"]
+    Array.numpy = to_numpy  # type: ignore[method-assign]
+    Array.from_numpy_ndarray = classmethod(lambda cls, ndarray: from_numpy(ndarray))  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Array.numpy, Array.from_numpy_ndarray = saved  # type: ignore[method-assign]
