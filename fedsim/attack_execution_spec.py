@@ -15,7 +15,9 @@ local Ray with ``backend.init_args``); ``backend.kind: inprocess`` starts a loca
 task runs with ``int(num_cpus)`` torch threads (at least 1); ``num_cpus: null`` (the default) takes the driver's
 torch thread count, so every number equals the serial path's (torch's thread count changes float summation order:
 :mod:`fedsim.isolation`). With an explicit ``num_cpus`` the numbers equal a serial run with that many threads
-(``fedsim run --threads N``). Validation refuses what could never run, with the field path (exit 2).
+(``fedsim run --threads N``). An attack with ``budget.time_limit_s`` stops on wall time, so its numbers depend on
+how busy the machine is, on either path. Validation refuses what could never run, with the field path (exit 2).
+Bench cells always attack serially (the parallelism is across cells: :mod:`fedsim.bench.ray_exec`).
 """
 
 from __future__ import annotations
