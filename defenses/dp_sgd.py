@@ -7,11 +7,12 @@ One fresh Opacus wrapping per client per round:
 
 * ``transform_model`` swaps BatchNorm for GroupNorm (``ModuleValidator.fix``; one group for vector
   features) on client, server and attacker models alike, with one warning on the ``fedsim`` logger.
-* Per-sample gradients: Opacus hooks attached with ``wrap_model=False`` (``hooks``, ``functorch``,
-  ``ghost``) or ExpandedWeights (``ew``) behind a module sharing the model's parameters, so the reply
-  keeps the global model's ``state_dict`` keys. ``ghost`` is ghost clipping (Li, Tramer, Liang,
-  Hashimoto, ICLR 2022): per-example norms without per-example gradients, then a second backward on
-  the clip-weighted loss (the job's loss must accept ``reduction=``, as cross-entropy does).
+* Per-sample gradients (``grad_sample_mode``; :mod:`fedsim.defenses.dp_modes`): Opacus hooks attached with
+  ``wrap_model=False`` (``hooks``, ``functorch``, ``ghost``) or ExpandedWeights (``ew``) behind a module sharing the
+  model's parameters, so the reply keeps the global model's ``state_dict`` keys; ``ghost`` is ghost clipping (Li,
+  Tramer, Liang, Hashimoto, ICLR 2022), ``bk`` book-keeping clipping (Bu et al. ICML 2023, one backward pass;
+  :mod:`fedsim.defenses.bk_clipping`): both need a loss accepting ``reduction=``, as cross-entropy does. ``auto`` (the
+  default) picks from the model's structure, deterministically; every mode releases the same mechanism.
 * Poisson batches (each example with probability q = batch_size / n per step, as the accountants
   assume) drawn from the job's batch generator; ``local.steps`` or ``epochs * ceil(n / batch_size)``
   steps a round, one for fedsgd. An empty batch is still a step: its update is pure noise, and the
@@ -38,9 +39,9 @@ The curious server sees only the clipped, noised update: the capture records wha
 Under an ``audit:`` at the example level the client's included canaries join its batches with the accounted rate q
 (drawn from the seed, not by the sampler; empty batches are steps too) as records whose constant per-example
 gradient has norm 10 C: ``hooks``, ``functorch`` and ``ew`` append it to ``p.grad_sample`` before Opacus clips, so
-the optimizer's own clipping must bring it to C; ghost clipping has no per-example gradients, so there ``C c_j`` is
-added to the clipped sum before the noise and the clipping is not audited
-(:func:`fedsim.audit.inject.attach_example_canaries`).
+the optimizer's own clipping must bring it to C; ghost and bk clipping have no per-example gradients, so there
+``C c_j`` is added to the clipped sum before the noise and the clipping is not audited
+(:func:`fedsim.audit.inject.attach_example_canaries`; ``auto`` takes ``hooks`` under such an audit).
 
 DP-SAT and DP-SAM (:mod:`fedsim.defenses.dp_sat`, :mod:`fedsim.defenses.dp_sam`) are this defense with another
 round class: ``_PrivateRound``'s extension points (``before_forward``, ``after_privatize``,
@@ -62,6 +63,14 @@ from torch import Tensor, nn
 
 from fedsim.audit.inject import attach_example_canaries
 from fedsim.defenses.base import DEFENSES, Defense, DefenseParams, register_defense
+from fedsim.defenses.dp_modes import (
+    PER_EXAMPLE_GRADIENT_MODES,
+    BKLoss,
+    ReducibleLoss,
+    bk_optimizer_class,
+    prepare_hooks,
+    resolve_mode,
+)
 from fedsim.defenses.per_sample import per_sample_problem
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.privacy.accounting import import_opacus, opacus_epsilon
@@ -124,7 +133,8 @@ class DPSGDParams(DefenseParams):
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta of (epsilon, delta)-DP")
     max_grad_norm: float = Field(1.0, gt=0, description="per-example clipping norm C")
     accountant: Literal["prv", "rdp", "gdp"] = "rdp"
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost", "bk"] = Field(
+        "auto", description="per-example gradient machinery (fedsim.defenses.dp_modes); auto: a cost model picks")
     poisson: bool = Field(True, description="Poisson sampling (what the accountants assume)")
 
 
@@ -151,8 +161,6 @@ class _PrivateRound:
 
     def __init__(self, defense: DPSGD, job: TrainingJob) -> None:
         import_opacus()
-        from opacus.grad_sample.utils import prepare_module
-
         p = defense.params
         self.defense, self.p, self.job = defense, p, job
         self.model = job.model
@@ -161,9 +169,8 @@ class _PrivateRound:
         self.sampler = job.sample_batches or batch_schedule
         self.base_optimizer = job.make_optimizer
         self.base_loss = job.loss_fn
-        extra = {"max_grad_norm": p.max_grad_norm} if p.grad_sample_mode == "ghost" else {}
-        self.hooks = prepare_module(self.model, p.grad_sample_mode, wrap_model=p.grad_sample_mode == "ew",
-                                    batch_first=True, loss_reduction="mean", **extra)
+        self.mode = defense.mode_for(self.model, job.loss_fn)  # auto resolved: the same in every process
+        self.hooks = prepare_hooks(self.model, self.mode, p.max_grad_norm)
         self.dp_loss: Any = None
         self.empty = False  # the current batch is empty: the noise-only step (_noise_only_forward)
 
@@ -187,10 +194,12 @@ class _PrivateRound:
         from opacus.accountants import create_accountant
         from opacus.optimizers import get_optimizer_class
 
-        mode = self.p.grad_sample_mode
+        mode = self.mode
         base = self.base_optimizer(model, local)
         device = next(self.model.parameters()).device
-        cls = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+        # bk leaves the clipped sum in p.grad, as ghost clipping does: the same noise-and-scale optimizer, leaner
+        cls = bk_optimizer_class() if mode == "bk" else get_optimizer_class(clipping="flat", distributed=False,
+                                                                             grad_sample_mode=mode)
         opt = cls(base, noise_multiplier=self.sigma, max_grad_norm=self.p.max_grad_norm,
                   expected_batch_size=self.bs, loss_reduction="mean",
                   generator=torch_generator(self.job.seed, "dp_sgd", self.job.round, self.job.partition_id,
@@ -208,16 +217,19 @@ class _PrivateRound:
         # audit: included example canaries join the per-example gradients before the clipping (ghost: the
         # clipped sum before the noise; fedsim.audit.inject)
         attach_example_canaries(opt, self.defense.scenario, self.model, self.job.partition_id, self.job.round,
-                                self.q, self.p.max_grad_norm, self.defense.queries_per_step, mode != "ghost")
+                                self.q, self.p.max_grad_norm, self.defense.queries_per_step,
+                                mode in PER_EXAMPLE_GRADIENT_MODES)
         if mode == "ghost":
             from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-            self.dp_loss = DPLossFastGradientClipping(self.hooks, opt, _ReducibleLoss(self.base_loss), "mean")
+            self.dp_loss = DPLossFastGradientClipping(self.hooks, opt, ReducibleLoss(self.base_loss), "mean")
         return opt
 
     def loss_fn(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.empty:  # the noise-only step (_noise_only_forward): a zero gradient on every trainable parameter
             return sum(((p * 0).sum() for p in self.model.parameters() if p.requires_grad), logits.new_zeros(()))
+        if self.mode == "bk":
+            return BKLoss(self.hooks, ReducibleLoss(self.base_loss, "none", self.mode)(logits, labels))
         return self.dp_loss(logits, labels) if self.dp_loss is not None else self.base_loss(logits, labels)
 
     def before_read_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -232,7 +244,8 @@ class _PrivateRound:
         # history, which fedsim.privacy.summary re-accounts with dp_accounting
         composed = sum(int(h[2]) for h in self.accountant.history) - self.steps_before  # empty batches count
         return {"epsilon": eps, "delta": self.p.delta, "noise_multiplier": self.accounted_sigma,
-                "sample_rate": self.q, "steps": float(composed), **self.on_round_end()}
+                "sample_rate": self.q, "steps": float(composed), f"grad_sample_mode/{self.mode}": 1.0,
+                **self.on_round_end()}
 
     @property
     def state_key(self) -> str:
@@ -265,7 +278,7 @@ class _PrivateRound:
     # -- the forward the job's model runs ----------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self.before_forward(x)
-        mode = self.p.grad_sample_mode
+        mode = self.mode
         self.empty = x.shape[0] == 0
         if self.empty:
             return self._noise_only_forward(x)
@@ -281,29 +294,11 @@ class _PrivateRound:
         rows): its hooks are off, every parameter gets empty per-sample gradients (hooks, functorch, ew clip
         and sum nothing) and :meth:`loss_fn` a zero loss, so ``p.grad`` is 0 (ghost sums ``p.grad``); the
         optimizer's ``pre_step`` then adds only its noise and scales it like a non-empty batch."""
-        if self.p.grad_sample_mode != "ew":
+        if self.mode != "ew":
             self.hooks.disable_hooks()
         for param in self.model.parameters():
             param.grad_sample = param.new_zeros((0, *param.shape))
         return self.model(x)  # ew: the bare model, not the ExpandedWeights wrapper
-
-
-class _ReducibleLoss(nn.Module):
-    """The job's ``loss_fn(logits, labels)`` with the ``reduction`` attribute ghost clipping toggles."""
-
-    def __init__(self, loss_fn: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.loss_fn = loss_fn
-        self.reduction = "mean"
-
-    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        try:
-            return self.loss_fn(logits, labels, reduction=self.reduction)
-        except TypeError as err:
-            raise IncompatibleDefenseError(
-                "dp_sgd grad_sample_mode 'ghost' needs a per-example loss (a loss_fn taking reduction=); "
-                "use grad_sample_mode 'hooks' with this loss"
-            ) from err
 
 
 @register_defense("dp_sgd")
@@ -335,9 +330,18 @@ class DPSGD(Defense):
         import_opacus()
         from opacus.grad_sample.utils import prepare_module
 
-        problem = per_sample_problem(model, input_shape, self.params.grad_sample_mode, prepare_module)
+        self.input_shape = tuple(int(d) for d in input_shape)  # auto's probe shape when no scenario is attached
+        mode = self.params.grad_sample_mode
+        if mode == "auto":  # the mode auto will run; the loss is the task's (every task loss takes reduction=)
+            mode = self.mode_for(model, lambda logits, labels, reduction="mean": logits)
+        problem = per_sample_problem(model, input_shape, mode, prepare_module)
         if problem is not None:
             raise IncompatibleDefenseError(problem)
+
+    def mode_for(self, model: nn.Module, loss_fn: Callable[..., Tensor]) -> str:
+        """The grad-sample mode a round of ``model`` (transformed) trained with ``loss_fn`` runs: the scenario's, or
+        ``auto``'s deterministic choice (:func:`fedsim.defenses.dp_modes.resolve_mode`), cached on this defense."""
+        return resolve_mode(self, model, loss_fn)
 
     def transform_model(self, model: nn.Module) -> nn.Module:
         import_opacus()

@@ -39,6 +39,10 @@ def per_sample_problem(model: nn.Module, input_shape: tuple[int, ...], mode: str
                 "per-example gradients): use larger inputs, another model.name or model.norm: none")
     if mode == "ghost":  # ghost clipping needs the DP loss wrapper; it runs every layer 'hooks' can
         return None
+    if mode == "bk":  # book-keeping is not Opacus's: fedsim.defenses.dp_modes.bk_problem checks it
+        from fedsim.defenses.dp_modes import bk_problem
+
+        return bk_problem(model, input_shape)
     probe = copy.deepcopy(model).train()
     wrapped = None
     try:

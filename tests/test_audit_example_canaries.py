@@ -133,8 +133,9 @@ def test_ghost_clipping_canaries_join_after_the_clip_and_the_block_says_so() -> 
         return canaries_clipped_by_mechanism(parse_scenario({**raw_with([defense]), "audit": {"canaries": M}}))
 
     dp = {"name": "dp_sgd", "params": {"noise_multiplier": 1.0}}
-    assert clipped({**dp, "params": {**dp["params"], "grad_sample_mode": "ghost"}}) is False
-    for mode in ("hooks", "functorch", "ew"):
+    for mode in ("ghost", "bk"):  # bk (book-keeping clipping) forms no per-example gradients either
+        assert clipped({**dp, "params": {**dp["params"], "grad_sample_mode": mode}}) is False
+    for mode in ("hooks", "functorch", "ew", "auto"):  # auto takes hooks under an example-level audit
         assert clipped({**dp, "params": {**dp["params"], "grad_sample_mode": mode}}) is True
     assert clipped({"name": "diff2", "params": {"restart_period": 1, "sigma1": 0.5, "c1": 0.8}}) is True
     no_dp = parse_scenario({**raw_with([]), "audit": {"canaries": M}})

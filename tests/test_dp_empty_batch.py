@@ -21,7 +21,7 @@ from fedsim.defenses import dp_sgd
 from fedsim.scenario import parse_scenario
 from fedsim.simulation import run_federation
 
-MODES = ["hooks", "functorch", "ew", "ghost"]
+MODES = ["hooks", "functorch", "ew", "ghost", "bk"]
 BS, C = 4, 0.5
 pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
               pytest.mark.filterwarnings("ignore:Optimal order is the"),

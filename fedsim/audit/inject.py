@@ -52,7 +52,7 @@ def canaries_clipped_by_mechanism(scenario: Scenario) -> bool | None:
         if getattr(d, "audits_examples", False):
             mode = getattr(d.params, "grad_sample_mode", None)
             if mode is not None:
-                return mode != "ghost"
+                return mode not in ("ghost", "bk")  # auto takes hooks under an example-level audit
             return getattr(d.params, "c1", None) is not None
     return None
 

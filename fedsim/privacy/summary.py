@@ -117,6 +117,10 @@ def dp_sgd_summary(client_metrics: Mapping[Any, Mapping[Any, Mapping[str, Any]]]
         return None
     out: dict[str, Any] = {"level": "sample", "method": sample_dp_method(client_metrics),
                            "clients_reporting": len(clients)}
+    modes = sorted({k.split("/", 1)[1] for per in client_metrics.values() for m in (per or {}).values()
+                    if isinstance(m, Mapping) for k in m if str(k).startswith("grad_sample_mode/")})
+    if modes:  # what ran (grad_sample_mode auto resolves per model: fedsim.defenses.dp_modes)
+        out["grad_sample_mode"] = ", ".join(modes)
     for key in ("epsilon", "epsilon_dp_accounting_rdp", "epsilon_dp_accounting_pld"):
         values = _finite([_number(c[key]) for c in clients.values()])  # inf (sigma = 0) stays: it is the max
         if values:
