@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedsim.attacks.inverting_gradients import InvertingGradients  # noqa: E402
-from fedsim.attacks.schedule import planned_iterations, rungs  # noqa: E402
+from fedsim.attacks.schedule import ScheduleSpec, planned_iterations, rungs  # noqa: E402
 from fedsim.data import load_dataset, normalize  # noqa: E402
 from fedsim.metrics.leakage import score_reconstruction  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
@@ -76,31 +76,37 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--eta", type=float, default=2.0)
     parser.add_argument("--first-rung", type=float, default=1 / 16)
+    parser.add_argument("--more", nargs="*", default=[], metavar="ETA:FIRST_RUNG",
+                        help="further halving settings to compare (sequential only), e.g. 2:0.03125 4:0.0625")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bundle = load_dataset(DataSpec(dataset="cifar10-mini"))
     halving = {"kind": "halving", "eta": args.eta, "first_rung": args.first_rung}
     modes = {"full": ({"kind": "full"}, False), "halving": (halving, False), "halving+batched": (halving, True)}
-    from fedsim.attacks.schedule import ScheduleSpec
+    for more in args.more:
+        eta, first = (float(v) for v in more.split(":"))
+        modes[f"halving {eta:g}:{first:g}"] = ({"kind": "halving", "eta": eta, "first_rung": first}, False)
 
     plan = rungs(ScheduleSpec(**halving), args.restarts, args.iterations)
     print(f"IG, {args.restarts} restarts x {args.iterations} iterations, {args.threads} thread(s); halving eta "
           f"{args.eta}, first rung {args.first_rung}: rungs {plan}, {planned_iterations(plan)} iterations "
           f"(full: {args.restarts * args.iterations})")
-    print(f"{'model':8} {'seed':>4} {'mode':16} {'wall s':>8} {'PSNR dB':>8} {'iters':>7}")
+    print(f"{'model':8} {'seed':>4} {'mode':20} {'wall s':>8} {'PSNR dB':>8} {'iters':>7}")
     for name in args.models:
         totals = {mode: [0.0, 0.0] for mode in modes}
         for seed in args.seeds:
             update, truth = victim(bundle, name, seed)
+            for batched in (False, True):  # warm-up (lazy imports, first-call set-up), not timed
+                run(update, truth, 2, 2, {"kind": "halving"}, batched)
             for mode, (schedule, batched) in modes.items():
                 wall, psnr, spent = run(update, truth, args.iterations, args.restarts, schedule, batched)
                 totals[mode][0] += wall
                 totals[mode][1] += psnr / len(args.seeds)
-                print(f"{name:8} {seed:>4} {mode:16} {wall:8.1f} {psnr:8.2f} {spent:7.0f}", flush=True)
+                print(f"{name:8} {seed:>4} {mode:20} {wall:8.1f} {psnr:8.2f} {spent:7.0f}", flush=True)
         base = totals["full"][0]
         for mode, (wall, psnr) in totals.items():
-            print(f"{name:8} {'all':>4} {mode:16} wall {wall:7.1f} s = {wall / base:.3f}x full, "
+            print(f"{name:8} {'all':>4} {mode:20} wall {wall:7.1f} s = {wall / base:.3f}x full, "
                   f"mean PSNR {psnr:.2f} dB ({psnr - totals['full'][1]:+.2f} vs full)", flush=True)
 
 
