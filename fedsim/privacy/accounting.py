@@ -109,12 +109,12 @@ def _opacus(history: tuple[Step, ...], delta: float, accountant: str, poisson: b
     if trivial is not None:
         return trivial
     import_opacus()
-    if accountant == "rdp":
-        return _opacus_rdp(history, delta)
     from opacus.accountants import create_accountant
 
     with warnings.catch_warnings():  # GDP warns that it is experimental on every construction
         warnings.simplefilter("ignore", UserWarning)
+        if accountant == "rdp":
+            return _opacus_rdp(history, delta)
         acc = create_accountant(mechanism=accountant)
         acc.history = list(history)
         value = acc.get_epsilon(delta, poisson=poisson) if accountant == "gdp" else acc.get_epsilon(delta)
