@@ -39,6 +39,7 @@ from fedsim.attacks.base import Attack, AttackParams, ProgressFn, register_attac
 from fedsim.attacks.batched import BatchedTrials, BatchingUnsupported, matching_loss, parameter_gradient
 from fedsim.attacks.defense_aware import DefenseTransform, defense_transform
 from fedsim.attacks.differences import message_of
+from fedsim.attacks.input_adam import InputAdam
 from fedsim.attacks.label_recovery import LABEL_STRATEGIES
 from fedsim.attacks.matching import delta_scale_letter, examples_to_reconstruct, labels_for, unusable
 from fedsim.attacks.objectives import OBJECTIVES, Distance
@@ -153,9 +154,8 @@ def input_steps(
     final :class:`Trial` (the restart protocol of :mod:`fedsim.attacks.schedule`). The step schedule is a
     function of the step index in ``iterations``, however the steps are spread over calls."""
     x = x0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
     milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay == "step" else []
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    adam = InputAdam(x, lr, milestones)  # torch.optim.Adam + MultiStepLR, bitwise, without torch.optim's costs
     for step in range(iterations):
         if deadline is not None and time.perf_counter() > deadline:
             return Trial(x.detach(), step, "time limit")
@@ -163,9 +163,7 @@ def input_steps(
         if not torch.isfinite(loss):
             return Trial(x.detach(), step, "non-finite loss")
         (grad,) = torch.autograd.grad(loss, [x])
-        x.grad = grad.sign() if signed else grad
-        opt.step()
-        sched.step()
+        adam.step(grad.sign() if signed else grad)
         if box is not None:
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, box[1]), box[0]))

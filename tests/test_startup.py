@@ -52,3 +52,29 @@ def test_run_records_startup_to_first_round(tmp_path: Path, tiny_raw: dict[str, 
     # initial evaluation) is stamped after it, and the server started at most federation_s - the last row's seconds
     round1 = next(row["seconds"] for row in result.history if row["round"] == 1)
     assert timing["startup_s"] < timing["federation_s"] - result.history[-1]["seconds"] + round1
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and running a 2-iteration attack: 4-10 s
+def test_a_first_reconstruct_does_not_import_torch_dynamo() -> None:
+    """Inverting Gradients steps its inputs with the written-out Adam (fedsim.attacks.input_adam): a process that
+    never trained (the driver of a Ray run, a script) does not pay torch.optim's torch._dynamo import."""
+    code = """
+import sys, torch
+import torch.nn.functional as F
+from fedsim.attacks.inverting_gradients import InvertingGradients
+from fedsim.models import build_model
+from fedsim.scenario import Budget, Knowledge, ModelSpec
+from fedsim.threat import ClientUpdate, TaskInfo
+spec = ModelSpec(name="convnet", width=4)
+model = build_model(spec, (3, 8, 8), 3, seed=0)
+x, y = torch.rand(1, 3, 8, 8), torch.tensor([1])
+grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+task = TaskInfo("t", (3, 8, 8), 3, (0.5,) * 3, (0.25,) * 3, spec.model_dump(), "fedsgd")
+update = ClientUpdate(0, 0, task, model.state_dict(), dict(zip([n for n, _ in model.named_parameters()], grads)), 1)
+rec = InvertingGradients(InvertingGradients.Params(), Knowledge(labels="infer"), Budget(iterations=2, restarts=2),
+                         torch.device("cpu"), 0).reconstruct(update)
+assert rec.failed is None, rec.failed
+print("dynamo" if "torch._dynamo" in sys.modules else "")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
