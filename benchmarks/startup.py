@@ -4,6 +4,7 @@ Each line is the best of ``--repeats`` fresh interpreters (wall and CPU time see
 includes the interpreter's own start, about 20 ms):
 
 * ``python -c 'import torch'``: the floor every command that touches a model pays;
+* ``import torch, torch._dynamo``: what a process's first ``torch.optim`` step adds (it imports ``torch._dynamo``);
 * ``import fedsim.cli``: what every ``fedsim`` command pays before parsing its arguments;
 * ``fedsim --help``: the console script, start to exit;
 * ``fedsim validate <scenario>``: loading, validating and preflighting the quickstart scenario;
@@ -96,6 +97,7 @@ def main() -> None:
     py = sys.executable
     commands = {
         "python -c 'import torch'": [py, "-c", "import torch"],
+        "import torch, torch._dynamo (torch.optim's 1st step)": [py, "-c", "import torch, torch._dynamo"],
         "import fedsim.cli": [py, "-c", "import fedsim.cli"],
         "fedsim --help": [fedsim, "--help"] if fedsim else [py, "-m", "fedsim.cli", "--help"],
         f"fedsim validate {args.scenario}": ([fedsim] if fedsim else [py, "-m", "fedsim.cli"])
@@ -124,7 +126,7 @@ def main() -> None:
     print(f"    first reconstruct {recon['first']:.3f} | second {recon['second']:.3f} | "
           f"one-off set-up {recon['first'] - recon['second']:.3f} | process total {recon['wall']:.2f}")
     print(f"    CPU s: first reconstruct {recon['first_cpu']:.3f} | second {recon['second_cpu']:.3f} (the first "
-          "torch.optim step imports torch._dynamo, unless something imported it before)")
+          "IG steps without torch.optim, whose first step imports torch._dynamo)")
 
 
 if __name__ == "__main__":
