@@ -47,6 +47,8 @@ def attacker_mode(model: nn.Module) -> nn.Module:
 def apply_model_transforms(model: nn.Module, transforms: Sequence[Mapping[str, Any]]) -> nn.Module:
     """Apply, in order, the ``transform_model`` of the defenses the server applied when it built the
     model (``TaskInfo.model_transforms``: public name and parameters, e.g. MID's bottleneck head)."""
+    if not transforms:
+        return model  # without one, the defenses package (every plug-in, Flower with them) is never imported
     from fedsim.defenses import DEFENSES  # lazy: the defenses package imports every plug-in
 
     for description in transforms:

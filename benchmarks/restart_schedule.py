@@ -14,7 +14,7 @@ matched, no LPIPS) and the iterations spent, then per model the mean PSNR and th
 LeNet): wall <= 0.25x breaching, i.e. about <= 0.29x fedsim-full, at a PSNR no lower than full's.
 
     python benchmarks/restart_schedule.py [--iterations 2000] [--restarts 8] [--seeds 0 1 2]
-                                          [--models lenet convnet] [--eta 2] [--first-rung 0.0625]
+                                          [--models lenet convnet] [--eta 2] [--first-rung 0.125]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--eta", type=float, default=2.0)
-    parser.add_argument("--first-rung", type=float, default=1 / 16)
+    parser.add_argument("--first-rung", type=float, default=1 / 8)
     parser.add_argument("--more", nargs="*", default=[], metavar="ETA:FIRST_RUNG",
                         help="further halving settings to compare (sequential only), e.g. 2:0.03125 4:0.0625")
     parser.add_argument("--threads", type=int, default=1)

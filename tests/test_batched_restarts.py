@@ -182,7 +182,8 @@ def test_parameter_gradient_matches_autograd(cifar) -> None:
 def test_batched_progress_time_limit_and_failures(cifar, monkeypatch) -> None:
     upd = convnet_update(cifar, [0, 1], width=8)
     seen: list[tuple[int, int]] = []
-    rec = attack(iterations=120, restarts=2, batched=True).reconstruct(upd, progress=lambda d, t: seen.append((d, t)))
+    rec = attack(iterations=120, restarts=2, batched=True, schedule={"kind": "full"}).reconstruct(
+        upd, progress=lambda d, t: seen.append((d, t)))
     assert rec.failed is None and rec.stats["batched"] == 1.0 and rec.stats["restarts"] == 2
     assert seen == [(100, 240), (200, 240), (240, 240)]
     rec = attack(iterations=10**6, restarts=3, time_limit_s=0.5, batched=True).reconstruct(upd)

@@ -172,7 +172,7 @@ def test_ig_full_is_the_plain_loop_and_halving_continues_survivors_unchanged(cif
     n, k = 16, 4
     runs, iterates, distance = _straight_ig(update, n, k)
     finals = [distance(run.x) for run in runs]
-    full = _ig(n, k).reconstruct(update)
+    full = _ig(n, k, schedule={"kind": "full"}).reconstruct(update)
     best = min(range(k), key=lambda r: finals[r])
     assert full.stats["best_restart"] == best and torch.equal(full.images, to_pixels(runs[best].x, update.task.mean,
                                                                                       update.task.std))
