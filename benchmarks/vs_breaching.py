@@ -178,9 +178,12 @@ def main() -> None:
         for what, (psnr, wall, cpu) in rows.items():
             ratio = "" if what == "breaching" else f"  fedsim/breaching wall {wall / b_wall:.3f}, cpu {cpu / b_cpu:.3f}"
             print(f"  {what:<15s} wall {wall:8.2f} s  cpu {cpu:8.2f} s  PSNR {psnr:6.2f} dB{ratio}")
-        h_psnr, h_wall, _ = rows["fedsim halving"]
-        met = h_wall <= 0.25 * b_wall and h_psnr >= rows["breaching"][0]
-        print(f"  target (halving wall <= 0.25 x breaching at PSNR >= breaching's): {'met' if met else 'MISSED'}")
+        h_psnr, h_wall, h_cpu = rows["fedsim halving"]
+        quality = h_psnr >= rows["breaching"][0]
+        verdict = {what: "met" if ratio <= 0.25 and quality else "MISSED"
+                   for what, ratio in (("wall", h_wall / b_wall), ("cpu", h_cpu / b_cpu))}
+        print(f"  target (halving <= 0.25 x breaching at PSNR >= breaching's): wall {verdict['wall']}, cpu "
+              f"{verdict['cpu']} (on a loaded machine the CPU ratio is the steadier one)")
 
 
 if __name__ == "__main__":
