@@ -9,8 +9,9 @@ cross-entropy in train mode, as ``tests/helpers.make_update`` builds it) is atta
 * breaching: ``breaching.attacks.prepare_attack`` with hydra's ``attack=invertinggradients`` config (cosine
   objective, TV, signed Adam, boxed, step decay, randn init, restarts scored by the cosine loss), with
   ``restarts.num_trials``, ``optim.max_iterations`` and ``regularization.total_variation.scale`` set here;
-* fedsim ``halving``: ``inverting_gradients`` with ``schedule: {kind: halving}`` (fedsim.attacks.schedule;
-  eta 2, first rung 1/16 of the iterations: 1.75 x the iterations of one restart instead of 8 x);
+* fedsim ``halving``: ``inverting_gradients`` with ``schedule: {kind: halving}`` and the other schedule fields at
+  their defaults (``fedsim.attacks.schedule.ScheduleSpec``; eta 2, first rung 1/8 of the iterations when written:
+  8 restarts cost 2.5 x the iterations of one instead of 8 x; the header line prints the plan);
 * fedsim ``full``: the same with ``schedule: {kind: full}`` (every restart runs every iteration, as breaching).
 
 Every run: ``--restarts`` x ``--iterations`` (default 8 x 2000; ``--quick``: 8 x 200), 1 torch thread, labels
@@ -163,8 +164,14 @@ def main() -> None:
     logging.getLogger("breaching").setLevel(logging.WARNING)
     iterations = args.iterations or (200 if args.quick else 2000)
     torch.set_num_threads(args.threads)
+    from fedsim.attacks.schedule import ScheduleSpec, planned_iterations, rungs
+
+    spec = ScheduleSpec(kind="halving")
+    plan = rungs(spec, args.restarts, iterations)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; {args.restarts} restarts x "
-          f"{iterations} iterations; cifar10-mini train images {args.images}; TV {args.tv}; labels given to both")
+          f"{iterations} iterations; cifar10-mini train images {args.images}; TV {args.tv}; labels given to both; "
+          f"halving eta {spec.eta}, first rung {spec.first_rung}: rungs (restarts, until) {plan}, "
+          f"{planned_iterations(plan) / (args.restarts * iterations):.3f} of full's iterations")
     for name in args.models:
         case = Case(name, args.images)
         run_breaching(breaching, case, 1, 2, args.tv)  # warm-up: first-call costs (kernels, allocator, caches)
