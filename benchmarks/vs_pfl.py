@@ -17,6 +17,9 @@ for each (robust to a busy, shared CPU). Targets: fedsim/pfl <= 1.1 without DP, 
     /work/venv-pfl/bin/python benchmarks/vs_pfl.py [--repeats 9] [--rounds 20] [--ray]
 
 Without pfl the script prints one line and exits 0.
+
+Measured (shared 2-core CPU, 1 thread, timings +-10 % between runs): before issue 17's changes fedsim/pfl 1.31 without
+DP and 1.40 with central DP (fastest of 5); after 1.07 and 1.20 (fastest of 9), a bare loop at 0.90-0.96x fedsim.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def test_central_dp_epsilon_per_round_equals_opacus_and_curve_is_computed_once(
     from fedsim.defenses import build_defenses
     from fedsim.privacy import accounting
 
-    sigma, q, rounds = 0.87, 0.075, 25
+    sigma, q, rounds = 0.87, 0.075, 8
     sc = parse_scenario({
         "name": "eps", "seed": 0, "device": "cpu", "data": {"dataset": "mnist-5k"}, "model": {"name": "convnet"},
         "federation": {"clients": 40, "clients_per_round": 3, "rounds": rounds, "protocol": "fedavg"},
