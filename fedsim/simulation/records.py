@@ -13,6 +13,7 @@ same order). tests/test_records.py checks all three against Flower's own functio
 from __future__ import annotations
 
 import io
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,20 +28,32 @@ _MAGIC = b"\x93NUMPY"
 
 
 def from_numpy(array: np.ndarray) -> Array:
-    """``Array(array)`` (Flower's ``np.save`` bytes), with the header written once per (dtype, shape, order)."""
-    fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)  # as np.save decides
-    prefix = _header(array.dtype.str, tuple(array.shape), fortran, array)
-    data = prefix + array.tobytes(order="F" if fortran else "C")
-    return Array(dtype=str(array.dtype), shape=tuple(int(d) for d in array.shape), stype=NUMPY_STYPE, data=data)
+    """``Array(array)`` (Flower's ``np.save`` bytes), with the header written once per (dtype, shape, order).
+
+    Only plain dtypes are cached: for those ``dtype.str`` is exactly the ``descr`` ``np.save`` writes. A structured
+    dtype's ``str`` is just ``'|V<itemsize>'`` (two different records can share it) and a dtype with metadata
+    makes ``np.save`` warn, so those are written by ``np.save`` itself every time, as Flower does."""
+    shape = tuple(int(d) for d in array.shape)
+    if array.dtype.names is not None or array.dtype.metadata is not None:
+        data = _npy_bytes(array)
+    else:
+        fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)  # as np.save decides
+        data = _header(array.dtype.str, shape, fortran, array) + array.tobytes(order="F" if fortran else "C")
+    return Array(dtype=str(array.dtype), shape=shape, stype=NUMPY_STYPE, data=data)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _header(dtype: str, shape: tuple[int, ...], fortran: bool, array: np.ndarray) -> bytes:
+    """The ``.npy`` header of a plain-dtype array (``dtype`` is its ``dtype.str``), cached per (dtype, shape, order)."""
     key = (dtype, shape, fortran)
     prefix = _HEADERS.get(key)
     if prefix is None:
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        written = buffer.getvalue()
+        written = _npy_bytes(array)
         prefix = written[: len(written) - array.nbytes]
         if len(_HEADERS) < 4096:
             _HEADERS[key] = prefix
@@ -114,11 +127,28 @@ def flower_arrays_cached() -> Iterator[None]:
     """Within the block, Flower's own ``Array.numpy()`` and ``Array(ndarray)`` use :func:`to_numpy` and
     :func:`from_numpy` (same values, same bytes; headers cached), for Flower code fedsim calls but does not own,
     e.g. the central-DP wrappers' clipping and noising (``flwr.serverapp.strategy.dp_*``), which convert every
-    reply's arrays twice per round. Restored on exit; nested blocks are fine."""
-    saved = Array.__dict__["numpy"], Array.__dict__["from_numpy_ndarray"]
-    Array.numpy = to_numpy  # type: ignore[method-assign]
-    Array.from_numpy_ndarray = classmethod(lambda cls, ndarray: from_numpy(ndarray))  # type: ignore[method-assign]
+    reply's arrays twice per round.
+
+    The patch is on Flower's class, so process-wide: the first block to enter (in any thread) patches, the last to
+    leave restores Flower's own methods; blocks may nest or overlap across threads in any order. While any block is
+    open, other threads' conversions use fedsim's too (same bytes and values, so nothing they compute changes)."""
+    global _patch_depth, _patch_saved
+    with _PATCH_LOCK:
+        if _patch_depth == 0:
+            _patch_saved = Array.__dict__["numpy"], Array.__dict__["from_numpy_ndarray"]
+            Array.numpy = to_numpy  # type: ignore[method-assign]
+            Array.from_numpy_ndarray = classmethod(lambda cls, ndarray: from_numpy(ndarray))  # type: ignore
+        _patch_depth += 1
     try:
         yield
     finally:
-        Array.numpy, Array.from_numpy_ndarray = saved  # type: ignore[method-assign]
+        with _PATCH_LOCK:
+            _patch_depth -= 1
+            if _patch_depth == 0 and _patch_saved is not None:
+                Array.numpy, Array.from_numpy_ndarray = _patch_saved  # type: ignore[method-assign]
+                _patch_saved = None
+
+
+_PATCH_LOCK = threading.Lock()
+_patch_depth = 0  # open flower_arrays_cached blocks, all threads together
+_patch_saved: tuple[object, object] | None = None  # Flower's own methods while patched
