@@ -13,7 +13,8 @@ latent is rescaled to its initial norm (stage 0) or the feature is projected ont
 (stages >= 1; :func:`fedsim.attacks.gan_prior.project_l1_around`). At each stage's end the image and its
 gradient loss are recorded. The result is the recorded image with the lowest gradient loss over all
 stages and restarts (:func:`select_best`; the reference code's ``choose_optimal`` returns the last
-restart's image with the best restart's score, a bug not repeated here). With ``knowledge.defense``
+restart's image with the best restart's score, a bug not repeated here); under ``schedule: halving`` only
+the restarts never pruned are candidates unless none is usable (:func:`select_final`, ``best_pruned``). With ``knowledge.defense``
 the deterministic part of the listed defenses (clipping, pruning) is applied to the dummy gradient
 (``T_def``, :mod:`fedsim.attacks.defense_aware`), as GIFD's defense experiments do.
 
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -121,6 +122,21 @@ def select_best(records: Sequence[StageRecord]) -> StageRecord | None:
     """
     finite = [r for r in records if math.isfinite(r.grad_loss)]
     return min(finite, key=lambda r: r.grad_loss) if finite else None
+
+
+def select_final(records: Sequence[StageRecord], pruned: Collection[int]) -> tuple[StageRecord | None, bool]:
+    """The result's record: :func:`select_best` among the restarts never pruned by the schedule, or, when none of
+    theirs is usable, among the pruned ones' records (the second value says so: ``best_pruned``).
+
+    A pruned restart's records include its mid-stage iterate at the rung it was pruned at; under ``full`` no
+    such intermediate iterate is a candidate, so ranking it against finished restarts would not be like for like
+    (:func:`fedsim.attacks.schedule.run_schedule`).
+    """
+    best = select_best([r for r in records if r.restart not in pruned])
+    if best is not None:
+        return best, False
+    best = select_best(records)
+    return best, best is not None
 
 
 def stage_steps(iterations: int, shares: Sequence[float]) -> list[int]:
@@ -247,7 +263,7 @@ class GIFD(GanPriorAttack):
             if run.current is not None:
                 value, stage = run.current
                 x, loss = image(value, stage)
-                run.pending = StageRecord(restart, stage, loss, x, run.steps)
+                run.pending = StageRecord(restart, stage, loss, x, run.steps - sum(r.steps for r in run.records))
             best = select_best(run.all_records)
             return math.nan if best is None else best.grad_loss
 
@@ -264,11 +280,12 @@ class GIFD(GanPriorAttack):
         stopped = {run.stopped for run in started if run.stopped is not None}
         if book.timed_out:
             stopped.add("time limit")
-        return self._result(update, victim, records, stopped, time.perf_counter() - start, schedule)
+        return self._result(update, victim, records, stopped, time.perf_counter() - start, schedule, book.pruned)
 
     def _result(self, update: ClientUpdate, victim: Victim, records: list[StageRecord], stopped: set[str],
-                seconds: float, schedule: dict[str, float]) -> Reconstruction:
-        best = select_best(records)
+                seconds: float, schedule: dict[str, float], pruned: Collection[int]) -> Reconstruction:
+        best, best_pruned = select_final(records, pruned)
+        pool = records if best_pruned else [r for r in records if r.restart not in pruned]
         restarts = float(len({r.restart for r in records}))
         if best is None:
             why = "the loss became NaN/inf" if records else "the time limit hit before any step"
@@ -282,10 +299,11 @@ class GIFD(GanPriorAttack):
             "failed_stages": float(sum(not math.isfinite(r.grad_loss) for r in records)),
             "time_limited": float("time limit" in stopped),
             **schedule,
+            "best_pruned": float(best_pruned),
             "seconds": seconds,
         }
-        for stage in sorted({r.stage for r in records}):  # each stage's best over restarts: where it helped
-            losses = [r.grad_loss for r in records if r.stage == stage and math.isfinite(r.grad_loss)]
+        for stage in sorted({r.stage for r in pool}):  # each stage's best over the candidates: where it helped
+            losses = [r.grad_loss for r in pool if r.stage == stage and math.isfinite(r.grad_loss)]
             if losses:
                 stats[f"stage{stage}_grad_loss"] = min(losses)
         if victim.transform is not None:

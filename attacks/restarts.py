@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from fedsim.threat import Reconstruction
@@ -27,7 +27,11 @@ def past(deadline: float | None) -> bool:
 
 @dataclass
 class RestartBook(Generic[T]):
-    """Keeps the lowest-scoring usable restart and counts runs, diverged restarts and time limits."""
+    """Keeps the lowest-scoring usable restart and counts runs, diverged restarts and time limits.
+
+    ``pruned``: the restarts a schedule dropped before its last rung (:func:`fedsim.attacks.schedule.run_schedule`
+    books them with ``candidate=False`` unless no finished restart is usable).
+    """
 
     best_score: float = math.inf
     best_restart: int = -1
@@ -35,14 +39,19 @@ class RestartBook(Generic[T]):
     runs: int = 0
     errors: int = 0
     timed_out: bool = False
+    pruned: set[int] = field(default_factory=set)
 
-    def record(self, restart: int, result: T, score: float, stopped: str | None = None) -> None:
-        """Book one finished restart: ``score`` is its final matching loss, ``stopped`` why it stopped."""
+    def record(self, restart: int, result: T, score: float, stopped: str | None = None, *,
+               candidate: bool = True) -> None:
+        """Book one finished restart: ``score`` is its final matching loss, ``stopped`` why it stopped.
+
+        ``candidate=False``: counted (runs, failed restarts, time limit) but never the best.
+        """
         self.runs += 1
         self.timed_out = self.timed_out or stopped == TIME_LIMIT
         if stopped == NON_FINITE or not math.isfinite(score):
             self.errors += 1
-        elif self.best is None or score < self.best_score:
+        elif candidate and (self.best is None or score < self.best_score):
             self.best_score, self.best_restart, self.best = score, restart, result
 
     def time_is_up(self, deadline: float | None) -> bool:

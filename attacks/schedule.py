@@ -18,8 +18,9 @@ have been under ``full``.
 Every restart is an object the attack builds from a generator (the :data:`Steps` protocol): it yields
 ``(iterations done, result so far)`` after every optimizer step and returns its final result; the runner advances it,
 scores it with the attack's matching loss, and drops the losers. The attack's :class:`~fedsim.attacks.restarts.
-RestartBook` receives every started restart (a pruned one with the score it was pruned at), so the bookkeeping
-(runs, failed restarts, time limit, the best restart by its matching loss) is the same for both kinds. ``full``
+RestartBook` receives every started restart (a pruned one with the score it was pruned at, as a candidate only when no
+survivor is usable), so the bookkeeping (runs, failed restarts, time limit, the best restart by its matching loss)
+is the same for both kinds. ``full``
 runs restart 0 to the end, then restart 1, ..., exactly the loop the attacks ran before this module existed.
 """
 
@@ -207,9 +208,15 @@ def run_schedule(spec: ScheduleSpec, cohort: Cohort[T], restarts: int, iteration
     """Run ``restarts`` restarts of ``iterations`` under ``spec``; book every started one in ``book``.
 
     Ranking at a rung uses ``cohort.score`` (the attack's matching loss) alone, NaN/inf last, ties by restart index.
-    Stops everything once the deadline is past (the book then says ``time_limited``). Returns the schedule's stats:
-    ``schedule_halving`` (0/1), ``rungs``, ``rung{j}_restarts`` and ``rung{j}_iterations`` (the iteration rung j
-    ends at), ``iterations_spent`` (over all restarts).
+    Stops everything once the deadline is past (the book then says ``time_limited``). The best restart is chosen
+    among the restarts never pruned (those that reached the last rung, or the deadline, unpruned), like for like
+    with ``full``, where no intermediate iterate of a loser is a candidate: a restart pruned at an earlier rung can
+    score lower there than a survivor at its end when the matching loss is not monotone (signed Adam, a loss that
+    adds a prior). Pruned restarts are booked with the loss they were pruned at and count in ``runs``; only when no
+    survivor is usable (all diverged) is the best of them returned, and ``best_pruned`` is 1.
+    Returns the schedule's stats: ``schedule_halving`` (0/1), ``rungs``, ``rung{j}_restarts`` and
+    ``rung{j}_iterations`` (the iteration rung j ends at), ``best_pruned`` (0/1), ``iterations_spent`` (over all
+    restarts).
     """
     plan = rungs(spec, restarts, iterations)
     alive, pruned = list(range(restarts)), {}
@@ -227,9 +234,15 @@ def run_schedule(spec: ScheduleSpec, cohort: Cohort[T], restarts: int, iteration
         if not cohort.advance(alive, until):
             book.timed_out = True
             break
-    for i in range(restarts):
-        if cohort.started(i):
+    for i in range(restarts):  # the best is chosen among the restarts that were never pruned ...
+        if cohort.started(i) and i not in pruned:
             result, stopped = cohort.result(i)
-            book.record(i, result, pruned[i] if i in pruned else cohort.score(i), stopped)
+            book.record(i, result, cohort.score(i), stopped)
+    fallback = book.best is None  # ... unless none of them is usable: then among the pruned ones, flagged
+    for i in sorted(pruned):
+        result, stopped = cohort.result(i)
+        book.record(i, result, pruned[i], stopped, candidate=fallback)
+    book.pruned.update(pruned)
+    stats["best_pruned"] = float(book.best is not None and book.best_restart in pruned)
     stats["iterations_spent"] = float(cohort.spent())
     return stats

@@ -25,7 +25,7 @@ from fedsim.attacks.gan_prior import (
     project_l1_ball,
     spherical_projection,
 )
-from fedsim.attacks.gifd import GIFD, StageRecord, select_best, stage_steps
+from fedsim.attacks.gifd import GIFD, StageRecord, select_best, select_final, stage_steps
 from fedsim.attacks.inverting_gradients import InvertingGradients, gradient_distance
 from fedsim.attacks.objectives import cosine
 from fedsim.data import load_dataset, normalize
@@ -382,3 +382,17 @@ def test_a_prior_trained_on_the_clients_images_is_refused(train_subset: int | No
         with pytest.raises(ScenarioError, match=r"params\.prior: 'mnist-dcgan' was trained on mnist-5k train "
                                                 r"examples 2000\.\.3999.*overlap the clients' data"):
             load_scenario(path, [f"data.train_subset={'null' if train_subset is None else train_subset}"])
+
+
+def test_gifd_ranks_pruned_restarts_only_when_no_survivor_is_usable() -> None:
+    """Restart 1 was pruned mid-stage with a lower loss (0.05) than survivor 0's best stage end (0.2): the
+    survivor's record is the result. With the survivor diverged, the pruned record is, and the flag says so."""
+    x = torch.zeros(1, 1, 2, 2)
+    survivor = [StageRecord(0, 0, 0.3, x, 10), StageRecord(0, 1, 0.2, x, 10)]
+    pruned = [StageRecord(1, 0, 0.05, x, 4)]
+    best, flagged = select_final(survivor + pruned, {1})
+    assert (best.restart, best.stage, best.grad_loss, flagged) == (0, 1, 0.2, False)
+    diverged = [StageRecord(0, 0, math.nan, x, 10)]
+    best, flagged = select_final(diverged + pruned, {1})
+    assert (best.restart, best.grad_loss, flagged) == (1, 0.05, True)
+    assert select_final(diverged, {1}) == (None, False)

@@ -215,3 +215,22 @@ def test_every_restart_based_attack_takes_a_schedule() -> None:
         InvertingGradients.Params(schedule={"kind": "quarter"})
     with pytest.raises(ValidationError, match="lr_schedule"):
         attacks.ATTACKS.get("gan_latent").Params(schedule="constant")
+
+
+def test_a_pruned_restart_never_beats_a_finished_survivor() -> None:
+    """Restart 0's loss is 1.0 up to step 4 and 5.0 after, restart 1's is 2.0 throughout: the rung at step 4 keeps
+    restart 0, which then finishes at 5.0. The result is the survivor (under full no intermediate iterate of a loser
+    is a candidate either), not restart 1 as it was when pruned at step 4 (loss 2.0 < 5.0); both count as run."""
+    curves = [lambda t: 1.0 if t <= 4 else 5.0, lambda t: 2.0]
+    book, stats, advanced = run_toy(Toy(curves, 16), ScheduleSpec(kind="halving", first_rung=0.25), 2, 16)
+    assert advanced == [[0, 1], [0]]
+    assert book.best_restart == 0 and book.best == (0, 16, None) and book.best_score == 5.0
+    assert book.runs == 2 and stats["best_pruned"] == 0.0
+
+
+def test_a_pruned_restart_is_the_fallback_when_no_survivor_is_usable_and_the_stats_say_so() -> None:
+    """The survivor (restart 0) diverges after the rung: the best usable restart is then the pruned one, flagged."""
+    curves = [lambda t: 1.0, lambda t: 2.0, lambda t: 3.0]
+    book, stats, _ = run_toy(Toy(curves, 16, nan_at={0: 10}), ScheduleSpec(kind="halving", first_rung=0.25), 3, 16)
+    assert book.best_restart == 1 and book.best == (1, 8, None) and book.errors == 1 and book.runs == 3
+    assert stats["best_pruned"] == 1.0
