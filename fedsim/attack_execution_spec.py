@@ -6,17 +6,21 @@ attack_execution:
   max_parallel: null      # ray only: jobs in flight at once (null: as many as Ray's CPUs fit)
 attacks:
   - name: inverting_gradients
-    resources: {num_cpus: 1, num_gpus: 0}   # ray only: what one task of this attack reserves (fractional GPUs too)
+    resources: {num_cpus: 1, num_gpus: 0}   # num_cpus: the attack's torch threads (both modes) and, with ray,
+                                            # the CPUs its task reserves; num_gpus (ray): GPUs per task (fractions)
 ```
 
 A job is one attack on one captured update (or, for model inversion, on one released model). In ``ray`` mode the
 jobs run as Ray tasks on the Ray the federation uses: ``backend.kind: ray`` joins ``backend.address`` (or starts a
 local Ray with ``backend.init_args``); ``backend.kind: inprocess`` starts a local Ray for the attacks only. Each
-task runs with ``int(num_cpus)`` torch threads (at least 1); ``num_cpus: null`` (the default) takes the driver's
-torch thread count, so every number equals the serial path's (torch's thread count changes float summation order:
-:mod:`fedsim.isolation`). With an explicit ``num_cpus`` the numbers equal a serial run with that many threads
-(``fedsim run --threads N``). An attack with ``budget.time_limit_s`` stops on wall time, so its numbers depend on
-how busy the machine is, on either path. Validation refuses what could never run, with the field path (exit 2).
+job runs with ``int(num_cpus)`` torch threads (at least 1) on BOTH paths; ``num_cpus: null`` (the default) takes the
+driver's torch thread count. So serial and ray compute with the same thread count and every number is equal
+(torch's thread count changes float summation order: :mod:`fedsim.isolation`). An attack with
+``budget.time_limit_s`` stops on wall time, so its numbers depend on how busy the machine is, on either path.
+Validation refuses what could never run, with the field path (exit 2). In particular, when ``device`` resolves to
+CUDA (``cuda``, or ``auto`` on a GPU machine), ray mode needs ``num_gpus > 0`` on every attack: Ray hides the GPUs
+from a task that reserves none. No share is chosen for you: how many jobs fit on one GPU depends on the attack's
+memory, which is not known before it runs, and the same file would schedule differently on a laptop and a GPU box.
 Bench cells always attack serially (the parallelism is across cells: :mod:`fedsim.bench.ray_exec`).
 """
 
@@ -31,11 +35,13 @@ from fedsim.spec_base import _Strict
 
 
 class AttackResources(_Strict):
-    """What one Ray task of an attack reserves (``attack_execution.mode: ray``); the serial path ignores it."""
+    """What one Ray task of an attack reserves (``attack_execution.mode: ray``); ``num_cpus`` is also the attack's
+    torch threads on the serial path, so both paths compute alike."""
 
-    num_cpus: float | None = Field(None, gt=0, description="Ray CPUs per task, also its torch threads (at least 1); "
-                                                            "null: the driver's torch threads")
-    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per task; fractions share a GPU (0.25: four tasks)")
+    num_cpus: float | None = Field(None, gt=0, description="the attack's torch threads (at least 1) on either path, "
+                                                            "and the Ray CPUs per task; null: the driver's threads")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per task; fractions share a GPU (0.25: four tasks); "
+                                                   "must be > 0 in ray mode when the device resolves to CUDA")
 
 
 class AttackExecution(_Strict):
@@ -51,7 +57,9 @@ def check_attack_execution(scenario: Any) -> None:
     """Refuse (:class:`ScenarioError` at the field) an ``attack_execution`` / ``attacks[i].resources`` that could
     never run: ray mode without Ray installed or on the zeroth-order protocol (its attacks run inside its own
     federation loop), ``max_parallel`` with serial mode (it would be ignored), a GPU share with ``device: cpu`` (the
-    attack would never use it), and, on a local Ray, more CPUs or GPUs per task than Ray will have."""
+    attack would never use it), NO GPU share when the device resolves to CUDA (Ray sets ``CUDA_VISIBLE_DEVICES=""``
+    in a task reserving no GPU, so the job's CUDA device would not exist there), and, on a local Ray, more CPUs or
+    GPUs per task than Ray will have."""
     execution = scenario.attack_execution
     if execution.mode == "serial":
         if execution.max_parallel is not None:
@@ -70,10 +78,17 @@ def check_attack_execution(scenario: Any) -> None:
     on_cluster = backend.kind == "ray" and backend.address is not None
     init_args = dict(backend.init_args) if backend.kind == "ray" else {}
     from fedsim.resources import check_request
+    from fedsim.training import resolve_device
 
+    on_cuda = resolve_device(scenario.device).type == "cuda"  # the jobs' device, as the driver resolves it
     for i, spec in enumerate(scenario.attacks):
         res = spec.resources
         where = f"attacks[{i}].resources"
+        if on_cuda and res.num_gpus == 0:
+            raise ScenarioError(f"{where}.num_gpus", f"0, but device {scenario.device} runs the attacks on CUDA here "
+                                                     "and Ray hides the GPUs from a task that reserves none (every "
+                                                     "job would fail): reserve a share (0.25: four tasks per GPU), "
+                                                     "or set device: cpu, or attack_execution.mode: serial")
         if res.num_gpus > 0 and scenario.device == "cpu":
             raise ScenarioError(f"{where}.num_gpus", f"{res.num_gpus:g}, but device is cpu: the attack would never "
                                                      "use the GPU it reserves (set 0, or device: auto / cuda)")

@@ -4,7 +4,8 @@ A job (:class:`AttackJob`) is one attack on one view: a :class:`~fedsim.threat.C
 :func:`fedsim.attacking.observe`, or a :class:`~fedsim.threat.ReleasedModel` for model inversion. It carries the
 attack's view only, never ground truth: the driver keeps each job's captured update and scores the
 :class:`AttackResult` against it after the job returns (:mod:`fedsim.attacking`). :func:`run_job` is the one
-place an attack runs, on either path: the attack is built and run with the global RNGs seeded from the job's seed,
+place an attack runs, on either path: the attack is built and run with the job's torch threads
+(``attacks[i].resources.num_cpus``, else the driver's count) and the global RNGs seeded from the job's seed,
 ``derive_seed(seed, "attack", attack index, round, client)``, so a result depends on (round, client, attack index),
 never on which job ran before it in the process; an exception becomes a failed :class:`Reconstruction` with the
 same ``"Type: message"`` on both paths.
@@ -59,16 +60,19 @@ class AttackResult:
 
 
 def run_job(job: AttackJob, progress: ProgressFn | None = None) -> AttackResult:
-    """Build and run ``job``'s attack with the global RNGs seeded from ``job.seed`` (torch's CPU and device
-    generator as ``torch.manual_seed`` would, NumPy's, Python's; :func:`fedsim.isolation.seeded_global_rngs`).
-    An exception inside the attack is a failed reconstruction (``"Type: message"``), never a failed run."""
+    """Build and run ``job``'s attack with ``job.threads`` torch threads (the caller's count restored after) and
+    the global RNGs seeded from ``job.seed`` (torch's CPU and device generator as ``torch.manual_seed`` would,
+    NumPy's, Python's; :func:`fedsim.isolation.seeded_global_rngs`). Every executor runs a job through here, so
+    both compute with the same thread count (it changes float summation order). An exception while seeding,
+    building or running the attack is a failed reconstruction (``"Type: message"``), never a failed run."""
     from fedsim.plugins import attack_registry
 
     start = time.perf_counter()  # the attack's set-up (a prior it loads) counts as its time
-    with seeded_global_rngs(job.seed, job.device):
-        try:
-            attack = attack_registry().get(job.spec.name).from_spec(job.spec, job.device, job.seed)
-            rec = _run_attack(attack, job.view, progress)
+    with torch_threads(job.threads):
+        try:  # seeding too: a device the process cannot reach fails the same way on both executors
+            with seeded_global_rngs(job.seed, job.device):
+                attack = attack_registry().get(job.spec.name).from_spec(job.spec, job.device, job.seed)
+                rec = _run_attack(attack, job.view, progress)
         except Exception as exc:  # noqa: BLE001 - one failing attack must not end the run
             rec = Reconstruction.failure(f"{type(exc).__name__}: {exc}")
     return AttackResult(job.key, rec, time.perf_counter() - start)
@@ -150,9 +154,9 @@ def _convert(value: Any, to_portable: bool) -> Any:
 
 
 def ray_task(job: AttackJob) -> AttackResult:
-    """The body of one Ray task: run the (portable) job with its torch threads and return a portable result."""
-    with torch_threads(job.threads):
-        return portable(run_job(restored(job)))
+    """The body of one Ray task: run the (portable) job (:func:`run_job`, which applies its torch threads, as on
+    the serial path) and return a portable result."""
+    return portable(run_job(restored(job)))
 
 
 def task_threads(num_cpus: float | None, driver_threads: int) -> int:

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import fedsim.attack_tasks as attack_tasks
+from fedsim.attack_execution_spec import check_attack_execution
 from fedsim.attack_tasks import AttackJob, AttackResult, SerialExecutor, portable, restored
 from fedsim.attacking import run_attacks
 from fedsim.errors import ScenarioError
-from fedsim.scenario import parse_scenario
+from fedsim.scenario import Scenario, parse_scenario
 from fedsim.simulation import run_federation
 from fedsim.simulation.setup import setup_for
 
@@ -37,8 +38,9 @@ def _raw(tiny_raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class ReversedPickling:
-    """A fake executor: runs the jobs LAST first, each through a pickle round trip (as Ray ships it), and reports
-    them in that order, so the runner's ordering, seeding and shipping are checked without Ray."""
+    """A fake executor: runs the jobs LAST first, each through a pickle round trip and the Ray task's own body
+    (:func:`fedsim.attack_tasks.ray_task`, as Ray ships and runs it), and reports them in that order, so the
+    runner's ordering, seeding, threads and shipping are checked without Ray."""
 
     def __init__(self) -> None:
         self.shipped: list[bytes] = []
@@ -47,7 +49,7 @@ class ReversedPickling:
         for job in reversed(jobs):
             blob = pickle.dumps(portable(job))
             self.shipped.append(blob)
-            done(restored(pickle.loads(pickle.dumps(portable(attack_tasks.run_job(restored(pickle.loads(blob))))))))
+            done(restored(pickle.loads(pickle.dumps(attack_tasks.ray_task(pickle.loads(blob))))))
 
 
 def _rows(outcomes: list[Any]) -> list[dict[str, Any]]:
@@ -235,3 +237,80 @@ def test_an_attack_drawing_from_global_rngs_gets_the_same_draws_whatever_the_job
     _same_outcomes(serial, reversed_)
     for key in ("draw_np", "draw_py", "draw_torch"):
         assert len({o.stats[key] for o in serial}) == len(serial)
+
+
+def test_every_job_computes_with_its_own_thread_count_on_both_executors(federation, monkeypatch) -> None:
+    """Issue 17 QA F4: the serial executor ignored ``job.threads`` while the Ray task applied it, so with
+    ``resources.num_cpus`` set the two computed with different thread counts (different float summation order).
+    Inside every job torch must run with the count the scenario asks for: ``num_cpus`` (3) for the first attack,
+    the driver's count (2, set here) for the second; the driver's count is back afterwards."""
+    from fedsim.isolation import torch_threads
+
+    scenario, outcome, setup = federation
+    attacks = [scenario.attacks[0].model_copy(update={"resources": scenario.attacks[0].resources.model_copy(
+        update={"num_cpus": 3.0})}), scenario.attacks[1]]
+    scenario = scenario.model_copy(update={"attacks": attacks})
+
+    def counting(attack: Any, view: Any, progress: Any) -> Any:
+        from fedsim.threat import Reconstruction
+
+        return Reconstruction.failure(f"threads {torch.get_num_threads()}")  # cheap: no attack runs
+
+    monkeypatch.setattr(attack_tasks, "_run_attack", counting)
+    for executor in (SerialExecutor(), ReversedPickling()):
+        with torch_threads(2):
+            outcomes = run_attacks(scenario, outcome.capture.updates, setup.task, setup.device, (), None,
+                                   released=outcome.released, executor=executor)
+            assert torch.get_num_threads() == 2
+        assert [(o.attack_index, o.failed) for o in outcomes] == [
+            (i, f"threads {3 if i == 0 else 2}") for i in (0, 1) for _ in range(4)], type(executor).__name__
+
+
+def test_a_job_whose_seeding_raises_is_the_same_failure_on_both_executors(federation, monkeypatch) -> None:
+    """Issue 17 QA F3: seeding the job's device (``seeded_global_rngs``) sat outside the job's ``try``, so a device
+    the process cannot reach ended the serial run and turned each Ray outcome into "Ray task failed". Now it is the
+    same ``Type: message`` failed outcome, in its place, on both executors."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def unreachable(seed: int, device: Any):
+        raise RuntimeError("CUDA error: invalid device ordinal")
+        yield
+
+    monkeypatch.setattr(attack_tasks, "seeded_global_rngs", unreachable)
+    serial = _attack(federation, SerialExecutor())
+    reversed_ = _attack(federation, ReversedPickling())
+    _same_outcomes(serial, reversed_)
+    assert [o.failed for o in serial] == ["RuntimeError: CUDA error: invalid device ordinal"] * 8
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_ray_mode_on_cuda_needs_a_gpu_share(tiny_raw, tmp_path, monkeypatch, device) -> None:
+    """Issue 17 QA F3: on a GPU machine (faked here) the jobs' device resolves to CUDA, but Ray sets
+    ``CUDA_VISIBLE_DEVICES=""`` in a task reserving no GPU, so with the default ``num_gpus: 0`` every attack failed
+    in ray mode while serial ran. ``fedsim validate`` now refuses it at the field (one line, exit 2); a share
+    validates, and so do ``device: cpu`` and serial mode."""
+    import os
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedsim.cli import app
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    tiny_raw.update(device=device, attack_execution={"mode": "ray"})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    text = result.output.strip()
+    assert result.exit_code == 2, text
+    assert len(text.splitlines()) == 1 and "attacks[0].resources.num_gpus" in text and "Traceback" not in text
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(tiny_raw)
+    assert err.value.path == "attacks[0].resources.num_gpus"
+    for change in ({"attacks": [{**tiny_raw["attacks"][0], "resources": {"num_gpus": 0.25}}]}, {"device": "cpu"},
+                   {"attack_execution": {"mode": "serial"}}):
+        check_attack_execution(Scenario.model_validate({**tiny_raw, **change}))  # the rule alone: fast
+
