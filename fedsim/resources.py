@@ -79,19 +79,33 @@ def check_init_args(init_args: dict[str, Any], field: str) -> None:
 
 
 def check_scenario_resources(scenario: Any) -> None:
-    """The scenario's ``device`` and, on a local Ray backend, ``backend.client_resources``."""
+    """The scenario's ``device`` and, on a local Ray backend, ``backend.client_resources``. ``device: cuda`` on a
+    Ray backend needs ``client_resources.num_gpus > 0``: a client actor reserving no GPU runs with
+    ``CUDA_VISIBLE_DEVICES=""`` (Ray's rule), so its ``cuda`` device would not exist there."""
     check_device(scenario.device)
     backend = scenario.backend
     if backend.kind == "ray":
         check_init_args(backend.init_args, "backend.init_args")
+    if backend.kind == "ray" and scenario.device == "cuda" and backend.client_resources.num_gpus == 0:
+        raise ScenarioError("backend.client_resources.num_gpus", "0, but device is cuda and Ray hides the GPUs from "
+                                                                 "a client reserving none (every client would fail): "
+                                                                 "reserve a share (0.25: four clients per GPU), or "
+                                                                 "set device: auto / cpu")
     if backend.kind == "ray" and backend.address is None:
         res = backend.client_resources
         check_request(res.num_cpus, res.num_gpus, "backend.client_resources", backend.init_args)
 
 
-def check_bench_resources(grid: Any) -> None:
-    """A grid's per-cell ``resources`` for the Ray executor on a local Ray (``ray.address`` unset)."""
+def check_bench_resources(grid: Any, cells: Any = ()) -> None:
+    """A grid's per-cell ``resources`` for the Ray executor on a local Ray (``ray.address`` unset), and, on any
+    Ray, a cell (of ``cells``, scenarios as mappings) with ``device: cuda`` while a cell task reserves no GPU (Ray
+    hides the GPUs from it, so the cell would fail)."""
     check_init_args(grid.ray.init_args, "ray.init_args")
+    if grid.resources.num_gpus == 0 and any(c.scenario.get("device") == "cuda" for c in cells):
+        raise ScenarioError("resources.num_gpus", "0, but a cell has device: cuda and Ray hides the GPUs from a cell "
+                                                  "task reserving none (the cell would fail): reserve a share (0.5: "
+                                                  "two cells per GPU), or use device: auto / cpu, or --executor "
+                                                  "serial")
     if grid.ray.address is None:
         check_request(grid.resources.num_cpus, grid.resources.num_gpus, "resources", grid.ray.init_args, "cell")
 

@@ -126,3 +126,30 @@ def test_device_auto_picks_cuda_only_when_present(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert resolve_device(kind).type == expected
+
+
+def test_cuda_clients_on_ray_need_a_gpu_share(one_gpu) -> None:
+    """Issue 17 QA F3, the same kind for the federation: Ray hides the GPUs (``CUDA_VISIBLE_DEVICES=""``) from a
+    client actor that reserves none, so ``device: cuda`` with ``client_resources.num_gpus: 0`` validated, then every
+    client failed resolving its device. Refused at the field; a share validates."""
+    raw = {**_ray(num_gpus=0), "device": "cuda"}
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(raw)
+    assert err.value.path == "backend.client_resources.num_gpus" and "\n" not in str(err.value)
+    from fedsim.resources import check_scenario_resources
+    from fedsim.scenario import Scenario
+
+    check_scenario_resources(Scenario.model_validate({**_ray(num_gpus=0.5), "device": "cuda"}))
+
+
+def test_cuda_cells_on_ray_need_a_gpu_share(one_gpu, tmp_path: Path) -> None:
+    """The same kind for bench cells run as Ray tasks: ``device: cuda`` with the default ``resources.num_gpus: 0``
+    failed every cell (no GPU visible in the task). Refused before anything is written; serial is unaffected."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "base": {**copy.deepcopy(TINY), "device": "cuda"},
+                                    "attacks": ["inverting_gradients"], "resources": {"num_cpus": 1}}))
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", str(grid), "--out", str(out), "--executor", "ray"])
+    assert result.exit_code == 2, result.output
+    assert "resources.num_gpus" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()

@@ -103,7 +103,7 @@ def run_bench(grid: Grid, out_dir: Path, executor: str = "ray", progress: BenchP
     if executor == "ray":
         from fedsim.resources import check_bench_resources
 
-        check_bench_resources(grid)  # a request this machine cannot meet would queue forever
+        check_bench_resources(grid, cells)  # a request this machine cannot meet would queue forever, or fail
     out_dir = Path(out_dir).resolve()
     claim_dir(out_dir, BENCH, "--out", "bench directory")  # new, empty or fedsim's own: nothing else is touched
     lock = open(out_dir / LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run; the OS drops it if we die
