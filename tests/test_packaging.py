@@ -71,14 +71,23 @@ def test_plugin_using_old_name_is_named_in_the_error(tmp_path: Path, monkeypatch
 
 
 def test_built_wheel_has_no_top_level_attacks_or_defenses(tmp_path: Path) -> None:
-    had_build = (ROOT / "build").exists()  # setuptools builds in the tree; remove only what this test made
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
-    finally:
-        if not had_build:
-            shutil.rmtree(ROOT / "build", ignore_errors=True)
-    (wheel,) = tmp_path.glob("fedsim-*.whl")
+    """Built from a copy of the tree in tmp_path: setuptools writes build/ and *.egg-info next to the sources and
+    never deletes stale files from build/lib, so a build in the checkout could ship deleted files (and concurrent
+    runs would race). The checkout's build/ must be exactly as it was."""
+    source, out = tmp_path / "src", tmp_path / "wheel"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for folder in ("fedsim", "attacks", "defenses"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    out.mkdir()
+    backend = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["build-backend"]
+    build_before = _snapshot(ROOT / "build")
+    # the PEP 517 hook pip calls (pip would also run the metadata hook first and take twice as long)
+    subprocess.run([sys.executable, "-c", f"import sys, {backend} as b; b.build_wheel(sys.argv[1])", str(out)],
+                   check=True, capture_output=True, cwd=source)
+    assert _snapshot(ROOT / "build") == build_before
+    (wheel,) = out.glob("fedsim-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"fedsim"}
@@ -86,3 +95,10 @@ def test_built_wheel_has_no_top_level_attacks_or_defenses(tmp_path: Path) -> Non
         shipped = {n.split("/")[-1] for n in names if n.startswith(f"fedsim/{plugin}/")}
         assert shipped == {p.name for p in (ROOT / plugin).glob("*.py")}
     assert "fedsim/data/assets/text/kjv.tsv.gz" in names
+
+
+def _snapshot(folder: Path) -> set[tuple[str, int]] | None:
+    """Every file under ``folder`` with its mtime (ns), or None when there is no such folder."""
+    if not folder.exists():
+        return None
+    return {(str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in (folder, *folder.rglob("*"))}
