@@ -30,10 +30,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 
 from fedsim.defenses.bk_clipping import BookKeeping, brute_force_clipped_sum, unsupported_layer
 from fedsim.errors import IncompatibleDefenseError
 from fedsim.models.base import zero_inputs
+from fedsim.models.layers import MaskDropout
+from fedsim.run_caches import per_run_cache
 
 #: modes whose clipping works on explicit per-example gradients (``p.grad_sample``)
 PER_EXAMPLE_GRADIENT_MODES = ("hooks", "functorch", "ew")
@@ -57,19 +60,62 @@ def bk_problem(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
 
     Structural (:func:`~fedsim.defenses.bk_clipping.unsupported_layer`), then numerical: on a copy, two seeded random
     examples' clipped sum and norms from :class:`BookKeeping` must match autograd's, one example at a time
-    (catches a weight used outside its layer, or a layer run twice). Deterministic; the global RNG is untouched."""
+    (catches a weight used outside its layer, or a layer run twice). Deterministic; the global RNG (CPU and the
+    model's CUDA device) is untouched and ``model`` is left as it was. The probe runs once per process and run for
+    each architecture (:func:`_architecture`): the answer is cached, emptied with
+    :func:`fedsim.run_caches.clear_run_caches` so every benchmark cell pays it alike."""
+    key = (_architecture(model), tuple(input_shape))
+    cache = _bk_problems()
+    if key not in cache:
+        cache[key] = _probe_bk(model, input_shape)
+    return cache[key]
+
+
+@per_run_cache
+def _bk_problems() -> dict[tuple, str | None]:
+    """:func:`bk_problem`'s answers in this process, by (architecture, input shape)."""
+    return {}
+
+
+def _architecture(model: nn.Module) -> tuple:
+    """What the probe's answer depends on: the module tree (classes and settings), every parameter's name, shape,
+    dtype and trainability, and the device type."""
+    device = next(model.parameters()).device.type if any(True for _ in model.parameters()) else "cpu"
+    return (f"{type(model).__module__}.{type(model).__qualname__}", repr(model), device,
+            tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()))
+
+
+def _probe_bk(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    """:func:`bk_problem`, uncached.
+
+    Like with like: the per-example reference and the batched pass must see the same function, so randomness in
+    training mode is switched off on the copy: every dropout layer (torch's ``nn.Dropout`` family, fedsim's
+    :class:`~fedsim.models.MaskDropout`, masks cleared) goes to eval mode, the rest stays in training mode. If two
+    forward passes under different seeds still differ (e.g. ``F.dropout(training=self.training)`` in a forward),
+    the whole copy goes to eval mode; if they still differ, bk cannot be checked and is refused. Training itself
+    keeps its dropout: each example's mask reaches only that example's gradient, which bk computes exactly."""
     problem = unsupported_layer(model)
     if problem is not None:
         return f"params.grad_sample_mode: bk cannot clip this model ({problem}); use grad_sample_mode: hooks"
     probe = copy.deepcopy(model).train()
+    for m in probe.modules():
+        if isinstance(m, (_DropoutNd, MaskDropout)):
+            m.eval()
+            if isinstance(m, MaskDropout):
+                m.set_mask(None)
+    device = next(probe.parameters()).device
     bk = None
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with torch.random.fork_rng(devices=[_cuda_index(device)] if device.type == "cuda" else []):
+            _seed(device, 0)
             x = zero_inputs(probe, input_shape)
             x = torch.randint(0, probe.vocab_size, x.shape) if x.dtype == torch.long else torch.randn(x.shape)
-            device = next(probe.parameters()).device  # drawn on the CPU: the same examples on any device
-            x = x.to(device)
+            x = x.to(device)  # drawn on the CPU: the same examples on any device
+            if _random_forward(probe, x, device):
+                probe.eval()
+                if _random_forward(probe, x, device):
+                    return ("params.grad_sample_mode: bk cannot be checked on this model: its forward pass is random "
+                            "even in eval mode (a stochastic layer); use grad_sample_mode: hooks")
             logits = probe(x)
             y = (x if logits.dim() == 3 else torch.zeros(2, dtype=torch.long, device=device))
 
@@ -97,6 +143,28 @@ def bk_problem(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
         if bk is not None:
             bk.cleanup()
     return None
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _seed(device: torch.device, seed: int) -> None:
+    """Seed the CPU generator and ``device``'s (CUDA) only: ``torch.manual_seed`` would seed every CUDA device, and
+    queue a seed for a CUDA not yet initialized, outside what the probe's ``fork_rng`` restores."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[_cuda_index(device)].manual_seed(seed)
+
+
+def _random_forward(probe: nn.Module, x: Tensor, device: torch.device) -> bool:
+    """Whether two forward passes of ``probe`` on ``x`` under different seeds differ (a live stochastic layer)."""
+    outs = []
+    with torch.no_grad():
+        for seed in (1, 2):
+            _seed(device, seed)
+            outs.append(probe(x).float())
+    return not torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
 def choose_mode(model: nn.Module, input_shape: tuple[int, ...] | None, loss_fn: Callable[..., Tensor],
@@ -140,8 +208,8 @@ class BKLoss:
 
 def resolve_mode(defense: Any, model: nn.Module, loss_fn: Callable[..., Tensor]) -> str:
     """The mode ``defense`` (a DP-SGD-family defense) runs on ``model`` (transformed) trained with ``loss_fn``: its
-    ``params.grad_sample_mode``, or for ``auto`` :func:`choose_mode`'s, cached on the defense per (architecture,
-    input shape, loss signature, audit). Deterministic: never a timing, so every process and backend agrees.
+    ``params.grad_sample_mode``, or for ``auto`` :func:`choose_mode`'s (its probe cached per process and run by
+    architecture: :func:`bk_problem`). Deterministic: never a timing, so every process and backend agrees.
 
     The input shape is the scenario's data (loaded already when clients train), else what ``check_model`` last saw
     (``defense.input_shape``); unknown: ``hooks``."""
@@ -155,12 +223,33 @@ def resolve_mode(defense: Any, model: nn.Module, loss_fn: Callable[..., Tensor])
 
         shape = tuple(int(d) for d in setup_for(defense.scenario).data.input_shape)
         audited = defense.audits_examples and canaries_at(defense.scenario, "example") is not None
-    key = (repr(model), tuple((n, tuple(p.shape)) for n, p in model.named_parameters()), shape,
-           takes_reduction(loss_fn), audited)
-    cache = defense.__dict__.setdefault("_grad_sample_modes", {})
-    if key not in cache:
-        cache[key] = choose_mode(model, shape, loss_fn, audited)
-    return cache[key]
+    return choose_mode(model, shape, loss_fn, audited)
+
+
+def dp_optimizer(mode: str, base: torch.optim.Optimizer, **kwargs: Any) -> Any:
+    """The DP optimizer of a round in ``mode`` around ``base`` (``kwargs``: Opacus's noise_multiplier,
+    max_grad_norm, expected_batch_size, loss_reduction, generator): Opacus's flat-clipping one for ``mode``; bk
+    leaves the clipped sum in ``p.grad``, as ghost clipping does: the same noise-and-scale optimizer, leaner
+    (:func:`bk_optimizer_class`)."""
+    from opacus.optimizers import get_optimizer_class
+
+    cls = bk_optimizer_class() if mode == "bk" else get_optimizer_class(clipping="flat", distributed=False,
+                                                                         grad_sample_mode=mode)
+    return cls(base, **kwargs)
+
+
+def mode_loss(mode: str, hooks: Any, optimizer: Any, base_loss: Callable[..., Tensor]) -> Callable[..., Any] | None:
+    """The loss ``(logits, labels)`` a round in ``mode`` trains with, or None for the job's own ``base_loss``:
+    ghost: Opacus's ``DPLossFastGradientClipping`` (``hooks`` from :func:`prepare_hooks`, ``optimizer`` from
+    :func:`dp_optimizer`); bk: a :class:`BKLoss` of the per-example losses."""
+    if mode == "ghost":
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        return DPLossFastGradientClipping(hooks, optimizer, ReducibleLoss(base_loss), "mean")
+    if mode == "bk":
+        per_example = ReducibleLoss(base_loss, "none", mode)
+        return lambda logits, labels: BKLoss(hooks, per_example(logits, labels))
+    return None
 
 
 class ReducibleLoss(nn.Module):

@@ -65,9 +65,8 @@ from fedsim.audit.inject import attach_example_canaries
 from fedsim.defenses.base import DEFENSES, Defense, DefenseParams, register_defense
 from fedsim.defenses.dp_modes import (
     PER_EXAMPLE_GRADIENT_MODES,
-    BKLoss,
-    ReducibleLoss,
-    bk_optimizer_class,
+    dp_optimizer,
+    mode_loss,
     prepare_hooks,
     resolve_mode,
 )
@@ -192,18 +191,14 @@ class _PrivateRound:
 
     def make_optimizer(self, model: nn.Module, local: LocalTraining) -> torch.optim.Optimizer:
         from opacus.accountants import create_accountant
-        from opacus.optimizers import get_optimizer_class
 
         mode = self.mode
         base = self.base_optimizer(model, local)
         device = next(self.model.parameters()).device
-        # bk leaves the clipped sum in p.grad, as ghost clipping does: the same noise-and-scale optimizer, leaner
-        cls = bk_optimizer_class() if mode == "bk" else get_optimizer_class(clipping="flat", distributed=False,
-                                                                             grad_sample_mode=mode)
-        opt = cls(base, noise_multiplier=self.sigma, max_grad_norm=self.p.max_grad_norm,
-                  expected_batch_size=self.bs, loss_reduction="mean",
-                  generator=torch_generator(self.job.seed, "dp_sgd", self.job.round, self.job.partition_id,
-                                            device=device))
+        opt = dp_optimizer(mode, base, noise_multiplier=self.sigma, max_grad_norm=self.p.max_grad_norm,
+                           expected_batch_size=self.bs, loss_reduction="mean",
+                           generator=torch_generator(self.job.seed, "dp_sgd", self.job.round, self.job.partition_id,
+                                                     device=device))
         self.accountant = create_accountant(mechanism=self.p.accountant)  # GDP warns once: it is experimental
         self.accountant.history = [tuple(h) for h in json.loads(self.job.state.get(self.state_key, "[]"))]
         self.steps_before = sum(int(h[2]) for h in self.accountant.history)
@@ -219,17 +214,12 @@ class _PrivateRound:
         attach_example_canaries(opt, self.defense.scenario, self.model, self.job.partition_id, self.job.round,
                                 self.q, self.p.max_grad_norm, self.defense.queries_per_step,
                                 mode in PER_EXAMPLE_GRADIENT_MODES)
-        if mode == "ghost":
-            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-            self.dp_loss = DPLossFastGradientClipping(self.hooks, opt, ReducibleLoss(self.base_loss), "mean")
+        self.dp_loss = mode_loss(mode, self.hooks, opt, self.base_loss)  # ghost, bk: their own loss; else None
         return opt
 
     def loss_fn(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.empty:  # the noise-only step (_noise_only_forward): a zero gradient on every trainable parameter
             return sum(((p * 0).sum() for p in self.model.parameters() if p.requires_grad), logits.new_zeros(()))
-        if self.mode == "bk":
-            return BKLoss(self.hooks, ReducibleLoss(self.base_loss, "none", self.mode)(logits, labels))
         return self.dp_loss(logits, labels) if self.dp_loss is not None else self.base_loss(logits, labels)
 
     def before_read_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -340,7 +330,7 @@ class DPSGD(Defense):
 
     def mode_for(self, model: nn.Module, loss_fn: Callable[..., Tensor]) -> str:
         """The grad-sample mode a round of ``model`` (transformed) trained with ``loss_fn`` runs: the scenario's, or
-        ``auto``'s deterministic choice (:func:`fedsim.defenses.dp_modes.resolve_mode`), cached on this defense."""
+        ``auto``'s deterministic choice (:func:`fedsim.defenses.dp_modes.resolve_mode`; probe cached per process)."""
         return resolve_mode(self, model, loss_fn)
 
     def transform_model(self, model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ from torch import nn
 from fedsim.defenses.bk_clipping import BookKeeping
 from fedsim.defenses.dp_modes import bk_optimizer_class, bk_problem, choose_mode
 from fedsim.defenses.dp_sgd import DPSGD, DPSGDParams
-from fedsim.models import build_model
+from fedsim.models import MaskDropout, build_model
 from fedsim.privacy.summary import dp_sgd_summary
 from fedsim.scenario import LocalTraining, ModelSpec
 from fedsim.training import TrainingJob
@@ -106,10 +106,12 @@ def test_bk_refuses_a_weight_used_outside_its_layer_and_auto_then_takes_hooks() 
     assert bk_problem(_Tokens(), (6,)) is None
 
 
-def _round(name: str, mode: str, sigma: float = 0.0, loss=F.cross_entropy) -> tuple[list, dict, str]:
-    """One fedsgd DP-SGD round of ``name`` on a fixed batch: the released gradient, the client's metrics, the mode."""
+def _round(name: str, mode: str, sigma: float = 0.0, loss=F.cross_entropy, dropout: float = 0.0,
+           masks: int = 0) -> tuple[list, dict, str]:
+    """One fedsgd DP-SGD round of ``name`` on a fixed batch (dropout masks drawn from seed ``masks``): the released
+    gradient, the client's metrics, the mode."""
     shape = (3, 16, 16)
-    model = build_model(ModelSpec(name=name, width=8), shape, 10, seed=0)
+    model = build_model(ModelSpec(name=name, width=8, dropout=dropout), shape, 10, seed=0)
     defense = DPSGD(DPSGDParams(noise_multiplier=sigma, max_grad_norm=0.05, grad_sample_mode=mode), "dp_sgd")
     model = defense.transform_model(model)
     defense.check_model(model, shape)
@@ -120,6 +122,7 @@ def _round(name: str, mode: str, sigma: float = 0.0, loss=F.cross_entropy) -> tu
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn((6, *shape), generator=gen), torch.randint(0, 10, (6,), generator=gen)
     opt.zero_grad(set_to_none=True)
+    torch.manual_seed(masks)
     job.loss_fn(job.model(x), y).backward()
     job.before_read_gradients(opt)
     metrics = job.on_finish[0](1, [6])
@@ -144,6 +147,64 @@ def test_auto_picks_an_eligible_mode_records_it_and_the_override_is_kept() -> No
     assert _round("lenet", "auto", loss=no_reduction)[2] == "hooks"  # bk needs the per-example loss
     summary = dp_sgd_summary({1: {0: metrics, 1: metrics}})
     assert summary["grad_sample_mode"] == "bk"
+
+
+class _Stochastic(nn.Module):
+    """Randomness in train mode the probe must switch off to compare like with like: torch's Dropout2d, fedsim's
+    MaskDropout and a functional dropout tied to ``self.training`` (no module to find)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.drop2d = nn.Conv2d(3, 4, 3, stride=2), nn.Dropout2d(0.5)
+        self.fc, self.mask = nn.Linear(36, 5), MaskDropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mask(F.relu(self.drop2d(self.c(x))).flatten(1))
+        return self.fc(F.dropout(h, 0.3, training=self.training))
+
+
+class _NoisyEvenInEval(nn.Module):
+    """Noise in every mode: nothing the probe can switch off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + torch.randn_like(x))
+
+
+def test_bk_probe_compares_like_with_like_under_dropout_and_training_keeps_it() -> None:
+    lenet = build_model(ModelSpec(name="lenet", width=8, dropout=0.5), (3, 16, 16), 10, seed=0)
+    assert bk_problem(lenet, (3, 16, 16)) is None  # old code: "differs from the per-example one" (masks differed)
+    assert choose_mode(lenet, (3, 16, 16), F.cross_entropy, audited=False) == "bk"
+    assert all(m.training for m in lenet.modules())  # the probe ran on a copy
+    assert bk_problem(_Stochastic(), (3, 8, 8)) is None
+    assert "random even in eval mode" in bk_problem(_NoisyEvenInEval(), (12,))
+    # the round itself still drops: bk releases what hooks releases for the same masks, another mask draw differs
+    bk, _, ran = _round("lenet", "auto", dropout=0.5, masks=1)
+    assert ran == "bk"
+    for a, r in zip(bk, _round("lenet", "hooks", dropout=0.5, masks=1)[0], strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(a, b) for a, b in zip(bk, _round("lenet", "bk", dropout=0.5, masks=2)[0],
+                                                         strict=True))
+
+
+def test_bk_probe_runs_once_per_architecture_until_the_run_caches_are_emptied(monkeypatch) -> None:
+    from fedsim.defenses import dp_modes
+    from fedsim.run_caches import clear_run_caches
+
+    probes = []
+    probe = dp_modes._probe_bk
+    monkeypatch.setattr(dp_modes, "_probe_bk", lambda m, s: probes.append(s) or probe(m, s))
+    clear_run_caches()
+    for _ in range(2):  # a defense per process (validation, setup) and per client round: one probe
+        assert choose_mode(_Tokens(), (6,), F.cross_entropy, audited=False) == "bk"
+    assert "differs from the per-example one" in bk_problem(_Tied(), (6,))  # another architecture: its own probe
+    assert len(probes) == 2
+    clear_run_caches()  # a new benchmark cell pays it again
+    bk_problem(_Tokens(), (6,))
+    assert len(probes) == 3
 
 
 def test_bk_optimizer_releases_opacus_own_noisy_gradient_bit_for_bit() -> None:
