@@ -12,7 +12,10 @@ BatchNorm in train mode (each trial is normalized with its own batch statistics,
 runs alone; the running-statistics update, a side effect that cannot be batched, is switched off in a
 copy of the model, see :func:`stateless_model`).
 
-The optimizer is one Adam over the stacked tensor. Adam, the sign of the gradient, the box
+The optimizer is one ``torch.optim.Adam`` over the stacked tensor (not the written-out
+:class:`fedsim.attacks.input_adam.InputAdam` of the sequential path: ``vmap`` imports ``torch._dynamo``
+anyway, so it would save no start-up; on the CPU both are torch's single-tensor arithmetic, on CUDA
+torch's default is its foreach kernel). Adam, the sign of the gradient, the box
 projection and the step schedule are all elementwise, so this is exactly K independent Adams with
 their own moments, started together. A trial whose loss turns NaN/inf is frozen at its last finite
 iterate (as the sequential run returns it) while the others go on. The vmapped kernels round
@@ -122,8 +125,13 @@ class BatchedTrials(Generic[T]):
 
     The state of :func:`optimize_trials` kept between calls: the stacked inputs, one Adam over them and the
     step schedule (a function of the step index in ``iterations``, shared by all trials). ``advance(members,
-    until)`` with fewer members than are alive keeps only their rows: of the inputs and of Adam's moments
-    (elementwise, so every survivor goes on exactly as if nothing had been dropped). ``wrap(x, iterations,
+    until)`` with fewer members than are alive keeps only their rows: of the inputs and of Adam's moments, copied
+    exactly (Adam is elementwise). The survivors' loss and gradient are then computed on a smaller batch: on the
+    CPU that gave bitwise the unpruned run's iterates in the tests (an elementwise and a convolution loss), but a
+    backend that picks its kernels by batch size (cuDNN's algorithm choice) may round differently, so in general
+    a survivor goes on as if nothing had been dropped up to float rounding (which signed Adam can turn into single
+    pixels drifting apart, as between batched and sequential trials). ``iterations_spent`` counts the steps of
+    active rows only (a frozen, diverged trial runs no more). ``wrap(x, iterations,
     stopped)`` builds a result; ``score(result)`` is its matching loss. Progress: ``progress(iterations spent
     over all trials, planned)`` every ``every`` steps and at the last. Raises :class:`BatchingUnsupported`
     when the first batched evaluation fails.
@@ -209,7 +217,7 @@ class BatchedTrials(Generic[T]):
                 if before is not None:
                     _freeze(x, before, active)
             self.step += 1
-            self._spent += len(self.rows)
+            self._spent += int(active.sum())  # frozen (diverged) rows ran no step
             if self.on_step is not None:
                 self.on_step(self.step, self._spent)
         return True
