@@ -14,9 +14,9 @@ latent is rescaled to its initial norm (stage 0) or the feature is projected ont
 gradient loss are recorded. The result is the recorded image with the lowest gradient loss over all
 stages and restarts (:func:`select_best`; the reference code's ``choose_optimal`` returns the last
 restart's image with the best restart's score, a bug not repeated here); under ``schedule: halving`` only
-the restarts never pruned are candidates unless none is usable (:func:`select_final`, ``best_pruned``). With ``knowledge.defense``
-the deterministic part of the listed defenses (clipping, pruning) is applied to the dummy gradient
-(``T_def``, :mod:`fedsim.attacks.defense_aware`), as GIFD's defense experiments do.
+the restarts never pruned are candidates unless none is usable (:func:`select_final`, ``best_pruned``).
+With ``knowledge.defense`` the deterministic part of the listed defenses (clipping, pruning) is applied to
+the dummy gradient (``T_def``, :mod:`fedsim.attacks.defense_aware`), as GIFD's defense experiments do.
 
 Budget: ``budget.iterations`` is the number of optimisation steps per restart, **over all stages**
 (split by ``stage_shares``, evenly by default), so GIFD and a latent-only search or Inverting

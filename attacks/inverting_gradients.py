@@ -12,7 +12,12 @@ ranked by their final gradient distance, never by ground truth; ``schedule`` run
 that distance (``{kind: halving, eta, first_rung, min_keep}``, :mod:`fedsim.attacks.schedule`; the default here,
 eta 2 and a first rung of 1/8 of the iterations: on LeNet and ConvNet, 8 restarts x 2000 iterations, it matched the
 full run's PSNR at 0.26-0.29x its wall time, ``benchmarks/restart_schedule.py``) or every restart in full
-(``{kind: full}``), batched rung by rung when ``batched``. One restart runs in full either way.
+(``{kind: full}``), batched rung by rung when ``batched``. One restart runs in full either way. The default changed
+to halving in issue 17 (before, every restart ran in full): with more than one restart, results (the winner, its
+image, ``iterations_spent``) differ from earlier runs; ``params: {schedule: {kind: full}}`` gives the earlier
+behaviour and numbers. Under halving the result is the best restart among those never pruned (one pruned at an
+earlier rung only if none of them is usable, then ``best_pruned`` is 1), so it is always a full-budget run when
+one is usable.
 
 Restarts can run as one batched computation (``batched``; see :mod:`fedsim.attacks.batched`): each keeps
 its own init, Adam state and schedule, and the result equals the sequential run's up to float
@@ -157,7 +162,7 @@ def input_steps(
     function of the step index in ``iterations``, however the steps are spread over calls."""
     x = x0.detach().clone().requires_grad_(True)
     milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay == "step" else []
-    adam = InputAdam(x, lr, milestones)  # torch.optim.Adam + MultiStepLR, bitwise, without torch.optim's costs
+    adam = InputAdam(x, lr, milestones)  # torch's single-tensor Adam + MultiStepLR, bitwise, without their costs
     for step in range(iterations):
         if deadline is not None and time.perf_counter() > deadline:
             return Trial(x.detach(), step, "time limit")
@@ -236,7 +241,8 @@ class InvertingGradients(Attack):
         )
         schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec(kind="halving"),
                                        description=SCHEDULE_HELP + "; default halving (eta 2, first rung 1/8): the "
-                                       "full run's PSNR at ~0.26-0.29x its time (benchmarks/restart_schedule.py)")
+                                       "full run's PSNR at ~0.26-0.29x its time (benchmarks/restart_schedule.py); "
+                                       "{kind: full} for the behaviour before issue 17 (every restart in full)")
 
         @field_validator("label_strategy")
         @classmethod

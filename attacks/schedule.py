@@ -214,13 +214,16 @@ def run_schedule(spec: ScheduleSpec, cohort: Cohort[T], restarts: int, iteration
     score lower there than a survivor at its end when the matching loss is not monotone (signed Adam, a loss that
     adds a prior). Pruned restarts are booked with the loss they were pruned at and count in ``runs``; only when no
     survivor is usable (all diverged) is the best of them returned, and ``best_pruned`` is 1.
-    Returns the schedule's stats: ``schedule_halving`` (0/1), ``rungs``, ``rung{j}_restarts`` and
+    Returns the schedule's stats: ``schedule_halving`` (0/1; under halving also ``schedule_eta``,
+    ``schedule_first_rung`` and ``schedule_min_keep``), ``rungs``, ``rung{j}_restarts`` and
     ``rung{j}_iterations`` (the iteration rung j ends at), ``best_pruned`` (0/1), ``iterations_spent`` (over all
     restarts).
     """
     plan = rungs(spec, restarts, iterations)
     alive, pruned = list(range(restarts)), {}
     stats = {"schedule_halving": float(spec.kind == "halving"), "rungs": 0.0}
+    if spec.kind == "halving":  # the plan's parameters, recorded with the result (metrics.json, bench cells)
+        stats.update(schedule_eta=spec.eta, schedule_first_rung=spec.first_rung, schedule_min_keep=float(spec.min_keep))
     for j, (keep, until) in enumerate(plan):
         if j > 0:
             scores = {i: cohort.score(i) for i in alive}
