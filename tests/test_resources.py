@@ -153,3 +153,74 @@ def test_cuda_cells_on_ray_need_a_gpu_share(one_gpu, tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "resources.num_gpus" in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def _grid(tmp_path: Path, base: dict | None = None, **fields) -> Path:
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "base": base or copy.deepcopy(TINY),
+                                    "attacks": ["inverting_gradients"], **fields}))
+    return path
+
+
+def _one_line_exit_2(result, field: str) -> None:
+    text = result.output.strip()
+    assert result.exit_code == 2, text
+    assert field in text and len(text.splitlines()) == 1 and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize(("resources", "field"), [({"num_cpus": 64}, "resources.num_cpus"),
+                                                   ({"num_gpus": 0.5}, "resources.num_gpus")])
+def test_bench_dry_run_runs_the_checks_of_the_real_run(two_cpus_no_gpu, tmp_path: Path, resources: dict,
+                                                       field: str) -> None:
+    """QA F1: ``--dry-run`` said ok to per-cell resources the real run (``--executor ray``, the default) refuses."""
+    grid, out = _grid(tmp_path, resources=resources), tmp_path / "bench"
+    _one_line_exit_2(CliRunner().invoke(app, ["bench", str(grid), "--dry-run", "--out", str(out)]), field)
+    _one_line_exit_2(CliRunner().invoke(app, ["bench", str(grid), "--dry-run", "--executor", "threads"]), "--executor")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("resources", "field", "words"), [
+    ({"num_gpus": 0.5}, "attacks[0].resources.num_gpus", "no CUDA GPU"),
+    ({"num_cpus": 64}, "attacks[0].resources.num_cpus", "has 2 CPUs"),
+])
+def test_serial_attack_resources_are_checked_like_max_parallel(two_cpus_no_gpu, tmp_path: Path, resources: dict,
+                                                               field: str, words: str) -> None:
+    """QA F3: with ``attack_execution.mode: serial`` (the default) a GPU share or more CPUs than the machine has were
+    accepted and ignored, while ``max_parallel`` was refused. ``num_cpus`` is the serial job's torch threads."""
+    raw = copy.deepcopy(TINY)
+    raw["attacks"][0]["resources"] = resources
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    _one_line_exit_2(result, field)
+    assert words in result.output
+    raw["attacks"][0]["resources"] = {"num_cpus": 2, "num_gpus": 0}  # what the machine has: fine
+    assert parse_scenario(raw)
+
+
+def test_serial_attacks_refuse_a_gpu_share_even_on_a_gpu_machine(one_gpu) -> None:
+    """num_gpus is read only by the Ray executor (a task's reservation): in serial mode it would be ignored."""
+    raw = copy.deepcopy(TINY)
+    raw["attacks"][0]["resources"] = {"num_gpus": 0.25}
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(raw)
+    assert err.value.path == "attacks[0].resources.num_gpus" and "mode: ray" in err.value.reason
+
+
+def test_bench_refuses_a_base_asking_for_ray_attack_tasks(two_cpus_no_gpu, tmp_path: Path) -> None:
+    """QA F2: bench replaced the base's ``attack_execution: {mode: ray}`` by serial without a word and so ignored
+    the attacks' ``resources.num_gpus`` that ``fedsim validate`` refuses. Now the dry run and the run refuse the
+    base at its field; made serial, the GPU share is refused as validate refuses it."""
+    base = copy.deepcopy(TINY)
+    base["attack_execution"] = {"mode": "ray"}
+    base["attacks"][0]["resources"] = {"num_gpus": 0.5}
+    grid, out = _grid(tmp_path, base=base), tmp_path / "bench"
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(app, ["bench", str(grid), "--executor", "serial", "--out", str(out), *extra])
+        _one_line_exit_2(result, "base.attack_execution.mode")
+        assert "serially" in result.output
+    assert not out.exists()
+    serial = ["bench", str(grid), "--executor", "serial", "--dry-run", "--set", "base.attack_execution.mode=serial"]
+    _one_line_exit_2(CliRunner().invoke(app, serial), "resources.num_gpus")
+    result = CliRunner().invoke(app, [*serial, "--set", "base.attacks.0.resources.num_gpus=0"])
+    assert result.exit_code == 0 and "1 cells validated" in result.output, result.output

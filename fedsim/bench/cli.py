@@ -49,7 +49,9 @@ def _describe(record: dict) -> str:
     leak = f"PSNR {psnr:.2f} dB" if psnr is not None else text or "no leakage metric"
     return f"{head}: {leak}" + (
         f", {exact:.0%} {EXACT_LABEL}" if isinstance(exact, int | float) else "") + utility + (
-        f"  ({record['seconds']:.1f} s)") + (f"  DIVERGED: {diverged}" if diverged else "")
+        f"  ({record['seconds']:.1f} s)") + (f"  DIVERGED: {diverged}" if diverged else "") + (
+        f"  TIME-LIMITED: {limited} attack run(s) stopped by budget.time_limit_s"
+        if (limited := s.get("attacks_time_limited")) else "")
 
 
 def bench(
@@ -57,7 +59,7 @@ def bench(
     out: Annotated[Path | None, typer.Option("--out", help="bench directory (default: runs/bench-NAME); "
                                                            "an existing one is resumed")] = None,
     executor: Annotated[str, typer.Option(help="ray (cells as parallel Ray tasks) or serial (this process)")] = "ray",
-    max_parallel: Annotated[int | None, typer.Option(help="cells in flight at once (default: the grid's "
+    max_parallel: Annotated[int | None, typer.Option(min=1, help="cells in flight at once (default: the grid's "
                                                           "max_parallel, else as many as Ray's CPUs allow)")] = None,
     address: Annotated[str | None, typer.Option(help="join an existing Ray cluster ('auto', 'ray://host:10001')")]
     = None,
@@ -76,7 +78,7 @@ def bench(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from fedsim.bench.expand import expand_grid, shadowed_overrides
     from fedsim.bench.grid import load_grid
-    from fedsim.bench.runner import BenchProgress, run_bench
+    from fedsim.bench.runner import BenchProgress, check_bench, run_bench
 
     overrides = list(set_ or []) + ([f"ray.address={address}"] if address else [])
     try:
@@ -85,13 +87,16 @@ def bench(
         ignored, partly = shadowed_overrides(cells, list(set_ or []))
         if ignored:  # a --set the grid replaces in every cell would be silently without effect
             raise ignored[0]
+        if dry_run:
+            check_bench(spec, cells, executor)  # the run's own checks (run_bench repeats them): what passes, runs
     except FedsimError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None
     for line in partly:
         console.print(line, highlight=False, soft_wrap=True)
     if dry_run:
-        typer.echo(f"{grid}: ok ({spec.name}: {len(cells)} cells validated, {len(spec.attacks)} attack(s) x "
+        typer.echo(f"{grid}: ok ({spec.name}: {len(cells)} cells validated for --executor {executor}, "
+                   f"{len(spec.attacks)} attack(s) x "
                    f"{len(spec.defenses)} defense entr{'y' if len(spec.defenses) == 1 else 'ies'}, "
                    f"{spec.repeats} repeat(s)); dry run: nothing run or written")
         return

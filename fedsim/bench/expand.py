@@ -182,8 +182,22 @@ def _combos(sizes: list[int], design: str) -> list[tuple[int, ...]]:
     return [centre] + [centre[:a] + (j,) + centre[a + 1:] for a, n in enumerate(sizes) for j in range(1, n)]
 
 
+def check_base_attack_execution(base: dict[str, Any]) -> None:
+    """Refuse (ScenarioError at ``base.attack_execution.mode``) a base scenario asking for ``mode: ray``: a cell runs
+    its attacks serially (the parallelism is across cells; no Ray tasks nested in a cell's task), so the setting, and
+    the attacks' Ray-only ``resources.num_gpus`` / ``max_parallel`` with it, would be ignored. The grid itself cannot
+    set ``attack_execution`` (:data:`fedsim.bench.grid.FORBIDDEN_PATHS`); a serial base is kept as it is and
+    validated like any scenario."""
+    execution = base.get("attack_execution")
+    if isinstance(execution, dict) and execution.get("mode") == "ray":
+        raise ScenarioError("base.attack_execution.mode", "ray, but bench cells run their attacks serially (the "
+                                                          "parallelism is across cells): set mode: serial, e.g. "
+                                                          "--set base.attack_execution.mode=serial")
+
+
 def expand_grid(grid: Grid) -> list[Cell]:
     """Every cell of the grid in a deterministic order, each scenario validated (ScenarioError otherwise)."""
+    check_base_attack_execution(grid.base)
     cells: list[Cell] = []
     base_seed = int(grid.base.get("seed", 0)) if isinstance(grid.base.get("seed", 0), int) else 0
     for repeat in range(grid.repeats):
@@ -203,7 +217,6 @@ def expand_grid(grid: Grid) -> list[Cell]:
                         params[key] = axis.values[j]
                     builder.raw["seed"] = seed
                     builder.raw["backend"] = {"kind": "inprocess"}
-                    builder.raw["attack_execution"] = {"mode": "serial"}  # no Ray tasks nested in a cell's task
                     shown = {k.rsplit(".", 1)[-1]: v for k, v in params.items() if k.startswith("defenses.")}
                     defense = entry.label + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
                     where = f"{attack} x {defense}" + (f" {params}" if params else "") + f", repeat {repeat}"

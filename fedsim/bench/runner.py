@@ -89,6 +89,18 @@ def prepare_dir(grid: Grid, cells: list[Cell], out_dir: Path, retry_failed: bool
     return done
 
 
+def check_bench(grid: Grid, cells: list[Cell], executor: str) -> None:
+    """What a run checks beyond the cells' scenarios (``fedsim bench --dry-run`` runs the same, so what it accepts
+    runs): the executor's name and, for ``ray``, the per-cell resources this machine or Ray can never give
+    (:func:`fedsim.resources.check_bench_resources`). Raises FedsimError / ScenarioError (one line, the field)."""
+    if executor not in ("ray", "serial"):
+        raise FedsimError(f"--executor: unknown executor {executor!r} (ray or serial)")
+    if executor == "ray":
+        from fedsim.resources import check_bench_resources
+
+        check_bench_resources(grid, cells)  # a request this machine cannot meet would queue forever, or fail
+
+
 def run_bench(grid: Grid, out_dir: Path, executor: str = "ray", progress: BenchProgress | None = None,
               max_parallel: int | None = None, retry_failed: bool = False, verbose: bool = False,
               cells: list[Cell] | None = None) -> BenchResult:
@@ -96,14 +108,9 @@ def run_bench(grid: Grid, out_dir: Path, executor: str = "ray", progress: BenchP
 
     ``cells``: the grid's expansion when the caller already has it (it is validated here otherwise).
     """
-    if executor not in ("ray", "serial"):
-        raise FedsimError(f"--executor: unknown executor {executor!r} (ray or serial)")
     if cells is None:
         cells = expand_grid(grid)  # validates every cell before anything is written
-    if executor == "ray":
-        from fedsim.resources import check_bench_resources
-
-        check_bench_resources(grid, cells)  # a request this machine cannot meet would queue forever, or fail
+    check_bench(grid, cells, executor)
     out_dir = Path(out_dir).resolve()
     claim_dir(out_dir, BENCH, "--out", "bench directory")  # new, empty or fedsim's own: nothing else is touched
     lock = open(out_dir / LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run; the OS drops it if we die
