@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Generator, Sequence
 from typing import Generic, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedsim.attacks.base import ProgressFn
 from fedsim.attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook, past
@@ -62,11 +62,37 @@ class ScheduleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["full", "halving"] = Field("full", description="full: every restart runs budget.iterations; "
-                                             "halving: successive halving by the matching loss")
+                                             "halving: successive halving by the matching loss. A halving plan that "
+                                             "would prune nothing (restarts <= min_keep, an eta too small to drop "
+                                             "one, a first rung as long as the budget) runs as full and its stats "
+                                             "say so: schedule_halving 0, one rung")
     eta: float = Field(2.0, gt=1, description="halving: keep ceil(n / eta) restarts per rung; rungs grow eta-fold")
-    first_rung: float = Field(1 / 8, gt=0, le=1, description="halving: length of the first rung as a fraction "
-                              "of budget.iterations")
+    first_rung: float = Field(1 / 8, gt=0, description="halving: length of the first rung as a fraction "
+                              "of budget.iterations, below 1 (1 would run every restart to the end: use kind: full)")
     min_keep: int = Field(1, ge=1, description="halving: restarts that run to the end")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: object) -> object:
+        """``schedule: halving`` / ``schedule: full`` mean ``{kind: ...}``; any other non-mapping is refused by
+        naming the forms (never the Python class)."""
+        if isinstance(data, str):
+            if data not in ("full", "halving"):
+                raise ValueError(f"{data!r} is not a schedule: write full or halving, or {{kind: halving, eta: 2, "
+                                 "first_rung: 0.125, min_keep: 1}")
+            return {"kind": data}
+        if data is not None and not isinstance(data, dict | BaseModel):
+            raise ValueError(f"{data!r} is not a schedule: write full or halving, or {{kind: halving, eta: 2, "
+                             "first_rung: 0.125, min_keep: 1}")
+        return data
+
+    @field_validator("first_rung")
+    @classmethod
+    def _first_rung_below_one(cls, value: float) -> float:
+        if value >= 1:
+            raise ValueError(f"{value:g} is the whole budget: no restart would ever be pruned (that is kind: full); "
+                             "use a fraction below 1 (default 0.125)")
+        return value
 
 
 def rungs(spec: ScheduleSpec, restarts: int, iterations: int) -> list[tuple[int, int]]:
@@ -82,7 +108,13 @@ def rungs(spec: ScheduleSpec, restarts: int, iterations: int) -> list[tuple[int,
         plan.append((alive, until))
         alive, until = max(spec.min_keep, math.ceil(alive / spec.eta)), min(iterations, math.ceil(until * spec.eta))
     plan.append((alive, iterations))
-    return plan
+    return plan if prunes(plan) else [(restarts, iterations)]  # nothing pruned: exactly full's plan
+
+
+def prunes(plan: Sequence[tuple[int, int]]) -> bool:
+    """Does ``plan`` (:func:`rungs`) ever drop a restart? ``schedule_halving`` in the stats is this, not the kind
+    asked for: a halving plan that prunes nothing ran as full."""
+    return any(later[0] < earlier[0] for earlier, later in zip(plan, plan[1:], strict=False))
 
 
 def planned_iterations(plan: Sequence[tuple[int, int]]) -> int:
@@ -214,14 +246,15 @@ def run_schedule(spec: ScheduleSpec, cohort: Cohort[T], restarts: int, iteration
     score lower there than a survivor at its end when the matching loss is not monotone (signed Adam, a loss that
     adds a prior). Pruned restarts are booked with the loss they were pruned at and count in ``runs``; only when no
     survivor is usable (all diverged) is the best of them returned, and ``best_pruned`` is 1.
-    Returns the schedule's stats: ``schedule_halving`` (0/1; under halving also ``schedule_eta``,
+    Returns the schedule's stats: ``schedule_halving`` (0/1: 1 when the plan prunes, 0 for full and for a halving
+    plan that prunes nothing, which runs as full; with kind halving also ``schedule_eta``,
     ``schedule_first_rung`` and ``schedule_min_keep``), ``rungs``, ``rung{j}_restarts`` and
     ``rung{j}_iterations`` (the iteration rung j ends at), ``best_pruned`` (0/1), ``iterations_spent`` (over all
     restarts).
     """
     plan = rungs(spec, restarts, iterations)
     alive, pruned = list(range(restarts)), {}
-    stats = {"schedule_halving": float(spec.kind == "halving"), "rungs": 0.0}
+    stats = {"schedule_halving": float(prunes(plan)), "rungs": 0.0}  # 1 only when restarts really were pruned
     if spec.kind == "halving":  # the plan's parameters, recorded with the result (metrics.json, bench cells)
         stats.update(schedule_eta=spec.eta, schedule_first_rung=spec.first_rung, schedule_min_keep=float(spec.min_keep))
     for j, (keep, until) in enumerate(plan):

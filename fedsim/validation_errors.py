@@ -26,6 +26,20 @@ def format_loc(loc: tuple[Any, ...]) -> str:
 _TYPE_TAGS = frozenset({"int", "float", "str", "bool", "none", "bytes", "list", "dict", "set", "tuple"})
 
 
+#: pydantic error types whose message names a Python class ("... instance of ScheduleSpec"): a YAML author wrote
+#: something that is not a block of fields there.
+_CLASS_NAMING = frozenset({"model_type", "model_attributes_type", "dataclass_type", "dataclass_exact_type",
+                           "is_instance_of", "is_subclass_of"})
+
+
+def _message(error: Any) -> str:
+    """pydantic's message for one error, with no Python class named: a block given a scalar or a list reads
+    'Input should be a block of fields (name: value, ...), not 3'."""
+    if error["type"] in _CLASS_NAMING:
+        return f"Input should be a block of fields (name: value, ...), not {error.get('input')!r}"
+    return str(error["msg"])
+
+
 def _union_tag(part: Any) -> bool:
     """Is ``part`` of an error location pydantic's tag of a union member (``literal['all']``, ``list[int]``,
     ``float``, ``constrained-int`` for ``Annotated[int, Field(ge=0)]``) rather than a field name?"""
@@ -45,7 +59,8 @@ def _union_error(errors: list[Any]) -> tuple[str, str] | None:
         eloc = tuple(e["loc"])
         if eloc[:cut] != loc[:cut] or len(eloc) <= cut or not _union_tag(eloc[cut]):
             continue
-        msg = str(e["msg"]).removeprefix("Value error, ").removeprefix("Input should be ").split(",")[0]
+        msg = _message(e).removeprefix("Value error, ").removeprefix("Input should be ")
+        msg = msg if e["type"] in _CLASS_NAMING else msg.split(",")[0]
         where = format_loc(("x", *eloc[cut + 1 :]))[1:]
         form = f"{msg} (at {where.lstrip('.')})" if where else msg
         if form not in forms:
@@ -58,7 +73,7 @@ def _first_error(err: ValidationError) -> ScenarioError:
     if union is not None:
         return ScenarioError(*union)
     first = err.errors()[0]
-    path, reason = format_loc(tuple(first["loc"])), first["msg"]
+    path, reason = format_loc(tuple(first["loc"])), _message(first)
     if reason.startswith("Value error, "):
         reason = reason[len("Value error, ") :]
     if "|" in reason and isinstance(first.get("ctx", {}).get("error"), _PathError):
