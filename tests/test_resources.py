@@ -224,3 +224,20 @@ def test_bench_refuses_a_base_asking_for_ray_attack_tasks(two_cpus_no_gpu, tmp_p
     _one_line_exit_2(CliRunner().invoke(app, serial), "resources.num_gpus")
     result = CliRunner().invoke(app, [*serial, "--set", "base.attacks.0.resources.num_gpus=0"])
     assert result.exit_code == 0 and "1 cells validated" in result.output, result.output
+
+
+def test_serial_bench_executor_refuses_or_notes_what_it_does_not_read(two_cpus_no_gpu, tmp_path: Path) -> None:
+    """The same kind for ``--executor serial``: ``--max-parallel`` was ignored, ``resources.num_cpus`` (each cell's
+    torch threads) was not checked against the machine, and the grid's Ray-only fields were dropped without a word."""
+    runner, out = CliRunner(), tmp_path / "bench"
+    serial = ["--executor", "serial", "--out", str(out)]
+    for extra in (["--dry-run"], []):
+        _one_line_exit_2(runner.invoke(app, ["bench", str(_grid(tmp_path)), *serial, "--max-parallel", "2", *extra]),
+                         "--max-parallel")
+        _one_line_exit_2(runner.invoke(app, ["bench", str(_grid(tmp_path, resources={"num_cpus": 64})), *serial,
+                                             *extra]), "resources.num_cpus")
+    assert not out.exists()
+    grid = _grid(tmp_path, resources={"num_gpus": 0.5}, max_parallel=3)
+    result = runner.invoke(app, ["bench", str(grid), *serial, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "resources.num_gpus 0.5 and max_parallel 3" in result.output and "not used" in result.output

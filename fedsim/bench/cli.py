@@ -78,7 +78,7 @@ def bench(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from fedsim.bench.expand import expand_grid, shadowed_overrides
     from fedsim.bench.grid import load_grid
-    from fedsim.bench.runner import BenchProgress, check_bench, run_bench
+    from fedsim.bench.runner import BenchProgress, check_bench, executor_notes, run_bench
 
     overrides = list(set_ or []) + ([f"ray.address={address}"] if address else [])
     try:
@@ -87,12 +87,12 @@ def bench(
         ignored, partly = shadowed_overrides(cells, list(set_ or []))
         if ignored:  # a --set the grid replaces in every cell would be silently without effect
             raise ignored[0]
-        if dry_run:
-            check_bench(spec, cells, executor)  # the run's own checks (run_bench repeats them): what passes, runs
+        if dry_run:  # the run's own checks (run_bench repeats them): what passes, runs
+            check_bench(spec, cells, executor, max_parallel)
     except FedsimError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None
-    for line in partly:
+    for line in partly + executor_notes(spec, executor):
         console.print(line, highlight=False, soft_wrap=True)
     if dry_run:
         typer.echo(f"{grid}: ok ({spec.name}: {len(cells)} cells validated for --executor {executor}, "

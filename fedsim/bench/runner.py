@@ -29,7 +29,7 @@ from fedsim.bench.cell import run_cell
 from fedsim.bench.expand import Cell, expand_grid
 from fedsim.bench.grid import Grid
 from fedsim.bench.store import CELLS_FILE, append_record, drop_records, read_records, repair
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.outputs import BENCH, RUN, claim_dir, is_empty_dir, is_owned, remove_owned
 
 GRID_FILE = "grid.yaml"
@@ -89,16 +89,41 @@ def prepare_dir(grid: Grid, cells: list[Cell], out_dir: Path, retry_failed: bool
     return done
 
 
-def check_bench(grid: Grid, cells: list[Cell], executor: str) -> None:
+def check_bench(grid: Grid, cells: list[Cell], executor: str, max_parallel: int | None = None) -> None:
     """What a run checks beyond the cells' scenarios (``fedsim bench --dry-run`` runs the same, so what it accepts
-    runs): the executor's name and, for ``ray``, the per-cell resources this machine or Ray can never give
-    (:func:`fedsim.resources.check_bench_resources`). Raises FedsimError / ScenarioError (one line, the field)."""
+    runs): the executor's name; for ``ray``, the per-cell resources this machine or Ray can never give
+    (:func:`fedsim.resources.check_bench_resources`); for ``serial``, ``--max-parallel`` (it would be ignored) and
+    ``resources.num_cpus`` (each cell's torch threads) above this machine's CPUs. Raises FedsimError / ScenarioError
+    (one line, the field)."""
     if executor not in ("ray", "serial"):
         raise FedsimError(f"--executor: unknown executor {executor!r} (ray or serial)")
     if executor == "ray":
         from fedsim.resources import check_bench_resources
 
         check_bench_resources(grid, cells)  # a request this machine cannot meet would queue forever, or fail
+        return
+    if max_parallel is not None:
+        raise FedsimError("--max-parallel: only read with --executor ray (serial runs one cell at a time): remove it")
+    from fedsim.resources import available_cpus
+
+    cpus = available_cpus()
+    if grid.resources.num_cpus > cpus:
+        raise ScenarioError("resources.num_cpus", f"{grid.resources.num_cpus:g}: each cell's torch threads with "
+                                                  f"--executor serial, but this machine has {cpus} CPUs; ask for at "
+                                                  f"most {cpus}")
+
+
+def executor_notes(grid: Grid, executor: str) -> list[str]:
+    """One-line notes on grid fields the executor does not read (serial: ``resources.num_gpus``, ``max_parallel``,
+    which are for Ray's scheduling and change no number), so that nothing set is ignored without a word."""
+    if executor != "serial":
+        return []
+    unused = ([f"resources.num_gpus {grid.resources.num_gpus:g}"] if grid.resources.num_gpus > 0 else []) + (
+        [f"max_parallel {grid.max_parallel}"] if grid.max_parallel is not None else [])
+    if not unused:
+        return []
+    return [f"note: --executor serial runs one cell at a time in this process on each cell's device: the grid's "
+            f"{' and '.join(unused)} (Ray scheduling only) are not used"]
 
 
 def run_bench(grid: Grid, out_dir: Path, executor: str = "ray", progress: BenchProgress | None = None,
@@ -110,7 +135,7 @@ def run_bench(grid: Grid, out_dir: Path, executor: str = "ray", progress: BenchP
     """
     if cells is None:
         cells = expand_grid(grid)  # validates every cell before anything is written
-    check_bench(grid, cells, executor)
+    check_bench(grid, cells, executor, max_parallel)
     out_dir = Path(out_dir).resolve()
     claim_dir(out_dir, BENCH, "--out", "bench directory")  # new, empty or fedsim's own: nothing else is touched
     lock = open(out_dir / LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run; the OS drops it if we die
