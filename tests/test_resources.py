@@ -220,6 +220,11 @@ def test_bench_refuses_a_base_asking_for_ray_attack_tasks(two_cpus_no_gpu, tmp_p
         _one_line_exit_2(result, "base.attack_execution.mode")
         assert "serially" in result.output
     assert not out.exists()
+    base["attack_execution"] = "ray"  # the shorthand of {mode: ray}
+    _one_line_exit_2(CliRunner().invoke(app, ["bench", str(_grid(tmp_path, base=base)), "--dry-run"]),
+                     "base.attack_execution.mode")
+    base["attack_execution"] = {"mode": "ray"}
+    grid = _grid(tmp_path, base=base)
     serial = ["bench", str(grid), "--executor", "serial", "--dry-run", "--set", "base.attack_execution.mode=serial"]
     _one_line_exit_2(CliRunner().invoke(app, serial), "resources.num_gpus")
     result = CliRunner().invoke(app, [*serial, "--set", "base.attacks.0.resources.num_gpus=0"])

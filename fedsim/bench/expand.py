@@ -189,7 +189,8 @@ def check_base_attack_execution(base: dict[str, Any]) -> None:
     set ``attack_execution`` (:data:`fedsim.bench.grid.FORBIDDEN_PATHS`); a serial base is kept as it is and
     validated like any scenario."""
     execution = base.get("attack_execution")
-    if isinstance(execution, dict) and execution.get("mode") == "ray":
+    mode = execution.get("mode") if isinstance(execution, dict) else execution  # the shorthand: attack_execution: ray
+    if mode == "ray":
         raise ScenarioError("base.attack_execution.mode", "ray, but bench cells run their attacks serially (the "
                                                           "parallelism is across cells): set mode: serial, e.g. "
                                                           "--set base.attack_execution.mode=serial")
@@ -224,6 +225,8 @@ def expand_grid(grid: Grid) -> list[Cell]:
                         scenario = parse_scenario(builder.raw)
                     except ScenarioError as err:
                         raise builder.blame(err, where) from None
+                    if scenario.attack_execution.mode != "serial":  # any spelling check_base_attack_execution missed
+                        check_base_attack_execution({"attack_execution": {"mode": scenario.attack_execution.mode}})
                     cells.append(Cell(cell_id(attack, defense, params, repeat), attack, defense, params, repeat,
                                       seed, scenario.model_dump(mode="json"),
                                       tuple(builder.sources + builder.replaced)))
