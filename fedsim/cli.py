@@ -290,7 +290,13 @@ app.command("audit")(audit)
 
 
 def main() -> None:
-    app()
+    """The ``fedsim`` entry point. A :class:`FedsimError` raised outside a command's own handling (a plug-in that
+    fails to import while ``list`` fills the registries) still ends as one line and its exit code, no traceback."""
+    try:
+        app()
+    except FedsimError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise SystemExit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None
 
 
 if __name__ == "__main__":

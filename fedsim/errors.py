@@ -23,6 +23,11 @@ class RegistryError(FedsimError):
     """A name was looked up in a registry (datasets, models, attacks, defenses) that does not hold it."""
 
 
+class PluginImportError(FedsimError, ImportError):
+    """A plug-in module (``attacks/*.py``, ``defenses/*.py``) could not be imported while the registries were being
+    filled: the message names its file and the fix. Also an :class:`ImportError`, for callers that catch those."""
+
+
 class DataUnavailableError(FedsimError):
     """A dataset is not on disk and may not be downloaded; the message says where to put the files."""
 

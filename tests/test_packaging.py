@@ -66,7 +66,8 @@ def test_plugin_using_old_name_is_named_in_the_error(tmp_path: Path, monkeypatch
     (pkg / "my_attack.py").write_text("from attacks.base import Attack\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != ROOT])
-    with pytest.raises(ImportError, match=r"plug-in myplugins\.my_attack: 'attacks' is no longer a top-level package"):
+    with pytest.raises(ImportError, match=r"plug-in \S*my_attack\.py \(myplugins\.my_attack\): "
+                                          r"'attacks' is no longer a top-level package"):
         import_submodules("myplugins", [str(pkg)])
 
 
