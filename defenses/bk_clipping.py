@@ -37,14 +37,19 @@ def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
 
 
-def unsupported_layer(model: nn.Module) -> str | None:
-    """The first module owning a trainable parameter that book-keeping cannot handle (its name and why), or None."""
+def unsupported_layer(model: nn.Module, limit: int = 3) -> str | None:
+    """The modules owning a trainable parameter that book-keeping cannot handle, or None: the first ``limit`` by
+    name, each with why (for a module outside :data:`SUPPORTED`, the parameters it holds directly, e.g. a ViT's
+    ``cls_token, pos_embedding``), and how many more; joined with ``; ``."""
+    found: list[str] = []
     for name, module in model.named_modules():
         if not _trainable(module):
             continue
         why = None
         if not isinstance(module, SUPPORTED):
-            why = f"{type(module).__name__} holds trainable parameters"
+            held = ", ".join(f"{name}.{n}" if name else n for n, _ in _trainable(module))
+            why = (f"trainable parameter(s) {held} of {type(module).__name__} sit outside bk's layers "
+                   f"({', '.join(t.__name__ for t in SUPPORTED)})")
         elif isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
                                                 or isinstance(module.padding, str) and module.padding != "valid"):
             why = "Conv2d with groups, non-zero padding mode or 'same' padding"
@@ -52,8 +57,11 @@ def unsupported_layer(model: nn.Module) -> str | None:
                                                    or module.sparse):
             why = "Embedding with max_norm, scale_grad_by_freq or sparse"
         if why:
-            return f"{name or 'the model'}: {why}"
-    return None
+            found.append(why if why.startswith("trainable") else f"{name or 'the model'}: {why}")
+    if not found:
+        return None
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more
 
 
 class BookKeeping:

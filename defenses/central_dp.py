@@ -59,7 +59,7 @@ from pydantic import Field
 
 from fedsim.defenses.base import Defense, DefenseParams, register_defense
 from fedsim.defenses.dp_sgd import solve_noise_multiplier
-from fedsim.errors import IncompatibleDefenseError
+from fedsim.errors import IncompatibleDefenseError, ScenarioError
 from fedsim.privacy.accounting import opacus_epsilon
 from fedsim.scenario import DefenseSpec, Scenario
 from fedsim.seeding import derive_seed
@@ -224,7 +224,7 @@ class CentralDP(Defense):
                                            "not both")
         wrong = [k for k in (ADAPTIVE_ONLY if p.clipping == "fixed" else ("clipping_norm",)) if k in spec.params]
         if wrong:
-            raise IncompatibleDefenseError(f"params.{wrong[0]} does not apply to clipping: {p.clipping}")
+            raise ScenarioError(f"params.{wrong[0]}", f"does not apply to clipping: {p.clipping}")
         sigma = noise_multiplier_of(p, scenario)
         if p.clipping == "adaptive" and sigma > 0:
             stddev = p.clipped_count_stddev

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from fedsim.defenses.base import Defense, DefenseParams, register_defense
-from fedsim.errors import IncompatibleDefenseError
+from fedsim.errors import IncompatibleDefenseError, ScenarioError
 from fedsim.scenario import DefenseSpec, Scenario
 
 
@@ -39,12 +39,12 @@ class SecureAggregation(Defense):
         p = cls.Params.model_validate(spec.params)
         fed = scenario.federation
         if p.num_shares % 2 == 0:
-            raise IncompatibleDefenseError(f"params.num_shares must be odd (got {p.num_shares}): Flower's "
-                                           "SecAgg+ fails on even share counts")
+            raise ScenarioError("params.num_shares", f"must be odd (got {p.num_shares}): Flower's SecAgg+ fails on "
+                                                     "even share counts")
         if p.num_shares > fed.clients:
-            raise IncompatibleDefenseError(f"params.num_shares ({p.num_shares}) > federation.clients ({fed.clients})")
+            raise ScenarioError("params.num_shares", f"{p.num_shares} > federation.clients ({fed.clients})")
         if p.reconstruction_threshold >= p.num_shares:  # Flower's SecAggPlusWorkflow requires strictly less
-            raise IncompatibleDefenseError("params.reconstruction_threshold must be < params.num_shares")
+            raise ScenarioError("params.reconstruction_threshold", "must be < params.num_shares")
         if fed.sampled_per_round != fed.clients:
             raise IncompatibleDefenseError("secagg runs every client every round: remove federation.clients_per_round")
         others = [d.name for d in scenario.defenses if d.name != spec.name]

@@ -30,7 +30,7 @@ from torch import nn
 
 from fedsim.errors import DataUnavailableError, FedsimError, ScenarioError
 from fedsim.models.base import zero_inputs
-from fedsim.scenario import Scenario
+from fedsim.scenario import DefenseSpec, Scenario, plugin_error
 
 _SKIPPED: dict[str, str] = {}  # scenario JSON -> why the data checks were skipped (at most a few entries)
 
@@ -104,8 +104,6 @@ def _transformed_model(scenario: Scenario, setup) -> nn.Module:  # noqa: ANN001
     for index, defense in _defenses_with_index(scenario, setup):
         try:
             model = defense.transform_model(model)
-        except ScenarioError:
-            raise
         except FedsimError as err:
             raise _at(f"defenses[{index}]", err) from None
     return model
@@ -139,5 +137,11 @@ def _check_no_single_example_batch(scenario: Scenario, sizes: list[int]) -> None
 
 
 def _at(path: str, err: FedsimError) -> ScenarioError:
-    """``err`` (a plug-in's refusal) as a one-line ScenarioError at ``path``."""
-    return ScenarioError(path, str(err).splitlines()[0] if str(err) else type(err).__name__)
+    """``err`` (a defense's refusal) as a one-line ScenarioError at ``path`` (``defenses[i]``): a path of the
+    defense's own fields (``params.grad_sample_mode``) joins it (``defenses[0].params.grad_sample_mode``), as
+    :func:`fedsim.scenario.plugin_error` does for the scenario-time checks."""
+    if isinstance(err, ScenarioError):
+        err = ScenarioError(err.path, err.reason.splitlines()[0] if err.reason else "")
+    else:
+        err = FedsimError(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return plugin_error(path, DefenseSpec(name="?"), err)

@@ -306,7 +306,13 @@ def plugin_error(where: str, spec: PluginSpec, err: FedsimError) -> ScenarioErro
     that starts with a field of the spec (``knowledge.bn_stats``, ``params.label_strategy``) is taken
     relative to it; a path that starts with another top-level scenario field (``model.name``,
     ``federation.protocol``, ``federation.local.optimizer``) is the field to edit and is kept as it is; any other
-    error is reported at ``where`` with its whole message."""
+    error is reported at ``where`` with its whole message. A plain error whose message starts with such a path
+    (``params.grad_sample_mode: bk cannot ...``) is read the same way, so the path is never printed as
+    ``defenses[0]: params.x``."""
+    if not isinstance(err, ScenarioError):
+        path, sep, reason = str(err).partition(": ")
+        if sep and " " not in path and path:
+            err = ScenarioError(path, reason)
     if isinstance(err, ScenarioError):
         head = err.path.split(".")[0].split("[")[0]
         if head in type(spec).model_fields:
