@@ -113,7 +113,7 @@ def _print_result(result) -> None:  # noqa: ANN001
         out(f"global objective: {objective[0]['zo_objective']:.4g} -> {objective[-1]['zo_objective']:.4g} "
             f"({objective[-1]['zo_queries']:.0f} queries)")
     from fedsim.metrics.text import text_line
-    from fedsim.outcomes import outcome_label
+    from fedsim.outcomes import outcome_label, time_limit_note
     from fedsim.report.divergence import divergence_note
 
     diverged = divergence_note(result.history)
@@ -150,6 +150,9 @@ def _print_result(result) -> None:  # noqa: ANN001
             why = (getattr(o, "stats", None) or {}).get("nothing_isolated")
             if why:  # ran and isolated nothing: a measured 0, not a failure
                 out(f"  nothing recovered: {why}")
+        limited = None if o.failed else time_limit_note(getattr(o, "stats", None))
+        if limited:  # stopped by budget.time_limit_s: scored, but its numbers depend on wall time
+            out(f"  {limited}")
     if getattr(result, "audit", None):  # an audit: block: the bound vs the accountant (summary.md has the rest)
         from fedsim.report.audit import audit_line
 

@@ -168,7 +168,7 @@ def test_leaderboard_mean_std_sorting_and_failed_cells(tmp_path: Path) -> None:
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         assert reader.fieldnames == CSV_HEAD + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")] + [
-                "diverged", "diverged_reason", "attacks_not_attacked"]
+                "diverged", "diverged_reason", "attacks_not_attacked", "attacks_time_limited"]
         table = list(reader)
     assert len(table) == 5
     assert float(table[1]["psnr_mean_mean"]) == pytest.approx(12.0)
@@ -288,3 +288,56 @@ def test_an_unusable_cell_record_is_reported_not_fatal(tmp_path: Path) -> None:
     source = load_source(bench)
     assert [c.cell_id for c in source.cells] == ["a"] and source.skipped_lines == [2]
     assert render_report(bench).is_file()
+
+
+def test_the_grad_sample_mode_that_ran_is_shown_beside_the_setting(dp_run_dir: Path) -> None:
+    """QA F5: dp_sgd asks ``grad_sample_mode: auto`` (the default); the tiny MLP holds only Linear layers, all of
+    which book-keeping clips (defenses/bk_clipping.SUPPORTED), so auto runs bk: summary.md and report.html say
+    ``auto -> bk``, not only the setting."""
+    from fedsim.defenses.bk_clipping import SUPPORTED
+    from fedsim.models import build_model
+
+    model = build_model(parse_scenario(TINY).model, (1, 8, 8), 10)
+    assert all(isinstance(m, SUPPORTED) for m in model.modules() if list(m.parameters(recurse=False)))
+    assert load_metrics(dp_run_dir)["privacy"]["dp_sgd"]["grad_sample_mode"] == "bk"
+    render_report(dp_run_dir)
+    for name in ("summary.md", "report.html"):
+        text = (dp_run_dir / name).read_text()
+        assert "per-example gradients (grad_sample_mode): auto \u2192 bk" in text, name
+
+
+def test_a_time_limited_attack_is_marked_in_every_output(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """QA F9: an outcome whose attack hit ``budget.time_limit_s`` (stats ``time_limited`` 1) is scored, and the
+    console line, summary.md, report.html, the bench cell line and leaderboard.csv all mark it."""
+    from types import SimpleNamespace
+
+    from fedsim.bench.cli import _describe
+    from fedsim.bench.store import summarize_run
+    from fedsim.cli import _print_result
+    from fedsim.report.summary import summary_markdown
+
+    copy_dir = tmp_path / "limited"
+    shutil.copytree(run_dir, copy_dir)
+    metrics = json.loads((copy_dir / "metrics.json").read_text())
+    metrics["attacks"][0]["stats"].update(time_limited=1.0, iterations=4.0)
+    (copy_dir / "metrics.json").write_text(json.dumps(metrics))
+    o = metrics["attacks"][0]
+    outcome = SimpleNamespace(attack=o["attack"], oracle=False, round=o["round"], partition_id=o["client"],
+                              failed=None, metrics=o["metrics"], stats=o["stats"], oracle_labels=False, seconds=0.3,
+                              truth=None, staleness=0, threat_model="", manipulated_by=None)
+    _print_result(SimpleNamespace(history=[], client_failures=[], outcomes=[outcome], out_dir=None,
+                                  timing={"federation_s": 0.0, "attacks_s": 0.0}))
+    want = "time-limited: budget.time_limit_s stopped it after 4 iteration(s)"
+    shown = {"console": capsys.readouterr().out,
+             "summary.md": summary_markdown(parse_scenario(TINY), [], [outcome], {}, {}),
+             "report.html": render_report(copy_dir).read_text(),
+             "bench line": _describe({"attack": "ig", "defense": "none", "params": {}, "repeat": 0, "status": "ok",
+                                      "seconds": 1.0, "summary": summarize_run(metrics)})}
+    assert want in shown["console"] and want in shown["summary.md"]
+    assert "(time-limited)" in shown["summary.md"]  # on the row itself, beside the PSNR
+    assert "time-limited 1</span>" in shown["report.html"]
+    assert "TIME-LIMITED: 1 attack run(s)" in shown["bench line"]
+    with (copy_dir / "report" / "leaderboard.csv").open(newline="") as fh:
+        assert [r["attacks_time_limited"] for r in csv.DictReader(fh)] == ["1"]
+    untouched = render_report(run_dir).read_text()  # the same run without the limit: no mark anywhere
+    assert "time-limited" not in untouched and "time-limited" not in (run_dir / "summary.md").read_text()

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedsim import jsonio
 from fedsim.headline import LEAKAGE_KEYS  # image, model-inversion and text keys (one registry)
-from fedsim.outcomes import was_not_attacked
+from fedsim.outcomes import time_limited_count, was_not_attacked
 from fedsim.privacy.summary import epsilon_fields, run_privacy
 from fedsim.report.divergence import divergence_note
 
@@ -129,6 +129,9 @@ def summarize_run(result_or_metrics: Any) -> dict[str, Any]:
                 else [o.to_json() for o in result_or_metrics.outcomes])
     if any(o.get("oracle") for o in outcomes):
         summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
+    limited = time_limited_count(outcomes)
+    if limited:  # scored outcomes that budget.time_limit_s stopped: their numbers depend on wall time
+        summary["attacks_time_limited"] = limited
     evaluated = [h for h in history if h.get("test_accuracy") is not None]
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
     losses = [h for h in history if isinstance(h.get("test_loss"), int | float)]

@@ -17,7 +17,7 @@ import yaml
 from fedsim import jsonio
 from fedsim.errors import FedsimError
 from fedsim.headline import LEAKAGE_KEYS  # image, model-inversion and text keys (one registry)
-from fedsim.outcomes import was_not_attacked
+from fedsim.outcomes import time_limited_count, was_not_attacked
 from fedsim.outputs import confined
 from fedsim.privacy.summary import epsilon_fields, run_privacy
 from fedsim.report.metrics_check import check_metrics
@@ -127,6 +127,9 @@ def summarize_metrics(metrics: dict[str, Any], attack_index: int | None = None) 
                                                   if was_not_attacked(o.get("failed"))})
     if any(o.get("oracle") for o in outcomes):
         summary["oracle"] = True  # the runner marked an outcome oracle (ground truth handed or used to select)
+    limited = time_limited_count(outcomes)
+    if limited:  # scored outcomes that budget.time_limit_s stopped: their numbers depend on wall time
+        summary["attacks_time_limited"] = limited
     summary["test_accuracy"] = float(evaluated[-1]["test_accuracy"]) if evaluated else None
     losses = [h for h in metrics.get("utility") or [] if isinstance(h.get("test_loss"), int | float)]
     if losses:  # a regression task's utility (no accuracy), as fedsim.bench.store.summarize_run records it

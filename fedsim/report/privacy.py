@@ -43,8 +43,28 @@ SAMPLE_DP_NAMES = {
 }
 
 
-def dp_sgd_lines(s: Mapping[str, Any]) -> list[str]:
-    """DP-SGD / DP-SAT / DP-SAM: the distribution over clients, then one line per client (capped)."""
+def requested_mode(defenses: Any) -> str | None:
+    """The ``grad_sample_mode`` the scenario's DP-SGD-family defense asks for (``defenses``: scenario.yaml's list of
+    dicts, or :class:`fedsim.scenario.DefenseSpec` objects); ``auto`` (the default) when its params omit it; None
+    without such a defense."""
+    for d in defenses or []:
+        name, params = (d.get("name"), d.get("params")) if isinstance(d, Mapping) else (d.name, d.params)
+        if name in SAMPLE_DP_NAMES:
+            return str((params or {}).get("grad_sample_mode", "auto"))
+    return None
+
+
+def mode_text(ran: Any, requested: str | None) -> str | None:
+    """``auto -> bk``: the mode that ran (the privacy block's ``grad_sample_mode``), after the requested one when
+    they differ; None when the run recorded none."""
+    if not isinstance(ran, str) or not ran:
+        return None
+    return f"{requested} \u2192 {ran}" if requested and requested != ran else ran
+
+
+def dp_sgd_lines(s: Mapping[str, Any], requested: str | None = None) -> list[str]:
+    """DP-SGD / DP-SAT / DP-SAM: the distribution over clients, the per-example gradient mode that ran (after the
+    ``requested`` setting, e.g. ``auto -> bk``), then one line per client (capped)."""
     method = s.get("method")
     name = SAMPLE_DP_NAMES.get(method if isinstance(method, str) else "dp_sgd", f"{method} (sample-level)")
     lines = [
@@ -53,6 +73,9 @@ def dp_sgd_lines(s: Mapping[str, Any]) -> list[str]:
         f"{_eps(s.get('epsilon_min'))} (Opacus); dp_accounting max RDP {_eps(s.get('epsilon_dp_accounting_rdp_max'))}, "
         f"PLD {_eps(s.get('epsilon_dp_accounting_pld_max'))}",
     ]
+    mode = mode_text(s.get("grad_sample_mode"), requested)
+    if mode:  # what ran: auto picks per model (fedsim.defenses.dp_modes); the same clipping and noise, any mode
+        lines.append(f"per-example gradients (grad_sample_mode): {mode}")
     clients = s.get("clients") or {}
     for pid, c in list(clients.items())[:MAX_CLIENT_LINES]:
         lines.append(f"client {pid}: epsilon {_eps(c.get('epsilon'))} (dp_accounting RDP "
@@ -82,21 +105,22 @@ def diff2_lines(d: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def privacy_lines(privacy: Mapping[str, Any] | None) -> list[str]:
-    """All lines for a privacy block; empty without DP."""
+def privacy_lines(privacy: Mapping[str, Any] | None, defenses: Any = None) -> list[str]:
+    """All lines for a privacy block; empty without DP. ``defenses``: the scenario's (for the requested
+    ``grad_sample_mode`` beside the one that ran)."""
     if not isinstance(privacy, Mapping):
         return []
     lines: list[str] = []
     if isinstance(privacy.get("central_dp"), Mapping):
         lines += central_lines(privacy["central_dp"])
     if isinstance(privacy.get("dp_sgd"), Mapping):
-        lines += dp_sgd_lines(privacy["dp_sgd"])
+        lines += dp_sgd_lines(privacy["dp_sgd"], requested_mode(defenses))
     if isinstance(privacy.get("diff2"), Mapping):
         lines += diff2_lines(privacy["diff2"])
     return lines
 
 
-def privacy_markdown(privacy: Mapping[str, Any] | None) -> list[str]:
-    """A ``## Privacy`` section for summary.md (no lines without DP)."""
-    lines = privacy_lines(privacy)
+def privacy_markdown(privacy: Mapping[str, Any] | None, defenses: Any = None) -> list[str]:
+    """A ``## Privacy`` section for summary.md (no lines without DP); ``defenses`` as for :func:`privacy_lines`."""
+    lines = privacy_lines(privacy, defenses)
     return ["## Privacy", "", *[f"- {line}" for line in lines], ""] if lines else []

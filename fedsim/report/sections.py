@@ -136,7 +136,7 @@ def run_header(source: Source) -> tuple[str, str]:
         ("time", esc(f"federation {num(t.get('federation_s'), 1)} s, attacks {num(t.get('attacks_s'), 1)} s, "
                      f"total {num(t.get('total_s'), 1)} s; finished {_when(source.path / 'metrics.json')}")),
     ]
-    privacy = privacy_lines(metrics.get("privacy"))
+    privacy = privacy_lines(metrics.get("privacy"), scn.get("defenses"))
     if privacy:
         items.append(("privacy", "<br>".join(esc(line) for line in privacy)))
     desc = f"<p>{esc(scn.get('description', '')).strip()}</p>" if scn.get("description") else ""
@@ -214,7 +214,9 @@ def leaderboard_section(rows: Sequence[LeaderRow], csv_name: str) -> str:
         tag = ' <span class="tag oracle">oracle</span>' if oracle else ""
         diverged = (f' <span class="bad" title="{esc(r.diverged_reasons)}">diverged {len(r.diverged)}/{r.ok}</span>'
                     if r.diverged else "")
-        cells = [str(i), esc(r.attack.replace(" (oracle)", "")) + tag, esc(r.defense) + diverged]
+        limited = (' <span class="bad" title="budget.time_limit_s stopped these attack runs: the numbers depend on '
+                   f'wall time">time-limited {r.time_limited}</span>' if r.time_limited else "")
+        cells = [str(i), esc(r.attack.replace(" (oracle)", "")) + tag + limited, esc(r.defense) + diverged]
         cells += [esc(params_label(r.params))] if with_params else []
         failed = r.failed + r.attacks_failed
         cells += [f"{r.ok}/{len(r.cells)}", f'<span class="bad">{failed}</span>' if failed else "0"]

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedsim.augment import describe, scoring_note
-from fedsim.outcomes import outcome_label
+from fedsim.outcomes import outcome_label, time_limit_note
 from fedsim.recovery import EXACT_LABEL, EXACT_PSNR_DB, FRAC_EXACT_KEY, exact_count
 from fedsim.report.audit import audit_markdown
 from fedsim.report.client_checks import client_checks_markdown
@@ -92,7 +92,7 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
     lines += [""] + participation_markdown(history, failures)
     lines += manipulation_markdown(history, client_metrics)  # a malicious server's rounds: cost, clients' flags
     lines += client_checks_markdown(client_metrics)  # which clients flagged the model they received, and where
-    lines += privacy_markdown(privacy)  # each epsilon from Opacus and from dp_accounting (RDP, PLD)
+    lines += privacy_markdown(privacy, scenario.defenses)  # each epsilon from Opacus and from dp_accounting (RDP, PLD)
     lines += audit_markdown(audit, images.get("audit"))  # "Is epsilon real?": accountant vs empirical epsilon
     lines += ["## Leakage", ""]
     if text is not None:  # a text run: sentences and text metrics, no PSNR (fedsim.report.text)
@@ -129,8 +129,9 @@ def summary_markdown(scenario: Scenario, history: Sequence[dict[str, float]], ou
                 lines.append(row)
                 continue
             labels = "given" if getattr(o, "oracle_labels", False) else _fmt(m.get("label_acc"))
+            limited = " (time-limited)" if time_limit_note(getattr(o, "stats", None)) else ""  # notes say more
             lines.append(
-                f"| {name} | {o.round} | {client} | {_fmt(m.get('psnr_mean'))} | {_fmt(m.get('psnr_best'))} | "
+                f"| {name} | {o.round} | {client} | {_fmt(m.get('psnr_mean'))}{limited} | {_fmt(m.get('psnr_best'))} | "
                 f"{_exact(m)} | {_fmt(m.get('ssim_mean'), 3)} | {_fmt(m.get('lpips_mean'), 3)} | {labels} | "
                 f"{o.seconds:.1f} |"
             )
@@ -165,6 +166,11 @@ def _oracle_notes(outcomes: Sequence[Any]) -> list[str]:
         if why and not o.failed:
             notes.append(f"- {o.attack} round {o.round} client {o.partition_id}: nothing recovered, a measured 0 "
                          f"(the attack ran; not a failure): {why}")
+    for o in outcomes:  # stopped by budget.time_limit_s: scored, but the numbers depend on wall time
+        limited = None if o.failed else time_limit_note(getattr(o, "stats", None))
+        if limited:
+            notes.append(f"- {o.attack} round {o.round} client {o.partition_id}: {limited} (machine load; serial "
+                         "and ray attack execution may differ)")
     if any(o.metrics.get("count_mismatch") for o in outcomes if not o.failed):
         notes.append("- count mismatch: the attack reconstructed the count the client declared (under DP-SGD "
                      "the expected batch size) and the real batch was smaller; each surplus image is scored as "
@@ -188,7 +194,9 @@ def _inversion_table(outcomes: Sequence[Any]) -> list[str]:
             lines.append(f"| {_named(o)} | {o.round} | {outcome_label(o.failed or m.get('failed'))} | | | | "
                          f"{o.seconds:.1f} |")
             continue
-        lines.append(f"| {_named(o)} | {o.round} | {_fmt(m.get('mi_accuracy'))} | {_fmt(m.get('mi_top5'))} | "
+        limited = time_limit_note(getattr(o, "stats", None))
+        lines.append(f"| {_named(o)} | {o.round} | {_fmt(m.get('mi_accuracy'))}"
+                     f"{f' ({limited})' if limited else ''} | {_fmt(m.get('mi_top5'))} | "
                      f"{_fmt(m.get('knn_distance'))} | {_fmt(m.get('target_confidence'), 3)} | {o.seconds:.1f} |")
     return lines + [""]
 

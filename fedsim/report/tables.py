@@ -90,6 +90,12 @@ class LeaderRow:
         return len(self.cells) - self.ok
 
     @property
+    def time_limited(self) -> int:
+        """Scored attack outcomes of the ok cells that ``budget.time_limit_s`` stopped (their numbers depend on
+        wall time: every output marks the row)."""
+        return sum(int(c.summary.get("attacks_time_limited") or 0) for c in self.cells if c.ok)
+
+    @property
     def attacks_failed(self) -> int:
         return sum(int(c.summary.get("attacks_failed") or 0) for c in self.cells if c.ok)
 
@@ -179,12 +185,13 @@ def present_metrics(rows: Sequence[LeaderRow]) -> list[tuple[str, str, int]]:
 def write_leaderboard_csv(rows: Sequence[LeaderRow], path: Path) -> Path:
     """``leaderboard.csv``: group columns, counts, then ``<metric>_mean`` and ``<metric>_std`` for every metric,
     then ``diverged`` (ok cells whose training diverged), ``diverged_reason`` and ``attacks_not_attacked``
-    (targets without an update, e.g. not sampled)."""
+    (targets without an update, e.g. not sampled), ``attacks_time_limited`` (scored runs ``budget.time_limit_s``
+    stopped)."""
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_HEAD + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")]
-                        + ["diverged", "diverged_reason", "attacks_not_attacked"])
+                        + ["diverged", "diverged_reason", "attacks_not_attacked", "attacks_time_limited"])
         for r in rows:
             line: list[Any] = [r.attack, r.defense, json.dumps(r.params, sort_keys=True, default=str), len(r.cells),
                                r.ok, r.failed, r.attacks_failed]
@@ -192,5 +199,5 @@ def write_leaderboard_csv(rows: Sequence[LeaderRow], path: Path) -> Path:
                 stat = r.stats.get(key)
                 line += ["" if stat is None else repr(stat.mean),
                          "" if stat is None or stat.std is None else repr(stat.std)]
-            writer.writerow(line + [len(r.diverged), r.diverged_reasons, r.not_attacked])
+            writer.writerow(line + [len(r.diverged), r.diverged_reasons, r.not_attacked, r.time_limited])
     return path
