@@ -165,12 +165,14 @@ def measure(models: list[str], modes: list[str], trials: int, steps: int) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=list(CONFIGS))
-    parser.add_argument("--modes", nargs="+", default=[*MODES, "auto"] if "auto" in get_args(
-        DPSGDParams.model_fields["grad_sample_mode"].annotation) else MODES)
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="MODEL",
+                        help=f"one or more of: {', '.join(CONFIGS)}")
+    modes = [*MODES, "auto"] if "auto" in get_args(DPSGDParams.model_fields["grad_sample_mode"].annotation) else MODES
+    parser.add_argument("--modes", nargs="+", default=modes, choices=modes, metavar="MODE",
+                        help=f"one or more of: {', '.join(modes)}")
     args = parser.parse_args()
     if sys.platform.startswith("linux") and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors return to the system (see module doc)

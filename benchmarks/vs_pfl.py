@@ -32,9 +32,30 @@ import time
 import warnings
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+NOT_INSTALLED = "vs_pfl: pfl is not installed (pip install pfl, in a separate venv); nothing compared"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved runs; the fastest of each is kept")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
+    parser.add_argument("--ray", action="store_true", help="also time fedsim on the Ray backend (fewer repeats)")
+    parser.add_argument("--no-dp", action="store_true", help="skip the central-DP comparison")
+    return parser
+
+
+if __name__ == "__main__":  # --help, bad arguments and an absent pfl answer before torch loads (~5 s)
+    _parser().parse_args()
+    if importlib.util.find_spec("pfl") is None:
+        print(NOT_INSTALLED)
+        sys.exit(0)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 CLIP, SIGMA, DELTA, LR, BATCH, EVAL_BATCH = 1.0, 1.0, 1e-5, 0.05, 16, 256
 
@@ -202,17 +223,9 @@ def best(fn: Callable[[], float], into: list[float]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved runs; the fastest of each is kept")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--clients", type=int, default=100)
-    parser.add_argument("--per-round", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
-    parser.add_argument("--ray", action="store_true", help="also time fedsim on the Ray backend (fewer repeats)")
-    parser.add_argument("--no-dp", action="store_true", help="skip the central-DP comparison")
-    args = parser.parse_args()
+    args = _parser().parse_args()
     if importlib.util.find_spec("pfl") is None:
-        print("vs_pfl: pfl is not installed (pip install pfl, in a separate venv); nothing compared")
+        print(NOT_INSTALLED)
         return 0
     torch.set_num_threads(args.threads)
     logging.getLogger("absl").setLevel(logging.ERROR)  # pfl's RDP accountant logs each order it cannot sum
