@@ -49,9 +49,14 @@ def test_a_default_that_differs_between_compared_attacks_is_caught(tmp_path: Pat
            "attacks": [{"name": "inverting_gradients"}, {"name": "dia"}]}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
+    # IG's restart schedule defaults to halving (issue 17), DIA's to full: a default difference too.
+    assert attack_comparison(path, Study(("name",))).unexplained() == {
+        "attacks[1] dia": ["params.schedule.kind", "params.tv"]}
+    raw["attacks"][0]["params"] = {"schedule": {"kind": "full"}}
+    path.write_text(yaml.safe_dump(raw))
     old = attack_comparison(path, Study(("name",)))
     assert old.unexplained() == {"attacks[1] dia": ["params.tv"]}
-    raw["attacks"][0]["params"] = {"tv": 1e-5}
+    raw["attacks"][0]["params"] = {"tv": 1e-5, "schedule": {"kind": "full"}}
     path.write_text(yaml.safe_dump(raw))
     assert attack_comparison(path, Study(("name",))).unexplained() == {}
     # A knowledge or budget difference is never a method's own parameter.
