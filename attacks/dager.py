@@ -171,6 +171,7 @@ class Dager(Attack):
                                          "seconds": time.perf_counter() - start}
         if partial:
             stats["partial"] = partial
+            stats["time_limited"] = float(partial.startswith("budget.time_limit_s"))  # every output marks it
         tokens = seqs if len(seqs) else torch.empty(0, seq_len, dtype=torch.int64)
         return Reconstruction(images=None, labels=None, tokens=tokens.to(torch.int64), stats=stats)
 

@@ -118,3 +118,17 @@ def test_a_bench_of_text_attacks_shows_each_rows_sentences(tmp_path: Path) -> No
     assert "token_set \u00b7" in page and "dager \u00b7" in page  # one text block per row
     assert "recovered bag" in page and "<table class=\"text\">" in page  # token_set's bag, dager's pairs
     assert "no images" not in page
+
+
+def test_a_time_limited_text_attack_is_marked_in_markdown_and_html() -> None:
+    """QA F9 for text runs: DAGER stopped by budget.time_limit_s (stats time_limited 1) is marked in summary.md's
+    text section and report.html's; the same outcome without the limit is not."""
+    from fedsim.report.text import text_outcomes_html
+
+    ids = torch.tensor([encode(TOK, "a b c")])
+    limited = outcome(ids, ids.clone(), rougeL_mean=1.0)
+    limited.stats.update(time_limited=1.0, partial="budget.time_limit_s reached after 8 starts")
+    for o, marked in ((limited, True), (outcome(ids, ids.clone(), rougeL_mean=1.0), False)):
+        records = text_records([o], TOK)
+        for text in ("\n".join(text_markdown(records)), text_outcomes_html(records)):
+            assert ("time-limited: budget" in text and "depends on wall time" in text) is marked, text

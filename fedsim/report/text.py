@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsim.outcomes import time_limit_note
+
 TEXT_FILE = "sentences.json"
 SHOWN_MD = 8  # sequences per outcome in summary.md
 SHOWN_HTML = 16  # ... and in report.html (all of them are in sentences.json)
@@ -80,6 +82,9 @@ def text_records(outcomes: Sequence[Any], tokenizer: str, sentences: bool = True
                                   "client": o.partition_id, "failed": o.failed, "seconds": round(o.seconds, 3),
                                   "oracle": bool(o.oracle), "metrics": metrics, "pairs": [], "bag": None,
                                   "sentences": sentences}
+        limited = None if o.failed else time_limit_note(getattr(o, "stats", None))
+        if limited:  # stopped by budget.time_limit_s: scored, but its numbers depend on wall time
+            record["time_limited"] = limited
         truth = _rows(getattr(o, "truth_tokens", None))
         if sentences and truth is not None and not o.failed:
             record["pairs"] = _pairs(truth, _rows(getattr(o, "tokens", None)), o.metrics.get("order"), tokenizer)
@@ -199,6 +204,8 @@ def text_markdown(records: Sequence[dict[str, Any]]) -> list[str]:
         if r.get("failed"):
             lines.append(f"**Attack failed:** {md_escape(str(r['failed']))}")
             continue
+        if r.get("time_limited"):
+            lines += [f"**{md_escape(str(r['time_limited']))}**", ""]
         if not r.get("sentences", True):
             lines.append("Sentences not saved (output.save_images: false).")
             continue
@@ -299,6 +306,8 @@ def text_outcomes_html(records: Sequence[dict[str, Any]]) -> str:
         detail = ", ".join(f"{title} {_num(m[key], digits)}" for key, title, digits in COLUMNS if key in m)
         oracle = ' <span class="tag oracle">oracle</span>' if r.get("oracle") else ""
         head = f"<h3>{html.escape(_title(r))}{oracle} <small>{html.escape(detail)}</small></h3>"
+        if r.get("time_limited"):
+            head += f'<p class="bad">{html.escape(str(r["time_limited"]))}</p>'
         if r.get("failed"):
             parts.append(f'<div class="gallery">{head}<p class="bad">attack failed: '
                          f"{html.escape(str(r['failed']))}</p></div>")
