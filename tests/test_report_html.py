@@ -339,5 +339,13 @@ def test_a_time_limited_attack_is_marked_in_every_output(run_dir: Path, tmp_path
     assert "TIME-LIMITED: 1 attack run(s)" in shown["bench line"]
     with (copy_dir / "report" / "leaderboard.csv").open(newline="") as fh:
         assert [r["attacks_time_limited"] for r in csv.DictReader(fh)] == ["1"]
+    from fedsim.report.gallery import load_reconstructions, save_reconstructions
+    from fedsim.report.html import _gallery
+
+    truth = torch.from_numpy(np.load(run_dir / "reconstructions.npz")["truth_0"]).float() / 255
+    outcome.truth = outcome.reconstruction = truth  # the outcome's own gallery entry, through reconstructions.npz
+    outcome.attack_index = 0
+    save_reconstructions([outcome], tmp_path / "r.npz")
+    assert want in _gallery(load_reconstructions(tmp_path / "r.npz")[0], "a", tmp_path, 0)
     untouched = render_report(run_dir).read_text()  # the same run without the limit: no mark anywhere
     assert "time-limited" not in untouched and "time-limited" not in (run_dir / "summary.md").read_text()

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from fedsim import jsonio
+from fedsim.outcomes import time_limit_note
 
 MAX_IMAGES = 64  # per outcome: enough for any gallery, small on disk
 
@@ -40,6 +41,7 @@ class GalleryEntry:
     psnr_per_image: list[float] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     nothing_isolated: str | None = None  # the attack ran and isolated no input: why (its stats; a measured 0)
+    time_limited: str | None = None  # budget.time_limit_s stopped it (fedsim.outcomes.time_limit_note)
 
     def pairs(self, limit: int) -> list[tuple[np.ndarray | None, np.ndarray | None, float | None, int | None]]:
         """(truth, matched reconstruction, PSNR, target class) per column, at most ``limit`` columns."""
@@ -102,6 +104,7 @@ def save_reconstructions(outcomes: Sequence[Any], path: Path) -> bool:
         meta.append({"attack": o.attack, "attack_index": o.attack_index, "round": o.round, "client": o.partition_id,
                      "oracle": bool(o.oracle), "failed": o.failed, "metrics": keep,
                      "nothing_isolated": (getattr(o, "stats", None) or {}).get("nothing_isolated"),
+                     "time_limited": None if o.failed else time_limit_note(getattr(o, "stats", None)),
                      "psnr_per_image": [float(v) for v in o.metrics.get("psnr_per_image") or []]})
     if not any(k.startswith(("truth_", "recon_")) for k in arrays):
         return False
@@ -127,7 +130,7 @@ def load_reconstructions(path: Path) -> list[GalleryEntry]:
             reconstruction=arrays.get(f"recon_{i}"), order=[] if order is None else [int(v) for v in order],
             labels=None if labels is None else [int(v) for v in labels],
             psnr_per_image=list(m.get("psnr_per_image") or []), metrics=dict(m.get("metrics") or {}),
-            nothing_isolated=m.get("nothing_isolated"),
+            nothing_isolated=m.get("nothing_isolated"), time_limited=m.get("time_limited"),
         ))
     return entries
 

@@ -142,6 +142,8 @@ def _gallery(entry: GalleryEntry, title: str, assets: Path, index: int) -> str:
     total = 0 if shown is None else len(shown)
     if total > len(pairs):
         more = f'<p class="note">first {len(pairs)} of {total} images shown.</p>'
+    if entry.time_limited:  # stopped by budget.time_limit_s: scored, but its numbers depend on wall time
+        more += f'<p class="bad">{esc(entry.time_limited)}</p>'
     if entry.nothing_isolated:  # ran, isolated nothing: a measured 0 (fedsim.threat.Reconstruction), not a failure
         more += f'<p class="note">nothing recovered (the attack ran; not a failure): {esc(entry.nothing_isolated)}</p>'
     grid = f'<div class="grid" style="--cols:{max(len(pairs), 1)}">{"".join(cells)}</div>'
