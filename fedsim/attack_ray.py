@@ -24,6 +24,7 @@ from fedsim.attack_tasks import (
     ray_task,
     restored,
 )
+from fedsim.ray_jobs import cpu_slots, local_or_joined_ray, run_bounded
 from fedsim.scenario import BackendSpec
 from fedsim.threat import Reconstruction
 
@@ -52,42 +53,25 @@ class RayExecutor:
         quiet_environment(self.verbose)
         import ray
 
-        started = not ray.is_initialized()
-        if started:
-            args = self.init_args()
-            if "address" not in args:
-                from fedsim.bench.ray_exec import _export_source_path
-
-                _export_source_path()  # a local Ray's workers import this checkout even when not pip-installed
-            ray.init(**args)
         remote = ray.remote(max_retries=0)(ray_task)
-        limit = self.max_parallel
-        if limit is None:  # as many as fit; Ray queues the rest anyway, this bounds the driver's bookkeeping
-            least = min(job_resources(j)["num_cpus"] for j in jobs)
-            limit = max(1, int(ray.cluster_resources().get("CPU", 1) // least))
-        pending = list(reversed(jobs))
-        in_flight: dict[Any, tuple[AttackJob, ProgressFn | None]] = {}
-        try:
-            while pending or in_flight:
-                while pending and len(in_flight) < limit:
-                    job = pending.pop()
-                    ref = remote.options(**job_resources(job)).remote(portable(job))
-                    in_flight[ref] = (job, progress(job.label, job.total) if progress else None)
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                for ref in ready:
-                    job, bar = in_flight.pop(ref)
-                    try:
-                        result = restored(ray.get(ref))
-                    except Exception as exc:  # noqa: BLE001 - a dead worker is a failed attack, not a failed run
-                        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                        result = AttackResult(job.key, Reconstruction.failure(f"Ray task failed: {reason}"), 0.0)
-                    if bar is not None:
-                        bar(job.total, job.total)
-                    done(result)
-        except BaseException:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
-            raise
-        finally:
-            if started:
-                ray.shutdown()
+        bars: dict[tuple, ProgressFn | None] = {}
+
+        def submit(job: AttackJob) -> Any:
+            bars[job.key] = progress(job.label, job.total) if progress else None
+            return remote.options(**job_resources(job)).remote(portable(job))
+
+        def finish(job: AttackJob, result: Any, error: BaseException | None) -> None:
+            if error is None:
+                out = restored(result)
+            else:
+                reason = f"{type(error).__name__}: {error}".splitlines()[0]
+                out = AttackResult(job.key, Reconstruction.failure(f"Ray task failed: {reason}"), 0.0)
+            bar = bars.pop(job.key)
+            if bar is not None:
+                bar(job.total, job.total)
+            done(out)
+
+        with local_or_joined_ray(self.init_args()):
+            limit = self.max_parallel  # None: as many as fit; Ray queues the rest, this bounds the bookkeeping
+            limit = limit or cpu_slots(min(job_resources(j)["num_cpus"] for j in jobs))
+            run_bounded(list(jobs), submit, limit, finish)
