@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from fedsim.attacks.differences import functional_message, message_of
+from fedsim.attacks.schedule import keep_rows
 
 Stopped = Literal["time limit", "non-finite loss"] | None
 T = TypeVar("T")
@@ -176,13 +177,8 @@ class BatchedTrials(Generic[T]):
                 self.final[m] = self.x.detach()[row].clone()
                 if self.done[m] is None:
                     self.done[m] = self.step
-        idx = torch.tensor(index, device=self.x.device)
-        x = self.x.detach()[idx].clone().requires_grad_(True)
-        state = self.opt.state.pop(self.x, {})
-        self.opt.param_groups[0]["params"] = [x]
-        if state:
-            self.opt.state[x] = {k: v if v.dim() == 0 else v[idx].clone() for k, v in state.items()}
-        self.x, self.rows, self.active = x, list(members), self.active[idx]
+        self.active = self.active[torch.tensor(index, device=self.active.device)]
+        self.x, self.rows = keep_rows(self.opt, self.x, index), list(members)
 
     def advance(self, members: Sequence[int], until: int) -> bool:
         """Run ``members`` (a subset of the alive ones, ascending) to step ``until``; False past the deadline."""

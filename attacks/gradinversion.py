@@ -22,11 +22,10 @@ Adam (unsigned) with a linear warm-up and cosine decay, optional Langevin noise
 ``langevin * lr_t * N(0, 1)`` added to the input gradient, projection onto the pixel box. The
 returned batch is the seed with the smallest gradient distance (never ground truth). ``schedule: {kind:
 halving}`` (:mod:`fedsim.attacks.schedule`) prunes the group by that distance at each rung (the group mean is
-then over the survivors); ``full`` keeps all K to the end. Labels are
-granted or inferred from the update (Yin: the B smallest per-row minima, ``label_strategy: yin``;
-the default ``auto`` also handles repeated labels). ``budget.iterations`` are group steps; each step
-costs K forward/double-backward passes, as K sequential restarts would, and progress is reported
-in those passes (``iterations * restarts`` in all).
+then over the survivors); ``full`` keeps all K to the end. Labels are granted or inferred from the update
+(Yin: the B smallest per-row minima, ``label_strategy: yin``; the default ``auto`` also handles repeated
+labels). ``budget.iterations`` are group steps; each step costs K forward/double-backward passes, as K
+sequential restarts would, and progress is reported in those passes (``iterations * restarts`` in all).
 
 The defaults follow breaching/GIFD where they transfer (lr 0.1, first BN layer x10, a_grp 0.01,
 a_l2 1e-6) and were measured for the rest on small CIFAR nets: the cosine distance (scale free; the
@@ -60,7 +59,15 @@ from fedsim.attacks.matching import (
 from fedsim.attacks.objectives import OBJECTIVES
 from fedsim.attacks.regularizers import image_norm, total_variation
 from fedsim.attacks.restarts import RestartBook
-from fedsim.attacks.schedule import PROGRESS_EVERY, SCHEDULE_HELP, ScheduleSpec, planned_iterations, run_schedule, rungs
+from fedsim.attacks.schedule import (
+    PROGRESS_EVERY,
+    SCHEDULE_HELP,
+    ScheduleSpec,
+    keep_rows,
+    planned_iterations,
+    run_schedule,
+    rungs,
+)
 from fedsim.attacks.victim import victim_model
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.scenario import AttackSpec, Knowledge, Scenario
@@ -163,13 +170,8 @@ class Group:
         for row, m in enumerate(self.rows):
             if m not in members:
                 self.final[m] = (self.x.detach()[row].clone(), not bool(self.alive[row]))
-        idx = torch.tensor(index, device=self.x.device)
-        x = self.x.detach()[idx].clone().requires_grad_(True)
-        state = self.opt.state.pop(self.x, {})
-        self.opt.param_groups[0]["params"] = [x]
-        if state:
-            self.opt.state[x] = {k: v if v.dim() == 0 else v[idx].clone() for k, v in state.items()}
-        self.x, self.rows, self.alive = x, list(members), self.alive[torch.tensor(index)]
+        self.alive = self.alive[torch.tensor(index)]
+        self.x, self.rows = keep_rows(self.opt, self.x, index), list(members)
 
     def advance(self, members: Sequence[int], until: int) -> bool:
         """Run the seeds ``members`` (ascending) to step ``until``; False past the deadline."""

@@ -30,7 +30,9 @@ import math
 from collections.abc import Callable, Generator, Sequence
 from typing import Generic, Literal, Protocol, TypeVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor
 
 from fedsim.attacks.base import ProgressFn
 from fedsim.attacks.restarts import NON_FINITE, TIME_LIMIT, RestartBook, past
@@ -123,6 +125,19 @@ def planned_iterations(plan: Sequence[tuple[int, int]]) -> int:
     for alive, until in plan:
         spent, before = spent + alive * (until - before), until
     return spent
+
+
+def keep_rows(optimizer: torch.optim.Optimizer, x: Tensor, index: Sequence[int]) -> Tensor:
+    """Rows ``index`` of the stacked restarts ``x`` (dim 0) as a new leaf that ``optimizer`` (one parameter
+    group holding ``x`` alone) steps from now on, with those rows of its per-element state (Adam's moments) and
+    its scalar state (the step count) carried over unchanged: the survivors go on as if nothing was dropped."""
+    idx = torch.tensor(list(index), device=x.device)
+    kept = x.detach()[idx].clone().requires_grad_(True)
+    state = optimizer.state.pop(x, {})
+    optimizer.param_groups[0]["params"] = [kept]
+    if state:
+        optimizer.state[kept] = {k: v if v.dim() == 0 else v[idx].clone() for k, v in state.items()}
+    return kept
 
 
 class Cohort(Protocol[T]):
